@@ -1,0 +1,488 @@
+"""Envelope, weight codec, int8 deltas, chunked transfers and update validation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from fedcoe_edge.errors import ValidationError, WireError
+from fedcoe_edge.wire import (
+    DEFAULT_CHUNK_SIZE,
+    Chunk,
+    Envelope,
+    Reassembler,
+    ReplayCache,
+    TransferManifest,
+    TransferWindow,
+    compress_delta,
+    compressed_delta_metadata,
+    decode_chunk,
+    decode_envelope,
+    decode_tensor_metadata,
+    decode_tensors,
+    decompress_delta,
+    encode_chunk,
+    encode_envelope,
+    encode_tensors,
+    is_compressed_delta,
+    split_chunks,
+    validate_update,
+)
+
+KEY = b"k" * 32
+KEYS = {"dev1": KEY, "coord": b"c" * 32}
+T0 = 1_700_000_000_000
+
+
+def _env(**kw: object) -> Envelope:
+    base: dict[str, object] = dict(
+        federation="fed", sender="dev1", recipient="coord", round=3, body={"a": [1, 2]}, ts_ms=T0
+    )
+    base.update(kw)
+    return Envelope.new("hello", **base)  # type: ignore[arg-type]
+
+
+def _decode(data: bytes, **kw: object) -> Envelope:
+    kw.setdefault("now_ms", T0 + 1000)
+    return decode_envelope(data, KEYS.get, **kw)  # type: ignore[arg-type]
+
+
+def _resign(d: dict[str, object], key: bytes = KEY) -> bytes:
+    """Re-sign a hand-edited envelope dict so only the intended defect remains."""
+    import hmac
+
+    unsigned = {k: v for k, v in d.items() if k != "hmac"}
+    body = json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode()
+    d["hmac"] = hmac.new(key, body, hashlib.sha256).hexdigest()
+    return json.dumps(d).encode()
+
+
+# ----------------------------------------------------------------------------- envelope
+
+
+def test_envelope_roundtrip_and_canonical_bytes() -> None:
+    env = _env()
+    data = encode_envelope(env, KEY)
+    assert data == encode_envelope(env, KEY)  # deterministic
+    got = _decode(data)
+    assert got.body == {"a": [1, 2]} and got.round == 3 and got.sender == "dev1"
+    assert len(got.hmac) == 64 and replace(got, hmac="") == env
+
+
+def test_envelope_key_order_does_not_matter() -> None:
+    d = json.loads(encode_envelope(_env(), KEY))
+    shuffled = json.dumps(dict(reversed(list(d.items())))).encode()
+    assert _decode(shuffled).msg_id == d["msg_id"]
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"\xff\xfe", "not valid JSON"),
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "expected a JSON object"),
+        (b'{"v": 1, "v": 1}', "duplicate key"),
+        (b'{"ts_ms": NaN}', "not valid JSON"),
+    ],
+)
+def test_envelope_rejects_non_json(data: bytes, reason: str) -> None:
+    with pytest.raises(WireError, match=reason):
+        _decode(data)
+
+
+def test_envelope_rejects_wrong_version() -> None:
+    d = json.loads(encode_envelope(_env(), KEY))
+    d["v"] = 2
+    with pytest.raises(WireError, match="unsupported protocol version 2"):
+        _decode(_resign(d))
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (lambda d: d.pop("ttl_s"), "missing field.*ttl_s"),
+        (lambda d: d.update(extra=1), "unexpected field.*extra"),
+        (lambda d: d.update(round="3"), "'round' must be a non-negative integer"),
+        (lambda d: d.update(round=True), "'round' must be a non-negative integer"),
+        (lambda d: d.update(round=-1), "'round' must be a non-negative integer"),
+        (lambda d: d.update(body=[1]), "'body' must be a JSON object"),
+        (lambda d: d.update(ttl_s=0), "'ttl_s' must be an integer"),
+        (lambda d: d.update(sender="a/b"), "'sender' must match"),
+        (lambda d: d.update(type="Hello World"), "'type' must match"),
+        (lambda d: d.update(ts_ms=1.5), "'ts_ms' must be a non-negative integer"),
+    ],
+)
+def test_envelope_rejects_bad_fields(edit, reason: str) -> None:  # type: ignore[no-untyped-def]
+    d = json.loads(encode_envelope(_env(), KEY))
+    edit(d)
+    with pytest.raises(WireError, match=reason):
+        _decode(_resign(d))
+
+
+def test_envelope_rejects_tampering_and_wrong_keys() -> None:
+    data = encode_envelope(_env(), KEY)
+    d = json.loads(data)
+    d["body"]["a"] = [1, 3]
+    with pytest.raises(WireError, match="bad HMAC"):
+        _decode(json.dumps(d).encode())
+    d = json.loads(data)
+    d["round"] = 4
+    with pytest.raises(WireError, match="from 'dev1' type='hello' round=4: bad HMAC"):
+        _decode(json.dumps(d).encode())
+    with pytest.raises(WireError, match="bad HMAC"):
+        _decode(encode_envelope(_env(), b"x" * 32))
+    with pytest.raises(WireError, match="unknown sender"):
+        _decode(encode_envelope(_env(sender="stranger"), KEY))
+    with pytest.raises(WireError, match="at least 16 bytes"):
+        encode_envelope(_env(), b"short")
+
+
+def test_envelope_ttl_and_clock_skew() -> None:
+    data = encode_envelope(_env(ttl_s=10), KEY)
+    assert _decode(data, now_ms=T0 + 10_000).ttl_s == 10
+    with pytest.raises(WireError, match="expired 1 ms ago"):
+        _decode(data, now_ms=T0 + 10_001)
+    with pytest.raises(WireError, match="in the future"):
+        _decode(data, now_ms=T0 - 400_000)
+
+
+def test_envelope_replay_rejected_but_fresh_ids_pass() -> None:
+    cache = ReplayCache()
+    data = encode_envelope(_env(), KEY)
+    _decode(data, replay_cache=cache)
+    with pytest.raises(WireError, match="replayed msg_id"):
+        _decode(data, replay_cache=cache)
+    _decode(encode_envelope(_env(), KEY), replay_cache=cache)  # new msg_id
+    assert len(cache) == 2
+
+
+def test_forged_envelope_does_not_poison_replay_cache() -> None:
+    cache = ReplayCache()
+    env = _env()
+    with pytest.raises(WireError, match="bad HMAC"):
+        _decode(encode_envelope(env, b"z" * 32), replay_cache=cache)
+    assert _decode(encode_envelope(env, KEY), replay_cache=cache).msg_id == env.msg_id
+
+
+def test_replay_cache_is_bounded_and_never_readmits() -> None:
+    cache = ReplayCache(capacity=3)
+    for i in range(5):
+        cache.check_and_add("d", f"m{i}", expires_ms=1000 + i, now=0)
+    assert len(cache) == 3
+    # m0 and m1 were evicted: they must still be refused (below the floor).
+    with pytest.raises(WireError, match="older than the replay window"):
+        cache.check_and_add("d", "m0", expires_ms=1000, now=0)
+    with pytest.raises(WireError, match="replayed"):
+        cache.check_and_add("d", "m4", expires_ms=1004, now=0)
+    cache.check_and_add("d", "m9", expires_ms=2000, now=0)  # newer than the floor: fine
+    # After expiry, entries drop out: the ttl check guards those messages.
+    cache.check_and_add("d", "late", expires_ms=5000, now=3000)
+    assert len(cache) == 1
+
+
+def test_encode_envelope_refuses_what_receiver_would_reject() -> None:
+    with pytest.raises(WireError, match="body is not plain JSON"):
+        encode_envelope(_env(body={"x": float("nan")}), KEY)
+    with pytest.raises(WireError, match="'round' must be"):
+        encode_envelope(_env(round=-2), KEY)
+    with pytest.raises(WireError, match="envelope limit"):
+        encode_envelope(_env(body={"x": "a" * 1_100_000}), KEY)
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def test_tensor_codec_roundtrip_all_dtypes_and_noncontiguous() -> None:
+    rng = np.random.default_rng(0)
+    t = {
+        "f32": rng.standard_normal((3, 4)).astype(np.float32),
+        "f16": rng.standard_normal(5).astype(np.float16),
+        "f64": rng.standard_normal((2, 2)),
+        "i64": np.arange(6, dtype=np.int64).reshape(2, 3),
+        "u8": np.arange(4, dtype=np.uint8),
+        "b": np.array([True, False]),
+        "scalar": np.array(2.5, dtype=np.float32),
+        "strided": rng.standard_normal((4, 6)).astype(np.float32)[:, ::2].T,
+    }
+    out = decode_tensors(encode_tensors(t))
+    assert set(out) == set(t)
+    for k, v in t.items():
+        assert out[k].dtype == v.dtype and out[k].shape == v.shape
+        np.testing.assert_array_equal(out[k], v)
+    out["f32"][0, 0] = 9.0  # writable, not a view into the payload
+
+
+def test_tensor_codec_rejects_bad_input() -> None:
+    with pytest.raises(WireError, match="not a valid safetensors payload"):
+        decode_tensors(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(WireError, match="not a valid safetensors payload"):
+        decode_tensors(b"\x80\x02}q\x00.")  # a pickle is just bytes here, never executed
+    with pytest.raises(WireError, match="'obj'.*unsupported dtype object"):
+        encode_tensors({"obj": np.array([object()])})
+    with pytest.raises(WireError, match="'x' is list"):
+        encode_tensors({"x": [1, 2]})  # type: ignore[dict-item]
+
+
+def test_tensor_metadata_roundtrip() -> None:
+    data = encode_tensors({"a": np.zeros(2, np.float32)}, metadata={"round": "4"})
+    assert decode_tensor_metadata(data) == {"round": "4"}
+    assert decode_tensor_metadata(encode_tensors({"a": np.zeros(2, np.float32)})) == {}
+
+
+# ----------------------------------------------------------------------------- int8 deltas
+
+
+def _model(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "experts.0.w": rng.standard_normal((64, 128)).astype(np.float32),
+        "experts.0.b": rng.standard_normal(128).astype(np.float32),
+        "gate.w": rng.standard_normal((32, 8)).astype(np.float32),
+        "bn.count": np.array([7], dtype=np.int64),
+    }
+
+
+def test_int8_delta_error_bound_and_ratio() -> None:
+    base = _model(1)
+    rng = np.random.default_rng(2)
+    new = {k: (v + 0.01 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in base.items()}
+    new["bn.count"] = np.array([9], dtype=np.int64)
+    payload = compress_delta(new, base)
+    assert is_compressed_delta(payload) and not is_compressed_delta(base)
+    data = encode_tensors(payload, metadata=compressed_delta_metadata())
+    rebuilt = decompress_delta(decode_tensors(data), base)
+    np.testing.assert_array_equal(rebuilt["bn.count"], [9])  # integers lossless
+    for k in ("experts.0.w", "experts.0.b", "gate.w"):
+        d = new[k].astype(np.float32) - base[k]
+        bound = float(np.abs(d).max()) / 254 + 4 * np.finfo(np.float32).eps * float(
+            np.abs(new[k]).max()
+        )
+        err = float(np.abs(rebuilt[k] - new[k]).max())
+        assert 0 < err <= bound, k
+        assert rebuilt[k].dtype == np.float32
+    full = len(encode_tensors(new))
+    assert full / len(data) > 3.5  # int8 codes vs float32 weights, minus headers
+
+
+def test_int8_delta_zero_delta_and_float16() -> None:
+    base = {"w": np.ones((3, 3), np.float16)}
+    payload = compress_delta(base, base)
+    assert payload["s:w"][0] == 0 and not payload["q:w"].any()
+    out = decompress_delta(payload, base)
+    assert out["w"].dtype == np.float16
+    np.testing.assert_array_equal(out["w"], base["w"])
+
+
+def test_int8_delta_rejects_mismatches() -> None:
+    base = _model(1)
+    bad = dict(base, **{"gate.w": np.full((32, 8), np.inf, np.float32)})
+    with pytest.raises(ValidationError, match="'gate.w' has non-finite"):
+        compress_delta(bad, base)
+    with pytest.raises(ValidationError, match="'gate.w' has shape"):
+        compress_delta(dict(base, **{"gate.w": np.zeros((8, 32), np.float32)}), base)
+    payload = compress_delta(base, base)
+    with pytest.raises(ValidationError, match="'experts.0.b' missing"):
+        decompress_delta({k: v for k, v in payload.items() if "experts.0.b" not in k}, base)
+    with pytest.raises(WireError, match="unexpected payload key 'zz'"):
+        decompress_delta(dict(payload, zz=np.zeros(1)), base)
+    wrong = dict(payload)
+    wrong["q:gate.w"] = np.zeros((2, 2), np.int8)
+    with pytest.raises(ValidationError, match="'gate.w' has shape"):
+        decompress_delta(wrong, base)
+    wrong = dict(payload)
+    del wrong["s:gate.w"]
+    with pytest.raises(WireError, match="'gate.w' lacks a float32 scale"):
+        decompress_delta(wrong, base)
+
+
+# ----------------------------------------------------------------------------- transfers
+
+
+def _payload(n: int, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+def test_manifest_roundtrip_and_checks() -> None:
+    data = _payload(1000)
+    m = TransferManifest.for_payload(data, expert_ids=[3, 1], base_version=7, chunk_size=300)
+    assert m.chunk_count == 4 and m.chunk_len(3) == 100 and m.total_bytes == 1000
+    assert TransferManifest.from_dict(json.loads(json.dumps(m.to_dict()))) == m
+    assert DEFAULT_CHUNK_SIZE == 256 * 1024
+    with pytest.raises(WireError, match="chunk_count 5 does not match"):
+        TransferManifest.from_dict(dict(m.to_dict(), chunk_count=5))
+    with pytest.raises(WireError, match="missing field.*sha256"):
+        TransferManifest.from_dict({k: v for k, v in m.to_dict().items() if k != "sha256"})
+    with pytest.raises(WireError, match="expert_ids must be non-negative"):
+        TransferManifest.from_dict(dict(m.to_dict(), expert_ids=["a"]))
+    empty = TransferManifest.for_payload(b"", expert_ids=[], base_version=0)
+    assert empty.chunk_count == 1 and split_chunks(b"") == [b""]
+
+
+def test_chunk_frame_roundtrip_and_garbage() -> None:
+    frame = encode_chunk("x1", 2, 5, b"abc")
+    assert decode_chunk(frame) == Chunk("x1", 2, 5, b"abc")
+    with pytest.raises(WireError, match="bad magic"):
+        decode_chunk(b"XYZ" + frame[3:])
+    with pytest.raises(WireError, match="shorter than the frame header"):
+        decode_chunk(b"F")
+    with pytest.raises(WireError, match="truncated"):
+        decode_chunk(frame[:7])
+
+
+def test_reassembly_with_duplicates_and_reordering() -> None:
+    data = _payload(10_000, seed=3)
+    m = TransferManifest.for_payload(data, expert_ids=[0], base_version=1, chunk_size=1024)
+    frames = [
+        encode_chunk(m.transfer_id, i, m.chunk_count, c)
+        for i, c in enumerate(split_chunks(data, 1024))
+    ]
+    r = Reassembler()
+    r.expect(m)
+    r.expect(m)  # re-announce is idempotent
+    order = frames[::-1] + frames[3:6]
+    random.Random(0).shuffle(order)
+    flags = [r.add(f) for f in order[:5]]
+    assert r.missing(m.transfer_id) and not r.is_complete(m.transfer_id)
+    flags += [r.add(f) for f in order[5:]]
+    assert flags.count(True) == m.chunk_count and flags.count(False) == 3
+    assert r.is_complete(m.transfer_id) and r.missing(m.transfer_id) == []
+    assert r.duplicates(m.transfer_id) == 3
+    assert r.finish(m.transfer_id) == data
+    assert m.transfer_id not in r
+
+
+def test_reassembler_reports_gaps_for_nack() -> None:
+    data = _payload(5000)
+    m = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1000)
+    r = Reassembler()
+    r.expect(m)
+    for i in (0, 2, 3):
+        r.add(encode_chunk(m.transfer_id, i, 5, data[i * 1000 : (i + 1) * 1000]))
+    assert r.missing(m.transfer_id, upto_highest=True) == [1]
+    assert r.missing(m.transfer_id) == [1, 4]
+    p = r.progress(m.transfer_id)
+    assert (p["next"], p["highest"], p["missing"], p["received"]) == (1, 3, [1], 3)
+    with pytest.raises(WireError, match="incomplete, 2 of 5 chunks missing"):
+        r.finish(m.transfer_id)
+
+
+def test_reassembler_rejects_unknown_and_inconsistent_chunks() -> None:
+    data = _payload(3000)
+    m = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1000)
+    r = Reassembler(max_total_bytes=4000)
+    with pytest.raises(WireError, match="chunk for unknown transfer"):
+        r.add(encode_chunk(m.transfer_id, 0, 3, data[:1000]))
+    r.expect(m)
+    with pytest.raises(WireError, match="chunk 0 has 999 bytes, expected 1000"):
+        r.add(encode_chunk(m.transfer_id, 0, 3, data[:999]))
+    with pytest.raises(WireError, match="disagrees with manifest count 3"):
+        r.add(encode_chunk(m.transfer_id, 0, 4, data[:1000]))
+    with pytest.raises(WireError, match="different manifest"):
+        r.expect(replace(m, base_version=9))
+    other = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1000)
+    with pytest.raises(WireError, match="exceed the reassembly budget"):
+        r.expect(other)
+    r.discard(m.transfer_id)
+    r.expect(other)
+
+
+def test_tampered_chunk_fails_sha256_then_full_resend_succeeds() -> None:
+    data = _payload(4096, seed=5)
+    m = TransferManifest.for_payload(data, expert_ids=[2], base_version=3, chunk_size=1024)
+    chunks = split_chunks(data, 1024)
+    r = Reassembler()
+    r.expect(m)
+    for i, c in enumerate(chunks):
+        body = c if i != 2 else bytes([c[0] ^ 1]) + c[1:]
+        r.add(encode_chunk(m.transfer_id, i, m.chunk_count, body))
+    with pytest.raises(WireError, match="sha256 mismatch"):
+        r.finish(m.transfer_id)
+    assert r.progress(m.transfer_id)["resets"] == 1
+    assert r.missing(m.transfer_id) == [0, 1, 2, 3]
+    for i, c in enumerate(chunks):
+        r.add(encode_chunk(m.transfer_id, i, m.chunk_count, c))
+    assert r.finish(m.transfer_id) == data
+
+
+def test_window_over_lossy_channel_completes() -> None:
+    """Sender window + reassembler over a channel that drops, duplicates and reorders."""
+    data = _payload(200_000, seed=7)
+    m = TransferManifest.for_payload(data, expert_ids=[0, 1], base_version=1, chunk_size=4096)
+    w = TransferWindow(m, data, window=6, retransmit_s=1.0)
+    r = Reassembler()
+    r.expect(m)
+    rng = random.Random(1)
+    clock, max_in_flight, wire_chunks = 0.0, 0, 0
+    pending: list[bytes] = []
+    while not w.done and clock < 1000:
+        for seq in w.due(clock):
+            frame = w.chunk(seq)
+            wire_chunks += 1
+            if rng.random() < 0.15:
+                continue  # dropped by the broker
+            pending.append(frame)
+            if rng.random() < 0.1:
+                pending.append(frame)  # QoS 1 redelivery
+        max_in_flight = max(max_in_flight, w.in_flight)
+        rng.shuffle(pending)
+        for frame in pending:
+            r.add(frame)
+        pending.clear()
+        if r.is_complete(m.transfer_id):
+            w.on_final_ack(hashlib.sha256(r.finish(m.transfer_id)).hexdigest())
+            break
+        if rng.random() < 0.8:  # progress reports get lost too
+            w.on_progress(r.progress(m.transfer_id), clock)
+        clock += 0.5
+    assert w.done and max_in_flight <= 6
+    assert wire_chunks > m.chunk_count and w.resends > 0
+
+
+def test_window_restarts_after_receiver_reset() -> None:
+    data = _payload(3000)
+    m = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1000)
+    w = TransferWindow(m, data, window=8)
+    assert w.due(0.0) == [0, 1, 2]
+    w.on_progress({"next": 3, "highest": 2, "missing": [], "resets": 0}, 0.1)
+    assert w.due(0.2) == [] and w.in_flight == 0
+    w.on_progress({"next": 0, "highest": -1, "missing": [], "resets": 1}, 0.3)
+    assert w.due(0.4) == [0, 1, 2]
+    w.on_progress({"next": 3, "highest": 2, "missing": [], "resets": 0}, 0.5)  # stale
+    assert w.in_flight == 3
+    assert not w.on_final_ack("0" * 64) and w.on_final_ack(m.sha256) and w.done
+    with pytest.raises(WireError, match="malformed progress report"):
+        w.on_progress({"next": "x"}, 1.0)
+    with pytest.raises(WireError, match="out of range"):
+        w.on_progress({"next": 0, "highest": 1, "missing": [7]}, 1.0)
+    with pytest.raises(WireError, match="does not match its manifest"):
+        TransferWindow(m, data[:-1])
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def test_validate_update_checks_everything() -> None:
+    ref = {"w": ((2, 3), np.float32), "n": ((1,), np.int64)}
+    good = {"w": np.ones((2, 3), np.float32), "n": np.array([1])}
+    validate_update(good, ref, norm_bound=3.0)
+    with pytest.raises(ValidationError, match="tensor 'n' missing"):
+        validate_update({"w": good["w"]}, ref)
+    with pytest.raises(ValidationError, match="unexpected tensor 'x'"):
+        validate_update(dict(good, x=np.zeros(1)), ref)
+    with pytest.raises(ValidationError, match="'w' has shape \\[3, 2\\]"):
+        validate_update(dict(good, w=np.ones((3, 2), np.float32)), ref)
+    with pytest.raises(ValidationError, match="'w' has dtype float64"):
+        validate_update(dict(good, w=np.ones((2, 3))), ref)
+    nan = good["w"].copy()
+    nan[1, 1] = np.nan
+    with pytest.raises(ValidationError, match="'w' has 1 non-finite"):
+        validate_update(dict(good, w=nan), ref)
+    with pytest.raises(ValidationError, match="L2 norm 2.449 exceeds bound 2.*largest tensor 'w'"):
+        validate_update(good, ref, norm_bound=2.0)
+    with pytest.raises(ValidationError, match="tensor 'w' L2 norm 2.449 exceeds bound 1"):
+        validate_update(good, ref, norm_bound={"w": 1.0})
