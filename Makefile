@@ -24,7 +24,8 @@ mosquitto:
 setup: $(STAMP) mosquitto
 
 demo: setup
-	$(BIN)/fedcoe demo --out runs/demo
+	$(BIN)/fedcoe simulate --dataset digits --partition dirichlet --alpha 0.1 --clients 20 --new-clients 4 \
+	  --rounds 30 --algorithms fedcoe,fedavg --seeds 0 --out runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q

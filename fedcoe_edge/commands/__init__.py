@@ -1,0 +1,1 @@
+"""Subcommands of the `fedcoe` CLI, one module each."""

@@ -1,0 +1,135 @@
+"""Configuration dataclasses: one for the model's shape, one for how clients train.
+
+Defaults are the ones the simulator and `make demo` use on scikit-learn digits (8x8 images,
+10 classes). Every field is plain data so a config round-trips through JSON/TOML and travels
+inside a bundle manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fedcoe_edge.errors import ConfigError
+
+ExpertKind = Literal["mlp", "cnn"]
+TrunkKind = Literal["identity", "mobilenet_v3_small"]
+Tier = Literal["small", "medium", "large"]
+
+# Width multiplier of the private (local) experts per device tier: a Pi Zero gets "small",
+# a Jetson "large". Global experts keep one size so they can be aggregated.
+TIER_WIDTH: dict[str, float] = {"small": 0.5, "medium": 1.0, "large": 2.0}
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a DualLevelMoE (design section 3)."""
+
+    input_shape: tuple[int, ...] = (1, 8, 8)  # per-sample shape, (C, H, W) or (F,)
+    num_classes: int = 10
+    trunk: TrunkKind = "identity"  # shared feature extractor; identity for small inputs
+    expert_kind: ExpertKind = "mlp"  # "mlp" on flattened input / trunk features, "cnn" on images
+    expert_hidden: int = 64  # hidden width of a global expert (and of the shared expert)
+    num_global_experts: int = 4  # K routed global experts
+    top_k: int = 2  # experts used per input at inference (training is dense)
+    num_local_experts: int = 1  # M private experts, never leave the device
+    tier: Tier = "medium"  # picks the local experts' width via TIER_WIDTH
+    shared_expert: bool = True  # always-on global expert under the routed ones
+    gate_hidden: int = 0  # 0: linear gates; >0: one hidden layer of this width
+
+    def __post_init__(self) -> None:
+        self.input_shape = tuple(int(d) for d in self.input_shape)
+        self.validate()
+
+    def validate(self) -> None:
+        if not self.input_shape or any(d <= 0 for d in self.input_shape):
+            raise ConfigError(f"model.input_shape must be positive dims, got {self.input_shape}")
+        if self.num_classes < 2:
+            raise ConfigError(f"model.num_classes must be >= 2, got {self.num_classes}")
+        if self.trunk not in ("identity", "mobilenet_v3_small"):
+            raise ConfigError(f"model.trunk must be identity|mobilenet_v3_small, got {self.trunk!r}")
+        if self.expert_kind not in ("mlp", "cnn"):
+            raise ConfigError(f"model.expert_kind must be mlp|cnn, got {self.expert_kind!r}")
+        if self.expert_kind == "cnn" and (self.trunk != "identity" or len(self.input_shape) != 3):
+            raise ConfigError("model.expert_kind=cnn needs an identity trunk and (C, H, W) inputs")
+        if self.num_global_experts < 1:
+            raise ConfigError(f"model.num_global_experts must be >= 1, got {self.num_global_experts}")
+        if not 1 <= self.top_k <= self.num_global_experts:
+            raise ConfigError(
+                f"model.top_k must be in [1, {self.num_global_experts}], got {self.top_k}"
+            )
+        if self.num_local_experts < 0:
+            raise ConfigError(f"model.num_local_experts must be >= 0, got {self.num_local_experts}")
+        if self.tier not in TIER_WIDTH:
+            raise ConfigError(f"model.tier must be one of {sorted(TIER_WIDTH)}, got {self.tier!r}")
+        if self.expert_hidden < 1 or self.gate_hidden < 0:
+            raise ConfigError("model.expert_hidden must be >= 1 and model.gate_hidden >= 0")
+
+    @property
+    def local_hidden(self) -> int:
+        return max(4, int(round(self.expert_hidden * TIER_WIDTH[self.tier])))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        return cls(**_known_fields(cls, d, "model"))
+
+
+@dataclass
+class TrainConfig:
+    """How a client trains each round, and the FedCoE loss weights (design section 4)."""
+
+    local_epochs: int = 2  # passes over the client's training split per round
+    batch_size: int = 32
+    lr: float = 0.05  # SGD learning rate
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    beta: float = 0.5  # weight of CE on the global path: keeps p_G competent everywhere
+    gamma: float = 0.01  # load-balance weight: every global expert keeps being used
+    lam: float = 0.05  # KL(p_L || p_G): local experts stay near the global consensus
+    mu: float = 0.01  # proximal pull of the local copy of global params to the server's
+    rho: float = 0.5  # routing consistency: gate mass on the experts the client holds
+    experts_per_client: int = 2  # m: global experts a client trains and exchanges per round
+    affinity_ema: float = 0.5  # weight of the newest affinity report in the server's EMA
+    fraction_fit: float = 1.0  # share of clients selected each round
+    finetune_epochs: int = 5  # used by fine-tuning baselines (FedAvg-FT)
+    prox_mu: float = 0.01  # FedProx / Ditto proximal weight
+    extra: dict[str, Any] = field(default_factory=dict)  # strategy-specific knobs
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.local_epochs < 1 or self.batch_size < 1:
+            raise ConfigError("train.local_epochs and train.batch_size must be >= 1")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        for name in ("beta", "gamma", "lam", "mu", "rho", "prox_mu", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.experts_per_client < 1:
+            raise ConfigError(f"train.experts_per_client must be >= 1, got {self.experts_per_client}")
+        if not 0 < self.affinity_ema <= 1:
+            raise ConfigError(f"train.affinity_ema must be in (0, 1], got {self.affinity_ema}")
+        if not 0 < self.fraction_fit <= 1:
+            raise ConfigError(f"train.fraction_fit must be in (0, 1], got {self.fraction_fit}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return cls(**_known_fields(cls, d, "train"))
+
+
+def _known_fields(cls: type, d: dict[str, Any], section: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown {section} option(s): {', '.join(unknown)}")
+    return dict(d)

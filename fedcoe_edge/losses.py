@@ -1,0 +1,86 @@
+"""FedCoE's client objective (design section 4, our reading of arXiv 2605.21264).
+
+    L = CE(p) + beta CE(p_G) + gamma load_balance(g) + lam KL(p_L || p_G)
+        + mu/2 ||theta_G - theta_G_server||^2 + rho routing_consistency
+
+The load-balance term is the Switch Transformer auxiliary loss (Fedus et al., JMLR 2022);
+the proximal term is FedProx's (Li et al., MLSys 2020) restricted to global parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fedcoe_edge.config import TrainConfig
+from fedcoe_edge.model import MoEOutput
+
+
+def load_balance_loss(gate_probs: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+    """Switch loss ``K * sum_k f_k P_k``: 1.0 when use is uniform, up to K when collapsed.
+
+    gate_probs: (B, K) dense probabilities; routing: (B, K) weights actually used.
+    f_k is the share of inputs dispatched to k, P_k the mean gate probability.
+    """
+    k = gate_probs.shape[-1]
+    dispatched = (routing > 0).float()
+    f = dispatched.mean(0) / dispatched.sum(-1).mean().clamp_min(1e-12)
+    p = gate_probs.mean(0)
+    return k * (f * p).sum()
+
+
+def routing_consistency(gate_logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """-log of the gate mass on the experts this client holds, batch mean.
+
+    A client trains only its m assigned experts, so a masked softmax never tells the shared
+    gate that this client's inputs should NOT go to the other experts. This term does: it is
+    the negative signal that keeps the aggregated gate routing each kind of input to the
+    experts that were trained on it. Zero when the client holds every expert.
+    """
+    if mask is None or bool(mask.all()):
+        return torch.zeros(())
+    held = gate_logits.masked_fill(~mask.bool(), float("-inf")).logsumexp(-1)
+    return (gate_logits.logsumexp(-1) - held).mean()
+
+
+def consensus_kl(local_log_probs: torch.Tensor, global_log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(p_L || p_G), batch mean: keeps the local experts near the global consensus."""
+    # the global path is the target, not the student: no gradient flows into it from here
+    return F.kl_div(global_log_probs.detach(), local_log_probs, log_target=True, reduction="batchmean")
+
+
+def proximal_term(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor]) -> torch.Tensor:
+    """0.5 * ||theta - theta_anchor||^2 over the parameters present in ``anchor``."""
+    total = torch.zeros(())
+    for name, ref in anchor.items():
+        total = total + (params[name] - ref).pow(2).sum()
+    return 0.5 * total
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    ce: float
+    ce_global: float
+    balance: float
+    kl: float
+    prox: float
+    route: float
+
+
+def fedcoe_loss(out: MoEOutput, y: torch.Tensor, cfg: TrainConfig,
+                params: dict[str, torch.Tensor] | None = None,
+                anchor: dict[str, torch.Tensor] | None = None,
+                expert_mask: torch.Tensor | None = None) -> LossParts:
+    """The full client objective with each part reported for logging."""
+    ce = F.nll_loss(out.log_probs, y)
+    ce_g = F.nll_loss(out.global_log_probs, y)
+    bal = load_balance_loss(out.gate_probs, out.routing)
+    kl = (consensus_kl(out.local_log_probs, out.global_log_probs)
+          if out.local_log_probs is not None and cfg.lam > 0 else torch.zeros(()))
+    prox = proximal_term(params, anchor) if params is not None and anchor and cfg.mu > 0 else torch.zeros(())
+    route = routing_consistency(out.gate_logits, expert_mask) if cfg.rho > 0 else torch.zeros(())
+    total = ce + cfg.beta * ce_g + cfg.gamma * bal + cfg.lam * kl + cfg.mu * prox + cfg.rho * route
+    return LossParts(total, *(float(t.detach()) for t in (ce, ce_g, bal, kl, prox, route)))

@@ -1,0 +1,240 @@
+"""The dual-level Mixture-of-Experts of FedCoE.
+
+FedCoE: "Bridging Generalization and Personalization via Federated Coordinated Dual-level
+MoEs" (arXiv 2605.21264). The global level is a shared expert plus K routed experts behind a
+shared softmax gate; the local level is M private experts behind a private gate that mixes
+them with the global mixture:
+
+    p_G(x) = softmax(S(x) + sum_k g_k(x) E_k(x))          (global path, logits combined)
+    p(x)   = h_0(x) p_G(x) + sum_j h_j(x) softmax(L_j(x))  (personal mixture)
+
+The always-on shared expert S follows Fed-MoE (IJCAI 2025) and DeepSeekMoE's shared experts.
+
+State-dict names are a wire format: everything under ``global.`` may leave a device,
+everything under ``local.`` never does. Keep names stable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedcoe_edge.config import ModelConfig
+
+GLOBAL_PREFIX = "global."
+LOCAL_PREFIX = "local."
+
+
+def expert_prefix(k: int) -> str:
+    """State-dict prefix of global expert ``k`` (the unit of partial exchange)."""
+    return f"global.experts.{k}."
+
+
+def build_trunk(cfg: ModelConfig) -> tuple[nn.Module, tuple[int, ...]]:
+    """Shared feature extractor and the per-sample shape it outputs."""
+    if cfg.trunk == "identity":
+        return nn.Identity(), cfg.input_shape
+    if cfg.trunk == "mobilenet_v3_small":
+        from fedcoe_edge.mobilenet import mobilenet_v3_small_trunk
+
+        trunk = mobilenet_v3_small_trunk()
+        return trunk, (int(trunk.out_features),)
+    raise ValueError(f"unknown trunk {cfg.trunk!r}")
+
+
+class MLPExpert(nn.Module):
+    """Two-layer perceptron over the flattened features; returns class logits."""
+
+    def __init__(self, in_dim: int, hidden: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)  # (B, *feat) -> (B, D)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class CNNExpert(nn.Module):
+    """Small two-conv network for small images (e.g. 1x8x8 digits); returns class logits."""
+
+    def __init__(self, in_shape: tuple[int, ...], width: int, num_classes: int) -> None:
+        super().__init__()
+        c, h, w = in_shape
+        c1, c2 = max(4, width // 4), max(8, width // 2)
+        self.conv1 = nn.Conv2d(c, c1, 3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.fc = nn.Linear(c2 * (h // 2) * (w // 2), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, c2, H/2, W/2)
+        return self.fc(x.flatten(1))
+
+
+class Gate(nn.Module):
+    """Router: flattened features -> logits over ``n_out`` choices."""
+
+    def __init__(self, in_dim: int, n_out: int, hidden: int = 0) -> None:
+        super().__init__()
+        self.net: nn.Module
+        if hidden > 0:
+            self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, n_out))
+        else:
+            self.net = nn.Linear(in_dim, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
+
+
+def make_expert(cfg: ModelConfig, feat_shape: tuple[int, ...], hidden: int) -> nn.Module:
+    if cfg.expert_kind == "cnn":
+        return CNNExpert(feat_shape, hidden, cfg.num_classes)
+    return MLPExpert(math.prod(feat_shape), hidden, cfg.num_classes)
+
+
+def topk_routing(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep each row's top-k gate probabilities, renormalised to sum to one.
+
+    probs: (B, K) -> (B, K) with K - k zeros per row. Ties break toward the lower index,
+    the same rule the ONNX runtime uses, so torch and device route identically.
+    """
+    if k >= probs.shape[-1]:
+        return probs
+    top_vals, top_idx = probs.topk(k, dim=-1)
+    weights = torch.zeros_like(probs).scatter(-1, top_idx, top_vals)
+    return weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dim, with masked-out entries (mask False) exactly zero."""
+    if mask is not None:
+        logits = logits.masked_fill(~mask.bool(), float("-inf"))
+    return logits.softmax(-1)
+
+
+class GlobalMoE(nn.Module):
+    """The shared level: trunk, always-on shared expert, K routed experts, global gate."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.trunk, self.feat_shape = build_trunk(cfg)
+        feat_dim = math.prod(self.feat_shape)
+        self.shared = make_expert(cfg, self.feat_shape, cfg.expert_hidden) if cfg.shared_expert else None
+        self.experts = nn.ModuleList(
+            make_expert(cfg, self.feat_shape, cfg.expert_hidden) for _ in range(cfg.num_global_experts)
+        )
+        self.gate = Gate(feat_dim, cfg.num_global_experts, cfg.gate_hidden)
+
+
+class LocalMoE(nn.Module):
+    """The private level: M experts sized by the device's tier and the local gate."""
+
+    def __init__(self, cfg: ModelConfig, feat_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(
+            make_expert(cfg, feat_shape, cfg.local_hidden) for _ in range(cfg.num_local_experts)
+        )
+        # weights over [global mixture, local expert 1..M]
+        self.gate = Gate(math.prod(feat_shape), 1 + cfg.num_local_experts, cfg.gate_hidden)
+
+
+@dataclass
+class MoEOutput:
+    """What a forward pass returns: predictions plus the routing the losses need."""
+
+    log_probs: torch.Tensor  # (B, C) log p(x), the personal mixture
+    global_log_probs: torch.Tensor  # (B, C) log p_G(x), the global path
+    local_log_probs: torch.Tensor | None  # (B, C) log of the local experts' own mixture
+    gate_probs: torch.Tensor  # (B, K) softmax of the global gate over the experts held
+    routing: torch.Tensor  # (B, K) top-k renormalised weights actually used
+    local_gate_probs: torch.Tensor | None  # (B, 1+M) weights over [global, local_1..M]
+    gate_logits: torch.Tensor  # (B, K) raw global gate logits over all K (prior applied)
+
+
+class DualLevelMoE(nn.Module):
+    """FedCoE's model. ``state_dict`` keys start with ``global.`` or ``local.``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.add_module("global", GlobalMoE(cfg))
+        self.add_module("local", LocalMoE(cfg, self.global_part.feat_shape))
+
+    @property
+    def global_part(self) -> GlobalMoE:
+        return self._modules["global"]  # type: ignore[return-value]
+
+    @property
+    def local_part(self) -> LocalMoE:
+        return self._modules["local"]  # type: ignore[return-value]
+
+    def gate_logits(self, feats: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """Global gate logits (B, K), optionally reweighted by a routing prior (cold start)."""
+        logits = self.global_part.gate(feats)
+        if prior is not None:
+            logits = logits + torch.log(prior.clamp_min(1e-8))
+        return logits
+
+    def gate_probs(self, feats: torch.Tensor, prior: torch.Tensor | None = None,
+                   expert_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Global gate probabilities (B, K), restricted to the experts a device holds."""
+        return masked_softmax(self.gate_logits(feats, prior), expert_mask)
+
+    def global_logits(self, feats: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+        """S(x) + sum_k routing_k E_k(x); experts with zero weight for the whole batch are skipped."""
+        g = self.global_part
+        out = g.shared(feats) if g.shared is not None else 0.0
+        used = (routing > 0).any(0)  # (K,) experts any sample routes to
+        for k, expert in enumerate(g.experts):
+            if bool(used[k]):
+                out = out + routing[:, k : k + 1] * expert(feats)
+        return out  # (B, C)
+
+    def forward(self, x: torch.Tensor, *, prior: torch.Tensor | None = None,
+                expert_mask: torch.Tensor | None = None, use_local: bool = True) -> MoEOutput:
+        feats = self.global_part.trunk(x)
+        gate_logits = self.gate_logits(feats, prior)
+        gate_probs = masked_softmax(gate_logits, expert_mask)
+        routing = topk_routing(gate_probs, self.cfg.top_k)
+        global_log_probs = self.global_logits(feats, routing).log_softmax(-1)
+        local = self.local_part
+        if not use_local or len(local.experts) == 0:
+            return MoEOutput(global_log_probs, global_log_probs, None, gate_probs, routing, None,
+                             gate_logits)
+        h = local.gate(feats).log_softmax(-1)  # (B, 1+M) log weights
+        expert_lp = torch.stack([e(feats).log_softmax(-1) for e in local.experts], 1)  # (B, M, C)
+        parts = torch.cat([global_log_probs.unsqueeze(1), expert_lp], 1)  # (B, 1+M, C)
+        log_probs = torch.logsumexp(h.unsqueeze(-1) + parts, 1)  # (B, C)
+        local_log_probs = torch.logsumexp(h[:, 1:].log_softmax(-1).unsqueeze(-1) + expert_lp, 1)
+        return MoEOutput(log_probs, global_log_probs, local_log_probs, gate_probs, routing, h.exp(),
+                         gate_logits)
+
+    # --- state split: what may travel and what stays -----------------------------------
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.startswith(GLOBAL_PREFIX)}
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.startswith(LOCAL_PREFIX)}
+
+    def init_local_from_global(self, k: int) -> bool:
+        """Start local experts as copies of global expert k (cold start with labels).
+
+        Returns False when the tier makes local experts a different size, so no copy is made.
+        """
+        src = self.global_part.experts[k].state_dict()
+        copied = False
+        for expert in self.local_part.experts:
+            dst = expert.state_dict()
+            if all(dst[n].shape == src[n].shape for n in dst):
+                expert.load_state_dict(src)
+                copied = True
+        return copied
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,236 @@
+"""In-process federation: the embedded default and the reference for every deployment.
+
+The loop is the one the MQTT coordinator runs (configure -> clients -> aggregate), with the
+clients called in-process. Bytes are the safetensors-serialised size of what would travel,
+counted per task and per result, not estimated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save as st_save
+
+from fedcoe_edge.config import ModelConfig, TrainConfig
+from fedcoe_edge.data import Federation, make_federation
+from fedcoe_edge.errors import ConfigError
+from fedcoe_edge.strategies import STRATEGIES, Strategy, make_strategy
+from fedcoe_edge.strategies.base import Arrays, ClientResult
+from fedcoe_edge.training import accuracy
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("global_acc", "personalized_acc", "cold_start_acc")
+
+
+@dataclass
+class SimulationConfig:
+    """One experiment: data, federation size, algorithms and seeds."""
+
+    dataset: str = "digits"
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    clients: int = 20
+    new_clients: int = 4
+    rounds: int = 30
+    algorithms: list[str] = field(default_factory=lambda: ["fedcoe", "fedavg"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    min_samples: int = 20
+    eval_every: int = 1  # rounds between evaluations for the curves (the last round always)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        unknown = [a for a in self.algorithms if a not in STRATEGIES]
+        if unknown:
+            raise ConfigError(f"unknown algorithm(s) {', '.join(unknown)}; known: {', '.join(sorted(STRATEGIES))}")
+        if not self.algorithms:
+            raise ConfigError("no algorithms given")
+        if not self.seeds:
+            raise ConfigError("no seeds given")
+        if self.rounds < 1:
+            raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
+        if self.clients < 1 or self.new_clients < 0:
+            raise ConfigError(f"need clients >= 1 and new clients >= 0, got {self.clients}, {self.new_clients}")
+        if self.partition == "dirichlet" and not self.alpha > 0:
+            raise ConfigError(f"alpha must be > 0, got {self.alpha}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        d["train"] = self.train.to_dict()
+        return d
+
+
+def serialized_nbytes(arrays: Arrays) -> int:
+    """Bytes of the safetensors encoding: what the wire would carry."""
+    return len(st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()})) if arrays else 0
+
+
+@dataclass
+class RunResult:
+    """One algorithm on one seed."""
+
+    algorithm: str
+    seed: int
+    metrics: dict[str, float]
+    curve: list[dict[str, float]]  # per evaluated round: round, global_acc, personalized_acc
+    strategy: Strategy
+    local_states: dict[str, Arrays | None]
+
+
+def personalized_accuracy(strategy: Strategy, fed: Federation,
+                          local_states: dict[str, Arrays | None]) -> tuple[float, float]:
+    """Sample-weighted mean of each client's own model on its own test split, and the std
+    across clients."""
+    accs, sizes = [], []
+    for cid, data in fed.clients.items():
+        if len(data.y_test) == 0:
+            continue
+        accs.append(accuracy(strategy.predict_personal(cid, local_states.get(cid), data.x_test), data.y_test))
+        sizes.append(len(data.y_test))
+    if not accs:
+        return float("nan"), 0.0
+    return float(np.average(accs, weights=sizes)), float(np.std(accs))
+
+
+def cold_start_accuracy(strategy: Strategy, fed: Federation) -> float:
+    correct, total = 0, 0
+    for data in fed.new_clients.values():
+        probs = strategy.predict_cold(data.x_test)
+        correct += int((probs.argmax(1) == data.y_test).sum())
+        total += len(data.y_test)
+    return correct / total if total else float("nan")
+
+
+def run_one(algorithm: str, fed: Federation, cfg: SimulationConfig, seed: int,
+            on_round: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
+    """Train one algorithm on one federation; evaluate at the end (last round, not best)."""
+    strategy = make_strategy(algorithm, cfg.model, cfg.train, seed)
+    strategy.initialize()
+    local_states: dict[str, Arrays | None] = {cid: None for cid in fed.clients}
+    bytes_up = bytes_down = 0
+    exchanges = 0
+    curve: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    for rnd in range(1, cfg.rounds + 1):
+        selected = strategy.select_clients(rnd, list(fed.clients))
+        results: list[ClientResult] = []
+        for task in strategy.configure_round(rnd, selected):
+            bytes_down += serialized_nbytes(task.params)
+            result, local_states[task.client_id] = strategy.client_update(
+                task, local_states[task.client_id], fed.clients[task.client_id])
+            bytes_up += serialized_nbytes(result.params)
+            exchanges += 1
+            results.append(result)
+        strategy.aggregate_round(rnd, results, [])
+        point: dict[str, float] = {"round": float(rnd)}
+        if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
+            point["global_acc"] = accuracy(strategy.predict_global(fed.x_global_test), fed.y_global_test)
+            if rnd < cfg.rounds:
+                point["personalized_acc"] = personalized_accuracy(strategy, fed, local_states)[0]
+            curve.append(point)
+        if on_round is not None:
+            on_round(rnd, point)
+    for cid, data in fed.clients.items():
+        local_states[cid] = strategy.personalize(local_states[cid], data)
+    wall = time.perf_counter() - t0
+    pers, pers_std = personalized_accuracy(strategy, fed, local_states)
+    if curve:
+        curve[-1]["personalized_acc"] = pers
+    metrics = {
+        "global_acc": curve[-1]["global_acc"],
+        "personalized_acc": pers,
+        "personalized_acc_client_std": pers_std,
+        "cold_start_acc": cold_start_accuracy(strategy, fed),
+        "bytes_up_per_client_round": bytes_up / max(exchanges, 1),
+        "bytes_down_per_client_round": bytes_down / max(exchanges, 1),
+        "wall_s": wall,
+    }
+    return RunResult(algorithm, seed, metrics, curve, strategy, local_states)
+
+
+def summarize(runs: Sequence[RunResult]) -> dict[str, float]:
+    """Mean over seeds, with ``<metric>_std`` for the accuracies (0.0 with one seed)."""
+    out: dict[str, float] = {}
+    for key in runs[0].metrics:
+        values = np.array([r.metrics[key] for r in runs], dtype=np.float64)
+        out[key] = float(values.mean())
+        if key in METRIC_KEYS:
+            out[f"{key}_std"] = float(values.std())
+    out["seeds"] = float(len(runs))
+    return out
+
+
+def simulate(cfg: SimulationConfig, progress: bool = True) -> tuple[dict[str, Any], dict[str, list[RunResult]]]:
+    """Run every algorithm on every seed. Returns the results.json document and the raw runs."""
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    runs: dict[str, list[RunResult]] = {a: [] for a in cfg.algorithms}
+    # every federation is built before any training so bad data settings fail at once
+    feds = {seed: make_federation(cfg.dataset, cfg.partition, cfg.clients, cfg.new_clients, seed,
+                                  cfg.alpha, cfg.min_samples) for seed in cfg.seeds}
+    total = len(cfg.seeds) * len(cfg.algorithms) * cfg.rounds
+    with tqdm(total=total, disable=not progress, unit="round", dynamic_ncols=True) as bar:
+        for seed, fed in feds.items():
+            if tuple(cfg.model.input_shape) != fed.input_shape or cfg.model.num_classes != fed.num_classes:
+                cfg.model = dataclasses.replace(cfg.model, input_shape=fed.input_shape,
+                                                num_classes=fed.num_classes)
+            for algorithm in cfg.algorithms:
+                def tick(rnd: int, point: dict[str, float], algorithm: str = algorithm, seed: int = seed) -> None:
+                    bar.set_description(f"{algorithm} seed {seed}")
+                    if "global_acc" in point:
+                        bar.set_postfix(global_acc=f"{point['global_acc']:.3f}")
+                    bar.update(1)
+                run = run_one(algorithm, fed, cfg, seed, on_round=tick)
+                runs[algorithm].append(run)
+                log.info("%s seed %d: %s", algorithm, seed,
+                         ", ".join(f"{k}={v:.4f}" for k, v in run.metrics.items()))
+    doc = {"config": cfg.to_dict(),
+           "algorithms": {a: summarize(rs) for a, rs in runs.items()}}
+    return doc, runs
+
+
+def results_table(doc: dict[str, Any]) -> str:
+    """A Markdown table of results.json; the first algorithm's ratios are implicit in the rows."""
+    head = ("| algorithm | global acc | personalized acc | cold-start acc | up KB/client/round "
+            "| down KB/client/round | wall s |")
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for name, m in doc["algorithms"].items():
+        lines.append(
+            f"| {name} | {m['global_acc']:.4f} ± {m['global_acc_std']:.4f} "
+            f"| {m['personalized_acc']:.4f} ± {m['personalized_acc_std']:.4f} "
+            f"| {m['cold_start_acc']:.4f} ± {m['cold_start_acc_std']:.4f} "
+            f"| {m['bytes_up_per_client_round'] / 1024:.1f} | {m['bytes_down_per_client_round'] / 1024:.1f} "
+            f"| {m['wall_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def write_outputs(out_dir: Path, doc: dict[str, Any], runs: dict[str, list[RunResult]]) -> None:
+    """results.json, report.md, curves.png and checkpoints/ (first seed), each written atomically."""
+    from fedcoe_edge.checkpoint import save_run_checkpoints
+    from fedcoe_edge.io import atomic_write_text
+    from fedcoe_edge.plots import plot_curves
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "results.json", json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    c = doc["config"]
+    header = (f"# FedCoE simulation: {c['dataset']} / {c['partition']}"
+              f"{' alpha=' + str(c['alpha']) if c['partition'] == 'dirichlet' else ''}, "
+              f"{c['clients']} clients (+{c['new_clients']} new), {c['rounds']} rounds, "
+              f"seeds {c['seeds']}\n\nAccuracy at the last round, mean ± std across seeds.\n\n")
+    atomic_write_text(out_dir / "report.md", header + results_table(doc) + "\n")
+    plot_curves({a: [r.curve for r in rs] for a, rs in runs.items()}, out_dir / "curves.png",
+                title=f"{c['dataset']} {c['partition']} alpha={c['alpha']}")
+    for algorithm, rs in runs.items():
+        save_run_checkpoints(out_dir / "checkpoints" / algorithm, rs[0].strategy, rs[0].local_states,
+                             meta={"algorithm": algorithm, "seed": rs[0].seed, "simulation": c})

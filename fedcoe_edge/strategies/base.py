@@ -1,0 +1,137 @@
+"""The strategy contract: pure algorithm, no transport.
+
+Shaped after Flower's Strategy (Beutel et al., arXiv 2007.14390): the round loop calls
+``configure_round`` to get one task per selected client and ``aggregate_round`` with the
+results and the failures (dropped, late, rejected clients are data, not exceptions). The
+client half, ``client_update``, runs on the device. The in-process simulator and the MQTT
+coordinator drive the same objects, so what is measured in simulation is what is deployed.
+
+Weights cross this boundary as ``dict[str, np.ndarray]`` keyed by stable state-dict names.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from fedcoe_edge.config import ModelConfig, TrainConfig
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass
+class ClientData:
+    """A client's own data. ``x_*`` are float32 (N, *input_shape), ``y_*`` int64 (N,)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def num_train(self) -> int:
+        return int(len(self.y_train))
+
+
+@dataclass
+class ClientTask:
+    """What the server sends one client for one round."""
+
+    client_id: str
+    round: int
+    params: Arrays  # global parameters that travel down (may be a subset)
+    expert_ids: list[int] = field(default_factory=list)  # global experts to train; [] = all
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClientResult:
+    """What one client sends back: its update and the statistics aggregation needs."""
+
+    client_id: str
+    round: int
+    num_samples: int
+    params: Arrays  # updated global parameters that travel up (same keys as trained)
+    affinity: list[float] | None = None  # mean routing over the client's data (FedCoE)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Failure:
+    """A selected client that produced no usable result this round, and why."""
+
+    client_id: str
+    round: int
+    reason: str
+
+
+class Strategy(ABC):
+    """Server rules plus the client's local procedure for one federated algorithm."""
+
+    name: ClassVar[str]
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int = 0) -> None:
+        self.model_cfg = model_cfg
+        self.train_cfg = train_cfg
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self.global_state: Arrays = {}
+        self.version = 0  # bumps on every aggregation; devices report the base they trained on
+
+    @property
+    def network_cfg(self) -> ModelConfig:
+        """The architecture this strategy actually trains (baselines may differ from model_cfg)."""
+        return self.model_cfg
+
+    # --- server side ------------------------------------------------------------------
+    @abstractmethod
+    def initialize(self) -> Arrays:
+        """Create the initial global state (deterministic for the seed) and return it."""
+
+    def select_clients(self, rnd: int, available: Sequence[str]) -> list[str]:
+        """Sample ``fraction_fit`` of the available clients (at least one)."""
+        ids = sorted(available)
+        count = max(1, int(round(self.train_cfg.fraction_fit * len(ids))))
+        if count >= len(ids):
+            return ids
+        return sorted(self.rng.choice(ids, size=count, replace=False).tolist())
+
+    @abstractmethod
+    def configure_round(self, rnd: int, client_ids: Sequence[str]) -> list[ClientTask]:
+        """One task per selected client."""
+
+    @abstractmethod
+    def aggregate_round(self, rnd: int, results: Sequence[ClientResult],
+                        failures: Sequence[Failure]) -> Arrays:
+        """Fold the results into a new global state; with no results, keep the old one."""
+
+    def state_for_cold_start(self) -> Arrays:
+        """What a brand-new device downloads before it predicts (default: everything)."""
+        return self.global_state
+
+    # --- client side ------------------------------------------------------------------
+    @abstractmethod
+    def client_update(self, task: ClientTask, local_state: Arrays | None,
+                      data: ClientData) -> tuple[ClientResult, Arrays]:
+        """Train on the client's data; return the result to upload and the new private state."""
+
+    def personalize(self, local_state: Arrays | None, data: ClientData) -> Arrays | None:
+        """Hook run once after the last round (e.g. fine-tuning); default: no change."""
+        return local_state
+
+    # --- evaluation -------------------------------------------------------------------
+    @abstractmethod
+    def predict_global(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities of the shared (global) model, (N, C)."""
+
+    @abstractmethod
+    def predict_personal(self, client_id: str, local_state: Arrays | None, x: np.ndarray) -> np.ndarray:
+        """Class probabilities of one client's own model, (N, C)."""
+
+    def predict_cold(self, x: np.ndarray) -> np.ndarray:
+        """A new client with no training: by default the global model."""
+        return self.predict_global(x)

@@ -1,0 +1,202 @@
+"""FedCoE: federated coordinated dual-level Mixture-of-Experts.
+
+"FedCoE: Bridging Generalization and Personalization via Federated Coordinated Dual-level
+MoEs", arXiv 2605.21264; our reading is design section 4:
+
+* clients train their private level (local experts + local gate) together with a local copy
+  of the global gate, the shared expert and the m global experts they were assigned, under
+  the coordinated objective of ``fedcoe_edge.losses``;
+* clients report n_i and their affinity r_i = mean_x g(x) (the global gate's dense
+  probabilities over all K experts, computable without holding the experts);
+* the server aggregates expert k with weights n_i r_ik over the clients that sent it, the
+  gate/shared expert/trunk by n_i, keeps an EMA affinity matrix R and assigns each client its
+  top-m experts by R for the next round (partial exchange; the gate always travels);
+* a device routes only among the experts it holds, so partial exchange changes nothing about
+  correctness, only about which experts it can use;
+* cold start: a new device computes its routing prior pi = mean g(x) on unlabeled data,
+  downloads its top experts by pi and predicts with the global path, no gradient step.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from fedcoe_edge.aggregate import (
+    affinity_weights,
+    aggregate_experts,
+    ema,
+    sample_weighted_mean,
+    top_m,
+)
+from fedcoe_edge.config import ModelConfig, TrainConfig
+from fedcoe_edge.losses import fedcoe_loss
+from fedcoe_edge.model import DualLevelMoE
+from fedcoe_edge.strategies.base import (
+    Arrays,
+    ClientData,
+    ClientResult,
+    ClientTask,
+    Failure,
+    Strategy,
+)
+from fedcoe_edge.training import build_model, load_arrays, predict_probs, run_epochs, to_arrays
+
+
+def expert_of(name: str) -> int | None:
+    """Global expert index a state key belongs to, or None for gate/shared/trunk/local keys."""
+    if not name.startswith("global.experts."):
+        return None
+    return int(name.split(".")[2])
+
+
+def client_seed(seed: int, client_id: str) -> int:
+    """Stable per-client seed (Python's hash() is salted per process, crc32 is not)."""
+    return (seed * 1_000_003 + zlib.crc32(client_id.encode())) % (2**31)
+
+
+class FedCoE(Strategy):
+    """Affinity-weighted experts, sample-weighted gate, partial exchange, cold start."""
+
+    name = "fedcoe"
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int = 0,
+                 *, affinity_weighting: bool = True, partial_exchange: bool = True) -> None:
+        super().__init__(model_cfg, train_cfg, seed)
+        self.model: DualLevelMoE = build_model(model_cfg, seed)
+        self.affinity_weighting = affinity_weighting  # False: plain n_i mean of experts (ablation)
+        self.partial_exchange = partial_exchange  # False: every client gets all K (m = K)
+        self.affinity: dict[str, np.ndarray] = {}  # R, one EMA row per client
+        k = model_cfg.num_global_experts
+        self.m = min(train_cfg.experts_per_client, k) if partial_exchange else k
+
+    # --- server side ------------------------------------------------------------------
+    def initialize(self) -> Arrays:
+        self.global_state = to_arrays(self.model.global_state())
+        return self.global_state
+
+    def expert_keys(self) -> list[list[str]]:
+        keys: list[list[str]] = [[] for _ in range(self.model_cfg.num_global_experts)]
+        for name in self.global_state:
+            k = expert_of(name)
+            if k is not None:
+                keys[k].append(name)
+        return keys
+
+    def experts_for(self, client_id: str) -> list[int]:
+        """Top-m experts by the client's affinity; all K until the client has reported."""
+        row = self.affinity.get(client_id)
+        if row is None:
+            return list(range(self.model_cfg.num_global_experts))
+        return top_m(row, self.m)
+
+    def params_for(self, expert_ids: Sequence[int]) -> Arrays:
+        """The gate, shared expert and trunk always; routed experts only those listed."""
+        wanted = set(expert_ids)
+        return {n: v for n, v in self.global_state.items()
+                if expert_of(n) is None or expert_of(n) in wanted}
+
+    def configure_round(self, rnd: int, client_ids: Sequence[str]) -> list[ClientTask]:
+        tasks = []
+        for cid in client_ids:
+            ids = self.experts_for(cid)
+            tasks.append(ClientTask(cid, rnd, self.params_for(ids), ids,
+                                    config={"version": self.version}))
+        return tasks
+
+    def aggregate_round(self, rnd: int, results: Sequence[ClientResult],
+                        failures: Sequence[Failure]) -> Arrays:
+        if not results:
+            return self.global_state
+        k_total = self.model_cfg.num_global_experts
+        n = np.array([r.num_samples for r in results], dtype=np.float64)
+        sent = np.zeros((len(results), k_total), dtype=bool)
+        for i, r in enumerate(results):
+            for name in r.params:
+                k = expert_of(name)
+                if k is not None:
+                    sent[i, k] = True
+        reported = np.array([r.affinity if r.affinity is not None else np.full(k_total, 1.0 / k_total)
+                             for r in results], dtype=np.float64)
+        weights = affinity_weights(n, reported if self.affinity_weighting else np.ones_like(reported), sent)
+        new = dict(self.global_state)
+        new.update(aggregate_experts(self.global_state, [r.params for r in results], weights,
+                                     self.expert_keys()))
+        dense_keys = [name for name in self.global_state if expert_of(name) is None]
+        new.update(sample_weighted_mean([r.params for r in results], n, keys=dense_keys))
+        for r, row in zip(results, reported, strict=True):
+            self.affinity[r.client_id] = ema(self.affinity.get(r.client_id), row,
+                                             self.train_cfg.affinity_ema)
+        self.global_state = new
+        self.version += 1
+        return new
+
+    def affinity_matrix(self, client_ids: Sequence[str]) -> np.ndarray:
+        """R as a (clients, K) array in the given order; rows of clients never seen are NaN."""
+        k = self.model_cfg.num_global_experts
+        return np.stack([self.affinity.get(c, np.full(k, np.nan)) for c in client_ids])
+
+    # --- client side ------------------------------------------------------------------
+    def fresh_local_state(self, client_id: str) -> Arrays:
+        """A new device's private level, initialised from its own seed."""
+        return to_arrays(build_model(self.model_cfg, client_seed(self.seed, client_id)).local_state())
+
+    def expert_mask(self, expert_ids: Sequence[int]) -> torch.Tensor:
+        mask = torch.zeros(self.model_cfg.num_global_experts, dtype=torch.bool)
+        mask[list(expert_ids)] = True
+        return mask
+
+    def client_update(self, task: ClientTask, local_state: Arrays | None,
+                      data: ClientData) -> tuple[ClientResult, Arrays]:
+        model, cfg = self.model, self.train_cfg
+        ids = task.expert_ids or list(range(self.model_cfg.num_global_experts))
+        load_arrays(model, task.params)
+        load_arrays(model, local_state if local_state is not None else self.fresh_local_state(task.client_id))
+        mask = self.expert_mask(ids)
+        named = dict(model.named_parameters())
+        trainable_names = [n for n in named if n.startswith("local.") or n in task.params]
+        anchor = {n: torch.from_numpy(np.array(task.params[n])) for n in trainable_names
+                  if n in task.params}
+
+        def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            return fedcoe_loss(model(xb, expert_mask=mask), yb, cfg, named, anchor, mask).total
+
+        rng = np.random.default_rng([self.seed, task.round, client_seed(0, task.client_id)])
+        last = run_epochs(model, [named[n] for n in trainable_names], data.x_train, data.y_train,
+                          cfg, cfg.local_epochs, rng, loss)
+        affinity = self.routing_prior(data.x_train)
+        state = to_arrays(model.state_dict())
+        upload = {n: state[n] for n in task.params}
+        local = {n: v for n, v in state.items() if n.startswith("local.")}
+        return (ClientResult(task.client_id, task.round, data.num_train, upload,
+                             affinity=affinity.tolist(), metrics={"train_loss": last}), local)
+
+    @torch.no_grad()
+    def routing_prior(self, x: np.ndarray) -> np.ndarray:
+        """pi = mean_x g(x): dense gate probabilities over all K, needing no expert weights."""
+        self.model.eval()
+        feats = self.model.global_part.trunk(torch.from_numpy(x))
+        return self.model.gate_logits(feats).softmax(-1).mean(0).numpy().astype(np.float64)
+
+    # --- evaluation -------------------------------------------------------------------
+    def predict_global(self, x: np.ndarray) -> np.ndarray:
+        load_arrays(self.model, self.global_state)
+        return predict_probs(self.model, x, use_local=False)
+
+    def predict_personal(self, client_id: str, local_state: Arrays | None, x: np.ndarray) -> np.ndarray:
+        """The device's model: server global state, only its assigned experts, its local level."""
+        load_arrays(self.model, self.global_state)
+        load_arrays(self.model, local_state if local_state is not None else self.fresh_local_state(client_id))
+        return predict_probs(self.model, x, expert_mask=self.expert_mask(self.experts_for(client_id)))
+
+    def cold_start_experts(self, x_unlabeled: np.ndarray) -> list[int]:
+        """The experts a new device downloads: its top-m by routing prior on its own data."""
+        load_arrays(self.model, self.global_state)
+        return top_m(self.routing_prior(x_unlabeled), self.m)
+
+    def predict_cold(self, x: np.ndarray) -> np.ndarray:
+        ids = self.cold_start_experts(x)
+        return predict_probs(self.model, x, use_local=False, expert_mask=self.expert_mask(ids))

@@ -1,0 +1,78 @@
+"""Aggregation maths against hand-computed arrays."""
+
+import numpy as np
+import pytest
+
+from fedcoe_edge.aggregate import (
+    affinity_weights,
+    aggregate_experts,
+    coordinate_median,
+    ema,
+    sample_weighted_mean,
+    top_m,
+    trimmed_mean,
+    weighted_mean,
+)
+
+
+def test_weighted_mean_matches_hand_computation():
+    a, b = np.array([1.0, 2.0], np.float32), np.array([3.0, 6.0], np.float32)
+    out = weighted_mean([a, b], [1, 3])
+    np.testing.assert_allclose(out, [2.5, 5.0])
+    assert out.dtype == np.float32
+
+
+@pytest.mark.parametrize("weights", [[0, 0], [-1, 2], [float("nan"), 1]])
+def test_weighted_mean_rejects_bad_weights(weights):
+    with pytest.raises(ValueError):
+        weighted_mean([np.zeros(2), np.ones(2)], weights)
+
+
+def test_sample_weighted_mean_is_fedavg():
+    states = [{"w": np.array([0.0])}, {"w": np.array([10.0])}]
+    assert sample_weighted_mean(states, [30, 10])["w"][0] == pytest.approx(2.5)
+
+
+def test_affinity_weights_hand_computed_with_zero_affinity_and_unsent_expert():
+    n = np.array([10, 30])
+    r = np.array([[0.5, 0.0, 0.5],
+                  [0.25, 0.75, 0.0]])
+    sent = np.array([[True, True, False],
+                     [True, True, False]])
+    w = affinity_weights(n, r, sent)
+    # expert 0: 10*.5=5 vs 30*.25=7.5 -> 5/12.5, 7.5/12.5
+    np.testing.assert_allclose(w[:, 0], [0.4, 0.6])
+    # expert 1: client 0 has zero affinity -> weight 0
+    np.testing.assert_allclose(w[:, 1], [0.0, 1.0])
+    # expert 2: nobody sent it -> all zero
+    np.testing.assert_allclose(w[:, 2], [0.0, 0.0])
+
+
+def test_affinity_weights_fall_back_to_samples_when_all_senders_have_zero_affinity():
+    w = affinity_weights(np.array([1, 3]), np.zeros((2, 1)), np.ones((2, 1), bool))
+    np.testing.assert_allclose(w[:, 0], [0.25, 0.75])
+
+
+def test_aggregate_experts_keeps_unsent_expert():
+    old = {"e0": np.array([100.0]), "e1": np.array([7.0])}
+    updates = [{"e0": np.array([1.0])}, {"e0": np.array([3.0])}]
+    weights = np.array([[0.25, 0.0], [0.75, 0.0]])
+    new = aggregate_experts(old, updates, weights, [["e0"], ["e1"]])
+    assert new["e0"][0] == pytest.approx(2.5)
+    assert new["e1"][0] == 7.0
+    assert new["e1"] is not old["e1"]
+
+
+def test_ema_and_top_m():
+    assert ema(None, np.array([1.0, 0.0]), 0.5).tolist() == [1.0, 0.0]
+    assert ema(np.array([1.0, 0.0]), np.array([0.0, 1.0]), 0.25).tolist() == [0.75, 0.25]
+    assert top_m(np.array([0.1, 0.5, 0.5, 0.2]), 2) == [1, 2]
+    assert top_m(np.array([0.3, 0.1, 0.6]), 1) == [2]
+
+
+def test_robust_means():
+    arrays = [np.array([1.0]), np.array([2.0]), np.array([100.0]), np.array([3.0])]
+    assert coordinate_median(arrays)[0] == pytest.approx(2.5)
+    assert trimmed_mean(arrays, 0.25)[0] == pytest.approx(2.5)
+    with pytest.raises(ValueError):
+        trimmed_mean(arrays, 0.5)

@@ -1,0 +1,85 @@
+"""Strategy contracts on a tiny problem, and FedCoE's partial exchange and cold start."""
+
+import numpy as np
+import pytest
+
+from fedcoe_edge.config import ModelConfig, TrainConfig
+from fedcoe_edge.data import make_federation
+from fedcoe_edge.strategies import STRATEGIES, Failure, make_strategy
+from fedcoe_edge.strategies.fedcoe import FedCoE, expert_of
+
+MODEL = ModelConfig(expert_hidden=16, num_global_experts=4, top_k=2)
+TRAIN = TrainConfig(local_epochs=1, experts_per_client=2)
+
+
+@pytest.fixture(scope="module")
+def fed():
+    return make_federation("digits", "dirichlet", num_clients=4, num_new_clients=1, seed=0, alpha=0.5)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_strategy_contract(name, fed):
+    s = make_strategy(name, MODEL, TRAIN, seed=0)
+    init = {k: v.copy() for k, v in s.initialize().items()}
+    assert init and all(k.startswith("global.") for k in init)
+    tasks = s.configure_round(1, list(fed.clients))
+    assert [t.client_id for t in tasks] == list(fed.clients)
+    results, local = [], {}
+    for t in tasks:
+        r, local[t.client_id] = s.client_update(t, None, fed.clients[t.client_id])
+        assert set(r.params) <= set(init)
+        assert r.num_samples == fed.clients[t.client_id].num_train
+        assert all(k.startswith("local.") for k in (local[t.client_id] or {}))
+        results.append(r)
+    new = s.aggregate_round(1, results, [Failure("x", 1, "timeout")])
+    assert set(new) == set(init)
+    assert any(not np.allclose(new[k], init[k]) for k in init)
+    # no results: the state is kept
+    assert s.aggregate_round(2, [], [Failure("0", 2, "dropped")]) is new or \
+        all(np.array_equal(s.global_state[k], new[k]) for k in new)
+    for cid, data in fed.clients.items():
+        probs = s.predict_personal(cid, local[cid], data.x_test)
+        np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    assert s.predict_global(fed.x_global_test).shape == (len(fed.y_global_test), 10)
+    assert s.predict_cold(next(iter(fed.new_clients.values())).x_test).shape[1] == 10
+
+
+def test_fedcoe_partial_exchange_after_first_report(fed):
+    s = FedCoE(MODEL, TRAIN, seed=0)
+    s.initialize()
+    first = s.configure_round(1, ["0"])[0]
+    assert first.expert_ids == [0, 1, 2, 3]
+    r, _ = s.client_update(first, None, fed.clients["0"])
+    assert np.isclose(sum(r.affinity), 1.0)
+    s.aggregate_round(1, [r], [])
+    second = s.configure_round(2, ["0"])[0]
+    assert len(second.expert_ids) == 2
+    sent_experts = {expert_of(k) for k in second.params} - {None}
+    assert sent_experts == set(second.expert_ids)
+    assert any(k.startswith("global.gate.") for k in second.params)  # the gate always travels
+    r2, _ = s.client_update(second, None, fed.clients["0"])
+    assert {expert_of(k) for k in r2.params} - {None} == set(second.expert_ids)
+
+
+def test_fedcoe_unsent_experts_keep_their_value(fed):
+    s = FedCoE(MODEL, TRAIN, seed=0)
+    s.initialize()
+    s.affinity["0"] = np.array([0.7, 0.2, 0.05, 0.05])
+    task = s.configure_round(1, ["0"])[0]
+    before = {k: v.copy() for k, v in s.global_state.items()}
+    r, _ = s.client_update(task, None, fed.clients["0"])
+    s.aggregate_round(1, [r], [])
+    for k, v in s.global_state.items():
+        if expert_of(k) in (2, 3):
+            np.testing.assert_array_equal(v, before[k])
+        if expert_of(k) in (0, 1):
+            assert not np.array_equal(v, before[k])
+
+
+def test_fedcoe_cold_start_downloads_top_experts(fed):
+    s = FedCoE(MODEL, TRAIN, seed=0)
+    s.initialize()
+    x = next(iter(fed.new_clients.values())).x_test
+    ids = s.cold_start_experts(x)
+    prior = s.routing_prior(x)
+    assert len(ids) == 2 and set(ids) == set(np.argsort(-prior)[:2].tolist())
