@@ -799,6 +799,11 @@ class Reassembler:
             raise WireError(f"unknown transfer {transfer_id!r}")
         return t
 
+    def manifest(self, transfer_id: str) -> TransferManifest:
+        """The manifest an open transfer was announced with."""
+        with self._lock:
+            return self._get(transfer_id).manifest
+
     def is_complete(self, transfer_id: str) -> bool:
         """All chunks present (the hash is checked by :meth:`finish`)."""
         with self._lock:

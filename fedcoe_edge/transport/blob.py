@@ -1,0 +1,240 @@
+"""Chunked transfers of expert weights over any :class:`Transport`.
+
+FedCoE (arXiv 2605.21264) ships only the experts a device needs, but even a subset is
+megabytes, more than a broker takes in one packet and more than its per-client queue
+holds. :class:`BlobSender` publishes chunks on a blob topic with a window of chunks in
+flight; :class:`BlobReceiver` reassembles them and answers with progress reports (which
+double as NACKs of gaps) and a final ACK carrying the verified sha256. Both are agnostic
+of the control channel: the caller carries the manifest and the reports inside signed
+envelopes on the ctl topics (docs/protocol.md, "Transfers").
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedcoe_edge.errors import WireError
+from fedcoe_edge.transport.base import Transport
+from fedcoe_edge.wire import (
+    DEFAULT_CHUNK_SIZE,
+    Reassembler,
+    TransferManifest,
+    TransferWindow,
+    chunk_overhead,
+    decode_chunk,
+)
+
+__all__ = [
+    "XFER_PROGRESS",
+    "XFER_DONE",
+    "BlobSender",
+    "BlobReceiver",
+    "fit_chunk_size",
+]
+
+XFER_PROGRESS = "xfer_progress"
+"""Envelope type of a receiver progress report / NACK (body: Reassembler.progress)."""
+XFER_DONE = "xfer_done"
+"""Envelope type of the final ACK (body: ``{"xfer", "sha256"}``)."""
+
+ReportFn = Callable[[str, dict[str, Any]], None]
+
+
+def fit_chunk_size(
+    transport: Transport, topic: str, transfer_id: str, preferred: int = DEFAULT_CHUNK_SIZE
+) -> int:
+    """The largest chunk size <= ``preferred`` whose framed publish fits the broker limit."""
+    room = transport.max_payload(topic) - chunk_overhead(transfer_id)
+    if room < 1024:
+        raise WireError(
+            f"topic {topic!r}: broker maximum packet size {transport.max_packet_size} leaves "
+            f"no room for chunks"
+        )
+    return min(preferred, room)
+
+
+class BlobSender:
+    """Sends one payload; feed it the receiver's reports, then :meth:`wait` or poll ``done``.
+
+    Thread-safe: :meth:`on_progress` / :meth:`on_done` run on the handler thread while
+    :meth:`wait` (or a daemon's timer calling :meth:`pump`) runs elsewhere.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        topic: str,
+        manifest: TransferManifest,
+        data: bytes,
+        *,
+        window: int = 16,
+        retransmit_s: float = 2.0,
+        qos: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        transport.check_size(
+            topic, manifest.chunk_size + chunk_overhead(manifest.transfer_id), qos, False
+        )
+        self.manifest = manifest
+        self._t = transport
+        self._topic = topic
+        self._qos = qos
+        self._clock = clock
+        self._win = TransferWindow(manifest, data, window=window, retransmit_s=retransmit_s)
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self.chunks_published = 0
+
+    @property
+    def done(self) -> bool:
+        """True once the receiver confirmed the sha256."""
+        return self._done.is_set()
+
+    @property
+    def resends(self) -> int:
+        return self._win.resends
+
+    def pump(self) -> int:
+        """Publish what the window allows now (call on a timer, too: it drives resends).
+
+        While the transport is down nothing is queued: the stall timer resends after the
+        reconnect instead of piling duplicates into the client's offline queue.
+        """
+        if not self._t.connected:
+            return 0
+        with self._lock:
+            frames = [self._win.chunk(s) for s in self._win.due(self._clock())]
+        for f in frames:
+            self._t.publish(self._topic, f, qos=self._qos)
+        self.chunks_published += len(frames)
+        return len(frames)
+
+    def on_progress(self, body: Mapping[str, Any]) -> None:
+        """Apply an ``xfer_progress`` report, then publish what it frees or asks for."""
+        with self._lock:
+            self._win.on_progress(body, self._clock())
+        self.pump()
+
+    def on_done(self, body: Mapping[str, Any]) -> bool:
+        """Apply an ``xfer_done`` report; True if it confirmed the right hash."""
+        ok = self._win.on_final_ack(str(body.get("sha256", "")))
+        if ok:
+            self._done.set()
+        return ok
+
+    def wait(self, timeout: float, poll_s: float = 0.1) -> bool:
+        """Block until done or ``timeout``; pumps the retransmit timer meanwhile.
+
+        Never call it from a handler: the reports it waits for arrive on that thread.
+        """
+        if self._t.is_handler_thread():
+            raise RuntimeError(
+                "BlobSender.wait() called on the handler thread: it would stall delivery"
+            )
+        deadline = time.monotonic() + timeout
+        self.pump()
+        while not self._done.wait(poll_s):
+            if time.monotonic() >= deadline:
+                return False
+            self.pump()
+        return True
+
+
+@dataclass
+class _RecvState:
+    since_report: int = 0
+    highest: int = -1
+    dup_reported: bool = False
+
+
+class BlobReceiver:
+    """Receives announced transfers; ``report(type, body)`` sends a ctl message back.
+
+    Reports go out every ``ack_every`` new chunks, at once on a gap (a NACK) or on the
+    first duplicate after progress (the sender is retransmitting, so it lacks news), and a
+    final ``xfer_done`` when the hash checks out. Completed transfers are remembered so a
+    late duplicate re-sends the final ACK instead of failing (idempotent).
+    """
+
+    def __init__(
+        self,
+        report: ReportFn,
+        *,
+        reassembler: Reassembler | None = None,
+        ack_every: int = 4,
+        remember: int = 256,
+    ) -> None:
+        self.reassembler = reassembler if reassembler is not None else Reassembler()
+        self._report = report
+        self._ack_every = max(1, ack_every)
+        self._remember = remember
+        self._state: dict[str, _RecvState] = {}
+        self._completed: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.RLock()
+
+    def expect(self, manifest: TransferManifest) -> None:
+        """Accept chunks for ``manifest`` (idempotent; a completed transfer is re-ACKed)."""
+        with self._lock:
+            if manifest.transfer_id in self._completed:
+                self._report(XFER_DONE, {"xfer": manifest.transfer_id, "sha256": manifest.sha256})
+                return
+            self.reassembler.expect(manifest)
+            self._state.setdefault(manifest.transfer_id, _RecvState())
+
+    def on_chunk(self, payload: bytes) -> tuple[TransferManifest, bytes] | None:
+        """Handle one blob message; returns ``(manifest, data)`` when a transfer completes.
+
+        Raises :class:`WireError` for garbage, unknown transfers and a failed sha256 (the
+        buffer is reset and the report makes the sender start over).
+        """
+        chunk = decode_chunk(payload)
+        xid = chunk.transfer_id
+        with self._lock:
+            if xid in self._completed:
+                self._report(XFER_DONE, {"xfer": xid, "sha256": self._completed[xid]})
+                return None
+            is_new = self.reassembler.add(chunk)
+            st = self._state.setdefault(xid, _RecvState())
+            if self.reassembler.is_complete(xid):
+                manifest = self.reassembler.manifest(xid)
+                try:
+                    data = self.reassembler.finish(xid)
+                except WireError:
+                    st.since_report, st.highest, st.dup_reported = 0, -1, False
+                    self._report(XFER_PROGRESS, self.reassembler.progress(xid))
+                    raise
+                del self._state[xid]
+                self._completed[xid] = manifest.sha256
+                while len(self._completed) > self._remember:
+                    self._completed.popitem(last=False)
+                self._report(XFER_DONE, {"xfer": xid, "sha256": manifest.sha256})
+                return manifest, data
+            gap = is_new and chunk.seq > st.highest + 1
+            st.highest = max(st.highest, chunk.seq)
+            st.since_report += 1
+            due = st.since_report >= self._ack_every or gap
+            if is_new:
+                st.dup_reported = False
+            elif not st.dup_reported:
+                due, st.dup_reported = True, True
+            if due:
+                st.since_report = 0
+                self._report(XFER_PROGRESS, self.reassembler.progress(xid))
+        return None
+
+    def nudge(self, transfer_id: str) -> None:
+        """Send a progress report now (e.g. from a timer when chunks stop arriving)."""
+        with self._lock:
+            if transfer_id in self.reassembler:
+                self._report(XFER_PROGRESS, self.reassembler.progress(transfer_id))
+
+    def discard(self, transfer_id: str) -> None:
+        """Drop an open transfer (deadline passed)."""
+        with self._lock:
+            self.reassembler.discard(transfer_id)
+            self._state.pop(transfer_id, None)

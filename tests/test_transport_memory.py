@@ -1,0 +1,337 @@
+"""In-memory broker/transport: MQTT matching, retained, wills, sessions, chunked transfers."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+
+import numpy as np
+import pytest
+
+from fedcoe_edge.errors import WireError
+from fedcoe_edge.transport import MemoryBroker, Message, Topics, Will, topic_matches
+from fedcoe_edge.transport.base import check_filter, publish_packet_size
+from fedcoe_edge.transport.blob import XFER_DONE, BlobReceiver, BlobSender, fit_chunk_size
+from fedcoe_edge.wire import (
+    Envelope,
+    ReplayCache,
+    TransferManifest,
+    decode_envelope,
+    decode_tensors,
+    encode_envelope,
+    encode_tensors,
+)
+
+
+@pytest.mark.parametrize(
+    ("flt", "topic", "ok"),
+    [
+        ("a/b", "a/b", True),
+        ("a/+", "a/b", True),
+        ("a/+", "a/b/c", False),
+        ("a/+/c", "a//c", True),
+        ("a/#", "a", True),
+        ("a/#", "a/b/c", True),
+        ("#", "a/b", True),
+        ("#", "$SYS/x", False),
+        ("+/x", "$SYS/x", False),
+        ("$SYS/#", "$SYS/x", True),
+        ("a/b", "a/b/c", False),
+        ("a/b/c", "a/b", False),
+        ("+", "a", True),
+    ],
+)
+def test_topic_matching(flt: str, topic: str, ok: bool) -> None:
+    assert topic_matches(flt, topic) is ok
+
+
+@pytest.mark.parametrize("bad", ["a/#/b", "a/b#", "a+/b", ""])
+def test_bad_filters_rejected(bad: str) -> None:
+    with pytest.raises(WireError, match="topic filter"):
+        check_filter(bad)
+
+
+def test_topics_build_and_parse() -> None:
+    t = Topics("fed1")
+    assert t.dn_blob("pi-3", "x9") == "fl/v1/fed1/dn/pi-3/blob/x9"
+    assert t.up_hb("pi-3") == "fl/v1/fed1/up/pi-3/hb"
+    cases = {
+        t.dn_ctl("d"): ("dn_ctl", "d", None),
+        t.dn_blob("d", "x"): ("dn_blob", "d", "x"),
+        t.up_ctl("d"): ("up_ctl", "d", None),
+        t.up_blob("d", "x"): ("up_blob", "d", "x"),
+        t.up_hb("d"): ("up_hb", "d", None),
+        t.presence("d"): ("presence", "d", None),
+        t.bc_ctl(): ("bc_ctl", None, None),
+        t.coord_status(): ("coord_status", None, None),
+    }
+    for topic, (kind, dev, xfer) in cases.items():
+        info = t.parse(topic)
+        assert (info.kind, info.device, info.transfer_id) == (kind, dev, xfer)
+        assert any(topic_matches(f, topic) for f in t.coordinator_filters() + t.device_filters("d"))
+    assert not any(topic_matches(f, t.dn_ctl("other")) for f in t.device_filters("d"))
+    assert topic_matches(t.dn_blob_filter("d"), t.dn_blob("d", "x"))
+    assert topic_matches(t.up_blob_filter(), t.up_blob("e", "x"))
+    assert topic_matches(t.up_ctl_filter(), t.up_ctl("e"))
+    assert not topic_matches(t.up_ctl_filter(), t.up_hb("e"))
+    with pytest.raises(WireError, match="device id 'a/b'"):
+        t.dn_ctl("a/b")
+    with pytest.raises(WireError, match="device id '\\+'"):
+        t.presence("+")
+    with pytest.raises(WireError, match="not a FedCoE protocol topic"):
+        t.parse("fl/v1/fed1/dn/d/other")
+    with pytest.raises(WireError, match="not under"):
+        t.parse("fl/v1/fed2/bc/ctl")
+
+
+def _collector() -> tuple[list[Message], threading.Event, object]:
+    got: list[Message] = []
+    ev = threading.Event()
+
+    def handler(m: Message) -> None:
+        got.append(m)
+        ev.set()
+
+    return got, ev, handler
+
+
+def test_publish_subscribe_runs_handlers_on_worker_thread() -> None:
+    broker = MemoryBroker()
+    a, b = broker.client("a"), broker.client("b")
+    a.connect()
+    b.connect()
+    seen_threads: list[bool] = []
+    reply = threading.Event()
+
+    def on_ping(m: Message) -> None:
+        seen_threads.append(b.is_handler_thread())
+        b.publish("t/pong", m.payload + b"!", qos=1)  # publishing from a handler is fine
+
+    b.subscribe("t/ping", on_ping)
+    a.subscribe("t/+", lambda m: reply.set() if m.topic == "t/pong" else None)
+    a.publish("t/ping", b"hi")
+    assert reply.wait(5)
+    assert seen_threads == [True] and not a.is_handler_thread()
+    a.close()
+    b.close()
+
+
+def test_handler_exception_does_not_stop_delivery() -> None:
+    broker = MemoryBroker(threaded=False)
+    c = broker.client("c")
+    c.connect()
+    got: list[bytes] = []
+
+    def flaky(m: Message) -> None:
+        if m.payload == b"boom":
+            raise ValueError("bad message")
+        got.append(m.payload)
+
+    c.subscribe("x", flaky)
+    for p in (b"1", b"boom", b"2"):
+        c.publish("x", p)
+    broker.pump()
+    assert got == [b"1", b"2"]
+
+
+def test_retained_messages_and_expiry() -> None:
+    now = [0.0]
+    broker = MemoryBroker(threaded=False, clock=lambda: now[0])
+    pub = broker.client("pub")
+    pub.connect()
+    pub.publish("fl/bc", b"round 3", retain=True, expiry_s=10)
+    pub.publish("fl/status", b"online", retain=True)
+    got: list[Message] = []
+    sub = broker.client("sub")
+    sub.connect()
+    sub.subscribe("fl/#", got.append)
+    broker.pump()
+    assert sorted((m.topic, m.payload, m.retain) for m in got) == [
+        ("fl/bc", b"round 3", True),
+        ("fl/status", b"online", True),
+    ]
+    now[0] = 11.0
+    assert broker.retained("fl/bc") is None  # expired
+    pub.publish("fl/status", b"", retain=True)  # empty payload clears
+    assert broker.retained("fl/status") is None
+    late: list[Message] = []
+    sub2 = broker.client("sub2")
+    sub2.connect()
+    sub2.subscribe("fl/#", late.append)
+    broker.pump()
+    assert late == []
+
+
+def test_will_on_kill_not_on_close_and_birth_on_connect() -> None:
+    broker = MemoryBroker(threaded=False)
+    watcher = broker.client("coord")
+    watcher.connect()
+    got: list[tuple[str, bytes]] = []
+    watcher.subscribe("p/+", lambda m: got.append((m.topic, m.payload)))
+    mk = lambda cid: broker.client(  # noqa: E731
+        cid,
+        will=Will(f"p/{cid}", b"offline"),
+        birth=Will(f"p/{cid}", b"online"),
+    )
+    d1, d2 = mk("d1"), mk("d2")
+    d1.connect()
+    d2.connect()
+    broker.pump()
+    d1.kill()
+    d2.close()
+    broker.pump()
+    assert got == [
+        ("p/d1", b"online"),
+        ("p/d2", b"online"),
+        ("p/d1", b"offline"),
+    ]
+    assert broker.retained("p/d1") == b"offline" and broker.retained("p/d2") == b"online"
+
+
+def test_persistent_session_queues_qos1_and_drops_beyond_limit() -> None:
+    broker = MemoryBroker(threaded=False, max_queued=3)
+    dev = broker.client("dev")
+    got: list[bytes] = []
+    dev.subscribe("dn/dev/#", lambda m: got.append(m.payload))
+    dev.connect()
+    coord = broker.client("coord")
+    coord.connect()
+    dev.kill()
+    for i in range(5):
+        coord.publish("dn/dev/ctl", f"q1-{i}".encode(), qos=1)
+    coord.publish("dn/dev/ctl", b"q0", qos=0)
+    dev.connect()
+    broker.pump()
+    assert got == [b"q1-0", b"q1-1", b"q1-2"]
+    assert broker.stats.dropped == 2
+    # clean_start throws the session away: nothing queued for a fresh one.
+    dev.kill()
+    coord.publish("dn/dev/ctl", b"lost", qos=1)
+    fresh = broker.client("dev", clean_start=True)
+    fresh.subscribe("dn/dev/#", lambda m: got.append(m.payload))
+    fresh.connect()
+    broker.pump()
+    assert got[-1] == b"q1-2"
+
+
+def test_offline_qos1_publish_waits_for_connect() -> None:
+    broker = MemoryBroker(threaded=False)
+    sub = broker.client("sub")
+    got: list[bytes] = []
+    sub.subscribe("t", lambda m: got.append(m.payload))
+    sub.connect()
+    pub = broker.client("pub")
+    pub.publish("t", b"queued", qos=1)
+    pub.publish("t", b"lost", qos=0)
+    broker.pump()
+    assert got == []
+    pub.connect()
+    broker.pump()
+    assert got == [b"queued"]
+
+
+def test_oversize_publish_refused_locally() -> None:
+    broker = MemoryBroker(max_packet_size=10_000)
+    c = broker.client("c")
+    c.connect()
+    room = c.max_payload("a/b")
+    assert publish_packet_size("a/b", room, 1, expiry=True) == 10_000
+    c.publish("a/b", b"x" * room, expiry_s=5)
+    with pytest.raises(WireError, match="'a/b'.*exceeds the broker's maximum packet size 10000"):
+        c.publish("a/b", b"x" * (room + 100))
+    with pytest.raises(WireError, match="wildcards"):
+        c.publish("a/+", b"x")
+    c.close()
+
+
+def _model_bytes(n_experts: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    t = {
+        f"experts.{i}.w": rng.standard_normal((128, 256)).astype(np.float32)
+        for i in range(n_experts)
+    }
+    t["gate.w"] = rng.standard_normal((64, n_experts)).astype(np.float32)
+    return encode_tensors(t)
+
+
+def test_chunked_transfer_over_lossy_broker_with_signed_reports() -> None:
+    """Coordinator -> device transfer; the broker drops 20% of chunks and duplicates 10%,
+    reports travel as signed envelopes, the clock is simulated (no sleeps)."""
+    now = [0.0]
+    rng = random.Random(3)
+    broker = MemoryBroker(threaded=False, max_packet_size=40_000, clock=lambda: now[0])
+
+    def fault(client_id: str, m: Message) -> int:
+        if "/blob/" not in m.topic:
+            return 1
+        r = rng.random()
+        return 0 if r < 0.2 else (2 if r < 0.3 else 1)
+
+    broker.fault = fault
+    topics, keys = Topics("fed"), {"coord": b"c" * 32, "dev1": b"d" * 32}
+    coord, dev = broker.client("coord"), broker.client("dev1")
+    coord.connect()
+    dev.connect()
+    data = _model_bytes(4)
+    xid = "x1"
+    blob_topic = topics.dn_blob("dev1", xid)
+    cs = fit_chunk_size(coord, blob_topic, xid)
+    assert cs < 40_000
+    manifest = TransferManifest.for_payload(
+        data, expert_ids=[0, 2], base_version=5, chunk_size=cs, transfer_id=xid
+    )
+    sender = BlobSender(
+        coord, blob_topic, manifest, data, window=4, retransmit_s=1.0, clock=lambda: now[0]
+    )
+
+    def dev_report(kind: str, body: dict) -> None:
+        env = Envelope.new(kind, federation="fed", sender="dev1", recipient="coord", body=body)
+        dev.publish(topics.up_ctl("dev1"), encode_envelope(env, keys["dev1"]))
+
+    received: list[bytes] = []
+    receiver = BlobReceiver(dev_report, ack_every=2)
+    dev.subscribe(
+        topics.dn_blob_filter("dev1"), lambda m: _keep(receiver.on_chunk(m.payload), received)
+    )
+    cache = ReplayCache()
+
+    def on_up(m: Message) -> None:
+        env = decode_envelope(m.payload, keys.get, replay_cache=cache)
+        (sender.on_done if env.type == XFER_DONE else sender.on_progress)(env.body)
+
+    coord.subscribe(topics.up_ctl_filter(), on_up)
+    receiver.expect(TransferManifest.from_dict(json.loads(json.dumps(manifest.to_dict()))))
+    steps = 0
+    while not sender.done and steps < 2000:
+        sender.pump()
+        broker.pump()
+        now[0] += 0.25
+        steps += 1
+    assert sender.done and len(received) == 1
+    assert received[0] == data
+    assert decode_tensors(received[0])["gate.w"].shape == (64, 4)
+    assert sender.resends > 0 and sender.chunks_published > manifest.chunk_count
+    # A late duplicate after completion re-sends the final ACK instead of failing.
+    before = broker.stats.published
+    broker.fault = None
+    coord.publish(blob_topic, sender._win.chunk(0))
+    broker.pump()
+    assert broker.stats.published == before + 2  # the chunk and a repeated xfer_done
+
+
+def _keep(result: tuple[TransferManifest, bytes] | None, out: list[bytes]) -> None:
+    if result is not None:
+        out.append(result[1])
+
+
+def test_blob_receiver_rejects_unknown_transfer() -> None:
+    reports: list[str] = []
+    r = BlobReceiver(lambda k, b: reports.append(k))
+    from fedcoe_edge.wire import encode_chunk
+
+    with pytest.raises(WireError, match="chunk for unknown transfer 'nope'"):
+        r.on_chunk(encode_chunk("nope", 0, 1, b"x"))
+    with pytest.raises(WireError, match="bad magic"):
+        r.on_chunk(b"garbage!")
+    assert reports == []
