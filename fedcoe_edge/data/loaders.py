@@ -1,0 +1,107 @@
+"""Loaders for datasets a user already has on disk. Nothing here downloads.
+
+* CIFAR-10 (Krizhevsky, "Learning Multiple Layers of Features from Tiny Images", 2009) in the
+  "python version" the authors ship: ``data_batch_1..5`` and ``test_batch``, each a pickled
+  dict with ``b"data"`` (N, 3072) uint8 and ``b"labels"``.
+* An image folder: one sub-folder per class (sorted names give labels 0..C-1), images in
+  any format Pillow reads.
+
+Security note: pickle runs code from the file it reads. It is used ONLY in
+``load_cifar10_batches``, ONLY on a local path the operator names, because that is the format
+CIFAR-10 ships in. Nothing received over the network is ever unpickled in this project
+(weights travel as safetensors).
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from fedcoe_edge.errors import DataError
+
+CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_TEST = "test_batch"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch file -> (x float32 (N, 3, 32, 32) in [0, 1], y int64 (N,))."""
+    try:
+        with open(path, "rb") as fh:
+            doc = pickle.load(fh, encoding="bytes")  # local CIFAR file only, see module note
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise DataError(f"cannot read CIFAR-10 batch {path}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: not a CIFAR-10 batch (expected a dict, got {type(doc).__name__})")
+    data = doc.get(b"data", doc.get("data"))
+    labels = doc.get(b"labels", doc.get("labels"))
+    if data is None or labels is None:
+        raise DataError(f"{path}: CIFAR-10 batch lacks 'data' or 'labels'")
+    data = np.asarray(data)
+    labels = np.asarray(labels, dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
+        raise DataError(f"{path}: expected data (N, 3072) and N labels, got {data.shape} and "
+                        f"{labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{path}: labels must be 0..9, got {labels.min()}..{labels.max()}")
+    x = data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0
+    return x, labels
+
+
+def load_cifar10_batches(root: str | Path, train: bool = True, test: bool = True
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 from its extracted ``cifar-10-batches-py`` folder; all requested batches joined.
+
+    A missing batch file is a DataError naming it (the whole set is expected, not a subset).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"CIFAR-10 folder not found: {root}")
+    names = (list(CIFAR_TRAIN) if train else []) + ([CIFAR_TEST] if test else [])
+    if not names:
+        raise DataError("load_cifar10_batches: ask for train and/or test batches")
+    xs, ys = [], []
+    for name in names:
+        path = root / name
+        if not path.is_file():
+            raise DataError(f"CIFAR-10 batch missing: {path}")
+        x, y = read_cifar_batch(path)
+        xs.append(x)
+        ys.append(y)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def load_image_folder(root: str | Path, size: tuple[int, int] = (32, 32), grayscale: bool = False
+                      ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images under ``root/<class>/`` -> (x float32 (N, C, H, W) in [0, 1], y int64, class names).
+
+    Every image is converted to RGB (or L with ``grayscale``) and resized to ``size`` (H, W).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise DataError(f"{root}: need at least 2 class sub-folders, found {len(classes)}")
+    xs: list[np.ndarray] = []
+    ys: list[int] = []
+    h, w = size
+    for label, cls in enumerate(classes):
+        files = sorted(f for f in (root / cls).iterdir()
+                       if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"{root / cls}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        for f in files:
+            try:
+                with Image.open(f) as img:
+                    img = img.convert("L" if grayscale else "RGB").resize((w, h), Image.BILINEAR)
+                    arr = np.asarray(img, dtype=np.float32) / 255.0
+            except (OSError, UnidentifiedImageError) as exc:
+                raise DataError(f"cannot read image {f}: {exc}") from None
+            xs.append(arr[None] if grayscale else arr.transpose(2, 0, 1))
+            ys.append(label)
+    return np.stack(xs), np.asarray(ys, dtype=np.int64), classes
