@@ -889,7 +889,7 @@ class TransferWindow:
 
     manifest: TransferManifest
     data: bytes
-    window: int = 16
+    window: int = 32
     retransmit_s: float = 5.0
     acked: bytearray = field(init=False)
     sent: bytearray = field(init=False)

@@ -290,7 +290,7 @@ def test_chunked_transfer_over_lossy_broker_with_signed_reports() -> None:
         dev.publish(topics.up_ctl("dev1"), encode_envelope(env, keys["dev1"]))
 
     received: list[bytes] = []
-    receiver = BlobReceiver(dev_report, ack_every=2)
+    receiver = BlobReceiver(dev_report, ack_every=2, auto_ack=True)
     dev.subscribe(
         topics.dn_blob_filter("dev1"), lambda m: _keep(receiver.on_chunk(m.payload), received)
     )
@@ -335,3 +335,29 @@ def test_blob_receiver_rejects_unknown_transfer() -> None:
     with pytest.raises(WireError, match="bad magic"):
         r.on_chunk(b"garbage!")
     assert reports == []
+
+
+def test_blob_receiver_acks_only_after_caller_persisted() -> None:
+    from fedcoe_edge.wire import encode_chunk, split_chunks
+
+    reports: list[tuple[str, dict]] = []
+    r = BlobReceiver(lambda k, b: reports.append((k, b)), ack_every=100)
+    data = bytes(range(256)) * 40
+    m = TransferManifest.for_payload(data, expert_ids=[1], base_version=2, chunk_size=4096)
+    r.expect(m)
+    frames = [
+        encode_chunk(m.transfer_id, i, m.chunk_count, c)
+        for i, c in enumerate(split_chunks(data, 4096))
+    ]
+    assert r.on_chunk(frames[0]) is None and r.on_chunk(frames[1]) is None
+    done = r.on_chunk(frames[2])
+    assert done is not None and done[1] == data and done[0] == m
+    assert all(k != XFER_DONE for k, _ in reports)  # nothing acknowledged yet
+    assert r.on_chunk(frames[1]) is None  # duplicate while the ACK is pending: ignored
+    assert all(k != XFER_DONE for k, _ in reports)
+    r.ack(m.transfer_id)
+    assert reports[-1] == (XFER_DONE, {"xfer": m.transfer_id, "sha256": m.sha256})
+    r.on_chunk(frames[0])  # late duplicate: the sender missed the ACK, send it again
+    assert reports[-1][0] == XFER_DONE and len([k for k, _ in reports if k == XFER_DONE]) == 2
+    with pytest.raises(WireError, match="has not completed here"):
+        r.ack("other")

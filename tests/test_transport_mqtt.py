@@ -79,7 +79,8 @@ class _Link:
             self.errors.append(str(exc))
             return
         if done is not None:
-            self.results.append(done)
+            self.results.append(done)  # a daemon persists here, then acknowledges
+            self.receiver.ack(done[0].transfer_id)
             self.completed.set()
 
     def _on_up(self, m: Message) -> None:

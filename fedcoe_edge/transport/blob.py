@@ -72,7 +72,7 @@ class BlobSender:
         manifest: TransferManifest,
         data: bytes,
         *,
-        window: int = 16,
+        window: int = 32,
         retransmit_s: float = 2.0,
         qos: int = 1,
         clock: Callable[[], float] = time.monotonic,
@@ -156,9 +156,12 @@ class BlobReceiver:
     """Receives announced transfers; ``report(type, body)`` sends a ctl message back.
 
     Reports go out every ``ack_every`` new chunks, at once on a gap (a NACK) or on the
-    first duplicate after progress (the sender is retransmitting, so it lacks news), and a
-    final ``xfer_done`` when the hash checks out. Completed transfers are remembered so a
-    late duplicate re-sends the final ACK instead of failing (idempotent).
+    first duplicate after progress (the sender is retransmitting, so it lacks news).
+    When the hash checks out, :meth:`on_chunk` returns the payload; the final
+    ``xfer_done`` goes out when the caller calls :meth:`ack` — after it has persisted
+    what it received (design section 8: persist, then acknowledge) — or at once with
+    ``auto_ack=True``. Completed transfers are remembered, so a late duplicate re-sends
+    the final ACK (or is ignored while the ACK is pending) instead of failing.
     """
 
     def __init__(
@@ -168,20 +171,24 @@ class BlobReceiver:
         reassembler: Reassembler | None = None,
         ack_every: int = 4,
         remember: int = 256,
+        auto_ack: bool = False,
     ) -> None:
         self.reassembler = reassembler if reassembler is not None else Reassembler()
         self._report = report
         self._ack_every = max(1, ack_every)
         self._remember = remember
         self._state: dict[str, _RecvState] = {}
-        self._completed: OrderedDict[str, str] = OrderedDict()
+        self._auto_ack = auto_ack
+        # transfer id -> sha256 once acknowledged, None while the caller has not acked yet
+        self._completed: OrderedDict[str, str | None] = OrderedDict()
+        self._finished: dict[str, str] = {}
         self._lock = threading.RLock()
 
     def expect(self, manifest: TransferManifest) -> None:
         """Accept chunks for ``manifest`` (idempotent; a completed transfer is re-ACKed)."""
         with self._lock:
             if manifest.transfer_id in self._completed:
-                self._report(XFER_DONE, {"xfer": manifest.transfer_id, "sha256": manifest.sha256})
+                self._resend_done(manifest.transfer_id)
                 return
             self.reassembler.expect(manifest)
             self._state.setdefault(manifest.transfer_id, _RecvState())
@@ -196,7 +203,7 @@ class BlobReceiver:
         xid = chunk.transfer_id
         with self._lock:
             if xid in self._completed:
-                self._report(XFER_DONE, {"xfer": xid, "sha256": self._completed[xid]})
+                self._resend_done(xid)
                 return None
             is_new = self.reassembler.add(chunk)
             st = self._state.setdefault(xid, _RecvState())
@@ -209,10 +216,13 @@ class BlobReceiver:
                     self._report(XFER_PROGRESS, self.reassembler.progress(xid))
                     raise
                 del self._state[xid]
-                self._completed[xid] = manifest.sha256
+                self._completed[xid] = None
+                self._finished[xid] = manifest.sha256
                 while len(self._completed) > self._remember:
-                    self._completed.popitem(last=False)
-                self._report(XFER_DONE, {"xfer": xid, "sha256": manifest.sha256})
+                    old, _ = self._completed.popitem(last=False)
+                    self._finished.pop(old, None)
+                if self._auto_ack:
+                    self.ack(xid)
                 return manifest, data
             gap = is_new and chunk.seq > st.highest + 1
             st.highest = max(st.highest, chunk.seq)
@@ -226,6 +236,21 @@ class BlobReceiver:
                 st.since_report = 0
                 self._report(XFER_PROGRESS, self.reassembler.progress(xid))
         return None
+
+    def ack(self, transfer_id: str) -> None:
+        """Send the final ACK for a completed transfer (idempotent). Call it once what
+        :meth:`on_chunk` returned is safely stored, or rejected for good."""
+        with self._lock:
+            sha = self._finished.get(transfer_id)
+            if sha is None:
+                raise WireError(f"ack: transfer {transfer_id!r} has not completed here")
+            self._completed[transfer_id] = sha
+            self._report(XFER_DONE, {"xfer": transfer_id, "sha256": sha})
+
+    def _resend_done(self, transfer_id: str) -> None:
+        sha = self._completed[transfer_id]
+        if sha is not None:  # a duplicate: the sender missed our ACK
+            self._report(XFER_DONE, {"xfer": transfer_id, "sha256": sha})
 
     def nudge(self, transfer_id: str) -> None:
         """Send a progress report now (e.g. from a timer when chunks stop arriving)."""
