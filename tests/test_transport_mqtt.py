@@ -14,7 +14,7 @@ import pytest
 from fedcoe_edge.errors import ConfigError, WireError
 from fedcoe_edge.transport import Message, Topics, Will
 from fedcoe_edge.transport.blob import XFER_DONE, BlobReceiver, BlobSender, fit_chunk_size
-from fedcoe_edge.transport.mqtt import MqttTransport
+from fedcoe_edge.transport.mqtt import MqttTransport, TlsSettings
 from fedcoe_edge.wire import (
     Envelope,
     ReplayCache,
@@ -310,3 +310,106 @@ def test_duplicates_and_reordering_over_mqtt(mosquitto_broker: Any) -> None:
             link.receiver.on_chunk(encode_chunk("never-announced", 0, 1, b"x"))
     finally:
         link.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_deploy_template_tls_passwords_and_acl(tmp_path: Any) -> None:
+    """The shipped deploy/mosquitto template really runs: TLS, passwords, per-device ACL."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from fedcoe_edge.broker import MosquittoBroker, find_mosquitto
+
+    if not (shutil.which("openssl") and shutil.which("mosquitto_passwd")):
+        pytest.skip("needs openssl and mosquitto_passwd")
+    try:
+        find_mosquitto()
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+
+    def sh(*args: str) -> None:
+        subprocess.run(args, cwd=tmp_path, check=True, capture_output=True)
+
+    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
+       "-out", "ca.crt", "-days", "1", "-subj", "/CN=fedcoe-test-ca")  # fmt: skip
+    sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
+       "-out", "server.csr", "-subj", "/CN=127.0.0.1")  # fmt: skip
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    sh("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+       "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "san.ext")  # fmt: skip
+    pw = {"coordinator": "pw-coord", "dev1": "pw-dev1"}
+    sh("mosquitto_passwd", "-c", "-b", "passwd", "coordinator", pw["coordinator"])
+    sh("mosquitto_passwd", "-b", "passwd", "dev1", pw["dev1"])
+    deploy = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
+    shutil.copy(deploy / "acl", tmp_path / "acl")
+    plain, tls = _free_port(), _free_port()
+    conf = (deploy / "mosquitto.conf").read_text()
+    for old, new in [
+        ("/etc/mosquitto/fedcoe/", f"{tmp_path}/"),
+        ("listener 1883 127.0.0.1", f"listener {plain} 127.0.0.1"),
+        ("listener 8883", f"listener {tls} 127.0.0.1"),
+        ("persistence_location /var/lib/mosquitto/", f"persistence_location {tmp_path}/"),
+        ("log_dest syslog", f"log_dest file {tmp_path}/mosquitto.log"),
+    ]:
+        assert old in conf, old
+        conf = conf.replace(old, new)
+    if os.geteuid() == 0:
+        conf += "user root\n"
+    tls_settings = TlsSettings(ca_certs=str(tmp_path / "ca.crt"))
+
+    def client(user: str, password: str | None, **kw: Any) -> MqttTransport:
+        return MqttTransport(user, "127.0.0.1", tls, username=user, password=password,
+                             tls=tls_settings, reconnect_min_s=1, reconnect_max_s=2, **kw)  # fmt: skip
+
+    with MosquittoBroker(port=tls, config_text=conf, workdir=tmp_path):
+        with pytest.raises(ConfigError, match="refused client 'dev1'"):
+            client("dev1", "wrong").connect(timeout=10)
+        coord_got: list[str] = []
+        dev_got: list[str] = []
+        cv = threading.Condition()
+
+        def rec(box: list[str]) -> Callable[[Message], None]:
+            def h(m: Message) -> None:
+                with cv:
+                    box.append(m.topic)
+                    cv.notify_all()
+
+            return h
+
+        coord = client("coordinator", pw["coordinator"])
+        coord.subscribe(f"{TOPICS.prefix}/#", rec(coord_got))
+        coord.connect()
+        dev = client(
+            "dev1",
+            pw["dev1"],
+            will=Will(TOPICS.presence("dev1"), b"offline"),
+            birth=Will(TOPICS.presence("dev1"), b"online"),
+        )
+        dev.subscribe(f"{TOPICS.prefix}/dn/dev2/#", rec(dev_got))  # denied by the ACL
+        dev.subscribe(f"{TOPICS.prefix}/dn/dev1/#", rec(dev_got))
+        dev.connect()
+        try:
+            dev.publish(TOPICS.up_ctl("dev2"), b"forged")  # denied: not its uplink
+            dev.publish(TOPICS.bc_ctl(), b"forged")  # denied: only the coordinator broadcasts
+            dev.publish(TOPICS.up_ctl("dev1"), b"hello")
+            coord.publish(TOPICS.dn_ctl("dev2"), b"not for dev1")
+            coord.publish(TOPICS.dn_ctl("dev1"), b"task")
+            with cv:
+                assert cv.wait_for(lambda: TOPICS.up_ctl("dev1") in coord_got, WAIT)
+                assert cv.wait_for(lambda: TOPICS.dn_ctl("dev1") in dev_got, WAIT)
+            assert TOPICS.presence("dev1") in coord_got  # the device may write its presence
+            assert TOPICS.up_ctl("dev2") not in coord_got
+            assert coord_got.count(TOPICS.bc_ctl()) == 0
+            assert dev_got == [TOPICS.dn_ctl("dev1")]
+        finally:
+            dev.close()
+            coord.close()
