@@ -35,6 +35,7 @@ __all__ = [
     "peak_rss_increase",
     "read_vmhwm_kb",
     "run_onnx",
+    "resolve_target",
     "run_torch",
 ]
 
@@ -168,14 +169,15 @@ def run_torch(
     import torch
 
     torch.set_num_threads(threads)
-    model = _resolve(builder)(**(builder_kwargs or {})).eval()
+    model = resolve_target(builder)(**(builder_kwargs or {})).eval()
     x = torch.randn(*input_shape)
     with torch.inference_mode():
         for _ in range(iters):
             model(x)
 
 
-def _resolve(spec: str) -> Any:
+def resolve_target(spec: str) -> Any:
+    """The object named by ``"module:function"`` (how a fresh process finds its target)."""
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
         raise ValueError(f"memory target must be 'module:function', got {spec!r}")
@@ -194,7 +196,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         kwargs = json.loads(args.kwargs)
         if not isinstance(kwargs, dict):
             raise ValueError(f"--kwargs must be a JSON object, got {args.kwargs!r}")
-        _resolve(args.target)(**kwargs)
+        resolve_target(args.target)(**kwargs)
     print(json.dumps({"vmhwm_kb": read_vmhwm_kb()}), flush=True)
     return 0
 

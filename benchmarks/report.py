@@ -1,0 +1,428 @@
+"""Turn the benchmark JSON into a Markdown report and a bar chart.
+
+``python -m benchmarks.report`` reads ``benchmarks/results/latency.json`` (pytest-benchmark
+JSON whose ``extra_info`` holds the rows of :func:`benchmarks.harness.make_row`) and writes
+``benchmarks/results/latency.md`` and ``latency.png``. Every FedCoE row (``family ==
+"fedcoe"``) is shown as a ratio to MobileNetV3-Small and MobileNetV2 *measured in the same
+run*: on shared or thermally throttled edge boards only same-run ratios are comparable.
+The goal of issue 6 is checked on the way: FedCoE top-2 int8 at 224, 1 thread, batch 1
+within 1.15x the latency of MobileNetV3-Small's best precision and 1.25x its peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedcoe_edge.errors import ConfigError
+
+__all__ = ["load_rows", "main", "render_chart", "render_markdown", "same_run_ratios"]
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SMALL = "mobilenet_v3_small"
+V2 = "mobilenet_v2"
+LATENCY_GOAL = 1.15
+MEMORY_GOAL = 1.25
+
+
+def load_rows(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows and run metadata from a pytest-benchmark JSON file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"benchmarks.report: {p} does not exist; run `make bench` first")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"benchmarks.report: {p} is not JSON ({exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        raise ConfigError(
+            f"benchmarks.report: {p} has no 'benchmarks' list (not pytest-benchmark JSON)"
+        )
+    rows: list[dict[str, Any]] = []
+    meta: dict[str, Any] = {"datetime": data.get("datetime"), "env": {}, "sgemm_peak": None}
+    for i, bench in enumerate(data["benchmarks"]):
+        info = dict(bench.get("extra_info") or {})
+        if "model" not in info:
+            raise ConfigError(
+                f"benchmarks.report: {p} benchmark #{i} ({bench.get('name')}) has no result row "
+                "in extra_info"
+            )
+        stats = bench.get("stats") or {}
+        if info.get("p50_ms") is None and "median" in stats:
+            info["p50_ms"] = stats["median"] * 1e3
+        meta["env"] = info.pop("env", meta["env"])
+        meta["sgemm_peak"] = info.pop("sgemm_peak", meta["sgemm_peak"])
+        rows.append(info)
+    return rows, meta
+
+
+def _cfg(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (row["input"], row["threads"], row["batch"], row.get("spinning"))
+
+
+def _find(rows: Iterable[dict[str, Any]], **want: Any) -> dict[str, Any] | None:
+    for row in rows:
+        if all(row.get(k) == v for k, v in want.items()):
+            return row
+    return None
+
+
+def _best(
+    rows: Iterable[dict[str, Any]], model: str, cfg: tuple[Any, ...]
+) -> dict[str, Any] | None:
+    """The fastest row of ``model`` at the same input / threads / batch / spinning."""
+    candidates = [
+        r for r in rows if r["model"] == model and _cfg(r) == cfg and r["precision"] != "int8-naive"
+    ]
+    return min(candidates, key=lambda r: r["p50_ms"], default=None)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b <= 0:
+        return None
+    return a / b
+
+
+def same_run_ratios(
+    row: dict[str, Any], rows: Sequence[dict[str, Any]], small: str = SMALL, v2: str = V2
+) -> dict[str, Any]:
+    """Latency and peak-RSS ratios of ``row`` to the baselines at the same configuration.
+
+    ``*_same`` compares with the baseline at the same runtime and precision, ``*_best``
+    with the baseline's fastest runtime/precision (the fair target for deployment).
+    """
+    same = {
+        "runtime": row["runtime"],
+        "precision": row["precision"],
+        "input": row["input"],
+        "threads": row["threads"],
+        "batch": row["batch"],
+        "spinning": row.get("spinning"),
+    }
+    s_same = _find(rows, model=small, **same)
+    v_same = _find(rows, model=v2, **same)
+    s_best = _best(rows, small, _cfg(row))
+    v_best = _best(rows, v2, _cfg(row))
+    p50 = row["p50_ms"]
+    rss = row.get("peak_rss_mb")
+    return {
+        "lat_small_same": _ratio(p50, s_same and s_same["p50_ms"]),
+        "lat_small_best": _ratio(p50, s_best and s_best["p50_ms"]),
+        "lat_v2_same": _ratio(p50, v_same and v_same["p50_ms"]),
+        "lat_v2_best": _ratio(p50, v_best and v_best["p50_ms"]),
+        "rss_small_same": _ratio(rss, s_same and s_same.get("peak_rss_mb")),
+        "rss_small_best": _ratio(rss, s_best and s_best.get("peak_rss_mb")),
+        "rss_v2_same": _ratio(rss, v_same and v_same.get("peak_rss_mb")),
+        "small_best": s_best and f"{s_best['runtime']} {s_best['precision']}",
+    }
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _table(header: Sequence[str], body: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return lines
+
+
+def _threads_label(row: dict[str, Any]) -> str:
+    return f"{row['threads']}" + (" no-spin" if row.get("spinning") is False else "")
+
+
+def _sort_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    order = {"torch": 0, "onnxruntime": 1}
+    prec = {"fp32": 0, "int8": 1, "int8-naive": 2}
+    return (
+        row.get("family") != "fedcoe",
+        row["model"],
+        -int(str(row["input"]).split("x")[-1]),
+        row["batch"],
+        row["threads"],
+        row.get("spinning") is False,
+        order.get(row["runtime"], 9),
+        prec.get(row["precision"], 9),
+    )
+
+
+def render_markdown(
+    rows: Sequence[dict[str, Any]], meta: dict[str, Any], small: str = SMALL, v2: str = V2
+) -> str:
+    """The report: environment, FedCoE ratios and goal, int8 vs fp32, threads, full table."""
+    env = meta.get("env") or {}
+    peak = meta.get("sgemm_peak") or {}
+    out = ["# Latency and memory benchmark", ""]
+    out.append(
+        f"Run {meta.get('datetime') or '?'} on `{env.get('cpu', '?')}` "
+        f"({env.get('cpu_count', '?')} cores, {env.get('machine', '?')}); python "
+        f"{env.get('python', '?')}, torch {env.get('torch', '?')}, onnxruntime "
+        f"{env.get('onnxruntime', '?')}, onnx {env.get('onnx', '?')}; ONNX opset "
+        f"{_fmt(next((r.get('opset') for r in rows if r.get('opset')), None))}."
+    )
+    if peak:
+        out.append(
+            f"Single-thread SGEMM peak: **{peak.get('gflops', 0):.1f} GFLOP/s** "
+            f"({peak.get('backend')}, n={peak.get('n')}); `% peak` divides achieved "
+            "GFLOP/s (2 x MACs x batch / p50) by threads x this figure."
+        )
+    out += [
+        "",
+        "Latency is p50/p95/p99 of single calls after warm-up. Peak RSS is the growth of a "
+        "fresh process's peak resident memory over one that only imported the runtime. "
+        "Ratios compare rows measured in this same run.",
+        "",
+    ]
+
+    fedcoe = sorted((r for r in rows if r.get("family") == "fedcoe"), key=_sort_key)
+    if fedcoe:
+        out += ["## FedCoE against the MobileNet baselines", ""]
+        body = []
+        for r in fedcoe:
+            q = same_run_ratios(r, rows, small, v2)
+            body.append(
+                [
+                    r["model"],
+                    f"{r['runtime']} {r['precision']}",
+                    r["input"],
+                    _threads_label(r),
+                    str(r["batch"]),
+                    _fmt(r["p50_ms"], 3),
+                    _fmt(r.get("peak_rss_mb"), 1),
+                    _x(q["lat_small_same"]),
+                    f"{_x(q['lat_small_best'])} ({q['small_best'] or '-'})",
+                    _x(q["lat_v2_same"]),
+                    _x(q["rss_small_same"]),
+                    _x(q["rss_small_best"]),
+                    _x(q["rss_v2_same"]),
+                ]
+            )
+        out += _table(
+            [
+                "model",
+                "runtime / precision",
+                "input",
+                "threads",
+                "batch",
+                "p50 ms",
+                "peak RSS MB",
+                "latency ÷ V3-S same",
+                "latency ÷ V3-S best",
+                "latency ÷ V2 same",
+                "RSS ÷ V3-S same",
+                "RSS ÷ V3-S best",
+                "RSS ÷ V2 same",
+            ],
+            body,
+        )
+        out += ["", *_goal_lines(fedcoe, rows, small, v2), ""]
+
+    out += ["## int8 against fp32 (onnxruntime)", ""]
+    body = []
+    for r in sorted(rows, key=_sort_key):
+        if r["runtime"] != "onnxruntime" or r["precision"] != "fp32":
+            continue
+        cfg = {k: r[k] for k in ("model", "input", "threads", "batch")}
+        cfg["spinning"] = r.get("spinning")
+        i8 = _find(rows, runtime="onnxruntime", precision="int8", **cfg)
+        naive = _find(rows, runtime="onnxruntime", precision="int8-naive", **cfg)
+        if i8 is None and naive is None:
+            continue
+        body.append(
+            [
+                r["model"],
+                r["input"],
+                _threads_label(r),
+                str(r["batch"]),
+                _fmt(r["p50_ms"], 3),
+                _fmt(naive and naive["p50_ms"], 3),
+                _fmt(i8 and i8["p50_ms"], 3),
+                _x(_ratio(r["p50_ms"], i8 and i8["p50_ms"])),
+                _fmt(r.get("size_mb")),
+                _fmt(i8 and i8.get("size_mb")),
+            ]
+        )
+    out += _table(
+        [
+            "model",
+            "input",
+            "threads",
+            "batch",
+            "fp32 p50 ms",
+            "int8 unfixed p50 ms",
+            "int8 p50 ms",
+            "int8 speed-up",
+            "fp32 MB",
+            "int8 MB",
+        ],
+        body,
+    )
+    out += [
+        "",
+        "`int8 unfixed` is onnxruntime's `quantize_static` on the raw export; `int8` adds the "
+        "GlobalAveragePool rewrite and the integer HardSigmoid fold "
+        "(`benchmarks/onnx_utils.py`).",
+        "",
+        "## All rows",
+        "",
+    ]
+    body = [
+        [
+            r["model"],
+            r["runtime"],
+            r["precision"],
+            r["input"],
+            _threads_label(r),
+            str(r["batch"]),
+            _fmt(r["p50_ms"], 3),
+            _fmt(r.get("p95_ms"), 3),
+            _fmt(r.get("p99_ms"), 3),
+            _fmt(r.get("peak_rss_mb"), 1),
+            _fmt(r.get("size_mb")),
+            f"{r['params']:,}" if r.get("params") is not None else "-",
+            _fmt(r["macs"] / 1e6 if r.get("macs") is not None else None, 1),
+            _fmt(r.get("gflops"), 1),
+            _fmt(r.get("pct_of_peak"), 1),
+        ]
+        for r in sorted(rows, key=_sort_key)
+    ]
+    out += _table(
+        [
+            "model",
+            "runtime",
+            "precision",
+            "input",
+            "threads",
+            "batch",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "peak RSS MB",
+            "size MB",
+            "params",
+            "MMACs",
+            "GFLOP/s",
+            "% peak",
+        ],
+        body,
+    )
+    out += ["", "![p50 latency at 224x224, batch 1](latency.png)", ""]
+    return "\n".join(out)
+
+
+def _goal_lines(
+    fedcoe: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], small: str, v2: str
+) -> list[str]:
+    lines = []
+    for r in fedcoe:
+        if not (
+            r["precision"] == "int8"
+            and r["threads"] == 1
+            and r["batch"] == 1
+            and str(r["input"]).endswith("x224")
+        ):
+            continue
+        q = same_run_ratios(r, rows, small, v2)
+        lat, rss = q["lat_small_best"], q["rss_small_best"]
+        ok_lat = lat is not None and lat <= LATENCY_GOAL
+        ok_rss = rss is not None and rss <= MEMORY_GOAL
+        lines.append(
+            f"Goal for `{r['model']}` int8, 224, 1 thread: latency {_x(lat)} of "
+            f"MobileNetV3-Small's best (target <= {LATENCY_GOAL}x: "
+            f"{'met' if ok_lat else 'not met'}), peak RSS {_x(rss)} "
+            f"(target <= {MEMORY_GOAL}x: {'met' if ok_rss else 'not met'})."
+        )
+    return lines
+
+
+def render_chart(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Grouped bars of p50 latency at 224x224, batch 1: one panel per thread setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = [r for r in rows if r["batch"] == 1 and str(r["input"]).endswith("x224")]
+    if not sel:  # e.g. a smoke run at 32x32: chart batch 1 at whatever input there is
+        sel = [r for r in rows if r["batch"] == 1]
+    if not sel:
+        raise ConfigError("benchmarks.report: no batch-1 rows to chart")
+    panels = sorted({_threads_label(r) for r in sel})
+    models = sorted({r["model"] for r in sel}, key=lambda m: (m.startswith("mobilenet"), m))
+    series = sorted(
+        {(r["runtime"], r["precision"]) for r in sel},
+        key=lambda s: (s[0] != "torch", s[1]),
+    )
+    fig, axes = plt.subplots(
+        1, max(1, len(panels)), figsize=(5 + 2.5 * len(models), 4.5), squeeze=False
+    )
+    width = 0.8 / max(1, len(series))
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for j, (runtime, precision) in enumerate(series):
+            xs, ys = [], []
+            for i, model in enumerate(models):
+                hit = next(
+                    (
+                        r
+                        for r in sel
+                        if r["model"] == model
+                        and _threads_label(r) == panel
+                        and (r["runtime"], r["precision"]) == (runtime, precision)
+                    ),
+                    None,
+                )
+                if hit is not None:
+                    xs.append(i + (j - (len(series) - 1) / 2) * width)
+                    ys.append(hit["p50_ms"])
+            label = f"{'torch' if runtime == 'torch' else 'ORT'} {precision}"
+            ax.bar(xs, ys, width, label=label)
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels(models, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("p50 latency (ms)")
+        ax.set_title(f"threads = {panel}")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    inputs = sorted({r["input"] for r in sel})
+    fig.suptitle(f"p50 latency, batch 1, input {', '.join(inputs)} (lower is better)")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Render the benchmark report")
+    parser.add_argument("--json", type=Path, default=RESULTS / "latency.json")
+    parser.add_argument("--md", type=Path, default=None, help="default: beside the JSON")
+    parser.add_argument("--png", type=Path, default=None, help="default: beside the JSON")
+    parser.add_argument("--small", default=SMALL, help="model name of the small baseline")
+    parser.add_argument("--v2", default=V2, help="model name of the second baseline")
+    args = parser.parse_args(argv)
+    rows, meta = load_rows(args.json)
+    md = args.md or args.json.with_suffix(".md")
+    png = args.png or args.json.with_suffix(".png")
+    text = render_markdown(rows, meta, args.small, args.v2)
+    text = text.replace("](latency.png)", f"]({png.name})")
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(text, encoding="utf-8")
+    render_chart(rows, png)
+    print(f"wrote {md} and {png} ({len(rows)} rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

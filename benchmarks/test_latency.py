@@ -1,0 +1,104 @@
+"""Latency / memory benchmark suite (pytest-benchmark), run by ``make bench``.
+
+Every case of :func:`benchmarks.harness.baseline_cases` (MobileNetV2 and V3-Small x torch
+eager, ONNX fp32, ONNX int8 x 1 / all threads x batch 1 / 8, plus 32x32 inputs) is timed
+with ``benchmark.pedantic`` after warm-up rounds; ``extra_info`` carries the result row
+(versions, opset, precision, params, MACs, achieved GFLOP/s and % of the measured SGEMM
+peak, p95/p99, peak-RSS increase in a fresh process, file size), which
+``python -m benchmarks.report`` turns into ``benchmarks/results/latency.md`` and ``.png``.
+
+To add FedCoE rows, register a preparer that builds the bundle and returns a runner (see
+:mod:`benchmarks.harness`) and append its cases to ``CASES`` below, e.g.
+``Case("fedcoe_top2", "onnxruntime", "int8", family="fedcoe")``.
+
+``FEDCOE_BENCH_SMOKE=1`` swaps the matrix for a tiny net and two rounds per case; the
+smoke test (``tests/test_bench_smoke.py``) runs this file that way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from benchmarks.harness import (
+    ArtifactStore,
+    Case,
+    baseline_cases,
+    environment,
+    make_row,
+    prepare,
+    rounds_for,
+    smoke_cases,
+)
+from benchmarks.memory import peak_rss_increase
+from benchmarks.sgemm_peak import measure_sgemm_peak
+
+SMOKE = os.environ.get("FEDCOE_BENCH_SMOKE", "") == "1"
+CASES: list[Case] = smoke_cases() if SMOKE else baseline_cases()
+WARMUP_ROUNDS = 1 if SMOKE else 5
+
+pytestmark = pytest.mark.bench
+
+
+@pytest.fixture(scope="session")
+def sgemm_peak() -> dict[str, Any]:
+    """Single-thread SGEMM peak of this machine, measured once per run."""
+    import dataclasses
+
+    if SMOKE:
+        peak = measure_sgemm_peak(sizes=(128,), repeats=1, min_seconds=0.0)
+    else:
+        peak = measure_sgemm_peak()
+    return dataclasses.asdict(peak)
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory: pytest.TempPathFactory) -> ArtifactStore:
+    """Exported / quantized files, built once per run and shared by the cases."""
+    return ArtifactStore(tmp_path_factory.mktemp("bench-artifacts"))
+
+
+@pytest.fixture(scope="session")
+def env_info() -> dict[str, Any]:
+    return environment()
+
+
+@pytest.fixture(autouse=True)
+def _single_threaded_torch() -> Iterator[None]:
+    """Each case sets its own thread count; put torch back to one thread afterwards."""
+    import torch
+
+    yield
+    torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_latency(
+    benchmark: Any,
+    case: Case,
+    store: ArtifactStore,
+    sgemm_peak: dict[str, Any],
+    env_info: dict[str, Any],
+) -> None:
+    prepared = prepare(case, store)
+    try:
+        rounds = 2 if SMOKE else rounds_for(prepared.run)
+        benchmark.group = f"{case.input_label} threads={case.threads} batch={case.batch}"
+        benchmark.pedantic(prepared.run, rounds=rounds, iterations=1, warmup_rounds=WARMUP_ROUNDS)
+        stats = benchmark.stats
+        if stats is None:
+            pytest.skip("pytest-benchmark is disabled; run with --benchmark-enable")
+        times = list(stats.stats.data)
+    finally:
+        prepared.close()
+    # The smoke run skips the torch probe (two fresh torch imports) to stay fast.
+    probe = prepared.memory is not None and not (SMOKE and case.runtime == "torch")
+    memory = peak_rss_increase(prepared.memory) if probe and prepared.memory else None
+    row = make_row(case, prepared, times, sgemm_peak["gflops"], memory)
+    benchmark.extra_info.update(row)
+    benchmark.extra_info["sgemm_peak"] = sgemm_peak
+    benchmark.extra_info["env"] = env_info
+    assert row["p50_ms"] > 0
