@@ -85,17 +85,6 @@ def test_topics_build_and_parse() -> None:
         t.parse("fl/v1/fed2/bc/ctl")
 
 
-def _collector() -> tuple[list[Message], threading.Event, object]:
-    got: list[Message] = []
-    ev = threading.Event()
-
-    def handler(m: Message) -> None:
-        got.append(m)
-        ev.set()
-
-    return got, ev, handler
-
-
 def test_publish_subscribe_runs_handlers_on_worker_thread() -> None:
     broker = MemoryBroker()
     a, b = broker.client("a"), broker.client("b")

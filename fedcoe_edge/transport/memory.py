@@ -114,6 +114,7 @@ class MemoryBroker:
             return item[0].payload
 
     def session_exists(self, client_id: str) -> bool:
+        """Whether the broker holds a session (connected or persisted) for ``client_id``."""
         with self._lock:
             return client_id in self._sessions
 
