@@ -1,0 +1,153 @@
+"""Coordinator configuration: ``coordinator.toml`` plus ``FEDCOE_<SECTION>_<KEY>`` overrides.
+
+Sections: ``[federation]`` (ids, algorithm, rounds, selection, deadline, quorum, state
+folder), ``[broker]`` (MQTT), ``[security]`` (federation secret from which per-device HMAC
+keys derive), ``[model]`` and ``[train]`` (the FedCoE network and client objective of
+arXiv 2605.21264, design sections 3-4) and an optional ``[eval]`` naming a shipped
+dataset whose held-out global test set the coordinator scores after every round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from device_agent.protocol import (
+    COORDINATOR_ID,
+    BrokerSettings,
+    apply_env,
+    build_section,
+    load_toml,
+    read_secret,
+    section_defaults,
+)
+from fedcoe_edge.config import ModelConfig, TrainConfig
+from fedcoe_edge.errors import ConfigError
+from fedcoe_edge.strategies import STRATEGIES
+from fedcoe_edge.transport.topics import check_id
+
+
+@dataclass
+class FederationSettings:
+    """What the rounds look like."""
+
+    id: str = "demo"
+    coordinator_id: str = COORDINATOR_ID
+    algorithm: str = "fedcoe"
+    seed: int = 0
+    rounds: int = 10
+    min_devices: int = 2  # registered training devices before round 1 starts
+    quorum: int = 1  # accepted updates needed to apply an aggregation
+    deadline_s: float = 60.0  # per round, from the task being sent
+    start_wait_s: float = 600.0  # how long to wait for min_devices before giving up
+    state_dir: str = "state/coordinator"
+    chunk_size: int = 256 * 1024
+    window: int = 16
+    norm_bound: float = 1e4  # L2 bound on an uploaded update (whole payload)
+    exit_when_done: bool = False  # False: keep serving cold-start fetches after the last round
+    allowed_devices: list[str] = field(default_factory=list)  # empty: any device with a valid key
+
+
+@dataclass
+class SecuritySettings:
+    secret: str = ""  # hex; per-device keys derive from it
+    secret_file: str = ""
+
+
+@dataclass
+class EvalSettings:
+    """A shipped dataset and federation layout whose global test set the coordinator scores."""
+
+    dataset: str = ""  # empty: no evaluation on the coordinator
+    partition: str = "dirichlet"
+    num_clients: int = 6
+    new_clients: int = 1
+    alpha: float = 0.5
+    seed: int = 0
+    min_samples: int = 20
+
+
+@dataclass
+class CoordinatorConfig:
+    federation: FederationSettings = field(default_factory=FederationSettings)
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    secret: bytes = b""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    source: str = "<defaults>"
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.federation.state_dir)
+
+    def validate(self) -> None:
+        f, w = self.federation, f"{self.source}: [federation]"
+        try:
+            check_id(f.id, "id")
+            check_id(f.coordinator_id, "coordinator_id")
+            for d in f.allowed_devices:
+                check_id(d, "allowed_devices entry")
+        except Exception as exc:
+            raise ConfigError(f"{w} {exc}") from None
+        if f.algorithm not in STRATEGIES:
+            raise ConfigError(f"{w} algorithm {f.algorithm!r} unknown; known: {', '.join(sorted(STRATEGIES))}")
+        if f.rounds < 1:
+            raise ConfigError(f"{w} rounds must be >= 1, got {f.rounds}")
+        if f.min_devices < 1 or f.quorum < 1:
+            raise ConfigError(f"{w} min_devices and quorum must be >= 1, got {f.min_devices}, {f.quorum}")
+        if f.quorum > f.min_devices:
+            raise ConfigError(f"{w} quorum {f.quorum} exceeds min_devices {f.min_devices}")
+        if not f.deadline_s > 0 or not f.start_wait_s > 0:
+            raise ConfigError(f"{w} deadline_s and start_wait_s must be > 0")
+        if not 1024 <= f.chunk_size <= 16 * 1024 * 1024:
+            raise ConfigError(f"{w} chunk_size must be in 1 KiB..16 MiB, got {f.chunk_size}")
+        if f.window < 1:
+            raise ConfigError(f"{w} window must be >= 1, got {f.window}")
+        if not f.norm_bound > 0:
+            raise ConfigError(f"{w} norm_bound must be > 0")
+        self.broker.validate(f"{self.source}: [broker]")
+        if len(self.secret) < 16:
+            raise ConfigError(f"{self.source}: [security] secret must be at least 16 bytes")
+
+
+SECTIONS: dict[str, type] = {"federation": FederationSettings, "broker": BrokerSettings,
+                             "security": SecuritySettings, "eval": EvalSettings,
+                             "model": ModelConfig, "train": TrainConfig}
+
+
+def env_defaults() -> dict[str, dict[str, Any]]:
+    """Every overridable key, e.g. FEDCOE_BROKER_PORT, FEDCOE_SECURITY_SECRET."""
+    return {name: section_defaults(cls) for name, cls in SECTIONS.items()}
+
+
+def config_from_doc(doc: dict[str, Any], source: str, base: Path,
+                    env: dict[str, str] | None = None) -> CoordinatorConfig:
+    """Build and validate a config from a parsed TOML document (env overrides applied)."""
+    unknown = sorted(set(doc) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    doc = apply_env(doc, env_defaults(), env)
+    fed = build_section(FederationSettings, doc, "federation", source)
+    if not Path(fed.state_dir).is_absolute():
+        fed.state_dir = str(base / fed.state_dir)
+    sec = build_section(SecuritySettings, doc, "security", source)
+    try:
+        model = ModelConfig.from_dict(doc.get("model", {}))
+        train = TrainConfig.from_dict(doc.get("train", {}))
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    cfg = CoordinatorConfig(
+        federation=fed, broker=build_section(BrokerSettings, doc, "broker", source),
+        secret=read_secret(sec.secret, sec.secret_file, f"{source}: [security] secret", base),
+        model=model, train=train, eval=build_section(EvalSettings, doc, "eval", source),
+        source=source)
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: Path, env: dict[str, str] | None = None) -> CoordinatorConfig:
+    """Read ``coordinator.toml``; relative paths inside are relative to the file's folder."""
+    path = Path(path)
+    return config_from_doc(load_toml(path), str(path), path.resolve().parent, env)

@@ -1,0 +1,657 @@
+"""The coordinator daemon: rounds of FedCoE over MQTT with partial expert exchange.
+
+FedCoE (arXiv 2605.21264) aggregates each global expert from the devices that hold it,
+weighted by their routing affinity, and sends each device only its top-m experts plus the
+gate. This daemon drives the SAME :class:`~fedcoe_edge.strategies.Strategy` objects as the
+in-process simulator (design section 2): ``select_clients`` -> ``configure_round`` ->
+tasks out, updates in -> ``aggregate_round(results, failures)``. Failures (deadline passed,
+update rejected) are data handed to the strategy, never exceptions or hangs.
+
+Receive path for an update (design section 8): signed ``result`` envelope with a transfer
+manifest -> chunks reassembled and sha256-checked -> int8 delta decompressed against the
+exact parameters this device was sent -> ``validate_update`` (keys, shapes, dtypes, finite,
+norm bound) -> persisted (safetensors + SQLite) -> only then ``accept``. Anything refused is
+logged as ``rejected device=.. round=.. reason=..`` and counted in the round log.
+
+Persistence: ``STATE/coordinator.sqlite`` (registry, round log, traffic, evaluations),
+``STATE/rounds/<r>/`` (tasks and accepted updates), ``STATE/checkpoint/`` (global state and
+strategy state, written atomically). A restarted coordinator resumes the round it was in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coordinator.config import CoordinatorConfig
+from coordinator.store import Store
+from device_agent import protocol as P
+from fedcoe_edge.checkpoint import load_arrays_file, save_arrays
+from fedcoe_edge.errors import ConfigError, DataError, FedCoEError, ValidationError, WireError
+from fedcoe_edge.io import atomic_write_text
+from fedcoe_edge.simulation import serialized_nbytes
+from fedcoe_edge.strategies import ClientResult, ClientTask, Failure, Strategy, make_strategy
+from fedcoe_edge.strategies.fedcoe import FedCoE
+from fedcoe_edge.transport import Message, Topics, Transport, Will
+from fedcoe_edge.transport.blob import (
+    XFER_DONE,
+    XFER_PROGRESS,
+    BlobReceiver,
+    BlobSender,
+    fit_chunk_size,
+)
+from fedcoe_edge.wire import (
+    TransferManifest,
+    decode_tensors,
+    decompress_delta,
+    encode_tensors,
+    new_msg_id,
+    validate_update,
+)
+
+log = logging.getLogger("fedcoe.coordinator")
+
+
+@dataclass
+class _Outgoing:
+    device: str
+    round: int
+    purpose: str
+    sender: BlobSender
+    started: bool = False
+    created: float = 0.0
+
+
+@dataclass
+class _Upload:
+    device: str
+    round: int
+    body: dict[str, Any]
+    manifest: TransferManifest
+
+
+class Coordinator:
+    """One federation's coordinator. ``run()`` blocks until the rounds are done (or stop())."""
+
+    def __init__(self, cfg: CoordinatorConfig, factory: P.TransportFactory | None = None) -> None:
+        self.cfg = cfg
+        self.fed = cfg.federation
+        self.topics = Topics(self.fed.id)
+        self.me = self.fed.coordinator_id
+        self.state_dir = cfg.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.state_dir / "coordinator.sqlite")
+        self.strategy: Strategy = make_strategy(self.fed.algorithm, cfg.model, cfg.train, self.fed.seed)
+        self.bc_key = P.broadcast_key(cfg.secret, self.fed.id)
+        self._factory = factory if factory is not None else P.mqtt_factory(cfg.broker)
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.round = 0  # the open round, or the last closed one
+        self.round_open = False
+        self.deadline = 0.0
+        self.tasks: dict[str, ClientTask] = {}
+        self.results: dict[str, ClientResult] = {}
+        self.failed: dict[str, str] = {}
+        self.online: dict[str, str] = {}  # device -> role, for devices that said hello
+        self._senders: dict[str, _Outgoing] = {}
+        self._receivers: dict[str, BlobReceiver] = {}
+        self._uploads: dict[str, _Upload] = {}
+        self._eval_x: np.ndarray | None = None
+        self._eval_y: np.ndarray | None = None
+        self.transport: Transport | None = None
+        self.messenger: P.Messenger | None = None
+        self.finished = False
+
+    # ------------------------------------------------------------------ keys and sending
+    def key_for(self, device: str) -> bytes | None:
+        """HMAC key of a device; None when the device is not allowed (message is refused)."""
+        if device == self.me:
+            return None
+        if self.fed.allowed_devices and device not in self.fed.allowed_devices:
+            return None
+        return P.device_key(self.cfg.secret, device)
+
+    def _send(self, device: str, type: str, body: dict[str, Any], rnd: int | None = None) -> None:
+        key = self.key_for(device)
+        if key is None or self.messenger is None:
+            return
+        self.messenger.send(self.topics.dn_ctl(device), type, device, body, key,
+                            round=self.round if rnd is None else rnd)
+
+    def _broadcast(self, state: str, **extra: Any) -> None:
+        assert self.messenger is not None
+        body = {"state": state, "round": self.round, "version": self.strategy.version,
+                "rounds": self.fed.rounds, **extra}
+        self.messenger.send(self.topics.bc_ctl(), P.STATUS, "*", body, self.bc_key, round=self.round,
+                            ttl_s=3600, retain=True, expiry_s=3600)
+
+    def reject(self, device: str, rnd: int, reason: str, notify: bool = True) -> None:
+        """Refuse an input: one log line naming device, round and reason, and a round-log row."""
+        log.warning("rejected device=%s round=%d reason=%s", device, rnd, reason)
+        self.store.add_event(rnd, device, "rejected", reason)
+        if notify:
+            with contextlib.suppress(FedCoEError):
+                self._send(device, P.REJECT, {"reason": reason[:500]}, rnd)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Resume from the state folder, connect, subscribe, announce."""
+        self._load_eval()
+        self._resume()
+        will = Will(self.topics.coord_status(), P.presence_payload("offline"), 1, True)
+        birth = Will(self.topics.coord_status(), P.presence_payload("online"), 1, True)
+        self.transport = self._factory(self.me, will, birth)
+        self.messenger = P.Messenger(self.transport, self.topics, self.me, self.key_for)
+        self.transport.subscribe(self.topics.up_ctl_filter(), self._on_ctl)
+        self.transport.subscribe(self.topics.up_blob_filter(), self._on_blob)
+        self.transport.subscribe(f"{self.topics.prefix}/presence/+", self._on_presence)
+        self.transport.connect()
+        self._pump_thread = threading.Thread(target=self._pump_loop, name="coord-pump", daemon=True)
+        self._pump_thread.start()
+        if self.round_open:
+            log.info("resuming round %d: %d of %d updates already accepted", self.round,
+                     len(self.results), len(self.tasks))
+            for dev in sorted(self.tasks):
+                if dev not in self.results and dev not in self.failed:
+                    self._send_task(self.tasks[dev])
+            self._broadcast("open")
+        else:
+            self._broadcast("finished" if self.round >= self.fed.rounds else "idle")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def close(self) -> None:
+        """Disconnect cleanly (publishes coordinator offline) and close the database."""
+        if self.transport is not None:
+            with contextlib.suppress(FedCoEError):
+                self.transport.publish(self.topics.coord_status(), P.presence_payload("offline"),
+                                       qos=1, retain=True)
+            time.sleep(0.2)
+            self.transport.close()
+            self.transport = None
+        self.store.close()
+
+    def run(self) -> int:
+        """Run every round, then serve cold-start fetches until stopped (or exit when told)."""
+        self.start()
+        try:
+            while not self._stop.is_set():
+                if self.round_open:
+                    self._wait_round()
+                    if not self._stop.is_set():
+                        self._close_round()
+                elif self.round < self.fed.rounds:
+                    if self._enough_devices():
+                        self._open_round()
+                    else:
+                        self._wake.wait(0.2)
+                        self._wake.clear()
+                else:
+                    if not self.finished:
+                        self.finished = True
+                        self._broadcast("finished")
+                        log.info("all %d rounds done; version %d", self.fed.rounds, self.strategy.version)
+                        if self.fed.exit_when_done:
+                            self._stop.wait(2.0)  # let final evaluations and fetches land
+                            break
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+        finally:
+            self.close()
+        return 0
+
+    # ------------------------------------------------------------------ rounds
+    def available(self) -> list[str]:
+        with self._lock:
+            return sorted(d for d, role in self.online.items() if role == "train")
+
+    def _enough_devices(self) -> bool:
+        need = self.fed.min_devices if self.round == 0 else self.fed.quorum
+        return len(self.available()) >= need
+
+    def _open_round(self) -> None:
+        with self._lock:
+            rnd = self.round + 1
+            ids = self.strategy.select_clients(rnd, self.available())
+            tasks = self.strategy.configure_round(rnd, ids)
+            full = 2 * serialized_nbytes(self.strategy.global_state) * len(tasks)
+            folder = self.state_dir / "rounds" / str(rnd)
+            for t in tasks:
+                save_arrays(folder / f"task_{t.client_id}.safetensors", t.params)
+            self.round, self.round_open = rnd, True
+            self.deadline = time.monotonic() + self.fed.deadline_s
+            self.tasks = {t.client_id: t for t in tasks}
+            self.results, self.failed = {}, {}
+            self.store.open_round(rnd, sorted(self.tasks),
+                                  {t.client_id: list(t.expert_ids) for t in tasks},
+                                  time.time() + self.fed.deadline_s, self.strategy.version, full)
+        log.info("round %d open: %d device(s) selected %s, deadline %.0fs", rnd, len(tasks),
+                 ",".join(sorted(self.tasks)), self.fed.deadline_s)
+        for t in tasks:
+            self._send_task(t)
+        self._broadcast("open")
+
+    def _send_task(self, task: ClientTask) -> None:
+        xfer = self._send_params(task.client_id, task.params, task.expert_ids, "train", task.round)
+        self._send(task.client_id, P.TASK, {
+            "manifest": xfer.to_dict(), "expert_ids": list(task.expert_ids),
+            "version": self.strategy.version, "deadline_s": max(1.0, self.deadline - time.monotonic()),
+            "config": {k: v for k, v in task.config.items() if isinstance(v, int | float | str)}},
+            task.round)
+
+    def _send_params(self, device: str, params: dict[str, np.ndarray], expert_ids: list[int],
+                     purpose: str, rnd: int) -> TransferManifest:
+        """Prepare a chunked download; chunks flow once the device reports it is listening."""
+        assert self.transport is not None
+        data = encode_tensors(params)
+        xid = new_msg_id()
+        topic = self.topics.dn_blob(device, xid)
+        size = fit_chunk_size(self.transport, topic, xid, self.fed.chunk_size)
+        manifest = TransferManifest.for_payload(data, expert_ids=expert_ids,
+                                                base_version=self.strategy.version,
+                                                chunk_size=size, transfer_id=xid)
+        sender = BlobSender(self.transport, topic, manifest, data, window=self.fed.window)
+        with self._lock:
+            self._senders[xid] = _Outgoing(device, rnd, purpose, sender, created=time.monotonic())
+        self.store.add_traffic(rnd, device, "down", purpose, len(data))
+        return manifest
+
+    def _wait_round(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                pending = [d for d in self.tasks if d not in self.results and d not in self.failed]
+            if not pending:
+                return
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.wait(min(left, 0.5))
+            self._wake.clear()
+
+    def _close_round(self) -> None:
+        with self._lock:
+            rnd = self.round
+            results = [self.results[d] for d in sorted(self.results)]
+            failures = []
+            for d in sorted(self.tasks):
+                if d in self.results:
+                    continue
+                reason = self.failed.get(d, "deadline passed with no accepted update")
+                failures.append(Failure(d, rnd, reason))
+                log.warning("failure device=%s round=%d reason=%s", d, rnd, reason)
+                self.store.add_event(rnd, d, "failure", reason)
+            applied = len(results) >= self.fed.quorum
+            before = self.strategy.version
+            if applied:
+                self.strategy.aggregate_round(rnd, results, failures)
+                note = f"aggregated {len(results)} update(s), {len(failures)} failure(s)"
+            else:
+                self.strategy.aggregate_round(rnd, [], failures)
+                note = f"quorum not met ({len(results)} < {self.fed.quorum}); global state kept"
+            self._checkpoint(rnd)
+            self.store.close_round(rnd, self.strategy.version, applied, note)
+            self.round_open = False
+            for xid, out in list(self._senders.items()):
+                if out.round == rnd and out.purpose == "train":
+                    del self._senders[xid]
+            for xid, up in list(self._uploads.items()):
+                if up.round == rnd:
+                    self._receivers[up.device].discard(xid)
+                    del self._uploads[xid]
+            acc = self._evaluate()
+        if acc is not None:
+            self.store.set_global_acc(rnd, acc)
+        log.info("round %d closed: %s; version %d -> %d%s", rnd, note, before, self.strategy.version,
+                 f"; global acc {acc:.4f}" if acc is not None else "")
+        self._broadcast("closed")
+
+    # ------------------------------------------------------------------ persistence
+    def _checkpoint(self, rnd: int) -> None:
+        """Global state under a versioned name, then model.json pointing at it (the atomic
+        switch), then ``global.safetensors`` for ``load_checkpoint`` readers."""
+        folder = self.state_dir / "checkpoint"
+        s = self.strategy
+        name = f"global-v{s.version}-r{rnd}.safetensors"
+        save_arrays(folder / name, s.global_state)
+        digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        affinity = getattr(s, "affinity", {}) or {}
+        doc = {"model": s.network_cfg.to_dict(), "algorithm": self.fed.algorithm, "seed": self.fed.seed,
+               "version": s.version, "round": rnd, "global_file": name, "global_sha256": digest,
+               "rng": s.rng.bit_generator.state,
+               "affinity": {c: [float(v) for v in np.asarray(r)] for c, r in sorted(affinity.items())},
+               "clients": []}
+        atomic_write_text(folder / "model.json", json.dumps(doc, indent=1) + "\n")
+        save_arrays(folder / "global.safetensors", s.global_state)
+        for old in folder.glob("global-v*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def _resume(self) -> None:
+        """Restore strategy state and the open round (if any) from the state folder."""
+        s = self.strategy
+        meta_path = self.state_dir / "checkpoint" / "model.json"
+        ck_round = 0
+        if meta_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+                path = meta_path.parent / meta["global_file"]
+                if hashlib.sha256(path.read_bytes()).hexdigest() != meta["global_sha256"]:
+                    raise DataError(f"{path}: sha256 does not match model.json")
+                if meta["algorithm"] != self.fed.algorithm:
+                    raise ConfigError(f"state folder {self.state_dir} holds a {meta['algorithm']!r} run, "
+                                      f"config says {self.fed.algorithm!r}")
+                s.global_state = load_arrays_file(path)
+                s.version, ck_round = int(meta["version"]), int(meta["round"])
+                s.rng.bit_generator.state = meta["rng"]
+                if isinstance(s, FedCoE):
+                    s.affinity = {c: np.asarray(r, dtype=np.float64) for c, r in meta["affinity"].items()}
+            except (KeyError, TypeError, ValueError, OSError) as exc:
+                raise DataError(f"corrupt coordinator checkpoint {meta_path}: {exc}") from None
+            log.info("resumed checkpoint: round %d, version %d", ck_round, s.version)
+        else:
+            s.initialize()
+        last = self.store.last_round()
+        if last is None:
+            self.round = ck_round
+            return
+        rnd = int(last["round"])
+        if last["state"] == "closed" or ck_round >= rnd:
+            if last["state"] != "closed":  # crashed between checkpoint and the round log
+                self.store.close_round(rnd, s.version, True, "closed after restart")
+            self.round = max(rnd, ck_round)
+            return
+        # The round was open: reload its tasks and accepted updates; a fresh deadline.
+        folder = self.state_dir / "rounds" / str(rnd)
+        experts = json.loads(last["experts"])
+        self.tasks = {d: ClientTask(d, rnd, load_arrays_file(folder / f"task_{d}.safetensors"),
+                                    list(experts[d]), {"version": s.version})
+                      for d in json.loads(last["selected"])}
+        self.results = {}
+        for u in self.store.updates(rnd):
+            self.results[u["device"]] = ClientResult(
+                u["device"], rnd, int(u["num_samples"]), load_arrays_file(Path(u["path"])),
+                json.loads(u["affinity"]), json.loads(u["metrics"]))
+        self.round, self.round_open = rnd, True
+        self.deadline = time.monotonic() + self.fed.deadline_s
+
+    def _load_eval(self) -> None:
+        e = self.cfg.eval
+        if not e.dataset:
+            return
+        from fedcoe_edge.data import make_federation
+
+        fed = make_federation(e.dataset, e.partition, e.num_clients, e.new_clients, e.seed, e.alpha,
+                              e.min_samples)
+        self._eval_x, self._eval_y = fed.x_global_test, fed.y_global_test
+
+    def _evaluate(self) -> float | None:
+        if self._eval_x is None or self._eval_y is None:
+            return None
+        from fedcoe_edge.training import accuracy
+
+        return accuracy(self.strategy.predict_global(self._eval_x), self._eval_y)
+
+    # ------------------------------------------------------------------ handlers
+    def _on_presence(self, msg: Message) -> None:
+        dev = self.topics.parse(msg.topic).device or "?"
+        try:
+            state = json.loads(msg.payload.decode())["state"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            log.warning("presence of %s: unreadable payload ignored", dev)
+            return
+        if state == "offline":
+            with self._lock:
+                was = self.online.pop(dev, None)
+            if was is not None:
+                log.info("device %s went offline", dev)
+                self.store.set_online(dev, False)
+
+    def _on_ctl(self, msg: Message) -> None:
+        try:
+            dev = self.topics.parse(msg.topic).device or "?"
+        except WireError as exc:
+            log.warning("rejected device=? round=%d reason=%s", self.round, exc)
+            return
+        assert self.messenger is not None
+        try:
+            env = self.messenger.open(msg.payload, expect_sender=dev)
+        except WireError as exc:
+            self.reject(dev, self.round, f"envelope: {exc}", notify=False)
+            return
+        body = env.body
+        try:
+            if env.type == P.HELLO:
+                self._on_hello(dev, body)
+            elif env.type == P.RESULT:
+                self._on_result(dev, env.round, body)
+            elif env.type == P.FETCH:
+                self._on_fetch(dev, env.round, body)
+            elif env.type == P.EVAL:
+                self._on_eval(dev, env.round, body)
+            elif env.type in (XFER_PROGRESS, XFER_DONE):
+                self._on_xfer_report(dev, env.type, body)
+            else:
+                self.reject(dev, env.round, f"unknown message type {env.type!r}")
+        except (FedCoEError, KeyError, TypeError, ValueError) as exc:
+            self.reject(dev, env.round, f"{env.type}: {exc}")
+
+    def _on_hello(self, dev: str, body: dict[str, Any]) -> None:
+        role = body.get("role", "train")
+        if role not in ("train", "cold"):
+            raise ValidationError(f"role must be train|cold, got {role!r:.40}")
+        caps = {k: body.get(k) for k in ("tier", "memory_mb", "num_samples", "label_hist", "role",
+                                         "runtime")}
+        if caps["num_samples"] is not None and (not isinstance(caps["num_samples"], int) or caps["num_samples"] < 0):
+            raise ValidationError("num_samples must be a non-negative integer")
+        self.store.register(dev, role, caps)
+        with self._lock:
+            first = dev not in self.online
+            self.online[dev] = role
+            resend = self.round_open and dev in self.tasks and dev not in self.results and dev not in self.failed
+        if first:
+            log.info("device %s registered: role=%s tier=%s samples=%s", dev, role, caps["tier"],
+                     caps["num_samples"])
+        s = self.strategy
+        self._send(dev, P.WELCOME, {
+            "algorithm": self.fed.algorithm, "seed": self.fed.seed, "model": self.cfg.model.to_dict(),
+            "train": self.cfg.train.to_dict(), "bc_key": self.bc_key.hex(), "version": s.version,
+            "round": self.round, "rounds": self.fed.rounds, "round_open": self.round_open})
+        if resend:
+            self._send_task(self.tasks[dev])
+        self._wake.set()
+
+    def _on_result(self, dev: str, rnd: int, body: dict[str, Any]) -> None:
+        manifest = TransferManifest.from_dict(body.get("manifest"))
+        with self._lock:
+            if not self.round_open or rnd != self.round:
+                self.reject(dev, rnd, f"update for closed round {rnd} (current round {self.round}, "
+                                      f"{'open' if self.round_open else 'closed'})")
+                return
+            if dev not in self.tasks:
+                self.reject(dev, rnd, f"device not selected for round {rnd}")
+                return
+            if dev in self.results:
+                self.reject(dev, rnd, f"duplicate update for round {rnd} (one already accepted)")
+                return
+            if dev in self.failed:
+                self.reject(dev, rnd, f"update after this round's failure ({self.failed[dev][:80]})")
+                return
+            if manifest.encoding not in (P.ENCODING_PLAIN, P.ENCODING_DELTA):
+                self.reject(dev, rnd, f"unknown encoding {manifest.encoding!r}")
+                return
+            limit = 4 * serialized_nbytes(self.tasks[dev].params) + 65536
+            if manifest.total_bytes > limit:
+                self.reject(dev, rnd, f"upload of {manifest.total_bytes} bytes exceeds {limit}")
+                return
+            self._uploads[manifest.transfer_id] = _Upload(dev, rnd, body, manifest)
+            rcv = self._receiver(dev)
+        rcv.expect(manifest)
+        rcv.nudge(manifest.transfer_id)
+
+    def _receiver(self, dev: str) -> BlobReceiver:
+        with self._lock:
+            rcv = self._receivers.get(dev)
+            if rcv is None:
+                def report(type: str, body: dict[str, Any], dev: str = dev) -> None:
+                    self._send(dev, type, body)
+                rcv = self._receivers[dev] = BlobReceiver(report)
+            return rcv
+
+    def _on_blob(self, msg: Message) -> None:
+        try:
+            info = self.topics.parse(msg.topic)
+        except WireError as exc:
+            log.warning("rejected device=? round=%d reason=%s", self.round, exc)
+            return
+        dev = info.device or "?"
+        if self.key_for(dev) is None:
+            self.reject(dev, self.round, "chunk from a device that is not allowed", notify=False)
+            return
+        try:
+            with self._lock:
+                up = self._uploads.get(info.transfer_id or "")
+            if up is None or up.device != dev:
+                raise WireError(f"chunk for unknown transfer {info.transfer_id!r}")
+            done = self._receiver(dev).on_chunk(msg.payload)
+        except WireError as exc:
+            self.reject(dev, self.round, f"blob: {exc}", notify=False)
+            return
+        if done is not None:
+            manifest, data = done
+            try:
+                self._finish_upload(dev, manifest, data)
+            finally:  # persisted or refused for good: either way the sender may stop
+                self._receiver(dev).ack(manifest.transfer_id)
+
+    def _finish_upload(self, dev: str, manifest: TransferManifest, data: bytes) -> None:
+        with self._lock:
+            up = self._uploads.pop(manifest.transfer_id, None)
+            if up is None:
+                return
+            rnd = up.round
+            if not self.round_open or rnd != self.round:
+                self.reject(dev, rnd, f"update for closed round {rnd} (current round {self.round})")
+                return
+            if dev in self.results:
+                self.reject(dev, rnd, f"duplicate update for round {rnd} (one already accepted)")
+                return
+            task = self.tasks[dev]
+            try:
+                result = self._check_update(dev, rnd, task, up.body, manifest, data)
+            except (WireError, ValidationError) as exc:
+                reason = str(exc)
+                self.failed[dev] = f"update rejected: {reason}"
+                self.reject(dev, rnd, reason)
+                self._wake.set()
+                return
+            path = self.state_dir / "rounds" / str(rnd) / f"update_{dev}.safetensors"
+            save_arrays(path, result.params)
+            self.store.add_update(rnd, dev, result.num_samples, result.affinity, result.metrics,
+                                  len(data), str(path))
+            self.store.add_traffic(rnd, dev, "up", "train", len(data))
+            self.results[dev] = result
+        log.info("accepted device=%s round=%d bytes=%d (%s)", dev, rnd, len(data), manifest.encoding)
+        self._send(dev, P.ACCEPT, {"xfer": manifest.transfer_id}, rnd)
+        self._wake.set()
+
+    def _check_update(self, dev: str, rnd: int, task: ClientTask, body: dict[str, Any],
+                      manifest: TransferManifest, data: bytes) -> ClientResult:
+        payload = decode_tensors(data)
+        if manifest.encoding == P.ENCODING_DELTA:
+            params = decompress_delta(payload, task.params)
+        else:
+            params = payload
+        ref = {k: (tuple(v.shape), v.dtype) for k, v in task.params.items()}
+        validate_update(params, ref, self.fed.norm_bound)
+        n = body.get("num_samples")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValidationError(f"num_samples must be a positive integer, got {n!r:.40}")
+        aff = body.get("affinity")
+        if aff is not None:
+            k = self.cfg.model.num_global_experts
+            if (not isinstance(aff, list) or len(aff) != k
+                    or not all(isinstance(a, int | float) and math.isfinite(a) and a >= 0 for a in aff)):
+                raise ValidationError(f"affinity must be {k} finite non-negative numbers")
+        metrics = body.get("metrics", {})
+        if not isinstance(metrics, dict):
+            raise ValidationError("metrics must be an object")
+        clean = {str(k): float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        return ClientResult(dev, rnd, n, params, aff, clean)
+
+    def _on_fetch(self, dev: str, rnd: int, body: dict[str, Any]) -> None:
+        """Send a device the gate plus the experts it asks for (cold start) or, with
+        ``expert_ids: null``, the ones the strategy assigns it (refresh after a round)."""
+        purpose = str(body.get("purpose", "refresh"))
+        if purpose not in ("refresh", "gate", "cold"):
+            raise ValidationError(f"fetch purpose must be refresh|gate|cold, got {purpose!r:.40}")
+        ids = body.get("expert_ids")
+        k = self.cfg.model.num_global_experts
+        with self._lock:
+            s = self.strategy
+            if isinstance(s, FedCoE):
+                if ids is None:
+                    ids = s.experts_for(dev)
+                if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < k for i in ids):
+                    raise ValidationError(f"expert_ids must be integers in 0..{k - 1}")
+                params = s.params_for(ids)
+            else:
+                ids = list(range(k))
+                params = dict(s.global_state)
+            version = s.version
+            # a refresh belongs to the round whose result it fetches (the evaluation follows it)
+            label = rnd if purpose == "refresh" and 0 < rnd <= self.round else self.round
+        manifest = self._send_params(dev, params, list(ids), purpose, label)
+        self._send(dev, P.MODEL, {"manifest": manifest.to_dict(), "expert_ids": list(ids),
+                                  "version": version, "purpose": purpose}, label)
+
+    def _on_eval(self, dev: str, rnd: int, body: dict[str, Any]) -> None:
+        kind, correct, total = body.get("kind"), body.get("correct"), body.get("total")
+        if kind not in ("personal", "cold"):
+            raise ValidationError(f"eval kind must be personal|cold, got {kind!r:.40}")
+        if not (isinstance(correct, int) and isinstance(total, int) and 0 <= correct <= total):
+            raise ValidationError("eval needs integers 0 <= correct <= total")
+        self.store.add_eval(rnd, dev, kind, correct, total)
+        log.info("eval device=%s round=%d kind=%s acc=%.4f (%d/%d)", dev, rnd, kind,
+                 correct / total if total else float("nan"), correct, total)
+
+    def _on_xfer_report(self, dev: str, type: str, body: dict[str, Any]) -> None:
+        xid = body.get("xfer")
+        with self._lock:
+            out = self._senders.get(xid) if isinstance(xid, str) else None
+        if out is None or out.device != dev:
+            return  # a late report for a finished or dropped transfer: harmless
+        if type == XFER_PROGRESS:
+            out.started = True
+            out.sender.on_progress(body)
+        elif out.sender.on_done(body):
+            with self._lock:
+                self._senders.pop(xid, None)
+
+    def _pump_loop(self) -> None:
+        """Drive retransmits of downloads; forget transfers nobody finished in 10 minutes."""
+        while not self._stop.wait(0.25):
+            with self._lock:
+                outs = list(self._senders.items())
+            now = time.monotonic()
+            for xid, out in outs:
+                try:
+                    if out.started and not out.sender.done:
+                        out.sender.pump()
+                except FedCoEError as exc:
+                    log.warning("download %s to %s: %s", xid, out.device, exc)
+                if now - out.created > 600:
+                    with self._lock:
+                        self._senders.pop(xid, None)

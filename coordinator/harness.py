@@ -1,0 +1,111 @@
+"""An embedded federation: the coordinator and device agents as threads of one process.
+
+Used by the integration tests and handy for notebooks: the daemons are the real ones,
+only the transport factory differs (an in-memory broker or a real MQTT broker), so the
+same seed must give the same FedCoE (arXiv 2605.21264) result over either.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator.config import CoordinatorConfig, EvalSettings, FederationSettings
+from coordinator.daemon import Coordinator
+from device_agent.config import AgentConfig, DataSettings, DeviceSettings
+from device_agent.daemon import AgentHooks, DeviceAgent
+from device_agent.protocol import TransportFactory, device_key
+from fedcoe_edge.config import ModelConfig, TrainConfig
+
+DEMO_SECRET = bytes(range(32))
+
+
+@dataclass
+class EmbeddedFederation:
+    """Coordinator + agents on the digits demo federation, wired to ``factory``."""
+
+    root: Path
+    factory: TransportFactory
+    devices: int = 3
+    rounds: int = 2
+    seed: int = 0
+    alpha: float = 0.5
+    deadline_s: float = 30.0
+    quorum: int = 1
+    federation: str = "test"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(expert_hidden=16))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(local_epochs=1))
+    hooks: dict[str, AgentHooks] = field(default_factory=dict)
+    compress: bool = True
+    chunk_size: int = 256 * 1024
+    coordinator: Coordinator | None = None
+    agents: dict[str, DeviceAgent] = field(default_factory=dict)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def coordinator_config(self) -> CoordinatorConfig:
+        fed = FederationSettings(id=self.federation, seed=self.seed, rounds=self.rounds,
+                                 min_devices=self.devices, quorum=self.quorum,
+                                 deadline_s=self.deadline_s, state_dir=str(self.root / "coordinator"),
+                                 exit_when_done=False, chunk_size=self.chunk_size)
+        return CoordinatorConfig(federation=fed, secret=DEMO_SECRET, model=self.model, train=self.train,
+                                 eval=EvalSettings(dataset="digits", num_clients=self.devices,
+                                                   new_clients=1, alpha=self.alpha, seed=self.seed))
+
+    def agent_config(self, dev: str, client: str, role: str = "train") -> AgentConfig:
+        d = DeviceSettings(id=dev, federation=self.federation, role=role,
+                           state_dir=str(self.root / dev), compress_uploads=self.compress,
+                           upload_timeout_s=self.deadline_s, chunk_size=self.chunk_size,
+                           build_bundle=False)
+        data = DataSettings(dataset="digits", client=client, num_clients=self.devices, new_clients=1,
+                            alpha=self.alpha, seed=self.seed)
+        return AgentConfig(device=d, key=device_key(DEMO_SECRET, dev), data=data)
+
+    def start(self) -> None:
+        self.coordinator = Coordinator(self.coordinator_config(), self.factory)
+        self._spawn(self.coordinator.run, "coordinator")
+        for i in range(self.devices):
+            self.add_agent(str(i), str(i))  # same ids as the simulator: same seeds per client
+
+    def add_agent(self, dev: str, client: str, role: str = "train") -> DeviceAgent:
+        agent = DeviceAgent(self.agent_config(dev, client, role), self.factory,
+                            hooks=self.hooks.get(dev))
+        self.agents[dev] = agent
+        agent.start()
+        return agent
+
+    def _spawn(self, fn: Callable[[], Any], name: str) -> None:
+        t = threading.Thread(target=fn, name=name, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def wait(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
+        end = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > end:
+                raise TimeoutError(f"embedded federation: {what} not reached in {timeout:.0f}s")
+            time.sleep(0.05)
+
+    def wait_rounds(self, timeout: float = 120.0) -> None:
+        """Until the last round is closed and every device has reported its evaluation."""
+        c = self.coordinator
+        assert c is not None
+        self.wait(lambda: c.finished, timeout, f"{self.rounds} rounds")
+
+        def evals_in() -> bool:
+            rows = c.store.evals("personal")
+            got = {r["device"] for r in rows if r["round"] == self.rounds}
+            want = {d for d, a in self.agents.items() if self.rounds in a.rounds_done}
+            return want <= got
+        self.wait(evals_in, timeout, "final evaluations")
+
+    def stop(self) -> None:
+        for a in self.agents.values():
+            a.close()
+        if self.coordinator is not None:
+            self.coordinator.stop()
+        for t in self.threads:
+            t.join(timeout=10)

@@ -1,0 +1,471 @@
+"""The device agent: one device's side of FedCoE over MQTT.
+
+FedCoE (arXiv 2605.21264): a device fine-tunes its private level (local experts + local
+gate) together with the few global experts the coordinator assigned it, reports its
+routing affinity, and uploads only those experts plus the gate. Its private level never
+leaves the device (it lives in ``STATE/local.safetensors``). A device joining late takes
+the cold-start path: gate first, routing prior on its own unlabeled data, then only its
+top experts, and it predicts at once without a gradient step.
+
+Threads: transport handlers only authenticate, reassemble chunks and enqueue (design
+section 8: never block in a callback); one worker thread trains, uploads, evaluates.
+Training calls the same ``Strategy.client_update`` the simulator calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from device_agent import protocol as P
+from device_agent.config import AgentConfig
+from device_agent.data import load_data
+from fedcoe_edge.aggregate import top_m
+from fedcoe_edge.checkpoint import load_arrays_file, save_arrays
+from fedcoe_edge.config import ModelConfig, TrainConfig
+from fedcoe_edge.errors import DataError, FedCoEError, WireError
+from fedcoe_edge.strategies import ClientData, ClientResult, ClientTask, Strategy, make_strategy
+from fedcoe_edge.strategies.fedcoe import FedCoE
+from fedcoe_edge.training import load_arrays, predict_probs
+from fedcoe_edge.transport import Message, Topics, Transport, Will
+from fedcoe_edge.transport.blob import (
+    XFER_DONE,
+    XFER_PROGRESS,
+    BlobReceiver,
+    BlobSender,
+    fit_chunk_size,
+)
+from fedcoe_edge.wire import (
+    TransferManifest,
+    compress_delta,
+    compressed_delta_metadata,
+    decode_tensors,
+    encode_tensors,
+    new_msg_id,
+)
+
+log = logging.getLogger("fedcoe.agent")
+
+# torch's global RNG is touched when models are built: agents sharing one process (tests)
+# take turns so every run is reproducible.
+TORCH_LOCK = threading.Lock()
+
+
+@dataclass
+class AgentHooks:
+    """Test and fault-injection points (a real device passes none)."""
+
+    tamper: Any = None  # (round, params) -> params, applied before encoding an upload
+    before_upload: Any = None  # (agent, round) -> bool; False: skip the upload (device vanishes)
+
+
+class DeviceAgent:
+    """One device. ``run()`` blocks until stop(); ``start()`` + ``stop()`` for embedding."""
+
+    def __init__(self, cfg: AgentConfig, factory: P.TransportFactory | None = None,
+                 data: ClientData | None = None, hooks: AgentHooks | None = None) -> None:
+        self.cfg = cfg
+        self.dev = cfg.device.id
+        self.topics = Topics(cfg.device.federation)
+        self.coord = cfg.device.coordinator_id
+        self.state_dir = cfg.state_dir
+        self.hooks = hooks or AgentHooks()
+        self._factory = factory if factory is not None else P.mqtt_factory(cfg.broker)
+        self._data = data
+        self._jobs: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._stop = threading.Event()
+        self._lock = threading.RLock()
+        self.strategy: Strategy | None = None
+        self.welcome: dict[str, Any] = {}
+        self.bc_key: bytes | None = None
+        self.local_state: dict[str, np.ndarray] | None = None
+        self.local_after: dict[int, dict[str, np.ndarray] | None] = {}
+        self.held: dict[str, np.ndarray] = {}  # global parameters this device holds
+        self.held_ids: list[int] = []
+        self.last_result: tuple[int, ClientResult, dict[str, np.ndarray]] | None = None
+        self.pending: dict[str, dict[str, Any]] = {}  # download xfer id -> context
+        self.uploads: dict[str, tuple[BlobSender, threading.Event]] = {}
+        self.rounds_done: list[int] = []
+        self.evals: list[dict[str, Any]] = []
+        self.cold_ready = threading.Event()
+        self.accepted: dict[int, bool] = {}
+        self.transport: Transport | None = None
+        self.messenger: P.Messenger | None = None
+        self.receiver = BlobReceiver(self._report, auto_ack=True)  # nothing to persist first
+        self._status_seen: set[tuple[str, int]] = set()
+        self._bundle_note = False
+
+    # ------------------------------------------------------------------ plumbing
+    def _keys(self, sender: str) -> bytes | None:
+        return self.cfg.key if sender == self.coord else None
+
+    def _send(self, type: str, body: dict[str, Any], rnd: int = 0) -> None:
+        if self.messenger is not None:
+            self.messenger.send(self.topics.up_ctl(self.dev), type, self.coord, body, self.cfg.key,
+                                round=rnd)
+
+    def _report(self, type: str, body: dict[str, Any]) -> None:
+        self._send(type, body)
+
+    @property
+    def data(self) -> ClientData:
+        assert self._data is not None
+        return self._data
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Load data and private state, connect with presence + last-will, say hello."""
+        if self._data is None:
+            self._data = load_data(self.cfg.data)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        local = self.state_dir / "local.safetensors"
+        if local.is_file():
+            self.local_state = load_arrays_file(local)
+            log.info("%s: private state loaded from %s", self.dev, local)
+        will = Will(self.topics.presence(self.dev), P.presence_payload("offline"), 1, True)
+        birth = Will(self.topics.presence(self.dev), P.presence_payload("online"), 1, True)
+        self.transport = self._factory(self.dev, will, birth)
+        self.messenger = P.Messenger(self.transport, self.topics, self.dev, self._keys)
+        self.transport.subscribe(f"{self.topics.prefix}/dn/{self.dev}/ctl", self._on_ctl)
+        self.transport.subscribe(self.topics.dn_blob_filter(self.dev), self._on_blob)
+        self.transport.subscribe(self.topics.bc_ctl(), self._on_broadcast)
+        self.transport.subscribe(self.topics.coord_status(), self._on_coord_status)
+        self.transport.add_connection_listener(self._on_connection)
+        self.transport.connect()
+        self._worker = threading.Thread(target=self._work, name=f"agent-{self.dev}", daemon=True)
+        self._worker.start()
+
+    def hello(self) -> None:
+        d = self.data
+        caps: dict[str, Any] = {"role": self.cfg.device.role, "tier": self.cfg.device.tier,
+                                "memory_mb": self.cfg.device.memory_mb or _memory_mb(),
+                                "num_samples": d.num_train, "runtime": "python"}
+        if self.cfg.device.share_label_histogram and d.num_train:
+            caps["label_hist"] = np.bincount(d.y_train).tolist()
+        self._send(P.HELLO, caps)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._jobs.put(("stop", None))
+
+    def close(self) -> None:
+        """Clean disconnect: presence goes offline (published here, not by the will)."""
+        self.stop()
+        if self.transport is not None:
+            with contextlib.suppress(FedCoEError):
+                self.transport.publish(self.topics.presence(self.dev), P.presence_payload("offline"),
+                                       qos=1, retain=True)
+            time.sleep(0.1)
+            self.transport.close()
+
+    def run(self) -> int:
+        self.start()
+        try:
+            self._stop.wait()
+        finally:
+            self.close()
+        return 0
+
+    # ------------------------------------------------------------------ handlers (enqueue only)
+    def _on_connection(self, up: bool) -> None:
+        if up:
+            self.hello()
+
+    def _on_coord_status(self, msg: Message) -> None:
+        try:
+            state = json.loads(msg.payload.decode())["state"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return
+        if state == "online" and not msg.retain:
+            self.hello()  # the coordinator restarted: register again, resume the round
+
+    def _on_broadcast(self, msg: Message) -> None:
+        if self.bc_key is None or self.messenger is None:
+            return  # not welcomed yet; the retained status will be re-read on hello
+        try:
+            env = self.messenger.open(msg.payload, expect_sender=self.coord, key_override=self.bc_key)
+        except WireError as exc:
+            if "replayed" not in str(exc):
+                log.warning("%s: broadcast refused: %s", self.dev, exc)
+            return
+        key = (str(env.body.get("state")), int(env.body.get("round", 0)))
+        if key not in self._status_seen:
+            self._status_seen.add(key)
+            self._jobs.put(("status", env.body))
+
+    def _on_ctl(self, msg: Message) -> None:
+        assert self.messenger is not None
+        try:
+            env = self.messenger.open(msg.payload, expect_sender=self.coord)
+        except WireError as exc:
+            log.warning("%s: message refused: %s", self.dev, exc)
+            return
+        b = env.body
+        try:
+            if env.type == P.WELCOME:
+                self._jobs.put(("welcome", b))
+            elif env.type in (P.TASK, P.MODEL):
+                manifest = TransferManifest.from_dict(b["manifest"])
+                ctx = {"kind": env.type, "round": env.round, **{k: v for k, v in b.items() if k != "manifest"}}
+                with self._lock:
+                    self.pending[manifest.transfer_id] = ctx
+                self.receiver.expect(manifest)
+                self.receiver.nudge(manifest.transfer_id)
+            elif env.type in (XFER_PROGRESS, XFER_DONE):
+                with self._lock:
+                    up = self.uploads.get(str(b.get("xfer")))
+                if up is not None:
+                    sender, started = up
+                    started.set()
+                    if env.type == XFER_PROGRESS:
+                        sender.on_progress(b)
+                    else:
+                        sender.on_done(b)
+            elif env.type == P.ACCEPT:
+                self.accepted[env.round] = True
+                log.info("%s: update for round %d accepted", self.dev, env.round)
+            elif env.type == P.REJECT:
+                self.accepted[env.round] = False
+                log.warning("%s: round %d: coordinator rejected: %s", self.dev, env.round, b.get("reason"))
+            else:
+                log.warning("%s: unknown message type %r ignored", self.dev, env.type)
+        except (FedCoEError, KeyError, TypeError, ValueError) as exc:
+            log.warning("%s: bad %s message: %s", self.dev, env.type, exc)
+
+    def _on_blob(self, msg: Message) -> None:
+        try:
+            done = self.receiver.on_chunk(msg.payload)
+        except WireError as exc:
+            log.debug("%s: chunk refused: %s", self.dev, exc)
+            return
+        if done is not None:
+            manifest, data = done
+            with self._lock:
+                ctx = self.pending.pop(manifest.transfer_id, None)
+            if ctx is not None:
+                self._jobs.put(("download", (ctx, manifest, data)))
+
+    # ------------------------------------------------------------------ worker
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            kind, item = self._jobs.get()
+            if kind == "stop":
+                return
+            try:
+                if kind == "welcome":
+                    self._handle_welcome(item)
+                elif kind == "download":
+                    ctx, manifest, data = item
+                    if ctx["kind"] == P.TASK:
+                        self._train(ctx, manifest, data)
+                    else:
+                        self._handle_model(ctx, manifest, data)
+                elif kind == "status":
+                    self._handle_status(item)
+            except FedCoEError as exc:
+                log.error("%s: %s", self.dev, exc)
+            except Exception:
+                log.exception("%s: %s failed", self.dev, kind)
+
+    def _handle_welcome(self, b: dict[str, Any]) -> None:
+        model_cfg = ModelConfig.from_dict(b["model"])
+        if tuple(self.data.x_test.shape[1:] or self.data.x_train.shape[1:]) != model_cfg.input_shape:
+            raise DataError(f"device data has sample shape {list(self.data.x_test.shape[1:])}, the "
+                            f"federation's model expects {list(model_cfg.input_shape)}")
+        if model_cfg.tier != self.cfg.device.tier:  # local experts sized by this device's tier
+            model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "tier": self.cfg.device.tier})
+        fresh = self.welcome.get("model") != b["model"] or self.welcome.get("algorithm") != b["algorithm"]
+        self.welcome = b
+        self.bc_key = bytes.fromhex(b["bc_key"])
+        if fresh or self.strategy is None:
+            with TORCH_LOCK:
+                self.strategy = make_strategy(b["algorithm"], model_cfg, TrainConfig.from_dict(b["train"]),
+                                              int(b["seed"]))
+            log.info("%s: joined federation %s (%s, version %d, round %d)", self.dev,
+                     self.topics.federation, b["algorithm"], b["version"], b["round"])
+        if self.cfg.device.role == "cold" and not self.cold_ready.is_set():
+            self._send(P.FETCH, {"expert_ids": [], "purpose": "gate"})
+
+    def _train(self, ctx: dict[str, Any], manifest: TransferManifest, data: bytes) -> None:
+        rnd = int(ctx["round"])
+        s = self.strategy
+        if s is None:
+            raise DataError(f"task for round {rnd} before the welcome")
+        if self.last_result is not None and self.last_result[0] == rnd:
+            log.info("%s: round %d task repeated; re-sending the same update", self.dev, rnd)
+            _, result, base = self.last_result
+            self._upload(rnd, result, base)
+            return
+        params = decode_tensors(data)
+        task = ClientTask(self.dev, rnd, params, [int(i) for i in ctx.get("expert_ids", [])],
+                          dict(ctx.get("config", {})))
+        t0 = time.perf_counter()
+        with TORCH_LOCK:
+            result, local = s.client_update(task, self.local_state, self.data)
+        self.local_state = local
+        self.local_after[rnd] = local
+        if local:
+            save_arrays(self.state_dir / "local.safetensors", local)
+        self.held, self.held_ids = params, list(task.expert_ids)
+        self.last_result = (rnd, result, params)
+        log.info("%s: round %d trained experts %s on %d samples in %.2fs (loss %.4f)", self.dev, rnd,
+                 task.expert_ids, result.num_samples, time.perf_counter() - t0,
+                 result.metrics.get("train_loss", float("nan")))
+        if self.hooks.before_upload is not None and not self.hooks.before_upload(self, rnd):
+            return
+        self._upload(rnd, result, params)
+        self.rounds_done.append(rnd)
+
+    def _upload(self, rnd: int, result: ClientResult, base: dict[str, np.ndarray]) -> bool:
+        """Send the update (int8 delta against what this device was sent, by default) and
+        wait for the coordinator to confirm the hash."""
+        assert self.transport is not None
+        params = result.params
+        if self.hooks.tamper is not None:
+            params = self.hooks.tamper(rnd, dict(params))
+        if self.cfg.device.compress_uploads:
+            data = encode_tensors(compress_delta(params, base), compressed_delta_metadata())
+            encoding = P.ENCODING_DELTA
+        else:
+            data = encode_tensors(params)
+            encoding = P.ENCODING_PLAIN
+        xid = new_msg_id()
+        topic = self.topics.up_blob(self.dev, xid)
+        size = fit_chunk_size(self.transport, topic, xid, self.cfg.device.chunk_size)
+        experts = sorted({int(n.split(".")[2]) for n in params if n.startswith("global.experts.")})
+        manifest = TransferManifest.for_payload(data, expert_ids=experts,
+                                                base_version=int(self.welcome.get("version", 0)),
+                                                chunk_size=size, transfer_id=xid, encoding=encoding)
+        sender = BlobSender(self.transport, topic, manifest, data, window=self.cfg.device.window)
+        started = threading.Event()
+        with self._lock:
+            self.uploads[xid] = (sender, started)
+        self._send(P.RESULT, {"manifest": manifest.to_dict(), "num_samples": result.num_samples,
+                              "affinity": result.affinity, "metrics": result.metrics}, rnd)
+        timeout = self.cfg.device.upload_timeout_s
+        ok = started.wait(timeout) and sender.wait(timeout)
+        with self._lock:
+            self.uploads.pop(xid, None)
+        if ok:
+            log.info("%s: round %d uploaded %d bytes (%s)", self.dev, rnd, len(data), encoding)
+        else:
+            log.warning("%s: round %d upload not confirmed within %.0fs", self.dev, rnd, timeout)
+        return ok
+
+    def _handle_status(self, b: dict[str, Any]) -> None:
+        state, rnd = b.get("state"), int(b.get("round", 0))
+        if (state == "closed" and self.cfg.device.role == "train" and self.cfg.device.refresh_on_close
+                and rnd in self.rounds_done):
+            self._send(P.FETCH, {"expert_ids": None, "purpose": "refresh"}, rnd)
+
+    def _handle_model(self, ctx: dict[str, Any], manifest: TransferManifest, data: bytes) -> None:
+        params = decode_tensors(data)
+        s = self.strategy
+        if s is None:
+            raise DataError("model received before the welcome")
+        purpose, rnd = ctx.get("purpose"), int(ctx["round"])
+        ids = [int(i) for i in ctx.get("expert_ids", [])]
+        if purpose == "gate":
+            self._cold_choose(params)
+            return
+        self.held, self.held_ids = params, ids
+        save_arrays(self.state_dir / "global.safetensors", params, {"version": str(ctx.get("version", 0))})
+        if purpose == "cold":
+            probs = self._predict(params, ids, None, use_local=False)
+            self.cold_ready.set()
+            log.info("%s: cold start ready with experts %s (version %s)", self.dev, ids, ctx.get("version"))
+            self._eval("cold", probs, rnd)
+        else:
+            local = self.local_after.get(rnd, self.local_state)
+            self._eval("personal", self._predict(params, ids, local, use_local=True), rnd)
+        self._rebuild_bundle(ids)
+
+    def _cold_choose(self, gate_params: dict[str, np.ndarray]) -> None:
+        """Routing prior pi = mean g(x) on this device's unlabeled data; ask for the top-m."""
+        s = self.strategy
+        assert s is not None
+        x = np.concatenate([self.data.x_train, self.data.x_test])
+        if isinstance(s, FedCoE):
+            with TORCH_LOCK:
+                load_arrays(s.model, gate_params)
+                prior = s.routing_prior(x)
+            ids = top_m(prior, s.m)
+            log.info("%s: routing prior %s -> experts %s", self.dev, np.round(prior, 3).tolist(), ids)
+        else:
+            ids = list(range(s.model_cfg.num_global_experts))
+        self._send(P.FETCH, {"expert_ids": ids, "purpose": "cold"})
+
+    def _predict(self, params: dict[str, np.ndarray], ids: list[int],
+                 local: dict[str, np.ndarray] | None, use_local: bool) -> np.ndarray:
+        """Class probabilities on the local test split with exactly what the device holds."""
+        s = self.strategy
+        assert s is not None
+        x = self.data.x_test
+        with TORCH_LOCK:
+            if isinstance(s, FedCoE):
+                load_arrays(s.model, params)
+                if use_local:
+                    load_arrays(s.model, local if local is not None else s.fresh_local_state(self.dev))
+                return predict_probs(s.model, x, use_local=use_local, expert_mask=s.expert_mask(ids))
+            s.global_state = params
+            return s.predict_personal(self.dev, local, x)
+
+    def _eval(self, kind: str, probs: np.ndarray, rnd: int) -> None:
+        y = self.data.y_test
+        labeled = y >= 0
+        total = int(labeled.sum())
+        correct = int((probs.argmax(1)[labeled] == y[labeled]).sum())
+        self.evals.append({"kind": kind, "round": rnd, "correct": correct, "total": total})
+        if total:
+            self._send(P.EVAL, {"kind": kind, "correct": correct, "total": total}, rnd)
+            log.info("%s: %s accuracy after round %d: %.4f (%d/%d)", self.dev, kind, rnd,
+                     correct / total, correct, total)
+
+    def _rebuild_bundle(self, ids: list[int]) -> None:
+        """Rebuild the int8 ONNX bundle if the ``export`` package provides a builder."""
+        if not self.cfg.device.build_bundle:
+            return
+        builder = _bundle_builder()
+        if builder is None:
+            if not self._bundle_note:
+                log.info("%s: no bundle builder in the export package; bundle not rebuilt", self.dev)
+                self._bundle_note = True
+            return
+        s = self.strategy
+        assert s is not None
+        try:
+            with TORCH_LOCK:
+                load_arrays(s.model, self.held)
+                if self.local_state is not None:
+                    load_arrays(s.model, self.local_state)
+                builder(s.model, self.state_dir / "bundle", expert_ids=ids,
+                        calibration=self.data.x_train if len(self.data.x_train) else self.data.x_test)
+            log.info("%s: bundle rebuilt in %s", self.dev, self.state_dir / "bundle")
+        except Exception as exc:  # the bundle is a convenience; training goes on without it
+            log.warning("%s: bundle rebuild failed: %s", self.dev, exc)
+
+
+def _bundle_builder() -> Any:
+    """``export.build_device_bundle(model, out_dir, expert_ids=..., calibration=...)`` if present."""
+    try:
+        import export
+    except ImportError:
+        return None
+    return getattr(export, "build_device_bundle", None)
+
+
+def _memory_mb() -> float:
+    try:
+        import psutil
+
+        return round(psutil.virtual_memory().total / 2**20, 1)
+    except Exception:
+        return 0.0
