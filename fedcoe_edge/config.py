@@ -93,6 +93,8 @@ class TrainConfig:
     gamma: float = 0.01  # load-balance weight: every global expert keeps being used
     lam: float = 0.05  # KL(p_L || p_G): local experts stay near the global consensus
     mu: float = 0.01  # proximal pull of the local copy of global params to the server's
+    detach_global: bool = True  # personal-mixture CE trains only the local level; p_G learns from beta*CE(p_G)
+    tau: float = 1.0  # balanced-softmax strength on the global path's CE (0 = plain CE)
     rho: float = 0.5  # routing consistency: gate mass on the experts the client holds
     experts_per_client: int = 2  # m: global experts a client trains and exchanges per round
     affinity_ema: float = 0.5  # weight of the newest affinity report in the server's EMA
@@ -109,7 +111,7 @@ class TrainConfig:
             raise ConfigError("train.local_epochs and train.batch_size must be >= 1")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        for name in ("beta", "gamma", "lam", "mu", "rho", "prox_mu", "weight_decay"):
+        for name in ("beta", "gamma", "lam", "mu", "rho", "tau", "prox_mu", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.experts_per_client < 1:

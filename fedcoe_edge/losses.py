@@ -18,6 +18,12 @@ from fedcoe_edge.config import TrainConfig
 from fedcoe_edge.model import MoEOutput
 
 
+def label_log_prior(labels: torch.Tensor, num_classes: int, tau: float, eps: float = 1e-3) -> torch.Tensor:
+    """``tau * log`` of the label frequencies (C,); absent classes get log(eps)."""
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    return tau * torch.log(counts / counts.sum() + eps)
+
+
 def load_balance_loss(gate_probs: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
     """Switch loss ``K * sum_k f_k P_k``: 1.0 when use is uniform, up to K when collapsed.
 
@@ -73,10 +79,17 @@ class LossParts:
 def fedcoe_loss(out: MoEOutput, y: torch.Tensor, cfg: TrainConfig,
                 params: dict[str, torch.Tensor] | None = None,
                 anchor: dict[str, torch.Tensor] | None = None,
-                expert_mask: torch.Tensor | None = None) -> LossParts:
-    """The full client objective with each part reported for logging."""
+                expert_mask: torch.Tensor | None = None,
+                log_prior: torch.Tensor | None = None) -> LossParts:
+    """The full client objective with each part reported for logging.
+
+    ``log_prior`` (C,) is ``tau * log`` of the client's label frequencies: the global path is
+    trained with the balanced softmax (Ren et al., NeurIPS 2020; FedLC, Zhang et al., ICML
+    2022), so p_G models p(y|x) under a uniform label prior instead of each client's skew.
+    """
     ce = F.nll_loss(out.log_probs, y)
-    ce_g = F.nll_loss(out.global_log_probs, y)
+    g_lp = out.global_log_probs if log_prior is None else out.global_log_probs + log_prior
+    ce_g = F.cross_entropy(g_lp, y)  # == nll of log_softmax(z_G + log_prior)
     bal = load_balance_loss(out.gate_probs, out.routing)
     kl = (consensus_kl(out.local_log_probs, out.global_log_probs)
           if out.local_log_probs is not None and cfg.lam > 0 else torch.zeros(()))

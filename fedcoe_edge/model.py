@@ -196,7 +196,10 @@ class DualLevelMoE(nn.Module):
         return out  # (B, C)
 
     def forward(self, x: torch.Tensor, *, prior: torch.Tensor | None = None,
-                expert_mask: torch.Tensor | None = None, use_local: bool = True) -> MoEOutput:
+                expert_mask: torch.Tensor | None = None, use_local: bool = True,
+                detach_global: bool = False) -> MoEOutput:
+        """``detach_global`` stops the personal mixture's gradient at the global path, so the
+        global path learns only from its own loss term (the local level cannot bend it)."""
         feats = self.global_part.trunk(x)
         gate_logits = self.gate_logits(feats, prior)
         gate_probs = masked_softmax(gate_logits, expert_mask)
@@ -208,7 +211,8 @@ class DualLevelMoE(nn.Module):
                              gate_logits)
         h = local.gate(feats).log_softmax(-1)  # (B, 1+M) log weights
         expert_lp = torch.stack([e(feats).log_softmax(-1) for e in local.experts], 1)  # (B, M, C)
-        parts = torch.cat([global_log_probs.unsqueeze(1), expert_lp], 1)  # (B, 1+M, C)
+        g_lp = global_log_probs.detach() if detach_global else global_log_probs
+        parts = torch.cat([g_lp.unsqueeze(1), expert_lp], 1)  # (B, 1+M, C)
         log_probs = torch.logsumexp(h.unsqueeze(-1) + parts, 1)  # (B, C)
         local_log_probs = torch.logsumexp(h[:, 1:].log_softmax(-1).unsqueeze(-1) + expert_lp, 1)
         return MoEOutput(log_probs, global_log_probs, local_log_probs, gate_probs, routing, h.exp(),

@@ -33,7 +33,7 @@ from fedcoe_edge.aggregate import (
     top_m,
 )
 from fedcoe_edge.config import ModelConfig, TrainConfig
-from fedcoe_edge.losses import fedcoe_loss
+from fedcoe_edge.losses import fedcoe_loss, label_log_prior
 from fedcoe_edge.model import DualLevelMoE
 from fedcoe_edge.strategies.base import (
     Arrays,
@@ -161,8 +161,12 @@ class FedCoE(Strategy):
         anchor = {n: torch.from_numpy(np.array(task.params[n])) for n in trainable_names
                   if n in task.params}
 
+        log_prior = (label_log_prior(torch.from_numpy(data.y_train), self.model_cfg.num_classes, cfg.tau)
+                     if cfg.tau > 0 else None)
+
         def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            return fedcoe_loss(model(xb, expert_mask=mask), yb, cfg, named, anchor, mask).total
+            out = model(xb, expert_mask=mask, detach_global=cfg.detach_global)
+            return fedcoe_loss(out, yb, cfg, named, anchor, mask, log_prior).total
 
         rng = np.random.default_rng([self.seed, task.round, client_seed(0, task.client_id)])
         last = run_epochs(model, [named[n] for n in trainable_names], data.x_train, data.y_train,
