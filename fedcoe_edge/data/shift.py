@@ -35,11 +35,11 @@ class Camera:
 
 def random_camera(rng: np.random.Generator, strength: float = 1.0) -> Camera:
     """A camera from the shift distribution; ``strength`` scales every distortion."""
-    return Camera(angle=float(rng.uniform(-40, 40) * strength),
-                  contrast=float(1.0 - rng.uniform(0.0, 0.6) * strength),
-                  brightness=float(rng.uniform(0.0, 0.3) * strength),
-                  blur=float(rng.uniform(0.0, 1.0) * strength),
-                  noise=float(rng.uniform(0.0, 0.15) * strength))
+    return Camera(angle=float(rng.uniform(-30, 30) * strength),
+                  contrast=float(1.0 - rng.uniform(0.0, 0.5) * strength),
+                  brightness=float(rng.uniform(0.0, 0.2) * strength),
+                  blur=float(rng.uniform(0.0, 0.8) * strength),
+                  noise=float(rng.uniform(0.0, 0.1) * strength))
 
 
 def apply_camera(x: np.ndarray, cam: Camera, rng: np.random.Generator) -> np.ndarray:
