@@ -1,0 +1,300 @@
+"""``fedcoe export`` and ``fedcoe predict``: checkpoint -> int8 ONNX bundle -> predictions.
+
+``export`` turns one client's FedCoE model (arXiv 2605.21264: shared global experts plus its
+private local level) into a device bundle (design section 7), calibrating int8 on that
+client's own training split, and reports accuracy, parity and sizes on its held-out split.
+The split is rebuilt from the ``simulation`` section of ``model.json`` with
+:func:`fedcoe_edge.data.make_federation`, so it is the split the simulation evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedcoe_edge.errors import ConfigError, DataError
+
+ALGORITHM_DEFAULT = "fedcoe"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export", help="export a client's model to an int8 ONNX bundle",
+        description="Export one client's dual-level MoE to a device bundle (ONNX per part, "
+                    "int8, manifest with hashes) and report accuracy and sizes.")
+    p.add_argument("--checkpoint-dir", required=True, type=Path,
+                   help="DIR/checkpoints (with one folder per algorithm) or a folder holding model.json")
+    p.add_argument("--algorithm", default=ALGORITHM_DEFAULT,
+                   help="algorithm folder under --checkpoint-dir (default: fedcoe)")
+    p.add_argument("--client", required=True, help="client id whose private level is exported")
+    p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
+    p.add_argument("--quantize", choices=("int8", "fp32"), default="int8")
+    p.add_argument("--quant-mode", choices=("auto", "static", "dynamic"), default="auto",
+                   help="int8 scheme: auto picks static or dynamic per part (default)")
+    p.add_argument("--calibration-samples", type=int, default=128,
+                   help="samples of the client's training split used to calibrate int8")
+    p.add_argument("--calibration-data", type=Path, default=None,
+                   help=".npy of inputs to calibrate on when model.json has no simulation config")
+    p.add_argument("--experts", default="held",
+                   help="global experts in the bundle: held (the client's top-m), all, or ids like 0,2")
+    p.add_argument("--no-fp32", action="store_true", help="leave out the fp32 parity copies")
+    p.add_argument("--no-fused", action="store_true", help="leave out the fused dense graph")
+    p.add_argument("--tar", action="store_true", help="also write BUNDLE.tar")
+    p.add_argument("--report", type=Path, default=None, help="write the export report (JSON) here")
+    p.set_defaults(func=run_export)
+
+    q = subparsers.add_parser("predict", help="classify inputs with a bundle (onnxruntime only)",
+                              description="Run a bundle on FILE.npy and print class and probabilities.")
+    q.add_argument("--bundle", required=True, type=Path, help="bundle folder or .tar")
+    q.add_argument("--input", required=True, type=Path,
+                   help=".npy of shape (N, *input_shape) or one sample of shape input_shape")
+    q.add_argument("--fp32", action="store_true", help="use the fp32 parity files")
+    q.add_argument("--global-only", action="store_true", help="skip the local level (cold start)")
+    q.add_argument("--threads", type=int, default=1, help="intra-op threads")
+    q.add_argument("--providers", default="CPUExecutionProvider",
+                   help="comma-separated onnxruntime execution providers, in priority order")
+    q.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    q.set_defaults(func=run_predict)
+
+
+# --- export -----------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: Path, algorithm: str) -> Path:
+    """The folder holding model.json: ``path`` itself or ``path/<algorithm>``."""
+    if (path / "model.json").is_file():
+        return path
+    if (path / algorithm / "model.json").is_file():
+        return path / algorithm
+    if not path.is_dir():
+        raise DataError(f"--checkpoint-dir {path} does not exist")
+    found = sorted(p.name for p in path.iterdir() if (p / "model.json").is_file())
+    raise DataError(f"--checkpoint-dir {path}: no model.json there or under {algorithm}/ "
+                    f"(algorithms found: {', '.join(found) or 'none'})")
+
+
+def held_experts(spec: str, meta: dict[str, Any], client: str, k_total: int) -> list[int]:
+    """Parse ``--experts``: held (top-m of the client's affinity row), all, or a list of ids."""
+    from fedcoe_edge.aggregate import top_m
+
+    if spec == "all":
+        return list(range(k_total))
+    if spec == "held":
+        row = (meta.get("affinity") or {}).get(client)
+        if row is None:
+            return list(range(k_total))  # no affinity yet: the server sends all K
+        m = int(((meta.get("simulation") or {}).get("train") or {}).get("experts_per_client", k_total))
+        return top_m(np.asarray(row, dtype=np.float64), min(max(m, 1), k_total))
+    try:
+        ids = sorted({int(s) for s in spec.split(",") if s.strip()})
+    except ValueError:
+        raise ConfigError(f"--experts must be held, all or ids like 0,2; got {spec!r}") from None
+    if not ids or any(not 0 <= k < k_total for k in ids):
+        raise ConfigError(f"--experts ids must be in [0, {k_total}), got {spec!r}")
+    return ids
+
+
+def client_split(meta: dict[str, Any], client: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_test, y_test) of ``client``, rebuilt from model.json's simulation."""
+    from fedcoe_edge.data import make_federation
+
+    sim = meta.get("simulation")
+    if not isinstance(sim, dict):
+        raise DataError("model.json has no simulation config to rebuild the client's data from; "
+                        "pass --calibration-data FILE.npy")
+    try:
+        fed = make_federation(sim["dataset"], sim["partition"], int(sim["clients"]),
+                              int(sim["new_clients"]), int(meta["seed"]), float(sim["alpha"]),
+                              int(sim["min_samples"]))
+    except KeyError as exc:
+        raise DataError(f"model.json simulation config lacks {exc}") from None
+    if client not in fed.clients:
+        raise DataError(f"client {client!r} is not a training client of this federation "
+                        f"(clients: {', '.join(sorted(fed.clients, key=_id_key))})")
+    d = fed.clients[client]
+    return d.x_train, d.y_train, d.x_test, d.y_test
+
+
+def _id_key(cid: str) -> tuple[int, str]:
+    return (int(cid), "") if cid.isdigit() else (1 << 30, cid)
+
+
+def load_npy(path: Path, what: str) -> np.ndarray:
+    """A float array from ``.npy`` (no pickles); other dtypes are an error."""
+    if not path.is_file():
+        raise DataError(f"{what} {path} does not exist")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{what} {path} is not a readable .npy array: {exc}") from None
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise DataError(f"{what} {path}: expected floating-point values, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """The exporter and quantizer log every rewrite at INFO (some on the root logger)."""
+    if verbose:
+        return
+    logging.getLogger().setLevel(logging.WARNING)
+    for name in ("onnxscript", "onnx_ir", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from export.bundle import build_bundle, calibration_sample, write_tar
+    from export.quantize import QuantizeOptions, QuantMode
+    from fedcoe_edge.checkpoint import load_checkpoint
+    from fedcoe_edge.training import build_model, load_arrays
+
+    torch.set_num_threads(1)
+    quiet_libraries(getattr(args, "verbose", False))
+    if args.calibration_samples < 1:
+        raise ConfigError(f"--calibration-samples must be >= 1, got {args.calibration_samples}")
+    folder = resolve_checkpoint(args.checkpoint_dir, args.algorithm)
+    cfg, global_state, _, meta = load_checkpoint(folder)
+    client = str(args.client)
+    local_file = folder / f"client_{client}.safetensors"
+    if cfg.num_local_experts > 0 and not local_file.is_file():
+        raise DataError(f"checkpoint {folder} has no private state for client {client!r} "
+                        f"(clients with state: {', '.join(meta.get('clients', [])) or 'none'})")
+    _, _, local_state, _ = load_checkpoint(folder, client if local_file.is_file() else None)
+    model = build_model(cfg, int(meta.get("seed", 0)))
+    try:
+        load_arrays(model, global_state)
+        if local_state:
+            load_arrays(model, local_state)
+    except (KeyError, RuntimeError) as exc:
+        raise DataError(f"checkpoint {folder} does not fit its model.json: {exc}") from None
+    model.eval()
+    held = held_experts(args.experts, meta, client, cfg.num_global_experts)
+
+    if args.calibration_data is not None:
+        x_cal_all = load_npy(args.calibration_data, "--calibration-data")
+        x_test = y_test = None
+    else:
+        x_cal_all, _, x_test, y_test = client_split(meta, client)
+    mode = QuantMode.FP32 if args.quantize == "fp32" else {
+        "auto": QuantMode.AUTO, "static": QuantMode.STATIC, "dynamic": QuantMode.DYNAMIC}[args.quant_mode]
+    opts = QuantizeOptions(mode=mode, calibration_samples=args.calibration_samples)
+    calib = calibration_sample(x_cal_all, opts.calibration_samples, opts.seed)
+    manifest = build_bundle(model, args.out, calibration=calib, held=held, options=opts,
+                            include_fp32=not args.no_fp32 or mode is QuantMode.FP32,
+                            include_fused=not args.no_fused,
+                            meta={"client_id": client, "algorithm": meta.get("algorithm"),
+                                  "global_version": meta.get("version"),
+                                  "checkpoint": str(folder)})
+    tar_path = write_tar(args.out) if args.tar else None
+    report = export_report(model, args.out, manifest, held,
+                           x_test if x_test is not None else calib, y_test)
+    report.update({"client": client, "algorithm": meta.get("algorithm"),
+                   "tar": str(tar_path) if tar_path else None,
+                   "eval_data": "client test split" if y_test is not None else "calibration data"})
+    if args.report is not None:
+        from fedcoe_edge.io import atomic_write_text
+
+        atomic_write_text(args.report, json.dumps(report, indent=2) + "\n")
+    print(format_report(report))
+    return 0
+
+
+def export_report(model: Any, bundle: Path, manifest: dict[str, Any], held: list[int],
+                  x: np.ndarray, y: np.ndarray | None) -> dict[str, Any]:
+    """Parity, accuracy and sizes of a fresh bundle against the torch model it came from."""
+    import torch
+
+    from fedcoe_edge.runtime import MoESession
+    from fedcoe_edge.simulation import serialized_nbytes
+    from fedcoe_edge.training import predict_probs, to_arrays
+
+    mask = torch.zeros(model.cfg.num_global_experts, dtype=torch.bool)
+    mask[held] = True
+    p_torch = predict_probs(model, x, expert_mask=mask)
+    fp32 = MoESession(bundle, precision="fp32")
+    p_fp32 = fp32.predict(x)
+    quantized = manifest["quantization"]["mode"] != "fp32"
+    p_int8 = MoESession(bundle).predict(x) if quantized else None
+
+    def acc(p: np.ndarray | None) -> float | None:
+        return None if p is None or y is None else round(float((p.argmax(1) == y).mean()), 6)
+
+    used = {n: v for n, v in to_arrays(model.state_dict()).items()
+            if not n.startswith("global.experts.") or int(n.split(".")[2]) in held}
+    # int8_bytes: the deployed file of an int8 bundle (a part AUTO kept fp32 counts as is)
+    sizes = {n: {"fp32_bytes": p["fp32"]["bytes"] if p.get("fp32") else None,
+                 "int8_bytes": p["bytes"] if quantized else None,
+                 "quantization": p["quantization"]} for n, p in manifest["parts"].items()}
+    report: dict[str, Any] = {
+        "bundle": str(bundle),
+        "held_experts": held,
+        "samples": int(len(x)),
+        "torch_acc": acc(p_torch),
+        "fp32_acc": acc(p_fp32),
+        "int8_acc": acc(p_int8),
+        "fp32_max_abs_diff": float(np.abs(p_fp32 - p_torch).max()),
+        "int8_top1_agreement": (None if p_int8 is None
+                                else round(float((p_int8.argmax(1) == p_fp32.argmax(1)).mean()), 6)),
+        "int8_max_abs_diff": None if p_int8 is None else float(np.abs(p_int8 - p_fp32).max()),
+        "sizes": sizes,
+        "total_fp32_bytes": sum(s["fp32_bytes"] or 0 for s in sizes.values()),
+        "total_int8_bytes": sum(s["int8_bytes"] or 0 for s in sizes.values()) if quantized else None,
+        "torch_state_bytes": serialized_nbytes(used),
+    }
+    if manifest.get("fused") is not None:
+        p_fused, _ = fp32.run_fused(x)
+        report["fused_max_abs_diff"] = float(np.abs(p_fused - p_torch).max())
+    return report
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """A small table for the terminal: accuracy and size beside the torch model's."""
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    lines = [f"bundle {r['bundle']} (client {r.get('client')}, experts {r['held_experts']}, "
+             f"{r['samples']} held-out samples)",
+             f"{'model':<12}{'accuracy':>10}{'bytes':>12}",
+             f"{'torch':<12}{f(r['torch_acc']):>10}{r['torch_state_bytes']:>12,}",
+             f"{'onnx fp32':<12}{f(r['fp32_acc']):>10}{r['total_fp32_bytes']:>12,}"]
+    if r["total_int8_bytes"] is not None:
+        lines.append(f"{'onnx int8':<12}{f(r['int8_acc']):>10}{r['total_int8_bytes']:>12,}")
+    lines.append(f"fp32 vs torch max |dp| {r['fp32_max_abs_diff']:.2e}"
+                 + (f"; int8 top-1 agreement {r['int8_top1_agreement']:.4f}"
+                    if r["int8_top1_agreement"] is not None else ""))
+    lines.append(f"{'part':<15}{'quantization':>14}{'fp32 B':>10}{'int8 B':>10}")
+    for name, s in r["sizes"].items():
+        lines.append(f"{name:<15}{s['quantization']:>14}{s['fp32_bytes'] or '-':>10}"
+                     f"{s['int8_bytes'] or '-':>10}")
+    return "\n".join(lines)
+
+
+# --- predict ----------------------------------------------------------------------------
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from fedcoe_edge.runtime import MoESession
+
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    sess = MoESession(args.bundle, providers=providers, threads=args.threads,
+                      precision="fp32" if args.fp32 else "deployed")
+    x = load_npy(args.input, "--input")
+    if tuple(x.shape) == sess.input_shape:
+        x = x[None]
+    out = sess.run(x, use_local=not args.global_only)
+    classes = out.probs.argmax(1)
+    if args.json:
+        print(json.dumps({"classes": classes.tolist(),
+                          "probabilities": np.round(out.probs, 6).tolist(),
+                          "experts_run": out.experts_run}))
+        return 0
+    for i, (c, p) in enumerate(zip(classes, out.probs, strict=True)):
+        probs = " ".join(f"{v:.4f}" for v in p)
+        print(f"{i}\tclass {int(c)}\tp={p[c]:.4f}\t[{probs}]")
+    return 0

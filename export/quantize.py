@@ -1,0 +1,194 @@
+"""int8 quantization of exported parts with onnxruntime: static QDQ or dynamic, per part.
+
+Static: QDQ format, int8 per-channel weights, uint8 activations calibrated (MinMax by
+default) on a sample of the device's *own* data (Jacob et al., "Quantization and Training
+of Neural Networks for Efficient Integer-Arithmetic-Only Inference", CVPR 2018,
+arXiv 1712.05877). Dynamic: int8 weights, activations scaled per call; only offered for
+linear-only parts (on convolutions it becomes ConvInteger, slow on ARM).
+
+``QuantMode.AUTO`` tries both on a linear-only part and keeps the one whose outputs are
+closer to fp32 on the calibration sample; convolutional parts (CNN experts, the MobileNet
+trunk) always get static QDQ. A part whose int8 file would not be smaller than its fp32
+file (a 64x4 linear gate: the Q/DQ scaffolding outweighs the weights) stays fp32. The
+choice and the errors measured are recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from fedcoe_edge.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CONV_OPS = frozenset({"Conv", "ConvTranspose"})
+_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}
+
+
+class QuantMode(str, enum.Enum):
+    """How a bundle's parts are stored; the values are what the manifest records."""
+
+    FP32 = "fp32"
+    STATIC = "static_int8"
+    DYNAMIC = "dynamic_int8"
+    AUTO = "auto"  # per part: the better of static and dynamic (static only for conv parts)
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Quantization knobs for :func:`export.bundle.build_bundle`."""
+
+    mode: QuantMode = QuantMode.AUTO
+    per_channel: bool = True  # per output channel int8 weight scales
+    calibration_samples: int = 128  # drawn from the device's training split
+    calibration_batch: int = 32  # samples per calibration batch
+    calibrate_method: str = "minmax"  # minmax | entropy | percentile
+    seed: int = 0  # which calibration samples are drawn
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "mode", QuantMode(self.mode))
+        except ValueError:
+            raise ConfigError(f"quantize mode must be one of {[m.value for m in QuantMode]}, "
+                              f"got {self.mode!r}") from None
+        if self.calibration_samples < 1 or self.calibration_batch < 1:
+            raise ConfigError("calibration_samples and calibration_batch must be >= 1, got "
+                              f"{self.calibration_samples} and {self.calibration_batch}")
+        if self.calibrate_method not in _METHODS:
+            raise ConfigError(f"calibrate_method must be one of {sorted(_METHODS)}, "
+                              f"got {self.calibrate_method!r}")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"mode": self.mode.value, "per_channel": self.per_channel,
+                "calibration_samples": self.calibration_samples,
+                "calibration_batch": self.calibration_batch,
+                "calibrate_method": self.calibrate_method, "seed": self.seed}
+
+
+class ArrayCalibrationReader(CalibrationDataReader):
+    """Feeds ``data`` to ``quantize_static`` in batches under one input name."""
+
+    def __init__(self, input_name: str, data: np.ndarray, batch: int = 32) -> None:
+        if len(data) == 0:
+            raise ConfigError("calibration: no samples to calibrate on")
+        self.input_name = input_name
+        self.batches = [np.ascontiguousarray(data[i : i + batch], dtype=np.float32)
+                        for i in range(0, len(data), batch)]
+        self._it: Iterator[np.ndarray] = iter(self.batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._it, None)
+        return None if batch is None else {self.input_name: batch}
+
+    def rewind(self) -> None:
+        self._it = iter(self.batches)
+
+
+@dataclass
+class QuantResult:
+    """What happened to one part: the mode kept and the errors measured (vs fp32)."""
+
+    mode: QuantMode
+    errors: dict[str, float]  # mode value -> mean |y_int8 - y_fp32| / mean |y_fp32|
+
+    def to_dict(self) -> dict[str, object]:
+        return {"mode": self.mode.value, "rel_error": {k: round(v, 6) for k, v in self.errors.items()}}
+
+
+def op_types(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def _run(path: Path, input_name: str, data: np.ndarray) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return np.asarray(sess.run(None, {input_name: np.ascontiguousarray(data, np.float32)})[0])
+
+
+def rel_error(candidate: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.abs(candidate - reference).mean() / max(np.abs(reference).mean(), 1e-12))
+
+
+def preprocess(src: Path, dst: Path) -> Path:
+    """onnxruntime's pre-quantization pass: shape inference and graph folding (Conv+BN)."""
+    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    return dst
+
+
+def quantize_static_file(src: Path, dst: Path, input_name: str, calib: np.ndarray,
+                         opts: QuantizeOptions) -> Path:
+    """Static QDQ int8: per-channel int8 weights, uint8 activations, calibrated on ``calib``.
+
+    ``src`` should have been through :func:`preprocess`.
+    """
+    quantize_static(str(src), str(dst), ArrayCalibrationReader(input_name, calib,
+                                                                opts.calibration_batch),
+                    quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=_METHODS[opts.calibrate_method])
+    return dst
+
+
+def quantize_dynamic_file(src: Path, dst: Path, opts: QuantizeOptions) -> Path:
+    """Dynamic int8: int8 weights, activations quantized per call (linear parts only)."""
+    quantize_dynamic(str(src), str(dst), per_channel=opts.per_channel, weight_type=QuantType.QInt8)
+    return dst
+
+
+def quantize_part(src: Path, dst: Path, input_name: str, calib: np.ndarray,
+                  opts: QuantizeOptions) -> QuantResult:
+    """Quantize one part file ``src`` into ``dst`` following ``opts.mode``."""
+    mode = opts.mode
+    if mode is QuantMode.FP32:
+        dst.write_bytes(src.read_bytes())
+        return QuantResult(QuantMode.FP32, {})
+    has_conv = bool(op_types(src) & CONV_OPS)
+    if mode is QuantMode.DYNAMIC and has_conv:
+        raise ConfigError(f"dynamic int8 on {src.name}: part has convolutions; use static or auto")
+    candidates = [mode] if mode is not QuantMode.AUTO else (
+        [QuantMode.STATIC] if has_conv else [QuantMode.STATIC, QuantMode.DYNAMIC])
+    reference = _run(src, input_name, calib)
+    errors: dict[str, float] = {}
+    best: tuple[float, QuantMode, bytes] | None = None
+    with tempfile.TemporaryDirectory(prefix="fedcoe-quant-") as tmp:
+        pre = preprocess(src, Path(tmp) / "pre.onnx")
+        for cand in candidates:
+            out = Path(tmp) / f"{cand.value}.onnx"
+            if cand is QuantMode.STATIC:
+                quantize_static_file(pre, out, input_name, calib, opts)
+            else:
+                quantize_dynamic_file(pre, out, opts)
+            err = rel_error(_run(out, input_name, calib), reference)
+            errors[cand.value] = err
+            if best is None or err < best[0]:
+                best = (err, cand, out.read_bytes())
+    assert best is not None
+    fp32_bytes = src.read_bytes()
+    if opts.mode is QuantMode.AUTO and len(best[2]) >= len(fp32_bytes):
+        # a tiny part (e.g. a linear gate) grows with the Q/DQ scaffolding: fp32 is better
+        dst.write_bytes(fp32_bytes)
+        return QuantResult(QuantMode.FP32, errors)
+    dst.write_bytes(best[2])
+    log.debug("quantized %s: %s (errors %s)", src.name, best[1].value, errors)
+    return QuantResult(best[1], errors)

@@ -1,0 +1,609 @@
+"""On-device runtime for an exported FedCoE bundle: onnxruntime and numpy only, no torch.
+
+FedCoE ("Bridging Generalization and Personalization via Federated Coordinated Dual-level
+MoEs", arXiv 2605.21264) routes each input to its top-k global experts; the point of the
+bundle (design section 7) is that a device runs *only* those experts. :class:`MoESession`
+reproduces :meth:`fedcoe_edge.model.DualLevelMoE.forward` in numpy around one ONNX session
+per part:
+
+    g      = softmax(gate(f) + log prior)  restricted to the experts held / masked
+    r      = top-k of g, renormalised      (ties to the lower index, as ONNX TopK)
+    p_G    = softmax(S(f) + sum_k r_k E_k(f))        only experts with r_k > 0 are run
+    p      = h_0 p_G + sum_j h_j softmax(L_j(f)),    h = softmax(local_gate(f))
+
+Gates are exported as *logits* so the prior and mask are applied here exactly as torch
+does. Note that ``torch.topk`` on CPU does not break exact ties toward the lower index
+(e.g. four equal probabilities, k=2, gives experts 2 and 3); ONNX TopK does, and so does
+this runtime. Exact ties only happen with degenerate gates (all-equal logits).
+
+Loading verifies the manifest's schema and version and every listed file's sha256 *before*
+any session is created; the bytes that were hashed are the bytes handed to onnxruntime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from fedcoe_edge.config import ModelConfig
+from fedcoe_edge.errors import BundleError, ConfigError, ValidationError
+from fedcoe_edge.io import atomic_write_bytes, atomic_write_text
+
+BUNDLE_FORMAT = "fedcoe-bundle"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+QUANTIZATIONS = ("fp32", "static_int8", "dynamic_int8", "unknown")
+PRECISIONS = ("deployed", "fp32")
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+
+
+# --- manifest helpers (shared with the exporter) ----------------------------------------
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def part_names(cfg: ModelConfig, held: Sequence[int]) -> list[str]:
+    """The parts a bundle for ``cfg`` holding global experts ``held`` must contain, in run order."""
+    names = [] if cfg.trunk == "identity" else ["trunk"]
+    names.append("global_gate")
+    if cfg.shared_expert:
+        names.append("expert_shared")
+    names += [f"expert_g{k}" for k in sorted(held)]
+    if cfg.num_local_experts > 0:
+        names.append("local_gate")
+        names += [f"expert_l{j}" for j in range(cfg.num_local_experts)]
+    return names
+
+
+def feat_shape_of(manifest: Mapping[str, Any]) -> tuple[int, ...]:
+    return tuple(int(d) for d in manifest["feat_shape"])
+
+
+def _safe_relpath(name: Any, where: str) -> str:
+    """A bundle-relative POSIX path with no absolute part or '..' (no escaping the bundle)."""
+    if not isinstance(name, str) or not name:
+        raise BundleError(f"{where}: file name must be a non-empty string, got {name!r}")
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts or "\\" in name:
+        raise BundleError(f"{where}: file name {name!r} escapes the bundle")
+    return str(p)
+
+
+def _req(d: Mapping[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(d, Mapping) or key not in d:
+        raise BundleError(f"manifest: {where} is missing {key!r}")
+    value = d[key]
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise BundleError(f"manifest: {where}.{key} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _check_file_entry(entry: Any, where: str) -> None:
+    if not isinstance(entry, Mapping):
+        raise BundleError(f"manifest: {where} must be an object")
+    _safe_relpath(_req(entry, "file", str, where), where)
+    digest = _req(entry, "sha256", str, where)
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise BundleError(f"manifest: {where}.sha256 is not a lowercase sha256 hex digest")
+    _req(entry, "bytes", int, where)
+
+
+def _check_io(specs: Any, where: str) -> None:
+    if not isinstance(specs, list) or not specs:
+        raise BundleError(f"manifest: {where} must be a non-empty list")
+    for i, spec in enumerate(specs):
+        _req(spec, "name", str, f"{where}[{i}]")
+        _req(spec, "shape", list, f"{where}[{i}]")
+        _req(spec, "dtype", str, f"{where}[{i}]")
+
+
+def validate_manifest(manifest: Any) -> ModelConfig:
+    """Schema, version and consistency checks; returns the bundle's ModelConfig."""
+    if not isinstance(manifest, dict):
+        raise BundleError("manifest: top level must be a JSON object")
+    fmt = manifest.get("format")
+    if fmt != BUNDLE_FORMAT:
+        raise BundleError(f"manifest: format is {fmt!r}, expected {BUNDLE_FORMAT!r}")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"manifest: unknown format_version {version!r} "
+                          f"(this runtime reads version {FORMAT_VERSION})")
+    try:
+        cfg = ModelConfig.from_dict(_req(manifest, "model", dict, "top level"))
+    except (ConfigError, TypeError) as exc:
+        raise BundleError(f"manifest: invalid model config: {exc}") from None
+    for key, want in (("num_global_experts", cfg.num_global_experts),
+                      ("num_local_experts", cfg.num_local_experts), ("top_k", cfg.top_k)):
+        got = _req(manifest, key, int, "top level")
+        if got != want:
+            raise BundleError(f"manifest: {key}={got} disagrees with the model config ({want})")
+    _req(manifest, "opset", int, "top level")
+    feat = _req(manifest, "feat_shape", list, "top level")
+    if not feat or not all(isinstance(d, int) and d > 0 for d in feat):
+        raise BundleError(f"manifest: feat_shape must be positive ints, got {feat!r}")
+    held = _req(manifest, "held_experts", list, "top level")
+    if (not held or len(set(held)) != len(held)
+            or not all(isinstance(k, int) and 0 <= k < cfg.num_global_experts for k in held)):
+        raise BundleError(f"manifest: held_experts must be distinct ids in [0, "
+                          f"{cfg.num_global_experts}), got {held!r}")
+    parts = _req(manifest, "parts", dict, "top level")
+    expected = part_names(cfg, held)
+    missing = [n for n in expected if n not in parts]
+    extra = sorted(set(parts) - set(expected))
+    if missing or extra:
+        raise BundleError(f"manifest: parts do not match the model (missing {missing}, "
+                          f"unexpected {extra})")
+    for name in expected:
+        part = parts[name]
+        _check_file_entry(part, f"parts.{name}")
+        q = _req(part, "quantization", str, f"parts.{name}")
+        if q not in QUANTIZATIONS:
+            raise BundleError(f"manifest: parts.{name}.quantization {q!r} not in {QUANTIZATIONS}")
+        _check_io(part.get("inputs"), f"parts.{name}.inputs")
+        _check_io(part.get("outputs"), f"parts.{name}.outputs")
+        if part.get("fp32") is not None:
+            _check_file_entry(part["fp32"], f"parts.{name}.fp32")
+    fused = manifest.get("fused")
+    if fused is not None:
+        _check_file_entry(fused, "fused")
+        _check_io(fused.get("inputs"), "fused.inputs")
+        _check_io(fused.get("outputs"), "fused.outputs")
+    return cfg
+
+
+def listed_files(manifest: Mapping[str, Any]) -> dict[str, str]:
+    """Every file the manifest lists -> its expected sha256."""
+    files: dict[str, str] = {}
+    entries: list[tuple[str, Mapping[str, Any]]] = []
+    for name, part in manifest["parts"].items():
+        entries.append((f"parts.{name}", part))
+        if part.get("fp32") is not None:
+            entries.append((f"parts.{name}.fp32", part["fp32"]))
+    if manifest.get("fused") is not None:
+        entries.append(("fused", manifest["fused"]))
+    for _, entry in entries:
+        files[_safe_relpath(entry["file"], "manifest")] = entry["sha256"]
+    return files
+
+
+# --- reading a bundle -------------------------------------------------------------------
+
+
+@dataclass
+class BundleContents:
+    """A verified bundle in memory: manifest, its config, the bytes of every listed file."""
+
+    manifest: dict[str, Any]
+    cfg: ModelConfig
+    files: dict[str, bytes]
+    root: Path | None  # the folder it came from; None for a .tar (swaps then stay in memory)
+
+
+def _read_tar(path: Path) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar.getmembers():
+                if member.isdir():
+                    continue
+                if not member.isfile():
+                    raise BundleError(f"bundle {path}: member {member.name!r} is not a regular file")
+                name = _safe_relpath(member.name.removeprefix("./"), f"bundle {path}")
+                fobj = tar.extractfile(member)
+                if fobj is None:  # pragma: no cover - isfile() members always have data
+                    raise BundleError(f"bundle {path}: cannot read member {name!r}")
+                out[name] = fobj.read()
+    except (tarfile.TarError, OSError) as exc:
+        raise BundleError(f"bundle {path}: unreadable tar archive: {exc}") from None
+    return out
+
+
+def read_bundle(path: str | os.PathLike[str]) -> BundleContents:
+    """Read and verify a bundle folder or ``.tar``: schema, version, presence and hashes.
+
+    Nothing is handed to onnxruntime here; a caller gets either a fully verified bundle or
+    one BundleError naming the first problem (the part and the file).
+    """
+    root = Path(path)
+    if root.is_dir():
+        mpath = root / MANIFEST_NAME
+        if not mpath.is_file():
+            raise BundleError(f"bundle {root}: no {MANIFEST_NAME}")
+        raw_manifest = mpath.read_bytes()
+        tar_files: dict[str, bytes] | None = None
+    elif root.is_file():
+        tar_files = _read_tar(root)
+        if MANIFEST_NAME not in tar_files:
+            raise BundleError(f"bundle {root}: archive has no {MANIFEST_NAME}")
+        raw_manifest = tar_files[MANIFEST_NAME]
+    else:
+        raise BundleError(f"bundle {root}: no such folder or .tar file")
+    try:
+        manifest = json.loads(raw_manifest)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"bundle {root}: {MANIFEST_NAME} is not valid JSON: {exc}") from None
+    cfg = validate_manifest(manifest)
+    owners = _file_owners(manifest)
+    files: dict[str, bytes] = {}
+    for rel, digest in listed_files(manifest).items():
+        if tar_files is not None:
+            if rel not in tar_files:
+                raise BundleError(f"bundle {root}: {owners[rel]} file {rel} is missing")
+            data = tar_files[rel]
+        else:
+            fpath = root / rel
+            if not fpath.is_file():
+                raise BundleError(f"bundle {root}: {owners[rel]} file {rel} is missing")
+            data = fpath.read_bytes()
+        actual = sha256_hex(data)
+        if actual != digest:
+            raise BundleError(f"bundle {root}: {owners[rel]} file {rel} fails its sha256 check "
+                              f"(manifest {digest[:12]}..., file {actual[:12]}...)")
+        files[rel] = data
+    return BundleContents(manifest, cfg, files, root if tar_files is None else None)
+
+
+def _file_owners(manifest: Mapping[str, Any]) -> dict[str, str]:
+    owners: dict[str, str] = {}
+    for name, part in manifest["parts"].items():
+        owners[part["file"]] = f"part '{name}'"
+        if part.get("fp32") is not None:
+            owners.setdefault(part["fp32"]["file"], f"part '{name}' (fp32)")
+    if manifest.get("fused") is not None:
+        owners[manifest["fused"]["file"]] = "fused graph"
+    return owners
+
+
+# --- numpy maths, mirroring fedcoe_edge.model -------------------------------------------
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def topk_routing(probs: np.ndarray, k: int) -> np.ndarray:
+    """Each row's top-k probabilities renormalised; ties go to the lower index (ONNX TopK).
+
+    Matches :func:`fedcoe_edge.model.topk_routing` except on exact ties, where torch's CPU
+    topk picks an arbitrary (often the higher) index.
+    """
+    n = probs.shape[-1]
+    if k >= n:
+        return probs
+    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]  # stable: lower index first
+    weights = np.zeros_like(probs)
+    np.put_along_axis(weights, order, np.take_along_axis(probs, order, -1), -1)
+    return weights / np.maximum(weights.sum(-1, keepdims=True), 1e-12)
+
+
+@dataclass
+class RuntimeOutput:
+    """What :meth:`MoESession.run` returns; names follow ``fedcoe_edge.model.MoEOutput``."""
+
+    probs: np.ndarray  # (B, C) personal mixture p(x) (global path when use_local=False)
+    global_probs: np.ndarray  # (B, C) p_G(x)
+    gate_probs: np.ndarray  # (B, K) softmax of the global gate over the experts allowed
+    routing: np.ndarray  # (B, K) top-k renormalised weights actually used
+    local_gate_probs: np.ndarray | None  # (B, 1+M) or None
+    experts_run: list[int]  # global experts executed for this batch (sparse top-k)
+
+
+class MoESession:
+    """Run a verified bundle with onnxruntime: gate, then only the top-k experts.
+
+    ``bundle``: folder or ``.tar``. ``precision``: ``"deployed"`` (the quantized files) or
+    ``"fp32"`` (the parity copies). ``providers`` are passed through to onnxruntime
+    unchanged (e.g. ``["TensorrtExecutionProvider", "CUDAExecutionProvider",
+    "CPUExecutionProvider"]`` on a Jetson). ``threads`` sets intra-op threads per session.
+    """
+
+    def __init__(self, bundle: str | os.PathLike[str], *, providers: Sequence[str] | None = None,
+                 threads: int = 1, precision: str = "deployed") -> None:
+        if precision not in PRECISIONS:
+            raise ConfigError(f"MoESession: precision must be one of {PRECISIONS}, got {precision!r}")
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise ConfigError(f"MoESession: threads must be a positive int, got {threads!r}")
+        self.precision = precision
+        self.providers = list(providers) if providers is not None else list(DEFAULT_PROVIDERS)
+        self.threads = threads
+        contents = read_bundle(bundle)  # verifies everything before any session exists
+        self.manifest = contents.manifest
+        self.cfg = contents.cfg
+        self.root = contents.root
+        self._files = contents.files
+        self._lock = threading.Lock()
+        m = self.manifest
+        self.feat_shape = feat_shape_of(m)
+        self.input_shape = tuple(self.cfg.input_shape)
+        self.num_classes = self.cfg.num_classes
+        names = part_names(self.cfg, m["held_experts"])
+        chosen = {n: self._variant_entry(n) for n in names}
+        sessions = {n: self._make_session(self._files[e["file"]], n) for n, e in chosen.items()}
+        for n, sess in sessions.items():
+            self._check_interface(n, sess, m["parts"][n])
+        self._sessions = sessions
+        self._fused: ort.InferenceSession | None = None
+
+    # --- construction helpers ------------------------------------------------------------
+    def _variant_entry(self, name: str) -> Mapping[str, Any]:
+        part = self.manifest["parts"][name]
+        if self.precision == "deployed":
+            return part
+        if part.get("fp32") is None:
+            raise BundleError(f"bundle: part '{name}' has no fp32 file (exported without fp32 "
+                              "copies, or swapped since)")
+        return part["fp32"]
+
+    def _session_options(self) -> ort.SessionOptions:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        return so
+
+    def _make_session(self, data: bytes, name: str) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(data, self._session_options(), providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BundleError(f"bundle: part '{name}' cannot be loaded by onnxruntime: "
+                              f"{str(exc).splitlines()[0][:200]}") from None
+
+    @staticmethod
+    def _check_interface(name: str, sess: ort.InferenceSession, spec: Mapping[str, Any]) -> None:
+        """The graph's input/output names and non-batch dims must be what the manifest says."""
+        for kind, actual, wanted in (("input", sess.get_inputs(), spec["inputs"]),
+                                     ("output", sess.get_outputs(), spec["outputs"])):
+            got = [(a.name, list(a.shape)[1:]) for a in actual]
+            want = [(w["name"], list(w["shape"])[1:]) for w in wanted]
+            if got != want:
+                raise BundleError(f"bundle: part '{name}' {kind}s {got} differ from the "
+                                  f"manifest's {want}")
+
+    # --- properties ----------------------------------------------------------------------
+    @property
+    def held_experts(self) -> list[int]:
+        return sorted(self.manifest["held_experts"])
+
+    @property
+    def num_global_experts(self) -> int:
+        return self.cfg.num_global_experts
+
+    # --- inference -----------------------------------------------------------------------
+    def _check_input(self, x: Any) -> np.ndarray:
+        first = "trunk" if "trunk" in self._sessions else "global_gate"
+        want = ("batch", *self.input_shape)
+        if not isinstance(x, np.ndarray):
+            raise ValidationError(f"MoESession input for part '{first}': expected a numpy array "
+                                  f"of shape {want}, got {type(x).__name__}")
+        if x.dtype != np.float32:
+            raise ValidationError(f"MoESession input for part '{first}': expected dtype float32, "
+                                  f"got {x.dtype}")
+        if x.ndim != len(want) or tuple(x.shape[1:]) != self.input_shape or x.shape[0] < 1:
+            raise ValidationError(f"MoESession input for part '{first}': expected shape {want}, "
+                                  f"got {tuple(x.shape)}")
+        return np.ascontiguousarray(x)
+
+    def _mask(self, expert_mask: Any) -> np.ndarray:
+        """Bool (K,) of the experts routing may use: default the held ones."""
+        k_total = self.cfg.num_global_experts
+        held = np.zeros(k_total, dtype=bool)
+        held[self.held_experts] = True
+        if expert_mask is None:
+            return held
+        arr = np.asarray(expert_mask)
+        if arr.dtype == bool:
+            if arr.shape != (k_total,):
+                raise ValidationError(f"expert_mask: expected a bool array of shape ({k_total},), "
+                                      f"got {arr.shape}")
+            mask = arr.copy()
+        else:
+            ids = [int(i) for i in arr.reshape(-1)]
+            if any(not 0 <= i < k_total for i in ids):
+                raise ValidationError(f"expert_mask: expert ids must be in [0, {k_total}), got {ids}")
+            mask = np.zeros(k_total, dtype=bool)
+            mask[ids] = True
+        if not mask.any():
+            raise ValidationError("expert_mask: selects no expert")
+        absent = [int(i) for i in np.flatnonzero(mask & ~held)]
+        if absent:
+            raise ValidationError(f"expert_mask: expert(s) {absent} are not in this bundle "
+                                  f"(held: {self.held_experts})")
+        return mask
+
+    def _prior(self, prior: Any) -> np.ndarray | None:
+        if prior is None:
+            return None
+        arr = np.asarray(prior, dtype=np.float64)
+        k_total = self.cfg.num_global_experts
+        if arr.shape[-1:] != (k_total,) or arr.ndim > 2 or not np.all(np.isfinite(arr)) or (arr < 0).any():
+            raise ValidationError(f"prior: expected non-negative finite values of shape ({k_total},) "
+                                  f"or (batch, {k_total}), got shape {arr.shape}")
+        return arr
+
+    def _run_part(self, name: str, feats: np.ndarray) -> np.ndarray:
+        sess = self._sessions[name]
+        out = sess.run(None, {sess.get_inputs()[0].name: feats})[0]
+        return np.asarray(out, dtype=np.float64)
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        """Trunk output (the input itself for an identity trunk), float32."""
+        x = self._check_input(x)
+        if "trunk" not in self._sessions:
+            return x
+        sess = self._sessions["trunk"]
+        return np.ascontiguousarray(sess.run(None, {sess.get_inputs()[0].name: x})[0], np.float32)
+
+    def gate_logits(self, feats: np.ndarray, prior: Any = None) -> np.ndarray:
+        logits = self._run_part("global_gate", feats)
+        p = self._prior(prior)
+        if p is not None:
+            logits = logits + np.log(np.maximum(p, 1e-8))
+        return logits
+
+    def routing_prior(self, x: np.ndarray) -> np.ndarray:
+        """pi = mean_x softmax(gate(x)) over all K: what a cold-start device reports (float64)."""
+        return softmax(self.gate_logits(self.features(x))).mean(0)
+
+    def run(self, x: np.ndarray, *, prior: Any = None, expert_mask: Any = None,
+            use_local: bool = True) -> RuntimeOutput:
+        """One forward pass over a batch (B >= 1), mirroring ``DualLevelMoE.forward``."""
+        with self._lock:
+            feats = self.features(x)
+            mask = self._mask(expert_mask)
+            logits = np.where(mask, self.gate_logits(feats, prior), -np.inf)
+            gate_probs = softmax(logits)
+            routing = topk_routing(gate_probs, self.cfg.top_k)
+            z = (self._run_part("expert_shared", feats) if self.cfg.shared_expert
+                 else np.zeros((feats.shape[0], self.num_classes)))
+            experts_run = []
+            for k in self.held_experts:
+                rows = np.flatnonzero(routing[:, k] > 0)
+                if rows.size == 0:
+                    continue
+                experts_run.append(k)
+                sub = feats if rows.size == feats.shape[0] else np.ascontiguousarray(feats[rows])
+                z[rows] += routing[rows, k : k + 1] * self._run_part(f"expert_g{k}", sub)
+            global_lp = log_softmax(z)
+            local_h = None
+            log_probs = global_lp
+            if use_local and self.cfg.num_local_experts > 0:
+                h = log_softmax(self._run_part("local_gate", feats))
+                parts = [global_lp] + [log_softmax(self._run_part(f"expert_l{j}", feats))
+                                       for j in range(self.cfg.num_local_experts)]
+                stacked = h[:, :, None] + np.stack(parts, 1)  # (B, 1+M, C)
+                top = stacked.max(1)
+                log_probs = top + np.log(np.exp(stacked - top[:, None, :]).sum(1))
+                local_h = np.exp(h).astype(np.float32)
+        return RuntimeOutput(np.exp(log_probs).astype(np.float32),
+                             np.exp(global_lp).astype(np.float32), gate_probs.astype(np.float32),
+                             routing.astype(np.float32), local_h, experts_run)
+
+    def predict(self, x: np.ndarray, **kw: Any) -> np.ndarray:
+        """Class probabilities (B, C); keyword arguments as :meth:`run`."""
+        return self.run(x, **kw).probs
+
+    def run_fused(self, x: np.ndarray, *, prior: Any = None,
+                  expert_mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """The dense single-graph export: (personal probs, global probs), for comparison."""
+        fused = self.manifest.get("fused")
+        if fused is None:
+            raise BundleError("bundle: exported without the fused dense graph")
+        x = self._check_input(x)
+        if self._fused is None:
+            self._fused = self._make_session(self._files[fused["file"]], "fused")
+        mask = self._mask(expert_mask)
+        bias = np.zeros(self.cfg.num_global_experts)
+        p = self._prior(prior)
+        if p is not None:
+            if p.ndim != 1:
+                raise ValidationError("prior: the fused graph takes one (K,) prior per call")
+            bias = np.log(np.maximum(p, 1e-8))
+        bias = np.where(mask, bias, -np.inf).astype(np.float32)
+        lp, glp = self._fused.run(None, {"x": x, "gate_bias": bias})
+        return np.exp(lp), np.exp(glp)
+
+    # --- updates -------------------------------------------------------------------------
+    def swap_expert(self, k: int, path: str | os.PathLike[str], *, sha256: str | None = None,
+                    quantization: str = "unknown") -> str:
+        """Replace global expert ``k`` with the ONNX file at ``path``; returns its sha256.
+
+        The new file is hashed (and compared with ``sha256`` when given), loaded into a new
+        session and checked against the expert interface before anything changes; on any
+        failure the old expert stays. For a folder bundle the file is written under a new
+        name and the manifest is replaced atomically, so a crash leaves a consistent bundle.
+        The part's fp32 parity copy is dropped (it no longer matches). ``k`` may be an
+        expert the bundle did not hold yet (a device downloading an expert).
+        """
+        name = f"expert_g{k}"
+        if not isinstance(k, int) or not 0 <= k < self.cfg.num_global_experts:
+            raise ValidationError(f"swap_expert: k must be in [0, {self.cfg.num_global_experts}), "
+                                  f"got {k!r}")
+        if self.precision != "deployed":
+            raise ConfigError("swap_expert: only a session on the deployed precision can swap")
+        if quantization not in QUANTIZATIONS:
+            raise ValidationError(f"swap_expert: quantization must be one of {QUANTIZATIONS}")
+        src = Path(path)
+        if not src.is_file():
+            raise BundleError(f"swap_expert: part '{name}': file {src} does not exist")
+        data = src.read_bytes()
+        digest = sha256_hex(data)
+        if sha256 is not None and digest != sha256.lower():
+            raise BundleError(f"swap_expert: part '{name}': {src} fails its sha256 check "
+                              f"(expected {sha256[:12]}..., file {digest[:12]}...)")
+        sess = self._make_session(data, name)
+        spec = {"inputs": [{"name": "feats", "shape": ["batch", *self.feat_shape], "dtype": "float32"}],
+                "outputs": [{"name": "logits", "shape": ["batch", self.num_classes],
+                             "dtype": "float32"}]}
+        self._check_interface(name, sess, spec)
+        probe = sess.run(None, {"feats": np.zeros((1, *self.feat_shape), np.float32)})[0]
+        if probe.shape != (1, self.num_classes) or not np.all(np.isfinite(probe)):
+            raise BundleError(f"swap_expert: part '{name}': {src} gives output {probe.shape} "
+                              f"or non-finite values on a probe input")
+        rel = f"{name}.{digest[:12]}.onnx"
+        new_manifest = json.loads(json.dumps(self.manifest))
+        old = new_manifest["parts"].get(name)
+        new_manifest["parts"][name] = {"file": rel, "sha256": digest, "bytes": len(data),
+                                       "quantization": quantization, **spec}
+        held = set(new_manifest["held_experts"]) | {k}
+        new_manifest["held_experts"] = sorted(held)
+        new_manifest["parts"] = {n: new_manifest["parts"][n]
+                                 for n in part_names(self.cfg, new_manifest["held_experts"])}
+        # the dense graph still holds the old weights: it is no longer comparable, drop it
+        new_manifest["fused"] = None
+        validate_manifest(new_manifest)
+        old_entries = [old, old.get("fp32")] if old is not None else []
+        stale = [e for e in (*old_entries, self.manifest.get("fused"))
+                 if e is not None and e["file"] != rel]
+        with self._lock:
+            if self.root is not None:
+                atomic_write_bytes(self.root / rel, data)
+                atomic_write_text(self.root / MANIFEST_NAME, json.dumps(new_manifest, indent=2) + "\n")
+                for entry in stale:  # only after the new manifest no longer lists them
+                    if entry["file"] not in listed_files(new_manifest):
+                        (self.root / entry["file"]).unlink(missing_ok=True)
+            for entry in stale:
+                self._files.pop(entry["file"], None)
+            self._files[rel] = data
+            self.manifest = new_manifest
+            self._sessions[name] = sess
+            self._fused = None
+        return digest
+
+
+def pack_tar(folder: str | os.PathLike[str], tar_path: str | os.PathLike[str]) -> Path:
+    """Write a verified bundle folder as one uncompressed ``.tar`` (manifest first)."""
+    contents = read_bundle(folder)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        items = [(MANIFEST_NAME, (Path(folder) / MANIFEST_NAME).read_bytes())]
+        items += sorted(contents.files.items())
+        for name, data in items:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    out = Path(tar_path)
+    atomic_write_bytes(out, buf.getvalue())
+    return out
