@@ -19,6 +19,7 @@ from fedcoe_edge.wire import (
     Envelope,
     ReplayCache,
     TransferManifest,
+    decode_chunk,
     decode_envelope,
     decode_tensors,
     encode_chunk,
@@ -59,7 +60,6 @@ class _Link:
         self.errors: list[str] = []
         self.results: list[tuple[TransferManifest, bytes]] = []
         self.completed = threading.Event()
-        self.report_filter: Callable[[Envelope], bool] = lambda env: True
         self.sender: BlobSender | None = None
         self.receiver = BlobReceiver(self._dev_report, ack_every=ack_every)
         self._cache = ReplayCache()
@@ -85,7 +85,7 @@ class _Link:
 
     def _on_up(self, m: Message) -> None:
         env = decode_envelope(m.payload, KEYS.get, replay_cache=self._cache)
-        if self.sender is None or not self.report_filter(env):
+        if self.sender is None:
             return
         if env.type == XFER_DONE:
             self.sender.on_done(env.body)
@@ -197,13 +197,27 @@ def test_session_survives_absence_and_subscriptions_survive_restart(
             assert cv.wait_for(lambda: len(got) >= 3, WAIT)
         assert got[:3] == [b"task-0", b"task-1", b"task-2"]
         # Broker restart without persistence: sessions are gone, on_connect resubscribes.
-        up = threading.Event()
-        dev2.add_connection_listener(lambda ok: up.set() if ok else None)
-        coord_up = threading.Event()
-        coord.add_connection_listener(lambda ok: coord_up.set() if ok else None)
+        events: dict[str, list[bool]] = {"dev": [], "coord": []}
+
+        def listener(name: str) -> Callable[[bool], None]:
+            def on_change(ok: bool) -> None:
+                with cv:
+                    events[name].append(ok)
+                    cv.notify_all()
+
+            return on_change
+
+        dev2.add_connection_listener(listener("dev"))
+        coord.add_connection_listener(listener("coord"))
         mosquitto_broker.stop()
         mosquitto_broker.start()
-        assert up.wait(WAIT) and coord_up.wait(WAIT)
+
+        def back(name: str) -> bool:  # lost, then back (ignore any earlier queued event)
+            ev = events[name]
+            return False in ev and ev[-1] is True and ev.index(False) < len(ev) - 1
+
+        with cv:
+            assert cv.wait_for(lambda: back("dev") and back("coord"), WAIT), events
         coord.publish(TOPICS.dn_ctl("dev1"), b"after-restart")
         with cv:
             assert cv.wait_for(lambda: got[-1:] == [b"after-restart"], WAIT), got
@@ -240,16 +254,19 @@ def test_broker_restart_mid_transfer_completes_via_nack_resend(
     _, data = _payload_5mb(seed=1)
     link = _Link(mosquitto_broker)
     trigger, restarted = threading.Event(), threading.Event()
+    on_blob = link._on_blob
 
-    def hold_reports(env: Envelope) -> bool:
-        # After 40 chunks are in, reports are "lost" until the broker is back, so the
-        # restart is guaranteed to hit the transfer in the middle.
-        if env.type != XFER_DONE and env.body.get("received", 0) >= 40 and not restarted.is_set():
+    def lose_from_40(m: Message) -> None:
+        # Chunks from seq 40 on are lost until the broker is back (as the messages
+        # queued in a non-persistent broker are): the restart is guaranteed to hit the
+        # transfer in the middle, and only NACK/resend can fill the hole.
+        if not restarted.is_set() and decode_chunk(m.payload).seq >= 40:
             trigger.set()
-            return False
-        return True
+            return
+        on_blob(m)
 
-    link.report_filter = hold_reports
+    link.dev.unsubscribe(TOPICS.dn_blob_filter("dev1"))
+    link.dev.subscribe(TOPICS.dn_blob_filter("dev1"), lose_from_40)
     try:
         sender = link.start(data, "xrestart", chunk_size=32 * 1024, window=8, retransmit_s=1.0)
         result: list[bool] = []
