@@ -136,13 +136,14 @@ class Coordinator:
         self.messenger.send(self.topics.bc_ctl(), P.STATUS, "*", body, self.bc_key, round=self.round,
                             ttl_s=3600, retain=True, expiry_s=3600)
 
-    def reject(self, device: str, rnd: int, reason: str, notify: bool = True) -> None:
+    def reject(self, device: str, rnd: int, reason: str, notify: bool = True,
+               xfer: str | None = None) -> None:
         """Refuse an input: one log line naming device, round and reason, and a round-log row."""
         log.warning("rejected device=%s round=%d reason=%s", device, rnd, reason)
         self.store.add_event(rnd, device, "rejected", reason)
         if notify:
             with contextlib.suppress(FedCoEError):
-                self._send(device, P.REJECT, {"reason": reason[:500]}, rnd)
+                self._send(device, P.REJECT, {"reason": reason[:500], "xfer": xfer}, rnd)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -162,9 +163,8 @@ class Coordinator:
         if self.round_open:
             log.info("resuming round %d: %d of %d updates already accepted", self.round,
                      len(self.results), len(self.tasks))
-            for dev in sorted(self.tasks):
-                if dev not in self.results and dev not in self.failed:
-                    self._send_task(self.tasks[dev])
+            # devices re-register when they see the coordinator come online; their hello
+            # re-sends the task to those that still owe an update
             self._broadcast("open")
         else:
             self._broadcast("finished" if self.round >= self.fed.rounds else "idle")
@@ -227,7 +227,8 @@ class Coordinator:
             rnd = self.round + 1
             ids = self.strategy.select_clients(rnd, self.available())
             tasks = self.strategy.configure_round(rnd, ids)
-            full = 2 * serialized_nbytes(self.strategy.global_state) * len(tasks)
+            # what FedAvg-style full exchange would move in ONE direction this round
+            full = serialized_nbytes(self.strategy.global_state) * len(tasks)
             folder = self.state_dir / "rounds" / str(rnd)
             for t in tasks:
                 save_arrays(folder / f"task_{t.client_id}.safetensors", t.params)
@@ -475,26 +476,27 @@ class Coordinator:
 
     def _on_result(self, dev: str, rnd: int, body: dict[str, Any]) -> None:
         manifest = TransferManifest.from_dict(body.get("manifest"))
+        xid = manifest.transfer_id
         with self._lock:
             if not self.round_open or rnd != self.round:
                 self.reject(dev, rnd, f"update for closed round {rnd} (current round {self.round}, "
-                                      f"{'open' if self.round_open else 'closed'})")
+                                      f"{'open' if self.round_open else 'closed'})", xfer=xid)
                 return
             if dev not in self.tasks:
-                self.reject(dev, rnd, f"device not selected for round {rnd}")
+                self.reject(dev, rnd, f"device not selected for round {rnd}", xfer=xid)
                 return
             if dev in self.results:
-                self.reject(dev, rnd, f"duplicate update for round {rnd} (one already accepted)")
+                self.reject(dev, rnd, f"duplicate update for round {rnd} (one already accepted)", xfer=xid)
                 return
             if dev in self.failed:
-                self.reject(dev, rnd, f"update after this round's failure ({self.failed[dev][:80]})")
+                self.reject(dev, rnd, f"update after this round's failure ({self.failed[dev][:80]})", xfer=xid)
                 return
             if manifest.encoding not in (P.ENCODING_PLAIN, P.ENCODING_DELTA):
-                self.reject(dev, rnd, f"unknown encoding {manifest.encoding!r}")
+                self.reject(dev, rnd, f"unknown encoding {manifest.encoding!r}", xfer=xid)
                 return
             limit = 4 * serialized_nbytes(self.tasks[dev].params) + 65536
             if manifest.total_bytes > limit:
-                self.reject(dev, rnd, f"upload of {manifest.total_bytes} bytes exceeds {limit}")
+                self.reject(dev, rnd, f"upload of {manifest.total_bytes} bytes exceeds {limit}", xfer=xid)
                 return
             self._uploads[manifest.transfer_id] = _Upload(dev, rnd, body, manifest)
             rcv = self._receiver(dev)

@@ -59,16 +59,21 @@ class EmbeddedFederation:
         d = DeviceSettings(id=dev, federation=self.federation, role=role,
                            state_dir=str(self.root / dev), compress_uploads=self.compress,
                            upload_timeout_s=self.deadline_s, chunk_size=self.chunk_size,
-                           build_bundle=False)
+                           bundle="off")
         data = DataSettings(dataset="digits", client=client, num_clients=self.devices, new_clients=1,
                             alpha=self.alpha, seed=self.seed)
         return AgentConfig(device=d, key=device_key(DEMO_SECRET, dev), data=data)
 
     def start(self) -> None:
-        self.coordinator = Coordinator(self.coordinator_config(), self.factory)
-        self._spawn(self.coordinator.run, "coordinator")
+        self.start_coordinator()
         for i in range(self.devices):
             self.add_agent(str(i), str(i))  # same ids as the simulator: same seeds per client
+
+    def start_coordinator(self) -> Coordinator:
+        """(Re)start the coordinator on the state folder (a restart resumes from it)."""
+        self.coordinator = Coordinator(self.coordinator_config(), self.factory)
+        self._spawn(self.coordinator.run, "coordinator")
+        return self.coordinator
 
     def add_agent(self, dev: str, client: str, role: str = "train") -> DeviceAgent:
         agent = DeviceAgent(self.agent_config(dev, client, role), self.factory,

@@ -44,7 +44,7 @@ class DeviceSettings:
     chunk_size: int = 256 * 1024
     window: int = 16
     upload_timeout_s: float = 120.0
-    build_bundle: bool = True  # rebuild the int8 ONNX bundle when a round closes (if export exists)
+    bundle: str = "final"  # rebuild the int8 ONNX bundle: "every" round close, "final" round only, "off"
 
 
 @dataclass
@@ -97,6 +97,8 @@ class AgentConfig:
             raise ConfigError(f"{w} tier must be one of {sorted(TIER_WIDTH)}, got {d.tier!r}")
         if not 1024 <= d.chunk_size <= 16 * 1024 * 1024 or d.window < 1:
             raise ConfigError(f"{w} chunk_size must be in 1 KiB..16 MiB and window >= 1")
+        if d.bundle not in ("every", "final", "off"):
+            raise ConfigError(f"{w} bundle must be every|final|off, got {d.bundle!r}")
         if not d.upload_timeout_s > 0:
             raise ConfigError(f"{w} upload_timeout_s must be > 0")
         self.broker.validate(f"{self.source}: [broker]")

@@ -93,8 +93,11 @@ class DeviceAgent:
         self.last_result: tuple[int, ClientResult, dict[str, np.ndarray]] | None = None
         self.pending: dict[str, dict[str, Any]] = {}  # download xfer id -> context
         self.uploads: dict[str, tuple[BlobSender, threading.Event]] = {}
+        self.aborted: set[str] = set()  # uploads the coordinator refused up front
         self.rounds_done: list[int] = []
         self.evals: list[dict[str, Any]] = []
+        self.evaluated: set[int] = set()  # rounds whose personal accuracy was reported
+        self._refreshing: set[int] = set()
         self.cold_ready = threading.Event()
         self.accepted: dict[int, bool] = {}
         self.transport: Transport | None = None
@@ -235,6 +238,11 @@ class DeviceAgent:
             elif env.type == P.REJECT:
                 self.accepted[env.round] = False
                 log.warning("%s: round %d: coordinator rejected: %s", self.dev, env.round, b.get("reason"))
+                with self._lock:
+                    up = self.uploads.get(str(b.get("xfer")))
+                if up is not None:  # refused before any chunk: stop waiting for the transfer
+                    self.aborted.add(str(b.get("xfer")))
+                    up[1].set()
             else:
                 log.warning("%s: unknown message type %r ignored", self.dev, env.type)
         except (FedCoEError, KeyError, TypeError, ValueError) as exc:
@@ -300,6 +308,9 @@ class DeviceAgent:
         if s is None:
             raise DataError(f"task for round {rnd} before the welcome")
         if self.last_result is not None and self.last_result[0] == rnd:
+            if self.accepted.get(rnd):
+                log.info("%s: round %d task repeated; update already accepted", self.dev, rnd)
+                return
             log.info("%s: round %d task repeated; re-sending the same update", self.dev, rnd)
             _, result, base = self.last_result
             self._upload(rnd, result, base)
@@ -307,6 +318,13 @@ class DeviceAgent:
         params = decode_tensors(data)
         task = ClientTask(self.dev, rnd, params, [int(i) for i in ctx.get("expert_ids", [])],
                           dict(ctx.get("config", {})))
+        prev = rnd - 1
+        if prev in self.local_after and prev not in self.evaluated:
+            # A task carries exactly what a refresh would (the aggregated gate and this device's
+            # experts): score the personal model of the previous round with it, no extra bytes.
+            self._eval("personal", self._predict(params, task.expert_ids, self.local_after[prev], True), prev)
+            if self.cfg.device.bundle == "every":
+                self._rebuild_bundle(params, task.expert_ids, prev)
         t0 = time.perf_counter()
         with TORCH_LOCK:
             result, local = s.client_update(task, self.local_state, self.data)
@@ -351,7 +369,7 @@ class DeviceAgent:
         self._send(P.RESULT, {"manifest": manifest.to_dict(), "num_samples": result.num_samples,
                               "affinity": result.affinity, "metrics": result.metrics}, rnd)
         timeout = self.cfg.device.upload_timeout_s
-        ok = started.wait(timeout) and sender.wait(timeout)
+        ok = started.wait(timeout) and xid not in self.aborted and sender.wait(timeout)
         with self._lock:
             self.uploads.pop(xid, None)
         if ok:
@@ -361,9 +379,13 @@ class DeviceAgent:
         return ok
 
     def _handle_status(self, b: dict[str, Any]) -> None:
+        """After the last round no task follows, so fetch the final experts explicitly."""
         state, rnd = b.get("state"), int(b.get("round", 0))
-        if (state == "closed" and self.cfg.device.role == "train" and self.cfg.device.refresh_on_close
-                and rnd in self.rounds_done):
+        last = rnd >= int(b.get("rounds", rnd))
+        if (state in ("closed", "finished") and last and self.cfg.device.role == "train"
+                and self.cfg.device.refresh_on_close and rnd in self.local_after
+                and rnd not in self.evaluated and rnd not in self._refreshing):
+            self._refreshing.add(rnd)
             self._send(P.FETCH, {"expert_ids": None, "purpose": "refresh"}, rnd)
 
     def _handle_model(self, ctx: dict[str, Any], manifest: TransferManifest, data: bytes) -> None:
@@ -384,9 +406,12 @@ class DeviceAgent:
             log.info("%s: cold start ready with experts %s (version %s)", self.dev, ids, ctx.get("version"))
             self._eval("cold", probs, rnd)
         else:
+            if rnd in self.evaluated:
+                return
             local = self.local_after.get(rnd, self.local_state)
             self._eval("personal", self._predict(params, ids, local, use_local=True), rnd)
-        self._rebuild_bundle(ids)
+        if self.cfg.device.bundle != "off":
+            self._rebuild_bundle(params, ids, rnd)
 
     def _cold_choose(self, gate_params: dict[str, np.ndarray]) -> None:
         """Routing prior pi = mean g(x) on this device's unlabeled data; ask for the top-m."""
@@ -424,42 +449,44 @@ class DeviceAgent:
         total = int(labeled.sum())
         correct = int((probs.argmax(1)[labeled] == y[labeled]).sum())
         self.evals.append({"kind": kind, "round": rnd, "correct": correct, "total": total})
+        if kind == "personal":
+            self.evaluated.add(rnd)
         if total:
             self._send(P.EVAL, {"kind": kind, "correct": correct, "total": total}, rnd)
             log.info("%s: %s accuracy after round %d: %.4f (%d/%d)", self.dev, kind, rnd,
                      correct / total, correct, total)
 
-    def _rebuild_bundle(self, ids: list[int]) -> None:
-        """Rebuild the int8 ONNX bundle if the ``export`` package provides a builder."""
-        if not self.cfg.device.build_bundle:
-            return
-        builder = _bundle_builder()
-        if builder is None:
+    def _rebuild_bundle(self, params: dict[str, np.ndarray], ids: list[int], rnd: int) -> None:
+        """Rebuild the int8 ONNX bundle (``STATE/bundle``, served by ``fedcoe predict``) from the
+        global parameters just received and the private level, if ``export`` is installed."""
+        try:
+            from export.bundle import build_bundle
+        except ImportError:
             if not self._bundle_note:
-                log.info("%s: no bundle builder in the export package; bundle not rebuilt", self.dev)
+                log.info("%s: export package not installed; bundle not rebuilt", self.dev)
                 self._bundle_note = True
             return
         s = self.strategy
-        assert s is not None
+        model = getattr(s, "model", None)
+        if model is None:
+            return
+        x = self.data.x_train if len(self.data.x_train) else self.data.x_test
+        calib = x[np.random.default_rng(0).permutation(len(x))[:64]]
+        t0 = time.perf_counter()
         try:
             with TORCH_LOCK:
-                load_arrays(s.model, self.held)
-                if self.local_state is not None:
-                    load_arrays(s.model, self.local_state)
-                builder(s.model, self.state_dir / "bundle", expert_ids=ids,
-                        calibration=self.data.x_train if len(self.data.x_train) else self.data.x_test)
-            log.info("%s: bundle rebuilt in %s", self.dev, self.state_dir / "bundle")
-        except Exception as exc:  # the bundle is a convenience; training goes on without it
+                load_arrays(model, params)
+                if self.local_state is not None and self.cfg.device.role == "train":
+                    load_arrays(model, self.local_state)
+                build_bundle(model, self.state_dir / "bundle", calibration=calib,
+                             held=ids or None, include_fused=False,
+                             meta={"device": self.dev, "round": rnd,
+                                   "federation": self.topics.federation})
+        except Exception as exc:  # the bundle is a convenience; the federation goes on without it
             log.warning("%s: bundle rebuild failed: %s", self.dev, exc)
-
-
-def _bundle_builder() -> Any:
-    """``export.build_device_bundle(model, out_dir, expert_ids=..., calibration=...)`` if present."""
-    try:
-        import export
-    except ImportError:
-        return None
-    return getattr(export, "build_device_bundle", None)
+            return
+        log.info("%s: int8 bundle for round %d rebuilt in %s (%.1fs)", self.dev, rnd,
+                 self.state_dir / "bundle", time.perf_counter() - t0)
 
 
 def _memory_mb() -> float:

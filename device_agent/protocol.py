@@ -17,6 +17,7 @@ import hmac
 import json
 import logging
 import os
+import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -255,3 +256,12 @@ def presence_payload(state: str, **extra: Any) -> bytes:
     """Plain JSON for presence / coordinator status: the will is fixed at connect time, so it
     cannot carry a fresh signature; it only ever triggers behaviour that is safe to repeat."""
     return json.dumps({"state": state, **extra}, sort_keys=True).encode()
+
+
+def install_stop_handlers(stop: Callable[[], None]) -> None:
+    """SIGTERM/SIGINT call ``stop()`` (a clean shutdown) instead of killing the process."""
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        stop()
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

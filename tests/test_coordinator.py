@@ -1,0 +1,247 @@
+"""Coordinator daemon: config + env overrides, the SQLite round log, equivalence with the
+in-process simulator, deadline failures, and resume after a crash mid-round.
+
+The daemons are the real ones; the transport is the in-memory broker (the MQTT broker is
+exercised in test_federation_mqtt.py).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.config import load_config
+from coordinator.harness import EmbeddedFederation
+from coordinator.store import Store
+from device_agent.daemon import AgentHooks, DeviceAgent
+from fedcoe_edge.config import ModelConfig, TrainConfig
+from fedcoe_edge.data import make_federation
+from fedcoe_edge.errors import ConfigError
+from fedcoe_edge.simulation import SimulationConfig, run_one
+from fedcoe_edge.transport import MemoryBroker
+
+SECRET = "00112233445566778899aabbccddeeff"
+
+
+def memory_factory() -> tuple[MemoryBroker, object]:
+    broker = MemoryBroker()
+
+    def make(cid: str, will: object, birth: object) -> object:
+        return broker.client(cid, will=will, birth=birth)  # type: ignore[arg-type]
+    return broker, make
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# --- configuration ----------------------------------------------------------------------
+def test_config_file_env_overrides_and_relative_paths(tmp_path: Path) -> None:
+    cfg_path = write(tmp_path / "coordinator.toml", f"""
+[federation]
+id = "fleet"
+rounds = 4
+min_devices = 3
+quorum = 2
+state_dir = "st"
+[broker]
+port = 1884
+[security]
+secret = "{SECRET}"
+[model]
+num_global_experts = 6
+[train]
+experts_per_client = 3
+""")
+    env = {"FEDCOE_BROKER_PORT": "2883", "FEDCOE_FEDERATION_DEADLINE_S": "7.5",
+           "FEDCOE_FEDERATION_EXIT_WHEN_DONE": "yes", "FEDCOE_UNRELATED": "x"}
+    cfg = load_config(cfg_path, env)
+    assert cfg.federation.id == "fleet" and cfg.federation.rounds == 4
+    assert cfg.broker.port == 2883 and cfg.federation.deadline_s == 7.5
+    assert cfg.federation.exit_when_done is True
+    assert cfg.state_dir == tmp_path / "st"
+    assert cfg.model.num_global_experts == 6 and cfg.train.experts_per_client == 3
+    assert cfg.secret == bytes.fromhex(SECRET)
+
+
+@pytest.mark.parametrize(("text", "env", "match"), [
+    ("[federation]\nrounds = 0\n", {}, r"\[federation\] rounds must be >= 1"),
+    ("[federation]\nquorum = 5\nmin_devices = 2\n", {}, "quorum 5 exceeds min_devices 2"),
+    ("[federation]\nalgorithm = 'nope'\n", {}, "algorithm 'nope' unknown"),
+    ("[federation]\ncolour = 1\n", {}, r"unknown option\(s\) in \[federation\]: colour"),
+    ("[fedration]\n", {}, r"unknown section\(s\) fedration"),
+    ("", {"FEDCOE_BROKER_PORT": "abc"}, "FEDCOE_BROKER_PORT: expected an integer"),
+    ("", {"FEDCOE_BROKER_PORT": "70000"}, r"\[broker\].port must be in 1..65535"),
+    ("[model]\ntop_k = 9\n", {}, "model.top_k"),
+])
+def test_bad_config_names_what_and_where(tmp_path: Path, text: str, env: dict[str, str], match: str) -> None:
+    path = write(tmp_path / "c.toml", text + f"\n[security]\nsecret = \"{SECRET}\"\n")
+    with pytest.raises(ConfigError, match=match):
+        load_config(path, env)
+
+
+def test_missing_secret_and_bad_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="secret: missing"):
+        load_config(write(tmp_path / "a.toml", "[federation]\nid = 'x'\n"), {})
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(write(tmp_path / "b.toml", "[federation\n"), {})
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "none.toml", {})
+    cfg = load_config(write(tmp_path / "c.toml", "[federation]\nid = 'x'\n"),
+                      {"FEDCOE_SECURITY_SECRET": SECRET})
+    assert cfg.secret == bytes.fromhex(SECRET)
+
+
+# --- the daemon over the in-memory transport ------------------------------------------
+def test_daemons_reproduce_the_simulator_exactly(tmp_path: Path) -> None:
+    """Same strategy code path: uncompressed uploads make the deployed federation equal the
+    in-process simulator, round by round, to the last bit of accuracy."""
+    _, factory = memory_factory()
+    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=3, compress=False)
+    fed.start()
+    try:
+        fed.wait_rounds(90)
+        store = fed.coordinator.store  # type: ignore[union-attr]
+        rows = [store.round_summary(r) for r in range(1, 4)]
+        final_state = dict(fed.coordinator.strategy.global_state)  # type: ignore[union-attr]
+        uploads = {d: a.last_result for d, a in fed.agents.items()}
+    finally:
+        fed.stop()
+    sim_fed = make_federation("digits", "dirichlet", 3, 1, 0, 0.5, 20)
+    cfg = SimulationConfig(clients=3, new_clients=1, rounds=3, model=ModelConfig(expert_hidden=16),
+                           train=TrainConfig(local_epochs=1))
+    run = run_one("fedcoe", sim_fed, cfg, 0)
+    assert [r["global_acc"] for r in rows] == [p["global_acc"] for p in run.curve]
+    assert [r["personalized_acc"] for r in rows] == [p["personalized_acc"] for p in run.curve]
+    for name, value in run.strategy.global_state.items():
+        np.testing.assert_array_equal(final_state[name], value, err_msg=name)
+    # the private level never travels: uploads hold global names only
+    for _dev, (_rnd, result, _base) in uploads.items():  # type: ignore[misc]
+        assert result.params and all(n.startswith("global.") for n in result.params)
+    assert all(r["accepted"] == 3 and r["failed"] == 0 and r["rejected"] == 0 for r in rows)
+
+
+def test_partial_exchange_and_compression_cut_bytes(tmp_path: Path) -> None:
+    _, factory = memory_factory()
+    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=3)
+    fed.start()
+    try:
+        fed.wait_rounds(90)
+        store = fed.coordinator.store  # type: ignore[union-attr]
+        rows = [store.round_summary(r) for r in range(1, 4)]
+        experts = [fed.agents[d].held_ids for d in sorted(fed.agents)]
+    finally:
+        fed.stop()
+    m = TrainConfig().experts_per_client
+    assert all(len(e) == m for e in experts)  # after round 1 each device holds its top-m only
+    for r in rows[1:]:
+        assert r["bytes_down"] < 0.75 * r["bytes_full"]  # gate + m of K experts
+        assert r["bytes_up"] < 0.3 * r["bytes_full"]  # ... and int8 deltas on the way up
+
+
+def test_silent_device_is_a_failure_at_the_deadline(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A device that never uploads does not hang the round: at the deadline it is a Failure
+    handed to the strategy, counted in the round log; the other updates are aggregated."""
+    _, factory = memory_factory()
+    hooks = {"2": AgentHooks(before_upload=lambda agent, rnd: False)}
+    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=1, deadline_s=2.0, hooks=hooks)
+    fed.start()
+    try:
+        fed.wait(lambda: fed.coordinator.finished, 60, "round 1")  # type: ignore[union-attr]
+        store = fed.coordinator.store  # type: ignore[union-attr]
+        s = store.round_summary(1)
+        failures = store.events(1, "failure")
+        version = fed.coordinator.strategy.version  # type: ignore[union-attr]
+    finally:
+        fed.stop()
+    assert s["accepted"] == 2 and s["failed"] == 1 and s["applied"]
+    assert [(f["device"], f["reason"]) for f in failures] == [("2", "deadline passed with no accepted update")]
+    assert version == 1
+    assert "failure device=2 round=1 reason=deadline passed" in caplog.text
+
+
+def test_quorum_not_met_keeps_the_global_state(tmp_path: Path) -> None:
+    _, factory = memory_factory()
+    silent = AgentHooks(before_upload=lambda agent, rnd: False)
+    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=1, deadline_s=1.5, quorum=2,
+                             hooks={"1": silent, "2": silent})
+    fed.start()
+    try:
+        fed.wait(lambda: fed.coordinator.finished, 60, "round 1")  # type: ignore[union-attr]
+        r = fed.coordinator.store.round(1)  # type: ignore[union-attr]
+        version = fed.coordinator.strategy.version  # type: ignore[union-attr]
+    finally:
+        fed.stop()
+    assert r is not None and r["applied"] == 0 and "quorum not met (1 < 2)" in r["note"]
+    assert version == 0
+
+
+def test_resume_after_crash_mid_round_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    """Kill the coordinator while round 2 is open with 2 of 3 updates persisted; a new
+    coordinator on the same state folder reloads the tasks and accepted updates, the third
+    device re-sends its update, and the result equals a run that never crashed."""
+    _, factory = memory_factory()
+    ref = EmbeddedFederation(tmp_path / "ref", factory, devices=3, rounds=3)
+    ref.start()
+    try:
+        ref.wait_rounds(90)
+        want = dict(ref.coordinator.strategy.global_state)  # type: ignore[union-attr]
+    finally:
+        ref.stop()
+
+    _, factory2 = memory_factory()
+    held = threading.Event()
+
+    def hold_round2(agent: DeviceAgent, rnd: int) -> bool:
+        if rnd == 2 and not held.is_set():
+            held.set()
+            return False  # trained, but the upload is held back until the coordinator restarts
+        return True
+
+    fed = EmbeddedFederation(tmp_path / "crash", factory2, devices=3, rounds=3,
+                             hooks={"1": AgentHooks(before_upload=hold_round2)})
+    fed.start()
+    try:
+        c = fed.coordinator
+        assert c is not None
+        fed.wait(lambda: c.round == 2 and len(c.results) == 2 and held.is_set(), 60, "round 2 half done")
+        c.stop()  # the run loop exits without closing the round: the database says "open"
+        for t in fed.threads:
+            t.join(timeout=10)
+        db = Store(tmp_path / "crash" / "coordinator" / "coordinator.sqlite")
+        assert db.last_round()["state"] == "open" and len(db.updates(2)) == 2  # type: ignore[index]
+        db.close()
+        fed.threads.clear()
+        fed.coordinator = None
+        fed.start_coordinator()
+        fed.wait_rounds(90)
+        got = dict(fed.coordinator.strategy.global_state)  # type: ignore[union-attr]
+        rows = [fed.coordinator.store.round_summary(r) for r in (1, 2, 3)]  # type: ignore[union-attr]
+    finally:
+        fed.stop()
+    assert [r["accepted"] for r in rows] == [3, 3, 3]
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+def test_store_round_log_roundtrip(tmp_path: Path) -> None:
+    s = Store(tmp_path / "db.sqlite")
+    s.register("pi", "train", {"tier": "small", "memory_mb": 512.0, "num_samples": 10, "label_hist": [1, 2]})
+    s.open_round(1, ["pi"], {"pi": [0, 2]}, 0.0, 0, 1000)
+    s.add_traffic(1, "pi", "down", "train", 600)
+    s.add_traffic(1, "pi", "up", "train", 100)
+    s.add_event(1, "pi", "rejected", "bad HMAC")
+    s.add_eval(1, "pi", "personal", 8, 10)
+    s.close_round(1, 1, True, "ok")
+    row = s.round_summary(1)
+    assert (row["bytes_down"], row["bytes_up"], row["bytes_full"], row["rejected"]) == (600, 100, 1000, 1)
+    assert row["personalized_acc"] == 0.8 and row["state"] == "closed"
+    assert s.devices()[0]["label_hist"] == "[1, 2]"
+    s.close()
+    ro = Store(tmp_path / "db.sqlite", readonly=True)
+    assert ro.round(1)["note"] == "ok"  # type: ignore[index]
+    ro.close()
