@@ -393,14 +393,14 @@ class MoESession:
     # --- inference -----------------------------------------------------------------------
     def _check_input(self, x: Any) -> np.ndarray:
         first = "trunk" if "trunk" in self._sessions else "global_gate"
-        want = ("batch", *self.input_shape)
+        want = "(batch, " + ", ".join(str(d) for d in self.input_shape) + ")"
         if not isinstance(x, np.ndarray):
             raise ValidationError(f"MoESession input for part '{first}': expected a numpy array "
                                   f"of shape {want}, got {type(x).__name__}")
         if x.dtype != np.float32:
             raise ValidationError(f"MoESession input for part '{first}': expected dtype float32, "
                                   f"got {x.dtype}")
-        if x.ndim != len(want) or tuple(x.shape[1:]) != self.input_shape or x.shape[0] < 1:
+        if x.ndim != 1 + len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape or x.shape[0] < 1:
             raise ValidationError(f"MoESession input for part '{first}': expected shape {want}, "
                                   f"got {tuple(x.shape)}")
         return np.ascontiguousarray(x)
