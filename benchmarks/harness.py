@@ -147,6 +147,20 @@ class ArtifactStore:
 
 
 Preparer = Callable[[Case, ArtifactStore], Prepared]
+
+
+def _onnx_precisions() -> dict[str, Any]:
+    from benchmarks.onnx_utils import QuantizeOptions
+
+    return {
+        "fp32": None,
+        # int8 steps of the HardSwish fix, kept to measure each step against the next.
+        "int8-naive": QuantizeOptions.naive(),
+        "int8-gap": QuantizeOptions(fold_hardsigmoid=False, global_pool=True),
+        "int8": QuantizeOptions(),
+    }
+
+
 _PREPARERS: dict[str, Preparer] = {}
 
 
@@ -246,34 +260,31 @@ def _prepare_onnx(
 ) -> Prepared:
     import torch
 
-    from benchmarks.onnx_utils import (
-        OPSET,
-        QuantizeOptions,
-        export_onnx,
-        quantize_int8,
-        random_calibration,
-    )
+    from benchmarks.onnx_utils import OPSET, export_onnx, quantize_int8, random_calibration
     from benchmarks.ort_session import make_session, session_runner
 
     stem = f"{key}-{case.input_size}-b{case.batch}"
     example = torch.randn(*case.input_shape, generator=torch.Generator().manual_seed(0))
+    precisions = _onnx_precisions()
+    if case.precision not in precisions:
+        raise ConfigError(
+            f"{case.id}: unknown precision {case.precision!r} (one of {sorted(precisions)})"
+        )
     naive = case.precision == "int8-naive"
     fp32 = store.get(
         f"{stem}{'-raw' if naive else ''}-fp32.onnx",
         lambda p: export_onnx(model, example, p, global_pool=not naive),
     )
-    if case.precision == "fp32":
+    options = precisions[case.precision]
+    if options is None:
         path = fp32
-    elif case.precision in ("int8", "int8-naive"):
-        options = QuantizeOptions.naive() if naive else QuantizeOptions()
+    else:
         path = store.get(
             f"{stem}-{case.precision}.onnx",
             lambda p: quantize_int8(
                 fp32, p, random_calibration("x", case.input_shape, count=8), options
             ),
         )
-    else:
-        raise ConfigError(f"{case.id}: unknown precision {case.precision!r}")
     session = make_session(path, case.threads, spinning=case.spinning)
     x = np.random.default_rng(0).standard_normal(case.input_shape).astype(np.float32)
     run = session_runner(session, {session.get_inputs()[0].name: x})
@@ -384,8 +395,9 @@ def rounds_for(
     min_rounds: int = 15,
     max_rounds: int = 300,
 ) -> int:
-    """How many timed rounds fit in ``target_seconds``, from the best of three probe calls."""
-    probe = min(_time_once(run) for _ in range(3))
+    """How many timed rounds fit in ``target_seconds``, from the median of three probe calls
+    (not the best: on a loaded machine the best underestimates and the run overshoots)."""
+    probe = statistics.median(_time_once(run) for _ in range(3))
     return int(min(max_rounds, max(min_rounds, target_seconds / max(probe, 1e-6))))
 
 

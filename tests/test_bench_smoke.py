@@ -329,3 +329,17 @@ def test_report_rejects_foreign_json(tmp_path: Path) -> None:
         load_rows(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_rows(tmp_path / "missing.json")
+
+
+def test_interleaved_times_every_case_each_round(tmp_path: Path) -> None:
+    from benchmarks.compare import interleaved
+
+    cases = [
+        Case("tiny_convnet", "torch", "fp32", 32),
+        Case("tiny_convnet_moe", "torch", "fp32", 32),
+    ]
+    stats = interleaved(cases, ArtifactStore(tmp_path), rounds=3, warmup=1)
+    assert list(stats) == [c.id for c in cases]
+    assert all(s["rounds"] == 3 and s["p50_ms"] > 0 for s in stats.values())
+    with pytest.raises(ConfigError, match="single-thread"):
+        interleaved([Case("tiny_convnet", "torch", "fp32", 32, threads=2)], ArtifactStore(tmp_path))

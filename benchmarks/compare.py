@@ -1,0 +1,87 @@
+"""Interleaved (round-robin) timing of several cases, for ratios that survive a noisy machine.
+
+pytest-benchmark times one case after another, so a neighbour's burst of work lands on
+whichever case was running. Here every case is prepared first and then called in turn,
+round after round, so all cases see the same background load and their *ratios* stay
+meaningful on a shared VM or a throttling board. Single-thread cases only: idle
+multi-threaded pools would spin and steal the core from the case being timed.
+
+``python -m benchmarks.compare`` times the int8 fix ablation (torch eager, ONNX fp32,
+int8 unfixed, int8 with the pooling rewrite, int8 fully fixed) of MobileNetV2 and
+V3-Small at 224x224, batch 1, one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import ArtifactStore, Case, prepare, summarize
+from fedcoe_edge.errors import ConfigError
+
+__all__ = ["ABLATION", "interleaved"]
+
+ABLATION: tuple[tuple[str, str], ...] = (
+    ("torch", "fp32"),
+    ("onnxruntime", "fp32"),
+    ("onnxruntime", "int8-naive"),
+    ("onnxruntime", "int8-gap"),
+    ("onnxruntime", "int8"),
+)
+
+
+def interleaved(
+    cases: Sequence[Case], store: ArtifactStore, rounds: int = 100, warmup: int = 5
+) -> dict[str, dict[str, float]]:
+    """p50/p95/p99 (ms) per case id, timing one call of each case per round."""
+    if any(c.threads != 1 for c in cases):
+        raise ConfigError("interleaved: only single-thread cases can be interleaved fairly")
+    prepared = [prepare(c, store) for c in cases]
+    times: list[list[float]] = [[] for _ in cases]
+    try:
+        for _ in range(warmup):
+            for p in prepared:
+                p.run()
+        for _ in range(rounds):
+            for i, p in enumerate(prepared):
+                t0 = time.perf_counter()
+                p.run()
+                times[i].append(time.perf_counter() - t0)
+    finally:
+        for p in prepared:
+            p.close()
+    return {c.id: summarize(t) for c, t in zip(cases, times, strict=True)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="round-robin latency comparison")
+    parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "mobilenet_v3_small"])
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--workdir", type=Path, default=None, help="keep exported files here")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    cases = [Case(m, rt, p, args.input_size) for m in args.models for rt, p in ABLATION]
+    with tempfile.TemporaryDirectory(prefix="fedcoe-compare-") as tmp:
+        store = ArtifactStore(args.workdir or tmp)
+        stats = interleaved(cases, store, rounds=args.rounds)
+    rows: list[tuple[Any, ...]] = []
+    for c in cases:
+        s = stats[c.id]
+        rows.append((c.model, c.runtime, c.precision, s["p50_ms"], s["p95_ms"], s["p99_ms"]))
+    print(
+        f"{'model':<20} {'runtime':<12} {'precision':<11} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
+    )
+    for r in rows:
+        print(f"{r[0]:<20} {r[1]:<12} {r[2]:<11} {r[3]:8.3f} {r[4]:8.3f} {r[5]:8.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
