@@ -374,6 +374,8 @@ class DeviceAgent:
             self.uploads.pop(xid, None)
         if ok:
             log.info("%s: round %d uploaded %d bytes (%s)", self.dev, rnd, len(data), encoding)
+        elif xid in self.aborted:
+            log.warning("%s: round %d upload refused by the coordinator", self.dev, rnd)
         else:
             log.warning("%s: round %d upload not confirmed within %.0fs", self.dev, rnd, timeout)
         return ok

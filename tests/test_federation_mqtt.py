@@ -1,0 +1,194 @@
+"""FedCoE federations over a real Mosquitto (started on a free loopback port).
+
+* three devices complete rounds, and reach exactly what the in-memory transport reaches
+  for the same seed (the same strategy code path), with every message chunked under a
+  small broker packet limit;
+* each bad input (malformed envelope, bad HMAC, chunk for an unknown transfer, wrong
+  shapes, non-finite values, a duplicate, an update for a closed round) is rejected with a
+  log line naming device, round and reason and counted in the round log, while the rounds
+  still complete;
+* a device vanishing mid-round (socket cut, last-will published) is a failure at the
+  deadline, not a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from coordinator.harness import DEMO_SECRET, EmbeddedFederation
+from device_agent.daemon import AgentHooks, DeviceAgent
+from device_agent.protocol import BrokerSettings, device_key, mqtt_factory
+from fedcoe_edge.errors import WireError
+from fedcoe_edge.transport import MemoryBroker, Topics
+from fedcoe_edge.transport.mqtt import MqttTransport
+from fedcoe_edge.wire import Envelope, encode_chunk, encode_envelope
+
+pytestmark = pytest.mark.integration
+
+PACKET_LIMIT = 8 * 1024
+
+
+def memory_factory() -> Any:
+    broker = MemoryBroker()
+    return lambda cid, will, birth: broker.client(cid, will=will, birth=birth)
+
+
+def run_federation(root: Path, factory: Any, **kw: Any) -> dict[str, Any]:
+    fed = EmbeddedFederation(root, factory, **kw)
+    fed.start()
+    try:
+        fed.wait_rounds(120)
+        c = fed.coordinator
+        assert c is not None
+        return {"rows": [c.store.round_summary(r) for r in range(1, fed.rounds + 1)],
+                "state": dict(c.strategy.global_state), "events": c.store.events(),
+                "max_packet": c.transport.max_packet_size if c.transport else None}
+    finally:
+        fed.stop()
+
+
+def test_three_devices_over_mosquitto_match_the_memory_transport(tmp_path: Path, make_mosquitto: Any) -> None:
+    broker = make_mosquitto(max_packet_size=PACKET_LIMIT)
+    mqtt = run_federation(tmp_path / "mqtt", mqtt_factory(BrokerSettings(port=broker.port)),
+                          devices=3, rounds=3)
+    mem = run_federation(tmp_path / "mem", memory_factory(), devices=3, rounds=3)
+    assert [r["accepted"] for r in mqtt["rows"]] == [3, 3, 3]
+    assert [r["global_acc"] for r in mqtt["rows"]] == [r["global_acc"] for r in mem["rows"]]
+    assert [r["personalized_acc"] for r in mqtt["rows"]] == [r["personalized_acc"] for r in mem["rows"]]
+    for name, value in mem["state"].items():
+        np.testing.assert_array_equal(mqtt["state"][name], value, err_msg=name)
+    assert mqtt["events"] == []
+    # every transfer exceeded one broker packet, so it could only have arrived in chunks
+    assert mqtt["max_packet"] == PACKET_LIMIT
+    per_device_down = mqtt["rows"][0]["bytes_down"] / 3
+    assert per_device_down > 3 * PACKET_LIMIT
+    t = MqttTransport("probe", broker.host, broker.port)
+    t.connect()
+    try:
+        with pytest.raises(WireError, match="send it as a chunked transfer"):
+            t.check_size(Topics("test").dn_blob("0", "x"), int(per_device_down), 1, False)
+    finally:
+        t.close()
+
+
+def forged(sender: str, key: bytes, rnd: int) -> bytes:
+    env = Envelope.new("result", federation="test", sender=sender, recipient="coordinator", round=rnd,
+                       body={"num_samples": 1})
+    return encode_envelope(env, key)
+
+
+def test_bad_inputs_are_rejected_and_counted_while_rounds_complete(
+        tmp_path: Path, make_mosquitto: Any, caplog: pytest.LogCaptureFixture) -> None:
+    broker = make_mosquitto()
+    release = threading.Event()
+
+    def wrong_shape(rnd: int, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if rnd == 1:
+            name = "global.gate.net.weight" if "global.gate.net.weight" in params else sorted(params)[0]
+            params[name] = params[name].reshape(-1)
+        return params
+
+    def non_finite(rnd: int, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if rnd == 2:
+            name = sorted(params)[-1]
+            params[name] = params[name].copy()
+            params[name].flat[0] = np.nan
+        return params
+
+    def hold_round1(agent: DeviceAgent, rnd: int) -> bool:
+        if rnd == 1:
+            release.wait(60)  # keep round 1 open while the test injects its bad inputs
+        return True
+
+    hooks = {"0": AgentHooks(tamper=wrong_shape),
+             "1": AgentHooks(tamper=non_finite, before_upload=hold_round1)}
+    fed = EmbeddedFederation(tmp_path, mqtt_factory(BrokerSettings(port=broker.port)), devices=3,
+                             rounds=2, compress=False, hooks=hooks)
+    fed.start()
+    intruder = MqttTransport("intruder", broker.host, broker.port)
+    try:
+        c = fed.coordinator
+        assert c is not None
+        fed.wait(lambda: c.round == 1 and "2" in c.results and "0" in c.failed, 60, "round 1 half done")
+        topics = Topics("test")
+        intruder.connect()
+        intruder.publish(topics.up_ctl("0"), b"{not json")
+        intruder.publish(topics.up_ctl("1"), forged("1", b"k" * 32, 1))
+        intruder.publish(topics.up_blob("2", "feedface"), encode_chunk("feedface", 0, 1, b"junk"))
+        # device 2 sends its (accepted) round-1 update a second time, as a new transfer
+        a2 = fed.agents["2"]
+        assert a2.last_result is not None and a2.last_result[0] == 1
+        a2._upload(1, a2.last_result[1], a2.last_result[2])
+
+        def rejected(dev: str, rnd: int, text: str) -> bool:
+            return any(e["device"] == dev and e["round"] == rnd and text in e["reason"]
+                       for e in c.store.events(kind="rejected"))
+        fed.wait(lambda: rejected("0", 1, "not valid JSON") and rejected("1", 1, "bad HMAC")
+                 and rejected("2", 1, "chunk for unknown transfer"), 30, "intruder rejections")
+        release.set()
+        fed.wait_rounds(120)
+        # after the last round: device 2 re-sends its round-2 update
+        a2._upload(2, a2.last_result[1], a2.last_result[2])
+        fed.wait(lambda: rejected("2", 2, "update for closed round 2"), 30, "closed-round rejection")
+        rows = [c.store.round_summary(r) for r in (1, 2)]
+        failures = {(f["device"], f["round"]): f["reason"] for f in c.store.events(kind="failure")}
+        events = c.store.events(kind="rejected")
+    finally:
+        release.set()
+        intruder.close()
+        fed.stop()
+
+    expected = [("0", 1, "envelope: envelope: not valid JSON"), ("1", 1, "bad HMAC"),
+                ("2", 1, "chunk for unknown transfer 'feedface'"),
+                ("0", 1, "has shape"), ("2", 1, "duplicate update for round 1"),
+                ("1", 2, "non-finite value"), ("2", 2, "update for closed round 2")]
+    for dev, rnd, text in expected:
+        assert any(e["device"] == dev and e["round"] == rnd and text in e["reason"] for e in events), text
+        assert any(f"rejected device={dev} round={rnd} reason=" in line and text in line
+                   for line in caplog.text.splitlines()), (dev, rnd, text)
+    assert [r["state"] for r in rows] == ["closed", "closed"]
+    assert (rows[0]["accepted"], rows[0]["failed"]) == (2, 1)  # device 0: wrong shapes
+    assert (rows[1]["accepted"], rows[1]["failed"]) == (2, 1)  # device 1: non-finite
+    assert rows[0]["rejected"] >= 5 and rows[1]["rejected"] >= 1
+    assert "update rejected" in failures[("0", 1)] and "non-finite" in failures[("1", 2)]
+
+
+def test_device_vanishing_mid_round_is_a_failure_at_the_deadline(
+        tmp_path: Path, make_mosquitto: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="fedcoe")
+    broker = make_mosquitto()
+
+    def vanish(agent: DeviceAgent, rnd: int) -> bool:
+        if rnd == 2:
+            t = agent.transport
+            assert isinstance(t, MqttTransport)
+            t.drop_connection()  # power loss: no DISCONNECT, the broker publishes the will
+            t.close()
+            agent.stop()
+            return False
+        return True
+
+    fed = EmbeddedFederation(tmp_path, mqtt_factory(BrokerSettings(port=broker.port)), devices=3,
+                             rounds=2, deadline_s=4.0, hooks={"2": AgentHooks(before_upload=vanish)})
+    fed.start()
+    try:
+        c = fed.coordinator
+        assert c is not None
+        fed.wait(lambda: c.finished, 90, "two rounds")
+        rows = [c.store.round_summary(r) for r in (1, 2)]
+        failures = c.store.events(2, "failure")
+        online = c.available()
+    finally:
+        fed.stop()
+    assert [r["accepted"] for r in rows] == [3, 2]
+    assert [(f["device"], f["reason"]) for f in failures] == [("2", "deadline passed with no accepted update")]
+    assert rows[1]["applied"] and "2" not in online
+    assert "device 2 went offline" in caplog.text
+    assert "failure device=2 round=2 reason=deadline passed" in caplog.text
+    assert device_key(DEMO_SECRET, "2") != device_key(DEMO_SECRET, "1")
