@@ -217,10 +217,13 @@ def export_report(model: Any, bundle: Path, manifest: dict[str, Any], held: list
     mask = torch.zeros(model.cfg.num_global_experts, dtype=torch.bool)
     mask[held] = True
     p_torch = predict_probs(model, x, expert_mask=mask)
-    fp32 = MoESession(bundle, precision="fp32")
-    p_fp32 = fp32.predict(x)
+    has_fp32 = all(p.get("fp32") for p in manifest["parts"].values())
+    fp32 = MoESession(bundle, precision="fp32") if has_fp32 else None
+    p_fp32 = fp32.predict(x) if fp32 is not None else None
     quantized = manifest["quantization"]["mode"] != "fp32"
     p_int8 = MoESession(bundle).predict(x) if quantized else None
+    # without fp32 copies (--no-fp32) the int8 files are compared with torch instead
+    p_ref = p_fp32 if p_fp32 is not None else p_torch
 
     def acc(p: np.ndarray | None) -> float | None:
         return None if p is None or y is None else round(float((p.argmax(1) == y).mean()), 6)
@@ -238,16 +241,17 @@ def export_report(model: Any, bundle: Path, manifest: dict[str, Any], held: list
         "torch_acc": acc(p_torch),
         "fp32_acc": acc(p_fp32),
         "int8_acc": acc(p_int8),
-        "fp32_max_abs_diff": float(np.abs(p_fp32 - p_torch).max()),
+        "fp32_max_abs_diff": None if p_fp32 is None else float(np.abs(p_fp32 - p_torch).max()),
         "int8_top1_agreement": (None if p_int8 is None
-                                else round(float((p_int8.argmax(1) == p_fp32.argmax(1)).mean()), 6)),
-        "int8_max_abs_diff": None if p_int8 is None else float(np.abs(p_int8 - p_fp32).max()),
+                                else round(float((p_int8.argmax(1) == p_ref.argmax(1)).mean()), 6)),
+        "int8_max_abs_diff": None if p_int8 is None else float(np.abs(p_int8 - p_ref).max()),
+        "int8_reference": "onnx fp32" if p_fp32 is not None else "torch",
         "sizes": sizes,
         "total_fp32_bytes": sum(s["fp32_bytes"] or 0 for s in sizes.values()),
         "total_int8_bytes": sum(s["int8_bytes"] or 0 for s in sizes.values()) if quantized else None,
         "torch_state_bytes": serialized_nbytes(used),
     }
-    if manifest.get("fused") is not None:
+    if manifest.get("fused") is not None and fp32 is not None:
         p_fused, _ = fp32.run_fused(x)
         report["fused_max_abs_diff"] = float(np.abs(p_fused - p_torch).max())
     return report
@@ -258,16 +262,23 @@ def format_report(r: dict[str, Any]) -> str:
     def f(v: float | None) -> str:
         return "-" if v is None else f"{v:.4f}"
 
+    def nbytes(v: int | None) -> str:
+        return f"{v:,}" if v else "-"
+
     lines = [f"bundle {r['bundle']} (client {r.get('client')}, experts {r['held_experts']}, "
              f"{r['samples']} held-out samples)",
              f"{'model':<12}{'accuracy':>10}{'bytes':>12}",
-             f"{'torch':<12}{f(r['torch_acc']):>10}{r['torch_state_bytes']:>12,}",
-             f"{'onnx fp32':<12}{f(r['fp32_acc']):>10}{r['total_fp32_bytes']:>12,}"]
+             f"{'torch':<12}{f(r['torch_acc']):>10}{nbytes(r['torch_state_bytes']):>12}",
+             f"{'onnx fp32':<12}{f(r['fp32_acc']):>10}{nbytes(r['total_fp32_bytes']):>12}"]
     if r["total_int8_bytes"] is not None:
-        lines.append(f"{'onnx int8':<12}{f(r['int8_acc']):>10}{r['total_int8_bytes']:>12,}")
-    lines.append(f"fp32 vs torch max |dp| {r['fp32_max_abs_diff']:.2e}"
-                 + (f"; int8 top-1 agreement {r['int8_top1_agreement']:.4f}"
-                    if r["int8_top1_agreement"] is not None else ""))
+        lines.append(f"{'onnx int8':<12}{f(r['int8_acc']):>10}{nbytes(r['total_int8_bytes']):>12}")
+    parity = []
+    if r["fp32_max_abs_diff"] is not None:
+        parity.append(f"fp32 vs torch max |dp| {r['fp32_max_abs_diff']:.2e}")
+    if r["int8_top1_agreement"] is not None:
+        parity.append(f"int8 top-1 agreement with {r['int8_reference']} "
+                      f"{r['int8_top1_agreement']:.4f}")
+    lines.append("; ".join(parity))
     lines.append(f"{'part':<15}{'quantization':>14}{'fp32 B':>10}{'int8 B':>10}")
     for name, s in r["sizes"].items():
         lines.append(f"{name:<15}{s['quantization']:>14}{s['fp32_bytes'] or '-':>10}"

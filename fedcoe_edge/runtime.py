@@ -472,6 +472,9 @@ class MoESession:
         with self._lock:
             feats = self.features(x)
             mask = self._mask(expert_mask)
+            p = self._prior(prior)
+            if p is not None and p.ndim == 2 and p.shape[0] != feats.shape[0]:
+                raise ValidationError(f"prior: {p.shape[0]} rows for a batch of {feats.shape[0]}")
             logits = np.where(mask, self.gate_logits(feats, prior), -np.inf)
             gate_probs = softmax(logits)
             routing = topk_routing(gate_probs, self.cfg.top_k)

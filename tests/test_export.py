@@ -264,3 +264,19 @@ def test_cli_errors_are_one_line(digits_moe, digits_bundle, tmp_path, capsys):
     rc = main(["predict", "--bundle", str(digits_bundle), "--input", str(tmp_path / "wide.npy")])
     err = capsys.readouterr().err
     assert rc == 2 and "part 'global_gate'" in err and "(2, 64)" in err
+
+
+def test_cli_export_static_without_fp32_copies(digits_moe, tmp_path, capsys):
+    ckpt = write_checkpoint(digits_moe[0], tmp_path)
+    out, report_path = tmp_path / "bundle", tmp_path / "report.json"
+    rc = main(["export", "--checkpoint-dir", str(ckpt / "fedcoe"), "--client", "0", "--out", str(out),
+               "--quant-mode", "static", "--experts", "0,2", "--no-fp32", "--no-fused",
+               "--calibration-samples", "32", "--report", str(report_path)])
+    assert rc == 0
+    report = json.loads(report_path.read_text())
+    assert report["held_experts"] == [0, 2] and report["fp32_max_abs_diff"] is None
+    assert report["int8_reference"] == "torch" and report["int8_top1_agreement"] >= 0.9
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {p["quantization"] for p in manifest["parts"].values()} == {"static_int8"}
+    assert manifest["fused"] is None and not (out / "fp32").exists()
+    assert "int8 top-1 agreement with torch" in capsys.readouterr().out
