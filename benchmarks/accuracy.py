@@ -147,8 +147,9 @@ def load_cache(path: Path) -> dict[str, dict[str, Any]]:
 
 def append_cache(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
     with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+        fh.write(("\n" if torn else "") + json.dumps(record) + "\n")  # never glue onto a torn line
         fh.flush()
         os.fsync(fh.fileno())
 
