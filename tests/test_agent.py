@@ -1,0 +1,200 @@
+"""Device agent: configuration, its own data (npz, image folder, demo dataset), the private
+level on disk that never travels, and the cold-start path of a late device."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from coordinator.harness import DEMO_SECRET, EmbeddedFederation
+from device_agent.config import DataSettings, load_config
+from device_agent.daemon import DeviceAgent
+from device_agent.data import load_data, load_image_folder, load_npz
+from device_agent.protocol import device_key
+from fedcoe_edge.checkpoint import load_arrays_file
+from fedcoe_edge.cli import main as fedcoe_main
+from fedcoe_edge.data import make_federation
+from fedcoe_edge.errors import ConfigError, DataError
+from fedcoe_edge.training import accuracy
+from fedcoe_edge.transport import MemoryBroker
+
+SECRET_HEX = DEMO_SECRET.hex()
+
+
+def memory_factory() -> Any:
+    broker = MemoryBroker()
+    return lambda cid, will, birth: broker.client(cid, will=will, birth=birth)
+
+
+# --- configuration ----------------------------------------------------------------------
+def test_agent_config_derives_its_key_and_takes_env_overrides(tmp_path: Path) -> None:
+    (tmp_path / "secret.hex").write_text(SECRET_HEX + "\n")
+    (tmp_path / "agent.toml").write_text("""
+[device]
+id = "pi-1"
+tier = "small"
+[security]
+secret_file = "secret.hex"
+[data]
+npz = "data/mine.npz"
+""")
+    cfg = load_config(tmp_path / "agent.toml", {"FEDCOE_DEVICE_ID": "pi-7", "FEDCOE_BROKER_HOST": "10.0.0.2",
+                                                "FEDCOE_DEVICE_COMPRESS_UPLOADS": "false"})
+    assert cfg.device.id == "pi-7" and cfg.broker.host == "10.0.0.2"
+    assert cfg.device.compress_uploads is False
+    assert cfg.key == device_key(DEMO_SECRET, "pi-7")  # per-device key from the federation secret
+    assert cfg.state_dir == tmp_path / "state" / "pi-7"
+    assert cfg.data.npz == str(tmp_path / "data" / "mine.npz")
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("[device]\nid = 'a'\n[data]\ndataset = 'digits'\n", r"\[security\] needs key"),
+    ("[security]\nkey = '" + "ab" * 16 + "'\n[data]\ndataset = 'digits'\n", r"\[device\] id is required"),
+    ("[device]\nid = 'a/b'\n[security]\nkey = '" + "ab" * 16 + "'\n[data]\ndataset = 'digits'\n", "must match"),
+    ("[device]\nid = 'a'\n[security]\nkey = 'abcd'\n[data]\ndataset = 'digits'\n", "at least 16 bytes"),
+    ("[device]\nid = 'a'\n[security]\nkey = '" + "ab" * 16 + "'\n[data]\n", "exactly one of npz"),
+    ("[device]\nid = 'a'\nrole = 'boss'\n[security]\nkey = '" + "ab" * 16 + "'\n[data]\ndataset = 'd'\n",
+     "role must be train|cold"),
+    ("[device]\nid = 'a'\nbundle = 'x'\n[security]\nkey = '" + "ab" * 16 + "'\n[data]\ndataset = 'd'\n",
+     "bundle must be every|final|off"),
+])
+def test_bad_agent_config(tmp_path: Path, text: str, match: str) -> None:
+    (tmp_path / "agent.toml").write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(tmp_path / "agent.toml", {})
+
+
+# --- data -------------------------------------------------------------------------------
+def test_npz_sources(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 1, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, 40)
+    np.savez(tmp_path / "split.npz", x_train=x[:30], y_train=y[:30], x_test=x[30:], y_test=y[30:])
+    d = load_npz(tmp_path / "split.npz", DataSettings())
+    assert (d.num_train, len(d.y_test)) == (30, 10) and d.y_train.dtype == np.int64
+    np.savez(tmp_path / "xy.npz", x=x, y=y)
+    d = load_npz(tmp_path / "xy.npz", DataSettings(test_fraction=0.25))
+    assert (d.num_train, len(d.y_test)) == (30, 10)
+    np.testing.assert_array_equal(np.sort(np.concatenate([d.y_train, d.y_test])), np.sort(y))
+    np.savez(tmp_path / "unlabeled.npz", x=x)
+    d = load_npz(tmp_path / "unlabeled.npz", DataSettings())
+    assert d.num_train == 0 and len(d.x_test) == 40 and (d.y_test == -1).all()
+    np.savez(tmp_path / "bad.npz", x=x, y=y[:5])
+    with pytest.raises(DataError, match="40 inputs but 5 labels"):
+        load_npz(tmp_path / "bad.npz", DataSettings())
+    np.savez(tmp_path / "nan.npz", x=np.full((4, 2), np.nan, np.float32), y=np.zeros(4, np.int64))
+    with pytest.raises(DataError, match="non-finite"):
+        load_npz(tmp_path / "nan.npz", DataSettings())
+    with pytest.raises(DataError, match="data file not found"):
+        load_npz(tmp_path / "none.npz", DataSettings())
+
+
+def test_image_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "dog" / "notes.txt").write_text("ignored")
+    d = load_image_folder(tmp_path, DataSettings(image_shape=[1, 8, 8], test_fraction=0.25))
+    assert d.x_train.shape == (6, 1, 8, 8) and d.x_train.dtype == np.float32
+    assert d.x_train.min() >= 0 and d.x_train.max() <= 1
+    assert sorted(np.concatenate([d.y_train, d.y_test]).tolist()) == [0] * 4 + [1] * 4
+    (tmp_path / "dog" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="broken.png: unreadable image"):
+        load_image_folder(tmp_path, DataSettings())
+
+
+def test_demo_dataset_client_is_the_simulators_split() -> None:
+    d = load_data(DataSettings(dataset="digits", client="2", num_clients=4, new_clients=1))
+    fed = make_federation("digits", "dirichlet", 4, 1, 0, 0.5, 20)
+    np.testing.assert_array_equal(d.x_train, fed.clients["2"].x_train)
+    cold = load_data(DataSettings(dataset="digits", client="new0", num_clients=4, new_clients=1))
+    assert cold.num_train == 0 and len(cold.x_test) == len(fed.new_clients["new0"].x_test)
+    with pytest.raises(DataError, match="client '9' not in the digits federation"):
+        load_data(DataSettings(dataset="digits", client="9", num_clients=4))
+
+
+# --- the agent in a federation ---------------------------------------------------------
+def test_private_level_stays_on_disk_and_survives_a_restart(tmp_path: Path) -> None:
+    factory = memory_factory()
+    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=2)
+    fed.start()
+    try:
+        fed.wait_rounds(90)
+        agent = fed.agents["1"]
+        local = agent.local_state
+        assert local is not None
+    finally:
+        fed.stop()
+    on_disk = load_arrays_file(tmp_path / "1" / "local.safetensors")
+    assert on_disk and all(k.startswith("local.") for k in on_disk)
+    for k, v in local.items():
+        np.testing.assert_array_equal(on_disk[k], v)
+    # what the coordinator received holds no private tensor
+    for path in (tmp_path / "coordinator" / "rounds").glob("*/update_*.safetensors"):
+        names = load_arrays_file(path)
+        assert names and not any(k.startswith("local.") for k in names), path
+    # a restarted agent picks its private level up again
+    again = DeviceAgent(fed.agent_config("1", "1"), memory_factory())
+    again.start()
+    try:
+        assert again.local_state is not None
+        for k, v in local.items():
+            np.testing.assert_array_equal(again.local_state[k], v)
+    finally:
+        again.close()
+
+
+def test_late_device_takes_the_cold_start_path(tmp_path: Path) -> None:
+    """Gate first, routing prior on its own data, only its top-m experts, predict at once
+    (no gradient step): the same accuracy the strategy's cold-start evaluation gives, and an
+    int8 bundle that ``fedcoe predict`` runs."""
+    factory = memory_factory()
+    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=2)
+    fed.start()
+    try:
+        fed.wait_rounds(90)
+        cfg = fed.agent_config("new0", "new0", role="cold")
+        cfg.device.bundle = "final"
+        cold = DeviceAgent(cfg, factory)
+        fed.agents["new0"] = cold
+        cold.start()
+        fed.wait(cold.cold_ready.is_set, 60, "cold start")
+        fed.wait(lambda: bool(fed.coordinator.store.evals("cold")), 30, "cold eval")  # type: ignore[union-attr]
+        c = fed.coordinator
+        assert c is not None
+        row = c.store.evals("cold")[0]
+        traffic = c.store.traffic()
+        data = cold.data
+        want = accuracy(c.strategy.predict_cold(data.x_test), data.y_test)
+        expected_ids = c.strategy.cold_start_experts(data.x_test)  # type: ignore[attr-defined]
+        fed.wait(lambda: (tmp_path / "new0" / "bundle" / "manifest.json").is_file(), 120, "bundle")
+    finally:
+        fed.stop()
+    assert row["device"] == "new0" and row["correct"] / row["total"] == want
+    assert cold.held_ids == expected_ids and len(expected_ids) == 2
+    assert not any(k.startswith("global.experts.") and int(k.split(".")[2]) not in expected_ids
+                   for k in cold.held)
+    assert traffic[("down", "gate")] < traffic[("down", "cold")]
+    assert cold.rounds_done == [] and cold.local_state is None  # never trained
+    np.save(tmp_path / "x.npy", data.x_test[:20])
+    manifest = json.loads((tmp_path / "new0" / "bundle" / "manifest.json").read_text())
+    assert manifest["held_experts"] == expected_ids
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = fedcoe_main(["predict", "--bundle", str(tmp_path / "new0" / "bundle"),
+                          "--input", str(tmp_path / "x.npy"), "--global-only", "--json"])
+    assert rc == 0
+    classes = np.array(json.loads(buf.getvalue())["classes"])
+    torch_classes = c.strategy.predict_cold(data.x_test[:20]).argmax(1)
+    assert (classes == torch_classes).mean() >= 0.9  # int8 bundle agrees with the torch model
