@@ -29,3 +29,11 @@ class WireError(FedCoEError):
 
 class BundleError(FedCoEError):
     """An ONNX bundle is missing a file, fails a hash check, or has an unknown manifest."""
+
+
+class ReplayError(WireError):
+    """A control message whose id was already seen (a QoS 1 duplicate or a replay attack)."""
+
+
+class TransportError(FedCoEError):
+    """The broker cannot be reached, refused the connection, or dropped it for good."""
