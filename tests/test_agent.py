@@ -152,49 +152,60 @@ def test_private_level_stays_on_disk_and_survives_a_restart(tmp_path: Path) -> N
         again.close()
 
 
-def test_late_device_takes_the_cold_start_path(tmp_path: Path) -> None:
-    """Gate first, routing prior on its own data, only its top-m experts, predict at once
-    (no gradient step): the same accuracy the strategy's cold-start evaluation gives, and an
-    int8 bundle that ``fedcoe predict`` runs."""
+def cold_start(tmp_path: Path, bundle: str) -> dict[str, Any]:
+    """Two rounds with three devices, then a late device joins cold."""
     factory = memory_factory()
     fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=2)
     fed.start()
     try:
         fed.wait_rounds(90)
         cfg = fed.agent_config("new0", "new0", role="cold")
-        cfg.device.bundle = "final"
+        cfg.device.bundle = bundle
         cold = DeviceAgent(cfg, factory)
         fed.agents["new0"] = cold
         cold.start()
         fed.wait(cold.cold_ready.is_set, 60, "cold start")
-        fed.wait(lambda: bool(fed.coordinator.store.evals("cold")), 30, "cold eval")  # type: ignore[union-attr]
         c = fed.coordinator
         assert c is not None
-        row = c.store.evals("cold")[0]
-        traffic = c.store.traffic()
-        data = cold.data
-        want = accuracy(c.strategy.predict_cold(data.x_test), data.y_test)
-        expected_ids = c.strategy.cold_start_experts(data.x_test)  # type: ignore[attr-defined]
-        fed.wait(lambda: (tmp_path / "new0" / "bundle" / "manifest.json").is_file(), 120, "bundle")
+        fed.wait(lambda: bool(c.store.evals("cold")), 30, "cold eval")
+        if bundle != "off":
+            fed.wait(lambda: (tmp_path / "new0" / "bundle" / "manifest.json").is_file(), 120, "bundle")
+        x = cold.data.x_test
+        return {"agent": cold, "eval": c.store.evals("cold")[0], "traffic": c.store.traffic(),
+                "want_acc": accuracy(c.strategy.predict_cold(x), cold.data.y_test),
+                "want_ids": c.strategy.cold_start_experts(x),  # type: ignore[attr-defined]
+                "torch_classes": c.strategy.predict_cold(x[:20]).argmax(1), "x": x}
     finally:
         fed.stop()
-    assert row["device"] == "new0" and row["correct"] / row["total"] == want
-    assert cold.held_ids == expected_ids and len(expected_ids) == 2
-    assert not any(k.startswith("global.experts.") and int(k.split(".")[2]) not in expected_ids
+
+
+def test_late_device_takes_the_cold_start_path(tmp_path: Path) -> None:
+    """Gate first, routing prior on its own data, only its top-m experts, predict at once
+    (no gradient step): exactly the accuracy of the strategy's own cold-start evaluation."""
+    r = cold_start(tmp_path, "off")
+    cold, row, ids = r["agent"], r["eval"], r["want_ids"]
+    assert row["device"] == "new0" and row["correct"] / row["total"] == r["want_acc"]
+    assert cold.held_ids == ids and len(ids) == 2
+    assert not any(k.startswith("global.experts.") and int(k.split(".")[2]) not in ids
                    for k in cold.held)
-    assert traffic[("down", "gate")] < traffic[("down", "cold")]
+    assert r["traffic"][("down", "gate")] < r["traffic"][("down", "cold")]
     assert cold.rounds_done == [] and cold.local_state is None  # never trained
-    np.save(tmp_path / "x.npy", data.x_test[:20])
-    manifest = json.loads((tmp_path / "new0" / "bundle" / "manifest.json").read_text())
-    assert manifest["held_experts"] == expected_ids
+
+
+def test_cold_device_bundle_runs_with_fedcoe_predict(tmp_path: Path) -> None:
+    pytest.importorskip("export.bundle")
+    pytest.importorskip("fedcoe_edge.runtime")
     import contextlib
     import io
 
+    r = cold_start(tmp_path, "final")
+    bundle = tmp_path / "new0" / "bundle"
+    assert json.loads((bundle / "manifest.json").read_text())["held_experts"] == r["want_ids"]
+    np.save(tmp_path / "x.npy", r["x"][:20])
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = fedcoe_main(["predict", "--bundle", str(tmp_path / "new0" / "bundle"),
-                          "--input", str(tmp_path / "x.npy"), "--global-only", "--json"])
+        rc = fedcoe_main(["predict", "--bundle", str(bundle), "--input", str(tmp_path / "x.npy"),
+                          "--global-only", "--json"])
     assert rc == 0
     classes = np.array(json.loads(buf.getvalue())["classes"])
-    torch_classes = c.strategy.predict_cold(data.x_test[:20]).argmax(1)
-    assert (classes == torch_classes).mean() >= 0.9  # int8 bundle agrees with the torch model
+    assert (classes == r["torch_classes"]).mean() >= 0.9  # the int8 bundle agrees with torch
