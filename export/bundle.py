@@ -77,15 +77,29 @@ def build_bundle(model: DualLevelMoE, out: str | os.PathLike[str], *, calibratio
     if not held_ids or any(not 0 <= k < cfg.num_global_experts for k in held_ids):
         raise ConfigError(f"held experts must be ids in [0, {cfg.num_global_experts}), got {held}")
     calib = np.ascontiguousarray(calibration, dtype=np.float32)
-    if calib.ndim != 1 + len(cfg.input_shape) or tuple(calib.shape[1:]) != cfg.input_shape:
+    if (calib.ndim != 1 + len(cfg.input_shape) or tuple(calib.shape[1:]) != cfg.input_shape
+            or len(calib) == 0):
         raise ConfigError(f"calibration data must have shape (N, {', '.join(map(str, cfg.input_shape))}),"
                           f" got {calib.shape}")
     out_dir = Path(out)
     _prepare_destination(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    modes = {m: m.training for m in model.modules()}  # a training caller gets its modes back
     model.eval()
-    with torch.no_grad():
-        feats_calib = model.global_part.trunk(torch.from_numpy(calib)).numpy()
+    try:
+        with torch.no_grad():
+            feats_calib = model.global_part.trunk(torch.from_numpy(calib)).numpy()
+        return _build(model, out_dir, calib, feats_calib, held_ids, opts, include_fp32,
+                      include_fused, meta, opset)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _build(model: DualLevelMoE, out_dir: Path, calib: np.ndarray, feats_calib: np.ndarray,
+           held_ids: list[int], opts: QuantizeOptions, include_fp32: bool, include_fused: bool,
+           meta: Mapping[str, Any] | None, opset: int) -> dict[str, Any]:
+    cfg = model.cfg
     quantized = opts.mode is not QuantMode.FP32
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -85,9 +85,11 @@ def test_sparse_runtime_equals_fused_dense_graph(digits_moe, digits_bundle):
 
 def test_sparse_equals_fused_when_k_equals_K(tmp_path):
     cfg = ModelConfig(expert_hidden=16, num_global_experts=3, top_k=3, num_local_experts=2)
-    model = build_model(cfg, 3).eval()
+    model = build_model(cfg, 3).train()
     x = np.random.default_rng(0).random((40, 1, 8, 8), dtype=np.float32)
     build_bundle(model, tmp_path / "b", calibration=x, options=QuantizeOptions(mode=QuantMode.FP32))
+    assert all(m.training for m in model.modules())  # a training caller keeps its mode
+    model.eval()
     sess = MoESession(tmp_path / "b")
     out = sess.run(x)
     assert out.experts_run == [0, 1, 2]  # k = K: every expert runs, as in the dense graph
