@@ -1,0 +1,79 @@
+"""``fedcoe demo``: broker, coordinator and agents as real processes; a clean stop at the
+end and on SIGTERM (what Ctrl-C or systemd sends)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedcoe_edge.broker import find_mosquitto
+from fedcoe_edge.errors import ConfigError
+
+pytestmark = pytest.mark.integration
+
+KEYS = ("rounds_completed", "final_global_acc", "final_personalized_acc", "cold_start_acc",
+        "bytes_up_total", "bytes_down_total", "bytes_full_exchange_equivalent")
+
+
+@pytest.fixture(autouse=True)
+def _need_mosquitto() -> None:
+    try:
+        find_mosquitto()
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+
+
+def demo_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "fedcoe_edge.cli", "demo", "--out", str(out), "--devices", "3",
+            "--bundle", "off", *extra]
+
+
+def test_demo_runs_rounds_and_a_cold_device_then_stops_everything(tmp_path: Path) -> None:
+    out, js = tmp_path / "demo", tmp_path / "demo.json"
+    proc = subprocess.run(demo_cmd(out, "--rounds", "2", "--json", str(js)), capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(js.read_text())
+    assert all(doc[k] is not None for k in KEYS)
+    assert doc["rounds_completed"] == 2 and len(doc["rounds"]) == 2
+    assert 0 <= doc["cold_start_acc"] <= 1 and 0 < doc["final_personalized_acc"] <= 1
+    assert doc["bytes_up_total"] < 0.5 * doc["bytes_full_exchange_equivalent"]
+    assert doc["rejected_total"] == 0 and doc["failed_total"] == 0
+    assert "| 1 | 3 | 3 | 0 | 0 |" in proc.stdout and "| 2 | 3 | 3 | 0 | 0 |" in proc.stdout
+    assert "| cold_start_acc |" in proc.stdout
+    for name in ("coordinator", "dev0", "dev1", "dev2", "dev3"):
+        log = (out / "logs" / f"{name}.log").read_text()
+        assert "Traceback" not in log, name
+    assert "signal 15: stopping" in (out / "logs" / "coordinator.log").read_text()
+    # every device kept its private level on disk
+    assert all((out / "devices" / f"dev{i}" / "local.safetensors").is_file() for i in range(3))
+
+
+def test_demo_stops_every_process_on_sigterm(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = subprocess.Popen(demo_cmd(out, "--rounds", "50"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # wait until the first round closed
+            if line.startswith("| 1 |"):
+                break
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 5  # mosquitto, coordinator, three agents
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
+    assert "interrupted; stopping every process" in (proc.stderr.read() if proc.stderr else "")
+    assert not any(p.is_running() for p in children)
