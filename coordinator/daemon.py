@@ -157,6 +157,7 @@ class Coordinator:
         self.transport.subscribe(self.topics.up_ctl_filter(), self._on_ctl)
         self.transport.subscribe(self.topics.up_blob_filter(), self._on_blob)
         self.transport.subscribe(f"{self.topics.prefix}/presence/+", self._on_presence)
+        self.transport.subscribe(f"{self.topics.prefix}/up/+/hb", self._on_heartbeat, qos=0)
         self.transport.connect()
         self._pump_thread = threading.Thread(target=self._pump_loop, name="coord-pump", daemon=True)
         self._pump_thread.start()
@@ -419,6 +420,17 @@ class Coordinator:
             if was is not None:
                 log.info("device %s went offline", dev)
                 self.store.set_online(dev, False)
+
+    def _on_heartbeat(self, msg: Message) -> None:
+        """Telemetry: refresh last_seen; a bad heartbeat is logged at debug only (QoS 0 noise)."""
+        try:
+            dev = self.topics.parse(msg.topic).device or "?"
+            assert self.messenger is not None
+            env = self.messenger.open(msg.payload, expect_sender=dev)
+        except WireError as exc:
+            log.debug("heartbeat refused: %s", exc)
+            return
+        self.store.heartbeat(dev, env.body)
 
     def _on_ctl(self, msg: Message) -> None:
         try:

@@ -42,6 +42,7 @@ class EmbeddedFederation:
     hooks: dict[str, AgentHooks] = field(default_factory=dict)
     compress: bool = True
     chunk_size: int = 256 * 1024
+    heartbeat_s: float = 30.0
     coordinator: Coordinator | None = None
     agents: dict[str, DeviceAgent] = field(default_factory=dict)
     threads: list[threading.Thread] = field(default_factory=list)
@@ -59,6 +60,7 @@ class EmbeddedFederation:
         d = DeviceSettings(id=dev, federation=self.federation, role=role,
                            state_dir=str(self.root / dev), compress_uploads=self.compress,
                            upload_timeout_s=self.deadline_s, chunk_size=self.chunk_size,
+                           heartbeat_s=self.heartbeat_s,
                            bundle="off")
         data = DataSettings(dataset="digits", client=client, num_clients=self.devices, new_clients=1,
                             alpha=self.alpha, seed=self.seed)

@@ -20,7 +20,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY, role TEXT NOT NULL, tier TEXT, memory_mb REAL, num_samples INTEGER,
     label_hist TEXT, capabilities TEXT, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
-    online INTEGER NOT NULL DEFAULT 0);
+    online INTEGER NOT NULL DEFAULT 0, telemetry TEXT);
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, state TEXT NOT NULL, opened_at REAL NOT NULL, deadline_at REAL,
     closed_at REAL, selected TEXT NOT NULL, experts TEXT NOT NULL, version_before INTEGER,
@@ -90,6 +90,10 @@ class Store:
 
     def set_online(self, device: str, online: bool) -> None:
         self._exec("UPDATE devices SET online=?, last_seen=? WHERE id=?", (int(online), time.time(), device))
+
+    def heartbeat(self, device: str, telemetry: dict[str, Any]) -> None:
+        self._exec("UPDATE devices SET last_seen=?, telemetry=? WHERE id=?",
+                   (time.time(), json.dumps(telemetry, sort_keys=True)[:2000], device))
 
     def devices(self) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM devices ORDER BY id")

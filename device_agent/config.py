@@ -44,6 +44,7 @@ class DeviceSettings:
     chunk_size: int = 256 * 1024
     window: int = 16
     upload_timeout_s: float = 120.0
+    heartbeat_s: float = 30.0  # telemetry on up/<id>/hb (QoS 0); 0 turns it off
     bundle: str = "final"  # rebuild the int8 ONNX bundle: "every" round close, "final" round only, "off"
 
 
@@ -99,6 +100,8 @@ class AgentConfig:
             raise ConfigError(f"{w} chunk_size must be in 1 KiB..16 MiB and window >= 1")
         if d.bundle not in ("every", "final", "off"):
             raise ConfigError(f"{w} bundle must be every|final|off, got {d.bundle!r}")
+        if d.heartbeat_s < 0:
+            raise ConfigError(f"{w} heartbeat_s must be >= 0, got {d.heartbeat_s}")
         if not d.upload_timeout_s > 0:
             raise ConfigError(f"{w} upload_timeout_s must be > 0")
         self.broker.validate(f"{self.source}: [broker]")

@@ -44,10 +44,12 @@ from fedcoe_edge.transport.blob import (
     fit_chunk_size,
 )
 from fedcoe_edge.wire import (
+    Envelope,
     TransferManifest,
     compress_delta,
     compressed_delta_metadata,
     decode_tensors,
+    encode_envelope,
     encode_tensors,
     new_msg_id,
 )
@@ -145,6 +147,22 @@ class DeviceAgent:
         self.transport.connect()
         self._worker = threading.Thread(target=self._work, name=f"agent-{self.dev}", daemon=True)
         self._worker.start()
+        if self.cfg.device.heartbeat_s > 0:
+            threading.Thread(target=self._heartbeat, name=f"hb-{self.dev}", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        """QoS 0 telemetry: lost while offline, which is what a heartbeat should do."""
+        while not self._stop.wait(self.cfg.device.heartbeat_s):
+            t, m = self.transport, self.messenger
+            if t is None or m is None or not t.connected:
+                continue
+            body = {"rss_mb": _rss_mb(), "load": _load(), "rounds_done": len(self.rounds_done)}
+            env = Envelope.new(P.HEARTBEAT, federation=self.topics.federation, sender=self.dev,
+                               recipient=self.coord, body=body, ttl_s=120)
+            try:
+                t.publish(self.topics.up_hb(self.dev), encode_envelope(env, self.cfg.key), qos=0)
+            except FedCoEError as exc:
+                log.debug("%s: heartbeat not sent: %s", self.dev, exc)
 
     def hello(self) -> None:
         d = self.data
@@ -497,4 +515,22 @@ def _memory_mb() -> float:
 
         return round(psutil.virtual_memory().total / 2**20, 1)
     except Exception:
+        return 0.0
+
+
+def _rss_mb() -> float:
+    try:
+        import psutil
+
+        return round(psutil.Process().memory_info().rss / 2**20, 1)
+    except Exception:
+        return 0.0
+
+
+def _load() -> float:
+    try:
+        import os
+
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
         return 0.0

@@ -42,6 +42,7 @@ FETCH = "fetch"  # device -> coordinator: send me these experts (cold start, ref
 MODEL = "model"  # coordinator -> device: manifest of a fetched parameter set
 EVAL = "eval"  # device -> coordinator: accuracy of its own model on its own test data
 STATUS = "status"  # broadcast: round open / closed / finished
+HEARTBEAT = "hb"  # device -> coordinator on up/<id>/hb: telemetry (memory, load)
 
 COORDINATOR_ID = "coordinator"
 ENCODING_PLAIN = "safetensors"

@@ -124,15 +124,24 @@ def test_demo_dataset_client_is_the_simulators_split() -> None:
 # --- the agent in a federation ---------------------------------------------------------
 def test_private_level_stays_on_disk_and_survives_a_restart(tmp_path: Path) -> None:
     factory = memory_factory()
-    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=2)
+    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=2, heartbeat_s=0.2)
     fed.start()
     try:
         fed.wait_rounds(90)
         agent = fed.agents["1"]
         local = agent.local_state
         assert local is not None
+        c = fed.coordinator
+        assert c is not None
+
+        def beat() -> dict[str, Any]:
+            row = [d for d in c.store.devices() if d["id"] == "1"][0]
+            return json.loads(row["telemetry"]) if row["telemetry"] else {}
+        fed.wait(lambda: beat().get("rounds_done") == 2, 30, "heartbeat after round 2")
+        telemetry = beat()
     finally:
         fed.stop()
+    assert telemetry["rss_mb"] > 0 and telemetry["load"] >= 0
     on_disk = load_arrays_file(tmp_path / "1" / "local.safetensors")
     assert on_disk and all(k.startswith("local.") for k in on_disk)
     for k, v in local.items():
@@ -209,3 +218,9 @@ def test_cold_device_bundle_runs_with_fedcoe_predict(tmp_path: Path) -> None:
     assert rc == 0
     classes = np.array(json.loads(buf.getvalue())["classes"])
     assert (classes == r["torch_classes"]).mean() >= 0.9  # the int8 bundle agrees with torch
+
+
+def test_deploy_example_config_parses() -> None:
+    path = Path(__file__).resolve().parents[1] / "deploy" / "agent.toml"
+    cfg = load_config(path, {"FEDCOE_SECURITY_KEY_FILE": "", "FEDCOE_SECURITY_KEY": "ab" * 16})
+    assert cfg.device.id == "pi-17" and cfg.broker.tls and cfg.device.compress_uploads

@@ -245,3 +245,9 @@ def test_store_round_log_roundtrip(tmp_path: Path) -> None:
     ro = Store(tmp_path / "db.sqlite", readonly=True)
     assert ro.round(1)["note"] == "ok"  # type: ignore[index]
     ro.close()
+
+
+def test_deploy_example_config_parses() -> None:
+    path = Path(__file__).resolve().parents[1] / "deploy" / "coordinator.toml"
+    cfg = load_config(path, {"FEDCOE_SECURITY_SECRET_FILE": "", "FEDCOE_SECURITY_SECRET": SECRET})
+    assert cfg.federation.id == "fleet1" and cfg.broker.tls and cfg.federation.quorum == 3
