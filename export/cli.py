@@ -99,8 +99,10 @@ def held_experts(spec: str, meta: dict[str, Any], client: str, k_total: int) -> 
     return ids
 
 
-def client_split(meta: dict[str, Any], client: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x_train, y_train, x_test, y_test) of ``client``, rebuilt from model.json's simulation."""
+def client_split(meta: dict[str, Any], client: str
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """``client``'s (x_train, y_train, x_test, y_test) and the federation's global test set,
+    rebuilt from model.json's simulation config."""
     from fedcoe_edge.data import make_federation
 
     sim = meta.get("simulation")
@@ -117,7 +119,7 @@ def client_split(meta: dict[str, Any], client: str) -> tuple[np.ndarray, np.ndar
         raise DataError(f"client {client!r} is not a training client of this federation "
                         f"(clients: {', '.join(sorted(fed.clients, key=_id_key))})")
     d = fed.clients[client]
-    return d.x_train, d.y_train, d.x_test, d.y_test
+    return d.x_train, d.y_train, d.x_test, d.y_test, (fed.x_global_test, fed.y_global_test)
 
 
 def _id_key(cid: str) -> tuple[int, str]:
@@ -176,11 +178,12 @@ def run_export(args: argparse.Namespace) -> int:
     model.eval()
     held = held_experts(args.experts, meta, client, cfg.num_global_experts)
 
+    extra: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if args.calibration_data is not None:
         x_cal_all = load_npy(args.calibration_data, "--calibration-data")
         x_test = y_test = None
     else:
-        x_cal_all, _, x_test, y_test = client_split(meta, client)
+        x_cal_all, _, x_test, y_test, extra["global_test"] = client_split(meta, client)
     mode = QuantMode.FP32 if args.quantize == "fp32" else {
         "auto": QuantMode.AUTO, "static": QuantMode.STATIC, "dynamic": QuantMode.DYNAMIC}[args.quant_mode]
     opts = QuantizeOptions(mode=mode, calibration_samples=args.calibration_samples)
@@ -193,7 +196,7 @@ def run_export(args: argparse.Namespace) -> int:
                                   "checkpoint": str(folder)})
     tar_path = write_tar(args.out) if args.tar else None
     report = export_report(model, args.out, manifest, held,
-                           x_test if x_test is not None else calib, y_test)
+                           x_test if x_test is not None else calib, y_test, extra)
     report.update({"client": client, "algorithm": meta.get("algorithm"),
                    "tar": str(tar_path) if tar_path else None,
                    "eval_data": "client test split" if y_test is not None else "calibration data"})
@@ -205,38 +208,26 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def export_report(model: Any, bundle: Path, manifest: dict[str, Any], held: list[int],
-                  x: np.ndarray, y: np.ndarray | None) -> dict[str, Any]:
-    """Parity, accuracy and sizes of a fresh bundle against the torch model it came from."""
+def parity_metrics(model: Any, sessions: dict[str, Any], held: list[int], x: np.ndarray,
+                   y: np.ndarray | None) -> dict[str, Any]:
+    """torch vs ONNX fp32 vs int8 on ``x``: accuracies, max |dp|, int8 top-1 agreement."""
     import torch
 
-    from fedcoe_edge.runtime import MoESession
-    from fedcoe_edge.simulation import serialized_nbytes
-    from fedcoe_edge.training import predict_probs, to_arrays
+    from fedcoe_edge.training import predict_probs
 
     mask = torch.zeros(model.cfg.num_global_experts, dtype=torch.bool)
     mask[held] = True
     p_torch = predict_probs(model, x, expert_mask=mask)
-    has_fp32 = all(p.get("fp32") for p in manifest["parts"].values())
-    fp32 = MoESession(bundle, precision="fp32") if has_fp32 else None
+    fp32, int8 = sessions.get("fp32"), sessions.get("int8")
     p_fp32 = fp32.predict(x) if fp32 is not None else None
-    quantized = manifest["quantization"]["mode"] != "fp32"
-    p_int8 = MoESession(bundle).predict(x) if quantized else None
+    p_int8 = int8.predict(x) if int8 is not None else None
     # without fp32 copies (--no-fp32) the int8 files are compared with torch instead
     p_ref = p_fp32 if p_fp32 is not None else p_torch
 
     def acc(p: np.ndarray | None) -> float | None:
         return None if p is None or y is None else round(float((p.argmax(1) == y).mean()), 6)
 
-    used = {n: v for n, v in to_arrays(model.state_dict()).items()
-            if not n.startswith("global.experts.") or int(n.split(".")[2]) in held}
-    # int8_bytes: the deployed file of an int8 bundle (a part AUTO kept fp32 counts as is)
-    sizes = {n: {"fp32_bytes": p["fp32"]["bytes"] if p.get("fp32") else None,
-                 "int8_bytes": p["bytes"] if quantized else None,
-                 "quantization": p["quantization"]} for n, p in manifest["parts"].items()}
-    report: dict[str, Any] = {
-        "bundle": str(bundle),
-        "held_experts": held,
+    out: dict[str, Any] = {
         "samples": int(len(x)),
         "torch_acc": acc(p_torch),
         "fp32_acc": acc(p_fp32),
@@ -246,14 +237,45 @@ def export_report(model: Any, bundle: Path, manifest: dict[str, Any], held: list
                                 else round(float((p_int8.argmax(1) == p_ref.argmax(1)).mean()), 6)),
         "int8_max_abs_diff": None if p_int8 is None else float(np.abs(p_int8 - p_ref).max()),
         "int8_reference": "onnx fp32" if p_fp32 is not None else "torch",
+    }
+    if fp32 is not None and fp32.manifest.get("fused") is not None:
+        p_fused, _ = fp32.run_fused(x)
+        out["fused_max_abs_diff"] = float(np.abs(p_fused - p_torch).max())
+    return out
+
+
+def export_report(model: Any, bundle: Path, manifest: dict[str, Any], held: list[int],
+                  x: np.ndarray, y: np.ndarray | None,
+                  extra_sets: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, Any]:
+    """Parity, accuracy and sizes of a fresh bundle against the torch model it came from.
+
+    The top-level metrics are on ``x``/``y`` (the client's held-out split); ``extra_sets``
+    (e.g. the federation's global test set, larger) get the same metrics under their name.
+    """
+    from fedcoe_edge.runtime import MoESession
+    from fedcoe_edge.simulation import serialized_nbytes
+    from fedcoe_edge.training import to_arrays
+
+    has_fp32 = all(p.get("fp32") for p in manifest["parts"].values())
+    quantized = manifest["quantization"]["mode"] != "fp32"
+    sessions = {"fp32": MoESession(bundle, precision="fp32") if has_fp32 else None,
+                "int8": MoESession(bundle) if quantized else None}
+    used = {n: v for n, v in to_arrays(model.state_dict()).items()
+            if not n.startswith("global.experts.") or int(n.split(".")[2]) in held}
+    # int8_bytes: the deployed file of an int8 bundle (a part AUTO kept fp32 counts as is)
+    sizes = {n: {"fp32_bytes": p["fp32"]["bytes"] if p.get("fp32") else None,
+                 "int8_bytes": p["bytes"] if quantized else None,
+                 "quantization": p["quantization"]} for n, p in manifest["parts"].items()}
+    report: dict[str, Any] = {"bundle": str(bundle), "held_experts": held,
+                              **parity_metrics(model, sessions, held, x, y)}
+    for name, (xs, ys) in (extra_sets or {}).items():
+        report[name] = parity_metrics(model, sessions, held, xs, ys)
+    report.update({
         "sizes": sizes,
         "total_fp32_bytes": sum(s["fp32_bytes"] or 0 for s in sizes.values()),
         "total_int8_bytes": sum(s["int8_bytes"] or 0 for s in sizes.values()) if quantized else None,
         "torch_state_bytes": serialized_nbytes(used),
-    }
-    if manifest.get("fused") is not None and fp32 is not None:
-        p_fused, _ = fp32.run_fused(x)
-        report["fused_max_abs_diff"] = float(np.abs(p_fused - p_torch).max())
+    })
     return report
 
 
@@ -279,6 +301,11 @@ def format_report(r: dict[str, Any]) -> str:
         parity.append(f"int8 top-1 agreement with {r['int8_reference']} "
                       f"{r['int8_top1_agreement']:.4f}")
     lines.append("; ".join(parity))
+    g = r.get("global_test")
+    if g:
+        lines.append(f"global test set ({g['samples']} samples): torch {f(g['torch_acc'])}, "
+                     f"onnx fp32 {f(g['fp32_acc'])}, onnx int8 {f(g['int8_acc'])}, int8 top-1 "
+                     f"agreement {f(g['int8_top1_agreement'])}")
     lines.append(f"{'part':<15}{'quantization':>14}{'fp32 B':>10}{'int8 B':>10}")
     for name, s in r["sizes"].items():
         lines.append(f"{name:<15}{s['quantization']:>14}{s['fp32_bytes'] or '-':>10}"
