@@ -61,6 +61,8 @@ from fedcoe_edge.wire import (
 
 log = logging.getLogger("fedcoe.coordinator")
 
+REANNOUNCE_S = 5.0  # repeat a transfer's manifest envelope until the receiver answers
+
 
 @dataclass
 class _Outgoing:
@@ -70,6 +72,8 @@ class _Outgoing:
     sender: BlobSender
     started: bool = False
     created: float = 0.0
+    announce: tuple[str, dict[str, Any], int] | None = None  # (type, body, round) of the manifest
+    announced_at: float = 0.0
 
 
 @dataclass
@@ -107,6 +111,7 @@ class Coordinator:
         self._senders: dict[str, _Outgoing] = {}
         self._receivers: dict[str, BlobReceiver] = {}
         self._uploads: dict[str, _Upload] = {}
+        self._accepted_xfers: set[str] = set()
         self._eval_x: np.ndarray | None = None
         self._eval_y: np.ndarray | None = None
         self.transport: Transport | None = None
@@ -248,11 +253,21 @@ class Coordinator:
 
     def _send_task(self, task: ClientTask) -> None:
         xfer = self._send_params(task.client_id, task.params, task.expert_ids, "train", task.round)
-        self._send(task.client_id, P.TASK, {
+        self._announce(xfer.transfer_id, P.TASK, {
             "manifest": xfer.to_dict(), "expert_ids": list(task.expert_ids),
             "version": self.strategy.version, "deadline_s": max(1.0, self.deadline - time.monotonic()),
             "config": {k: v for k, v in task.config.items() if isinstance(v, int | float | str)}},
             task.round)
+
+    def _announce(self, xid: str, type: str, body: dict[str, Any], rnd: int) -> None:
+        """Send the envelope carrying a download's manifest; the pump loop repeats it until
+        the device reports progress (a broker restart can lose a QoS 1 message)."""
+        with self._lock:
+            out = self._senders.get(xid)
+            if out is not None:
+                out.announce, out.announced_at = (type, body, rnd), time.monotonic()
+        if out is not None:
+            self._send(out.device, type, body, rnd)
 
     def _send_params(self, device: str, params: dict[str, np.ndarray], expert_ids: list[int],
                      purpose: str, rnd: int) -> TransferManifest:
@@ -490,6 +505,9 @@ class Coordinator:
         manifest = TransferManifest.from_dict(body.get("manifest"))
         xid = manifest.transfer_id
         with self._lock:
+            if xid in self._accepted_xfers:  # a re-announce of an update already accepted
+                self._send(dev, P.ACCEPT, {"xfer": xid}, rnd)
+                return
             if not self.round_open or rnd != self.round:
                 self.reject(dev, rnd, f"update for closed round {rnd} (current round {self.round}, "
                                       f"{'open' if self.round_open else 'closed'})", xfer=xid)
@@ -577,6 +595,7 @@ class Coordinator:
                                   len(data), str(path))
             self.store.add_traffic(rnd, dev, "up", "train", len(data))
             self.results[dev] = result
+            self._accepted_xfers.add(manifest.transfer_id)
         log.info("accepted device=%s round=%d bytes=%d (%s)", dev, rnd, len(data), manifest.encoding)
         self._send(dev, P.ACCEPT, {"xfer": manifest.transfer_id}, rnd)
         self._wake.set()
@@ -628,8 +647,9 @@ class Coordinator:
             # a refresh belongs to the round whose result it fetches (the evaluation follows it)
             label = rnd if purpose == "refresh" and 0 < rnd <= self.round else self.round
         manifest = self._send_params(dev, params, list(ids), purpose, label)
-        self._send(dev, P.MODEL, {"manifest": manifest.to_dict(), "expert_ids": list(ids),
-                                  "version": version, "purpose": purpose}, label)
+        self._announce(manifest.transfer_id, P.MODEL, {
+            "manifest": manifest.to_dict(), "expert_ids": list(ids), "version": version,
+            "purpose": purpose}, label)
 
     def _on_eval(self, dev: str, rnd: int, body: dict[str, Any]) -> None:
         kind, correct, total = body.get("kind"), body.get("correct"), body.get("total")
@@ -664,6 +684,9 @@ class Coordinator:
                 try:
                     if out.started and not out.sender.done:
                         out.sender.pump()
+                    elif (not out.started and out.announce is not None
+                          and now - out.announced_at > REANNOUNCE_S):
+                        self._announce(xid, *out.announce)
                 except FedCoEError as exc:
                     log.warning("download %s to %s: %s", xid, out.device, exc)
                 if now - out.created > 600:

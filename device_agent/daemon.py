@@ -59,6 +59,7 @@ log = logging.getLogger("fedcoe.agent")
 # torch's global RNG is touched when models are built: agents sharing one process (tests)
 # take turns so every run is reproducible.
 TORCH_LOCK = threading.Lock()
+REANNOUNCE_S = 5.0  # repeat an upload's result envelope until the coordinator answers
 
 
 @dataclass
@@ -384,10 +385,17 @@ class DeviceAgent:
         started = threading.Event()
         with self._lock:
             self.uploads[xid] = (sender, started)
-        self._send(P.RESULT, {"manifest": manifest.to_dict(), "num_samples": result.num_samples,
-                              "affinity": result.affinity, "metrics": result.metrics}, rnd)
+        body = {"manifest": manifest.to_dict(), "num_samples": result.num_samples,
+                "affinity": result.affinity, "metrics": result.metrics}
         timeout = self.cfg.device.upload_timeout_s
-        ok = started.wait(timeout) and xid not in self.aborted and sender.wait(timeout)
+        end = time.monotonic() + timeout
+        while True:  # announce until the coordinator answers (a broker restart loses QoS 1)
+            self._send(P.RESULT, body, rnd)
+            if started.wait(min(REANNOUNCE_S, max(0.0, end - time.monotonic()))):
+                break
+            if time.monotonic() >= end or self._stop.is_set():
+                break
+        ok = started.is_set() and xid not in self.aborted and sender.wait(max(1.0, end - time.monotonic()))
         with self._lock:
             self.uploads.pop(xid, None)
         if ok:

@@ -192,3 +192,28 @@ def test_device_vanishing_mid_round_is_a_failure_at_the_deadline(
     assert "device 2 went offline" in caplog.text
     assert "failure device=2 round=2 reason=deadline passed" in caplog.text
     assert device_key(DEMO_SECRET, "2") != device_key(DEMO_SECRET, "1")
+
+
+def test_broker_restart_mid_round_changes_nothing(tmp_path: Path, make_mosquitto: Any) -> None:
+    """Mosquitto (no persistence: sessions, subscriptions, queued and retained messages are
+    lost) restarts while round 2's transfers are in flight. Clients reconnect and
+    resubscribe, manifests are re-announced, windows retransmit; the federation finishes
+    with every update accepted and the same result as the in-memory transport."""
+    broker = make_mosquitto()
+    restarted = threading.Event()
+
+    def restart_during_upload(agent: DeviceAgent, rnd: int) -> bool:
+        if rnd == 2 and not restarted.is_set():
+            restarted.set()
+            broker.stop()
+            broker.start()
+        return True
+
+    mqtt = run_federation(tmp_path / "mqtt", mqtt_factory(BrokerSettings(port=broker.port)),
+                          devices=3, rounds=3, hooks={"0": AgentHooks(before_upload=restart_during_upload)})
+    mem = run_federation(tmp_path / "mem", memory_factory(), devices=3, rounds=3)
+    assert restarted.is_set()
+    assert [r["accepted"] for r in mqtt["rows"]] == [3, 3, 3]
+    assert [r["failed"] for r in mqtt["rows"]] == [0, 0, 0]
+    for name, value in mem["state"].items():
+        np.testing.assert_array_equal(mqtt["state"][name], value, err_msg=name)
