@@ -464,9 +464,19 @@ def make_row(
         "sgemm_peak_gflops": sgemm_peak_gflops,
         "rss_baseline_mb": memory.baseline_mb if memory else None,
         "case_id": case.id,
+        # Other processes on the machine (1-minute load average when the row was made):
+        # rows timed above ~ALL_CORES-1 shared the cores with someone else.
+        "loadavg_1m": _loadavg(),
     }
     row.update({f"note_{k}": v for k, v in prepared.notes.items()})
     return row
+
+
+def _loadavg() -> float | None:
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):  # pragma: no cover - not on Linux/macOS
+        return None
 
 
 def run_case(

@@ -178,6 +178,14 @@ def render_markdown(
             f"({peak.get('backend')}, n={peak.get('n')}); `% peak` divides achieved "
             "GFLOP/s (2 x MACs x batch / p50) by threads x this figure."
         )
+    loads = [r["loadavg_1m"] for r in rows if r.get("loadavg_1m") is not None]
+    if loads:
+        out.append(
+            f"Machine load (1-min load average) while timing: {min(loads):.1f} to "
+            f"{max(loads):.1f} on {env.get('cpu_count', '?')} cores; rows timed under a load "
+            "near or above the core count shared the CPU with other work (multi-thread rows "
+            "suffer most)."
+        )
     out += [
         "",
         "Latency is p50/p95/p99 of single calls after warm-up. Peak RSS is the growth of a "
