@@ -331,6 +331,8 @@ class Coordinator:
             acc = self._evaluate()
         if acc is not None:
             self.store.set_global_acc(rnd, acc)
+        atomic_write_text(self.state_dir / "rounds" / str(rnd) / "round.json",
+                          json.dumps(self.store.round_summary(rnd), indent=1) + "\n")
         log.info("round %d closed: %s; version %d -> %d%s", rnd, note, before, self.strategy.version,
                  f"; global acc {acc:.4f}" if acc is not None else "")
         self._broadcast("closed")

@@ -7,6 +7,7 @@ exercised in test_federation_mqtt.py).
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -148,7 +149,7 @@ def test_silent_device_is_a_failure_at_the_deadline(tmp_path: Path, caplog: pyte
     handed to the strategy, counted in the round log; the other updates are aggregated."""
     _, factory = memory_factory()
     hooks = {"2": AgentHooks(before_upload=lambda agent, rnd: False)}
-    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=1, deadline_s=2.0, hooks=hooks)
+    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=1, deadline_s=10.0, hooks=hooks)
     fed.start()
     try:
         fed.wait(lambda: fed.coordinator.finished, 60, "round 1")  # type: ignore[union-attr]
@@ -162,13 +163,21 @@ def test_silent_device_is_a_failure_at_the_deadline(tmp_path: Path, caplog: pyte
     assert [(f["device"], f["reason"]) for f in failures] == [("2", "deadline passed with no accepted update")]
     assert version == 1
     assert "failure device=2 round=1 reason=deadline passed" in caplog.text
+    log = json.loads((tmp_path / "coordinator" / "rounds" / "1" / "round.json").read_text())
+    assert (log["accepted"], log["failed"], log["state"]) == (2, 1, "closed")
 
 
 def test_quorum_not_met_keeps_the_global_state(tmp_path: Path) -> None:
     _, factory = memory_factory()
-    silent = AgentHooks(before_upload=lambda agent, rnd: False)
-    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=1, deadline_s=1.5, quorum=2,
-                             hooks={"1": silent, "2": silent})
+    def poison(rnd: int, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        name = sorted(params)[0]
+        params[name] = np.full_like(params[name], np.inf)
+        return params
+
+    # two of three updates are refused (non-finite), so the round closes with 1 < quorum 2
+    bad = AgentHooks(tamper=poison)
+    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=1, quorum=2, compress=False,
+                             hooks={"1": bad, "2": bad})
     fed.start()
     try:
         fed.wait(lambda: fed.coordinator.finished, 60, "round 1")  # type: ignore[union-attr]
@@ -251,3 +260,14 @@ def test_deploy_example_config_parses() -> None:
     path = Path(__file__).resolve().parents[1] / "deploy" / "coordinator.toml"
     cfg = load_config(path, {"FEDCOE_SECURITY_SECRET_FILE": "", "FEDCOE_SECURITY_SECRET": SECRET})
     assert cfg.federation.id == "fleet1" and cfg.broker.tls and cfg.federation.quorum == 3
+
+
+def test_cli_reports_a_bad_config_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedcoe_edge.cli import main
+
+    assert main(["coordinator", "--config", str(tmp_path / "missing.toml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fedcoe coordinator: error: config file not found: {tmp_path / 'missing.toml'}"]
+    (tmp_path / "agent.toml").write_text("[device]\nid = 'x'\n")
+    assert main(["agent", "--config", str(tmp_path / "agent.toml")]) == 2
+    assert "needs key, key_file, secret or secret_file" in capsys.readouterr().err

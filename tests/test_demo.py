@@ -77,3 +77,10 @@ def test_demo_stops_every_process_on_sigterm(tmp_path: Path) -> None:
     assert alive == []
     assert "interrupted; stopping every process" in (proc.stderr.read() if proc.stderr else "")
     assert not any(p.is_running() for p in children)
+
+
+def test_demo_refuses_a_folder_it_did_not_create(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    proc = subprocess.run(demo_cmd(tmp_path), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "is not empty and not a previous demo folder" in proc.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"

@@ -175,7 +175,7 @@ def test_device_vanishing_mid_round_is_a_failure_at_the_deadline(
         return True
 
     fed = EmbeddedFederation(tmp_path, mqtt_factory(BrokerSettings(port=broker.port)), devices=3,
-                             rounds=2, deadline_s=4.0, hooks={"2": AgentHooks(before_upload=vanish)})
+                             rounds=2, deadline_s=8.0, hooks={"2": AgentHooks(before_upload=vanish)})
     fed.start()
     try:
         c = fed.coordinator

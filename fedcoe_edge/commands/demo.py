@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -28,6 +29,8 @@ from fedcoe_edge.errors import ConfigError, FedCoEError
 from fedcoe_edge.io import atomic_write_text
 
 log = logging.getLogger("fedcoe.demo")
+
+MARKER = ".fedcoe-demo"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -161,9 +164,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.rounds < 1 or args.devices < 2:
         raise ConfigError(f"need --rounds >= 1 and --devices >= 2, got {args.rounds}, {args.devices}")
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} exists and is not a folder")
     if args.out.exists() and any(args.out.iterdir()):
-        raise ConfigError(f"--out {args.out} is not empty: the demo starts from a fresh state folder")
+        if not (args.out / MARKER).is_file():
+            raise ConfigError(f"--out {args.out} is not empty and not a previous demo folder; "
+                              "the demo starts from a fresh state folder")
+        shutil.rmtree(args.out)  # a previous demo run: start over
     args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / MARKER).write_text("fedcoe demo output; removed by the next `fedcoe demo --out` here\n")
     json_path = args.json or args.out / "demo.json"
     demo = Demo(args)
     t0 = time.monotonic()
