@@ -40,7 +40,7 @@ class FederationSettings:
     min_devices: int = 2  # registered training devices before round 1 starts
     quorum: int = 1  # accepted updates needed to apply an aggregation
     deadline_s: float = 60.0  # per round, from the task being sent
-    start_wait_s: float = 600.0  # how long to wait for min_devices before giving up
+    wait_log_s: float = 60.0  # while too few devices are online, say so this often
     state_dir: str = "state/coordinator"
     chunk_size: int = 256 * 1024
     window: int = 16
@@ -99,8 +99,8 @@ class CoordinatorConfig:
             raise ConfigError(f"{w} min_devices and quorum must be >= 1, got {f.min_devices}, {f.quorum}")
         if f.quorum > f.min_devices:
             raise ConfigError(f"{w} quorum {f.quorum} exceeds min_devices {f.min_devices}")
-        if not f.deadline_s > 0 or not f.start_wait_s > 0:
-            raise ConfigError(f"{w} deadline_s and start_wait_s must be > 0")
+        if not f.deadline_s > 0 or not f.wait_log_s > 0:
+            raise ConfigError(f"{w} deadline_s and wait_log_s must be > 0")
         if not 1024 <= f.chunk_size <= 16 * 1024 * 1024:
             raise ConfigError(f"{w} chunk_size must be in 1 KiB..16 MiB, got {f.chunk_size}")
         if f.window < 1:

@@ -193,6 +193,7 @@ class Coordinator:
     def run(self) -> int:
         """Run every round, then serve cold-start fetches until stopped (or exit when told)."""
         self.start()
+        waiting_since: float | None = None
         try:
             while not self._stop.is_set():
                 if self.round_open:
@@ -202,7 +203,17 @@ class Coordinator:
                 elif self.round < self.fed.rounds:
                     if self._enough_devices():
                         self._open_round()
+                        waiting_since = None
                     else:
+                        now = time.monotonic()
+                        if waiting_since is None:
+                            waiting_since = now
+                        elif now - waiting_since >= self.fed.wait_log_s:
+                            need = self.fed.min_devices if self.round == 0 else self.fed.quorum
+                            log.warning("round %d waits for devices: %d online of %d needed (%s)",
+                                        self.round + 1, len(self.available()), need,
+                                        ",".join(self.available()) or "none")
+                            waiting_since = now
                         self._wake.wait(0.2)
                         self._wake.clear()
                 else:
