@@ -178,9 +178,16 @@ class DeviceAgent:
         self._stop.set()
         self._jobs.put(("stop", None))
 
-    def close(self) -> None:
-        """Clean disconnect: presence goes offline (published here, not by the will)."""
+    def close(self, join_s: float = 30.0) -> None:
+        """Finish the job in hand (a training step, an upload, a bundle build: never leave
+        half a file or a torch thread behind), then disconnect cleanly: presence goes
+        offline (published here, not by the will)."""
         self.stop()
+        worker = getattr(self, "_worker", None)
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout=join_s)
+            if worker.is_alive():
+                log.warning("%s: worker still busy after %.0fs; leaving it", self.dev, join_s)
         if self.transport is not None:
             with contextlib.suppress(FedCoEError):
                 self.transport.publish(self.topics.presence(self.dev), P.presence_payload("offline"),
@@ -507,7 +514,7 @@ class DeviceAgent:
                 if self.local_state is not None and self.cfg.device.role == "train":
                     load_arrays(model, self.local_state)
                 build_bundle(model, self.state_dir / "bundle", calibration=calib,
-                             held=ids or None, include_fused=False,
+                             held=ids or None, include_fused=False, include_fp32=False,
                              meta={"device": self.dev, "round": rnd,
                                    "federation": self.topics.federation})
         except Exception as exc:  # the bundle is a convenience; the federation goes on without it
