@@ -74,7 +74,8 @@ def digits_moe():
     x, y = load_dataset("digits", 0)
     order = np.random.default_rng(0).permutation(len(y))
     x, y = x[order], y[order].astype(np.int64)
-    cfg = ModelConfig(expert_hidden=32, num_global_experts=4, top_k=2, num_local_experts=1)
+    cfg = ModelConfig(expert_kind="mlp", expert_hidden=32, num_global_experts=4, top_k=2,
+                      num_local_experts=1)
     model = build_model(cfg, 0)
 
     def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:

@@ -16,10 +16,10 @@ from export.onnx_export import export_graph
 from export.quantize import QuantizeOptions, QuantMode, quantize_part
 from fedcoe_edge.checkpoint import save_arrays
 from fedcoe_edge.cli import main
-from fedcoe_edge.config import ModelConfig
+from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.errors import ConfigError
 from fedcoe_edge.runtime import MoESession
-from fedcoe_edge.training import build_model, predict_probs, to_arrays
+from fedcoe_edge.training import build_model, predict_probs, run_epochs, to_arrays
 
 torch.set_num_threads(1)
 
@@ -84,7 +84,8 @@ def test_sparse_runtime_equals_fused_dense_graph(digits_moe, digits_bundle):
 
 
 def test_sparse_equals_fused_when_k_equals_K(tmp_path):
-    cfg = ModelConfig(expert_hidden=16, num_global_experts=3, top_k=3, num_local_experts=2)
+    cfg = ModelConfig(expert_kind="mlp", expert_hidden=16, num_global_experts=3, top_k=3,
+                      num_local_experts=2)
     model = build_model(cfg, 3).train()
     x = np.random.default_rng(0).random((40, 1, 8, 8), dtype=np.float32)
     build_bundle(model, tmp_path / "b", calibration=x, options=QuantizeOptions(mode=QuantMode.FP32))
@@ -114,6 +115,30 @@ def test_int8_top1_agreement_on_digits(digits_moe, digits_bundle):
             assert part["bytes"] < 0.6 * part["fp32"]["bytes"]
         detail = part["quant_detail"]["rel_error"]
         assert set(detail) == {"static_int8", "dynamic_int8"}  # auto measured both
+
+
+def test_cnn_experts_int8_static_agreement_on_digits(digits_moe, tmp_path):
+    """CNN experts (conv parts) get static per-channel QDQ and keep >= 98% top-1 agreement."""
+    _, x_train, y_train, x_test, _ = digits_moe
+    cfg = ModelConfig(expert_kind="cnn", expert_hidden=16, num_global_experts=3, top_k=2,
+                      num_local_experts=1)
+    model = build_model(cfg, 0)
+
+    def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        out = model(xb)
+        return torch.nn.functional.nll_loss(out.log_probs, yb) + torch.nn.functional.nll_loss(
+            out.global_log_probs, yb)
+
+    run_epochs(model, list(model.parameters()), x_train, y_train, TrainConfig(lr=0.05), 3,
+               np.random.default_rng(0), loss)
+    model.eval()
+    manifest = build_bundle(model, tmp_path / "cnn", calibration=x_train[:128], include_fused=False)
+    for k in range(3):
+        assert manifest["parts"][f"expert_g{k}"]["quantization"] == "static_int8"
+    p_fp32 = MoESession(tmp_path / "cnn", precision="fp32").predict(x_test)
+    assert np.abs(p_fp32 - torch_out(model, x_test).log_probs.exp().numpy()).max() < 1e-4
+    p_int8 = MoESession(tmp_path / "cnn").predict(x_test)
+    assert float((p_int8.argmax(1) == p_fp32.argmax(1)).mean()) >= 0.98
 
 
 def test_static_and_dynamic_modes_write_what_they_say(digits_moe, tmp_path):
@@ -162,7 +187,8 @@ def test_dynamic_refused_on_conv_parts(tmp_path):
 
 def test_conv_trunk_bundle_small_image(tmp_path):
     """The camera config's path (MobileNetV3-Small trunk, static int8) on 3x32x32 inputs."""
-    cfg = ModelConfig(input_shape=(3, 32, 32), trunk="mobilenet_v3_small", expert_hidden=16,
+    cfg = ModelConfig(input_shape=(3, 32, 32), trunk="mobilenet_v3_small", expert_kind="mlp",
+                      expert_hidden=16,
                       num_global_experts=2, top_k=1, num_local_experts=1)
     model = build_model(cfg, 0).eval()
     x = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)

@@ -190,7 +190,8 @@ def test_routing_prior_matches_torch(digits_bundle: Path, digits_moe) -> None:
 
 def test_topk_ties_go_to_the_lower_index_like_onnx_topk(tmp_path: Path) -> None:
     # a zero gate gives every expert the same probability: only the tie rule decides
-    cfg = ModelConfig(expert_hidden=8, num_global_experts=4, top_k=2, num_local_experts=0)
+    cfg = ModelConfig(expert_kind="mlp", expert_hidden=8, num_global_experts=4, top_k=2,
+                      num_local_experts=0)
     model = build_model(cfg, 1).eval()
     with torch.no_grad():
         for p in model.global_part.gate.parameters():
