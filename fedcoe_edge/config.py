@@ -29,7 +29,7 @@ class ModelConfig:
     input_shape: tuple[int, ...] = (1, 8, 8)  # per-sample shape, (C, H, W) or (F,)
     num_classes: int = 10
     trunk: TrunkKind = "identity"  # shared feature extractor; identity for small inputs
-    expert_kind: ExpertKind = "mlp"  # "mlp" on flattened input / trunk features, "cnn" on images
+    expert_kind: ExpertKind = "cnn"  # "cnn" on small images, "mlp" on flattened input / trunk features
     expert_hidden: int = 64  # hidden width of a global expert (and of the shared expert)
     num_global_experts: int = 4  # K routed global experts
     top_k: int = 2  # experts used per input at inference (training is dense)
@@ -89,13 +89,13 @@ class TrainConfig:
     lr: float = 0.05  # SGD learning rate
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    beta: float = 0.5  # weight of CE on the global path: keeps p_G competent everywhere
+    beta: float = 2.0  # weight of CE on the global path: p_G learns only from this term
     gamma: float = 0.01  # load-balance weight: every global expert keeps being used
-    lam: float = 0.05  # KL(p_L || p_G): local experts stay near the global consensus
+    lam: float = 0.5  # KL(p_L || p_G): local experts stay near the global consensus
     mu: float = 0.01  # proximal pull of the local copy of global params to the server's
     detach_global: bool = True  # personal-mixture CE trains only the local level; p_G learns from beta*CE(p_G)
-    tau: float = 1.0  # balanced-softmax strength on the global path's CE (0 = plain CE)
-    rho: float = 0.5  # routing consistency: gate mass on the experts the client holds
+    tau: float = 0.0  # balanced-softmax strength on the global path's CE (0 = plain CE)
+    rho: float = 2.0  # routing consistency: gate mass on the experts the client holds
     experts_per_client: int = 2  # m: global experts a client trains and exchanges per round
     affinity_ema: float = 0.5  # weight of the newest affinity report in the server's EMA
     fraction_fit: float = 1.0  # share of clients selected each round

@@ -41,7 +41,7 @@ def test_expert_mask_restricts_routing():
 
 
 def test_state_dict_split_is_clean_and_stable():
-    cfg = ModelConfig(num_global_experts=3, num_local_experts=2)
+    cfg = ModelConfig(expert_kind="mlp", num_global_experts=3, num_local_experts=2)
     model = DualLevelMoE(cfg)
     keys = list(model.state_dict())
     assert all(k.startswith(("global.", "local.")) for k in keys)
@@ -55,8 +55,8 @@ def test_state_dict_split_is_clean_and_stable():
 
 
 def test_tier_sizes_local_experts():
-    small = DualLevelMoE(ModelConfig(tier="small")).local_state()["local.experts.0.fc1.weight"]
-    large = DualLevelMoE(ModelConfig(tier="large")).local_state()["local.experts.0.fc1.weight"]
+    small = DualLevelMoE(ModelConfig(expert_kind="mlp", tier="small")).local_state()["local.experts.0.fc1.weight"]
+    large = DualLevelMoE(ModelConfig(expert_kind="mlp", tier="large")).local_state()["local.experts.0.fc1.weight"]
     assert small.shape[0] * 4 == large.shape[0]
 
 
@@ -82,7 +82,7 @@ def test_losses_behave():
     assert float(routing_consistency(logits, torch.tensor([True, True, False, False]))) == pytest.approx(
         torch.log(torch.tensor(2.0)).item())
     assert float(routing_consistency(logits, None)) == 0.0
-    model = DualLevelMoE(ModelConfig())
+    model = DualLevelMoE(ModelConfig(expert_kind="mlp"))
     out = model(torch.rand(6, 1, 8, 8))
     parts = fedcoe_loss(out, torch.randint(0, 10, (6,)), TrainConfig())
     parts.total.backward()
