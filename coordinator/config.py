@@ -44,7 +44,7 @@ class FederationSettings:
     state_dir: str = "state/coordinator"
     chunk_size: int = 256 * 1024
     window: int = 16
-    norm_bound: float = 1e4  # L2 bound on an uploaded update (whole payload)
+    norm_bound: float = 1e4  # L2 bound on an update's change (new - sent), whole payload
     exit_when_done: bool = False  # False: keep serving cold-start fetches after the last round
     allowed_devices: list[str] = field(default_factory=list)  # empty: any device with a valid key
 

@@ -621,7 +621,14 @@ class Coordinator:
         else:
             params = payload
         ref = {k: (tuple(v.shape), v.dtype) for k, v in task.params.items()}
-        validate_update(params, ref, self.fed.norm_bound)
+        validate_update(params, ref)
+        # the norm bound applies to the change a device made, not to the weights themselves
+        delta = {k: (v - task.params[k]).astype(v.dtype, copy=False) for k, v in params.items()
+                 if np.issubdtype(v.dtype, np.floating)}
+        try:
+            validate_update(delta, {k: ref[k] for k in delta}, self.fed.norm_bound)
+        except ValidationError as exc:
+            raise ValidationError(str(exc).replace("update:", "update delta:", 1)) from None
         n = body.get("num_samples")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValidationError(f"num_samples must be a positive integer, got {n!r:.40}")

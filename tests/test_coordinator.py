@@ -174,18 +174,26 @@ def test_quorum_not_met_keeps_the_global_state(tmp_path: Path) -> None:
         params[name] = np.full_like(params[name], np.inf)
         return params
 
-    # two of three updates are refused (non-finite), so the round closes with 1 < quorum 2
-    bad = AgentHooks(tamper=poison)
+    def blow_up(rnd: int, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        name = sorted(params)[0]
+        params[name] = params[name] + np.float32(1e6)
+        return params
+
+    # two of three updates are refused (non-finite; change over the norm bound), so the
+    # round closes with 1 accepted < quorum 2
     fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=1, quorum=2, compress=False,
-                             hooks={"1": bad, "2": bad})
+                             hooks={"1": AgentHooks(tamper=poison), "2": AgentHooks(tamper=blow_up)})
     fed.start()
     try:
         fed.wait(lambda: fed.coordinator.finished, 60, "round 1")  # type: ignore[union-attr]
         r = fed.coordinator.store.round(1)  # type: ignore[union-attr]
         version = fed.coordinator.strategy.version  # type: ignore[union-attr]
+        reasons = {e["device"]: e["reason"] for e in fed.coordinator.store.events(1, "rejected")}  # type: ignore[union-attr]
     finally:
         fed.stop()
     assert r is not None and r["applied"] == 0 and "quorum not met (1 < 2)" in r["note"]
+    assert "non-finite value" in reasons["1"]
+    assert reasons["2"].startswith("update delta: L2 norm") and "exceeds bound 1e+04" in reasons["2"]
     assert version == 0
 
 
