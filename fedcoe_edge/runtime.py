@@ -610,3 +610,45 @@ def pack_tar(folder: str | os.PathLike[str], tar_path: str | os.PathLike[str]) -
     out = Path(tar_path)
     atomic_write_bytes(out, buf.getvalue())
     return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fedcoe_edge.runtime BUNDLE FILE.npy``: predict on a device without torch."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m fedcoe_edge.runtime",
+                                     description="Classify FILE.npy with a bundle (no torch).")
+    parser.add_argument("bundle", help="bundle folder or .tar")
+    parser.add_argument("input", help=".npy of float inputs, (N, *input_shape) or one sample")
+    parser.add_argument("--fp32", action="store_true", help="use the fp32 parity files")
+    parser.add_argument("--global-only", action="store_true", help="skip the local level")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--providers", default="CPUExecutionProvider",
+                        help="comma-separated onnxruntime execution providers")
+    args = parser.parse_args(argv)
+    try:
+        sess = MoESession(args.bundle, threads=args.threads,
+                          providers=[p for p in args.providers.split(",") if p],
+                          precision="fp32" if args.fp32 else "deployed")
+        try:
+            x = np.load(args.input, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ValidationError(f"input {args.input}: not a readable .npy array: {exc}") from None
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValidationError(f"input {args.input}: expected floats, got dtype {x.dtype}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if tuple(x.shape) == sess.input_shape:
+            x = x[None]
+        probs = sess.predict(x, use_local=not args.global_only)
+    except (BundleError, ValidationError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for i, p in enumerate(probs):
+        c = int(p.argmax())
+        print(f"{i}\tclass {c}\tp={p[c]:.4f}\t[{' '.join(f'{v:.4f}' for v in p)}]")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

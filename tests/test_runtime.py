@@ -71,6 +71,15 @@ def test_import_and_predict_with_torch_unimportable(digits_bundle: Path, digits_
     assert res.returncode == 0, res.stderr
     expected = MoESession(digits_bundle).predict(x).argmax(1)
     assert res.stdout.strip() == ",".join(str(int(c)) for c in expected)
+    # the device's command line, also without torch
+    code = ("import runpy, sys\nsys.modules['torch'] = None\n"
+            f"sys.argv = ['rt', {str(digits_bundle)!r}, {str(digits_bundle.parent / 'x.npy')!r}]\n"
+            "runpy.run_module('fedcoe_edge.runtime', run_name='__main__')\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert [line.split("\t")[1] for line in res.stdout.strip().splitlines()] == [
+        f"class {int(c)}" for c in expected]
     # and the blocker really blocks: the same process cannot import torch
     res = subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None; import torch"],
                          capture_output=True, text=True, timeout=60)
