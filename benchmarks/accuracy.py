@@ -38,7 +38,16 @@ import numpy as np
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.errors import ConfigError, FedCoEError
 
-MAIN_ALGORITHMS = ("fedcoe", "fedavg", "fedprox", "local", "fedavg-ft", "ditto", "fedrep", "mixture")
+MAIN_ALGORITHMS = (
+    "fedcoe",
+    "fedavg",
+    "fedprox",
+    "local",
+    "fedavg-ft",
+    "ditto",
+    "fedrep",
+    "mixture",
+)
 ABLATION_ALGORITHMS = ("fedcoe-noaffinity", "fedcoe-nocoord", "fedcoe-nolocal", "fedcoe-full")
 METRICS = ("global_acc", "personalized_acc", "cold_start_acc")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -60,12 +69,15 @@ class Setting:
         return f"{self.dataset}, labels {part}"
 
 
-SETTINGS: dict[str, Setting] = {s.name: s for s in (
-    Setting("digits-dir0.1", "digits", "dirichlet", 0.1),
-    Setting("digits-dir0.5", "digits", "dirichlet", 0.5),
-    Setting("digits-shift", "digits-shift", "dirichlet", 0.5),
-    Setting("synthetic(1,1)", "synthetic(1,1)", "natural", 1.0),
-)}
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in (
+        Setting("digits-dir0.1", "digits", "dirichlet", 0.1),
+        Setting("digits-dir0.5", "digits", "dirichlet", 0.5),
+        Setting("digits-shift", "digits-shift", "dirichlet", 0.5),
+        Setting("synthetic(1,1)", "synthetic(1,1)", "natural", 1.0),
+    )
+}
 
 
 @dataclass
@@ -85,9 +97,15 @@ class Grid:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def fingerprint(self) -> str:
-        doc = {"rounds": self.rounds, "clients": self.clients, "new_clients": self.new_clients,
-               "min_samples": self.min_samples, "eval_every": self.eval_every,
-               "model": self.model.to_dict(), "train": self.train.to_dict()}
+        doc = {
+            "rounds": self.rounds,
+            "clients": self.clients,
+            "new_clients": self.new_clients,
+            "min_samples": self.min_samples,
+            "eval_every": self.eval_every,
+            "model": self.model.to_dict(),
+            "train": self.train.to_dict(),
+        }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
     def jobs(self) -> list[tuple[str, str, int]]:
@@ -97,18 +115,35 @@ class Grid:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"settings": self.settings, "algorithms": self.algorithms,
-                "ablations": self.ablations, "seeds": self.seeds, "rounds": self.rounds,
-                "clients": self.clients, "new_clients": self.new_clients,
-                "min_samples": self.min_samples, "eval_every": self.eval_every,
-                "model": self.model.to_dict(), "train": self.train.to_dict()}
+        return {
+            "settings": self.settings,
+            "algorithms": self.algorithms,
+            "ablations": self.ablations,
+            "seeds": self.seeds,
+            "rounds": self.rounds,
+            "clients": self.clients,
+            "new_clients": self.new_clients,
+            "min_samples": self.min_samples,
+            "eval_every": self.eval_every,
+            "model": self.model.to_dict(),
+            "train": self.train.to_dict(),
+        }
 
 
-CORE_MODULES = ("fedcoe_edge.config", "fedcoe_edge.model", "fedcoe_edge.losses",
-                "fedcoe_edge.training", "fedcoe_edge.aggregate", "fedcoe_edge.simulation",
-                "fedcoe_edge.data.datasets", "fedcoe_edge.data.partition",
-                "fedcoe_edge.data.federation", "fedcoe_edge.data.synthetic",
-                "fedcoe_edge.data.shift", "fedcoe_edge.strategies.base")
+CORE_MODULES = (
+    "fedcoe_edge.config",
+    "fedcoe_edge.model",
+    "fedcoe_edge.losses",
+    "fedcoe_edge.training",
+    "fedcoe_edge.aggregate",
+    "fedcoe_edge.simulation",
+    "fedcoe_edge.data.datasets",
+    "fedcoe_edge.data.partition",
+    "fedcoe_edge.data.federation",
+    "fedcoe_edge.data.synthetic",
+    "fedcoe_edge.data.shift",
+    "fedcoe_edge.strategies.base",
+)
 
 
 def code_version(algorithm: str) -> str:
@@ -121,8 +156,11 @@ def code_version(algorithm: str) -> str:
     from fedcoe_edge.strategies import STRATEGIES
 
     mods = set(CORE_MODULES)
-    mods.update(c.__module__ for c in STRATEGIES[algorithm].__mro__
-                if c.__module__.startswith("fedcoe_edge."))
+    mods.update(
+        c.__module__
+        for c in STRATEGIES[algorithm].__mro__
+        if c.__module__.startswith("fedcoe_edge.")
+    )
     h = hashlib.sha256()
     for name in sorted(mods):
         h.update(name.encode())
@@ -149,16 +187,35 @@ def run_job(grid: Grid, setting_name: str, algorithm: str, seed: int) -> dict[st
 
     torch.set_num_threads(1)  # the machine is shared: one core per worker
     s = SETTINGS[setting_name]
-    fed = make_federation(s.dataset, s.partition, grid.clients, grid.new_clients, seed, s.alpha,
-                          grid.min_samples)
-    model = dataclasses.replace(grid.model, input_shape=fed.input_shape, num_classes=fed.num_classes)
-    cfg = SimulationConfig(dataset=s.dataset, partition=s.partition, alpha=s.alpha,
-                           clients=grid.clients, new_clients=grid.new_clients, rounds=grid.rounds,
-                           algorithms=[algorithm], seeds=[seed], min_samples=grid.min_samples,
-                           eval_every=grid.eval_every, model=model, train=grid.train)
+    fed = make_federation(
+        s.dataset, s.partition, grid.clients, grid.new_clients, seed, s.alpha, grid.min_samples
+    )
+    kind = grid.model.expert_kind if len(fed.input_shape) == 3 else "mlp"  # vectors: MLP experts
+    model = dataclasses.replace(
+        grid.model, input_shape=fed.input_shape, num_classes=fed.num_classes, expert_kind=kind
+    )
+    cfg = SimulationConfig(
+        dataset=s.dataset,
+        partition=s.partition,
+        alpha=s.alpha,
+        clients=grid.clients,
+        new_clients=grid.new_clients,
+        rounds=grid.rounds,
+        algorithms=[algorithm],
+        seeds=[seed],
+        min_samples=grid.min_samples,
+        eval_every=grid.eval_every,
+        model=model,
+        train=grid.train,
+    )
     result = run_one(algorithm, fed, cfg, seed)
-    return {"setting": setting_name, "algorithm": algorithm, "seed": seed,
-            "metrics": result.metrics, "curve": result.curve}
+    return {
+        "setting": setting_name,
+        "algorithm": algorithm,
+        "seed": seed,
+        "metrics": result.metrics,
+        "curve": result.curve,
+    }
 
 
 # --- cache ----------------------------------------------------------------------------------
@@ -198,8 +255,9 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def build_document(grid: Grid, done: dict[str, dict[str, Any]], meta: dict[str, Any]
-                   ) -> dict[str, Any]:
+def build_document(
+    grid: Grid, done: dict[str, dict[str, Any]], meta: dict[str, Any]
+) -> dict[str, Any]:
     """accuracy.json: ``{"settings": {setting: {"config", "algorithms": {alg: summary}}}}``."""
     from fedcoe_edge.strategies import shares_model
 
@@ -209,8 +267,11 @@ def build_document(grid: Grid, done: dict[str, dict[str, Any]], meta: dict[str, 
         s = SETTINGS[s_name]
         algos: dict[str, Any] = {}
         for algorithm in [*grid.algorithms, *grid.ablations]:
-            recs = [done[k] for seed in grid.seeds
-                    if (k := run_key(s_name, algorithm, seed, fp)) in done]
+            recs = [
+                done[k]
+                for seed in grid.seeds
+                if (k := run_key(s_name, algorithm, seed, fp)) in done
+            ]
             if recs:
                 summary = summarize(recs)
                 summary["seed_list"] = [r["seed"] for r in recs]  # type: ignore[assignment]
@@ -218,12 +279,20 @@ def build_document(grid: Grid, done: dict[str, dict[str, Any]], meta: dict[str, 
                     summary["no_shared_model"] = True  # type: ignore[assignment]
                 algos[algorithm] = summary
         settings[s_name] = {
-            "config": {"dataset": s.dataset, "partition": s.partition, "alpha": s.alpha,
-                       "clients": grid.clients, "new_clients": grid.new_clients,
-                       "rounds": grid.rounds, "seeds": grid.seeds,
-                       "min_samples": grid.min_samples, "model": grid.model.to_dict(),
-                       "train": grid.train.to_dict()},
-            "algorithms": algos}
+            "config": {
+                "dataset": s.dataset,
+                "partition": s.partition,
+                "alpha": s.alpha,
+                "clients": grid.clients,
+                "new_clients": grid.new_clients,
+                "rounds": grid.rounds,
+                "seeds": grid.seeds,
+                "min_samples": grid.min_samples,
+                "model": grid.model.to_dict(),
+                "train": grid.train.to_dict(),
+            },
+            "algorithms": algos,
+        }
     return {"meta": meta, "settings": settings}
 
 
@@ -238,51 +307,97 @@ def setting_table(algos: dict[str, Any], names: Sequence[str]) -> list[str]:
     rows = [n for n in names if n in algos]
     best: dict[str, float | None] = {}
     for key in METRICS:
-        vals = [algos[n][key] for n in rows
-                if not (algos[n].get("no_shared_model") and key != "personalized_acc")]
+        vals = [
+            algos[n][key]
+            for n in rows
+            if not (algos[n].get("no_shared_model") and key != "personalized_acc")
+        ]
         best[key] = max(vals) if vals else None
-    lines = ["| algorithm | global acc | personalized acc | cold-start acc | up KB/round | "
-             "down KB/round | wall s/run | seeds |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| algorithm | global acc | personalized acc | cold-start acc | up KB/round | "
+        "down KB/round | wall s/run | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for n in rows:
         m = algos[n]
-        lines.append(f"| {n} | {cell(m, 'global_acc', best['global_acc'])} "
-                     f"| {cell(m, 'personalized_acc', best['personalized_acc'])} "
-                     f"| {cell(m, 'cold_start_acc', best['cold_start_acc'])} "
-                     f"| {m['bytes_up_per_client_round'] / 1024:.1f} "
-                     f"| {m['bytes_down_per_client_round'] / 1024:.1f} "
-                     f"| {m['wall_s']:.1f} | {int(m['seeds'])} |")
+        lines.append(
+            f"| {n} | {cell(m, 'global_acc', best['global_acc'])} "
+            f"| {cell(m, 'personalized_acc', best['personalized_acc'])} "
+            f"| {cell(m, 'cold_start_acc', best['cold_start_acc'])} "
+            f"| {m['bytes_up_per_client_round'] / 1024:.1f} "
+            f"| {m['bytes_down_per_client_round'] / 1024:.1f} "
+            f"| {m['wall_s']:.1f} | {int(m['seeds'])} |"
+        )
     return lines
 
 
-def verdict(algos: dict[str, Any]) -> list[str]:
-    """Where FedCoE meets the issue's goals in one setting, computed, not written by hand."""
+def goals(algos: dict[str, Any]) -> list[tuple[str, float, str, float, bool]]:
+    """Issue 3's goals in one setting as (goal, fedcoe, rival, rival value, met), computed:
+    personalized >= best baseline, global > FedAvg/FedProx, cold start >= best baseline."""
     if "fedcoe" not in algos:
-        return ["- FedCoE not run yet."]
+        return []
     f = algos["fedcoe"]
+    rivals = {n: m for n, m in algos.items() if n in MAIN_ALGORITHMS and n != "fedcoe"}
     out = []
-    pers = {n: m["personalized_acc"] for n, m in algos.items()
-            if n in MAIN_ALGORITHMS and n != "fedcoe"}
+    pers = {n: m["personalized_acc"] for n, m in rivals.items()}
     if pers:
         best = max(pers, key=pers.__getitem__)
-        ok = f["personalized_acc"] >= pers[best] - 1e-9
-        out.append(f"- personalized: FedCoE {f['personalized_acc']:.3f} vs best baseline {best} "
-                   f"{pers[best]:.3f} ({f['personalized_acc'] - pers[best]:+.3f}): "
-                   f"{'met' if ok else 'NOT met'}")
-    avg = {n: algos[n]["global_acc"] for n in ("fedavg", "fedprox") if n in algos}
+        out.append(
+            (
+                "personalized",
+                f["personalized_acc"],
+                best,
+                pers[best],
+                f["personalized_acc"] >= pers[best] - 1e-9,
+            )
+        )
+    avg = {n: rivals[n]["global_acc"] for n in ("fedavg", "fedprox") if n in rivals}
     if avg:
         top = max(avg, key=avg.__getitem__)
-        ok = f["global_acc"] > avg[top]
-        out.append(f"- global: FedCoE {f['global_acc']:.3f} vs {top} {avg[top]:.3f} "
-                   f"({f['global_acc'] - avg[top]:+.3f}): {'met' if ok else 'NOT met'}")
-    cold = {n: m["cold_start_acc"] for n, m in algos.items()
-            if n in MAIN_ALGORITHMS and n != "fedcoe" and not m.get("no_shared_model")}
+        out.append(("global", f["global_acc"], top, avg[top], f["global_acc"] > avg[top]))
+    cold = {n: m["cold_start_acc"] for n, m in rivals.items() if not m.get("no_shared_model")}
     if cold:
         best = max(cold, key=cold.__getitem__)
-        ok = f["cold_start_acc"] >= cold[best] - 1e-9
-        out.append(f"- cold start: FedCoE {f['cold_start_acc']:.3f} vs best baseline {best} "
-                   f"{cold[best]:.3f} ({f['cold_start_acc'] - cold[best]:+.3f}): "
-                   f"{'met' if ok else 'NOT met'}")
+        out.append(
+            (
+                "cold start",
+                f["cold_start_acc"],
+                best,
+                cold[best],
+                f["cold_start_acc"] >= cold[best] - 1e-9,
+            )
+        )
     return out
+
+
+def verdict(algos: dict[str, Any]) -> list[str]:
+    """The goals as Markdown bullets."""
+    rows = goals(algos)
+    if not rows:
+        return ["- FedCoE not run yet."]
+    return [
+        f"- {g}: FedCoE {fv:.3f} vs {rival} {rv:.3f} ({fv - rv:+.3f}): {'met' if ok else 'NOT met'}"
+        for g, fv, rival, rv, ok in rows
+    ]
+
+
+def summary_table(doc: dict[str, Any]) -> list[str]:
+    """One row per setting: FedCoE minus its rival on each goal (met / NOT met)."""
+    lines = [
+        "| setting | personalized: FedCoE - best baseline | global: FedCoE - best of "
+        "FedAvg/FedProx | cold start: FedCoE - best baseline |",
+        "|---|---|---|---|",
+    ]
+    for s_name, block in doc["settings"].items():
+        cells = {
+            g: f"{fv - rv:+.3f} vs {rival} ({'met' if ok else 'NOT met'})"
+            for g, fv, rival, rv, ok in goals(block["algorithms"])
+        }
+        lines.append(
+            f"| {s_name} | {cells.get('personalized', '-')} | {cells.get('global', '-')} "
+            f"| {cells.get('cold start', '-')} |"
+        )
+    return lines
 
 
 def render_markdown(doc: dict[str, Any], grid: Grid) -> str:
@@ -304,6 +419,7 @@ def render_markdown(doc: dict[str, Any], grid: Grid) -> str:
         "no shared model, so its global and cold-start cells are n/a (its JSON keeps chance).",
         "",
     ]
+    lines += ["## Summary: issue 3's goals", "", *summary_table(doc), ""]
     for s_name, block in doc["settings"].items():
         algos = block["algorithms"]
         lines += [f"## {s_name}: {SETTINGS[s_name].describe()}", ""]
@@ -321,7 +437,9 @@ def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_")
 
 
-def write_report(grid: Grid, done: dict[str, dict[str, Any]], out: Path, meta: dict[str, Any]) -> dict[str, Any]:
+def write_report(
+    grid: Grid, done: dict[str, dict[str, Any]], out: Path, meta: dict[str, Any]
+) -> dict[str, Any]:
     from fedcoe_edge.io import atomic_write_text
     from fedcoe_edge.plots import plot_curves
 
@@ -333,14 +451,20 @@ def write_report(grid: Grid, done: dict[str, dict[str, Any]], out: Path, meta: d
     for s_name in grid.settings:
         curves = {}
         for algorithm in grid.algorithms:
-            per_seed = [done[k]["curve"] for seed in grid.seeds
-                        if (k := run_key(s_name, algorithm, seed, fp)) in done]
+            per_seed = [
+                done[k]["curve"]
+                for seed in grid.seeds
+                if (k := run_key(s_name, algorithm, seed, fp)) in done
+            ]
             # seeds with equal curve lengths only (a partial grid may mix none of them)
             if per_seed:
                 curves[algorithm] = per_seed
         if curves:
-            plot_curves(curves, out / f"accuracy_{safe_name(s_name)}.png",
-                        title=f"{s_name}: {SETTINGS[s_name].describe()}")
+            plot_curves(
+                curves,
+                out / f"accuracy_{safe_name(s_name)}.png",
+                title=f"{s_name}: {SETTINGS[s_name].describe()}",
+            )
     return doc
 
 
@@ -349,8 +473,13 @@ def git_commit() -> str:
     if os.environ.get("ACCURACY_COMMIT"):
         return os.environ["ACCURACY_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -360,25 +489,40 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.accuracy",
         description="Run the accuracy grid (settings x algorithms x seeds, then FedCoE ablations) "
-                    "and write accuracy.md, accuracy.json and one PNG per setting. Finished runs "
-                    "are cached, so re-running resumes a half-done grid.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "and write accuracy.md, accuracy.json and one PNG per setting. Finished runs "
+        "are cached, so re-running resumes a half-done grid.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--rounds", type=int, default=80, help="federated rounds per run")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated settings")
     p.add_argument("--algorithms", default=",".join(MAIN_ALGORITHMS), help="comma-separated")
-    p.add_argument("--ablations", default=",".join(ABLATION_ALGORITHMS),
-                   help="comma-separated FedCoE variants ('' for none)")
+    p.add_argument(
+        "--ablations",
+        default=",".join(ABLATION_ALGORITHMS),
+        help="comma-separated FedCoE variants ('' for none)",
+    )
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--new-clients", type=int, default=4)
     p.add_argument("--eval-every", type=int, default=10, help="rounds between curve points")
+    p.add_argument("--expert-kind", choices=("mlp", "cnn"), default=None,
+                   help="expert network on images (default: ModelConfig's); vectors always use mlp")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder")
-    p.add_argument("--cache", type=Path, default=None,
-                   help="cache of finished runs (default: OUT/accuracy_cache.jsonl)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: 2 rounds, 6+1 clients, seed 0, every setting and algorithm")
-    p.add_argument("--report-only", action="store_true", help="only rebuild the report from the cache")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="cache of finished runs (default: OUT/accuracy_cache.jsonl)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 2 rounds, 6+1 clients, seed 0, every setting and algorithm",
+    )
+    p.add_argument(
+        "--report-only", action="store_true", help="only rebuild the report from the cache"
+    )
     return p.parse_args(argv)
 
 
@@ -393,9 +537,18 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
         seeds = [int(t) for t in names(args.seeds)]
     except ValueError:
         raise ConfigError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-    grid = Grid(settings=names(args.settings), algorithms=names(args.algorithms),
-                ablations=names(args.ablations), seeds=seeds, rounds=args.rounds,
-                clients=args.clients, new_clients=args.new_clients, eval_every=args.eval_every)
+    grid = Grid(
+        settings=names(args.settings),
+        algorithms=names(args.algorithms),
+        ablations=names(args.ablations),
+        seeds=seeds,
+        rounds=args.rounds,
+        clients=args.clients,
+        new_clients=args.new_clients,
+        eval_every=args.eval_every,
+    )
+    if args.expert_kind is not None:
+        grid.model = dataclasses.replace(grid.model, expert_kind=args.expert_kind)
     if args.quick:
         grid.rounds, grid.clients, grid.new_clients, grid.seeds = 2, 6, 1, [0]
         grid.eval_every = 1
@@ -404,7 +557,9 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
         raise ConfigError(f"unknown setting(s) {', '.join(bad)}; known: {', '.join(SETTINGS)}")
     bad = [a for a in [*grid.algorithms, *grid.ablations] if a not in STRATEGIES]
     if bad:
-        raise ConfigError(f"unknown algorithm(s) {', '.join(bad)}; known: {', '.join(sorted(STRATEGIES))}")
+        raise ConfigError(
+            f"unknown algorithm(s) {', '.join(bad)}; known: {', '.join(sorted(STRATEGIES))}"
+        )
     if grid.rounds < 1 or not grid.seeds or args.jobs < 1 or grid.eval_every < 1:
         raise ConfigError("--rounds, --jobs and --eval-every must be >= 1 and --seeds non-empty")
     return grid
@@ -422,7 +577,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_grid(grid: Grid, args: argparse.Namespace) -> int:
     out: Path = args.out
-    cache = args.cache or out / ("accuracy_cache_quick.jsonl" if args.quick else "accuracy_cache.jsonl")
+    cache = args.cache or out / (
+        "accuracy_cache_quick.jsonl" if args.quick else "accuracy_cache.jsonl"
+    )
     fp = grid.fingerprint()
     done = load_cache(cache)
     jobs = grid.jobs()
@@ -432,13 +589,25 @@ def run_grid(grid: Grid, args: argparse.Namespace) -> int:
 
     def meta() -> dict[str, Any]:
         finished = sum(run_key(*j, fp) in done for j in jobs)
-        commits = sorted({done[k].get("commit", "?") for j in jobs if (k := run_key(*j, fp)) in done})
-        return {"commit": commit, "run_commits": commits, "fingerprint": fp, "runs_total": len(jobs),
-                "runs_done": finished, "complete": finished == len(jobs),
-                "grid": grid.to_dict()}
+        commits = sorted(
+            {done[k].get("commit", "?") for j in jobs if (k := run_key(*j, fp)) in done}
+        )
+        return {
+            "commit": commit,
+            "run_commits": commits,
+            "fingerprint": fp,
+            "runs_total": len(jobs),
+            "runs_done": finished,
+            "complete": finished == len(jobs),
+            "grid": grid.to_dict(),
+        }
 
-    print(f"accuracy grid: {len(jobs)} runs, {len(jobs) - len(todo)} cached in {cache}, "
-          f"{len(todo)} to go, {args.jobs} worker(s)", file=sys.stderr, flush=True)
+    print(
+        f"accuracy grid: {len(jobs)} runs, {len(jobs) - len(todo)} cached in {cache}, "
+        f"{len(todo)} to go, {args.jobs} worker(s)",
+        file=sys.stderr,
+        flush=True,
+    )
     if not args.report_only and todo:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             futures = {pool.submit(run_job, grid, *j): j for j in todo}
@@ -452,16 +621,22 @@ def run_grid(grid: Grid, args: argparse.Namespace) -> int:
                 m = rec["metrics"]
                 elapsed = time.perf_counter() - t0
                 eta = elapsed / n * (len(todo) - n)
-                print(f"[{n}/{len(todo)}] {s_name} {algorithm} seed {seed}: "
-                      f"global {m['global_acc']:.3f} personalized {m['personalized_acc']:.3f} "
-                      f"cold {m['cold_start_acc']:.3f} ({m['wall_s']:.1f}s; elapsed "
-                      f"{elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)", file=sys.stderr, flush=True)
+                print(
+                    f"[{n}/{len(todo)}] {s_name} {algorithm} seed {seed}: "
+                    f"global {m['global_acc']:.3f} personalized {m['personalized_acc']:.3f} "
+                    f"cold {m['cold_start_acc']:.3f} ({m['wall_s']:.1f}s; elapsed "
+                    f"{elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 if n % 8 == 0:  # a readable partial report while the grid runs
                     write_report(grid, done, out, meta())
     write_report(grid, done, out, meta())
     m = meta()
-    print(f"wrote {out}/accuracy.md, accuracy.json and PNGs ({m['runs_done']}/{m['runs_total']} runs)",
-          file=sys.stderr)
+    print(
+        f"wrote {out}/accuracy.md, accuracy.json and PNGs ({m['runs_done']}/{m['runs_total']} runs)",
+        file=sys.stderr,
+    )
     return 0
 
 

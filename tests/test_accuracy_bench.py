@@ -7,7 +7,7 @@ import pytest
 from benchmarks.accuracy import load_cache, main
 
 TINY = ["--quick", "--settings", "digits-dir0.5,synthetic(1,1)", "--algorithms", "fedcoe,local,fedavg",
-        "--ablations", "fedcoe-full"]
+        "--ablations", "fedcoe-full", "--expert-kind", "mlp"]
 
 
 def test_tiny_grid_report_and_resume(tmp_path, capsys):
