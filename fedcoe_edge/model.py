@@ -105,7 +105,9 @@ def topk_routing(probs: torch.Tensor, k: int) -> torch.Tensor:
     """
     if k >= probs.shape[-1]:
         return probs
-    top_vals, top_idx = probs.topk(k, dim=-1)
+    # torch.topk breaks ties arbitrarily on CPU; a stable descending sort keeps the lower index
+    top_vals, top_idx = probs.sort(dim=-1, descending=True, stable=True)
+    top_vals, top_idx = top_vals[..., :k], top_idx[..., :k]
     weights = torch.zeros_like(probs).scatter(-1, top_idx, top_vals)
     return weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
 

@@ -31,6 +31,8 @@ def test_topk_routing_keeps_largest_and_renormalises():
     probs = torch.tensor([[0.1, 0.6, 0.2, 0.1]])
     torch.testing.assert_close(topk_routing(probs, 2), torch.tensor([[0.0, 0.75, 0.25, 0.0]]))
     torch.testing.assert_close(topk_routing(probs, 4), probs)
+    ties = torch.full((1, 4), 0.25)
+    torch.testing.assert_close(topk_routing(ties, 2), torch.tensor([[0.5, 0.5, 0.0, 0.0]]))
 
 
 def test_expert_mask_restricts_routing():
