@@ -130,10 +130,9 @@ class Grid:
         }
 
 
+# config values are in the grid fingerprint, so config.py itself is not hashed
 CORE_MODULES = (
-    "fedcoe_edge.config",
     "fedcoe_edge.model",
-    "fedcoe_edge.losses",
     "fedcoe_edge.training",
     "fedcoe_edge.aggregate",
     "fedcoe_edge.simulation",
@@ -148,23 +147,26 @@ CORE_MODULES = (
 
 def code_version(algorithm: str) -> str:
     """Hash of the source an algorithm's runs depend on: the shared core plus every module in
-    its class hierarchy. A cached run is reused only while this is unchanged, so editing
-    fedcoe.py re-runs FedCoE and its ablations but not FedAvg."""
+    its class hierarchy (FedCoE's family also its losses; baselines use only the proximal term).
+    A cached run is reused only while this is unchanged, so editing fedcoe.py or losses.py
+    re-runs FedCoE and its ablations but not FedAvg."""
     import importlib
     import inspect
 
+    from fedcoe_edge.losses import proximal_term
     from fedcoe_edge.strategies import STRATEGIES
 
     mods = set(CORE_MODULES)
-    mods.update(
-        c.__module__
-        for c in STRATEGIES[algorithm].__mro__
-        if c.__module__.startswith("fedcoe_edge.")
-    )
+    mods.update(c.__module__ for c in STRATEGIES[algorithm].__mro__
+                if c.__module__.startswith("fedcoe_edge."))
+    if "fedcoe_edge.strategies.fedcoe" in mods:
+        mods.add("fedcoe_edge.losses")
     h = hashlib.sha256()
     for name in sorted(mods):
         h.update(name.encode())
         h.update(inspect.getsource(importlib.import_module(name)).encode())
+    if "fedcoe_edge.losses" not in mods:
+        h.update(inspect.getsource(proximal_term).encode())
     return h.hexdigest()[:12]
 
 
