@@ -27,6 +27,12 @@ from fedcoe_edge.errors import ConfigError
 from fedcoe_edge.strategies import STRATEGIES
 from fedcoe_edge.transport.topics import check_id
 
+# Strategies whose clients return tensors they were not sent: the daemons' contract is
+# "return exactly what you were given" (partial exchange, int8 deltas against it).
+SIMULATION_ONLY: dict[str, str] = {
+    "fedrep": "its clients upload their private head for the server's evaluation",
+}
+
 
 @dataclass
 class FederationSettings:
@@ -93,6 +99,9 @@ class CoordinatorConfig:
             raise ConfigError(f"{w} {exc}") from None
         if f.algorithm not in STRATEGIES:
             raise ConfigError(f"{w} algorithm {f.algorithm!r} unknown; known: {', '.join(sorted(STRATEGIES))}")
+        if f.algorithm in SIMULATION_ONLY:
+            raise ConfigError(f"{w} algorithm {f.algorithm!r} runs in `fedcoe simulate` only: "
+                              f"{SIMULATION_ONLY[f.algorithm]}")
         if f.rounds < 1:
             raise ConfigError(f"{w} rounds must be >= 1, got {f.rounds}")
         if f.min_devices < 1 or f.quorum < 1:

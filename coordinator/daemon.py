@@ -324,8 +324,13 @@ class Coordinator:
             applied = len(results) >= self.fed.quorum
             before = self.strategy.version
             if applied:
-                self.strategy.aggregate_round(rnd, results, failures)
-                note = f"aggregated {len(results)} update(s), {len(failures)} failure(s)"
+                try:
+                    self.strategy.aggregate_round(rnd, results, failures)
+                    note = f"aggregated {len(results)} update(s), {len(failures)} failure(s)"
+                except (KeyError, ValueError) as exc:  # a strategy/contract mismatch: keep going
+                    log.error("round %d: %s failed to aggregate (%s); global state kept", rnd,
+                              self.fed.algorithm, exc)
+                    applied, note = False, f"aggregation failed: {exc}"[:300]
             else:
                 self.strategy.aggregate_round(rnd, [], failures)
                 note = f"quorum not met ({len(results)} < {self.fed.quorum}); global state kept"

@@ -37,6 +37,7 @@ class EmbeddedFederation:
     deadline_s: float = 30.0
     quorum: int = 1
     federation: str = "test"
+    algorithm: str = "fedcoe"
     model: ModelConfig = field(default_factory=lambda: ModelConfig(expert_hidden=16))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(local_epochs=1))
     hooks: dict[str, AgentHooks] = field(default_factory=dict)
@@ -48,7 +49,8 @@ class EmbeddedFederation:
     threads: list[threading.Thread] = field(default_factory=list)
 
     def coordinator_config(self) -> CoordinatorConfig:
-        fed = FederationSettings(id=self.federation, seed=self.seed, rounds=self.rounds,
+        fed = FederationSettings(id=self.federation, algorithm=self.algorithm, seed=self.seed,
+                                 rounds=self.rounds,
                                  min_devices=self.devices, quorum=self.quorum,
                                  deadline_s=self.deadline_s, state_dir=str(self.root / "coordinator"),
                                  exit_when_done=False, chunk_size=self.chunk_size)

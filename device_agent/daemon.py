@@ -372,7 +372,11 @@ class DeviceAgent:
         """Send the update (int8 delta against what this device was sent, by default) and
         wait for the coordinator to confirm the hash."""
         assert self.transport is not None
-        params = result.params
+        # return exactly what was sent (partial exchange); a strategy's extra tensors stay here
+        params = {k: v for k, v in result.params.items() if k in base}
+        if len(params) != len(result.params):
+            log.debug("%s: %d tensor(s) the coordinator did not send are not uploaded", self.dev,
+                      len(result.params) - len(params))
         if self.hooks.tamper is not None:
             params = self.hooks.tamper(rnd, dict(params))
         if self.cfg.device.compress_uploads:
@@ -444,9 +448,29 @@ class DeviceAgent:
             if rnd in self.evaluated:
                 return
             local = self.local_after.get(rnd, self.local_state)
+            if rnd == self.local_after_last():  # after the last round: the strategy's final
+                local = self._personalize(params, local)  # hook (e.g. FedAvg-FT fine-tuning)
             self._eval("personal", self._predict(params, ids, local, use_local=True), rnd)
         if self.cfg.device.bundle != "off":
             self._rebuild_bundle(params, ids, rnd)
+
+    def local_after_last(self) -> int:
+        return max(self.local_after, default=-1)
+
+    def _personalize(self, params: dict[str, np.ndarray],
+                     local: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+        """``strategy.personalize`` on this device's data, as the simulator runs it once the
+        rounds are over; its result becomes the private level on disk."""
+        s = self.strategy
+        assert s is not None
+        with TORCH_LOCK:
+            if not isinstance(s, FedCoE):
+                s.global_state = params  # what the device holds stands for the server state
+            tuned = s.personalize(local, self.data)
+        if tuned is not local and tuned:
+            self.local_state = tuned
+            save_arrays(self.state_dir / "local.safetensors", tuned)
+        return tuned
 
     def _cold_choose(self, gate_params: dict[str, np.ndarray]) -> None:
         """Routing prior pi = mean g(x) on this device's unlabeled data; ask for the top-m."""
