@@ -156,7 +156,8 @@ def _onnx_precisions() -> dict[str, Any]:
         "fp32": None,
         # int8 steps of the HardSwish fix, kept to measure each step against the next.
         "int8-naive": QuantizeOptions.naive(),
-        "int8-gap": QuantizeOptions(fold_hardsigmoid=False, global_pool=True),
+        "int8-gap": QuantizeOptions(fold_hardsigmoid=False, global_pool=True, fp32_stem=False),
+        "int8-fold": QuantizeOptions(fold_hardsigmoid=True, global_pool=True, fp32_stem=False),
         "int8": QuantizeOptions(),
     }
 

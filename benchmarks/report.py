@@ -145,7 +145,7 @@ def _threads_label(row: dict[str, Any]) -> str:
 
 def _sort_key(row: dict[str, Any]) -> tuple[Any, ...]:
     order = {"torch": 0, "onnxruntime": 1}
-    prec = {"fp32": 0, "int8": 1, "int8-naive": 2}
+    prec = {"fp32": 0, "int8": 1, "int8-fold": 2, "int8-gap": 3, "int8-naive": 4}
     return (
         row.get("family") != "fedcoe",
         row["model"],
@@ -280,8 +280,8 @@ def render_markdown(
     out += [
         "",
         "`int8 unfixed` is onnxruntime's `quantize_static` on the raw export; `int8` adds the "
-        "GlobalAveragePool rewrite and the integer HardSigmoid fold "
-        "(`benchmarks/onnx_utils.py`).",
+        "GlobalAveragePool rewrite, the integer HardSigmoid fold and an fp32 RGB stem "
+        "(`benchmarks/onnx_utils.py`; `python -m benchmarks.compare` times each step).",
         "",
         "## All rows",
         "",
