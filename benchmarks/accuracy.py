@@ -96,7 +96,12 @@ class Grid:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, algorithm: str | None = None) -> str:
+        """Hash of the settings a run depends on. For algorithms outside FedCoE's family the
+        FedCoE-only loss and exchange knobs are left out: they cannot change those runs."""
+        train = self.train.to_dict()
+        if algorithm is not None and not is_fedcoe_family(algorithm):
+            train = {k: v for k, v in train.items() if k not in FEDCOE_ONLY_TRAIN}
         doc = {
             "rounds": self.rounds,
             "clients": self.clients,
@@ -104,7 +109,7 @@ class Grid:
             "min_samples": self.min_samples,
             "eval_every": self.eval_every,
             "model": self.model.to_dict(),
-            "train": self.train.to_dict(),
+            "train": train,
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -129,6 +134,10 @@ class Grid:
             "train": self.train.to_dict(),
         }
 
+
+# TrainConfig fields only FedCoE (and its ablations) read
+FEDCOE_ONLY_TRAIN = frozenset({"beta", "gamma", "lam", "mu", "detach_global", "tau", "rho",
+                               "experts_per_client", "affinity_ema"})
 
 # config values are in the grid fingerprint, so config.py itself is not hashed
 CORE_MODULES = (
@@ -157,8 +166,11 @@ def code_version(algorithm: str) -> str:
     from fedcoe_edge.strategies import STRATEGIES
 
     mods = set(CORE_MODULES)
-    mods.update(c.__module__ for c in STRATEGIES[algorithm].__mro__
-                if c.__module__.startswith("fedcoe_edge."))
+    mods.update(
+        c.__module__
+        for c in STRATEGIES[algorithm].__mro__
+        if c.__module__.startswith("fedcoe_edge.")
+    )
     if "fedcoe_edge.strategies.fedcoe" in mods:
         mods.add("fedcoe_edge.losses")
     h = hashlib.sha256()
@@ -173,10 +185,18 @@ def code_version(algorithm: str) -> str:
 _CODE_VERSIONS: dict[str, str] = {}
 
 
-def run_key(setting: str, algorithm: str, seed: int, fingerprint: str) -> str:
+def run_key(grid: Grid, setting: str, algorithm: str, seed: int) -> str:
+    """Cache key: the run, the settings it depends on and the source it ran."""
     if algorithm not in _CODE_VERSIONS:
         _CODE_VERSIONS[algorithm] = code_version(algorithm)
-    return f"{setting}|{algorithm}|{seed}|{fingerprint}|{_CODE_VERSIONS[algorithm]}"
+    return f"{setting}|{algorithm}|{seed}|{grid.fingerprint(algorithm)}|{_CODE_VERSIONS[algorithm]}"
+
+
+def is_fedcoe_family(algorithm: str) -> bool:
+    from fedcoe_edge.strategies import STRATEGIES
+    from fedcoe_edge.strategies.fedcoe import FedCoE
+
+    return issubclass(STRATEGIES[algorithm], FedCoE)
 
 
 # --- one run (in a worker process) --------------------------------------------------------
@@ -263,7 +283,6 @@ def build_document(
     """accuracy.json: ``{"settings": {setting: {"config", "algorithms": {alg: summary}}}}``."""
     from fedcoe_edge.strategies import shares_model
 
-    fp = grid.fingerprint()
     settings: dict[str, Any] = {}
     for s_name in grid.settings:
         s = SETTINGS[s_name]
@@ -272,7 +291,7 @@ def build_document(
             recs = [
                 done[k]
                 for seed in grid.seeds
-                if (k := run_key(s_name, algorithm, seed, fp)) in done
+                if (k := run_key(grid, s_name, algorithm, seed)) in done
             ]
             if recs:
                 summary = summarize(recs)
@@ -449,14 +468,13 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "accuracy.json", json.dumps(doc, indent=2) + "\n")
     atomic_write_text(out / "accuracy.md", render_markdown(doc, grid) + "\n")
-    fp = grid.fingerprint()
     for s_name in grid.settings:
         curves = {}
         for algorithm in grid.algorithms:
             per_seed = [
                 done[k]["curve"]
                 for seed in grid.seeds
-                if (k := run_key(s_name, algorithm, seed, fp)) in done
+                if (k := run_key(grid, s_name, algorithm, seed)) in done
             ]
             # seeds with equal curve lengths only (a partial grid may mix none of them)
             if per_seed:
@@ -507,8 +525,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--new-clients", type=int, default=4)
     p.add_argument("--eval-every", type=int, default=10, help="rounds between curve points")
-    p.add_argument("--expert-kind", choices=("mlp", "cnn"), default=None,
-                   help="expert network on images (default: ModelConfig's); vectors always use mlp")
+    p.add_argument(
+        "--expert-kind",
+        choices=("mlp", "cnn"),
+        default=None,
+        help="expert network on images (default: ModelConfig's); vectors always use mlp",
+    )
     p.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder")
     p.add_argument(
@@ -585,14 +607,14 @@ def run_grid(grid: Grid, args: argparse.Namespace) -> int:
     fp = grid.fingerprint()
     done = load_cache(cache)
     jobs = grid.jobs()
-    todo = [j for j in jobs if run_key(*j, fp) not in done]
+    todo = [j for j in jobs if run_key(grid, *j) not in done]
     t0 = time.perf_counter()
     commit = git_commit()
 
     def meta() -> dict[str, Any]:
-        finished = sum(run_key(*j, fp) in done for j in jobs)
+        finished = sum(run_key(grid, *j) in done for j in jobs)
         commits = sorted(
-            {done[k].get("commit", "?") for j in jobs if (k := run_key(*j, fp)) in done}
+            {done[k].get("commit", "?") for j in jobs if (k := run_key(grid, *j)) in done}
         )
         return {
             "commit": commit,
@@ -616,7 +638,7 @@ def run_grid(grid: Grid, args: argparse.Namespace) -> int:
             for n, fut in enumerate(as_completed(futures), 1):
                 s_name, algorithm, seed = futures[fut]
                 rec = fut.result()
-                rec["key"] = run_key(s_name, algorithm, seed, fp)
+                rec["key"] = run_key(grid, s_name, algorithm, seed)
                 rec["commit"] = commit
                 append_cache(cache, rec)
                 done[rec["key"]] = rec

@@ -48,3 +48,18 @@ def test_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
+
+
+def test_cache_keys_follow_what_a_run_depends_on():
+    import dataclasses
+
+    from benchmarks.accuracy import Grid, run_key
+
+    a = Grid(settings=["digits-dir0.5"], algorithms=["fedavg"], ablations=[], seeds=[0], rounds=5)
+    b = dataclasses.replace(a, train=dataclasses.replace(a.train, beta=a.train.beta + 1))
+    c = dataclasses.replace(a, train=dataclasses.replace(a.train, lr=a.train.lr * 2))
+    assert run_key(a, "digits-dir0.5", "fedavg", 0) == run_key(b, "digits-dir0.5", "fedavg", 0)
+    assert run_key(a, "digits-dir0.5", "fedcoe", 0) != run_key(b, "digits-dir0.5", "fedcoe", 0)
+    assert run_key(a, "digits-dir0.5", "fedcoe-full", 0) != run_key(b, "digits-dir0.5", "fedcoe-full", 0)
+    assert run_key(a, "digits-dir0.5", "fedavg", 0) != run_key(c, "digits-dir0.5", "fedavg", 0)
+    assert run_key(a, "digits-dir0.5", "fedavg", 0) != run_key(a, "digits-dir0.5", "fedavg", 1)
