@@ -513,7 +513,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "are cached, so re-running resumes a half-done grid.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--rounds", type=int, default=80, help="federated rounds per run")
+    p.add_argument("--rounds", type=int, default=40, help="federated rounds per run")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated settings")
     p.add_argument("--algorithms", default=",".join(MAIN_ALGORITHMS), help="comma-separated")
