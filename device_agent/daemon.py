@@ -108,6 +108,7 @@ class DeviceAgent:
         self.receiver = BlobReceiver(self._report, auto_ack=True)  # nothing to persist first
         self._status_seen: set[tuple[str, int]] = set()
         self._bundle_note = False
+        self.bundle_error: str | None = None  # why the last bundle rebuild failed
 
     # ------------------------------------------------------------------ plumbing
     def _keys(self, sender: str) -> bytes | None:
@@ -542,8 +543,10 @@ class DeviceAgent:
                              meta={"device": self.dev, "round": rnd,
                                    "federation": self.topics.federation})
         except Exception as exc:  # the bundle is a convenience; the federation goes on without it
-            log.warning("%s: bundle rebuild failed: %s", self.dev, exc)
+            self.bundle_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.warning("%s: bundle rebuild failed: %s", self.dev, self.bundle_error)
             return
+        self.bundle_error = None
         log.info("%s: int8 bundle for round %d rebuilt in %s (%.1fs)", self.dev, rnd,
                  self.state_dir / "bundle", time.perf_counter() - t0)
 

@@ -178,7 +178,9 @@ def cold_start(tmp_path: Path, bundle: str) -> dict[str, Any]:
         assert c is not None
         fed.wait(lambda: bool(c.store.evals("cold")), 30, "cold eval")
         if bundle != "off":
-            fed.wait(lambda: (tmp_path / "new0" / "bundle" / "manifest.json").is_file(), 120, "bundle")
+            fed.wait(lambda: (tmp_path / "new0" / "bundle" / "manifest.json").is_file()
+                     or cold.bundle_error is not None, 120, "bundle")
+            assert cold.bundle_error is None, f"bundle rebuild failed: {cold.bundle_error}"
         x = cold.data.x_test
         return {"agent": cold, "eval": c.store.evals("cold")[0], "traffic": c.store.traffic(),
                 "want_acc": accuracy(c.strategy.predict_cold(x), cold.data.y_test),

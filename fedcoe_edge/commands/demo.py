@@ -235,15 +235,24 @@ def run(args: argparse.Namespace) -> int:
         demo.spawn(cold_dev, "agent", "--config", f"agent_{cold_dev}.toml")
         while not [e for e in store.evals("cold") if e["device"] == cold_dev]:
             tick()
+        failed: list[str] = []
         if args.bundle != "off":  # devices rebuild their int8 bundles after the last round
-            want = [demo.out / "devices" / f"dev{i}" / "bundle" / "manifest.json"
-                    for i in range(args.devices + 1)]
             print("waiting for the devices' int8 ONNX bundles ...", flush=True)
-            while not all(p.is_file() for p in want):
+            pending = [f"dev{i}" for i in range(args.devices + 1)]
+            while pending:
                 tick()
+                for dev in list(pending):
+                    if (demo.out / "devices" / dev / "bundle" / "manifest.json").is_file():
+                        pending.remove(dev)
+                    elif "bundle rebuild failed" in (demo.out / "logs" / f"{dev}.log").read_text(errors="replace"):
+                        pending.remove(dev)
+                        failed.append(dev)
+            if failed:
+                print(f"bundle rebuild failed on {', '.join(failed)} (see their logs)", flush=True)
         summary = summarize(store, args, rows, cold_dev, time.monotonic() - t0)
         summary["bundles"] = sorted(p.parent.parent.name for p in
                                     (demo.out / "devices").glob("*/bundle/manifest.json"))
+        summary["bundles_failed"] = failed
         store.close()
     except KeyboardInterrupt:
         print("\nfedcoe demo: interrupted; stopping every process", file=sys.stderr)
