@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import ArtifactStore, Case, prepare, summarize
+from benchmarks.harness import ArtifactStore, Case, Prepared, prepare, summarize
 from fedcoe_edge.errors import ConfigError
 
-__all__ = ["ABLATION", "interleaved"]
+__all__ = ["ABLATION", "RoundRobin", "interleaved"]
 
 ABLATION: tuple[tuple[str, str], ...] = (
     ("torch", "fp32"),
@@ -36,27 +36,57 @@ ABLATION: tuple[tuple[str, str], ...] = (
 )
 
 
+class RoundRobin:
+    """Prepared cases called in turn; each :meth:`round` times one call of every case."""
+
+    def __init__(self, cases: Sequence[Case], store: ArtifactStore) -> None:
+        if not cases:
+            raise ConfigError("RoundRobin: no cases given")
+        if any(c.threads != 1 for c in cases):
+            raise ConfigError("RoundRobin: only single-thread cases can be interleaved fairly")
+        self.cases = list(cases)
+        self.prepared: list[Prepared] = []
+        try:
+            for c in self.cases:
+                self.prepared.append(prepare(c, store))
+        except BaseException:
+            self.close()
+            raise
+        self.times: list[list[float]] = [[] for _ in self.cases]
+
+    def round(self) -> None:
+        for i, p in enumerate(self.prepared):
+            t0 = time.perf_counter()
+            p.run()
+            self.times[i].append(time.perf_counter() - t0)
+
+    def reset(self) -> None:
+        """Forget the timings so far (call after warm-up rounds)."""
+        self.times = [[] for _ in self.cases]
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        return {c.id: summarize(t) for c, t in zip(self.cases, self.times, strict=True)}
+
+    def close(self) -> None:
+        for p in self.prepared:
+            p.close()
+        self.prepared = []
+
+
 def interleaved(
     cases: Sequence[Case], store: ArtifactStore, rounds: int = 100, warmup: int = 5
 ) -> dict[str, dict[str, float]]:
     """p50/p95/p99 (ms) per case id, timing one call of each case per round."""
-    if any(c.threads != 1 for c in cases):
-        raise ConfigError("interleaved: only single-thread cases can be interleaved fairly")
-    prepared = [prepare(c, store) for c in cases]
-    times: list[list[float]] = [[] for _ in cases]
+    rr = RoundRobin(cases, store)
     try:
         for _ in range(warmup):
-            for p in prepared:
-                p.run()
+            rr.round()
+        rr.reset()
         for _ in range(rounds):
-            for i, p in enumerate(prepared):
-                t0 = time.perf_counter()
-                p.run()
-                times[i].append(time.perf_counter() - t0)
+            rr.round()
     finally:
-        for p in prepared:
-            p.close()
-    return {c.id: summarize(t) for c, t in zip(cases, times, strict=True)}
+        rr.close()
+    return rr.stats()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,10 @@ To add FedCoE rows, register a preparer that builds the bundle and returns a run
 :mod:`benchmarks.harness`) and append its cases to ``CASES`` below, e.g.
 ``Case("fedcoe_top2", "onnxruntime", "int8", family="fedcoe")``.
 
+``test_interleaved`` times the 224 / 1-thread / batch-1 cases round-robin (one call of
+each per round), so all of them see the same background load; the report takes its
+latency ratios from there when present.
+
 ``FEDCOE_BENCH_SMOKE=1`` swaps the matrix for a tiny net and two rounds per case; the
 smoke test (``tests/test_bench_smoke.py``) runs this file that way.
 """
@@ -23,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.compare import RoundRobin
 from benchmarks.harness import (
     ArtifactStore,
     Case,
@@ -39,6 +44,16 @@ from benchmarks.sgemm_peak import measure_sgemm_peak
 SMOKE = os.environ.get("FEDCOE_BENCH_SMOKE", "") == "1"
 CASES: list[Case] = smoke_cases() if SMOKE else baseline_cases()
 WARMUP_ROUNDS = 1 if SMOKE else 5
+# Timed round-robin as well, so their ratios hold on a machine shared with other work.
+INTERLEAVED: list[Case] = [
+    c
+    for c in CASES
+    if c.threads == 1
+    and c.batch == 1
+    and c.input_size == (32 if SMOKE else 224)
+    and c.precision in ("fp32", "int8")
+]
+INTERLEAVED_ROUNDS = 2 if SMOKE else 60
 
 pytestmark = pytest.mark.bench
 
@@ -102,3 +117,29 @@ def test_latency(
     benchmark.extra_info["sgemm_peak"] = sgemm_peak
     benchmark.extra_info["env"] = env_info
     assert row["p50_ms"] > 0
+
+
+def test_interleaved(
+    benchmark: Any,
+    store: ArtifactStore,
+    sgemm_peak: dict[str, Any],
+    env_info: dict[str, Any],
+) -> None:
+    rr = RoundRobin(INTERLEAVED, store)
+    prepared = list(rr.prepared)
+    try:
+        for _ in range(WARMUP_ROUNDS):
+            rr.round()
+        rr.reset()
+        benchmark.group = "interleaved"
+        benchmark.pedantic(rr.round, rounds=INTERLEAVED_ROUNDS, iterations=1)
+    finally:
+        rr.close()
+    rows = [
+        make_row(case, prep, times, sgemm_peak["gflops"])
+        for case, prep, times in zip(INTERLEAVED, prepared, rr.times, strict=True)
+    ]
+    benchmark.extra_info.update(
+        {"kind": "interleaved", "rows": rows, "sgemm_peak": sgemm_peak, "env": env_info}
+    )
+    assert all(len(t) == INTERLEAVED_ROUNDS for t in rr.times)

@@ -295,6 +295,9 @@ def test_benchmark_suite_and_report_end_to_end(tmp_path: Path) -> None:
     cases = smoke_cases()
     assert sorted(r["case_id"] for r in rows) == sorted(c.id for c in cases)
     assert meta["env"]["onnxruntime"] and meta["sgemm_peak"]["gflops"] > 0
+    inter = meta["interleaved"]
+    assert sorted(r["case_id"] for r in inter) == sorted(c.id for c in cases)
+    assert all(r["rounds"] == 2 and r["p50_ms"] > 0 for r in inter)
     for row in rows:
         for key in ROW_KEYS:
             if key == "peak_rss_mb" and row["runtime"] == "torch":
@@ -338,6 +341,7 @@ def test_benchmark_suite_and_report_end_to_end(tmp_path: Path) -> None:
     assert expected == pytest.approx(moe["p50_ms"] / int8["p50_ms"])
     assert f"{expected:.2f}x" in md
     assert "## FedCoE against the MobileNet baselines" in md
+    assert "## Round-robin timing" in md
     assert md.count("| tiny_convnet") >= 4
     assert (tmp_path / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
