@@ -12,7 +12,8 @@ from fedcoe_edge.strategies.ditto import Ditto
 from fedcoe_edge.strategies.fedrep import FedRep
 from fedcoe_edge.strategies.local import from_private, to_private
 
-MODEL = ModelConfig(expert_hidden=16, num_global_experts=4, top_k=2)
+MODEL = ModelConfig(expert_kind="mlp", expert_hidden=16, num_global_experts=4, top_k=2)
+CNN = ModelConfig(expert_kind="cnn", expert_hidden=16, num_global_experts=4, top_k=2)
 TRAIN = TrainConfig(local_epochs=1, experts_per_client=2)
 BASELINES = ["fedprox", "local", "fedavg-ft", "ditto", "fedrep", "mixture"]
 VARIANTS = ["fedcoe-noaffinity", "fedcoe-nocoord", "fedcoe-nolocal", "fedcoe-full"]
@@ -38,9 +39,10 @@ def test_registry_names():
         assert name in STRATEGIES and STRATEGIES[name].name == name
 
 
-@pytest.mark.parametrize("name", BASELINES + VARIANTS)
-def test_contract(name, fed):
-    s = make_strategy(name, MODEL, TRAIN, seed=0)
+@pytest.mark.parametrize("name,model", [(n, MODEL) for n in BASELINES + VARIANTS]
+                         + [("fedrep", CNN), ("mixture", CNN)])
+def test_contract(name, model, fed):
+    s = make_strategy(name, model, TRAIN, seed=0)
     init = {k: v.copy() for k, v in s.initialize().items()}
     assert all(k.startswith("global.") for k in init)
     tasks = s.configure_round(1, list(fed.clients))
