@@ -95,6 +95,7 @@ class Grid:
     eval_every: int = 10
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ablation_seeds: list[int] | None = None  # None: the same seeds as the main grid
 
     def fingerprint(self, algorithm: str | None = None) -> str:
         """Hash of the settings a run depends on. For algorithms outside FedCoE's family the
@@ -116,7 +117,8 @@ class Grid:
     def jobs(self) -> list[tuple[str, str, int]]:
         """(setting, algorithm, seed), seed-major, main algorithms before ablations."""
         out = [(s, a, seed) for seed in self.seeds for s in self.settings for a in self.algorithms]
-        out += [(s, a, seed) for seed in self.seeds for s in self.settings for a in self.ablations]
+        abl_seeds = self.seeds if self.ablation_seeds is None else self.ablation_seeds
+        out += [(s, a, seed) for seed in abl_seeds for s in self.settings for a in self.ablations]
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,6 +127,7 @@ class Grid:
             "algorithms": self.algorithms,
             "ablations": self.ablations,
             "seeds": self.seeds,
+            "ablation_seeds": self.ablation_seeds,
             "rounds": self.rounds,
             "clients": self.clients,
             "new_clients": self.new_clients,
@@ -136,8 +139,19 @@ class Grid:
 
 
 # TrainConfig fields only FedCoE (and its ablations) read
-FEDCOE_ONLY_TRAIN = frozenset({"beta", "gamma", "lam", "mu", "detach_global", "tau", "rho",
-                               "experts_per_client", "affinity_ema"})
+FEDCOE_ONLY_TRAIN = frozenset(
+    {
+        "beta",
+        "gamma",
+        "lam",
+        "mu",
+        "detach_global",
+        "tau",
+        "rho",
+        "experts_per_client",
+        "affinity_ema",
+    }
+)
 
 # config values are in the grid fingerprint, so config.py itself is not hashed
 CORE_MODULES = (
@@ -513,7 +527,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "are cached, so re-running resumes a half-done grid.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--rounds", type=int, default=40, help="federated rounds per run")
+    p.add_argument("--rounds", type=int, default=30, help="federated rounds per run")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated settings")
     p.add_argument("--algorithms", default=",".join(MAIN_ALGORITHMS), help="comma-separated")
@@ -522,6 +536,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(ABLATION_ALGORITHMS),
         help="comma-separated FedCoE variants ('' for none)",
     )
+    p.add_argument("--ablation-seeds", default=None,
+                   help="seeds for the ablations (default: --seeds)")
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--new-clients", type=int, default=4)
     p.add_argument("--eval-every", type=int, default=10, help="rounds between curve points")
@@ -557,15 +573,19 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
 
     from fedcoe_edge.strategies import STRATEGIES
 
-    try:
-        seeds = [int(t) for t in names(args.seeds)]
-    except ValueError:
-        raise ConfigError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    def int_list(text: str) -> list[int]:
+        try:
+            return [int(t) for t in names(text)]
+        except ValueError:
+            raise ConfigError(f"seeds must be comma-separated integers, got {text!r}") from None
+
+    seeds = int_list(args.seeds)
     grid = Grid(
         settings=names(args.settings),
         algorithms=names(args.algorithms),
         ablations=names(args.ablations),
         seeds=seeds,
+        ablation_seeds=None if args.ablation_seeds is None else int_list(args.ablation_seeds),
         rounds=args.rounds,
         clients=args.clients,
         new_clients=args.new_clients,
