@@ -110,8 +110,8 @@ class Coordinator:
         self.online: dict[str, str] = {}  # device -> role, for devices that said hello
         self._senders: dict[str, _Outgoing] = {}
         self._receivers: dict[str, BlobReceiver] = {}
-        self._uploads: dict[str, _Upload] = {}
-        self._accepted_xfers: set[str] = set()
+        self._uploads: dict[tuple[str, str], _Upload] = {}  # (device, transfer id)
+        self._accepted_xfers: set[tuple[str, str]] = set()
         self._eval_x: np.ndarray | None = None
         self._eval_y: np.ndarray | None = None
         self.transport: Transport | None = None
@@ -340,10 +340,10 @@ class Coordinator:
             for xid, out in list(self._senders.items()):
                 if out.round == rnd and out.purpose == "train":
                     del self._senders[xid]
-            for xid, up in list(self._uploads.items()):
+            for key, up in list(self._uploads.items()):
                 if up.round == rnd:
-                    self._receivers[up.device].discard(xid)
-                    del self._uploads[xid]
+                    self._receivers[up.device].discard(key[1])
+                    del self._uploads[key]
             acc = self._evaluate()
         if acc is not None:
             self.store.set_global_acc(rnd, acc)
@@ -523,7 +523,7 @@ class Coordinator:
         manifest = TransferManifest.from_dict(body.get("manifest"))
         xid = manifest.transfer_id
         with self._lock:
-            if xid in self._accepted_xfers:  # a re-announce of an update already accepted
+            if (dev, xid) in self._accepted_xfers:  # a re-announce of an update already accepted
                 self._send(dev, P.ACCEPT, {"xfer": xid}, rnd)
                 return
             if not self.round_open or rnd != self.round:
@@ -546,7 +546,7 @@ class Coordinator:
             if manifest.total_bytes > limit:
                 self.reject(dev, rnd, f"upload of {manifest.total_bytes} bytes exceeds {limit}", xfer=xid)
                 return
-            self._uploads[manifest.transfer_id] = _Upload(dev, rnd, body, manifest)
+            self._uploads[(dev, xid)] = _Upload(dev, rnd, body, manifest)
             rcv = self._receiver(dev)
         rcv.expect(manifest)
         rcv.nudge(manifest.transfer_id)
@@ -572,7 +572,7 @@ class Coordinator:
             return
         try:
             with self._lock:
-                up = self._uploads.get(info.transfer_id or "")
+                up = self._uploads.get((dev, info.transfer_id or ""))
             if up is None or up.device != dev:
                 raise WireError(f"chunk for unknown transfer {info.transfer_id!r}")
             done = self._receiver(dev).on_chunk(msg.payload)
@@ -588,7 +588,7 @@ class Coordinator:
 
     def _finish_upload(self, dev: str, manifest: TransferManifest, data: bytes) -> None:
         with self._lock:
-            up = self._uploads.pop(manifest.transfer_id, None)
+            up = self._uploads.pop((dev, manifest.transfer_id), None)
             if up is None:
                 return
             rnd = up.round
@@ -613,7 +613,7 @@ class Coordinator:
                                   len(data), str(path))
             self.store.add_traffic(rnd, dev, "up", "train", len(data))
             self.results[dev] = result
-            self._accepted_xfers.add(manifest.transfer_id)
+            self._accepted_xfers.add((dev, manifest.transfer_id))
         log.info("accepted device=%s round=%d bytes=%d (%s)", dev, rnd, len(data), manifest.encoding)
         self._send(dev, P.ACCEPT, {"xfer": manifest.transfer_id}, rnd)
         self._wake.set()

@@ -15,6 +15,7 @@ Training calls the same ``Strategy.client_update`` the simulator calls.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import queue
@@ -51,7 +52,6 @@ from fedcoe_edge.wire import (
     decode_tensors,
     encode_envelope,
     encode_tensors,
-    new_msg_id,
 )
 
 log = logging.getLogger("fedcoe.agent")
@@ -97,6 +97,7 @@ class DeviceAgent:
         self.pending: dict[str, dict[str, Any]] = {}  # download xfer id -> context
         self.uploads: dict[str, tuple[BlobSender, threading.Event]] = {}
         self.aborted: set[str] = set()  # uploads the coordinator refused up front
+        self.confirmed: set[str] = set()  # uploads the coordinator had already accepted
         self.rounds_done: list[int] = []
         self.evals: list[dict[str, Any]] = []
         self.evaluated: set[int] = set()  # rounds whose personal accuracy was reported
@@ -137,6 +138,7 @@ class DeviceAgent:
         if local.is_file():
             self.local_state = load_arrays_file(local)
             log.info("%s: private state loaded from %s", self.dev, local)
+        self._load_round()
         will = Will(self.topics.presence(self.dev), P.presence_payload("offline"), 1, True)
         birth = Will(self.topics.presence(self.dev), P.presence_payload("online"), 1, True)
         self.transport = self._factory(self.dev, will, birth)
@@ -262,6 +264,11 @@ class DeviceAgent:
             elif env.type == P.ACCEPT:
                 self.accepted[env.round] = True
                 log.info("%s: update for round %d accepted", self.dev, env.round)
+                with self._lock:
+                    up = self.uploads.get(str(b.get("xfer")))
+                if up is not None:  # accepted earlier (same bytes re-sent after a restart)
+                    self.confirmed.add(str(b.get("xfer")))
+                    up[1].set()
             elif env.type == P.REJECT:
                 self.accepted[env.round] = False
                 log.warning("%s: round %d: coordinator rejected: %s", self.dev, env.round, b.get("reason"))
@@ -357,6 +364,7 @@ class DeviceAgent:
             result, local = s.client_update(task, self.local_state, self.data)
         self.local_state = local
         self.local_after[rnd] = local
+        self._save_round(rnd, result, params, local or {}, task.expert_ids)
         if local:
             save_arrays(self.state_dir / "local.safetensors", local)
         self.held, self.held_ids = params, list(task.expert_ids)
@@ -368,6 +376,43 @@ class DeviceAgent:
             return
         self._upload(rnd, result, params)
         self.rounds_done.append(rnd)
+
+    def _save_round(self, rnd: int, result: ClientResult, base: dict[str, np.ndarray],
+                    local: dict[str, np.ndarray], expert_ids: list[int]) -> None:
+        """One atomic file with the round's update, what it was trained from, and the new
+        private level: a device restarted before its upload was accepted re-sends this
+        update instead of training its private level twice."""
+        arrays = {**{f"up/{k}": v for k, v in result.params.items()},
+                  **{f"base/{k}": v for k, v in base.items()},
+                  **{f"local/{k}": v for k, v in local.items()}}
+        meta = {"round": str(rnd), "num_samples": str(result.num_samples),
+                "affinity": json.dumps(result.affinity), "metrics": json.dumps(result.metrics),
+                "expert_ids": json.dumps(list(expert_ids))}
+        save_arrays(self.state_dir / "round_result.safetensors", arrays, meta)
+
+    def _load_round(self) -> None:
+        path = self.state_dir / "round_result.safetensors"
+        if not path.is_file():
+            return
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+            arrays = load_arrays_file(path)
+            rnd = int(meta["round"])
+            part = {p: {k[len(p) + 1:]: v for k, v in arrays.items() if k.startswith(p + "/")}
+                    for p in ("up", "base", "local")}
+            result = ClientResult(self.dev, rnd, int(meta["num_samples"]), part["up"],
+                                  json.loads(meta["affinity"]), json.loads(meta["metrics"]))
+        except (KeyError, ValueError, OSError, DataError) as exc:
+            log.warning("%s: ignoring unreadable %s: %s", self.dev, path, exc)
+            return
+        self.last_result = (rnd, result, part["base"])
+        self.local_after[rnd] = part["local"] or None
+        self.local_state = part["local"] or self.local_state
+        self.held, self.held_ids = part["base"], json.loads(meta.get("expert_ids", "[]"))
+        log.info("%s: round %d update restored from %s", self.dev, rnd, path)
 
     def _upload(self, rnd: int, result: ClientResult, base: dict[str, np.ndarray]) -> bool:
         """Send the update (int8 delta against what this device was sent, by default) and
@@ -386,7 +431,10 @@ class DeviceAgent:
         else:
             data = encode_tensors(params)
             encoding = P.ENCODING_PLAIN
-        xid = new_msg_id()
+        # the id names this device's content: re-sending the same update (after a restart) is
+        # recognised as a retransmission, and no two devices can share an id
+        digest = hashlib.sha256(f"{self.dev}\0{rnd}\0".encode() + data).hexdigest()
+        xid = f"r{rnd}-{digest[:32]}"
         topic = self.topics.up_blob(self.dev, xid)
         size = fit_chunk_size(self.transport, topic, xid, self.cfg.device.chunk_size)
         experts = sorted({int(n.split(".")[2]) for n in params if n.startswith("global.experts.")})
@@ -407,7 +455,9 @@ class DeviceAgent:
                 break
             if time.monotonic() >= end or self._stop.is_set():
                 break
-        ok = started.is_set() and xid not in self.aborted and sender.wait(max(1.0, end - time.monotonic()))
+        ok = xid in self.confirmed or (started.is_set() and xid not in self.aborted
+                                       and (sender.wait(max(1.0, end - time.monotonic()))
+                                            or xid in self.confirmed))
         with self._lock:
             self.uploads.pop(xid, None)
         if ok:

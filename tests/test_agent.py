@@ -4,6 +4,7 @@ level on disk that never travels, and the cold-start path of a late device."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 
 from coordinator.harness import DEMO_SECRET, EmbeddedFederation
 from device_agent.config import DataSettings, load_config
-from device_agent.daemon import DeviceAgent
+from device_agent.daemon import AgentHooks, DeviceAgent
 from device_agent.data import load_data, load_image_folder, load_npz
 from device_agent.protocol import device_key
 from fedcoe_edge.checkpoint import load_arrays_file
@@ -226,3 +227,51 @@ def test_deploy_example_config_parses() -> None:
     path = Path(__file__).resolve().parents[1] / "deploy" / "agent.toml"
     cfg = load_config(path, {"FEDCOE_SECURITY_KEY_FILE": "", "FEDCOE_SECURITY_KEY": "ab" * 16})
     assert cfg.device.id == "pi-17" and cfg.broker.tls and cfg.device.compress_uploads
+
+
+def test_device_restart_before_its_upload_resends_the_same_update(tmp_path: Path) -> None:
+    """A device that trained round 2 and died before uploading comes back, restores the
+    update and private level it saved in one atomic file, and re-sends that update instead
+    of training twice: the federation ends exactly where an uninterrupted one does."""
+    ref = EmbeddedFederation(tmp_path / "ref", memory_factory(), devices=3, rounds=3)
+    ref.start()
+    try:
+        ref.wait_rounds(90)
+        want = dict(ref.coordinator.strategy.global_state)  # type: ignore[union-attr]
+    finally:
+        ref.stop()
+
+    died = threading.Event()
+
+    def die_before_upload(agent: DeviceAgent, rnd: int) -> bool:
+        if rnd == 2 and not died.is_set():
+            died.set()
+            return False
+        return True
+
+    factory = memory_factory()
+    fed = EmbeddedFederation(tmp_path / "run", factory, devices=3, rounds=3,
+                             hooks={"1": AgentHooks(before_upload=die_before_upload)})
+    fed.start()
+    try:
+        fed.wait(died.is_set, 60, "device 1 trained round 2")
+        old = fed.agents["1"]
+        old.close()
+        saved = load_arrays_file(tmp_path / "run" / "1" / "round_result.safetensors")
+        assert any(k.startswith("up/") for k in saved) and any(k.startswith("local/") for k in saved)
+        back = DeviceAgent(fed.agent_config("1", "1"), factory)
+        assert back.last_result is None
+        back.start()
+        assert back.last_result is not None and back.last_result[0] == 2
+        fed.agents["1"] = back
+        fed.wait_rounds(90)
+        c = fed.coordinator
+        assert c is not None
+        got = dict(c.strategy.global_state)
+        accepted = [c.store.round_summary(r)["accepted"] for r in (1, 2, 3)]
+        rejected = c.store.events(kind="rejected")
+    finally:
+        fed.stop()
+    assert accepted == [3, 3, 3] and rejected == []
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)

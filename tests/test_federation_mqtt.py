@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from pathlib import Path
@@ -25,6 +26,7 @@ from coordinator.harness import DEMO_SECRET, EmbeddedFederation
 from device_agent.daemon import AgentHooks, DeviceAgent
 from device_agent.protocol import BrokerSettings, device_key, mqtt_factory
 from fedcoe_edge.errors import WireError
+from fedcoe_edge.strategies import ClientResult
 from fedcoe_edge.transport import MemoryBroker, Topics
 from fedcoe_edge.transport.mqtt import MqttTransport
 from fedcoe_edge.wire import Envelope, encode_chunk, encode_envelope
@@ -83,6 +85,12 @@ def forged(sender: str, key: bytes, rnd: int) -> bytes:
     return encode_envelope(env, key)
 
 
+def nudged(result: ClientResult) -> ClientResult:
+    """The same update with every float moved a little: different bytes, same shapes."""
+    params = {k: (v * np.float32(1.001)).astype(v.dtype) for k, v in result.params.items()}
+    return dataclasses.replace(result, params=params)
+
+
 def test_bad_inputs_are_rejected_and_counted_while_rounds_complete(
         tmp_path: Path, make_mosquitto: Any, caplog: pytest.LogCaptureFixture) -> None:
     broker = make_mosquitto()
@@ -121,10 +129,12 @@ def test_bad_inputs_are_rejected_and_counted_while_rounds_complete(
         intruder.publish(topics.up_ctl("0"), b"{not json")
         intruder.publish(topics.up_ctl("1"), forged("1", b"k" * 32, 1))
         intruder.publish(topics.up_blob("2", "feedface"), encode_chunk("feedface", 0, 1, b"junk"))
-        # device 2 sends its (accepted) round-1 update a second time, as a new transfer
+        # device 2 re-sends its accepted round-1 update: the same bytes are a retransmission
+        # (acknowledged again), a different update for the same round is a duplicate
         a2 = fed.agents["2"]
         assert a2.last_result is not None and a2.last_result[0] == 1
-        a2._upload(1, a2.last_result[1], a2.last_result[2])
+        assert a2._upload(1, a2.last_result[1], a2.last_result[2]) is True
+        assert not a2._upload(1, nudged(a2.last_result[1]), a2.last_result[2])
 
         def rejected(dev: str, rnd: int, text: str) -> bool:
             return any(e["device"] == dev and e["round"] == rnd and text in e["reason"]
@@ -134,7 +144,7 @@ def test_bad_inputs_are_rejected_and_counted_while_rounds_complete(
         release.set()
         fed.wait_rounds(120)
         # after the last round: device 2 re-sends its round-2 update
-        a2._upload(2, a2.last_result[1], a2.last_result[2])
+        a2._upload(2, nudged(a2.last_result[1]), a2.last_result[2])
         fed.wait(lambda: rejected("2", 2, "update for closed round 2"), 30, "closed-round rejection")
         rows = [c.store.round_summary(r) for r in (1, 2)]
         failures = {(f["device"], f["round"]): f["reason"] for f in c.store.events(kind="failure")}
