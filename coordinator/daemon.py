@@ -593,10 +593,12 @@ class Coordinator:
                 return
             rnd = up.round
             if not self.round_open or rnd != self.round:
-                self.reject(dev, rnd, f"update for closed round {rnd} (current round {self.round})")
+                self.reject(dev, rnd, f"update for closed round {rnd} (current round {self.round})",
+                            xfer=manifest.transfer_id)
                 return
             if dev in self.results:
-                self.reject(dev, rnd, f"duplicate update for round {rnd} (one already accepted)")
+                self.reject(dev, rnd, f"duplicate update for round {rnd} (one already accepted)",
+                            xfer=manifest.transfer_id)
                 return
             task = self.tasks[dev]
             try:
@@ -604,7 +606,7 @@ class Coordinator:
             except (WireError, ValidationError) as exc:
                 reason = str(exc)
                 self.failed[dev] = f"update rejected: {reason}"
-                self.reject(dev, rnd, reason)
+                self.reject(dev, rnd, reason, xfer=manifest.transfer_id)
                 self._wake.set()
                 return
             path = self.state_dir / "rounds" / str(rnd) / f"update_{dev}.safetensors"

@@ -458,6 +458,8 @@ class DeviceAgent:
         ok = xid in self.confirmed or (started.is_set() and xid not in self.aborted
                                        and (sender.wait(max(1.0, end - time.monotonic()))
                                             or xid in self.confirmed))
+        if xid in self.aborted:  # refused after the transfer (shapes, values): not an upload
+            ok = False
         with self._lock:
             self.uploads.pop(xid, None)
         if ok:

@@ -167,6 +167,9 @@ def test_bad_inputs_are_rejected_and_counted_while_rounds_complete(
     assert (rows[1]["accepted"], rows[1]["failed"]) == (2, 1)  # device 1: non-finite
     assert rows[0]["rejected"] >= 5 and rows[1]["rejected"] >= 1
     assert "update rejected" in failures[("0", 1)] and "non-finite" in failures[("1", 2)]
+    # the devices know: a refused update is not reported as uploaded
+    assert "0: round 1 upload refused by the coordinator" in caplog.text
+    assert "1: round 2 upload refused by the coordinator" in caplog.text
 
 
 def test_device_vanishing_mid_round_is_a_failure_at_the_deadline(
