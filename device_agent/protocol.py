@@ -106,6 +106,10 @@ class BrokerSettings:
             raise ConfigError(f"{where}.host must not be empty")
         if self.keepalive_s < 5:
             raise ConfigError(f"{where}.keepalive_s must be >= 5, got {self.keepalive_s}")
+        if self.tls and not self.ca_file:
+            raise ConfigError(f"{where}.tls needs ca_file (the CA that signed the broker's certificate)")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError(f"{where}: cert_file and key_file go together (client certificate)")
 
 
 TransportFactory = Callable[[str, Will | None, Will | None], Transport]

@@ -62,6 +62,8 @@ npz = "data/mine.npz"
      "role must be train|cold"),
     ("[device]\nid = 'a'\nbundle = 'x'\n[security]\nkey = '" + "ab" * 16 + "'\n[data]\ndataset = 'd'\n",
      "bundle must be every|final|off"),
+    ("[device]\nid = 'a'\n[broker]\ntls = true\n[security]\nkey = '" + "ab" * 16 + "'\n[data]\ndataset = 'd'\n",
+     r"\[broker\].tls needs ca_file"),
 ])
 def test_bad_agent_config(tmp_path: Path, text: str, match: str) -> None:
     (tmp_path / "agent.toml").write_text(text)
