@@ -230,3 +230,70 @@ def test_broker_restart_mid_round_changes_nothing(tmp_path: Path, make_mosquitto
     assert [r["failed"] for r in mqtt["rows"]] == [0, 0, 0]
     for name, value in mem["state"].items():
         np.testing.assert_array_equal(mqtt["state"][name], value, err_msg=name)
+
+
+def test_federation_over_the_deploy_template_tls_passwords_acl(tmp_path: Path) -> None:
+    """The shipped broker template (TLS, passwords, per-device ACL) carries a whole federation:
+    every topic the daemons use is one the ACL grants them."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+
+    from fedcoe_edge.broker import MosquittoBroker, find_mosquitto
+
+    if not (shutil.which("openssl") and shutil.which("mosquitto_passwd")):
+        pytest.skip("needs openssl and mosquitto_passwd")
+    find_mosquitto()
+
+    def sh(*args: str) -> None:
+        subprocess.run(args, cwd=tmp_path, check=True, capture_output=True)
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+       "-days", "1", "-subj", "/CN=fedcoe-test-ca")
+    sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+       "-subj", "/CN=127.0.0.1")
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    sh("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+       "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "san.ext")
+    passwords = {"coordinator": "pw-c", "0": "pw-0", "1": "pw-1"}
+    sh("mosquitto_passwd", "-c", "-b", "passwd", "coordinator", passwords["coordinator"])
+    for dev in ("0", "1"):
+        sh("mosquitto_passwd", "-b", "passwd", dev, passwords[dev])
+    deploy = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
+    shutil.copy(deploy / "acl", tmp_path / "acl")
+    plain, tls = free_port(), free_port()
+    conf = (deploy / "mosquitto.conf").read_text()
+    for old, new in [("/etc/mosquitto/fedcoe/", f"{tmp_path}/"),
+                     ("listener 1883 127.0.0.1", f"listener {plain} 127.0.0.1"),
+                     ("listener 8883", f"listener {tls} 127.0.0.1"),
+                     ("persistence_location /var/lib/mosquitto/", f"persistence_location {tmp_path}/"),
+                     ("log_dest syslog", f"log_dest file {tmp_path}/mosquitto.log")]:
+        conf = conf.replace(old, new)
+    if os.geteuid() == 0:
+        conf += "user root\n"
+    conf += "log_type debug\n"  # Mosquitto logs ACL denials at debug level
+
+    def factory(cid: str, will: Any, birth: Any) -> Any:
+        settings = BrokerSettings(port=tls, tls=True, ca_file=str(tmp_path / "ca.crt"), username=cid,
+                                  password=passwords[cid])
+        return mqtt_factory(settings)(cid, will, birth)
+
+    with MosquittoBroker(port=tls, config_text=conf, workdir=tmp_path):
+        got = run_federation(tmp_path / "fed", factory, devices=2, rounds=2)
+        clean = (tmp_path / "mosquitto.log").read_text()
+        # control: device 1 writing device 0's uplink is denied, and the broker says so
+        spoof = factory("1", None, None)
+        spoof.connect()
+        spoof.publish(Topics("test").up_ctl("0"), b"forged")
+        spoof.close()
+    mem = run_federation(tmp_path / "mem", memory_factory(), devices=2, rounds=2)
+    assert [r["accepted"] for r in got["rows"]] == [2, 2] and got["events"] == []
+    assert [r["global_acc"] for r in got["rows"]] == [r["global_acc"] for r in mem["rows"]]
+    assert "Denied" not in clean
+    assert "Denied PUBLISH from 1" in (tmp_path / "mosquitto.log").read_text()
