@@ -44,6 +44,7 @@ class EmbeddedFederation:
     compress: bool = True
     chunk_size: int = 256 * 1024
     heartbeat_s: float = 30.0
+    device_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> [device] fields
     coordinator: Coordinator | None = None
     agents: dict[str, DeviceAgent] = field(default_factory=dict)
     threads: list[threading.Thread] = field(default_factory=list)
@@ -64,6 +65,8 @@ class EmbeddedFederation:
                            upload_timeout_s=self.deadline_s, chunk_size=self.chunk_size,
                            heartbeat_s=self.heartbeat_s,
                            bundle="off")
+        for name, value in self.device_overrides.get(dev, {}).items():
+            setattr(d, name, value)
         data = DataSettings(dataset="digits", client=client, num_clients=self.devices, new_clients=1,
                             alpha=self.alpha, seed=self.seed)
         return AgentConfig(device=d, key=device_key(DEMO_SECRET, dev), data=data)

@@ -277,3 +277,18 @@ def test_device_restart_before_its_upload_resends_the_same_update(tmp_path: Path
     assert accepted == [3, 3, 3] and rejected == []
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+def test_label_histogram_leaves_the_device_only_if_allowed(tmp_path: Path) -> None:
+    fed = EmbeddedFederation(tmp_path, memory_factory(), devices=2, rounds=1,
+                             device_overrides={"1": {"share_label_histogram": True, "tier": "large"}})
+    fed.start()
+    try:
+        fed.wait_rounds(60)
+        rows = {d["id"]: d for d in fed.coordinator.store.devices()}  # type: ignore[union-attr]
+        hist = np.bincount(fed.agents["1"].data.y_train).tolist()
+    finally:
+        fed.stop()
+    assert rows["0"]["label_hist"] is None and json.loads(rows["1"]["label_hist"]) == hist
+    assert (rows["0"]["tier"], rows["1"]["tier"]) == ("medium", "large")
+    assert json.loads(rows["1"]["capabilities"])["num_samples"] == sum(hist)
