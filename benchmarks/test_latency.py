@@ -7,9 +7,9 @@ with ``benchmark.pedantic`` after warm-up rounds; ``extra_info`` carries the res
 peak, p95/p99, peak-RSS increase in a fresh process, file size), which
 ``python -m benchmarks.report`` turns into ``benchmarks/results/latency.md`` and ``.png``.
 
-To add FedCoE rows, register a preparer that builds the bundle and returns a runner (see
-:mod:`benchmarks.harness`) and append its cases to ``CASES`` below, e.g.
-``Case("fedcoe_top2", "onnxruntime", "int8", family="fedcoe")``.
+FedCoE rows (:mod:`benchmarks.fedcoe`): ``fedcoe_top2`` (the sparse runtime,
+``MoESession`` over an int8 bundle) and ``fedcoe_dense`` (the fused graph), over the same
+runtimes, precisions, threads and batches; their report rows carry ratios to the baselines.
 
 ``test_interleaved`` times the 224 / 1-thread / batch-1 cases round-robin (one call of
 each per round), so all of them see the same background load; the report takes its
@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from benchmarks.compare import RoundRobin
+from benchmarks.fedcoe import fedcoe_cases, smoke_fedcoe_cases
 from benchmarks.harness import (
     ArtifactStore,
     Case,
@@ -42,7 +43,9 @@ from benchmarks.memory import peak_rss_increase
 from benchmarks.sgemm_peak import measure_sgemm_peak
 
 SMOKE = os.environ.get("FEDCOE_BENCH_SMOKE", "") == "1"
-CASES: list[Case] = smoke_cases() if SMOKE else baseline_cases()
+CASES: list[Case] = (
+    smoke_cases() + smoke_fedcoe_cases() if SMOKE else baseline_cases() + fedcoe_cases()
+)
 WARMUP_ROUNDS = 1 if SMOKE else 5
 # Timed round-robin as well, so their ratios hold on a machine shared with other work.
 INTERLEAVED: list[Case] = [

@@ -31,7 +31,7 @@ import onnx.utils
 import torch
 from torch import nn
 
-from fedcoe_edge.model import DualLevelMoE, topk_routing
+from fedcoe_edge.model import DualLevelMoE
 
 # The lowest opset the torch.export-based exporter implements natively; onnxruntime >= 1.14
 # (what Raspberry Pi OS and JetPack ship or pip-install) runs it.
@@ -73,6 +73,19 @@ def export_graph(module: nn.Module, examples: Sequence[torch.Tensor], path: str 
     return out
 
 
+def graph_topk_routing(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`fedcoe_edge.model.topk_routing` written with ``topk`` so it exports to ONNX.
+
+    The model's version uses a stable sort (exact ties to the lower index), which torch's
+    ONNX exporter cannot translate; ONNX ``TopK`` applies the same tie rule itself.
+    """
+    if k >= probs.shape[-1]:
+        return probs
+    top_vals, top_idx = probs.topk(k, dim=-1)
+    weights = torch.zeros_like(probs).scatter(-1, top_idx, top_vals)
+    return weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
 class FusedDenseMoE(nn.Module):
     """DualLevelMoE.forward as one static graph: all held experts computed, routing as math.
 
@@ -101,7 +114,7 @@ class FusedDenseMoE(nn.Module):
     def forward(self, x: torch.Tensor, gate_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.trunk(x)
         logits = (self.gate(feats) + gate_bias).masked_fill(~self.held_mask, float("-inf"))
-        routing = topk_routing(logits.softmax(-1), self.top_k)
+        routing = graph_topk_routing(logits.softmax(-1), self.top_k)
         z = self.shared(feats) if self.shared is not None else torch.zeros_like(routing[:, :1])
         for k, expert in zip(self.held, self.experts, strict=True):
             z = z + routing[:, k : k + 1] * expert(feats)

@@ -19,6 +19,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from benchmarks.fedcoe import smoke_fedcoe_cases
 from benchmarks.harness import (
     ROW_KEYS,
     ArtifactStore,
@@ -292,11 +293,18 @@ def test_benchmark_suite_and_report_end_to_end(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
 
     rows, meta = load_rows(out)
-    cases = smoke_cases()
+    cases = smoke_cases() + smoke_fedcoe_cases()
     assert sorted(r["case_id"] for r in rows) == sorted(c.id for c in cases)
     assert meta["env"]["onnxruntime"] and meta["sgemm_peak"]["gflops"] > 0
     inter = meta["interleaved"]
     assert sorted(r["case_id"] for r in inter) == sorted(c.id for c in cases)
+    # the FedCoE rows ran the real bundle: sparse top-2 through MoESession, dense fused graph
+    top2 = next(r for r in rows if r["case_id"] == "fedcoe_top2_smoke-onnxruntime-int8-32-t1-b1")
+    dense = next(r for r in rows if r["model"] == "fedcoe_dense_smoke")
+    assert top2["note_kind"] == "sparse top-2" and dense["note_kind"] == "dense fused"
+    assert top2["note_quantization"] == ["static_int8"]
+    assert top2["params"] == top2["note_active_params"] < dense["params"]
+    assert top2["macs"] < dense["macs"] == top2["note_dense_macs"]
     assert all(r["rounds"] == 2 and r["p50_ms"] > 0 for r in inter)
     for row in rows:
         for key in ROW_KEYS:

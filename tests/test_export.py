@@ -195,8 +195,15 @@ def test_conv_trunk_bundle_small_image(tmp_path):
     manifest = build_bundle(model, tmp_path / "cam", calibration=x, include_fused=False)
     trunk = manifest["parts"]["trunk"]
     assert trunk["quantization"] == "static_int8"
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "cam" / trunk["file"])).graph.node}
+    nodes = onnx.load(str(tmp_path / "cam" / trunk["file"])).graph.node
+    ops = {n.op_type for n in nodes}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    # the int8 fixes of export.graph_rewrites reach the bundle's trunk: SE pooling as
+    # GlobalAveragePool (ReduceMean has no int8 kernel), HardSigmoid folded into integer adds
+    # (only the fp32 RGB stem's HardSwish keeps one), the stem conv's weight left fp32
+    assert "ReduceMean" not in ops and "GlobalAveragePool" in ops
+    assert sum(n.op_type == "HardSigmoid" for n in nodes) <= 1
+    assert manifest["quantization"]["graph_fixes"] is True
     ref = torch_out(model, x[:4]).log_probs.exp().numpy()
     fp32 = MoESession(tmp_path / "cam", precision="fp32").predict(x[:4])
     assert np.abs(fp32 - ref).max() < 1e-4
