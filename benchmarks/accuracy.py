@@ -435,6 +435,27 @@ def summary_table(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+NOTES = (
+    "Each setting's table compares equal budgets: same clients, rounds, local epochs, batch "
+    "size and learning rate for every algorithm; FedCoE had no extra tuning runs in this grid.",
+    "Cold start = the new clients' accuracy with no gradient step. For baselines it is their "
+    "global model (FedAvg's for FedAvg-FT, Ditto and the mixture, whose global models are "
+    "trained exactly as FedAvg's); FedCoE routes with the gate and downloads only its top-m "
+    "experts. Local-only has nothing to give a new client (n/a).",
+    "FedRep's global and cold-start figures use its shared body with the mean of the clients' "
+    "private heads (clients upload heads for that; counted in its bytes up). Personal heads "
+    "averaged over very different label mixes make a weak global head, hence its low global "
+    "accuracy.",
+    "synthetic(1,1) (FedProx's generator): every user has its own labelling function "
+    "W_k, b_k and its new users are nearly single-class, so cold-start accuracy there says "
+    "more about which class a model defaults to than about transfer. Synthetic inputs are "
+    "60-d vectors, so every algorithm uses MLP experts there.",
+    "Bytes are per client per round, safetensors-serialised, as the wire would carry them. "
+    "FedCoE sends the gate, shared expert and only the client's m experts; baselines send the "
+    "whole plain network.",
+)
+
+
 def render_markdown(doc: dict[str, Any], grid: Grid) -> str:
     meta = doc["meta"]
     lines = [
@@ -465,6 +486,7 @@ def render_markdown(doc: dict[str, Any], grid: Grid) -> str:
             lines += setting_table(algos, ["fedcoe", *grid.ablations])
             lines.append("")
         lines += [f"![{s_name}](accuracy_{safe_name(s_name)}.png)", ""]
+    lines += ["## How to read this", "", *(f"- {n}" for n in NOTES), ""]
     return "\n".join(lines)
 
 
