@@ -352,7 +352,7 @@ def _prepare_sparse(
         return session.run(x)
 
     target = MemoryTarget(
-        "benchmarks.fedcoe:run_sparse",
+        "benchmarks.memory:run_sparse",
         {
             "bundle": str(bundle),
             "precision": precision,
@@ -393,7 +393,7 @@ def _prepare_dense(
     session = make_session(path, case.threads, spinning=case.spinning)
     inputs = {"x": _input(case), "gate_bias": np.zeros(k_total, np.float32)}
     target = MemoryTarget(
-        "benchmarks.fedcoe:run_dense",
+        "benchmarks.memory:run_dense",
         {
             "path": str(path),
             "input_shape": list(case.input_shape),
@@ -412,34 +412,6 @@ def _prepare_dense(
         close=holder.clear,
         notes=notes,
     )
-
-
-# ------------------------------------------------------------ fresh-process memory targets
-
-
-def run_sparse(
-    bundle: str, precision: str, input_shape: list[int], threads: int = 1, iters: int = 3
-) -> None:
-    """Load a bundle with MoESession and run it ``iters`` times (memory probe target)."""
-    from fedcoe_edge.runtime import MoESession
-
-    session = MoESession(bundle, threads=threads, precision=precision)
-    x = np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)
-    for _ in range(iters):
-        session.run(x)
-
-
-def run_dense(
-    path: str, input_shape: list[int], num_experts: int, threads: int = 1, iters: int = 3
-) -> None:
-    """Load the fused dense graph and run it ``iters`` times (memory probe target)."""
-    from benchmarks.ort_session import make_session
-
-    session = make_session(path, threads)
-    x = np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)
-    bias = np.zeros(num_experts, np.float32)
-    for _ in range(iters):
-        session.run(None, {"x": x, "gate_bias": bias})
 
 
 for _name in MODELS:

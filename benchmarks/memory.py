@@ -34,7 +34,9 @@ __all__ = [
     "MemoryTarget",
     "peak_rss_increase",
     "read_vmhwm_kb",
+    "run_dense",
     "run_onnx",
+    "run_sparse",
     "resolve_target",
     "run_torch",
 ]
@@ -156,6 +158,35 @@ def run_onnx(
     x = np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)
     for _ in range(iters):
         session.run(None, {name: x})
+
+
+def run_sparse(
+    bundle: str, precision: str, input_shape: Sequence[int], threads: int = 1, iters: int = 3
+) -> None:
+    """Load a bundle with MoESession and run it ``iters`` times (memory probe target)."""
+    import numpy as np
+
+    from fedcoe_edge.runtime import MoESession
+
+    session = MoESession(bundle, threads=threads, precision=precision)
+    x = np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)
+    for _ in range(iters):
+        session.run(x)
+
+
+def run_dense(
+    path: str, input_shape: Sequence[int], num_experts: int, threads: int = 1, iters: int = 3
+) -> None:
+    """Load the fused dense graph and run it ``iters`` times (memory probe target)."""
+    import numpy as np
+
+    from benchmarks.ort_session import make_session
+
+    session = make_session(path, threads)
+    x = np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)
+    bias = np.zeros(num_experts, np.float32)
+    for _ in range(iters):
+        session.run(None, {"x": x, "gate_bias": bias})
 
 
 def run_torch(

@@ -61,7 +61,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    rows = run_quick(args.json, rounds=args.rounds, progress=lambda s: print(s, flush=True))
+    from benchmarks.fedcoe import quick_fedcoe_cases
+    from benchmarks.harness import quick_cases as baseline_quick
+
+    rows = run_quick(
+        args.json,
+        baseline_quick(quick_fedcoe_cases()),
+        rounds=args.rounds,
+        progress=lambda s: print(s, flush=True),
+    )
     for r in rows:
         print(
             f"{r['model']:<20} {r['runtime']:<12} {r['precision']:<5} "

@@ -5,6 +5,7 @@ Layout (design section 7; the format is described in docs/bundle.md)::
     BUNDLE/manifest.json          format, version, opset, ModelConfig, K, M, top-k, parts
     BUNDLE/<part>.onnx            the deployed files (int8 when quantized)
     BUNDLE/fp32/<part>.onnx       fp32 parity copies (optional)
+    BUNDLE/heads.onnx             the always-on parts as one graph (optional, faster runtime)
     BUNDLE/fused_dense.onnx       the dense single graph, fp32 (optional, for comparison)
 
 The folder is assembled next to its destination and renamed into place, so a reader never
@@ -63,13 +64,15 @@ def _prepare_destination(out: Path) -> None:
 
 def build_bundle(model: DualLevelMoE, out: str | os.PathLike[str], *, calibration: np.ndarray,
                  held: Sequence[int] | None = None, options: QuantizeOptions | None = None,
-                 include_fp32: bool = True, include_fused: bool = True,
+                 include_fp32: bool = True, include_fused: bool = True, include_heads: bool = True,
                  meta: Mapping[str, Any] | None = None, opset: int = OPSET) -> dict[str, Any]:
     """Export, quantize and write a bundle for ``model``; returns the manifest.
 
     ``held``: the global experts the device gets (default all K). ``calibration``: samples of
     the device's own inputs, shape (N, *input_shape), used for static int8 and to choose a
-    mode per part under ``QuantMode.AUTO``.
+    mode per part under ``QuantMode.AUTO``. ``include_heads``: also write ``heads.onnx``, the
+    always-on parts (gates, shared and local experts) as one graph, which the runtime runs
+    in one call instead of one per part (the separate files stay for parity and tools).
     """
     opts = options or QuantizeOptions()
     cfg = model.cfg
@@ -90,7 +93,7 @@ def build_bundle(model: DualLevelMoE, out: str | os.PathLike[str], *, calibratio
         with torch.no_grad():
             feats_calib = model.global_part.trunk(torch.from_numpy(calib)).numpy()
         return _build(model, out_dir, calib, feats_calib, held_ids, opts, include_fp32,
-                      include_fused, meta, opset)
+                      include_fused, include_heads, meta, opset)
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -98,15 +101,19 @@ def build_bundle(model: DualLevelMoE, out: str | os.PathLike[str], *, calibratio
 
 def _build(model: DualLevelMoE, out_dir: Path, calib: np.ndarray, feats_calib: np.ndarray,
            held_ids: list[int], opts: QuantizeOptions, include_fp32: bool, include_fused: bool,
-           meta: Mapping[str, Any] | None, opset: int) -> dict[str, Any]:
+           include_heads: bool, meta: Mapping[str, Any] | None, opset: int) -> dict[str, Any]:
     cfg = model.cfg
     quantized = opts.mode is not QuantMode.FP32
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        exported, fused_info = export_bundle_graphs(model, work / "fp32", held_ids,
-                                                    include_fused=include_fused, opset=opset)
+        exported, fused_info, heads_info = export_bundle_graphs(
+            model, work / "fp32", held_ids, include_fused=include_fused,
+            include_heads=include_heads, opset=opset)
         parts: dict[str, dict[str, Any]] = {}
-        for name, info in exported.items():
+        to_write = dict(exported)
+        if heads_info is not None:
+            to_write["heads"] = heads_info
+        for name, info in to_write.items():
             src = Path(str(info["path"]))
             rel = f"{name}.onnx"
             if quantized:
@@ -121,6 +128,9 @@ def _build(model: DualLevelMoE, out_dir: Path, calib: np.ndarray, feats_calib: n
                 entry = {**_file_entry(work, rel), "quantization": "fp32"}
                 entry["fp32"] = {k: entry[k] for k in ("file", "sha256", "bytes")}
             parts[name] = {**entry, "inputs": info["inputs"], "outputs": info["outputs"]}
+        heads = parts.pop("heads", None)
+        if heads is not None:
+            heads["parts"] = list(heads_info["parts"])  # type: ignore[index]
         fused = None
         if fused_info is not None:
             shutil.move(str(fused_info["path"]), str(work / "fused_dense.onnx"))
@@ -145,6 +155,7 @@ def _build(model: DualLevelMoE, out_dir: Path, calib: np.ndarray, feats_calib: n
             "gate_outputs": "logits",
             "quantization": {**opts.to_dict(), "calibration_samples_used": int(len(calib))},
             "parts": parts,
+            "heads": heads,
             "fused": fused,
             "meta": dict(meta or {}),
         }

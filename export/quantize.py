@@ -133,7 +133,9 @@ def _run(path: Path, input_name: str, data: np.ndarray) -> np.ndarray:
     so.intra_op_num_threads = 1
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return np.asarray(sess.run(None, {input_name: np.ascontiguousarray(data, np.float32)})[0])
+    outs = sess.run(None, {input_name: np.ascontiguousarray(data, np.float32)})
+    # every output counts (a merged heads graph has one per part), side by side per row
+    return np.concatenate([np.asarray(o).reshape(len(data), -1) for o in outs], axis=1)
 
 
 def rel_error(candidate: np.ndarray, reference: np.ndarray) -> float:

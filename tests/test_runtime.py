@@ -128,8 +128,70 @@ def test_manifest_that_lies_about_an_interface_is_refused(bundle: Path) -> None:
         for key in ("file", "sha256", "bytes"):
             gate[key], expert[key] = expert[key], gate[key]
     edit_manifest(bundle, change)
-    with pytest.raises(BundleError, match="part 'global_gate' outputs"):
+    # the gate runs inside the merged heads graph; expert_g0's session gets the gate's file
+    with pytest.raises(BundleError, match="part 'expert_g0' outputs"):
         MoESession(bundle)
+
+
+def test_merged_heads_run_like_the_separate_parts(digits_moe, tmp_path: Path, count_sessions) -> None:
+    """heads.onnx (gates, shared and local experts in one graph) is an accelerator only:
+    the same numbers as one session per part, with fewer sessions."""
+    model, x_train, x = digits_moe[0], digits_moe[1], digits_moe[3][:16]
+    opts = QuantizeOptions(mode=QuantMode.FP32)
+    merged = build_bundle(model, tmp_path / "m", calibration=x_train[:32], options=opts,
+                          include_fused=False)
+    build_bundle(model, tmp_path / "s", calibration=x_train[:32], options=opts,
+                 include_fused=False, include_heads=False)
+    assert merged["heads"]["parts"] == ["global_gate", "expert_shared", "local_gate", "expert_l0"]
+    count_sessions.clear()
+    fast = MoESession(tmp_path / "m")
+    n_merged = len(count_sessions)
+    slow = MoESession(tmp_path / "s")
+    n_separate = len(count_sessions) - n_merged
+    assert (n_merged, n_separate) == (5, 8)  # 4 always-on sessions become 1 (+ 4 routed)
+    for kw in ({}, {"use_local": False}, {"expert_mask": [1, 2]}, {"prior": [0.1, 0.2, 0.3, 0.4]}):
+        a, b = fast.run(x, **kw), slow.run(x, **kw)
+        assert np.abs(a.probs - b.probs).max() < 1e-6, kw
+        assert np.array_equal(a.routing, b.routing) and a.experts_run == b.experts_run
+    assert np.abs(fast.routing_prior(x) - slow.routing_prior(x)).max() < 1e-7
+    ref = model(torch.from_numpy(x)).log_probs.exp().detach().numpy()
+    assert np.abs(fast.predict(x) - ref).max() < 1e-4
+    # a manifest whose heads claim other parts is refused before any session
+    count_sessions.clear()
+    edit_manifest(tmp_path / "m", lambda d: d["heads"].update(parts=["global_gate"]))
+    with pytest.raises(BundleError, match="heads.parts must be the always-on parts"):
+        MoESession(tmp_path / "m")
+    assert count_sessions == []
+
+
+def test_file_changed_after_verification_is_refused(bundle: Path, monkeypatch) -> None:
+    """Each file is hashed again as it is loaded: a change between the bundle check and the
+    session (another process rewriting the folder) is caught, naming the part."""
+    import fedcoe_edge.runtime as rt
+
+    real = rt.read_bundle
+
+    def then_tamper(*args, **kwargs):
+        contents = real(*args, **kwargs)
+        target = bundle / "expert_g1.onnx"
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+        return contents
+
+    monkeypatch.setattr(rt, "read_bundle", then_tamper)
+    with pytest.raises(BundleError, match="part 'expert_g1' file expert_g1.onnx fails its sha256 "
+                                          r"check \(changed since"):
+        MoESession(bundle)
+
+
+def test_read_bundle_keep_verifies_all_but_holds_only_what_is_asked(bundle: Path) -> None:
+    contents = read_bundle(bundle, keep=lambda m: {m["parts"]["expert_g0"]["file"]})
+    assert list(contents.files) == ["expert_g0.onnx"]
+    target = bundle / "fp32" / "expert_g3.onnx"  # not kept, still checked
+    target.write_bytes(target.read_bytes()[:-1])
+    with pytest.raises(BundleError, match=r"part 'expert_g3' \(fp32\) file fp32/expert_g3.onnx fails"):
+        read_bundle(bundle, keep=lambda m: set())
 
 
 def test_tar_bundle_round_trip_and_tamper(bundle: Path, digits_moe, tmp_path: Path) -> None:
