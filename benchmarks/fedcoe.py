@@ -184,6 +184,13 @@ def _bundle(case: Case, store: ArtifactStore, model: Any, precision: str) -> Pat
     return store.get(f"fedcoe-{_kind(case)}-{case.input_size}-{key}-{precision}-bundle", make)
 
 
+def int8_bundle(store: ArtifactStore, smoke: bool = False, input_size: int | None = None) -> Path:
+    """The int8 deployment bundle the sparse rows time (built once per store)."""
+    size = input_size or (32 if smoke else 224)
+    case = Case("fedcoe_top2_smoke" if smoke else "fedcoe_top2", "onnxruntime", "int8", size)
+    return _bundle(case, store, build_fedcoe(_kind(case), size), "int8")
+
+
 def _fused_int8(store: ArtifactStore, bundle: Path, case: Case, k_total: int) -> Path:
     """``fused_dense.onnx`` quantized the way the baselines are (same graph rewrites)."""
     from benchmarks.onnx_utils import ArrayCalibrationReader, QuantizeOptions, quantize_int8
@@ -459,3 +466,81 @@ def smoke_fedcoe_cases() -> list[Case]:
         Case("fedcoe_top2_smoke", "torch", "fp32", 32, family="fedcoe"),
         Case("fedcoe_dense_smoke", "onnxruntime", "int8", 32, family="fedcoe"),
     ]
+
+
+# ------------------------------------------------------------------- where the time goes
+
+
+def _empty_session(threads: int) -> Any:
+    """An onnxruntime session on a one-node Identity graph: the fixed cost of one call."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from benchmarks.ort_session import make_session
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "empty",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    return make_session(model.SerializeToString(), threads)
+
+
+def sparse_breakdown(bundle: str | Path, input_size: int = 224, rounds: int = 200,
+                     warmup: int = 20) -> dict[str, Any]:
+    """Per-part p50 (ms) of one ``MoESession.run`` at batch 1, 1 thread, timed round-robin.
+
+    Parts: the trunk session, the always-on heads (one merged call, or one call per part),
+    the routed experts, an empty onnxruntime call (the fixed cost every call pays), and the
+    rest of ``run`` (numpy routing and mixing, input checks): ``glue = run - sessions``.
+    """
+    import time
+
+    from fedcoe_edge.runtime import MoESession
+
+    session = MoESession(bundle, threads=1)
+    x = np.random.default_rng(0).standard_normal((1, 3, input_size, input_size)).astype(np.float32)
+    feats = session.features(x)
+    routed = session.run(x).experts_run
+    sessions = session._sessions  # the runtime's own sessions: same objects run() calls
+    names = session._input_names
+    heads = [n for n in sessions if n not in ("trunk",) and not n.startswith("expert_g")]
+    empty = _empty_session(1)
+    z = np.zeros((1, 8), np.float32)
+
+    def call(name: str, inp: np.ndarray) -> Callable[[], object]:
+        sess, key = sessions[name], names[name]
+        return lambda: sess.run(None, {key: inp})
+
+    timers: dict[str, Callable[[], object]] = {"run": lambda: session.run(x)}
+    if "trunk" in sessions:
+        timers["trunk"] = call("trunk", x)
+    for n in heads:
+        timers[n] = call(n, feats)
+    for k in routed:
+        timers[f"expert_g{k}"] = call(f"expert_g{k}", feats)
+    timers["empty_call"] = lambda: empty.run(None, {"x": z})
+    for fn in timers.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in timers}
+    for _ in range(rounds):
+        for k, fn in timers.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[k].append(time.perf_counter() - t0)
+    p50 = {k: float(np.median(v)) * 1e3 for k, v in samples.items()}
+    sessions_ms = sum(v for k, v in p50.items() if k not in ("run", "empty_call"))
+    n_calls = len(timers) - 2
+    return {
+        "p50_ms": p50,
+        "calls_per_run": n_calls,
+        "heads_merged": "heads" in sessions,
+        "routed": routed,
+        "sessions_ms": sessions_ms,
+        "glue_ms": p50["run"] - sessions_ms,
+        "call_overhead_ms": n_calls * p50["empty_call"],
+    }

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from benchmarks.compare import RoundRobin
-from benchmarks.fedcoe import fedcoe_cases, smoke_fedcoe_cases
+from benchmarks.fedcoe import fedcoe_cases, int8_bundle, smoke_fedcoe_cases, sparse_breakdown
 from benchmarks.harness import (
     ArtifactStore,
     Case,
@@ -146,3 +146,18 @@ def test_interleaved(
         {"kind": "interleaved", "rows": rows, "sgemm_peak": sgemm_peak, "env": env_info}
     )
     assert all(len(t) == INTERLEAVED_ROUNDS for t in rr.times)
+
+
+def test_fedcoe_breakdown(benchmark: Any, store: ArtifactStore, env_info: dict[str, Any]) -> None:
+    """Where one sparse top-2 call spends its time (224, 1 thread, batch 1): trunk, merged
+    heads, routed experts, the fixed cost of an onnxruntime call, and numpy glue."""
+    bundle = int8_bundle(store, smoke=SMOKE)
+    result: dict[str, Any] = {}
+
+    def measure() -> None:
+        result.update(sparse_breakdown(bundle, 32 if SMOKE else 224, rounds=5 if SMOKE else 300))
+
+    benchmark.group = "breakdown"
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    benchmark.extra_info.update({"kind": "breakdown", "model": "fedcoe_top2", **result})
+    assert result["p50_ms"]["run"] > 0 and result["calls_per_run"] >= 2
