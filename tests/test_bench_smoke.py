@@ -350,6 +350,8 @@ def test_benchmark_suite_and_report_end_to_end(tmp_path: Path) -> None:
     assert f"{expected:.2f}x" in md
     assert "## FedCoE against the MobileNet baselines" in md
     assert "## Round-robin timing" in md
+    assert "### Sparse top-2 against the fused dense graph" in md
+    assert "## Where the sparse top-2 time goes" in md and "numpy glue" in md
     assert md.count("| tiny_convnet") >= 4
     assert (tmp_path / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -375,3 +377,41 @@ def test_interleaved_times_every_case_each_round(tmp_path: Path) -> None:
     assert all(s["rounds"] == 3 and s["p50_ms"] > 0 for s in stats.values())
     with pytest.raises(ConfigError, match="single-thread"):
         interleaved([Case("tiny_convnet", "torch", "fp32", 32, threads=2)], ArtifactStore(tmp_path))
+
+
+# ------------------------------------------------------------------------- FedCoE rows
+
+
+def test_camera_fedcoe_heads_cost_what_v3_small_classifier_costs() -> None:
+    """The benchmark's head width keeps top-2 arithmetic at V3-Small's (issue 6 build 1)."""
+    from benchmarks.fedcoe import CAMERA_HIDDEN, build_fedcoe, fedcoe_costs
+
+    costs = fedcoe_costs(build_fedcoe("camera", 224))
+    h, d, c = CAMERA_HIDDEN, 576, 1000
+    heads = costs["active_macs"] - costs["trunk_macs"]
+    assert heads == 5 * (d * h + h * c) + d * 8 + d * 3  # shared + 2 routed + 2 local, 2 gates
+    classifier = 576 * 1024 + 1024 * 1000  # MobileNetV3-Small's head
+    assert 0.9 < heads / classifier <= 1.0
+    assert costs["trunk_params"] == 927_008  # V3-Small features (2,542,856 minus its head)
+    assert costs["dense_macs"] - costs["active_macs"] == 6 * (d * h + h * c)
+    assert costs["bundle_params"] > costs["active_params"]
+
+
+def test_image_like_calibration_inputs() -> None:
+    from benchmarks.fedcoe import image_like
+
+    x = image_like(4, 64, seed=1)
+    assert x.shape == (4, 3, 64, 64) and x.dtype == np.float32
+    assert np.array_equal(x, image_like(4, 64, seed=1))
+    # normalised colour fields: neighbouring pixels are close, unlike i.i.d. noise
+    assert np.abs(np.diff(x, axis=-1)).mean() < 0.5 * x.std()
+    with pytest.raises(ConfigError, match="count and input_size"):
+        image_like(0, 32)
+
+
+def test_bench_cli_needs_quick(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from fedcoe_edge.cli import main
+
+    assert main(["bench", "--json", str(tmp_path / "q.json")]) == 2
+    assert "only --quick" in capsys.readouterr().err
+    assert not (tmp_path / "q.json").exists()
