@@ -358,7 +358,8 @@ class MoESession:
     ``bundle``: folder or ``.tar``. ``precision``: ``"deployed"`` (the quantized files) or
     ``"fp32"`` (the parity copies). ``providers`` are passed through to onnxruntime
     unchanged (e.g. ``["TensorrtExecutionProvider", "CUDAExecutionProvider",
-    "CPUExecutionProvider"]`` on a Jetson). ``threads`` sets intra-op threads per session.
+    "CPUExecutionProvider"]`` on a Jetson). ``threads`` sets the trunk's intra-op threads
+    (the heads run single-threaded: nothing to split, and idle pools would spin).
     """
 
     def __init__(self, bundle: str | os.PathLike[str], *, providers: Sequence[str] | None = None,
@@ -456,7 +457,10 @@ class MoESession:
 
     def _session_options(self, name: str = "") -> ort.SessionOptions:
         so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
+        # only the trunk (and the dense graph) has work to split: a head is one small GEMM
+        # pair, and every extra intra-op pool spins between calls. Measured with threads=2
+        # on 2 cores: ten sessions each with its own spinning pool ran 10x slower than one.
+        so.intra_op_num_threads = self.threads if name in ("trunk", "fused") else 1
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
