@@ -24,8 +24,13 @@ mosquitto:
 setup: $(STAMP) mosquitto
 
 demo: setup
-	$(BIN)/fedcoe simulate --dataset digits --partition dirichlet --alpha 0.1 --clients 20 --new-clients 4 \
-	  --rounds 30 --algorithms fedcoe,fedavg --seeds 0 --out runs/demo
+	$(BIN)/fedcoe demo --out runs/demo --json runs/demo/demo.json
+	@echo "--- export: a simulated FedCoE client as an int8 ONNX bundle, beside its torch model ---"
+	$(BIN)/fedcoe simulate --dataset digits --partition dirichlet --alpha 0.5 --clients 10 --new-clients 2 \
+	  --rounds 15 --algorithms fedcoe --seeds 0 --no-progress --out runs/demo-export
+	$(BIN)/fedcoe export --checkpoint-dir runs/demo-export/checkpoints --client 0 \
+	  --out runs/demo-export/bundle_client0 --quantize int8 --calibration-samples 128 \
+	  --report runs/demo-export/export_report.json
 
 test: setup
 	$(BIN)/python -m pytest -q
