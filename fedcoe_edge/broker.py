@@ -176,6 +176,7 @@ class MosquittoBroker:
     def _workdir(self) -> Path:
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix="fedcoe-mosquitto-"))
+        self._dir.mkdir(parents=True, exist_ok=True)  # a workdir the caller named may not exist yet
         return self._dir
 
     def config_text(self) -> str:
