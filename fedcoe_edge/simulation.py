@@ -170,6 +170,19 @@ def summarize(runs: Sequence[RunResult]) -> dict[str, float]:
     return out
 
 
+def fit_model_to_data(model: ModelConfig, fed: Federation) -> ModelConfig:
+    """The model config with the data's input shape and class count; CNN experts need images,
+    so vector data (e.g. FedProx Synthetic) gets MLP experts, and the log says so."""
+    kind = model.expert_kind
+    if kind == "cnn" and len(fed.input_shape) != 3:
+        log.info("inputs of shape %s are not images: using MLP experts instead of CNN", fed.input_shape)
+        kind = "mlp"
+    if (tuple(model.input_shape), model.num_classes, model.expert_kind) == (fed.input_shape, fed.num_classes, kind):
+        return model
+    return dataclasses.replace(model, input_shape=fed.input_shape, num_classes=fed.num_classes,
+                               expert_kind=kind)
+
+
 def simulate(cfg: SimulationConfig, progress: bool = True) -> tuple[dict[str, Any], dict[str, list[RunResult]]]:
     """Run every algorithm on every seed. Returns the results.json document and the raw runs."""
     from tqdm.auto import tqdm
@@ -182,9 +195,7 @@ def simulate(cfg: SimulationConfig, progress: bool = True) -> tuple[dict[str, An
     total = len(cfg.seeds) * len(cfg.algorithms) * cfg.rounds
     with tqdm(total=total, disable=not progress, unit="round", dynamic_ncols=True) as bar:
         for seed, fed in feds.items():
-            if tuple(cfg.model.input_shape) != fed.input_shape or cfg.model.num_classes != fed.num_classes:
-                cfg.model = dataclasses.replace(cfg.model, input_shape=fed.input_shape,
-                                                num_classes=fed.num_classes)
+            cfg.model = fit_model_to_data(cfg.model, fed)
             for algorithm in cfg.algorithms:
                 def tick(rnd: int, point: dict[str, float], algorithm: str = algorithm, seed: int = seed) -> None:
                     bar.set_description(f"{algorithm} seed {seed}")

@@ -56,3 +56,14 @@ def test_bad_config_file(tmp_path, capsys):
     cfg.write_text("[train]\nlr = -1\n")
     assert main(["simulate", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
     assert "train.lr" in capsys.readouterr().err
+
+
+def test_simulate_vector_data_gets_mlp_experts(tmp_path):
+    out = tmp_path / "syn"
+    rc = main(["simulate", "--dataset", "synthetic", "--partition", "natural", "--clients", "4",
+               "--new-clients", "1", "--rounds", "1", "--local-epochs", "1", "--algorithms", "fedcoe",
+               "--no-progress", "--out", str(out)])
+    assert rc == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["config"]["model"]["expert_kind"] == "mlp"
+    assert doc["config"]["model"]["input_shape"] == [60]
