@@ -649,20 +649,21 @@ class MoESession:
                 rows = np.flatnonzero(routed[:, k])
                 sub = np.ascontiguousarray(feats[rows])
                 z[rows] += routing[rows, k : k + 1] * self._run_part(f"expert_g{k}", sub)
-            global_lp = log_softmax(z)
+            # p = h_0 p_G + sum_j h_j softmax(L_j), in probability space (float64): the same
+            # mixture torch forms with logsumexp, in half the numpy calls (what run() returns
+            # is probabilities anyway)
+            global_p = softmax(z)
             local_h = None
-            log_probs = global_lp
+            probs = global_p
             if use_local and self.cfg.num_local_experts > 0:
-                h = log_softmax(part("local_gate"))
-                local = log_softmax(np.stack([part(f"expert_l{j}")
-                                              for j in range(self.cfg.num_local_experts)], 1))
-                stacked = h[:, :, None] + np.concatenate([global_lp[:, None], local], 1)  # (B, 1+M, C)
-                top = stacked.max(1)
-                log_probs = top + np.log(np.exp(stacked - top[:, None, :]).sum(1))
-                local_h = np.exp(h).astype(np.float32)
-        return RuntimeOutput(np.exp(log_probs).astype(np.float32),
-                             np.exp(global_lp).astype(np.float32), gate_probs.astype(np.float32),
-                             routing.astype(np.float32), local_h, experts_run)
+                h = softmax(part("local_gate"))  # (B, 1+M)
+                local = softmax(np.stack([part(f"expert_l{j}")
+                                          for j in range(self.cfg.num_local_experts)], 1))
+                probs = h[:, :1] * global_p + (h[:, 1:, None] * local).sum(1)
+                local_h = h.astype(np.float32)
+        return RuntimeOutput(probs.astype(np.float32), global_p.astype(np.float32),
+                             gate_probs.astype(np.float32), routing.astype(np.float32), local_h,
+                             experts_run)
 
     def predict(self, x: np.ndarray, **kw: Any) -> np.ndarray:
         """Class probabilities (B, C); keyword arguments as :meth:`run`."""
