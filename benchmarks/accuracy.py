@@ -688,6 +688,15 @@ def run_grid(grid: Grid, args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    if args.report_only and len(todo) == len(jobs):
+        # the cache holds nothing for this source (e.g. the code changed since the grid ran):
+        # rewriting the report now would replace real results with an empty table
+        print(
+            f"--report-only: none of the {len(jobs)} runs are cached for the current source; "
+            f"keeping {out}/accuracy.md as it is (rerun the grid to refresh it)",
+            file=sys.stderr,
+        )
+        return 2
     if not args.report_only and todo:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             futures = {pool.submit(run_job, grid, *j): j for j in todo}

@@ -63,3 +63,12 @@ def test_cache_keys_follow_what_a_run_depends_on():
     assert run_key(a, "digits-dir0.5", "fedcoe-full", 0) != run_key(b, "digits-dir0.5", "fedcoe-full", 0)
     assert run_key(a, "digits-dir0.5", "fedavg", 0) != run_key(c, "digits-dir0.5", "fedavg", 0)
     assert run_key(a, "digits-dir0.5", "fedavg", 0) != run_key(a, "digits-dir0.5", "fedavg", 1)
+
+
+def test_report_only_with_nothing_cached_keeps_the_old_report(tmp_path, capsys):
+    out = tmp_path / "acc"
+    out.mkdir()
+    (out / "accuracy.md").write_text("old results")
+    assert main([*TINY, "--report-only", "--out", str(out)]) == 2
+    assert (out / "accuracy.md").read_text() == "old results"
+    assert "none of the" in capsys.readouterr().err
