@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import ArtifactStore, Case, Prepared, register_preparer
-from benchmarks.memory import TORCH_IMPORTS, MemoryTarget
+from benchmarks.harness import ArtifactStore, Case, Prepared, register_preparer, torch_prepared
+from benchmarks.memory import MemoryTarget
 from fedcoe_edge.config import ModelConfig
 from fedcoe_edge.errors import ConfigError
 
@@ -288,43 +288,12 @@ def _prepare_torch(
     notes: dict[str, Any],
 ) -> Prepared:
     import torch
-    from safetensors.torch import save_file
 
-    if case.precision != "fp32":
-        raise ConfigError(f"{case.id}: torch eager runs fp32 only, got {case.precision!r}")
-    weights = store.get(
-        f"fedcoe-{kind}-{case.input_size}.safetensors",
-        lambda p: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(p)),
-    )
     module = model if sparse else build_dense(kind, case.input_size)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(case.threads)
-    x = torch.from_numpy(_input(case))
-
-    def run() -> object:
-        with torch.inference_mode():
-            return module(x)
-
     builder = "benchmarks.fedcoe:build_fedcoe" if sparse else "benchmarks.fedcoe:build_dense"
-    target = MemoryTarget(
-        "benchmarks.memory:run_torch",
-        {
-            "builder": builder,
-            "input_shape": list(case.input_shape),
-            "threads": case.threads,
-            "builder_kwargs": {"kind": kind, "input_size": case.input_size},
-        },
-        TORCH_IMPORTS,
-    )
-    return Prepared(
-        run=run,
-        params=params,
-        macs=macs,
-        size_bytes=weights.stat().st_size,
-        memory=target,
-        close=lambda: torch.set_num_threads(previous),
-        notes=notes,
-    )
+    return torch_prepared(case, store, f"fedcoe-{kind}-{case.input_size}.safetensors", model, module,
+                          torch.from_numpy(_input(case)), builder,
+                          {"kind": kind, "input_size": case.input_size}, params, macs, notes)
 
 
 def _prepare_sparse(

@@ -210,31 +210,36 @@ def torch_module_preparer(builder: str, family_kwargs: dict[str, Any] | None = N
     return prep
 
 
-def _prepare_torch(
+def torch_prepared(
     case: Case,
     store: ArtifactStore,
+    weights_name: str,
     model: Any,
+    module: Any,
+    x: Any,
     builder: str,
-    kwargs: dict[str, Any],
+    builder_kwargs: dict[str, Any],
     params: int,
     macs: int,
+    notes: dict[str, Any] | None = None,
 ) -> Prepared:
+    """A torch-eager row: ``model``'s weights saved for the size column, ``module(x)`` timed at
+    ``case.threads`` threads (restored on close), peak memory from ``builder`` in a fresh process."""
     import torch
     from safetensors.torch import save_file
 
     if case.precision != "fp32":
         raise ConfigError(f"{case.id}: torch eager runs fp32 only, got {case.precision!r}")
     weights = store.get(
-        f"{case.model}.safetensors",
+        weights_name,
         lambda p: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(p)),
     )
     previous = torch.get_num_threads()
     torch.set_num_threads(case.threads)
-    x = torch.randn(*case.input_shape, generator=torch.Generator().manual_seed(0))
 
     def run() -> object:
         with torch.inference_mode():
-            return model(x)
+            return module(x)
 
     target = MemoryTarget(
         "benchmarks.memory:run_torch",
@@ -242,7 +247,7 @@ def _prepare_torch(
             "builder": builder,
             "input_shape": list(case.input_shape),
             "threads": case.threads,
-            "builder_kwargs": kwargs,
+            "builder_kwargs": builder_kwargs,
         },
         TORCH_IMPORTS,
     )
@@ -253,7 +258,24 @@ def _prepare_torch(
         size_bytes=weights.stat().st_size,
         memory=target,
         close=lambda: torch.set_num_threads(previous),
+        notes=notes if notes is not None else {},
     )
+
+
+def _prepare_torch(
+    case: Case,
+    store: ArtifactStore,
+    model: Any,
+    builder: str,
+    kwargs: dict[str, Any],
+    params: int,
+    macs: int,
+) -> Prepared:
+    import torch
+
+    x = torch.randn(*case.input_shape, generator=torch.Generator().manual_seed(0))
+    return torch_prepared(case, store, f"{case.model}.safetensors", model, model, x, builder, kwargs,
+                          params, macs)
 
 
 def _prepare_onnx(
