@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test bench lint clean mosquitto
+.PHONY: setup demo test bench lint clean mosquitto datasets
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,7 +21,13 @@ mosquitto:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto)
 
-setup: $(STAMP) mosquitto
+# Fashion-MNIST (MIT) for `--dataset fmnist`: Debian ships it, so nothing is downloaded at run time.
+FMNIST_FILE := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+datasets:
+	@test -f $(FMNIST_FILE) || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist)
+
+setup: $(STAMP) mosquitto datasets
 
 demo: setup
 	$(BIN)/fedcoe demo --out runs/demo --json runs/demo/demo.json

@@ -49,12 +49,15 @@ def test_federation_protocol():
     assert len(set(counts.tolist())) == 1  # balanced global test set
     assert len(fed.clients) == 10 and len(fed.new_clients) == 2
     for data in fed.clients.values():
-        n = len(data.y_train) + len(data.y_test)
+        n = len(data.y_train) + len(data.y_val) + len(data.y_test)
         assert n >= 20
-        assert abs(len(data.y_train) - 0.75 * n) <= 1
+        assert abs(len(data.y_train) - 0.60 * n) <= 2  # 60/15/25 train/validation/test
+        assert abs(len(data.y_val) - 0.15 * n) <= 1 and abs(len(data.y_test) - 0.25 * n) <= 1
         assert data.x_train.dtype == np.float32 and data.y_train.dtype == np.int64
+        assert data.x_val.dtype == np.float32 and data.y_val.dtype == np.int64
+        assert data.x_val.shape[1:] == data.x_train.shape[1:]
     for data in fed.new_clients.values():
-        assert len(data.y_train) == 0 and len(data.y_test) >= 20
+        assert len(data.y_train) == 0 and len(data.y_val) == 0 and len(data.y_test) >= 20
     again = make_federation("digits", "dirichlet", num_clients=10, num_new_clients=2, seed=1, alpha=0.5)
     assert np.array_equal(again.clients["3"].y_test, fed.clients["3"].y_test)
 

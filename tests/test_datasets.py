@@ -80,10 +80,11 @@ def test_natural_federation_is_one_user_per_client():
     users = synthetic_users(8, 1.0, 1.0, seed=0)
     assert len(fed.clients) == 6 and len(fed.new_clients) == 2 and fed.input_shape == (60,)
     for i, data in enumerate(fed.clients.values()):
-        n_client = len(data.y_train) + len(data.y_test)
+        n_client = len(data.y_train) + len(data.y_val) + len(data.y_test)
         assert n_client < len(users[i][1])  # the rest went to the global test set
+        assert len(data.y_val) >= 1 and len(data.y_test) >= 1
     total_train_users = sum(len(u[1]) for u in users[:6])
-    held = sum(len(d.y_train) + len(d.y_test) for d in fed.clients.values())
+    held = sum(len(d.y_train) + len(d.y_val) + len(d.y_test) for d in fed.clients.values())
     assert held + len(fed.y_global_test) == total_train_users
     new = fed.new_clients["new1"]
     assert len(new.y_train) == 0 and np.array_equal(new.y_test, users[7][1])

@@ -28,7 +28,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--dataset", default="digits",
-                   help="digits, digits-shift, synthetic, synthetic(a,b), cifar10:PATH, folder:PATH")
+                   help="digits, digits-shift, fmnist, synthetic, synthetic(a,b), synthetic-iid, "
+                        "cifar10:PATH, folder:PATH")
+    p.add_argument("--data-fraction", type=float, default=1.0,
+                   help="stratified share of the training pool partitioned over clients, in (0, 1]; "
+                        "e.g. 0.1 = 6,000 fmnist training images")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="folder of a dataset read from disk (fmnist; default $FEDCOE_FMNIST_DIR, "
+                        "else /usr/share/datasets/fashion-mnist)")
     p.add_argument("--partition", default="dirichlet",
                    help="dirichlet, iid, shards, quantity, or natural (synthetic)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet / quantity concentration")
@@ -56,13 +63,18 @@ def run(args: argparse.Namespace) -> int:
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     if threshold < 0:
         raise ConfigError(f"--threshold must be >= 0, got {threshold}")
+    if not 0 < args.data_fraction <= 1:
+        raise ConfigError(f"--data-fraction must be in (0, 1], got {args.data_fraction}")
     fed = make_federation(args.dataset, args.partition, args.clients, 0, args.seed, args.alpha,
-                          args.min_samples, shards_per_client=args.shards_per_client)
-    labels = {cid: np.concatenate([d.y_train, d.y_test]) for cid, d in fed.clients.items()}
+                          args.min_samples, shards_per_client=args.shards_per_client,
+                          data_fraction=args.data_fraction,
+                          data_dir=None if args.data_dir is None else str(args.data_dir))
+    # a client's whole label distribution: every split it holds
+    labels = {cid: np.concatenate([d.y_train, d.y_val, d.y_test]) for cid, d in fed.clients.items()}
     report = analyse_labels(labels, fed.num_classes, threshold, args.seed)
     report["federation"] = {"dataset": args.dataset, "partition": args.partition,
                             "alpha": args.alpha, "clients": args.clients, "seed": args.seed,
-                            "min_samples": args.min_samples}
+                            "min_samples": args.min_samples, "data_fraction": args.data_fraction}
     png = args.png or args.json.with_suffix(".png")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")

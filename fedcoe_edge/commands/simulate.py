@@ -48,17 +48,33 @@ def check_out_dir(out: Path) -> None:
         raise ConfigError(f"--out {out} exists and is not a folder")
 
 
+def check_data_fraction(fraction: float) -> None:
+    """Fail before any data is read: a bad fraction would otherwise surface after loading."""
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"--data-fraction must be in (0, 1], got {fraction}")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "simulate",
         help="run an in-process federation and compare algorithms",
-        description="Simulate a federation in one process: hold out a balanced global test set, "
+        description="Simulate a federation in one process: hold out a balanced global test set "
+                    "(or use the dataset's official test split), "
                     "partition the rest non-IID over clients, train each algorithm for the given "
                     "rounds and seeds, and report global, personalized and cold-start accuracy "
                     "with bytes per client per round.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--dataset", default="digits", help="dataset that ships with the package")
+    p.add_argument("--dataset", default="digits",
+                   help="digits, digits-shift, fmnist, synthetic, synthetic(a,b), synthetic-iid, "
+                        "cifar10:PATH, folder:PATH (fmnist is evaluated on its official 10,000-image "
+                        "test split)")
+    p.add_argument("--data-fraction", type=float, default=1.0,
+                   help="stratified share of the training pool partitioned over clients, in (0, 1]; "
+                        "e.g. 0.1 = 6,000 fmnist training images (the global test set is not shrunk)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="folder of a dataset read from disk (fmnist: the four IDX .gz files; "
+                        "default $FEDCOE_FMNIST_DIR, else /usr/share/datasets/fashion-mnist)")
     p.add_argument("--partition", default="dirichlet", help="how labels are split over clients")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more skew)")
     p.add_argument("--clients", type=int, default=20, help="training clients")
@@ -78,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from fedcoe_edge.simulation import SimulationConfig, results_table, simulate, write_outputs
 
     check_out_dir(args.out)
+    check_data_fraction(args.data_fraction)
     sections = load_toml_sections(args.config)
     train = TrainConfig.from_dict(sections.get("train", {}))
     if args.local_epochs is not None:
@@ -86,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = SimulationConfig(dataset=args.dataset, partition=args.partition, alpha=args.alpha,
                            clients=args.clients, new_clients=args.new_clients, rounds=args.rounds,
                            algorithms=args.algorithms, seeds=args.seeds, min_samples=args.min_samples,
+                           data_fraction=args.data_fraction,
+                           data_dir=None if args.data_dir is None else str(args.data_dir),
                            model=ModelConfig.from_dict(sections.get("model", {})), train=train)
     cfg.validate()
     doc, runs = simulate(cfg, progress=not args.no_progress)

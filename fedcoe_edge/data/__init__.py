@@ -2,6 +2,9 @@
 
 from fedcoe_edge.data.datasets import DATASETS, load_dataset
 from fedcoe_edge.data.federation import Federation, make_federation
+from fedcoe_edge.data.fmnist import CLASS_NAMES as FMNIST_CLASSES
+from fedcoe_edge.data.fmnist import load_fmnist
 from fedcoe_edge.data.partition import PARTITIONERS, PartitionSpec
 
-__all__ = ["DATASETS", "PARTITIONERS", "Federation", "PartitionSpec", "load_dataset", "make_federation"]
+__all__ = ["DATASETS", "FMNIST_CLASSES", "PARTITIONERS", "Federation", "PartitionSpec", "load_dataset",
+           "load_fmnist", "make_federation"]

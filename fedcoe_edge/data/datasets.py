@@ -8,6 +8,11 @@
 * ``synthetic`` / ``synthetic(a,b)`` / ``synthetic-iid``: FedProx's Synthetic(alpha, beta)
   (``synthetic.py``), per-user by construction; pooled here over 30 users (FedProx's count),
   split per user by the federation builder's ``natural`` partition.
+* ``fmnist``: Fashion-MNIST (``fmnist.py``) from Debian's ``dataset-fashion-mnist`` or a
+  folder the user names: 60,000 + 10,000 28x28 grey-level images, 10 classes. It has an
+  official test split, so ``load_dataset`` returns the training split and
+  ``load_dataset_splits`` returns both; the federation builder evaluates on the official test
+  split rather than holding out part of the pool.
 * ``cifar10:PATH`` and ``folder:PATH``: data the user has on disk (``loaders.py``).
 """
 
@@ -20,6 +25,8 @@ import numpy as np
 from fedcoe_edge.errors import ConfigError
 
 Loader = Callable[[int], tuple[np.ndarray, np.ndarray]]
+Arrays2 = tuple[np.ndarray, np.ndarray]
+SplitLoader = Callable[[str | None], tuple[Arrays2, Arrays2]]
 
 
 def load_digits(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -39,21 +46,58 @@ def load_synthetic_pooled(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([u[0] for u in users]), np.concatenate([u[1] for u in users])
 
 
+def load_fmnist_train(seed: int = 0, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST's official training split (seed unused: the data is fixed)."""
+    from fedcoe_edge.data.fmnist import load_split
+
+    return load_split("train", data_dir)
+
+
+def load_fmnist_splits(data_dir: str | None = None) -> tuple[Arrays2, Arrays2]:
+    from fedcoe_edge.data.fmnist import load_fmnist
+
+    return load_fmnist(data_dir)
+
+
 DATASETS: dict[str, Loader] = {
     "digits": load_digits,
     "digits-shift": load_digits,  # the shift is per client, applied by make_federation
+    "fmnist": load_fmnist_train,  # the training split; see SPLIT_DATASETS
     "synthetic": load_synthetic_pooled,
+}
+
+# datasets with an official (train, test) split: the federation partitions the train split
+# and uses the whole test split as the global test set, so results compare with the literature
+SPLIT_DATASETS: dict[str, SplitLoader] = {
+    "fmnist": load_fmnist_splits,
+}
+
+# datasets read from disk: their loaders also take ``data_dir`` (None: the default location)
+DISK_LOADERS: dict[str, Callable[[int, str | None], Arrays2]] = {
+    "fmnist": load_fmnist_train,
 }
 
 # datasets whose images get a per-client camera in make_federation
 SHIFTED_DATASETS = frozenset({"digits-shift"})
 
 
-def load_dataset(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def load_dataset_splits(name: str, seed: int = 0, data_dir: str | None = None
+                        ) -> tuple[Arrays2, Arrays2 | None]:
+    """``(pool, official_test)``: the data to partition and, for a dataset that ships a test
+    split, that split (None otherwise, and the caller holds out its own)."""
+    if name in SPLIT_DATASETS:
+        train, test = SPLIT_DATASETS[name](data_dir)
+        return train, test
+    return load_dataset(name, seed, data_dir), None
+
+
+def load_dataset(name: str, seed: int = 0, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Load a registered dataset by name; an unknown name lists the known ones.
 
     ``cifar10:PATH`` reads CIFAR-10 python batches and ``folder:PATH`` an image folder (class
     per sub-folder, 32x32 RGB) from a local path; ``synthetic(a,b)`` pools 30 FedProx users.
+    ``data_dir`` locates a dataset read from disk (``fmnist``); the others ignore it. For a
+    dataset with an official test split this returns the training split.
     """
     if name.startswith("cifar10:"):
         from fedcoe_edge.data.loaders import load_cifar10_batches
@@ -74,4 +118,6 @@ def load_dataset(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     except KeyError:
         raise ConfigError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}, "
                           f"synthetic(a,b), synthetic-iid, cifar10:PATH, folder:PATH") from None
+    if name in DISK_LOADERS:
+        return DISK_LOADERS[name](seed, data_dir)
     return loader(seed)

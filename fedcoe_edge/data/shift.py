@@ -70,7 +70,7 @@ def apply_random_cameras(x: np.ndarray, rng: np.random.Generator,
 
 def shift_clients(clients: dict[str, ClientData], rng: np.random.Generator,
                   strength: float = 1.0) -> dict[str, dict[str, float]]:
-    """Give every client a camera and distort its train and test images in place.
+    """Give every client a camera and distort its train, validation and test images in place.
 
     Returns the cameras (client id -> parameters) for the federation's metadata.
     """
@@ -80,5 +80,6 @@ def shift_clients(clients: dict[str, ClientData], rng: np.random.Generator,
         cam = random_camera(rng, strength)
         data.x_train = apply_camera(data.x_train, cam, rng)
         data.x_test = apply_camera(data.x_test, cam, rng)
+        data.x_val = apply_camera(data.x_val, cam, rng)
         cams[cid] = cam.to_dict()
     return cams
