@@ -51,6 +51,7 @@ class FederationSettings:
     chunk_size: int = 256 * 1024
     window: int = 16
     norm_bound: float = 1e4  # L2 bound on an update's change (new - sent), whole payload
+    reassembly_budget_mb: float = 256.0  # all devices' open uploads together (one each)
     exit_when_done: bool = False  # False: keep serving cold-start fetches after the last round
     allowed_devices: list[str] = field(default_factory=list)  # empty: any device with a valid key
 
@@ -116,6 +117,8 @@ class CoordinatorConfig:
             raise ConfigError(f"{w} window must be >= 1, got {f.window}")
         if not f.norm_bound > 0:
             raise ConfigError(f"{w} norm_bound must be > 0")
+        if not f.reassembly_budget_mb > 0:
+            raise ConfigError(f"{w} reassembly_budget_mb must be > 0")
         self.broker.validate(f"{self.source}: [broker]")
         if len(self.secret) < 16:
             raise ConfigError(f"{self.source}: [security] secret must be at least 16 bytes")

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.config import CoordinatorConfig
+from coordinator.limits import RateLimiter, RefusalLog
 from coordinator.store import Store
 from device_agent import protocol as P
 from fedcoe_edge.checkpoint import load_arrays_file, save_arrays
@@ -62,6 +63,13 @@ from fedcoe_edge.wire import (
 log = logging.getLogger("fedcoe.coordinator")
 
 REANNOUNCE_S = 5.0  # repeat a transfer's manifest envelope until the receiver answers
+# Per-device bounds (docs/protocol.md, "Bounds"): what one device can make the single
+# handler thread do, whatever it sends.
+CTL_RATE, CTL_BURST = 50.0, 200  # control envelopes per second (all types)
+HELLO_RATE, HELLO_BURST = 0.2, 3  # hellos: each may re-announce a task
+FETCH_RATE, FETCH_BURST = 0.5, 5  # fetches: each prepares a download
+NOTICE_RATE, NOTICE_BURST = 0.5, 2  # xfer_unknown / re-accept answers to stray chunks
+UPLOAD_SLACK = 65536  # an upload may exceed the plain encoding of its task by this much
 
 
 @dataclass
@@ -112,6 +120,11 @@ class Coordinator:
         self._receivers: dict[str, BlobReceiver] = {}
         self._uploads: dict[tuple[str, str], _Upload] = {}  # (device, transfer id)
         self._accepted_xfers: set[tuple[str, str]] = set()
+        self.refusals = RefusalLog(self.store, log)
+        self._ctl_limit = RateLimiter(CTL_RATE, CTL_BURST)
+        self._hello_limit = RateLimiter(HELLO_RATE, HELLO_BURST)
+        self._fetch_limit = RateLimiter(FETCH_RATE, FETCH_BURST)
+        self._notice_limit = RateLimiter(NOTICE_RATE, NOTICE_BURST)
         self._eval_x: np.ndarray | None = None
         self._eval_y: np.ndarray | None = None
         self.transport: Transport | None = None
@@ -143,10 +156,10 @@ class Coordinator:
 
     def reject(self, device: str, rnd: int, reason: str, notify: bool = True,
                xfer: str | None = None) -> None:
-        """Refuse an input: one log line naming device, round and reason, and a round-log row."""
-        log.warning("rejected device=%s round=%d reason=%s", device, rnd, reason)
-        self.store.add_event(rnd, device, "rejected", reason)
-        if notify:
+        """Refuse an input: a log line naming device, round and reason, and a round-log row;
+        repeats of one reason from one device are aggregated (:class:`RefusalLog`), and
+        only refusals written individually are also told to the device."""
+        if self.refusals.refuse(rnd, device, reason) and notify:
             with contextlib.suppress(FedCoEError):
                 self._send(device, P.REJECT, {"reason": reason[:500], "xfer": xfer}, rnd)
 
@@ -188,6 +201,7 @@ class Coordinator:
             time.sleep(0.2)
             self.transport.close()
             self.transport = None
+        self.refusals.flush(force=True)
         self.store.close()
 
     def run(self) -> int:
@@ -338,7 +352,7 @@ class Coordinator:
             self.store.close_round(rnd, self.strategy.version, applied, note)
             self.round_open = False
             for xid, out in list(self._senders.items()):
-                if out.round == rnd and out.purpose == "train":
+                if out.round <= rnd and out.purpose == "train":
                     del self._senders[xid]
             for key, up in list(self._uploads.items()):
                 if up.round == rnd:
@@ -472,6 +486,10 @@ class Coordinator:
             log.warning("rejected device=? round=%d reason=%s", self.round, exc)
             return
         assert self.messenger is not None
+        if not self._ctl_limit.allow(dev):
+            self.reject(dev, self.round, f"rate limit: more than {CTL_RATE:g} control messages/s",
+                        notify=False)
+            return
         try:
             env = self.messenger.open(msg.payload, expect_sender=dev)
         except WireError as exc:
@@ -480,10 +498,18 @@ class Coordinator:
         body = env.body
         try:
             if env.type == P.HELLO:
+                if not self._hello_limit.allow(dev):
+                    self.reject(dev, env.round, "rate limit: hello more often than "
+                                f"{HELLO_BURST} per {HELLO_BURST / HELLO_RATE:g}s", notify=False)
+                    return
                 self._on_hello(dev, body)
             elif env.type == P.RESULT:
                 self._on_result(dev, env.round, body)
             elif env.type == P.FETCH:
+                if not self._fetch_limit.allow(dev):
+                    self.reject(dev, env.round, "rate limit: fetch more often than "
+                                f"{FETCH_BURST} per {FETCH_BURST / FETCH_RATE:g}s", notify=False)
+                    return
                 self._on_fetch(dev, env.round, body)
             elif env.type == P.EVAL:
                 self._on_eval(dev, env.round, body)
@@ -516,8 +542,26 @@ class Coordinator:
             "train": self.cfg.train.to_dict(), "bc_key": self.bc_key.hex(), "version": s.version,
             "round": self.round, "rounds": self.fed.rounds, "round_open": self.round_open})
         if resend:
-            self._send_task(self.tasks[dev])
+            self._resend_task(dev)
         self._wake.set()
+
+    def _resend_task(self, dev: str) -> None:
+        """Re-announce the task transfer prepared for ``dev`` this round (its manifest, not
+        new bytes): a device that holds it answers with ``xfer_done`` and nothing moves; one
+        that lost it reports nothing received and the same transfer starts over. Only a
+        restarted coordinator, which kept no transfers, prepares the task again."""
+        with self._lock:
+            found = [(x, o) for x, o in self._senders.items()
+                     if o.device == dev and o.purpose == "train" and o.round == self.round
+                     and o.announce is not None]
+        if not found:
+            self._send_task(self.tasks[dev])
+            return
+        xid, out = found[-1]
+        assert out.announce is not None
+        type_, body, rnd = out.announce
+        body = {**body, "deadline_s": max(1.0, self.deadline - time.monotonic())}
+        self._announce(xid, type_, body, rnd)
 
     def _on_result(self, dev: str, rnd: int, body: dict[str, Any]) -> None:
         manifest = TransferManifest.from_dict(body.get("manifest"))
@@ -542,13 +586,24 @@ class Coordinator:
             if manifest.encoding not in (P.ENCODING_PLAIN, P.ENCODING_DELTA):
                 self.reject(dev, rnd, f"unknown encoding {manifest.encoding!r}", xfer=xid)
                 return
-            limit = 4 * serialized_nbytes(self.tasks[dev].params) + 65536
+            limit = serialized_nbytes(self.tasks[dev].params) + UPLOAD_SLACK
             if manifest.total_bytes > limit:
                 self.reject(dev, rnd, f"upload of {manifest.total_bytes} bytes exceeds {limit}", xfer=xid)
                 return
-            self._uploads[(dev, xid)] = _Upload(dev, rnd, body, manifest)
             rcv = self._receiver(dev)
-        rcv.expect(manifest)
+            if (dev, xid) not in self._uploads:
+                # one open upload per device: a new announce replaces the previous one
+                for key in [k for k in self._uploads if k[0] == dev]:
+                    rcv.discard(key[1])
+                    del self._uploads[key]
+                budget = int(self.fed.reassembly_budget_mb * 2**20)
+                used = sum(u.manifest.total_bytes for u in self._uploads.values())
+                if used + manifest.total_bytes > budget:
+                    self.reject(dev, rnd, f"upload of {manifest.total_bytes} bytes would exceed the "
+                                          f"reassembly budget ({used} of {budget} in use)", xfer=xid)
+                    return
+            rcv.expect(manifest)
+            self._uploads[(dev, xid)] = _Upload(dev, rnd, body, manifest)
         rcv.nudge(manifest.transfer_id)
 
     def _receiver(self, dev: str) -> BlobReceiver:
@@ -570,12 +625,24 @@ class Coordinator:
         if self.key_for(dev) is None:
             self.reject(dev, self.round, "chunk from a device that is not allowed", notify=False)
             return
+        xid = info.transfer_id or ""
         try:
             with self._lock:
-                up = self._uploads.get((dev, info.transfer_id or ""))
-            if up is None or up.device != dev:
+                up = self._uploads.get((dev, xid))
+                rcv = self._receivers.get(dev)
+                accepted = (dev, xid) in self._accepted_xfers
+            if up is None and rcv is not None and rcv.completed(xid):
+                # a re-sent chunk of a finished upload: the device missed our final ACK
+                if self._notice_limit.allow(f"{dev}/{xid}"):
+                    rcv.on_chunk(msg.payload)
+                    if accepted:
+                        self._send(dev, P.ACCEPT, {"xfer": xid}, self.round)
+                return
+            if up is None:
+                self._unknown_upload(dev, xid)
                 raise WireError(f"chunk for unknown transfer {info.transfer_id!r}")
-            done = self._receiver(dev).on_chunk(msg.payload)
+            assert rcv is not None
+            done = rcv.on_chunk(msg.payload)
         except WireError as exc:
             self.reject(dev, self.round, f"blob: {exc}", notify=False)
             return
@@ -585,6 +652,16 @@ class Coordinator:
                 self._finish_upload(dev, manifest, data)
             finally:  # persisted or refused for good: either way the sender may stop
                 self._receiver(dev).ack(manifest.transfer_id)
+
+    def _unknown_upload(self, dev: str, xid: str) -> None:
+        """Chunks of an upload this coordinator does not know (it restarted, or the
+        announce was lost) from a device that still owes this round's update: tell it, so
+        it re-announces at once instead of waiting for its upload timeout."""
+        with self._lock:
+            owes = (self.round_open and dev in self.tasks and dev not in self.results
+                    and dev not in self.failed)
+        if owes and self._notice_limit.allow(f"{dev}/{xid}"):
+            self._send(dev, P.XFER_UNKNOWN, {"xfer": xid}, self.round)
 
     def _finish_upload(self, dev: str, manifest: TransferManifest, data: bytes) -> None:
         with self._lock:
@@ -697,7 +774,8 @@ class Coordinator:
         if type == XFER_PROGRESS:
             out.started = True
             out.sender.on_progress(body)
-        elif out.sender.on_done(body):
+        elif out.sender.on_done(body) and not (out.purpose == "train" and out.round == self.round):
+            # this round's task transfers stay (a repeated hello re-announces them, not new bytes)
             with self._lock:
                 self._senders.pop(xid, None)
 
@@ -719,3 +797,4 @@ class Coordinator:
                 if now - out.created > 600:
                     with self._lock:
                         self._senders.pop(xid, None)
+            self.refusals.flush()

@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS updates (
     accepted_at REAL NOT NULL, PRIMARY KEY (round, device));
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL, device TEXT NOT NULL,
-    kind TEXT NOT NULL, reason TEXT NOT NULL, ts REAL NOT NULL);
+    kind TEXT NOT NULL, reason TEXT NOT NULL, ts REAL NOT NULL, count INTEGER NOT NULL DEFAULT 1);
 CREATE TABLE IF NOT EXISTS traffic (
     id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL, device TEXT NOT NULL,
     direction TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL, ts REAL NOT NULL);
@@ -58,6 +58,9 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(events)")}
+        if "count" not in cols:  # a database from before refusals were aggregated
+            self._db.execute("ALTER TABLE events ADD COLUMN count INTEGER NOT NULL DEFAULT 1")
 
     def close(self) -> None:
         with self._lock:
@@ -135,9 +138,25 @@ class Store:
     def updates(self, rnd: int) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM updates WHERE round=? ORDER BY device", (rnd,))
 
-    def add_event(self, rnd: int, device: str, kind: str, reason: str) -> None:
-        self._exec("INSERT INTO events (round, device, kind, reason, ts) VALUES (?,?,?,?,?)",
-                   (rnd, device, kind, reason, time.time()))
+    def add_event(self, rnd: int, device: str, kind: str, reason: str, count: int = 1) -> None:
+        """One row; ``count`` > 1 stands for that many refusals aggregated into it."""
+        self._exec("INSERT INTO events (round, device, kind, reason, ts, count) VALUES (?,?,?,?,?,?)",
+                   (rnd, device, kind, reason[:1000], time.time(), count))
+
+    def prune_events(self, kind: str, keep: int) -> int:
+        """Retention: keep only the newest ``keep`` rows of ``kind``; returns rows deleted.
+        Refusals come from outside and would otherwise grow the database without end."""
+        with self._lock:
+            cur = self._db.execute(
+                "DELETE FROM events WHERE kind=? AND id <= (SELECT id FROM events WHERE kind=?"
+                " ORDER BY id DESC LIMIT 1 OFFSET ?)", (kind, kind, keep))
+            return int(cur.rowcount or 0)
+
+    def event_count(self, rnd: int, kind: str) -> int:
+        """Events of ``kind`` in round ``rnd``, aggregated rows counted by their ``count``."""
+        rows = self._rows("SELECT COALESCE(SUM(count), 0) AS n FROM events WHERE round=? AND kind=?",
+                          (rnd, kind))
+        return int(rows[0]["n"])
 
     def events(self, rnd: int | None = None, kind: str | None = None) -> list[dict[str, Any]]:
         sql, args = "SELECT * FROM events WHERE 1=1", []
@@ -178,7 +197,7 @@ class Store:
         t = self.traffic(rnd)
         ev = self._rows("SELECT SUM(correct) AS c, SUM(total) AS n FROM evals WHERE round=? AND kind='personal'",
                         (rnd,))[0]
-        counts = {k: len(self.events(rnd, k)) for k in ("rejected", "failure")}
+        counts = {k: self.event_count(rnd, k) for k in ("rejected", "failure")}
         return {
             "round": rnd, "state": r.get("state"),
             "selected": len(json.loads(r["selected"])) if r else 0,

@@ -60,6 +60,8 @@ log = logging.getLogger("fedcoe.agent")
 # take turns so every run is reproducible.
 TORCH_LOCK = threading.Lock()
 REANNOUNCE_S = 5.0  # repeat an upload's result envelope until the coordinator answers
+STATUS_HELLO_S = 30.0  # a repeated "coordinator online" says hello again at most this often
+DEADLINE_GRACE_S = 2.0  # an upload is waited for this long past the round deadline
 
 
 @dataclass
@@ -96,6 +98,7 @@ class DeviceAgent:
         self.last_result: tuple[int, ClientResult, dict[str, np.ndarray]] | None = None
         self.pending: dict[str, dict[str, Any]] = {}  # download xfer id -> context
         self.uploads: dict[str, tuple[BlobSender, threading.Event]] = {}
+        self._reannounce: dict[str, threading.Event] = {}  # upload xfer id -> coordinator lost it
         self.aborted: set[str] = set()  # uploads the coordinator refused up front
         self.confirmed: set[str] = set()  # uploads the coordinator had already accepted
         self.rounds_done: list[int] = []
@@ -108,6 +111,8 @@ class DeviceAgent:
         self.messenger: P.Messenger | None = None
         self.receiver = BlobReceiver(self._report, auto_ack=True)  # nothing to persist first
         self._status_seen: set[tuple[str, int]] = set()
+        self._coord_state = ""  # last coord/status seen: "online" / "offline"
+        self._status_hello_at: float | None = None
         self._bundle_note = False
         self.bundle_error: str | None = None  # why the last bundle rebuild failed
 
@@ -216,8 +221,15 @@ class DeviceAgent:
             state = json.loads(msg.payload.decode())["state"]
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             return
-        if state == "online" and not msg.retain:
-            self.hello()  # the coordinator restarted: register again, resume the round
+        previous, self._coord_state = self._coord_state, str(state)
+        if state != "online" or msg.retain:
+            return  # a retained status is old news: it never triggers a hello
+        now = time.monotonic()
+        if previous == "online" and self._status_hello_at is not None and (
+                now - self._status_hello_at < STATUS_HELLO_S):
+            return  # "online" again without "offline" in between: a replay or a takeover loop
+        self._status_hello_at = now
+        self.hello()  # the coordinator (re)started: register again, resume the round
 
     def _on_broadcast(self, msg: Message) -> None:
         if self.bc_key is None or self.messenger is None:
@@ -247,6 +259,8 @@ class DeviceAgent:
             elif env.type in (P.TASK, P.MODEL):
                 manifest = TransferManifest.from_dict(b["manifest"])
                 ctx = {"kind": env.type, "round": env.round, **{k: v for k, v in b.items() if k != "manifest"}}
+                if isinstance(b.get("deadline_s"), int | float):  # the round deadline, locally
+                    ctx["deadline_at"] = time.monotonic() + float(b["deadline_s"])
                 with self._lock:
                     self.pending[manifest.transfer_id] = ctx
                 self.receiver.expect(manifest)
@@ -261,6 +275,13 @@ class DeviceAgent:
                         sender.on_progress(b)
                     else:
                         sender.on_done(b)
+            elif env.type == P.XFER_UNKNOWN:
+                with self._lock:
+                    ev = self._reannounce.get(str(b.get("xfer")))
+                if ev is not None:  # the coordinator restarted mid-upload: announce it again now
+                    log.info("%s: coordinator does not know upload %s; re-announcing", self.dev,
+                             b.get("xfer"))
+                    ev.set()
             elif env.type == P.ACCEPT:
                 self.accepted[env.round] = True
                 log.info("%s: update for round %d accepted", self.dev, env.round)
@@ -347,7 +368,7 @@ class DeviceAgent:
                 return
             log.info("%s: round %d task repeated; re-sending the same update", self.dev, rnd)
             _, result, base = self.last_result
-            self._upload(rnd, result, base)
+            self._upload(rnd, result, base, ctx.get("deadline_at"))
             return
         params = decode_tensors(data)
         task = ClientTask(self.dev, rnd, params, [int(i) for i in ctx.get("expert_ids", [])],
@@ -374,7 +395,7 @@ class DeviceAgent:
                  result.metrics.get("train_loss", float("nan")))
         if self.hooks.before_upload is not None and not self.hooks.before_upload(self, rnd):
             return
-        self._upload(rnd, result, params)
+        self._upload(rnd, result, params, ctx.get("deadline_at"))
         self.rounds_done.append(rnd)
 
     def _save_round(self, rnd: int, result: ClientResult, base: dict[str, np.ndarray],
@@ -414,9 +435,11 @@ class DeviceAgent:
         self.held, self.held_ids = part["base"], json.loads(meta.get("expert_ids", "[]"))
         log.info("%s: round %d update restored from %s", self.dev, rnd, path)
 
-    def _upload(self, rnd: int, result: ClientResult, base: dict[str, np.ndarray]) -> bool:
+    def _upload(self, rnd: int, result: ClientResult, base: dict[str, np.ndarray],
+                deadline_at: float | None = None) -> bool:
         """Send the update (int8 delta against what this device was sent, by default) and
-        wait for the coordinator to confirm the hash."""
+        wait for the coordinator to confirm the hash, at most until the round deadline
+        (``deadline_at``, monotonic) plus a little grace, or ``upload_timeout_s``."""
         assert self.transport is not None
         # return exactly what was sent (partial exchange); a strategy's extra tensors stay here
         params = {k: v for k, v in result.params.items() if k in base}
@@ -442,26 +465,35 @@ class DeviceAgent:
                                                 base_version=int(self.welcome.get("version", 0)),
                                                 chunk_size=size, transfer_id=xid, encoding=encoding)
         sender = BlobSender(self.transport, topic, manifest, data, window=self.cfg.device.window)
-        started = threading.Event()
+        started, again = threading.Event(), threading.Event()
         with self._lock:
             self.uploads[xid] = (sender, started)
+            self._reannounce[xid] = again
         body = {"manifest": manifest.to_dict(), "num_samples": result.num_samples,
                 "affinity": result.affinity, "metrics": result.metrics}
         timeout = self.cfg.device.upload_timeout_s
+        if deadline_at is not None:
+            timeout = max(1.0, min(timeout, deadline_at - time.monotonic() + DEADLINE_GRACE_S))
         end = time.monotonic() + timeout
-        while True:  # announce until the coordinator answers (a broker restart loses QoS 1)
-            self._send(P.RESULT, body, rnd)
-            if started.wait(min(REANNOUNCE_S, max(0.0, end - time.monotonic()))):
+        next_announce = 0.0
+        # Announce until the coordinator answers (a broker restart loses QoS 1), and again
+        # whenever it says it does not know the transfer (it restarted mid-upload).
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if xid in self.confirmed or xid in self.aborted or sender.done or now >= end:
                 break
-            if time.monotonic() >= end or self._stop.is_set():
-                break
-        ok = xid in self.confirmed or (started.is_set() and xid not in self.aborted
-                                       and (sender.wait(max(1.0, end - time.monotonic()))
-                                            or xid in self.confirmed))
-        if xid in self.aborted:  # refused after the transfer (shapes, values): not an upload
-            ok = False
+            if again.is_set() or (not started.is_set() and now >= next_announce):
+                again.clear()
+                self._send(P.RESULT, body, rnd)
+                next_announce = now + REANNOUNCE_S
+            if started.is_set():
+                sender.wait(min(0.2, max(0.01, end - now)))  # pumps the retransmit timer
+            else:
+                started.wait(min(0.2, max(0.01, end - now)))
+        ok = (xid in self.confirmed or sender.done) and xid not in self.aborted
         with self._lock:
             self.uploads.pop(xid, None)
+            self._reannounce.pop(xid, None)
         if ok:
             log.info("%s: round %d uploaded %d bytes (%s)", self.dev, rnd, len(data), encoding)
         elif xid in self.aborted:

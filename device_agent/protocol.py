@@ -43,6 +43,8 @@ MODEL = "model"  # coordinator -> device: manifest of a fetched parameter set
 EVAL = "eval"  # device -> coordinator: accuracy of its own model on its own test data
 STATUS = "status"  # broadcast: round open / closed / finished
 HEARTBEAT = "hb"  # device -> coordinator on up/<id>/hb: telemetry (memory, load)
+XFER_UNKNOWN = "xfer_unknown"  # coordinator -> device: chunks for an upload it does not know
+# (it restarted, or the announce was lost): the device re-announces the upload at once
 
 COORDINATOR_ID = "coordinator"
 ENCODING_PLAIN = "safetensors"

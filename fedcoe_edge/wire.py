@@ -41,6 +41,8 @@ from fedcoe_edge.errors import ValidationError, WireError
 __all__ = [
     "PROTOCOL_VERSION",
     "DEFAULT_CHUNK_SIZE",
+    "MIN_CHUNK_SIZE",
+    "MAX_NACK",
     "Envelope",
     "ReplayCache",
     "canonical_json",
@@ -68,6 +70,13 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 DEFAULT_CHUNK_SIZE = 256 * 1024
+MIN_CHUNK_SIZE = 1024
+"""Smallest chunk a multi-chunk manifest may declare. Receiver work is per chunk (a frame,
+a progress report every few chunks), so tiny chunks let a sender multiply the receiver's
+work per byte: 1-byte chunks turned a 875 KB upload into 875k handler calls."""
+MAX_NACK = 256
+"""Most gaps one progress report lists; the report's ``highest`` is lowered to match, so
+the sender never mistakes an unlisted gap for an acknowledged chunk."""
 MAX_ENVELOPE_BYTES = 1024 * 1024
 MAX_TTL_S = 24 * 3600
 DEFAULT_MAX_SKEW_MS = 5 * 60 * 1000
@@ -610,6 +619,11 @@ class TransferManifest:
                 raise WireError(f"{w}: {name} must be a non-negative integer")
         if self.chunk_size < 1:
             raise WireError(f"{w}: chunk_size must be positive")
+        if self.chunk_size < MIN_CHUNK_SIZE and self.total_bytes > self.chunk_size:
+            raise WireError(
+                f"{w}: chunk_size {self.chunk_size} is below the {MIN_CHUNK_SIZE}-byte minimum "
+                f"for a payload of more than one chunk"
+            )
         if self.chunk_count != max(1, -(-self.total_bytes // self.chunk_size)):
             raise WireError(
                 f"{w}: chunk_count {self.chunk_count} does not match {self.total_bytes} bytes / {self.chunk_size}"
@@ -723,6 +737,7 @@ class _Incoming:
     highest: int = -1
     duplicates: int = 0
     resets: int = 0
+    next: int = 0  # every chunk below is in (only moves forward until a reset)
 
 
 class Reassembler:
@@ -825,14 +840,28 @@ class Reassembler:
         """Body for a progress/NACK envelope: ``next`` (all below received), ``highest``,
         ``missing`` (gaps below highest), ``received``, and ``resets`` (times the buffer
         was thrown away after a hash mismatch). See :meth:`TransferWindow.on_progress`.
+
+        Bounded work and size whatever the sender did: the scans run in C over the
+        per-chunk flags, ``next`` only moves forward, and at most :data:`MAX_NACK` gaps
+        are listed (``highest`` is then lowered to just below the first unlisted gap).
         """
         with self._lock:
             t = self._get(transfer_id)
-            nxt = 0
-            while nxt < t.manifest.chunk_count and t.have[nxt]:
-                nxt += 1
-            gaps = [i for i in range(nxt, t.highest + 1) if not t.have[i]]
-            return {"xfer": transfer_id, "next": nxt, "highest": t.highest,
+            count = t.manifest.chunk_count
+            nxt = t.have.find(0, t.next)
+            nxt = count if nxt < 0 else nxt
+            t.next = nxt
+            highest, gaps, pos = t.highest, [], nxt
+            while pos <= highest:
+                gap = t.have.find(0, pos, highest + 1)
+                if gap < 0:
+                    break
+                if len(gaps) == MAX_NACK:
+                    highest = gap - 1
+                    break
+                gaps.append(gap)
+                pos = gap + 1
+            return {"xfer": transfer_id, "next": nxt, "highest": highest,
                     "missing": gaps, "received": t.received, "resets": t.resets}  # fmt: skip
 
     def finish(self, transfer_id: str) -> bytes:
@@ -856,7 +885,7 @@ class Reassembler:
             digest = hashlib.sha256(t.buf).hexdigest()
             if digest != m.sha256:
                 t.have = bytearray(m.chunk_count)
-                t.received, t.highest = 0, -1
+                t.received, t.highest, t.next = 0, -1, 0
                 t.resets += 1
                 raise WireError(
                     f"transfer {transfer_id!r}: sha256 mismatch (got {digest[:12]}..., manifest {m.sha256[:12]}...)"
@@ -896,6 +925,7 @@ class TransferWindow:
     done: bool = field(init=False, default=False)
     resends: int = field(init=False, default=0)
     _resend: list[int] = field(init=False, default_factory=list)
+    _resend_set: set[int] = field(init=False, default_factory=set)
     _next_new: int = field(init=False, default=0)
     _last_progress: float | None = field(init=False, default=None)
     _resets_seen: int = field(init=False, default=0)
@@ -915,7 +945,8 @@ class TransferWindow:
     @property
     def in_flight(self) -> int:
         """Chunks sent but not yet acknowledged."""
-        return sum(1 for s, a in zip(self.sent, self.acked, strict=True) if s and not a)
+        sent = np.frombuffer(self.sent, dtype=np.uint8)
+        return int(np.count_nonzero(sent > np.frombuffer(self.acked, dtype=np.uint8)))
 
     def chunk(self, seq: int) -> bytes:
         """The framed chunk ``seq``, ready to publish on the blob topic."""
@@ -936,12 +967,16 @@ class TransferWindow:
             stale = [
                 i for i in range(self.manifest.chunk_count) if self.sent[i] and not self.acked[i]
             ]
-            self._resend.extend(s for s in stale[: self.window] if s not in self._resend)
+            for s in stale[: self.window]:
+                if s not in self._resend_set:
+                    self._resend.append(s)
+                    self._resend_set.add(s)
             self._last_progress = now
         out: list[int] = []
         budget = self.window - self.in_flight
         while self._resend:
             seq = self._resend.pop(0)
+            self._resend_set.discard(seq)
             if not self.acked[seq]:
                 out.append(seq)
                 self.resends += 1
@@ -956,12 +991,20 @@ class TransferWindow:
         return out
 
     def on_progress(self, body: Mapping[str, Any], now: float) -> None:
-        """Apply a receiver progress/NACK report (see :meth:`Reassembler.progress`)."""
+        """Apply a receiver progress/NACK report (see :meth:`Reassembler.progress`).
+
+        A report saying the receiver holds nothing (``received`` 0) after it had confirmed
+        chunks, or after the final ACK, means the receiver restarted and lost its buffer:
+        the transfer starts over instead of stalling on chunks it will never get.
+        Work per report is bounded by the report's size, not by the transfer's.
+        """
         m = self.manifest
         try:
             nxt, highest = int(body["next"]), int(body["highest"])
             miss = {int(s) for s in body["missing"]}
             resets = int(body.get("resets", 0))
+            received = body.get("received")
+            received = None if received is None else int(received)
         except (KeyError, TypeError, ValueError):
             raise WireError(f"transfer {m.transfer_id!r}: malformed progress report") from None
         if not (0 <= nxt <= m.chunk_count and -1 <= highest < m.chunk_count) or any(
@@ -974,14 +1017,20 @@ class TransferWindow:
             # The receiver threw its buffer away (hash mismatch): start over.
             self._resets_seen = resets
             self.on_nack_all(now)
-        for i in range(nxt):
-            self.acked[i] = 1
-        for i in range(nxt, highest + 1):
-            if i not in miss:
-                self.acked[i] = 1
+        elif received == 0 and (self.done or self.acked.find(1) >= 0):
+            self.done = False  # the receiver restarted: it has none of what it confirmed
+            self.on_nack_all(now)
+        if self.done:
+            return
+        if nxt > 0:
+            self.acked[:nxt] = b"\x01" * nxt
+        if highest >= nxt:
+            self.acked[nxt : highest + 1] = b"\x01" * (highest + 1 - nxt)
         for s in sorted(miss):
-            if s not in self._resend:
+            self.acked[s] = 0
+            if s not in self._resend_set:
                 self._resend.append(s)
+                self._resend_set.add(s)
         self._last_progress = now
 
     def on_nack_all(self, now: float) -> None:
@@ -989,6 +1038,7 @@ class TransferWindow:
         self.acked = bytearray(self.manifest.chunk_count)
         self.sent = bytearray(self.manifest.chunk_count)
         self._resend.clear()
+        self._resend_set.clear()
         self._next_new = 0
         self._last_progress = now
 

@@ -13,6 +13,8 @@ import pytest
 from fedcoe_edge.errors import ValidationError, WireError
 from fedcoe_edge.wire import (
     DEFAULT_CHUNK_SIZE,
+    MAX_NACK,
+    MIN_CHUNK_SIZE,
     Chunk,
     Envelope,
     Reassembler,
@@ -308,9 +310,9 @@ def _payload(n: int, seed: int = 0) -> bytes:
 
 
 def test_manifest_roundtrip_and_checks() -> None:
-    data = _payload(1000)
-    m = TransferManifest.for_payload(data, expert_ids=[3, 1], base_version=7, chunk_size=300)
-    assert m.chunk_count == 4 and m.chunk_len(3) == 100 and m.total_bytes == 1000
+    data = _payload(3 * 1024 + 100)
+    m = TransferManifest.for_payload(data, expert_ids=[3, 1], base_version=7, chunk_size=1024)
+    assert m.chunk_count == 4 and m.chunk_len(3) == 100 and m.total_bytes == 3172
     assert TransferManifest.from_dict(json.loads(json.dumps(m.to_dict()))) == m
     assert DEFAULT_CHUNK_SIZE == 256 * 1024
     with pytest.raises(WireError, match="chunk_count 5 does not match"):
@@ -357,12 +359,12 @@ def test_reassembly_with_duplicates_and_reordering() -> None:
 
 
 def test_reassembler_reports_gaps_for_nack() -> None:
-    data = _payload(5000)
-    m = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1000)
+    data = _payload(5 * 1024)
+    m = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1024)
     r = Reassembler()
     r.expect(m)
     for i in (0, 2, 3):
-        r.add(encode_chunk(m.transfer_id, i, 5, data[i * 1000 : (i + 1) * 1000]))
+        r.add(encode_chunk(m.transfer_id, i, 5, data[i * 1024 : (i + 1) * 1024]))
     assert r.missing(m.transfer_id, upto_highest=True) == [1]
     assert r.missing(m.transfer_id) == [1, 4]
     p = r.progress(m.transfer_id)
@@ -372,19 +374,19 @@ def test_reassembler_reports_gaps_for_nack() -> None:
 
 
 def test_reassembler_rejects_unknown_and_inconsistent_chunks() -> None:
-    data = _payload(3000)
-    m = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1000)
-    r = Reassembler(max_total_bytes=4000)
+    data = _payload(3 * 1024)
+    m = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1024)
+    r = Reassembler(max_total_bytes=4 * 1024)
     with pytest.raises(WireError, match="chunk for unknown transfer"):
-        r.add(encode_chunk(m.transfer_id, 0, 3, data[:1000]))
+        r.add(encode_chunk(m.transfer_id, 0, 3, data[:1024]))
     r.expect(m)
-    with pytest.raises(WireError, match="chunk 0 has 999 bytes, expected 1000"):
-        r.add(encode_chunk(m.transfer_id, 0, 3, data[:999]))
+    with pytest.raises(WireError, match="chunk 0 has 1023 bytes, expected 1024"):
+        r.add(encode_chunk(m.transfer_id, 0, 3, data[:1023]))
     with pytest.raises(WireError, match="disagrees with manifest count 3"):
-        r.add(encode_chunk(m.transfer_id, 0, 4, data[:1000]))
+        r.add(encode_chunk(m.transfer_id, 0, 4, data[:1024]))
     with pytest.raises(WireError, match="different manifest"):
         r.expect(replace(m, base_version=9))
-    other = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1000)
+    other = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1024)
     with pytest.raises(WireError, match="exceed the reassembly budget"):
         r.expect(other)
     r.discard(m.transfer_id)
@@ -444,8 +446,8 @@ def test_window_over_lossy_channel_completes() -> None:
 
 
 def test_window_restarts_after_receiver_reset() -> None:
-    data = _payload(3000)
-    m = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1000)
+    data = _payload(3 * 1024)
+    m = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1024)
     w = TransferWindow(m, data, window=8)
     assert w.due(0.0) == [0, 1, 2]
     w.on_progress({"next": 3, "highest": 2, "missing": [], "resets": 0}, 0.1)
@@ -486,3 +488,54 @@ def test_validate_update_checks_everything() -> None:
         validate_update(good, ref, norm_bound=2.0)
     with pytest.raises(ValidationError, match="tensor 'w' L2 norm 2.449 exceeds bound 1"):
         validate_update(good, ref, norm_bound={"w": 1.0})
+
+
+# ------------------------------------------------------------------ bounded receiver work
+
+
+def test_manifest_refuses_tiny_chunks_of_a_large_payload() -> None:
+    """A 1-byte chunk size multiplied the receiver's per-chunk work by the payload size."""
+    data = _payload(20_000)
+    with pytest.raises(WireError, match="below the 1024-byte minimum"):
+        TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1)
+    good = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=MIN_CHUNK_SIZE)
+    with pytest.raises(WireError, match="below the 1024-byte minimum"):
+        TransferManifest.from_dict(dict(good.to_dict(), chunk_size=1, chunk_count=20_000))
+    # a payload that fits in one chunk may declare any chunk size at least its length
+    small = TransferManifest.for_payload(b"abc", expert_ids=[], base_version=0, chunk_size=16)
+    assert small.chunk_count == 1
+
+
+def test_progress_report_is_bounded_and_never_acks_an_unlisted_gap() -> None:
+    n = 3 * MAX_NACK
+    data = _payload(n * 1024, seed=9)
+    m = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1024)
+    r = Reassembler()
+    r.expect(m)
+    chunks = split_chunks(data, 1024)
+    for i in range(1, n, 2):  # every other chunk: n/2 gaps
+        r.add(encode_chunk(m.transfer_id, i, n, chunks[i]))
+    p = r.progress(m.transfer_id)
+    assert len(p["missing"]) == MAX_NACK and p["missing"][:3] == [0, 2, 4]
+    assert p["highest"] == 2 * MAX_NACK - 1  # just below the first gap left out
+    w = TransferWindow(m, data, window=n)
+    w.due(0.0)
+    w.on_progress(p, 0.1)
+    unlisted = 2 * MAX_NACK
+    assert not w.acked[unlisted] and all(not w.acked[s] for s in p["missing"])
+    assert all(w.acked[s] for s in range(1, p["highest"] + 1, 2))
+
+
+def test_window_restarts_when_the_receiver_lost_everything() -> None:
+    """A receiver that restarted reports ``received`` 0: the sender starts over instead of
+    waiting for acknowledgements of chunks nobody holds (even after its final ACK)."""
+    data = _payload(3 * 1024)
+    m = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1024)
+    w = TransferWindow(m, data, window=8)
+    assert w.due(0.0) == [0, 1, 2]
+    w.on_progress({"next": 2, "highest": 1, "missing": [], "received": 2, "resets": 0}, 0.1)
+    w.on_progress({"next": 0, "highest": -1, "missing": [], "received": 0, "resets": 0}, 0.2)
+    assert w.due(0.3) == [0, 1, 2]
+    assert w.on_final_ack(m.sha256) and w.done
+    w.on_progress({"next": 0, "highest": -1, "missing": [], "received": 0, "resets": 0}, 0.4)
+    assert not w.done and w.due(0.5) == [0, 1, 2]

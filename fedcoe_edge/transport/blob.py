@@ -118,6 +118,8 @@ class BlobSender:
         """Apply an ``xfer_progress`` report, then publish what it frees or asks for."""
         with self._lock:
             self._win.on_progress(body, self._clock())
+            if not self._win.done and self._done.is_set():
+                self._done.clear()  # the receiver restarted after our final ACK
         self.pump()
 
     def on_done(self, body: Mapping[str, Any]) -> bool:
@@ -251,6 +253,17 @@ class BlobReceiver:
         sha = self._completed[transfer_id]
         if sha is not None:  # a duplicate: the sender missed our ACK
             self._report(XFER_DONE, {"xfer": transfer_id, "sha256": sha})
+
+    def completed(self, transfer_id: str) -> bool:
+        """Whether ``transfer_id`` finished here (and is still remembered): a chunk of it
+        is a retransmission to answer with the final ACK, not an unknown transfer."""
+        with self._lock:
+            return transfer_id in self._completed
+
+    def is_open(self, transfer_id: str) -> bool:
+        """Whether ``transfer_id`` was announced and is still being reassembled."""
+        with self._lock:
+            return transfer_id in self.reassembler
 
     def nudge(self, transfer_id: str) -> None:
         """Send a progress report now (e.g. from a timer when chunks stop arriving)."""
