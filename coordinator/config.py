@@ -18,6 +18,7 @@ from device_agent.protocol import (
     BrokerSettings,
     apply_env,
     build_section,
+    check_username,
     load_toml,
     read_secret,
     section_defaults,
@@ -120,6 +121,7 @@ class CoordinatorConfig:
         if not f.reassembly_budget_mb > 0:
             raise ConfigError(f"{w} reassembly_budget_mb must be > 0")
         self.broker.validate(f"{self.source}: [broker]")
+        check_username(self.broker.username, f.coordinator_id, f"{self.source}: [broker]")
         if len(self.secret) < 16:
             raise ConfigError(f"{self.source}: [security] secret must be at least 16 bytes")
 

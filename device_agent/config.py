@@ -18,6 +18,7 @@ from device_agent.protocol import (
     BrokerSettings,
     apply_env,
     build_section,
+    check_username,
     device_key,
     load_toml,
     parse_key,
@@ -105,6 +106,7 @@ class AgentConfig:
         if not d.upload_timeout_s > 0:
             raise ConfigError(f"{w} upload_timeout_s must be > 0")
         self.broker.validate(f"{self.source}: [broker]")
+        check_username(self.broker.username, d.id, f"{self.source}: [broker]")
         src = [s for s in (self.data.npz, self.data.image_folder, self.data.dataset) if s]
         if len(src) != 1:
             raise ConfigError(f"{self.source}: [data] needs exactly one of npz, image_folder, dataset")

@@ -114,6 +114,15 @@ class BrokerSettings:
             raise ConfigError(f"{where}: cert_file and key_file go together (client certificate)")
 
 
+def check_username(username: str, client_id: str, where: str) -> None:
+    """The broker username, when set, must be the daemon's own id: the shipped broker
+    template (``use_username_as_clientid``) makes the username the MQTT client id, and the
+    ACL's ``%u`` patterns name the topics of that id."""
+    if username and username != client_id:
+        raise ConfigError(f"{where}.username {username!r} must equal the client id {client_id!r} "
+                          "(the broker binds the client id to the username)")
+
+
 TransportFactory = Callable[[str, Will | None, Will | None], Transport]
 """``factory(client_id, will, birth) -> Transport`` (unconnected)."""
 
