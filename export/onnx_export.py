@@ -107,6 +107,7 @@ class FusedDenseMoE(nn.Module):
         self.use_local = use_local and len(loc.experts) > 0
         self.local_gate = loc.gate
         self.local_experts = loc.experts
+        self.local_residual = cfg.local_residual
         mask = torch.zeros(cfg.num_global_experts, dtype=torch.bool)
         mask[self.held] = True
         self.register_buffer("held_mask", mask)
@@ -122,7 +123,10 @@ class FusedDenseMoE(nn.Module):
         if not self.use_local:
             return global_lp, global_lp
         h = self.local_gate(feats).log_softmax(-1)
-        parts = torch.stack([global_lp] + [e(feats).log_softmax(-1) for e in self.local_experts], 1)
+        local_z = torch.stack([e(feats) for e in self.local_experts], 1)  # (B, M, C)
+        if self.local_residual:  # residual local experts correct the global logits
+            local_z = local_z + z.unsqueeze(1)
+        parts = torch.cat([global_lp.unsqueeze(1), local_z.log_softmax(-1)], 1)
         return torch.logsumexp(h.unsqueeze(-1) + parts, 1), global_lp
 
 

@@ -83,6 +83,60 @@ def top_m(affinity: np.ndarray, m: int) -> list[int]:
     return sorted(int(i) for i in order[:m])
 
 
+def assign_experts(scores: np.ndarray, m: int, capacity: int,
+                   tiebreak: np.ndarray | None = None) -> list[list[int]]:
+    """Capacity-limited assignment of m experts to each client (docs/design.md, "Routing").
+
+    scores: (I, K) client-expert affinities; each client gets exactly ``m`` distinct experts and
+    no expert more than ``capacity`` clients (``capacity * K >= I * m`` is required). Pairs are
+    taken greedily from the highest score down, so a client gets the experts its data routes
+    to unless they are full; then the next best. Without the cap every client picks the
+    expert that is best for everybody early on and the assignment locks onto it. ``tiebreak``
+    (I, K), e.g. a seeded permutation, orders equal scores; default: lower client, lower expert.
+    Returns each client's experts, sorted ascending.
+    """
+    r = np.asarray(scores, dtype=np.float64)
+    i_n, k_n = r.shape
+    if not 1 <= m <= k_n:
+        raise ValueError(f"m must be in [1, {k_n}], got {m}")
+    if capacity * k_n < i_n * m:
+        raise ValueError(f"capacity {capacity} x {k_n} experts < {i_n} clients x m={m}")
+    tb = np.zeros_like(r) if tiebreak is None else np.asarray(tiebreak, dtype=np.float64)
+    # sort by score desc, then tiebreak asc, then flat index asc (lexsort: last key is primary)
+    flat = np.lexsort((np.arange(r.size), tb.ravel(), -r.ravel()))
+    load = np.zeros(k_n, dtype=np.int64)
+    chosen: list[list[int]] = [[] for _ in range(i_n)]
+    for f in flat:
+        i, k = divmod(int(f), k_n)
+        if len(chosen[i]) < m and load[k] < capacity:
+            chosen[i].append(k)
+            load[k] += 1
+    for i in range(i_n):  # the cap can strand a client behind full experts: give it the least loaded
+        while len(chosen[i]) < m:
+            k = min((k for k in range(k_n) if k not in chosen[i]), key=lambda k: (load[k], k))
+            chosen[i].append(k)
+            load[k] += 1
+    return [sorted(c) for c in chosen]
+
+
+def expert_capacity(num_clients: int, m: int, num_experts: int, slack: float = 1.0) -> int:
+    """Clients one expert may serve in a round: ``ceil(slack * I * m / K)``, at least 1."""
+    return max(1, int(np.ceil(slack * num_clients * m / num_experts - 1e-9)))
+
+
+def balance_bias_step(share: np.ndarray, rate: float, floor: float = 1e-4) -> np.ndarray:
+    """Gate-bias correction toward uniform expert use: ``rate * (log(1/K) - log(share_k))``.
+
+    share: (K,) the fleet's routing mass per expert (sums to 1). The server adds the result
+    to the gate's output bias after aggregating, the auxiliary-loss-free balancing of
+    Wang et al. 2024 (arXiv 2408.15664) applied federated: it acts over all K experts even
+    when each client holds only m of them. Zero when use is already uniform.
+    """
+    s = np.clip(np.asarray(share, dtype=np.float64), floor, None)
+    s = s / s.sum()
+    return rate * (np.log(1.0 / len(s)) - np.log(s))
+
+
 def coordinate_median(arrays: Sequence[np.ndarray]) -> np.ndarray:
     """Coordinate-wise median: robust to a minority of arbitrary updates."""
     return np.median(np.stack(arrays), axis=0).astype(np.asarray(arrays[0]).dtype, copy=False)

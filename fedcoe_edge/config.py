@@ -37,6 +37,7 @@ class ModelConfig:
     tier: Tier = "medium"  # picks the local experts' width via TIER_WIDTH
     shared_expert: bool = True  # always-on global expert under the routed ones
     gate_hidden: int = 0  # 0: linear gates; >0: one hidden layer of this width
+    local_residual: bool = True  # local experts add logits to the global path's (zero-initialised)
 
     def __post_init__(self) -> None:
         self.input_shape = tuple(int(d) for d in self.input_shape)
@@ -98,6 +99,9 @@ class TrainConfig:
     rho: float = 2.0  # routing consistency: gate mass on the experts the client holds
     experts_per_client: int = 2  # m experts trained/exchanged per round (m=3 of K=4 is sturdier at Dir 0.1)
     affinity_ema: float = 0.5  # weight of the newest affinity report in the server's EMA
+    capacity_slack: float = 1.0  # an expert serves at most ceil(slack * clients * m / K) clients a round
+    balance_rate: float = 0.1  # server step of the gate bias toward uniform expert use (0 = off)
+    clip_grad_norm: float = 5.0  # max global gradient norm per SGD step (0 = no clipping)
     fraction_fit: float = 1.0  # share of clients selected each round
     finetune_epochs: int = 5  # used by fine-tuning baselines (FedAvg-FT)
     prox_mu: float = 0.01  # FedProx / Ditto proximal weight
@@ -118,6 +122,10 @@ class TrainConfig:
             raise ConfigError(f"train.experts_per_client must be >= 1, got {self.experts_per_client}")
         if not 0 < self.affinity_ema <= 1:
             raise ConfigError(f"train.affinity_ema must be in (0, 1], got {self.affinity_ema}")
+        if self.capacity_slack < 1:
+            raise ConfigError(f"train.capacity_slack must be >= 1, got {self.capacity_slack}")
+        if self.balance_rate < 0 or self.clip_grad_norm < 0:
+            raise ConfigError("train.balance_rate and train.clip_grad_norm must be >= 0")
         if not 0 < self.fraction_fit <= 1:
             raise ConfigError(f"train.fraction_fit must be in (0, 1], got {self.fraction_fit}")
 

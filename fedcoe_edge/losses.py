@@ -24,17 +24,19 @@ def label_log_prior(labels: torch.Tensor, num_classes: int, tau: float, eps: flo
     return tau * torch.log(counts / counts.sum() + eps)
 
 
-def load_balance_loss(gate_probs: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
-    """Switch loss ``K * sum_k f_k P_k``: 1.0 when use is uniform, up to K when collapsed.
+def load_balance_loss(gate_probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Importance loss ``n * sum_k P_k^2`` over the n experts the gate may use (``mask``, all K
+    when None): 1.0 when the batch's mean gate probability P is uniform over them, n when it
+    sits on one.
 
-    gate_probs: (B, K) dense probabilities; routing: (B, K) weights actually used.
-    f_k is the share of inputs dispatched to k, P_k the mean gate probability.
+    gate_probs: (B, K) probabilities, zero on masked-out experts. Unlike the Switch loss
+    ``K sum_k f_k P_k``, whose dispatch counts f are constant when a client holds exactly
+    top_k experts (every input goes to all of them, so its gradient vanishes), this term
+    always pushes P toward even use. docs/design.md, "Routing".
     """
-    k = gate_probs.shape[-1]
-    dispatched = (routing > 0).float()
-    f = dispatched.mean(0) / dispatched.sum(-1).mean().clamp_min(1e-12)
-    p = gate_probs.mean(0)
-    return k * (f * p).sum()
+    n = gate_probs.shape[-1] if mask is None else int(mask.sum().clamp_min(1))
+    p = gate_probs.mean(0)  # (K,)
+    return n * p.pow(2).sum()
 
 
 def routing_consistency(gate_logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -90,7 +92,7 @@ def fedcoe_loss(out: MoEOutput, y: torch.Tensor, cfg: TrainConfig,
     ce = F.nll_loss(out.log_probs, y)
     g_lp = out.global_log_probs if log_prior is None else out.global_log_probs + log_prior
     ce_g = F.cross_entropy(g_lp, y)  # == nll of log_softmax(z_G + log_prior)
-    bal = load_balance_loss(out.gate_probs, out.routing)
+    bal = load_balance_loss(out.gate_probs, expert_mask)
     kl = (consensus_kl(out.local_log_probs, out.global_log_probs)
           if out.local_log_probs is not None and cfg.lam > 0 else torch.zeros(()))
     prox = proximal_term(params, anchor) if params is not None and anchor and cfg.mu > 0 else torch.zeros(())

@@ -6,7 +6,11 @@ shared softmax gate; the local level is M private experts behind a private gate 
 them with the global mixture:
 
     p_G(x) = softmax(S(x) + sum_k g_k(x) E_k(x))          (global path, logits combined)
-    p(x)   = h_0(x) p_G(x) + sum_j h_j(x) softmax(L_j(x))  (personal mixture)
+    p(x)   = h_0(x) p_G(x) + sum_j h_j(x) softmax(z_G(x) + L_j(x))  (personal mixture)
+
+where z_G is the global path's logits. Local experts are residual corrections of the global
+consensus (``local_residual``, zero-initialised); with ``local_residual=False`` the j-th term is
+softmax(L_j(x)) as in the paper's plain reading. See docs/design.md, "Model".
 
 The always-on shared expert S follows Fed-MoE (IJCAI 2025) and DeepSeekMoE's shared experts.
 
@@ -60,19 +64,30 @@ class MLPExpert(nn.Module):
 
 
 class CNNExpert(nn.Module):
-    """Small two-conv network for small images (e.g. 1x8x8 digits); returns class logits."""
+    """Small two-conv network for small images; returns class logits.
+
+    On images of 16 px and more (e.g. 28x28 Fashion-MNIST) the first conv is followed by a
+    2x2 max-pool, so the second conv runs at a quarter of the pixels: about 1 MMAC per
+    28x28 input at width 64 instead of 3.7 MMAC. Tiny inputs (8x8 digits) keep full
+    resolution until the last pool. See docs/design.md, "Model".
+    """
 
     def __init__(self, in_shape: tuple[int, ...], width: int, num_classes: int) -> None:
         super().__init__()
         c, h, w = in_shape
         c1, c2 = max(4, width // 4), max(8, width // 2)
+        self.stem_pool = min(h, w) >= 16  # pool after conv1 on images of 16 px and more
         self.conv1 = nn.Conv2d(c, c1, 3, padding=1)
         self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        if self.stem_pool:
+            h, w = h // 2, w // 2
         self.fc = nn.Linear(c2 * (h // 2) * (w // 2), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.conv1(x))
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, c2, H/2, W/2)
+        if self.stem_pool:
+            x = F.max_pool2d(x, 2)  # (B, c1, H/2, W/2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, c2, H', W')
         return self.fc(x.flatten(1))
 
 
@@ -95,6 +110,14 @@ def make_expert(cfg: ModelConfig, feat_shape: tuple[int, ...], hidden: int) -> n
     if cfg.expert_kind == "cnn":
         return CNNExpert(feat_shape, hidden, cfg.num_classes)
     return MLPExpert(math.prod(feat_shape), hidden, cfg.num_classes)
+
+
+def output_layer(expert: nn.Module) -> nn.Linear:
+    """The Linear that produces an expert's logits (its last Linear)."""
+    layers = [m for m in expert.modules() if isinstance(m, nn.Linear)]
+    if not layers:
+        raise ValueError(f"{type(expert).__name__} has no Linear output layer")
+    return layers[-1]
 
 
 def topk_routing(probs: torch.Tensor, k: int) -> torch.Tensor:
@@ -141,6 +164,13 @@ class LocalMoE(nn.Module):
         self.experts = nn.ModuleList(
             make_expert(cfg, feat_shape, cfg.local_hidden) for _ in range(cfg.num_local_experts)
         )
+        if cfg.local_residual:
+            # a residual expert starts as "no correction": the device's first personal model
+            # is the global path, and the local level can only add what its data supports
+            for expert in self.experts:
+                last = output_layer(expert)
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
         # weights over [global mixture, local expert 1..M]
         self.gate = Gate(math.prod(feat_shape), 1 + cfg.num_local_experts, cfg.gate_hidden)
 
@@ -206,13 +236,17 @@ class DualLevelMoE(nn.Module):
         gate_logits = self.gate_logits(feats, prior)
         gate_probs = masked_softmax(gate_logits, expert_mask)
         routing = topk_routing(gate_probs, self.cfg.top_k)
-        global_log_probs = self.global_logits(feats, routing).log_softmax(-1)
+        z_global = self.global_logits(feats, routing)  # (B, C)
+        global_log_probs = z_global.log_softmax(-1)
         local = self.local_part
         if not use_local or len(local.experts) == 0:
             return MoEOutput(global_log_probs, global_log_probs, None, gate_probs, routing, None,
                              gate_logits)
         h = local.gate(feats).log_softmax(-1)  # (B, 1+M) log weights
-        expert_lp = torch.stack([e(feats).log_softmax(-1) for e in local.experts], 1)  # (B, M, C)
+        local_z = torch.stack([e(feats) for e in local.experts], 1)  # (B, M, C)
+        if self.cfg.local_residual:  # L_j corrects the global logits: softmax(z_G + L_j(x))
+            local_z = local_z + (z_global.detach() if detach_global else z_global).unsqueeze(1)
+        expert_lp = local_z.log_softmax(-1)
         g_lp = global_log_probs.detach() if detach_global else global_log_probs
         parts = torch.cat([g_lp.unsqueeze(1), expert_lp], 1)  # (B, 1+M, C)
         log_probs = torch.logsumexp(h.unsqueeze(-1) + parts, 1)  # (B, C)

@@ -9,7 +9,9 @@ per part:
     g      = softmax(gate(f) + log prior)  restricted to the experts held / masked
     r      = top-k of g, renormalised      (ties to the lower index, as ONNX TopK)
     p_G    = softmax(S(f) + sum_k r_k E_k(f))        only experts with r_k > 0 are run
-    p      = h_0 p_G + sum_j h_j softmax(L_j(f)),    h = softmax(local_gate(f))
+    p      = h_0 p_G + sum_j h_j softmax(z_G + L_j(f)),  h = softmax(local_gate(f))
+
+(z_G: the global path's logits; without ``local_residual`` the term is softmax(L_j(f))).
 
 Gates are exported as *logits* so the prior and mask are applied here exactly as torch
 does. Note that ``torch.topk`` on CPU does not break exact ties toward the lower index
@@ -657,8 +659,10 @@ class MoESession:
             probs = global_p
             if use_local and self.cfg.num_local_experts > 0:
                 h = softmax(part("local_gate"))  # (B, 1+M)
-                local = softmax(np.stack([part(f"expert_l{j}")
-                                          for j in range(self.cfg.num_local_experts)], 1))
+                local_z = np.stack([part(f"expert_l{j}") for j in range(self.cfg.num_local_experts)], 1)
+                if self.cfg.local_residual:  # residual local experts: softmax(z_G + L_j)
+                    local_z = local_z + z[:, None, :]
+                local = softmax(local_z)
                 probs = h[:, :1] * global_p + (h[:, 1:, None] * local).sum(1)
                 local_h = h.astype(np.float32)
         return RuntimeOutput(probs.astype(np.float32), global_p.astype(np.float32),

@@ -22,6 +22,7 @@ from safetensors.numpy import save as st_save
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.data import Federation, make_federation
 from fedcoe_edge.errors import ConfigError
+from fedcoe_edge.health import chance_warning, loss_warning
 from fedcoe_edge.strategies import STRATEGIES, Strategy, make_strategy
 from fedcoe_edge.strategies.base import Arrays, ClientResult
 from fedcoe_edge.training import accuracy
@@ -44,7 +45,10 @@ class SimulationConfig:
     algorithms: list[str] = field(default_factory=lambda: ["fedcoe", "fedavg"])
     seeds: list[int] = field(default_factory=lambda: [0])
     min_samples: int = 20
+    data_fraction: float = 1.0  # stratified share of the dataset's train split used (fmnist: 0.1 fits 2 cores)
+    data_dir: str | None = None  # where a dataset on disk lives (None: its default location)
     eval_every: int = 1  # rounds between evaluations for the curves (the last round always)
+    split: str = "test"  # "val": score on validation splits (tuning); "test": the report's numbers
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -60,6 +64,10 @@ class SimulationConfig:
             raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
         if self.clients < 1 or self.new_clients < 0:
             raise ConfigError(f"need clients >= 1 and new clients >= 0, got {self.clients}, {self.new_clients}")
+        if self.split not in ("test", "val"):
+            raise ConfigError(f"split must be test or val, got {self.split!r}")
+        if not 0 < self.data_fraction <= 1:
+            raise ConfigError(f"data fraction must be in (0, 1], got {self.data_fraction}")
         if self.partition == "dirichlet" and not self.alpha > 0:
             raise ConfigError(f"alpha must be > 0, got {self.alpha}")
 
@@ -85,6 +93,24 @@ class RunResult:
     curve: list[dict[str, float]]  # per evaluated round: round, global_acc, personalized_acc
     strategy: Strategy
     local_states: dict[str, Arrays | None]
+    diagnostics: dict[str, Any] = field(default_factory=dict)  # Strategy.diagnostics at the end
+
+
+def eval_view(fed: Federation, split: str) -> Federation:
+    """The federation as the evaluator sees it: with ``split="val"`` every client's test split is
+    its validation split, the global set is the pooled validation splits and cold start runs on
+    the training clients' validation data (new clients stay unread). Tuning reads only this
+    view, so test splits are read once, for the report. docs/design.md, "Evaluation"."""
+    if split == "test":
+        return fed
+    clients = {cid: dataclasses.replace(d, x_test=d.x_val, y_test=d.y_val) for cid, d in fed.clients.items()}
+    x_val = np.concatenate([d.x_val for d in fed.clients.values()])
+    y_val = np.concatenate([d.y_val for d in fed.clients.values()])
+    cold = {f"val{cid}": dataclasses.replace(d, x_train=d.x_train[:0], y_train=d.y_train[:0],
+                                             x_test=d.x_val, y_test=d.y_val)
+            for cid, d in fed.clients.items()}
+    return dataclasses.replace(fed, clients=clients, new_clients=cold, x_global_test=x_val,
+                               y_global_test=y_val)
 
 
 def personalized_accuracy(strategy: Strategy, fed: Federation,
@@ -111,11 +137,27 @@ def cold_start_accuracy(strategy: Strategy, fed: Federation) -> float:
     return correct / total if total else float("nan")
 
 
+def warn_health(rnd: int, results: Sequence[ClientResult], point: dict[str, float],
+                num_classes: int) -> None:
+    """Log a warning for every client whose loss went non-finite and when the global model
+    is still at chance after the grace rounds (fedcoe_edge.health)."""
+    for r in results:
+        line = loss_warning(rnd, r.client_id, r.metrics)
+        if line:
+            log.warning(line)
+    if "global_acc" in point:
+        line = chance_warning(rnd, "global model", point["global_acc"], num_classes)
+        if line:
+            log.warning(line)
+
+
 def run_one(algorithm: str, fed: Federation, cfg: SimulationConfig, seed: int,
             on_round: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
-    """Train one algorithm on one federation; evaluate at the end (last round, not best)."""
+    """Train one algorithm on one federation; evaluate at the end (last round, not best) on
+    the ``cfg.split`` splits."""
     strategy = make_strategy(algorithm, cfg.model, cfg.train, seed)
     strategy.initialize()
+    view = eval_view(fed, cfg.split)
     local_states: dict[str, Arrays | None] = {cid: None for cid in fed.clients}
     bytes_up = bytes_down = 0
     exchanges = 0
@@ -134,28 +176,31 @@ def run_one(algorithm: str, fed: Federation, cfg: SimulationConfig, seed: int,
         strategy.aggregate_round(rnd, results, [])
         point: dict[str, float] = {"round": float(rnd)}
         if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
-            point["global_acc"] = accuracy(strategy.predict_global(fed.x_global_test), fed.y_global_test)
+            point["global_acc"] = accuracy(strategy.predict_global(view.x_global_test), view.y_global_test)
             if rnd < cfg.rounds:
-                point["personalized_acc"] = personalized_accuracy(strategy, fed, local_states)[0]
+                point["personalized_acc"] = personalized_accuracy(strategy, view, local_states)[0]
             curve.append(point)
+        warn_health(rnd, results, point, fed.num_classes)
         if on_round is not None:
             on_round(rnd, point)
     for cid, data in fed.clients.items():
         local_states[cid] = strategy.personalize(local_states[cid], data)
     wall = time.perf_counter() - t0
-    pers, pers_std = personalized_accuracy(strategy, fed, local_states)
+    pers, pers_std = personalized_accuracy(strategy, view, local_states)
     if curve:
         curve[-1]["personalized_acc"] = pers
     metrics = {
         "global_acc": curve[-1]["global_acc"],
         "personalized_acc": pers,
         "personalized_acc_client_std": pers_std,
-        "cold_start_acc": cold_start_accuracy(strategy, fed),
+        "cold_start_acc": cold_start_accuracy(strategy, view),
         "bytes_up_per_client_round": bytes_up / max(exchanges, 1),
         "bytes_down_per_client_round": bytes_down / max(exchanges, 1),
         "wall_s": wall,
     }
-    return RunResult(algorithm, seed, metrics, curve, strategy, local_states)
+    evals = {cid: (d.x_test, d.y_test) for cid, d in view.clients.items()}
+    diagnostics = strategy.diagnostics(evals, local_states, view.x_global_test)
+    return RunResult(algorithm, seed, metrics, curve, strategy, local_states, diagnostics)
 
 
 def summarize(runs: Sequence[RunResult]) -> dict[str, float]:
@@ -167,6 +212,22 @@ def summarize(runs: Sequence[RunResult]) -> dict[str, float]:
         if key in METRIC_KEYS:
             out[f"{key}_std"] = float(values.std())
     out["seeds"] = float(len(runs))
+    return out
+
+
+def summarize_diagnostics(runs: Sequence[RunResult]) -> dict[str, Any]:
+    """Mean over seeds of each numeric diagnostic (lists element-wise); per-client matrices
+    are left out (the heat map draws the first seed's)."""
+    out: dict[str, Any] = {}
+    keys = [k for k in runs[0].diagnostics if k != "routing_matrix"]
+    for key in keys:
+        values = [r.diagnostics[key] for r in runs if key in r.diagnostics]
+        try:
+            arr = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError):
+            continue
+        mean = arr.mean(0)
+        out[key] = mean.tolist() if mean.ndim else float(mean)
     return out
 
 
@@ -191,7 +252,8 @@ def simulate(cfg: SimulationConfig, progress: bool = True) -> tuple[dict[str, An
     runs: dict[str, list[RunResult]] = {a: [] for a in cfg.algorithms}
     # every federation is built before any training so bad data settings fail at once
     feds = {seed: make_federation(cfg.dataset, cfg.partition, cfg.clients, cfg.new_clients, seed,
-                                  cfg.alpha, cfg.min_samples) for seed in cfg.seeds}
+                                  cfg.alpha, cfg.min_samples, data_fraction=cfg.data_fraction,
+                                  data_dir=cfg.data_dir) for seed in cfg.seeds}
     total = len(cfg.seeds) * len(cfg.algorithms) * cfg.rounds
     with tqdm(total=total, disable=not progress, unit="round", dynamic_ncols=True) as bar:
         for seed, fed in feds.items():
@@ -207,7 +269,8 @@ def simulate(cfg: SimulationConfig, progress: bool = True) -> tuple[dict[str, An
                 log.info("%s seed %d: %s", algorithm, seed,
                          ", ".join(f"{k}={v:.4f}" for k, v in run.metrics.items()))
     doc = {"config": cfg.to_dict(),
-           "algorithms": {a: summarize(rs) for a, rs in runs.items()}}
+           "algorithms": {a: summarize(rs) for a, rs in runs.items()},
+           "diagnostics": {a: summarize_diagnostics(rs) for a, rs in runs.items() if rs[0].diagnostics}}
     return doc, runs
 
 

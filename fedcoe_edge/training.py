@@ -74,6 +74,8 @@ def run_epochs(model: nn.Module, params: list[nn.Parameter], x: np.ndarray, y: n
             loss = loss_fn(xt[bi], yt[bi])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.clip_grad_norm > 0:  # one bad batch cannot throw the weights to inf
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
             opt.step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)

@@ -66,7 +66,7 @@ def test_contract(name, model, fed):
 @pytest.mark.parametrize("name", BASELINES)
 def test_baselines_learn(name, fed):
     """A few rounds take every baseline's personal models well above chance (0.1)."""
-    cfg = SimulationConfig(rounds=3, algorithms=[name], eval_every=3, model=MODEL, train=TRAIN)
+    cfg = SimulationConfig(rounds=5, algorithms=[name], eval_every=5, model=MODEL, train=TRAIN)
     m = run_one(name, fed, cfg, seed=0).metrics
     assert m["personalized_acc"] > 0.5, m
 
@@ -171,4 +171,6 @@ def test_ablations_change_one_thing(fed):
     part = make_strategy("fedcoe", MODEL, TRAIN)
     part.initialize()
     one_round(part, fed)
+    assert part.experts_for("0") == [0, 1, 2, 3]  # a client's first round measures every expert
+    part.configure_round(2, list(fed.clients))
     assert len(part.experts_for("0")) == 2

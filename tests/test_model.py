@@ -77,9 +77,18 @@ def test_bad_config_is_rejected(bad):
 
 def test_losses_behave():
     uniform = torch.full((4, 4), 0.25)
-    assert float(load_balance_loss(uniform, uniform)) == pytest.approx(1.0)
+    assert float(load_balance_loss(uniform)) == pytest.approx(1.0)
     collapsed = torch.tensor([[1.0, 0, 0, 0]] * 4)
-    assert float(load_balance_loss(collapsed, collapsed)) == pytest.approx(4.0)
+    assert float(load_balance_loss(collapsed)) == pytest.approx(4.0)
+    # over the 2 experts a client holds: even use of both is 1, all on one is 2
+    held = torch.tensor([True, True, False, False])
+    assert float(load_balance_loss(torch.tensor([[0.5, 0.5, 0, 0]] * 4), held)) == pytest.approx(1.0)
+    assert float(load_balance_loss(torch.tensor([[1.0, 0, 0, 0]] * 4), held)) == pytest.approx(2.0)
+    # the gradient does not vanish when m == top_k (the Switch loss's did)
+    logits = torch.tensor([[2.0, 0.0, 0, 0]] * 4, requires_grad=True)
+    probs = logits.masked_fill(~held, float("-inf")).softmax(-1)
+    load_balance_loss(probs, held).backward()
+    assert logits.grad is not None and float(logits.grad.abs().sum()) > 1e-3
     logits = torch.zeros(2, 4)
     assert float(routing_consistency(logits, torch.tensor([True, True, False, False]))) == pytest.approx(
         torch.log(torch.tensor(2.0)).item())

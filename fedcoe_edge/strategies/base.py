@@ -12,7 +12,7 @@ Weights cross this boundary as ``dict[str, np.ndarray]`` keyed by stable state-d
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -160,3 +160,10 @@ class Strategy(ABC):
     def predict_cold(self, x: np.ndarray) -> np.ndarray:
         """A new client with no training: by default the global model."""
         return self.predict_global(x)
+
+    def diagnostics(self, clients: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                    local_states: Mapping[str, Arrays | None], x_global: np.ndarray) -> dict[str, Any]:
+        """Why the numbers are what they are, after training: ``clients`` maps a client id to
+        its evaluation (x, y), ``x_global`` is the global evaluation set. Default: nothing to
+        say; FedCoE reports expert use and what each level adds."""
+        return {}

@@ -2,13 +2,14 @@
 
 McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
 AISTATS 2017. The baseline network is a plain (single-expert) model whose width matches the
-compute FedCoE spends per input (shared expert + top-k routed experts), so the comparison is at
-equal inference cost, not equal parameter count.
+compute FedCoE spends per input on a device (gates, shared expert, top-k routed experts and the
+local experts), so the comparison is at equal inference cost, not equal parameter count.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -30,11 +31,52 @@ from fedcoe_edge.strategies.base import (
 from fedcoe_edge.training import build_model, load_arrays, predict_probs, run_epochs, to_arrays
 
 
+def active_macs(cfg: ModelConfig) -> int:
+    """Per-input MACs of FedCoE's personal inference path: trunk, both gates, the shared
+    expert, ``top_k`` routed experts and every local expert (what a device runs per input)."""
+    from fedcoe_edge.flops import count_macs
+
+    model = DualLevelMoE(cfg)
+    g, loc = model.global_part, model.local_part
+    x = torch.zeros((1, *cfg.input_shape))
+    feats = g.trunk(x)
+    total = count_macs(g.trunk, inputs=x).macs if cfg.trunk != "identity" else 0
+    total += count_macs(g.gate, inputs=feats).macs
+    if g.shared is not None:
+        total += count_macs(g.shared, inputs=feats).macs
+    total += cfg.top_k * count_macs(g.experts[0], inputs=feats).macs
+    if len(loc.experts) > 0:
+        total += count_macs(loc.gate, inputs=feats).macs
+        total += sum(count_macs(e, inputs=feats).macs for e in loc.experts)
+    return int(total)
+
+
+_PLAIN_CACHE: dict[str, ModelConfig] = {}
+
+
 def plain_config(cfg: ModelConfig) -> ModelConfig:
-    """A single dense network with the active width of FedCoE's global path."""
-    active = 1 + cfg.top_k if cfg.shared_expert else cfg.top_k
-    return dataclasses.replace(cfg, num_global_experts=1, top_k=1, num_local_experts=0,
-                               shared_expert=False, expert_hidden=cfg.expert_hidden * active)
+    """A single dense network as wide as FedCoE's personal path costs: the width whose
+    per-input MACs come closest to :func:`active_macs` (within a few percent; the report
+    states both), so baselines are compared at equal inference cost, not equal parameters.
+    docs/design.md, "Baselines"."""
+    key = json.dumps(cfg.to_dict(), sort_keys=True)
+    if key in _PLAIN_CACHE:
+        return _PLAIN_CACHE[key]
+    target = active_macs(cfg)
+
+    def plain(width: int) -> ModelConfig:
+        return dataclasses.replace(cfg, num_global_experts=1, top_k=1, num_local_experts=0,
+                                   shared_expert=False, expert_hidden=width)
+
+    lo, hi = 1, max(8, cfg.expert_hidden)
+    while active_macs(plain(hi)) < target:  # MACs grow with width: bracket, then bisect
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if active_macs(plain(mid)) < target else (lo, mid)
+    best = min((lo, hi), key=lambda w: abs(active_macs(plain(w)) - target))
+    _PLAIN_CACHE[key] = plain(best)
+    return _PLAIN_CACHE[key]
 
 
 class FedAvg(Strategy):

@@ -20,7 +20,8 @@ MoEs", arXiv 2605.21264; our reading is design section 4:
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,13 +29,16 @@ import torch
 from fedcoe_edge.aggregate import (
     affinity_weights,
     aggregate_experts,
+    assign_experts,
+    balance_bias_step,
     ema,
+    expert_capacity,
     sample_weighted_mean,
     top_m,
 )
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.losses import fedcoe_loss, label_log_prior
-from fedcoe_edge.model import DualLevelMoE
+from fedcoe_edge.model import DualLevelMoE, topk_routing
 from fedcoe_edge.strategies.base import (
     Arrays,
     ClientData,
@@ -70,6 +74,8 @@ class FedCoE(Strategy):
         self.affinity_weighting = affinity_weighting  # False: plain n_i mean of experts (ablation)
         self.partial_exchange = partial_exchange  # False: every client gets all K (m = K)
         self.affinity: dict[str, np.ndarray] = {}  # R, one EMA row per client
+        self.assignment: dict[str, list[int]] = {}  # experts each client was last given
+        self.expert_share = np.full(model_cfg.num_global_experts, 1.0 / model_cfg.num_global_experts)
         k = model_cfg.num_global_experts
         self.m = min(train_cfg.experts_per_client, k) if partial_exchange else k
 
@@ -87,11 +93,37 @@ class FedCoE(Strategy):
         return keys
 
     def experts_for(self, client_id: str) -> list[int]:
-        """Top-m experts by the client's affinity; all K until the client has reported."""
+        """The experts a client holds: its last assignment; before any, its top-m by affinity
+        (all K for a client that never reported)."""
+        if client_id in self.assignment:
+            return list(self.assignment[client_id])
         row = self.affinity.get(client_id)
         if row is None:
             return list(range(self.model_cfg.num_global_experts))
         return top_m(row, self.m)
+
+    def assign(self, rnd: int, client_ids: Sequence[str]) -> dict[str, list[int]]:
+        """Capacity-limited top-m assignment over the clients selected this round.
+
+        Clients that never reported get all K (their first round is a full exchange, so their
+        affinity is measured against every expert). The rest share the experts under a cap of
+        ``ceil(slack * n * m / K)`` clients each, by affinity; ties break by a permutation
+        drawn from (seed, round), never toward the lower index. docs/design.md, "Routing".
+        """
+        k = self.model_cfg.num_global_experts
+        known = [c for c in client_ids if c in self.affinity]
+        out = {c: list(range(k)) for c in client_ids if c not in self.affinity}
+        if not known:
+            return out
+        if self.m >= k:
+            return {**out, **{c: list(range(k)) for c in known}}
+        scores = np.stack([self.affinity[c] for c in known])
+        rng = np.random.default_rng([self.seed, rnd, 7])
+        tiebreak = rng.permutation(scores.size).reshape(scores.shape).astype(np.float64)
+        cap = expert_capacity(len(known), self.m, k, self.train_cfg.capacity_slack)
+        for c, ids in zip(known, assign_experts(scores, self.m, cap, tiebreak), strict=True):
+            out[c] = ids
+        return out
 
     def params_for(self, expert_ids: Sequence[int]) -> Arrays:
         """The gate, shared expert and trunk always; routed experts only those listed."""
@@ -100,12 +132,16 @@ class FedCoE(Strategy):
                 if expert_of(n) is None or expert_of(n) in wanted}
 
     def configure_round(self, rnd: int, client_ids: Sequence[str]) -> list[ClientTask]:
-        tasks = []
-        for cid in client_ids:
-            ids = self.experts_for(cid)
-            tasks.append(ClientTask(cid, rnd, self.params_for(ids), ids,
-                                    config={"version": self.version}))
-        return tasks
+        assigned = self.assign(rnd, client_ids)
+        self.assignment.update(assigned)
+        return [ClientTask(cid, rnd, self.params_for(assigned[cid]), assigned[cid],
+                           config={"version": self.version}) for cid in client_ids]
+
+    def gate_bias_key(self) -> str:
+        """State name of the global gate's output bias (the balancing step adjusts it)."""
+        net = self.model.global_part.gate.net
+        prefix = "global.gate.net." if isinstance(net, torch.nn.Linear) else f"global.gate.net.{len(net) - 1}."
+        return prefix + "bias"
 
     def aggregate_round(self, rnd: int, results: Sequence[ClientResult],
                         failures: Sequence[Failure]) -> Arrays:
@@ -130,6 +166,13 @@ class FedCoE(Strategy):
         for r, row in zip(results, reported, strict=True):
             self.affinity[r.client_id] = ema(self.affinity.get(r.client_id), row,
                                              self.train_cfg.affinity_ema)
+        # the fleet's routing mass per expert, sample-weighted; the gate bias steps toward
+        # uniform use over all K (a client holding m < K experts cannot see the others' load)
+        self.expert_share = (n[:, None] * reported).sum(0) / max(float(n.sum()), 1e-12)
+        if self.train_cfg.balance_rate > 0 and k_total > 1:
+            key = self.gate_bias_key()
+            step = balance_bias_step(self.expert_share, self.train_cfg.balance_rate)
+            new[key] = (np.asarray(new[key], dtype=np.float64) + step).astype(new[key].dtype)
         self.global_state = new
         self.version += 1
         return new
@@ -168,10 +211,13 @@ class FedCoE(Strategy):
             out = model(xb, expert_mask=mask, detach_global=cfg.detach_global)
             return fedcoe_loss(out, yb, cfg, named, anchor, mask, log_prior).total
 
+        # affinity under the gate the server sent, before local training bends it toward the
+        # experts this client holds: it is the aggregated gate's load and routing on this
+        # client's data, what assignment and balancing need (docs/design.md, "Routing")
+        affinity = self.routing_prior(data.x_train)
         rng = np.random.default_rng([self.seed, task.round, client_seed(0, task.client_id)])
         last = run_epochs(model, [named[n] for n in trainable_names], data.x_train, data.y_train,
                           cfg, cfg.local_epochs, rng, loss)
-        affinity = self.routing_prior(data.x_train)
         state = to_arrays(model.state_dict())
         upload = {n: state[n] for n in task.params}
         local = {n: v for n, v in state.items() if n.startswith("local.")}
@@ -204,3 +250,76 @@ class FedCoE(Strategy):
     def predict_cold(self, x: np.ndarray) -> np.ndarray:
         ids = self.cold_start_experts(x)
         return predict_probs(self.model, x, use_local=False, expert_mask=self.expert_mask(ids))
+
+    # --- diagnostics ------------------------------------------------------------------
+    @torch.no_grad()
+    def level_outputs(self, client_id: str, local_state: Arrays | None,
+                      x: np.ndarray) -> dict[str, np.ndarray]:
+        """A device's three predictors on ``x``: the personal mixture, the global path alone
+        (its held experts, no local level) and the local experts alone, as probabilities, plus
+        the routing weights it uses (B, K)."""
+        load_arrays(self.model, self.global_state)
+        load_arrays(self.model, local_state if local_state is not None else self.fresh_local_state(client_id))
+        self.model.eval()
+        out = self.model(torch.from_numpy(x), expert_mask=self.expert_mask(self.experts_for(client_id)))
+        levels = {"personal": out.log_probs.exp().numpy(), "global_path": out.global_log_probs.exp().numpy(),
+                  "routing": out.routing.numpy()}
+        if out.local_log_probs is not None:
+            levels["local"] = out.local_log_probs.exp().numpy()
+        return levels
+
+    def diagnostics(self, clients: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                    local_states: Mapping[str, Arrays | None], x_global: np.ndarray) -> dict[str, Any]:
+        """Expert use and what each level adds (docs/design.md, "Diagnostics").
+
+        * ``expert_share`` (K): routing mass per expert over every client's evaluation inputs,
+          as devices route them (held experts, top-k); ``routing_matrix`` the same per client;
+        * ``global_expert_share`` (K) and ``gate_entropy`` (nats; ``gate_entropy_norm`` divided
+          by log K): the aggregated gate over all K on the global evaluation set;
+        * ``distinct_expert_sets``: how many different expert sets the clients hold;
+        * ``personal_acc``, ``global_path_acc``, ``local_acc``: the personal mixture, the
+          global path alone and the local experts alone on the clients' own splits, and
+          ``personal_vs_global_path`` = personal - global path.
+        """
+        k = self.model_cfg.num_global_experts
+        rows, sizes = [], []
+        correct = {"personal": 0, "global_path": 0, "local": 0}
+        total = 0
+        for cid, (x, y) in clients.items():
+            if len(y) == 0:
+                continue
+            lv = self.level_outputs(cid, local_states.get(cid), x)
+            rows.append(lv["routing"].mean(0))
+            sizes.append(len(y))
+            for name in correct:
+                if name in lv:
+                    correct[name] += int((lv[name].argmax(1) == y).sum())
+            total += len(y)
+        matrix = np.stack(rows) if rows else np.zeros((0, k))
+        share = (np.average(matrix, axis=0, weights=sizes) if rows else np.full(k, np.nan))
+        load_arrays(self.model, self.global_state)
+        self.model.eval()
+        with torch.no_grad():
+            feats = self.model.global_part.trunk(torch.from_numpy(x_global))
+            g = self.model.gate_logits(feats).softmax(-1)
+            routing = topk_routing_np(g.numpy(), self.model_cfg.top_k)
+        entropy = float(-(g * g.clamp_min(1e-12).log()).sum(-1).mean())
+        accs = {name: (c / total if total else float("nan")) for name, c in correct.items()}
+        has_local = self.model_cfg.num_local_experts > 0
+        return {
+            "expert_share": share.tolist(),
+            "global_expert_share": routing.mean(0).tolist(),
+            "gate_entropy": entropy,
+            "gate_entropy_norm": entropy / float(np.log(k)) if k > 1 else 0.0,
+            "distinct_expert_sets": len({tuple(self.experts_for(c)) for c in clients}),
+            "personal_acc": accs["personal"],
+            "global_path_acc": accs["global_path"],
+            "local_acc": accs["local"] if has_local else float("nan"),
+            "personal_vs_global_path": accs["personal"] - accs["global_path"],
+            "routing_matrix": matrix.tolist(),
+        }
+
+
+def topk_routing_np(probs: np.ndarray, k: int) -> np.ndarray:
+    """numpy top-k routing weights (B, K), ties to the lower index (as the model's)."""
+    return topk_routing(torch.from_numpy(probs), k).numpy()
