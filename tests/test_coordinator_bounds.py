@@ -235,3 +235,31 @@ def test_coordinator_crash_mid_upload_loses_no_update(tmp_path: Path) -> None:
     finally:
         fed.stop()
     assert (row["accepted"], row["failed"]) == (3, 0)
+
+
+def test_repeated_coordinator_online_does_not_make_devices_say_hello_again(tmp_path: Path) -> None:
+    """Only a transition to "online" (the coordinator came back) triggers a hello; "online"
+    repeated without "offline" in between (a replay, a takeover loop) and retained status
+    do not, so the fleet is not pushed into a re-registration and re-download storm."""
+    broker, factory = memory_factory()
+    fed = EmbeddedFederation(tmp_path, factory, devices=1, rounds=1)
+    agent = DeviceAgent(fed.agent_config("0", "0"), factory)
+    hellos: list[int] = []
+    real_hello = agent.hello
+
+    def counting_hello() -> None:
+        hellos.append(1)
+        real_hello()
+    agent.hello = counting_hello  # type: ignore[method-assign]
+    agent.start()
+    pub = broker.client("coordinator")
+    pub.connect()
+    try:
+        status = "fl/v1/test/coord/status"
+        for state in ("online", "online", "online", "offline", "online", "stopping"):
+            pub.publish(status, P.presence_payload(state), qos=1, retain=False)
+        fed.wait(lambda: agent._coord_state == "stopping", WAIT, "status messages handled")
+    finally:
+        pub.close()
+        agent.close()
+    assert len(hellos) == 3  # at connect, first "online", "online" after "offline"
