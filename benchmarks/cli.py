@@ -1,4 +1,4 @@
-"""``fedcoe bench``: latency / memory benchmark of FedCoE against MobileNet baselines (issue 6).
+"""``fedcoe bench``: latency / memory benchmark of FedCoE against MobileNet baselines.
 
 ``fedcoe bench --quick --json PATH`` times MobileNetV2, MobileNetV3-Small, FedCoE sparse
 top-2 (``MoESession`` over an int8 bundle) and the fused dense FedCoE graph at 224x224,

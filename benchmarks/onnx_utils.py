@@ -1,7 +1,7 @@
 """torch -> ONNX export, static int8 QDQ quantization and onnxruntime sessions for benchmarks.
 
 Traps measured on an x86 (AVX-512 VNNI) VM with onnxruntime 1.32, and what this module
-does about them (issue 6):
+does about them:
 
 * ``quantize_dynamic`` turns convolutions into ``ConvInteger`` with per-call activation
   scaling, which is many times slower than fp32 on conv nets; we only use

@@ -3,7 +3,7 @@
 Kept apart from :mod:`benchmarks.onnx_utils` (which pulls in onnx and the quantizer) so that
 the fresh-process memory probe (:mod:`benchmarks.memory`) measures the runtime alone.
 
-Threading trap (issue 6): on a shared or oversubscribed machine, intra-op threads that
+Threading trap: on a shared or oversubscribed machine, intra-op threads that
 spin while waiting for work steal the cores that do the work, so 2 threads can be slower
 than 1; ``spinning=False`` turns ``session.intra_op.allow_spinning`` off.
 """

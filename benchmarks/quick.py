@@ -1,4 +1,4 @@
-"""The reduced benchmark behind ``fedcoe bench --quick --json PATH`` (issue 6).
+"""The reduced benchmark behind ``fedcoe bench --quick --json PATH``.
 
 Times MobileNetV2 and V3-Small (torch eager, ONNX fp32, ONNX int8) at 224x224, 1 thread,
 batch 1 -- plus any extra cases, e.g. the FedCoE top-2 and dense rows -- without

@@ -5,7 +5,7 @@ JSON whose ``extra_info`` holds the rows of :func:`benchmarks.harness.make_row`)
 ``benchmarks/results/latency.md`` and ``latency.png``. Every FedCoE row (``family ==
 "fedcoe"``) is shown as a ratio to MobileNetV3-Small and MobileNetV2 *measured in the same
 run*: on shared or thermally throttled edge boards only same-run ratios are comparable.
-The goal of issue 6 is checked on the way: FedCoE top-2 int8 at 224, 1 thread, batch 1
+The latency goal is checked on the way: FedCoE top-2 int8 at 224, 1 thread, batch 1
 within 1.15x the latency of MobileNetV3-Small's best precision and 1.25x its peak memory.
 """
 
@@ -400,7 +400,7 @@ def _goal_lines(
     small: str,
     v2: str,
 ) -> list[str]:
-    """Issue 6's goal at 224 / 1 thread / batch 1; latency from the round-robin rows when
+    """The latency goal at 224 / 1 thread / batch 1; latency from the round-robin rows when
     they include the model, memory from the fresh-process probes."""
     lines = []
     for r in fedcoe:

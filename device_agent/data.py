@@ -2,7 +2,7 @@
 
 Whatever the source, the agent sees a :class:`~fedcoe_edge.strategies.ClientData`
 (float32 inputs, int64 labels, a 75/25 train/test split by default), the same type the
-simulator hands to ``client_update`` (design section 5).
+simulator hands to ``client_update`` (docs/design.md, section 5).
 """
 
 from __future__ import annotations

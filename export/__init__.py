@@ -1,4 +1,4 @@
-"""Export a FedCoE model (arXiv 2605.21264) to an ONNX device bundle (design section 7).
+"""Export a FedCoE model (arXiv 2605.21264) to an ONNX device bundle (docs/design.md, section 7).
 
 * :mod:`export.onnx_export`: one ONNX graph per part plus the fused dense graph;
 * :mod:`export.quantize`: static int8 QDQ / dynamic int8, chosen per part;

@@ -1,6 +1,6 @@
 """Build a FedCoE device bundle: per-part ONNX files (int8 or fp32), fp32 copies, manifest.
 
-Layout (design section 7; the format is described in docs/bundle.md)::
+Layout (docs/design.md section 7; the format is described in docs/bundle.md)::
 
     BUNDLE/manifest.json          format, version, opset, ModelConfig, K, M, top-k, parts
     BUNDLE/<part>.onnx            the deployed files (int8 when quantized)

@@ -1,7 +1,7 @@
 """``fedcoe export`` and ``fedcoe predict``: checkpoint -> int8 ONNX bundle -> predictions.
 
 ``export`` turns one client's FedCoE model (arXiv 2605.21264: shared global experts plus its
-private local level) into a device bundle (design section 7), calibrating int8 on that
+private local level) into a device bundle (docs/design.md, section 7), calibrating int8 on that
 client's own training split, and reports accuracy, parity and sizes on its held-out split.
 The split is rebuilt from the ``simulation`` section of ``model.json`` with
 :func:`fedcoe_edge.data.make_federation`, so it is the split the simulation evaluated.

@@ -2,7 +2,7 @@
 
 One implementation for the bundle exporter (:mod:`export.quantize`, the FedCoE trunk) and the
 benchmarks (:mod:`benchmarks.onnx_utils`, the MobileNet baselines), so both run the same int8
-graph. Measured on an x86 (AVX-512 VNNI) VM with onnxruntime 1.32 (issue 6):
+graph. Measured on an x86 (AVX-512 VNNI) VM with onnxruntime 1.32:
 
 * MobileNetV3's HardSwish (inlined by the quantizer's pre-processing into ``HardSigmoid``
   and ``Mul``) and the SE block's HardSigmoid have no quantized kernel in onnxruntime; the

@@ -1,7 +1,7 @@
 """torch -> ONNX export of a FedCoE DualLevelMoE, one graph per part plus a fused dense graph.
 
 FedCoE (arXiv 2605.21264) routes each input to its top-k global experts; exporting each
-part separately (design section 7) lets a device run only the experts an input routes to and
+part separately (docs/design.md, section 7) lets a device run only the experts an input routes to and
 replace one expert file without re-sending the rest. Parts and their graphs:
 
 * ``trunk``: ``x -> feats``; not exported for an identity trunk (the runtime passes x on);

@@ -24,7 +24,7 @@ TIER_WIDTH: dict[str, float] = {"small": 0.5, "medium": 1.0, "large": 2.0}
 
 @dataclass
 class ModelConfig:
-    """Shape of a DualLevelMoE (design section 3)."""
+    """Shape of a DualLevelMoE (docs/design.md, section 3)."""
 
     input_shape: tuple[int, ...] = (1, 8, 8)  # per-sample shape, (C, H, W) or (F,)
     num_classes: int = 10
@@ -83,7 +83,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """How a client trains each round, and the FedCoE loss weights (design section 4)."""
+    """How a client trains each round, and the FedCoE loss weights (docs/design.md, section 4)."""
 
     local_epochs: int = 2  # passes over the client's training split per round
     batch_size: int = 32

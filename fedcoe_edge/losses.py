@@ -1,4 +1,4 @@
-"""FedCoE's client objective (design section 4, our reading of arXiv 2605.21264).
+"""FedCoE's client objective (docs/design.md section 4, our reading of arXiv 2605.21264).
 
     L = CE(p) + beta CE(p_G) + gamma load_balance(g) + lam KL(p_L || p_G)
         + mu/2 ||theta_G - theta_G_server||^2 + rho routing_consistency

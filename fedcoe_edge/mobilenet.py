@@ -8,9 +8,9 @@ parameter counts match the published ones at 1000 classes:
 * MobileNetV3-Small / -Large: Howard et al., "Searching for MobileNetV3", ICCV 2019
   (arXiv 1905.02244): 2,542,856 / 5,483,032 parameters, ~56.5M / ~216.6M MACs.
 
-They are the latency/memory baselines of the benchmark suite (design section 9), and
+They are the latency/memory baselines of the benchmark suite (docs/design.md, section 9), and
 :func:`mobilenet_v3_small_trunk` is the shared feature extractor of the FedCoE model for
-camera-size inputs (design section 3).
+camera-size inputs (docs/design.md, section 3).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 FedCoE ("Bridging Generalization and Personalization via Federated Coordinated Dual-level
 MoEs", arXiv 2605.21264) routes each input to its top-k global experts; the point of the
-bundle (design section 7) is that a device runs *only* those experts. :class:`MoESession`
+bundle (docs/design.md, section 7) is that a device runs *only* those experts. :class:`MoESession`
 reproduces :meth:`fedcoe_edge.model.DualLevelMoE.forward` in numpy around one ONNX session
 per part:
 

@@ -55,7 +55,7 @@ def make_mosquitto() -> Iterator[Callable[..., Any]]:
         b.close()
 
 
-# --- export / runtime (issue 4) ------------------------------------------------------------
+# --- export / runtime ------------------------------------------------------------
 import pytest  # noqa: E402
 
 

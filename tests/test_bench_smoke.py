@@ -383,7 +383,7 @@ def test_interleaved_times_every_case_each_round(tmp_path: Path) -> None:
 
 
 def test_camera_fedcoe_heads_cost_what_v3_small_classifier_costs() -> None:
-    """The benchmark's head width keeps top-2 arithmetic at V3-Small's (issue 6 build 1)."""
+    """The benchmark's head width keeps top-2 arithmetic at V3-Small's."""
     from benchmarks.fedcoe import CAMERA_HIDDEN, build_fedcoe, fedcoe_costs
 
     costs = fedcoe_costs(build_fedcoe("camera", 224))

@@ -1,4 +1,4 @@
-"""Datasets and partitions of issue 3: Synthetic(alpha, beta), digits-shift, iid/shards/quantity,
+"""Datasets and partitions: Synthetic(alpha, beta), digits-shift, iid/shards/quantity,
 and the local-file loaders (on files these tests write)."""
 
 import pickle

@@ -1,4 +1,4 @@
-"""Export to ONNX, int8 quantization, the bundle writer and the export/predict CLI (issue 4)."""
+"""Export to ONNX, int8 quantization, the bundle writer and the export/predict CLI."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """``fedcoe heterogeneity``: how non-IID is a federation, and should it personalise?
 
 Builds the federation the simulator would (same dataset, partition, seed), measures the
-clients' label distributions (design section 6, ``fedcoe_edge.heterogeneity``), writes the
+clients' label distributions (docs/design.md section 6, ``fedcoe_edge.heterogeneity``), writes the
 JSON report and a heat-map PNG, and prints the recommendation with its evidence.
 """
 

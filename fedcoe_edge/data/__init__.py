@@ -1,4 +1,4 @@
-"""Datasets, partitioners and client splits (design section 5)."""
+"""Datasets, partitioners and client splits (docs/design.md, section 5)."""
 
 from fedcoe_edge.data.datasets import DATASETS, load_dataset
 from fedcoe_edge.data.federation import Federation, make_federation

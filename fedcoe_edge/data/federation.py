@@ -1,4 +1,4 @@
-"""Build a federation following the evaluation protocol of design section 5 (PFLlib /
+"""Build a federation following the evaluation protocol of docs/design.md section 5 (PFLlib /
 FL-bench conventions):
 
 1. the global test set: a dataset's official test split when it ships one (``fmnist``: all

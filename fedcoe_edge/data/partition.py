@@ -1,4 +1,4 @@
-"""Partitioners: split sample indices over clients (design section 5).
+"""Partitioners: split sample indices over clients (docs/design.md, section 5).
 
 * ``dirichlet``: label skew as in Hsu et al., "Measuring the Effects of Non-Identical Data
   Distribution for Federated Visual Classification" (arXiv 1909.06335), with the minimum-size

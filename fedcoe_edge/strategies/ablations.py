@@ -1,6 +1,6 @@
 """FedCoE ablations: each variant removes one part, so a user sees what that part buys.
 
-Variants of FedCoE (arXiv 2605.21264, design section 4), built without touching its code:
+Variants of FedCoE (arXiv 2605.21264, docs/design.md section 4), built without touching its code:
 
 * ``fedcoe-noaffinity``: experts averaged by n_i alone, not n_i r_ik;
 * ``fedcoe-nocoord``: no coordination regulariser (lam = 0: no KL(p_L || p_G); mu = 0: no

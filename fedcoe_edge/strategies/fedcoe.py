@@ -1,7 +1,7 @@
 """FedCoE: federated coordinated dual-level Mixture-of-Experts.
 
 "FedCoE: Bridging Generalization and Personalization via Federated Coordinated Dual-level
-MoEs", arXiv 2605.21264; our reading is design section 4:
+MoEs", arXiv 2605.21264; our reading is docs/design.md section 4:
 
 * clients train their private level (local experts + local gate) together with a local copy
   of the global gate, the shared expert and the m global experts they were assigned, under
