@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test bench lint clean mosquitto datasets
+.PHONY: setup demo test bench lint clean mosquitto datasets tune accuracy
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,14 @@ bench: setup
 	$(BIN)/python -m pytest benchmarks -m bench --benchmark-enable --benchmark-only \
 	  --benchmark-json=benchmarks/results/latency.json -p no:cacheprovider
 	$(BIN)/python -m benchmarks.report
+
+# Knobs of every algorithm on validation splits (same budget each), then the test-split grid;
+# both resume from their caches under benchmarks/results/.
+tune: setup
+	$(BIN)/python -m benchmarks.tune --jobs 2
+
+accuracy: setup
+	$(BIN)/python -m benchmarks.accuracy --jobs 2
 
 lint: setup
 	$(BIN)/ruff check .
