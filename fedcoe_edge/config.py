@@ -91,12 +91,12 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     beta: float = 2.0  # weight of CE on the global path: p_G learns only from this term
-    gamma: float = 0.01  # load-balance weight: every global expert keeps being used
+    gamma: float = 0.5  # importance-balance weight over the held experts (docs/design.md, "Routing")
     lam: float = 0.5  # KL(p_L || p_G): local experts stay near the global consensus
     mu: float = 0.01  # proximal pull of the local copy of global params to the server's
     detach_global: bool = True  # personal-mixture CE trains only the local level; p_G learns from beta*CE(p_G)
     tau: float = 0.0  # balanced-softmax strength on the global path's CE (0 = plain CE)
-    rho: float = 2.0  # routing consistency: gate mass on the experts the client holds
+    rho: float = 0.5  # routing consistency: gate mass on the experts the client holds
     experts_per_client: int = 2  # m experts trained/exchanged per round (m=3 of K=4 is sturdier at Dir 0.1)
     affinity_ema: float = 0.5  # weight of the newest affinity report in the server's EMA
     capacity_slack: float = 1.0  # an expert serves at most ceil(slack * clients * m / K) clients a round

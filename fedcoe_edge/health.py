@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import numpy as np
+
 # accuracy within this factor of chance (1 / classes) counts as "at chance"
 CHANCE_FACTOR = 1.5
 # rounds a federation may stay at chance before it is called stuck
@@ -29,6 +31,17 @@ def loss_warning(rnd: int, client_id: str, metrics: Mapping[str, float]) -> str 
     if not math.isfinite(value):
         return (f"round {rnd} client {client_id}: training loss is {value} (diverged); "
                 f"lower train.lr or keep train.clip_grad_norm > 0")
+    return None
+
+
+def update_warning(rnd: int, client_id: str, params: Mapping[str, np.ndarray]) -> str | None:
+    """A warning line when a client's trained weights hold NaN or inf (works for every
+    strategy, whether or not it reports a loss); names the first bad tensor."""
+    for name, value in params.items():
+        arr = np.asarray(value)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            return (f"round {rnd} client {client_id}: update {name} holds non-finite values "
+                    f"(diverged); lower train.lr or keep train.clip_grad_norm > 0")
     return None
 
 

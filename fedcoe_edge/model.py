@@ -220,7 +220,8 @@ class DualLevelMoE(nn.Module):
     def global_logits(self, feats: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
         """S(x) + sum_k routing_k E_k(x); experts with zero weight for the whole batch are skipped."""
         g = self.global_part
-        out = g.shared(feats) if g.shared is not None else 0.0
+        out = (g.shared(feats) if g.shared is not None
+               else feats.new_zeros((feats.shape[0], self.cfg.num_classes)))
         used = (routing > 0).any(0)  # (K,) experts any sample routes to
         for k, expert in enumerate(g.experts):
             if bool(used[k]):

@@ -22,7 +22,7 @@ from safetensors.numpy import save as st_save
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.data import Federation, make_federation
 from fedcoe_edge.errors import ConfigError
-from fedcoe_edge.health import chance_warning, loss_warning
+from fedcoe_edge.health import chance_warning, loss_warning, update_warning
 from fedcoe_edge.strategies import STRATEGIES, Strategy, make_strategy
 from fedcoe_edge.strategies.base import Arrays, ClientResult
 from fedcoe_edge.training import accuracy
@@ -142,7 +142,7 @@ def warn_health(rnd: int, results: Sequence[ClientResult], point: dict[str, floa
     """Log a warning for every client whose loss went non-finite and when the global model
     is still at chance after the grace rounds (fedcoe_edge.health)."""
     for r in results:
-        line = loss_warning(rnd, r.client_id, r.metrics)
+        line = loss_warning(rnd, r.client_id, r.metrics) or update_warning(rnd, r.client_id, r.params)
         if line:
             log.warning(line)
     if "global_acc" in point:

@@ -72,6 +72,11 @@ def run_epochs(model: nn.Module, params: list[nn.Parameter], x: np.ndarray, y: n
         for idx in minibatches(len(y), cfg.batch_size, rng):
             bi = torch.from_numpy(idx)
             loss = loss_fn(xt[bi], yt[bi])
+            if not bool(torch.isfinite(loss)) or not loss.requires_grad:
+                # diverged (or nothing left to train): no step from a non-finite loss; the
+                # caller sees a NaN mean loss and fedcoe_edge.health names the round and client
+                total, count = float("nan"), count + len(idx)
+                continue
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_grad_norm > 0:  # one bad batch cannot throw the weights to inf
