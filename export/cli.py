@@ -85,6 +85,9 @@ def held_experts(spec: str, meta: dict[str, Any], client: str, k_total: int) -> 
     if spec == "all":
         return list(range(k_total))
     if spec == "held":
+        assigned = (meta.get("experts") or {}).get(client)
+        if assigned is not None:  # the assignment the client last trained with
+            return sorted(int(k) for k in assigned)
         row = (meta.get("affinity") or {}).get(client)
         if row is None:
             return list(range(k_total))  # no affinity yet: the server sends all K
@@ -112,7 +115,8 @@ def client_split(meta: dict[str, Any], client: str
     try:
         fed = make_federation(sim["dataset"], sim["partition"], int(sim["clients"]),
                               int(sim["new_clients"]), int(meta["seed"]), float(sim["alpha"]),
-                              int(sim["min_samples"]))
+                              int(sim["min_samples"]), data_fraction=float(sim.get("data_fraction", 1.0)),
+                              data_dir=sim.get("data_dir"))
     except KeyError as exc:
         raise DataError(f"model.json simulation config lacks {exc}") from None
     if client not in fed.clients:

@@ -53,6 +53,9 @@ def save_run_checkpoints(folder: Path, strategy: Strategy, local_states: dict[st
     affinity = getattr(strategy, "affinity", None)
     if affinity:
         doc["affinity"] = {c: np.asarray(r).round(6).tolist() for c, r in sorted(affinity.items())}
+    assignment = getattr(strategy, "assignment", None)
+    if assignment:  # the experts each client holds (what its local level was trained with)
+        doc["experts"] = {c: [int(k) for k in ids] for c, ids in sorted(assignment.items())}
     atomic_write_text(folder / "model.json", json.dumps(doc, indent=2) + "\n")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,5 +36,29 @@ def plot_curves(curves: dict[str, list[list[dict[str, float]]]], path: Path, tit
         fig.suptitle(title)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_routing_heatmap(matrix: Sequence[Sequence[float]], path: Path, title: str = "") -> None:
+    """Client x expert heat map of routing mass (one row per client, rows sum to 1): shows
+    whether clients share one expert (a collapsed router) or spread over several."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(matrix, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * m.shape[1], 1.5 + 0.22 * m.shape[0]))
+    im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xlabel("global expert")
+    ax.set_ylabel("client")
+    ax.set_xticks(range(m.shape[1]))
+    ax.set_yticks(range(m.shape[0]))
+    ax.tick_params(axis="y", labelsize=6)
+    fig.colorbar(im, ax=ax, label="share of routing mass")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -289,11 +289,28 @@ def results_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def diagnostics_table(doc: dict[str, Any]) -> str:
+    """Markdown: expert use and what each level adds, per algorithm that reports it."""
+    diag = doc.get("diagnostics") or {}
+    if not diag:
+        return ""
+    lines = ["| algorithm | expert share | distinct expert sets | gate entropy (/log K) "
+             "| personal mixture | global path alone | local experts alone | personal - global path |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, d in diag.items():
+        share = " / ".join(f"{v:.2f}" for v in d.get("expert_share", []))
+        lines.append(f"| {name} | {share} | {d.get('distinct_expert_sets', float('nan')):.1f} "
+                     f"| {d.get('gate_entropy_norm', float('nan')):.2f} "
+                     f"| {d.get('personal_acc', float('nan')):.4f} | {d.get('global_path_acc', float('nan')):.4f} "
+                     f"| {d.get('local_acc', float('nan')):.4f} | {d.get('personal_vs_global_path', float('nan')):+.4f} |")
+    return "\n".join(lines)
+
+
 def write_outputs(out_dir: Path, doc: dict[str, Any], runs: dict[str, list[RunResult]]) -> None:
     """results.json, report.md, curves.png and checkpoints/ (first seed), each written atomically."""
     from fedcoe_edge.checkpoint import save_run_checkpoints
     from fedcoe_edge.io import atomic_write_text
-    from fedcoe_edge.plots import plot_curves
+    from fedcoe_edge.plots import plot_curves, plot_routing_heatmap
 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "results.json", json.dumps(doc, indent=2, sort_keys=False) + "\n")
@@ -302,9 +319,18 @@ def write_outputs(out_dir: Path, doc: dict[str, Any], runs: dict[str, list[RunRe
               f"{' alpha=' + str(c['alpha']) if c['partition'] == 'dirichlet' else ''}, "
               f"{c['clients']} clients (+{c['new_clients']} new), {c['rounds']} rounds, "
               f"seeds {c['seeds']}\n\nAccuracy at the last round, mean ± std across seeds.\n\n")
-    atomic_write_text(out_dir / "report.md", header + results_table(doc) + "\n")
+    diag = diagnostics_table(doc)
+    if diag:
+        diag = ("\n## Diagnostics (mean over seeds)\n\nExpert share: routing mass per global expert as "
+                "devices route; heat maps: `routing_<algorithm>.png` (first seed).\n\n" + diag + "\n")
+    atomic_write_text(out_dir / "report.md", header + results_table(doc) + "\n" + diag)
     plot_curves({a: [r.curve for r in rs] for a, rs in runs.items()}, out_dir / "curves.png",
                 title=f"{c['dataset']} {c['partition']} alpha={c['alpha']}")
+    for algorithm, rs in runs.items():
+        matrix = rs[0].diagnostics.get("routing_matrix")
+        if matrix:
+            plot_routing_heatmap(matrix, out_dir / f"routing_{algorithm}.png",
+                                 title=f"{algorithm}: routing mass per client, seed {rs[0].seed}")
     for algorithm, rs in runs.items():
         save_run_checkpoints(out_dir / "checkpoints" / algorithm, rs[0].strategy, rs[0].local_states,
                              meta={"algorithm": algorithm, "seed": rs[0].seed, "simulation": c})

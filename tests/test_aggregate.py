@@ -76,3 +76,38 @@ def test_robust_means():
     assert trimmed_mean(arrays, 0.25)[0] == pytest.approx(2.5)
     with pytest.raises(ValueError):
         trimmed_mean(arrays, 0.5)
+
+
+def test_assign_experts_respects_capacity_by_hand():
+    from fedcoe_edge.aggregate import assign_experts, expert_capacity
+
+    # four clients all prefer expert 0; capacity 2 sends the weaker two elsewhere
+    r = np.array([[0.9, 0.1, 0.0, 0.0],
+                  [0.8, 0.2, 0.0, 0.0],
+                  [0.7, 0.3, 0.0, 0.0],
+                  [0.6, 0.1, 0.2, 0.1]])
+    assert expert_capacity(4, 2, 4) == 2
+    got = assign_experts(r, m=2, capacity=2)
+    # greedy by score: (0,0) (1,0) then (2,1) (1,1) full for 1 -> (3,2), (0,1) taken by cap ...
+    assert got == [[0, 2], [0, 1], [1, 3], [2, 3]]
+    load = np.bincount(np.concatenate(got), minlength=4)
+    assert load.max() <= 2 and all(len(set(g)) == 2 for g in got)
+
+
+def test_assign_experts_ties_follow_the_tiebreak_not_the_index():
+    from fedcoe_edge.aggregate import assign_experts
+
+    zeros = np.zeros((2, 4))
+    tb = np.array([[3, 2, 1, 0], [7, 6, 5, 4]], dtype=float)  # prefer high indices
+    assert assign_experts(zeros, 1, 1, tb) == [[3], [2]]
+    with pytest.raises(ValueError, match="capacity"):
+        assign_experts(np.zeros((3, 4)), 2, 1)  # 3 clients x 2 > 4 experts x 1
+
+
+def test_balance_bias_step_by_hand():
+    from fedcoe_edge.aggregate import balance_bias_step
+
+    np.testing.assert_allclose(balance_bias_step(np.full(4, 0.25), 0.1), np.zeros(4), atol=1e-12)
+    step = balance_bias_step(np.array([0.7, 0.1, 0.1, 0.1]), 0.1)
+    np.testing.assert_allclose(step, 0.1 * (np.log(0.25) - np.log([0.7, 0.1, 0.1, 0.1])))
+    assert step[0] < 0 < step[1]

@@ -171,6 +171,4 @@ def test_ablations_change_one_thing(fed):
     part = make_strategy("fedcoe", MODEL, TRAIN)
     part.initialize()
     one_round(part, fed)
-    assert part.experts_for("0") == [0, 1, 2, 3]  # a client's first round measures every expert
-    part.configure_round(2, list(fed.clients))
     assert len(part.experts_for("0")) == 2

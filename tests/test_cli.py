@@ -21,7 +21,9 @@ def test_simulate_writes_all_outputs(tmp_path, capsys):
             assert isinstance(m[key], float), key
         assert 0.0 <= m["global_acc"] <= 1.0
         assert m["bytes_up_per_client_round"] > 1000
-    assert (out / "report.md").read_text().count("| fedcoe |") == 1
+    assert (out / "report.md").read_text().count("| fedcoe |") == 2  # results and diagnostics rows
+    assert (out / "routing_fedcoe.png").stat().st_size > 1000
+    assert "expert_share" in json.loads((out / "results.json").read_text())["diagnostics"]["fedcoe"]
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "checkpoints" / "fedcoe" / "client_0.safetensors").is_file()
     assert "| fedavg |" in capsys.readouterr().out

@@ -91,7 +91,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedcoe_edge.simulation import SimulationConfig, results_table, simulate, write_outputs
+    from fedcoe_edge.simulation import (
+        SimulationConfig,
+        diagnostics_table,
+        results_table,
+        simulate,
+        write_outputs,
+    )
 
     check_out_dir(args.out)
     check_data_fraction(args.data_fraction)
@@ -110,5 +116,7 @@ def run(args: argparse.Namespace) -> int:
     doc, runs = simulate(cfg, progress=not args.no_progress)
     write_outputs(args.out, doc, runs)
     print(results_table(doc))
+    if doc.get("diagnostics"):
+        print("\n" + diagnostics_table(doc))
     print(f"\nwrote {args.out}/results.json, report.md, curves.png, checkpoints/")
     return 0

@@ -74,7 +74,8 @@ class FedCoE(Strategy):
         self.affinity_weighting = affinity_weighting  # False: plain n_i mean of experts (ablation)
         self.partial_exchange = partial_exchange  # False: every client gets all K (m = K)
         self.affinity: dict[str, np.ndarray] = {}  # R, one EMA row per client
-        self.assignment: dict[str, list[int]] = {}  # experts each client was last given
+        self._assignment: dict[str, list[int]] = {}  # see the ``assignment`` property
+        self._assigned_at: tuple[int, int] = (-1, -1)
         self.expert_share = np.full(model_cfg.num_global_experts, 1.0 / model_cfg.num_global_experts)
         k = model_cfg.num_global_experts
         self.m = min(train_cfg.experts_per_client, k) if partial_exchange else k
@@ -93,17 +94,23 @@ class FedCoE(Strategy):
         return keys
 
     def experts_for(self, client_id: str) -> list[int]:
-        """The experts a client holds: its last assignment; before any, its top-m by affinity
-        (all K for a client that never reported)."""
-        if client_id in self.assignment:
-            return list(self.assignment[client_id])
-        row = self.affinity.get(client_id)
-        if row is None:
-            return list(range(self.model_cfg.num_global_experts))
-        return top_m(row, self.m)
+        """The experts a client holds from now on: its share of the capacity-limited assignment
+        over every client that has reported (all K for one that never has). The assignment is
+        a pure function of (affinity, version, seed), so the simulator, the coordinator and a
+        coordinator resumed from its affinity table all agree on it."""
+        return list(self.assignment.get(client_id, range(self.model_cfg.num_global_experts)))
+
+    @property
+    def assignment(self) -> dict[str, list[int]]:
+        """Client id -> held experts, recomputed when the affinity table or version changes."""
+        stamp = (self.version, len(self.affinity))
+        if self._assigned_at != stamp:
+            self._assignment = self.assign(self.version, sorted(self.affinity))
+            self._assigned_at = stamp
+        return self._assignment
 
     def assign(self, rnd: int, client_ids: Sequence[str]) -> dict[str, list[int]]:
-        """Capacity-limited top-m assignment over the clients selected this round.
+        """Capacity-limited top-m assignment over ``client_ids`` (``rnd`` seeds the ties).
 
         Clients that never reported get all K (their first round is a full exchange, so their
         affinity is measured against every expert). The rest share the experts under a cap of
@@ -132,10 +139,11 @@ class FedCoE(Strategy):
                 if expert_of(n) is None or expert_of(n) in wanted}
 
     def configure_round(self, rnd: int, client_ids: Sequence[str]) -> list[ClientTask]:
-        assigned = self.assign(rnd, client_ids)
-        self.assignment.update(assigned)
-        return [ClientTask(cid, rnd, self.params_for(assigned[cid]), assigned[cid],
-                           config={"version": self.version}) for cid in client_ids]
+        tasks = []
+        for cid in client_ids:
+            ids = self.experts_for(cid)
+            tasks.append(ClientTask(cid, rnd, self.params_for(ids), ids, config={"version": self.version}))
+        return tasks
 
     def gate_bias_key(self) -> str:
         """State name of the global gate's output bias (the balancing step adjusts it)."""
