@@ -33,6 +33,7 @@ from fedcoe_edge.aggregate import top_m
 from fedcoe_edge.checkpoint import load_arrays_file, save_arrays
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.errors import DataError, FedCoEError, WireError
+from fedcoe_edge.health import chance_warning, loss_warning, update_warning
 from fedcoe_edge.strategies import ClientData, ClientResult, ClientTask, Strategy, make_strategy
 from fedcoe_edge.strategies.fedcoe import FedCoE
 from fedcoe_edge.training import load_arrays, predict_probs
@@ -393,6 +394,9 @@ class DeviceAgent:
         log.info("%s: round %d trained experts %s on %d samples in %.2fs (loss %.4f)", self.dev, rnd,
                  task.expert_ids, result.num_samples, time.perf_counter() - t0,
                  result.metrics.get("train_loss", float("nan")))
+        unhealthy = loss_warning(rnd, self.dev, result.metrics) or update_warning(rnd, self.dev, result.params)
+        if unhealthy:  # still uploaded: the coordinator's validation refuses non-finite weights
+            log.warning("%s", unhealthy)
         if self.hooks.before_upload is not None and not self.hooks.before_upload(self, rnd):
             return
         self._upload(rnd, result, params, ctx.get("deadline_at"))
@@ -595,6 +599,11 @@ class DeviceAgent:
         self.evals.append({"kind": kind, "round": rnd, "correct": correct, "total": total})
         if kind == "personal":
             self.evaluated.add(rnd)
+            if total:
+                stuck = chance_warning(rnd, f"client {self.dev}", correct / total,
+                                       int(self.strategy.model_cfg.num_classes) if self.strategy else 2)
+                if stuck:
+                    log.warning("%s", stuck)
         if total:
             self._send(P.EVAL, {"kind": kind, "correct": correct, "total": total}, rnd)
             log.info("%s: %s accuracy after round %d: %.4f (%d/%d)", self.dev, kind, rnd,
