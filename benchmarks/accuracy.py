@@ -261,7 +261,6 @@ CORE_MODULES = (
     "fedcoe_edge.data.federation",
     "fedcoe_edge.data.shift",
     "fedcoe_edge.data.fmnist",
-    "fedcoe_edge.data.loaders",
     "fedcoe_edge.strategies.base",
 )
 
