@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from device_agent.protocol import install_stop_handlers
 
     cfg = load_config(args.config)
+    cfg.broker.check_files(f"{cfg.source}: [broker]")
     if args.rounds is not None:
         cfg.federation.rounds = args.rounds
         cfg.validate()

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from device_agent.config import check_classes
 from device_agent.protocol import (
     COORDINATOR_ID,
     BrokerSettings,
     apply_env,
     build_section,
+    check_types,
     check_username,
     load_toml,
     read_secret,
@@ -55,6 +57,10 @@ class FederationSettings:
     reassembly_budget_mb: float = 256.0  # all devices' open uploads together (one each)
     exit_when_done: bool = False  # False: keep serving cold-start fetches after the last round
     allowed_devices: list[str] = field(default_factory=list)  # empty: any device with a valid key
+    # class names in label order (len == model.num_classes), sent in every welcome: devices
+    # map their image folders through it, so label i means the same class on every device.
+    # Empty: devices use their own labels (npz, shipped datasets) or sorted folder names.
+    classes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -124,6 +130,11 @@ class CoordinatorConfig:
         check_username(self.broker.username, f.coordinator_id, f"{self.source}: [broker]")
         if len(self.secret) < 16:
             raise ConfigError(f"{self.source}: [security] secret must be at least 16 bytes")
+        if f.classes:
+            check_classes(f.classes, f"{w} classes")
+            if len(f.classes) != self.model.num_classes:
+                raise ConfigError(f"{w} classes names {len(f.classes)} classes but [model] "
+                                  f"num_classes is {self.model.num_classes}")
 
 
 SECTIONS: dict[str, type] = {"federation": FederationSettings, "broker": BrokerSettings,
@@ -147,13 +158,19 @@ def config_from_doc(doc: dict[str, Any], source: str, base: Path,
     if not Path(fed.state_dir).is_absolute():
         fed.state_dir = str(base / fed.state_dir)
     sec = build_section(SecuritySettings, doc, "security", source)
+    for name, cls in (("model", ModelConfig), ("train", TrainConfig)):
+        if not isinstance(doc.get(name, {}), dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        check_types(cls, doc.get(name, {}), f"{source}: [{name}]")
     try:
         model = ModelConfig.from_dict(doc.get("model", {}))
         train = TrainConfig.from_dict(doc.get("train", {}))
     except (ConfigError, TypeError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    broker = build_section(BrokerSettings, doc, "broker", source)
+    broker.resolve(base)
     cfg = CoordinatorConfig(
-        federation=fed, broker=build_section(BrokerSettings, doc, "broker", source),
+        federation=fed, broker=broker,
         secret=read_secret(sec.secret, sec.secret_file, f"{source}: [security] secret", base),
         model=model, train=train, eval=build_section(EvalSettings, doc, "eval", source),
         source=source)

@@ -379,6 +379,7 @@ class Coordinator:
         affinity = getattr(s, "affinity", {}) or {}
         doc = {"model": s.network_cfg.to_dict(), "algorithm": self.fed.algorithm, "seed": self.fed.seed,
                "version": s.version, "round": rnd, "global_file": name, "global_sha256": digest,
+               "classes": list(self.fed.classes),
                "rng": s.rng.bit_generator.state,
                "affinity": {c: [float(v) for v in np.asarray(r)] for c, r in sorted(affinity.items())},
                "clients": []}
@@ -513,6 +514,8 @@ class Coordinator:
                 self._on_fetch(dev, env.round, body)
             elif env.type == P.EVAL:
                 self._on_eval(dev, env.round, body)
+            elif env.type == P.DECLINE:
+                self._on_decline(dev, env.round, body)
             elif env.type in (XFER_PROGRESS, XFER_DONE):
                 self._on_xfer_report(dev, env.type, body)
             else:
@@ -540,7 +543,8 @@ class Coordinator:
         self._send(dev, P.WELCOME, {
             "algorithm": self.fed.algorithm, "seed": self.fed.seed, "model": self.cfg.model.to_dict(),
             "train": self.cfg.train.to_dict(), "bc_key": self.bc_key.hex(), "version": s.version,
-            "round": self.round, "rounds": self.fed.rounds, "round_open": self.round_open})
+            "round": self.round, "rounds": self.fed.rounds, "round_open": self.round_open,
+            "classes": list(self.fed.classes)})
         if resend:
             self._resend_task(dev)
         self._wake.set()
@@ -754,6 +758,20 @@ class Coordinator:
         self._announce(manifest.transfer_id, P.MODEL, {
             "manifest": manifest.to_dict(), "expert_ids": list(ids), "version": version,
             "purpose": purpose}, label)
+
+    def _on_decline(self, dev: str, rnd: int, body: dict[str, Any]) -> None:
+        """A device that cannot train the federation's task (labels outside the class list,
+        data shape != model input) says so: its task this round becomes a failure now, not at
+        the deadline, and it is not selected again until it says hello anew (fixed data)."""
+        reason = f"device declined: {str(body.get('reason', ''))[:300]}"
+        with self._lock:
+            self.online.pop(dev, None)
+            owes = self.round_open and dev in self.tasks and dev not in self.results
+            if owes:
+                self.failed[dev] = reason
+        log.warning("declined device=%s round=%d reason=%s", dev, self.round, reason)
+        self.store.add_event(self.round, dev, "decline", reason)
+        self._wake.set()
 
     def _on_eval(self, dev: str, rnd: int, body: dict[str, Any]) -> None:
         kind, correct, total = body.get("kind"), body.get("correct"), body.get("total")

@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)  # an edge device (and the demo's shared CPU): one core for training
     cfg = load_config(args.config)
+    cfg.broker.check_files(f"{cfg.source}: [broker]")
     agent = DeviceAgent(cfg)
     install_stop_handlers(agent.stop)
     log.info("agent %s (%s, tier %s) for federation %s on %s:%d", cfg.device.id, cfg.device.role,

@@ -62,6 +62,10 @@ class DataSettings:
     npz: str = ""  # x_train/y_train[/x_test/y_test] or x[/y]
     image_folder: str = ""  # one sub-folder per class
     image_shape: list[int] = field(default_factory=lambda: [1, 8, 8])  # (C, H, W) for image folders
+    # the federation's class names in label order; label i = classes[i]. Empty: taken from
+    # the coordinator's welcome (image folders) or the labels as stored (npz). Set it when
+    # the device must refuse a federation whose class list differs from its own.
+    classes: list[str] = field(default_factory=list)
     dataset: str = ""  # a shipped dataset (demos): with client, num_clients, ...
     client: str = "0"  # "3" = training client 3, "new0" = held-out new client 0
     partition: str = "dirichlet"
@@ -114,6 +118,19 @@ class AgentConfig:
             raise ConfigError(f"{self.source}: [data] test_fraction must be in (0, 1)")
         if len(self.key) < 16:
             raise ConfigError(f"{self.source}: [security] key must be at least 16 bytes")
+        check_classes(self.data.classes, f"{self.source}: [data] classes")
+
+
+def check_classes(classes: list[str], where: str) -> None:
+    """A class list names each label once: a duplicate would give two labels one name, and
+    an empty name cannot be a folder."""
+    if not all(isinstance(c, str) and c.strip() and "/" not in c for c in classes):
+        raise ConfigError(f"{where} must be non-empty folder names (strings without '/')")
+    dup = sorted({c for c in classes if classes.count(c) > 1})
+    if dup:
+        raise ConfigError(f"{where} names {', '.join(dup)} more than once")
+    if len(classes) == 1:
+        raise ConfigError(f"{where} needs at least 2 classes, got {classes}")
 
 
 SECTIONS: dict[str, type] = {"device": DeviceSettings, "broker": BrokerSettings,
@@ -151,7 +168,9 @@ def config_from_doc(doc: dict[str, Any], source: str, base: Path,
         key = device_key(read_secret(keys.secret, keys.secret_file, f"{where} secret", base), dev.id)
     else:
         raise ConfigError(f"{where} needs key, key_file, secret or secret_file")
-    cfg = AgentConfig(dev, build_section(BrokerSettings, doc, "broker", source), key, data, source)
+    broker = build_section(BrokerSettings, doc, "broker", source)
+    broker.resolve(base)
+    cfg = AgentConfig(dev, broker, key, data, source)
     cfg.validate()
     return cfg
 
@@ -162,5 +181,5 @@ def load_config(path: Path, env: dict[str, str] | None = None) -> AgentConfig:
     return config_from_doc(load_toml(path), str(path), path.resolve().parent, env)
 
 
-__all__ = ["AgentConfig", "DataSettings", "DeviceSettings", "KeySettings", "config_from_doc",
+__all__ = ["AgentConfig", "DataSettings", "DeviceSettings", "KeySettings", "check_classes", "config_from_doc",
            "env_defaults", "load_config", "parse_key"]

@@ -28,7 +28,7 @@ import numpy as np
 
 from device_agent import protocol as P
 from device_agent.config import AgentConfig
-from device_agent.data import load_data
+from device_agent.data import LocalData, check_labels, load_local, relabel
 from fedcoe_edge.aggregate import top_m
 from fedcoe_edge.checkpoint import load_arrays_file, save_arrays
 from fedcoe_edge.config import ModelConfig, TrainConfig
@@ -86,6 +86,9 @@ class DeviceAgent:
         self.hooks = hooks or AgentHooks()
         self._factory = factory if factory is not None else P.mqtt_factory(cfg.broker)
         self._data = data
+        self._local = LocalData(data) if data is not None else None  # as loaded, before relabelling
+        self.classes: list[str] | None = None  # class names of the labels, once welcomed
+        self.refused: str | None = None  # why this device declined the federation's task
         self._jobs: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._stop = threading.Event()
         self._lock = threading.RLock()
@@ -138,7 +141,8 @@ class DeviceAgent:
     def start(self) -> None:
         """Load data and private state, connect with presence + last-will, say hello."""
         if self._data is None:
-            self._data = load_data(self.cfg.data)
+            self._local = load_local(self.cfg.data)
+            self._data = self._local.data
         self.state_dir.mkdir(parents=True, exist_ok=True)
         local = self.state_dir / "local.safetensors"
         if local.is_file():
@@ -205,12 +209,24 @@ class DeviceAgent:
             self.transport.close()
 
     def run(self) -> int:
+        """Block until stopped; 2 when the device declined the federation's task (a data or
+        label mismatch no restart fixes: the systemd unit does not restart on exit 2)."""
         self.start()
         try:
             self._stop.wait()
         finally:
             self.close()
-        return 0
+        return 2 if self.refused else 0
+
+    def decline(self, reason: str) -> None:
+        """Tell the coordinator this device cannot train its task, log one line, and stop:
+        the coordinator drops it from the round at once instead of waiting out the deadline,
+        and honest devices carry on."""
+        self.refused = reason
+        log.error("%s: declining the federation's task: %s", self.dev, reason)
+        with contextlib.suppress(FedCoEError):
+            self._send(P.DECLINE, {"reason": reason[:500]})
+        self.stop()
 
     # ------------------------------------------------------------------ handlers (enqueue only)
     def _on_connection(self, up: bool) -> None:
@@ -339,11 +355,36 @@ class DeviceAgent:
             except Exception:
                 log.exception("%s: %s failed", self.dev, kind)
 
+    def _check_task_fits(self, b: dict[str, Any], model_cfg: ModelConfig) -> bool:
+        """Labels and input shape must fit the federation's model before any training: a
+        mismatch declines the task (one line here, a typed failure at the coordinator)."""
+        assert self._local is not None
+        fed = [str(c) for c in b.get("classes") or []]
+        mine = list(self.cfg.data.classes)
+        try:
+            if fed and mine and fed != mine:
+                raise DataError(f"[data] classes {mine} differ from the federation's {fed}")
+            where = self.cfg.data.image_folder or f"{self.dev} data"
+            data = relabel(self._local, fed, where) if fed else self._local.data
+            check_labels(data, model_cfg.num_classes, where)
+            shape = tuple(data.x_test.shape[1:] or data.x_train.shape[1:])
+            if shape != tuple(model_cfg.input_shape):
+                raise DataError(f"device data has sample shape {list(shape)}, the federation's "
+                                f"model expects {list(model_cfg.input_shape)} (set [data] image_shape "
+                                f"or reshape the npz)")
+        except DataError as exc:
+            self.decline(str(exc))
+            return False
+        self._data = data
+        self.classes = fed or self._local.classes
+        return True
+
     def _handle_welcome(self, b: dict[str, Any]) -> None:
+        if self.refused:
+            return
         model_cfg = ModelConfig.from_dict(b["model"])
-        if tuple(self.data.x_test.shape[1:] or self.data.x_train.shape[1:]) != model_cfg.input_shape:
-            raise DataError(f"device data has sample shape {list(self.data.x_test.shape[1:])}, the "
-                            f"federation's model expects {list(model_cfg.input_shape)}")
+        if not self._check_task_fits(b, model_cfg):
+            return
         if model_cfg.tier != self.cfg.device.tier:  # local experts sized by this device's tier
             model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "tier": self.cfg.device.tier})
         fresh = self.welcome.get("model") != b["model"] or self.welcome.get("algorithm") != b["algorithm"]
@@ -360,6 +401,8 @@ class DeviceAgent:
 
     def _train(self, ctx: dict[str, Any], manifest: TransferManifest, data: bytes) -> None:
         rnd = int(ctx["round"])
+        if self.refused:
+            return
         s = self.strategy
         if s is None:
             raise DataError(f"task for round {rnd} before the welcome")
@@ -634,7 +677,8 @@ class DeviceAgent:
                 build_bundle(model, self.state_dir / "bundle", calibration=calib,
                              held=ids or None, include_fused=False, include_fp32=False,
                              meta={"device": self.dev, "round": rnd,
-                                   "federation": self.topics.federation})
+                                   "federation": self.topics.federation,
+                                   **({"classes": list(self.classes)} if self.classes else {})})
         except Exception as exc:  # the bundle is a convenience; the federation goes on without it
             self.bundle_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.warning("%s: bundle rebuild failed: %s", self.dev, self.bundle_error)

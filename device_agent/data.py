@@ -3,10 +3,16 @@
 Whatever the source, the agent sees a :class:`~fedcoe_edge.strategies.ClientData`
 (float32 inputs, int64 labels, a 75/25 train/test split by default), the same type the
 simulator hands to ``client_update`` (docs/design.md, section 5).
+
+Labels must mean the same class on every device. An image folder's labels index the
+federation's class list (``[federation] classes`` on the coordinator, sent in the welcome,
+or ``[data] classes`` here), never "whatever sorts first on this device".
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +20,6 @@ import numpy as np
 from device_agent.config import DataSettings
 from fedcoe_edge.errors import DataError
 from fedcoe_edge.strategies import ClientData
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm")
 
 
 def split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> ClientData:
@@ -67,34 +71,64 @@ def load_npz(path: Path, settings: DataSettings) -> ClientData:
     return split(x, y, settings.test_fraction, settings.seed)
 
 
-def load_image_folder(root: Path, settings: DataSettings) -> ClientData:
-    """``root/<class>/<image>``: classes in sorted order become labels 0..C-1."""
-    from PIL import Image
+@dataclass
+class LocalData:
+    """A device's data plus the class names its labels stand for (image folders: the folder
+    names in label order; other sources: None, labels are already the federation's)."""
 
-    if not root.is_dir():
-        raise DataError(f"image folder not found: {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if len(classes) < 1:
-        raise DataError(f"{root}: no class sub-folders")
+    data: ClientData
+    classes: list[str] | None = None
+
+
+def load_image_folder(root: Path, settings: DataSettings,
+                      classes: Sequence[str] | None = None) -> ClientData:
+    """``root/<class>/<image>``: label i is ``classes[i]`` (the federation's list, else
+    ``settings.classes``, else the sorted folder names present here). Reads through the same
+    loader as ``fedcoe simulate --dataset folder:`` so both see the same pixels."""
+    return load_image_folder_named(root, settings, classes).data
+
+
+def load_image_folder_named(root: Path, settings: DataSettings,
+                            classes: Sequence[str] | None = None) -> LocalData:
+    from fedcoe_edge.data.loaders import folder_classes
+    from fedcoe_edge.data.loaders import load_image_folder as read_folder
+
     if len(settings.image_shape) != 3 or settings.image_shape[0] not in (1, 3):
         raise DataError(f"[data] image_shape must be [C, H, W] with C 1 or 3, got {settings.image_shape}")
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    names = list(classes or settings.classes or folder_classes(root))
+    if not names:
+        raise DataError(f"{root}: no class sub-folders")
     c, h, w = settings.image_shape
-    xs, ys = [], []
-    for label, name in enumerate(classes):
-        for f in sorted((root / name).iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(f) as im:
-                    im = im.convert("L" if c == 1 else "RGB").resize((w, h))
-                    arr = np.asarray(im, dtype=np.float32) / 255.0
-            except OSError as exc:
-                raise DataError(f"{f}: unreadable image ({exc})") from None
-            xs.append(arr[None] if c == 1 else arr.transpose(2, 0, 1))
-            ys.append(label)
-    if not xs:
-        raise DataError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders")
-    return split(np.stack(xs), np.array(ys, dtype=np.int64), settings.test_fraction, settings.seed)
+    x, y, names = read_folder(root, size=(h, w), grayscale=c == 1, classes=names)
+    return LocalData(split(x, y, settings.test_fraction, settings.seed), names)
+
+
+def relabel(local: LocalData, classes: Sequence[str], where: str) -> ClientData:
+    """The same images with labels re-indexed into the federation's ``classes``; a class this
+    device holds that the federation does not know is a DataError naming it."""
+    if local.classes is None or list(local.classes) == list(classes):
+        return local.data
+    unknown = [c for i, c in enumerate(local.classes)
+               if c not in classes and (np.any(local.data.y_train == i) or np.any(local.data.y_test == i))]
+    if unknown:
+        raise DataError(f"{where}: class folder(s) {', '.join(unknown)} not in the federation's class "
+                        f"list ({', '.join(classes)})")
+    table = np.array([list(classes).index(c) if c in classes else -1 for c in local.classes], np.int64)
+    d = local.data
+    return ClientData(d.x_train, table[d.y_train], d.x_test,
+                      np.where(d.y_test >= 0, table[np.maximum(d.y_test, 0)], d.y_test))
+
+
+def check_labels(data: ClientData, num_classes: int, where: str) -> None:
+    """Every label must be a class of the federation's model: a label >= num_classes would
+    otherwise be an IndexError deep in the loss, on this device only."""
+    top = max([int(y.max()) for y in (data.y_train, data.y_test) if len(y)], default=-1)
+    if top >= num_classes:
+        raise DataError(f"{where}: labels go up to {top} but the federation's model has "
+                        f"{num_classes} classes (0..{num_classes - 1}); give the federation a "
+                        f"class list or fix the data")
 
 
 def load_demo(settings: DataSettings) -> ClientData:
@@ -112,8 +146,13 @@ def load_demo(settings: DataSettings) -> ClientData:
 
 def load_data(settings: DataSettings) -> ClientData:
     """Dispatch on whichever source the config names."""
+    return load_local(settings).data
+
+
+def load_local(settings: DataSettings) -> LocalData:
+    """:func:`load_data` plus the class names of an image folder's labels."""
     if settings.npz:
-        return load_npz(Path(settings.npz), settings)
+        return LocalData(load_npz(Path(settings.npz), settings))
     if settings.image_folder:
-        return load_image_folder(Path(settings.image_folder), settings)
-    return load_demo(settings)
+        return load_image_folder_named(Path(settings.image_folder), settings)
+    return LocalData(load_demo(settings))

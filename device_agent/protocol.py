@@ -23,7 +23,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (JetPack 6, Ubuntu 22.04): the same parser, as tomli
+    import tomli as tomllib
 
 from fedcoe_edge.errors import ConfigError
 from fedcoe_edge.transport import Topics, Transport, Will
@@ -45,6 +48,9 @@ STATUS = "status"  # broadcast: round open / closed / finished
 HEARTBEAT = "hb"  # device -> coordinator on up/<id>/hb: telemetry (memory, load)
 XFER_UNKNOWN = "xfer_unknown"  # coordinator -> device: chunks for an upload it does not know
 # (it restarted, or the announce was lost): the device re-announces the upload at once
+DECLINE = "decline"  # device -> coordinator: this device cannot train the federation's task
+# (labels outside the class list, data shape != model input): the coordinator stops selecting
+# it at once instead of waiting out the round deadline, and logs the reason
 
 COORDINATOR_ID = "coordinator"
 ENCODING_PLAIN = "safetensors"
@@ -113,6 +119,25 @@ class BrokerSettings:
         if bool(self.cert_file) != bool(self.key_file):
             raise ConfigError(f"{where}: cert_file and key_file go together (client certificate)")
 
+    def check_files(self, where: str) -> None:
+        """The TLS files must exist before connecting: paho would otherwise fail inside
+        ``connect`` with a traceback. Separate from :meth:`validate` so a config can be
+        parsed (and tested) on a machine that does not hold the certificates."""
+        if not self.tls:
+            return
+        for name in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, name)
+            if value and not Path(value).is_file():
+                raise ConfigError(f"{where}.{name}: {value} not found (tls = true needs it)")
+
+    def resolve(self, base: Path) -> None:
+        """Make the certificate paths relative to the config file's folder, like every other
+        path in a config, so a daemon started from another directory finds them."""
+        for name in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, name)
+            if value and not Path(value).is_absolute():
+                setattr(self, name, str(base / value))
+
 
 def check_username(username: str, client_id: str, where: str) -> None:
     """The broker username, when set, must be the daemon's own id: the shipped broker
@@ -134,6 +159,7 @@ def mqtt_factory(settings: BrokerSettings) -> TransportFactory:
     def make(client_id: str, will: Will | None, birth: Will | None) -> Transport:
         from fedcoe_edge.transport.mqtt import MqttTransport
 
+        settings.check_files("[broker]")
         kwargs: dict[str, Any] = {
             "host": settings.host, "port": settings.port, "will": will, "birth": birth,
             "keepalive_s": settings.keepalive_s, "session_expiry_s": settings.session_expiry_s,
@@ -217,10 +243,39 @@ def build_section(cls: type, doc: Mapping[str, Any], section: str, source: str) 
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ConfigError(f"{source}: unknown option(s) in [{section}]: {', '.join(unknown)}")
+    check_types(cls, raw, f"{source}: [{section}]")
     try:
         return cls(**raw)
     except TypeError as exc:
         raise ConfigError(f"{source}: [{section}]: {exc}") from None
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", tuple: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def check_types(cls: type, raw: Mapping[str, Any], where: str) -> None:
+    """Each value must have the type of the field's default (an integer also passes for a
+    number). Dataclasses do not check types, so ``lr = "fast"`` would otherwise surface
+    deep inside training as a TypeError traceback instead of one line naming the key."""
+    defaults = section_defaults(cls)
+    for key, value in raw.items():
+        like = defaults.get(key)
+        if like is None:
+            continue
+        if isinstance(like, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(like, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(like, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        elif isinstance(like, list | tuple):
+            ok = isinstance(value, list | tuple)
+        else:
+            ok = isinstance(value, type(like))
+        if not ok:
+            raise ConfigError(f"{where} {key} must be {_type_name(like)}, got {value!r:.60}")
 
 
 def section_defaults(cls: type) -> dict[str, Any]:

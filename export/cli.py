@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcoe_edge.errors import ConfigError, DataError
+from fedcoe_edge.errors import ConfigError, DataError, ValidationError
 
 ALGORITHM_DEFAULT = "fedcoe"
 
@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="algorithm folder under --checkpoint-dir (default: fedcoe)")
     p.add_argument("--client", required=True, help="client id whose private level is exported")
     p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
-    p.add_argument("--quantize", choices=("int8", "fp32"), default="int8")
+    p.add_argument("--quantize", choices=("int8", "fp32"), default="int8",
+                   help="weights of the deployed parts")
     p.add_argument("--quant-mode", choices=("auto", "static", "dynamic"), default="auto",
                    help="int8 scheme: auto picks static or dynamic per part (default)")
     p.add_argument("--calibration-samples", type=int, default=128,
@@ -49,10 +50,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_export)
 
     q = subparsers.add_parser("predict", help="classify inputs with a bundle (onnxruntime only)",
-                              description="Run a bundle on FILE.npy and print class and probabilities.")
+                              description="Run a bundle on FILE.npy and print, per sample, the class "
+                                          "(its name when the bundle carries the federation's class "
+                                          "list) and the probabilities.")
     q.add_argument("--bundle", required=True, type=Path, help="bundle folder or .tar")
     q.add_argument("--input", required=True, type=Path,
-                   help=".npy of shape (N, *input_shape) or one sample of shape input_shape")
+                   help=".npy (numpy.save) of floats, shape (N, *input_shape) or one sample of shape "
+                        "input_shape (the bundle's model.input_shape, e.g. 1 8 8 for C H W), "
+                        "scaled as in training: image pixels divided by 255 into [0, 1], channels "
+                        "first; not an image file")
     q.add_argument("--fp32", action="store_true", help="use the fp32 parity files")
     q.add_argument("--global-only", action="store_true", help="skip the local level (cold start)")
     q.add_argument("--threads", type=int, default=1, help="intra-op threads")
@@ -197,7 +203,8 @@ def run_export(args: argparse.Namespace) -> int:
                             include_fused=not args.no_fused,
                             meta={"client_id": client, "algorithm": meta.get("algorithm"),
                                   "global_version": meta.get("version"),
-                                  "checkpoint": str(folder)})
+                                  "checkpoint": str(folder),
+                                  **({"classes": list(meta["classes"])} if meta.get("classes") else {})})
     tar_path = write_tar(args.out) if args.tar else None
     report = export_report(model, args.out, manifest, held,
                            x_test if x_test is not None else calib, y_test, extra)
@@ -320,23 +327,45 @@ def format_report(r: dict[str, Any]) -> str:
 # --- predict ----------------------------------------------------------------------------
 
 
+def input_hint(shape: tuple[int, ...]) -> str:
+    """What ``--input`` must hold, for error messages: shape, dtype and scaling."""
+    dims = ", ".join(str(d) for d in shape)
+    return (f"expected a .npy of float32 (numpy.save), shape (N, {dims}) or ({dims}), pixels "
+            f"scaled to [0, 1] channels first as in training")
+
+
+def class_label(names: list[str] | None, c: int) -> str:
+    """The class's name when the bundle carries the federation's list, else ``class c``."""
+    return names[c] if names is not None and 0 <= c < len(names) else f"class {c}"
+
+
 def run_predict(args: argparse.Namespace) -> int:
     from fedcoe_edge.runtime import MoESession
 
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     sess = MoESession(args.bundle, providers=providers, threads=args.threads,
                       precision="fp32" if args.fp32 else "deployed")
-    x = load_npy(args.input, "--input")
+    hint = input_hint(sess.input_shape)
+    try:
+        x = load_npy(args.input, "--input")
+    except DataError as exc:
+        raise DataError(f"{exc}; {hint}") from None
     if tuple(x.shape) == sess.input_shape:
         x = x[None]
-    out = sess.run(x, use_local=not args.global_only)
+    try:
+        out = sess.run(x, use_local=not args.global_only)
+    except ValidationError as exc:
+        raise DataError(f"--input {args.input}: {exc}; {hint}") from None
     classes = out.probs.argmax(1)
+    names = sess.class_names
     if args.json:
         print(json.dumps({"classes": classes.tolist(),
+                          **({"class_names": [class_label(names, int(c)) for c in classes]}
+                             if names else {}),
                           "probabilities": np.round(out.probs, 6).tolist(),
                           "experts_run": out.experts_run}))
         return 0
     for i, (c, p) in enumerate(zip(classes, out.probs, strict=True)):
         probs = " ".join(f"{v:.4f}" for v in p)
-        print(f"{i}\tclass {int(c)}\tp={p[c]:.4f}\t[{probs}]")
+        print(f"{i}\t{class_label(names, int(c))}\tp={p[c]:.4f}\t[{probs}]")
     return 0

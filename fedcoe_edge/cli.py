@@ -7,15 +7,18 @@ sets ``func(args) -> int``. User errors (FedCoEError) print one line on stderr a
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from fedcoe_edge.errors import FedCoEError
 
 # Modules that add subcommands, in the order `fedcoe --help` lists them.
 COMMAND_MODULES = (
+    "fedcoe_edge.commands.init",
     "fedcoe_edge.commands.simulate",
     "fedcoe_edge.commands.heterogeneity",
     "fedcoe_edge.commands.demo",
@@ -26,6 +29,44 @@ COMMAND_MODULES = (
 )
 
 
+def version() -> str:
+    """The installed distribution's version (a source checkout without metadata: unknown)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("fedcoe-edge")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Prints a default only where it says something: not for flags (False), options
+    without one (None) or help texts that already name their default; lists print as the
+    comma-separated text the option takes, not as a Python list."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        d = action.default
+        if (not action.option_strings or action.required or d is None or d is False
+                or d == argparse.SUPPRESS or "default" in text.lower() or "%(default)" in text):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        if isinstance(action.default, list | tuple):
+            action = copy.copy(action)
+            action.default = ",".join(str(v) for v in action.default)
+        return super()._expand_help(action)
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, Any]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedcoe",
@@ -33,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "export int8 ONNX bundles, run the MQTT coordinator and device agents, benchmark.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument("--version", action="version", version=f"fedcoe {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -42,12 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # that part of the product is not installed in this build
             raise
         module.register(sub)
+    for p in sub.choices.values():  # one help style for every subcommand, wherever registered
+        p.formatter_class = HelpFormatter
     return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Like ``parse_args``, but an unknown option is reported with the usage of the
+    subcommand it was given to (argparse would print the top-level usage, which does not
+    show the subcommand's options)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        target = _subparsers(parser).get(getattr(args, "command", None) or "", parser)
+        target.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not getattr(args, "func", None):

@@ -58,6 +58,16 @@ DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 # --- manifest helpers (shared with the exporter) ----------------------------------------
 
 
+def class_names_of(manifest: Mapping[str, Any], num_classes: int) -> list[str] | None:
+    """The federation's class names carried in the manifest's meta (label i = names[i]), or
+    None when the bundle has none or a list that does not fit the model's output."""
+    names = (manifest.get("meta") or {}).get("classes")
+    if (isinstance(names, list) and len(names) == num_classes
+            and all(isinstance(n, str) for n in names)):
+        return list(names)
+    return None
+
+
 def sha256_hex(data: bytes) -> str:
     return _sha256(data).hexdigest()
 
@@ -388,6 +398,7 @@ class MoESession:
         self.feat_shape = feat_shape_of(m)
         self.input_shape = tuple(self.cfg.input_shape)
         self.num_classes = self.cfg.num_classes
+        self.class_names = class_names_of(m, self.num_classes)
         names = part_names(self.cfg, m["held_experts"])
         heads_entry = self._heads_entry(m)
         # parts computed by the merged heads graph get no session of their own
@@ -542,7 +553,7 @@ class MoESession:
                                   f"got {x.dtype}")
         if x.ndim != 1 + len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape or x.shape[0] < 1:
             raise ValidationError(f"MoESession input for part '{first}': expected shape {want}, "
-                                  f"got {tuple(x.shape)}")
+                                  f"got {tuple(x.shape)} (float32, scaled as in training)")
         return np.ascontiguousarray(x)
 
     def _held_array(self, held_ids: Sequence[int]) -> np.ndarray:
@@ -828,7 +839,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError) as exc:
             raise ValidationError(f"input {args.input}: not a readable .npy array: {exc}") from None
         if not np.issubdtype(x.dtype, np.floating):
-            raise ValidationError(f"input {args.input}: expected floats, got dtype {x.dtype}")
+            raise ValidationError(f"input {args.input}: expected floats (float32, pixels scaled "
+                                  f"to [0, 1], channels first), got dtype {x.dtype}")
         x = np.ascontiguousarray(x, dtype=np.float32)
         if tuple(x.shape) == sess.input_shape:
             x = x[None]
@@ -836,9 +848,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BundleError, ValidationError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    names = sess.class_names
     for i, p in enumerate(probs):
         c = int(p.argmax())
-        print(f"{i}\tclass {c}\tp={p[c]:.4f}\t[{' '.join(f'{v:.4f}' for v in p)}]")
+        label = names[c] if names is not None else f"class {c}"
+        print(f"{i}\t{label}\tp={p[c]:.4f}\t[{' '.join(f'{v:.4f}' for v in p)}]")
     return 0
 
 

@@ -45,10 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for configs, state, logs")
     p.add_argument("--json", type=Path, default=None, help="write the summary here (default OUT/demo.json)")
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=10, help="federated rounds")
     p.add_argument("--devices", type=int, default=6, help="training devices (plus one cold device)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label skew")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the partition and the model")
     p.add_argument("--deadline", type=float, default=60.0, help="per-round deadline in seconds")
     p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     p.add_argument("--bundle", choices=("final", "every", "off"), default="final",

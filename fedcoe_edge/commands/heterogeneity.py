@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clients", type=int, default=20, help="training clients")
     p.add_argument("--shards-per-client", type=int, default=2, help="c of the shards partition")
     p.add_argument("--min-samples", type=int, default=20, help="minimum samples per client")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="partition seed")
     p.add_argument("--threshold", type=float, default=None,
                    help="excess mean pairwise JS above which to recommend dual-level-moe "
                         "(default: the module's)")

@@ -8,12 +8,20 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (JetPack 6, Ubuntu 22.04): the same parser, as tomli
+    import tomli as tomllib
 
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+# what --algorithms accepts (fedcoe_edge.strategies.STRATEGIES; listed here so that --help
+# does not import torch; a test keeps the two in step)
+ALGORITHMS = ("fedcoe", "fedavg", "fedprox", "local", "fedavg-ft", "ditto", "fedrep", "mixture",
+              "fedcoe-full", "fedcoe-noaffinity", "fedcoe-nocoord", "fedcoe-nolocal")
 
 
 def csv_list(text: str) -> list[str]:
@@ -67,22 +75,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dataset", default="digits",
                    help="digits, digits-shift, fmnist, synthetic, synthetic(a,b), synthetic-iid, "
-                        "cifar10:PATH, folder:PATH (fmnist is evaluated on its official 10,000-image "
-                        "test split)")
+                        "cifar10:PATH (the extracted cifar-10-batches-py folder), folder:PATH (one "
+                        "sub-folder per class, read as 3x32x32 RGB; set [model] input_shape = "
+                        "[3, 32, 32] in --config and the agents' image_shape to match) (fmnist is "
+                        "evaluated on its official 10,000-image test split)")
     p.add_argument("--data-fraction", type=float, default=1.0,
                    help="stratified share of the training pool partitioned over clients, in (0, 1]; "
                         "e.g. 0.1 = 6,000 fmnist training images (the global test set is not shrunk)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="folder of a dataset read from disk (fmnist: the four IDX .gz files; "
                         "default $FEDCOE_FMNIST_DIR, else /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--partition", default="dirichlet", help="how labels are split over clients")
+    p.add_argument("--partition", default="dirichlet",
+                   help="how labels are split over clients: dirichlet, iid, shards, quantity, or "
+                        "natural (synthetic only)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more skew)")
     p.add_argument("--clients", type=int, default=20, help="training clients")
     p.add_argument("--new-clients", type=int, default=4, help="held-out clients for cold start")
     p.add_argument("--min-samples", type=int, default=20, help="minimum samples per client")
-    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=30, help="federated rounds per run")
     p.add_argument("--local-epochs", type=int, default=None, help="override train.local_epochs")
-    p.add_argument("--algorithms", type=csv_list, default=["fedcoe", "fedavg"], help="comma-separated")
+    p.add_argument("--algorithms", type=csv_list, default=["fedcoe", "fedavg"],
+                   help="comma-separated, from: " + ", ".join(ALGORITHMS))
     p.add_argument("--seeds", type=int_list, default=[0], help="comma-separated seeds")
     p.add_argument("--config", type=Path, default=None, help="TOML file with [model] and [train] sections")
     p.add_argument("--out", type=Path, default=Path("runs/simulate"), help="output folder")

@@ -3,8 +3,8 @@
 * CIFAR-10 (Krizhevsky, "Learning Multiple Layers of Features from Tiny Images", 2009) in the
   "python version" the authors ship: ``data_batch_1..5`` and ``test_batch``, each a pickled
   dict with ``b"data"`` (N, 3072) uint8 and ``b"labels"``.
-* An image folder: one sub-folder per class (sorted names give labels 0..C-1), images in
-  any format Pillow reads.
+* An image folder: one sub-folder per class (labels index the federation's class list, or
+  the sorted folder names without one), images in any format Pillow reads.
 
 Security note: pickle runs code from the file it reads. It is used ONLY in
 ``load_cifar10_batches``, ONLY on a local path the operator names, because that is the format
@@ -15,6 +15,7 @@ CIFAR-10 ships in. Nothing received over the network is ever unpickled in this p
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -73,27 +74,50 @@ def load_cifar10_batches(root: str | Path, train: bool = True, test: bool = True
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def load_image_folder(root: str | Path, size: tuple[int, int] = (32, 32), grayscale: bool = False
+def folder_classes(root: str | Path) -> list[str]:
+    """Class sub-folders of ``root`` in sorted order (hidden folders skipped)."""
+    return sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def load_image_folder(root: str | Path, size: tuple[int, int] = (32, 32), grayscale: bool = False,
+                      classes: Sequence[str] | None = None
                       ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images under ``root/<class>/`` -> (x float32 (N, C, H, W) in [0, 1], y int64, class names).
 
-    Every image is converted to RGB (or L with ``grayscale``) and resized to ``size`` (H, W).
+    Every image is converted to RGB (or L with ``grayscale``) and resized to ``size`` (H, W)
+    with bilinear resampling: the simulator and the device agent both read folders here, so a
+    model simulated on a folder sees the same pixels as the one deployed on it.
+
+    ``classes``: the federation's class list. Label i is ``classes[i]`` whatever sub-folders
+    this copy of the data happens to hold (a device may hold a few classes), so labels agree
+    across devices; a sub-folder not in the list is a DataError naming it, and an empty or
+    missing class folder is fine. Without it, the sorted sub-folder names are the classes
+    (at least 2, each non-empty), which is only safe when every copy holds every class.
     """
     from PIL import Image, UnidentifiedImageError
 
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(classes) < 2:
-        raise DataError(f"{root}: need at least 2 class sub-folders, found {len(classes)}")
+    present = folder_classes(root)
+    if classes is None:
+        if len(present) < 2:
+            raise DataError(f"{root}: need at least 2 class sub-folders, found {len(present)}")
+        names = present
+    else:
+        names = list(classes)
+        unknown = [c for c in present if c not in names]
+        if unknown:
+            raise DataError(f"{root}: class folder(s) {', '.join(unknown)} not in the federation's "
+                            f"class list ({', '.join(names)})")
+    index = {c: i for i, c in enumerate(names)}
     xs: list[np.ndarray] = []
     ys: list[int] = []
     h, w = size
-    for label, cls in enumerate(classes):
+    for cls in present:
         files = sorted(f for f in (root / cls).iterdir()
                        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
+        if not files and classes is None:
             raise DataError(f"{root / cls}: no images ({', '.join(IMAGE_SUFFIXES)})")
         for f in files:
             try:
@@ -103,5 +127,7 @@ def load_image_folder(root: str | Path, size: tuple[int, int] = (32, 32), graysc
             except (OSError, UnidentifiedImageError) as exc:
                 raise DataError(f"cannot read image {f}: {exc}") from None
             xs.append(arr[None] if grayscale else arr.transpose(2, 0, 1))
-            ys.append(label)
-    return np.stack(xs), np.asarray(ys, dtype=np.int64), classes
+            ys.append(index[cls])
+    if not xs:
+        raise DataError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders")
+    return np.stack(xs), np.asarray(ys, dtype=np.int64), names

@@ -1,0 +1,188 @@
+"""``fedcoe init`` / ``fedcoe keygen`` and a federation run from what ``init`` wrote.
+
+The end-to-end test provisions a federation with a class list, starts the broker from the
+generated Mosquitto config (passwords + ACL), a coordinator and two agents whose image
+folders hold DIFFERENT class sets, and checks that each class gets the same label on both
+devices; a third device with a class folder outside the list declines in one line and the
+round closes without waiting out its deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tomllib
+
+from device_agent.protocol import device_key
+from fedcoe_edge.cli import main
+
+# every class gets its own grey level, so a label can be checked against the pixels
+LEVEL = {"one": 40, "two": 120, "three": 220}
+
+
+def write_images(root: Path, classes: list[str], per_class: int = 10) -> None:
+    from PIL import Image
+
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((8, 8), LEVEL.get(c, 0) + i % 3, np.uint8)).save(root / c / f"{i}.png")
+
+
+def wait_for(cond: Any, what: str, timeout: float = 300.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_init_writes_per_device_keys_only_and_private_secrets(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "fed"
+    assert main(["init", str(out), "--names", "pi-a,pi-b", "--classes", "cat,dog",
+                 "--image-shape", "3,16,16", "--port", "8883", "--tls"]) == 0
+    printed = capsys.readouterr().out
+    assert "fedcoe coordinator --config" in printed and "fedcoe agent --config agent.toml" in printed
+    secret = bytes.fromhex((out / "coordinator" / "federation.secret").read_text().strip())
+    coord = tomllib.loads((out / "coordinator" / "coordinator.toml").read_text())
+    assert coord["federation"]["classes"] == ["cat", "dog"] and coord["model"]["num_classes"] == 2
+    assert coord["model"]["input_shape"] == [3, 16, 16] and coord["broker"]["tls"] is True
+    for dev in ("pi-a", "pi-b"):
+        folder = out / "devices" / dev
+        key = (folder / "device.key").read_text().strip()
+        assert bytes.fromhex(key) == device_key(secret, dev)
+        text = (folder / "agent.toml").read_text()
+        agent = tomllib.loads(text)
+        assert secret.hex() not in text and "secret" not in agent["security"]
+        assert agent["security"] == {"key_file": "device.key"}
+        assert agent["data"]["classes"] == ["cat", "dog"] and agent["broker"]["username"] == dev
+        assert mode(folder / "device.key") == 0o600 and mode(folder / "agent.toml") == 0o600
+    assert mode(out / "coordinator" / "federation.secret") == 0o600
+    assert mode(out / "broker" / "passwd") == 0o600
+    acl = (out / "broker" / "acl").read_text()
+    assert "pattern write fl/v1/+/up/%u/#" in acl
+
+
+def test_init_refuses_a_used_folder_and_bad_options_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x").write_text("keep")
+    cases = [
+        (["init", str(tmp_path / "used")], "is not an empty folder"),
+        (["init", str(tmp_path / "a"), "--classes", "cat,cat"], "names cat more than once"),
+        (["init", str(tmp_path / "b"), "--image-shape", "2,8,8"], "C 1 or 3"),
+        (["init", str(tmp_path / "c"), "--names", "coordinator"], "coordinator's id"),
+    ]
+    for argv, text in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert text in err and len(err.splitlines()) == 1, err
+    assert (tmp_path / "used" / "x").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["used"]  # nothing half-written
+
+
+def test_keygen_new_secret_and_derived_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sec = tmp_path / "fed.secret"
+    assert main(["keygen", "--new-secret", "--out", str(sec)]) == 0
+    assert mode(sec) == 0o600
+    assert main(["keygen", "--new-secret", "--out", str(sec)]) == 2  # never overwritten
+    capsys.readouterr()
+    assert main(["keygen", "--secret-file", str(sec), "--device", "pi-3"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert bytes.fromhex(key) == device_key(bytes.fromhex(sec.read_text().strip()), "pi-3")
+    assert main(["keygen", "--secret-file", str(sec), "--device", "pi-3", "--out", str(tmp_path / "k")]) == 0
+    assert (tmp_path / "k").read_text().strip() == key and mode(tmp_path / "k") == 0o600
+
+
+def test_init_then_coordinator_and_agents_agree_on_labels(tmp_path: Path) -> None:
+    from coordinator.config import load_config as load_coordinator
+    from coordinator.daemon import Coordinator
+    from device_agent.config import load_config as load_agent
+    from device_agent.daemon import DeviceAgent
+    from device_agent.data import load_local
+    from fedcoe_edge.broker import MosquittoBroker, _free_port, find_mosquitto
+    from fedcoe_edge.errors import ConfigError, DataError
+
+    try:
+        find_mosquitto()
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+    port = _free_port("127.0.0.1")
+    out = tmp_path / "fed"
+    assert main(["init", str(out), "--names", "dev1,dev2,dev3", "--classes", "one,two,three",
+                 "--port", str(port), "--rounds", "1", "--deadline", "600"]) == 0
+    write_images(out / "devices" / "dev1" / "data" / "dev1", ["three", "one"])
+    write_images(out / "devices" / "dev2" / "data" / "dev2", ["two", "three"])
+    write_images(out / "devices" / "dev3" / "data" / "dev3", ["one", "four"])
+    conf = (out / "broker" / "mosquitto.conf").read_text()
+    hashed = (out / "broker" / "passwd").read_text().count("$7$") >= 4
+    if not hashed or shutil.which("mosquitto_passwd") is None:  # plain passwords: open broker
+        conf = f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+    if os.geteuid() == 0:  # as root, mosquitto drops to user mosquitto, who cannot read 0600
+        conf += "user root\n"
+    env = {"FEDCOE_FEDERATION_MIN_DEVICES": "2", "FEDCOE_FEDERATION_EXIT_WHEN_DONE": "true",
+           "FEDCOE_FEDERATION_QUORUM": "1"}
+    # with the class list in its own agent.toml, dev3 refuses at start, before connecting
+    with pytest.raises(DataError, match="class folder.s. four not in the federation's class list"):
+        load_local(load_agent(out / "devices" / "dev3" / "agent.toml").data)
+    # dev2 and dev3 do not list the classes themselves: the coordinator's welcome does
+    no_list = {"FEDCOE_DATA_CLASSES": "[]", "FEDCOE_DEVICE_BUNDLE": "off", "FEDCOE_DEVICE_HEARTBEAT_S": "0"}
+    with MosquittoBroker(port=port, config_text=conf, workdir=tmp_path / "mq"):
+        ccfg = load_coordinator(out / "coordinator" / "coordinator.toml", env)
+        coord = Coordinator(ccfg)
+        t = threading.Thread(target=coord.run, daemon=True)
+        t.start()
+        agents: dict[str, DeviceAgent] = {}
+        try:
+            for dev in ("dev1", "dev2", "dev3"):
+                if dev == "dev3":  # joins once round 1 runs with the two honest devices
+                    wait_for(lambda: coord.round_open or coord.finished, "round 1 open")
+                acfg = load_agent(out / "devices" / dev / "agent.toml",
+                                  no_list if dev != "dev1" else {"FEDCOE_DEVICE_BUNDLE": "off",
+                                                                 "FEDCOE_DEVICE_HEARTBEAT_S": "0"})
+                agents[dev] = DeviceAgent(acfg)
+                agents[dev].start()
+            wait_for(lambda: agents["dev3"].refused is not None, "dev3 declining")
+            t.join(timeout=300)
+            assert not t.is_alive(), "the round did not close"
+        finally:
+            for a in agents.values():
+                a.close()
+            coord.stop()
+            t.join(timeout=10)
+    # dev3 declined with one line naming the folder outside the list, and was never trained
+    assert agents["dev3"].refused and "four" in agents["dev3"].refused
+    assert "\n" not in agents["dev3"].refused and agents["dev3"].rounds_done == []
+    # the honest devices trained round 1 with labels that agree with the class list
+    for dev in ("dev1", "dev2"):
+        a = agents[dev]
+        assert a.rounds_done == [1] and a.classes == ["one", "two", "three"]
+        d = a.data
+        x = np.concatenate([d.x_train, d.x_test]).reshape(len(d.y_train) + len(d.y_test), -1)[:, 0]
+        y = np.concatenate([d.y_train, d.y_test])
+        for label, name in enumerate(["one", "two", "three"]):
+            got = x[y == label] * 255
+            if len(got):
+                assert np.all(np.abs(got - LEVEL[name]) < 3), (dev, name)
+    assert set(np.concatenate([agents["dev1"].data.y_train, agents["dev1"].data.y_test])) == {0, 2}
+    assert set(np.concatenate([agents["dev2"].data.y_train, agents["dev2"].data.y_test])) == {1, 2}
+    model = tomllib.loads((out / "coordinator" / "coordinator.toml").read_text())
+    assert model["federation"]["classes"] == ["one", "two", "three"]
+    import json
+
+    ck = json.loads((out / "coordinator" / "state" / "checkpoint" / "model.json").read_text())
+    assert ck["classes"] == ["one", "two", "three"]
+    assert os.path.isfile(out / "coordinator" / "state" / "coordinator.sqlite")
