@@ -124,9 +124,9 @@ def test_init_then_coordinator_and_agents_agree_on_labels(tmp_path: Path) -> Non
     out = tmp_path / "fed"
     assert main(["init", str(out), "--names", "dev1,dev2,dev3", "--classes", "one,two,three",
                  "--port", str(port), "--rounds", "1", "--deadline", "600"]) == 0
-    write_images(out / "devices" / "dev1" / "data" / "dev1", ["three", "one"])
-    write_images(out / "devices" / "dev2" / "data" / "dev2", ["two", "three"])
-    write_images(out / "devices" / "dev3" / "data" / "dev3", ["one", "four"])
+    write_images(out / "devices" / "dev1" / "data", ["three", "one"])
+    write_images(out / "devices" / "dev2" / "data", ["two", "three"])
+    write_images(out / "devices" / "dev3" / "data", ["one", "four"])
     conf = (out / "broker" / "mosquitto.conf").read_text()
     hashed = (out / "broker" / "passwd").read_text().count("$7$") >= 4
     if not hashed or shutil.which("mosquitto_passwd") is None:  # plain passwords: open broker

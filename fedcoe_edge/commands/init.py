@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "stored on each device, 10 classes)")
     p.add_argument("--image-shape", default="1,8,8",
                    help="C,H,W every image is converted (C 1 = grey, 3 = RGB) and resized to")
-    p.add_argument("--data", default="data/{device}",
+    p.add_argument("--data", default="data",
                    help="data path per device; {device} becomes the id; a path ending in .npz is "
                         "an npz file, anything else an image folder with one sub-folder per class; "
                         "relative paths are relative to the device's agent.toml")
