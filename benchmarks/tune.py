@@ -71,7 +71,7 @@ SEARCH: dict[str, list[dict[str, Any]]] = {
     "ditto": product(lr=LR2, ditto_lambda=(0.1, 1.0)),
     "fedrep": product(lr=LR4),
     "mixture": product(lr=LR4),
-    "fedcoe": product(lr=LR2, rho=(0.25, 1.0)),
+    "fedcoe": product(lr=LR2, lam=(0.02, 0.1)),
 }
 ALGORITHMS = (*BASELINE_ALGORITHMS, "fedcoe")  # baselines first: their cache outlives FedCoE edits
 assert all(len(v) == BUDGET for v in SEARCH.values())
@@ -161,6 +161,29 @@ def build(done: dict[str, dict[str, Any]], keys: dict[Job, str], datasets: Seque
     return {"tuned": tuned, "scores": scores}
 
 
+def carry_over(path: Path, doc: dict[str, Any], datasets: Sequence[str],
+               algorithms: Sequence[str]) -> list[str]:
+    """Keep what an earlier tuning wrote for the algorithms this invocation does not run
+    (``--algorithms fedcoe`` re-tunes FedCoE and leaves the baselines' choices and scores as
+    they were). Returns "dataset/algorithm" for each entry carried over."""
+    if not path.is_file():
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    carried = []
+    for d in datasets:
+        for a, rows in (old.get("scores") or {}).get(d, {}).items():
+            if a in algorithms or a not in SEARCH:
+                continue
+            doc["scores"].setdefault(d, {})[a] = rows
+            if a in (old.get("tuned") or {}).get(d, {}):
+                doc["tuned"].setdefault(d, {})[a] = old["tuned"][d][a]
+            carried.append(f"{d}/{a}")
+    return carried
+
+
 def render(doc: dict[str, Any]) -> str:
     meta = doc["meta"]
     lines = [
@@ -184,6 +207,9 @@ def render(doc: dict[str, Any]) -> str:
         "`train.extra.ditto_lambda` (the knob Ditto reads).",
         "",
     ]
+    if meta.get("carried_over"):
+        lines += [f"Carried over unchanged from an earlier invocation (same protocol, not re-run "
+                  f"here; their CPU time is included above): {', '.join(meta['carried_over'])}.", ""]
     for d, algos in doc["scores"].items():
         lines += [f"## {d} (tuned at {TUNE_SETTINGS[d]})", "",
                   "| algorithm | knobs | val global | val personalized | val cold start | score "
@@ -264,6 +290,7 @@ def run(args: argparse.Namespace) -> int:
 
     def write() -> dict[str, Any]:
         doc = build(done, keys, datasets, algorithms)
+        carried = carry_over(out / "tuned.json", doc, datasets, algorithms) if not args.quick else []
         recs = [done[k] for k in keys.values() if k in done]
         doc["meta"] = {
             "commit": commit,
@@ -271,7 +298,9 @@ def run(args: argparse.Namespace) -> int:
             "runs_total": len(keys),
             "runs_done": len(recs),
             "complete": len(recs) == len(keys),
-            "cpu_s": float(sum(r["metrics"]["wall_s"] for r in recs)),
+            "cpu_s": float(sum(r["metrics"]["wall_s"] for r in recs)) + sum(
+                float(row["wall_s"] or 0.0) for da in carried
+                for row in doc["scores"][da.split("/")[0]][da.split("/")[1]]),
             "invocation_wall_s": time.perf_counter() - t0,
             "rounds": some.rounds,
             "clients": some.clients,
@@ -280,6 +309,7 @@ def run(args: argparse.Namespace) -> int:
             "split": "val",
             "settings": {d: TUNE_SETTINGS[d] for d in datasets},
             "search": {a: SEARCH[a] for a in algorithms},
+            "carried_over": carried,
         }
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "tuned.json", json.dumps(doc, indent=2) + "\n")
