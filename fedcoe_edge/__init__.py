@@ -1,1 +1,75 @@
-"""placeholder"""
+"""fedcoe-edge: federated learning with a coordinated dual-level Mixture-of-Experts (FedCoE,
+arXiv 2605.21264) for fleets of edge devices. How it works: docs/design.md.
+
+    import fedcoe_edge as fe
+
+    cfg = fe.SimulationConfig(dataset="fmnist", data_fraction=0.1, alpha=0.1, rounds=40,
+                              algorithms=["fedcoe", "fedavg"])
+    doc, runs = fe.simulate(cfg)            # the dict `fedcoe simulate` writes to results.json
+    print(doc["algorithms"]["fedcoe"]["personalized_acc"], doc["diagnostics"]["fedcoe"])
+
+    session = fe.MoESession("bundle/")      # onnxruntime + numpy only, no torch
+    probs = session.predict(x)              # x: float32 (B, C, H, W) in [0, 1]
+
+Names resolve lazily, so ``import fedcoe_edge`` stays cheap and a device that only predicts
+never imports torch. The exporter (``export_bundle``) and the daemons (``Coordinator``,
+``DeviceAgent``) live in the packages above this library (``export``, ``coordinator``,
+``device_agent``); they are re-exported here for convenience only.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> "module:attribute"
+_EXPORTS: dict[str, str] = {
+    # configuration
+    "ModelConfig": "fedcoe_edge.config:ModelConfig",
+    "TrainConfig": "fedcoe_edge.config:TrainConfig",
+    "SimulationConfig": "fedcoe_edge.simulation:SimulationConfig",
+    # model
+    "DualLevelMoE": "fedcoe_edge.model:DualLevelMoE",
+    # algorithms
+    "Strategy": "fedcoe_edge.strategies:Strategy",
+    "FedCoE": "fedcoe_edge.strategies:FedCoE",
+    "FedAvg": "fedcoe_edge.strategies:FedAvg",
+    "FedProx": "fedcoe_edge.strategies:FedProx",
+    "Ditto": "fedcoe_edge.strategies:Ditto",
+    "FedRep": "fedcoe_edge.strategies:FedRep",
+    "STRATEGIES": "fedcoe_edge.strategies:STRATEGIES",
+    "make_strategy": "fedcoe_edge.strategies:make_strategy",
+    # data
+    "DATASETS": "fedcoe_edge.data:DATASETS",
+    "make_federation": "fedcoe_edge.data:make_federation",
+    "load_dataset": "fedcoe_edge.data:load_dataset",
+    # simulation
+    "simulate": "fedcoe_edge.simulation:simulate",
+    "run_one": "fedcoe_edge.simulation:run_one",
+    "write_outputs": "fedcoe_edge.simulation:write_outputs",
+    # on-device inference (no torch)
+    "MoESession": "fedcoe_edge.runtime:MoESession",
+    # export and daemons (packages above the library)
+    "export_bundle": "export.bundle:build_bundle",
+    "Coordinator": "coordinator.daemon:Coordinator",
+    "DeviceAgent": "device_agent.daemon:DeviceAgent",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name on first use (PEP 562)."""
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module 'fedcoe_edge' has no attribute {name!r}")
+    module, attr = target.split(":")
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

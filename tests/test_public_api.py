@@ -1,0 +1,30 @@
+"""``import fedcoe_edge as fe``: every public name resolves, and the import stays light."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import fedcoe_edge as fe
+
+
+def test_every_public_name_resolves():
+    for name in fe.__all__:
+        assert getattr(fe, name) is not None, name
+    assert fe.make_strategy("fedcoe", fe.ModelConfig(), fe.TrainConfig()).name == "fedcoe"
+    assert "fmnist" in fe.DATASETS
+
+
+def test_unknown_name_is_an_attribute_error():
+    try:
+        fe.no_such_thing  # noqa: B018
+    except AttributeError as exc:
+        assert "no_such_thing" in str(exc)
+    else:  # pragma: no cover
+        raise AssertionError("expected AttributeError")
+
+
+def test_import_does_not_pull_torch():
+    code = "import sys, fedcoe_edge; fedcoe_edge.MoESession; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
