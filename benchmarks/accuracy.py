@@ -873,35 +873,12 @@ def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_")
 
 
-def plot_routing(matrix: Sequence[Sequence[float]], path: Path, title: str) -> None:
-    """Client x expert heat map of routing mass (one row per client, rows sum to 1): shows
-    whether clients share one expert (a collapsed router) or spread over several."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    m = np.asarray(matrix, dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * m.shape[1], 1.5 + 0.22 * m.shape[0]))
-    im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax.set_xlabel("global expert")
-    ax.set_ylabel("client")
-    ax.set_xticks(range(m.shape[1]))
-    ax.set_yticks(range(m.shape[0]))
-    ax.tick_params(axis="y", labelsize=6)
-    fig.colorbar(im, ax=ax, label="share of routing mass")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def write_report(
     grid: Grid, done: dict[str, dict[str, Any]], out: Path, meta: dict[str, Any]
 ) -> dict[str, Any]:
     from fedcoe_edge.io import atomic_write_text
-    from fedcoe_edge.plots import plot_curves
+    from fedcoe_edge.plots import plot_curves, plot_routing_heatmap
+    from fedcoe_edge.strategies import shares_model
 
     doc = build_document(grid, done, meta)
     out.mkdir(parents=True, exist_ok=True)
@@ -918,11 +895,13 @@ def write_report(
                 curves,
                 out / f"accuracy_{safe_name(s_name)}.png",
                 title=f"{s_name}: {SETTINGS[s_name].describe()} (test splits)",
+                chance=1.0 / 10,  # every grid dataset has 10 classes
+                no_global=[a for a in curves if not shares_model(a)],
             )
         first = records_for(grid, done, s_name, "fedcoe", grid.seeds[:1])
         matrix = first[0].get("diagnostics", {}).get("routing_matrix") if first else None
         if matrix:
-            plot_routing(
+            plot_routing_heatmap(
                 matrix,
                 out / f"accuracy_{safe_name(s_name)}_routing.png",
                 title=f"FedCoE routing, {s_name}, seed {grid.seeds[0]}",

@@ -100,11 +100,28 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
     return args
 
 
+class QuietThirdParty(logging.Filter):
+    """Drops INFO/DEBUG lines from the exporter's and quantizer's libraries (onnxruntime's
+    quantizer logs through the root logger: thousands of lines per bundle); warnings and
+    errors still show, and ``-v`` shows everything."""
+
+    NOISY = ("onnxruntime", "onnxscript", "onnx_ir", "torch/onnx", "torch.onnx")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        where = f"{record.name} {record.pathname.replace(chr(92), '/')}"
+        return not any(n in where for n in self.NOISY)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse(parser, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(QuietThirdParty())
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -84,3 +84,19 @@ def test_clip_and_balance_knobs_are_validated(value):
         TrainConfig(clip_grad_norm=value)
     with pytest.raises(ConfigError, match="capacity_slack"):
         TrainConfig(capacity_slack=0.5)
+
+
+def test_quantizer_info_lines_are_muted_unless_verbose():
+    """onnxruntime's quantizer logs INFO through the root logger; the CLI's filter drops it
+    (warnings pass), so a bundle build does not print thousands of lines."""
+    from fedcoe_edge.cli import QuietThirdParty
+
+    f = QuietThirdParty()
+
+    def rec(level: int, path: str, name: str = "root") -> logging.LogRecord:
+        return logging.LogRecord(name, level, path, 1, "msg", None, None)
+
+    assert not f.filter(rec(logging.INFO, "/x/site-packages/onnxruntime/quantization/onnx_quantizer.py"))
+    assert not f.filter(rec(logging.INFO, "/x/y.py", name="onnxscript.optimizer"))
+    assert f.filter(rec(logging.WARNING, "/x/site-packages/onnxruntime/quantization/onnx_quantizer.py"))
+    assert f.filter(rec(logging.INFO, "/work/fedcoe_edge/simulation.py", name="fedcoe_edge.simulation"))
