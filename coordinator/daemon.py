@@ -780,6 +780,9 @@ class Coordinator:
         if not (isinstance(correct, int) and isinstance(total, int) and 0 <= correct <= total):
             raise ValidationError("eval needs integers 0 <= correct <= total")
         self.store.add_eval(rnd, dev, kind, correct, total)
+        # the answer the device waits for (it re-sends an unanswered eval); storing is
+        # idempotent, so a re-sent eval only repeats this answer
+        self._send(dev, P.EVAL_ACK, {"kind": kind}, rnd)
         log.info("eval device=%s round=%d kind=%s acc=%.4f (%d/%d)", dev, rnd, kind,
                  correct / total if total else float("nan"), correct, total)
 

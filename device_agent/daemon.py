@@ -21,6 +21,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,41 @@ TORCH_LOCK = threading.Lock()
 REANNOUNCE_S = 5.0  # repeat an upload's result envelope until the coordinator answers
 STATUS_HELLO_S = 30.0  # a repeated "coordinator online" says hello again at most this often
 DEADLINE_GRACE_S = 2.0  # an upload is waited for this long past the round deadline
+# FETCH and EVAL are re-sent until answered: a QoS 1 message can be lost in a broker or
+# coordinator restart, and neither has a manifest the pump loop would repeat. Backoff
+# RETRY_FIRST_S, doubling, capped at RETRY_MAX_S; at most RETRY_ATTEMPTS sends per request
+# (per purpose or kind, per round), so an unanswering coordinator costs a bounded
+# number of messages (6 sends over about 135 s).
+RETRY_FIRST_S = 5.0
+RETRY_MAX_S = 60.0
+RETRY_ATTEMPTS = 6
+RETRY_TICK_S = 0.25
+FETCH_TRANSFER_S = 60.0  # once a fetch's `model` manifest arrived: time to finish the download
+
+
+@dataclass
+class _Request:
+    """A FETCH or EVAL this device sent and has no answer for yet (re-sent when ``due``)."""
+
+    type: str
+    body: dict[str, Any]
+    round: int
+    sent: int = 0
+    due: float = 0.0
+
+
+RequestKey = tuple[str, str, int]  # (type, purpose or kind, round; 0 for gate/cold fetches)
+
+
+def retry_delay(sent: int) -> float:
+    """Wait after the ``sent``-th send of a request: 5, 10, 20, 40, 60, 60 ... s."""
+    return min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** max(0, sent - 1))
+
+
+def fetch_key(purpose: str, rnd: int) -> RequestKey:
+    """A refresh belongs to the round it follows; gate and cold fetches to none (the
+    coordinator labels their answer with its current round, which the device cannot know)."""
+    return (P.FETCH, purpose, rnd if purpose == "refresh" else 0)
 
 
 @dataclass
@@ -119,6 +155,8 @@ class DeviceAgent:
         self._status_hello_at: float | None = None
         self._bundle_note = False
         self.bundle_error: str | None = None  # why the last bundle rebuild failed
+        self._requests: dict[RequestKey, _Request] = {}  # FETCH / EVAL awaiting an answer
+        self.requests_given_up: deque[RequestKey] = deque(maxlen=100)  # newest, for operators
 
     # ------------------------------------------------------------------ plumbing
     def _keys(self, sender: str) -> bytes | None:
@@ -131,6 +169,61 @@ class DeviceAgent:
 
     def _report(self, type: str, body: dict[str, Any]) -> None:
         self._send(type, body)
+
+    def _request(self, key: RequestKey, body: dict[str, Any], rnd: int) -> None:
+        """Send a FETCH or EVAL and keep it until answered (see :meth:`_retry_loop`).
+        Sending the same request again (a repeated welcome) counts as an attempt."""
+        type_ = key[0]
+        with self._lock:
+            req = self._requests.get(key)
+            if req is None:
+                req = self._requests[key] = _Request(type_, dict(body), rnd)
+            req.body, req.round = dict(body), rnd
+            req.sent += 1
+            req.due = time.monotonic() + retry_delay(req.sent)
+        self._send(type_, body, rnd)
+
+    def _answered(self, key: RequestKey) -> None:
+        with self._lock:
+            self._requests.pop(key, None)
+
+    def _postpone(self, key: RequestKey, seconds: float) -> None:
+        """The coordinator answered a fetch with its manifest: give the download time."""
+        with self._lock:
+            req = self._requests.get(key)
+            if req is not None:
+                req.due = time.monotonic() + seconds
+
+    def _retry_loop(self) -> None:
+        """Re-send unanswered FETCH / EVAL with backoff; give up after RETRY_ATTEMPTS sends
+        (one WARNING line), so a coordinator that never answers costs a bounded amount."""
+        while not self._stop.wait(RETRY_TICK_S):
+            t = self.transport
+            if t is None or not t.connected:
+                continue  # a send now would be lost too; the timers wait for the connection
+            now = time.monotonic()
+            resend: list[_Request] = []
+            dropped: list[_Request] = []
+            with self._lock:
+                for k, r in list(self._requests.items()):
+                    if r.due > now:
+                        continue
+                    if r.sent >= RETRY_ATTEMPTS:
+                        del self._requests[k]
+                        self.requests_given_up.append(k)
+                        dropped.append(r)
+                    else:
+                        r.sent += 1
+                        r.due = now + retry_delay(r.sent)
+                        resend.append(r)
+            for r in dropped:
+                log.warning("%s: %s for round %d unanswered after %d sends; giving up", self.dev,
+                            r.type, r.round, r.sent)
+            for r in resend:
+                log.info("%s: %s for round %d unanswered; sending it again (%d of %d)", self.dev,
+                         r.type, r.round, r.sent, RETRY_ATTEMPTS)
+                with contextlib.suppress(FedCoEError):
+                    self._send(r.type, r.body, r.round)
 
     @property
     def data(self) -> ClientData:
@@ -163,6 +256,7 @@ class DeviceAgent:
         self._worker.start()
         if self.cfg.device.heartbeat_s > 0:
             threading.Thread(target=self._heartbeat, name=f"hb-{self.dev}", daemon=True).start()
+        threading.Thread(target=self._retry_loop, name=f"retry-{self.dev}", daemon=True).start()
 
     def _heartbeat(self) -> None:
         """QoS 0 telemetry: lost while offline, which is what a heartbeat should do."""
@@ -280,6 +374,8 @@ class DeviceAgent:
                     ctx["deadline_at"] = time.monotonic() + float(b["deadline_s"])
                 with self._lock:
                     self.pending[manifest.transfer_id] = ctx
+                if env.type == P.MODEL:
+                    self._postpone(fetch_key(str(b.get("purpose")), env.round), FETCH_TRANSFER_S)
                 self.receiver.expect(manifest)
                 self.receiver.nudge(manifest.transfer_id)
             elif env.type in (XFER_PROGRESS, XFER_DONE):
@@ -307,9 +403,19 @@ class DeviceAgent:
                 if up is not None:  # accepted earlier (same bytes re-sent after a restart)
                     self.confirmed.add(str(b.get("xfer")))
                     up[1].set()
+            elif env.type == P.EVAL_ACK:
+                self._answered((P.EVAL, str(b.get("kind")), env.round))
             elif env.type == P.REJECT:
+                reason = str(b.get("reason"))
+                log.warning("%s: round %d: coordinator rejected: %s", self.dev, env.round, reason)
+                refused = reason.split(":", 1)[0]
+                if refused in (P.FETCH, P.EVAL):  # refused for good: re-sending cannot help
+                    with self._lock:
+                        for key in [k for k in self._requests if k[0] == refused
+                                    and self._requests[k].round == env.round]:
+                            del self._requests[key]
+                    return
                 self.accepted[env.round] = False
-                log.warning("%s: round %d: coordinator rejected: %s", self.dev, env.round, b.get("reason"))
                 with self._lock:
                     up = self.uploads.get(str(b.get("xfer")))
                 if up is not None:  # refused before any chunk: stop waiting for the transfer
@@ -397,7 +503,7 @@ class DeviceAgent:
             log.info("%s: joined federation %s (%s, version %d, round %d)", self.dev,
                      self.topics.federation, b["algorithm"], b["version"], b["round"])
         if self.cfg.device.role == "cold" and not self.cold_ready.is_set():
-            self._send(P.FETCH, {"expert_ids": [], "purpose": "gate"})
+            self._request(fetch_key("gate", 0), {"expert_ids": [], "purpose": "gate"}, 0)
 
     def _train(self, ctx: dict[str, Any], manifest: TransferManifest, data: bytes) -> None:
         rnd = int(ctx["round"])
@@ -557,7 +663,7 @@ class DeviceAgent:
                 and self.cfg.device.refresh_on_close and rnd in self.local_after
                 and rnd not in self.evaluated and rnd not in self._refreshing):
             self._refreshing.add(rnd)
-            self._send(P.FETCH, {"expert_ids": None, "purpose": "refresh"}, rnd)
+            self._request(fetch_key("refresh", rnd), {"expert_ids": None, "purpose": "refresh"}, rnd)
 
     def _handle_model(self, ctx: dict[str, Any], manifest: TransferManifest, data: bytes) -> None:
         params = decode_tensors(data)
@@ -565,6 +671,7 @@ class DeviceAgent:
         if s is None:
             raise DataError("model received before the welcome")
         purpose, rnd = ctx.get("purpose"), int(ctx["round"])
+        self._answered(fetch_key(str(purpose), rnd))
         ids = [int(i) for i in ctx.get("expert_ids", [])]
         if purpose == "gate":
             self._cold_choose(params)
@@ -617,7 +724,7 @@ class DeviceAgent:
             log.info("%s: routing prior %s -> experts %s", self.dev, np.round(prior, 3).tolist(), ids)
         else:
             ids = list(range(s.model_cfg.num_global_experts))
-        self._send(P.FETCH, {"expert_ids": ids, "purpose": "cold"})
+        self._request(fetch_key("cold", 0), {"expert_ids": ids, "purpose": "cold"}, 0)
 
     def _predict(self, params: dict[str, np.ndarray], ids: list[int],
                  local: dict[str, np.ndarray] | None, use_local: bool) -> np.ndarray:
@@ -648,7 +755,7 @@ class DeviceAgent:
                 if stuck:
                     log.warning("%s", stuck)
         if total:
-            self._send(P.EVAL, {"kind": kind, "correct": correct, "total": total}, rnd)
+            self._request((P.EVAL, kind, rnd), {"kind": kind, "correct": correct, "total": total}, rnd)
             log.info("%s: %s accuracy after round %d: %.4f (%d/%d)", self.dev, kind, rnd,
                      correct / total, correct, total)
 

@@ -44,6 +44,8 @@ REJECT = "reject"  # coordinator -> device: update refused, with the reason
 FETCH = "fetch"  # device -> coordinator: send me these experts (cold start, refresh)
 MODEL = "model"  # coordinator -> device: manifest of a fetched parameter set
 EVAL = "eval"  # device -> coordinator: accuracy of its own model on its own test data
+EVAL_ACK = "eval_ack"  # coordinator -> device: that eval (kind, round) is stored; without this
+# answer the device re-sends it (bounded backoff), since a broker restart can lose QoS 1
 STATUS = "status"  # broadcast: round open / closed / finished
 HEARTBEAT = "hb"  # device -> coordinator on up/<id>/hb: telemetry (memory, load)
 XFER_UNKNOWN = "xfer_unknown"  # coordinator -> device: chunks for an upload it does not know
