@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test bench lint clean mosquitto datasets tune accuracy
+.PHONY: setup demo test test-hostile bench lint clean mosquitto datasets tune accuracy
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The slow part of the hostile suite (real broker + daemon processes under attack, a
+# coordinator killed mid-upload); `make test` runs only its short attack.
+test-hostile: setup
+	$(BIN)/python -m pytest -q -s -m slow tests/test_hostile.py
 
 bench: setup
 	$(BIN)/python -m pytest benchmarks -m bench --benchmark-enable --benchmark-only \

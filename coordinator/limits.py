@@ -52,7 +52,9 @@ class _Sink(Protocol):
     def prune_events(self, kind: str, keep: int) -> int: ...
 
 
-_VARIABLE = re.compile(r"'[^']*'|\"[^\"]*\"|[0-9a-f]{8,}|\d+")
+# hex literals first: "byte 0xbc" must blank to one class, not 256 (random garbage names a
+# different byte in every decode error)
+_VARIABLE = re.compile(r"'[^']*'|\"[^\"]*\"|0x[0-9a-fA-F]+|[0-9a-f]{8,}|\d+")
 
 
 def reason_class(reason: str) -> str:
