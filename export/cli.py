@@ -122,7 +122,8 @@ def client_split(meta: dict[str, Any], client: str
         fed = make_federation(sim["dataset"], sim["partition"], int(sim["clients"]),
                               int(sim["new_clients"]), int(meta["seed"]), float(sim["alpha"]),
                               int(sim["min_samples"]), data_fraction=float(sim.get("data_fraction", 1.0)),
-                              data_dir=sim.get("data_dir"))
+                              data_dir=sim.get("data_dir"),
+                              image_shape=tuple(sim["image_shape"]) if sim.get("image_shape") else None)
     except KeyError as exc:
         raise DataError(f"model.json simulation config lacks {exc}") from None
     if client not in fed.clients:

@@ -47,6 +47,7 @@ class SimulationConfig:
     min_samples: int = 20
     data_fraction: float = 1.0  # stratified share of the dataset's train split used (fmnist: 0.1 fits 2 cores)
     data_dir: str | None = None  # where a dataset on disk lives (None: its default location)
+    image_shape: tuple[int, ...] | None = None  # folder: images read as this (C, H, W); None: 3x32x32
     eval_every: int = 1  # rounds between evaluations for the curves (the last round always)
     split: str = "test"  # "val": score on validation splits (tuning); "test": the report's numbers
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -253,7 +254,8 @@ def simulate(cfg: SimulationConfig, progress: bool = True) -> tuple[dict[str, An
     # every federation is built before any training so bad data settings fail at once
     feds = {seed: make_federation(cfg.dataset, cfg.partition, cfg.clients, cfg.new_clients, seed,
                                   cfg.alpha, cfg.min_samples, data_fraction=cfg.data_fraction,
-                                  data_dir=cfg.data_dir) for seed in cfg.seeds}
+                                  data_dir=cfg.data_dir, image_shape=cfg.image_shape)
+            for seed in cfg.seeds}
     total = len(cfg.seeds) * len(cfg.algorithms) * cfg.rounds
     with tqdm(total=total, disable=not progress, unit="round", dynamic_ncols=True) as bar:
         for seed, fed in feds.items():

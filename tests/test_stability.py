@@ -100,3 +100,27 @@ def test_quantizer_info_lines_are_muted_unless_verbose():
     assert not f.filter(rec(logging.INFO, "/x/y.py", name="onnxscript.optimizer"))
     assert f.filter(rec(logging.WARNING, "/x/site-packages/onnxruntime/quantization/onnx_quantizer.py"))
     assert f.filter(rec(logging.INFO, "/work/fedcoe_edge/simulation.py", name="fedcoe_edge.simulation"))
+
+
+def test_simulate_reads_a_folder_at_the_models_input_shape(tmp_path):
+    """``[model] input_shape = [1, 28, 28]`` makes ``simulate --dataset folder:`` read grey
+    28x28 images, the shape a device agent with that image_shape reads the same files at."""
+    import json
+
+    from fedcoe_edge.cli import main
+
+    write_digit_folder(tmp_path / "imgs", per_class=25)
+    (tmp_path / "m.toml").write_text("[model]\ninput_shape = [1, 28, 28]\nexpert_hidden = 8\n")
+    out = tmp_path / "out"
+    rc = main(["simulate", "--dataset", f"folder:{tmp_path / 'imgs'}", "--clients", "3",
+               "--new-clients", "1", "--rounds", "1", "--algorithms", "fedavg", "--no-progress",
+               "--config", str(tmp_path / "m.toml"), "--out", str(out)])
+    assert rc == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["config"]["model"]["input_shape"] == [1, 28, 28]
+    assert list(doc["config"]["image_shape"]) == [1, 28, 28]
+    fed = make_federation(f"folder:{tmp_path / 'imgs'}", "dirichlet", 3, 1, 0, 0.5,
+                          image_shape=(1, 28, 28))
+    assert fed.input_shape == (1, 28, 28)
+    with pytest.raises(Exception, match="C 1 or 3"):
+        make_federation(f"folder:{tmp_path / 'imgs'}", "dirichlet", 3, 1, 0, 0.5, image_shape=(2, 28, 28))

@@ -60,6 +60,14 @@ def check_out_dir(out: Path) -> None:
 FMNIST_DEFAULT_FRACTION = 0.1
 
 
+def folder_shape(dataset: str, model_section: dict[str, Any]) -> tuple[int, ...] | None:
+    """The (C, H, W) an image folder is read at: ``[model] input_shape`` if the config gives
+    one, else None (3x32x32 RGB)."""
+    if not dataset.startswith("folder:") or "input_shape" not in model_section:
+        return None
+    return tuple(int(d) for d in model_section["input_shape"])
+
+
 def check_data_fraction(fraction: float) -> None:
     """Fail before any data is read: a bad fraction would otherwise surface after loading."""
     if not 0 < fraction <= 1:
@@ -132,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
                            algorithms=args.algorithms, seeds=args.seeds, min_samples=args.min_samples,
                            data_fraction=args.data_fraction,
                            data_dir=None if args.data_dir is None else str(args.data_dir),
+                           # a folder is read at the model's input shape when [model] gives one,
+                           # as a device agent reads it at its image_shape
+                           image_shape=folder_shape(args.dataset, sections.get("model", {})),
                            model=ModelConfig.from_dict(sections.get("model", {})), train=train)
     cfg.validate()
     doc, runs = simulate(cfg, progress=not args.no_progress)

@@ -81,21 +81,23 @@ DISK_LOADERS: dict[str, Callable[[int, str | None], Arrays2]] = {
 SHIFTED_DATASETS = frozenset({"digits-shift"})
 
 
-def load_dataset_splits(name: str, seed: int = 0, data_dir: str | None = None
-                        ) -> tuple[Arrays2, Arrays2 | None]:
+def load_dataset_splits(name: str, seed: int = 0, data_dir: str | None = None,
+                        image_shape: tuple[int, ...] | None = None) -> tuple[Arrays2, Arrays2 | None]:
     """``(pool, official_test)``: the data to partition and, for a dataset that ships a test
     split, that split (None otherwise, and the caller holds out its own)."""
     if name in SPLIT_DATASETS:
         train, test = SPLIT_DATASETS[name](data_dir)
         return train, test
-    return load_dataset(name, seed, data_dir), None
+    return load_dataset(name, seed, data_dir, image_shape), None
 
 
-def load_dataset(name: str, seed: int = 0, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_dataset(name: str, seed: int = 0, data_dir: str | None = None,
+                 image_shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Load a registered dataset by name; an unknown name lists the known ones.
 
     ``cifar10:PATH`` reads CIFAR-10 python batches and ``folder:PATH`` an image folder (class
-    per sub-folder, 32x32 RGB) from a local path; ``synthetic(a,b)`` pools 30 FedProx users.
+    per sub-folder; 3x32x32 RGB, or ``image_shape`` (C, H, W) with C 1 for grey, the shape a
+    device agent's ``image_shape`` gives the same files) from a local path; ``synthetic(a,b)`` pools 30 FedProx users.
     ``data_dir`` locates a dataset read from disk (``fmnist``); the others ignore it. For a
     dataset with an official test split this returns the training split.
     """
@@ -106,7 +108,14 @@ def load_dataset(name: str, seed: int = 0, data_dir: str | None = None) -> tuple
     if name.startswith("folder:"):
         from fedcoe_edge.data.loaders import load_image_folder
 
-        x, y, _ = load_image_folder(name.split(":", 1)[1])
+        if image_shape is None:
+            x, y, _ = load_image_folder(name.split(":", 1)[1])
+            return x, y
+        if len(image_shape) != 3 or image_shape[0] not in (1, 3):
+            raise ConfigError(f"an image folder needs an input shape (C, H, W) with C 1 or 3, "
+                              f"got {tuple(image_shape)}")
+        c, h, w = (int(d) for d in image_shape)
+        x, y, _ = load_image_folder(name.split(":", 1)[1], size=(h, w), grayscale=c == 1)
         return x, y
     if name.startswith("synthetic") and name not in DATASETS:
         from fedcoe_edge.data.synthetic import load_synthetic_users

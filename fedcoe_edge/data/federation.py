@@ -152,7 +152,8 @@ def make_federation(dataset: str = "digits", partition: str = "dirichlet", num_c
                     x: np.ndarray | None = None, y: np.ndarray | None = None,
                     shards_per_client: int = 2, shift_strength: float = 1.0, *,
                     data_fraction: float = 1.0, data_dir: str | None = None,
-                    val_fraction: float = 0.15, client_test_fraction: float = 0.25) -> Federation:
+                    val_fraction: float = 0.15, client_test_fraction: float = 0.25,
+                    image_shape: tuple[int, ...] | None = None) -> Federation:
     """Hold out, partition and split a dataset; pass ``x``/``y`` to use arrays you already have.
 
     ``partition="natural"`` takes a per-user dataset's users as clients (synthetic only);
@@ -189,7 +190,7 @@ def make_federation(dataset: str = "digits", partition: str = "dirichlet", num_c
         raise ConfigError(f"alpha must be > 0, got {alpha}")
     official: tuple[np.ndarray, np.ndarray] | None = None
     if x is None or y is None:
-        (x, y), official = load_dataset_splits(dataset, seed, data_dir)
+        (x, y), official = load_dataset_splits(dataset, seed, data_dir, image_shape)
     rng = np.random.default_rng(seed)
     if official is None:
         test_idx = balanced_holdout(y, test_fraction, rng)
