@@ -55,18 +55,26 @@ class _Forgetful(Coordinator):
         super()._on_eval(dev, rnd, body)
 
 
-def test_agents_resend_fetch_and_eval_until_answered(tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(agent_daemon, "RETRY_FIRST_S", 0.3)
-    monkeypatch.setattr(agent_daemon, "RETRY_MAX_S", 1.0)
+def _federation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, coordinator_cls: Any,
+                devices: int, first_s: float, max_s: float) -> tuple[Any, Any]:
+    """An in-memory federation of one round whose coordinator is ``coordinator_cls``, with the
+    agents' retry delays shortened to ``first_s`` .. ``max_s``."""
+    monkeypatch.setattr(agent_daemon, "RETRY_FIRST_S", first_s)
+    monkeypatch.setattr(agent_daemon, "RETRY_MAX_S", max_s)
     broker = MemoryBroker()
 
     def factory(cid: str, will: Any, birth: Any) -> Any:
         return broker.client(cid, will=will, birth=birth)
 
-    fed = EmbeddedFederation(tmp_path, factory, devices=2, rounds=1)
-    c = fed.coordinator = _Forgetful(fed.coordinator_config(), factory)
+    fed = EmbeddedFederation(tmp_path, factory, devices=devices, rounds=1)
+    c = fed.coordinator = coordinator_cls(fed.coordinator_config(), factory)
     fed._spawn(c.run, "coordinator")
+    return fed, c
+
+
+def test_agents_resend_fetch_and_eval_until_answered(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    fed, c = _federation(tmp_path, monkeypatch, _Forgetful, devices=2, first_s=0.3, max_s=1.0)
     for i in range(2):
         fed.add_agent(str(i), str(i))
     try:
@@ -102,16 +110,7 @@ class _Deaf(Coordinator):
 def test_an_unanswered_eval_is_sent_a_bounded_number_of_times(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Bounded attempts: RETRY_ATTEMPTS sends, then the device gives up (one WARNING line)."""
-    monkeypatch.setattr(agent_daemon, "RETRY_FIRST_S", 0.05)
-    monkeypatch.setattr(agent_daemon, "RETRY_MAX_S", 0.1)
-    broker = MemoryBroker()
-
-    def factory(cid: str, will: Any, birth: Any) -> Any:
-        return broker.client(cid, will=will, birth=birth)
-
-    fed = EmbeddedFederation(tmp_path, factory, devices=1, rounds=1)
-    c = fed.coordinator = _Deaf(fed.coordinator_config(), factory)
-    fed._spawn(c.run, "coordinator")
+    fed, c = _federation(tmp_path, monkeypatch, _Deaf, devices=1, first_s=0.05, max_s=0.1)
     agent = fed.add_agent("0", "0")
     try:
         fed.wait(lambda: (P.EVAL, "personal", 1) in agent.requests_given_up, WAIT, "eval given up")
