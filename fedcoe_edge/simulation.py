@@ -139,14 +139,14 @@ def cold_start_accuracy(strategy: Strategy, fed: Federation) -> float:
 
 
 def warn_health(rnd: int, results: Sequence[ClientResult], point: dict[str, float],
-                num_classes: int) -> None:
+                num_classes: int, shares: bool = True) -> None:
     """Log a warning for every client whose loss went non-finite and when the global model
     is still at chance after the grace rounds (fedcoe_edge.health)."""
     for r in results:
         line = loss_warning(rnd, r.client_id, r.metrics) or update_warning(rnd, r.client_id, r.params)
         if line:
             log.warning(line)
-    if "global_acc" in point:
+    if "global_acc" in point and shares:  # local-only has no global model to be at chance
         line = chance_warning(rnd, "global model", point["global_acc"], num_classes)
         if line:
             log.warning(line)
@@ -181,7 +181,7 @@ def run_one(algorithm: str, fed: Federation, cfg: SimulationConfig, seed: int,
             if rnd < cfg.rounds:
                 point["personalized_acc"] = personalized_accuracy(strategy, view, local_states)[0]
             curve.append(point)
-        warn_health(rnd, results, point, fed.num_classes)
+        warn_health(rnd, results, point, fed.num_classes, getattr(strategy, "shares_model", True))
         if on_round is not None:
             on_round(rnd, point)
     for cid, data in fed.clients.items():

@@ -124,3 +124,15 @@ def test_simulate_reads_a_folder_at_the_models_input_shape(tmp_path):
     assert fed.input_shape == (1, 28, 28)
     with pytest.raises(Exception, match="C 1 or 3"):
         make_federation(f"folder:{tmp_path / 'imgs'}", "dirichlet", 3, 1, 0, 0.5, image_shape=(2, 28, 28))
+
+
+def test_local_only_is_not_called_stuck_at_chance(caplog):
+    """Local-only has no global model: its chance-level global accuracy is by design, so the
+    simulator does not warn about it."""
+    fed = make_federation("digits", "dirichlet", num_clients=3, num_new_clients=0, seed=0, alpha=1.0)
+    cfg = SimulationConfig(rounds=6, eval_every=6, model=ModelConfig(expert_hidden=8),
+                           train=TrainConfig(local_epochs=1))
+    cfg.model = fit_model_to_data(cfg.model, fed)
+    with caplog.at_level(logging.WARNING, logger="fedcoe_edge.simulation"):
+        run_one("local", fed, cfg, seed=0)
+    assert "global model" not in caplog.text
