@@ -217,6 +217,9 @@ def run(args: argparse.Namespace) -> int:
                     store = None
         head = ("| round | devices | accepted | failed | rejected | global acc | personal acc "
                 "| up KB | down KB | refresh KB | full-exchange KB | s |")
+        print("up/down KB: this round's training uploads / task downloads; refresh KB: the aggregated "
+              "gate and held experts each device fetches after a round to score its personal model; "
+              "full-exchange KB: what sending every device the whole global model both ways would cost")
         print(head)
         print("|" + "---|" * 12)
         rows: list[dict[str, Any]] = []
@@ -316,3 +319,6 @@ def print_summary(s: dict[str, Any]) -> None:
                 "download_train_ratio", "rejected_total", "failed_total", "wall_s"):
         v = s[key]
         print(f"| {key} | {v:.4f} |" if isinstance(v, float) else f"| {key} | {v} |")
+    print("upload_ratio = bytes uploaded / full-exchange equivalent; download_train_ratio = task "
+          "downloads (gate + assigned experts) / full-exchange equivalent: below 1 is what partial "
+          "expert exchange saves")
