@@ -522,9 +522,13 @@ def render_chart(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
                     ),
                     None,
                 )
+                x = i + (j - (len(series) - 1) / 2) * width
                 if hit is not None:
-                    xs.append(i + (j - (len(series) - 1) / 2) * width)
+                    xs.append(x)
                     ys.append(hit["p50_ms"])
+                else:  # an empty slot would read as zero latency: say it was not measured
+                    ax.text(x, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=6,
+                            color="grey")
             label = f"{'torch' if runtime == 'torch' else 'ORT'} {precision}"
             ax.bar(xs, ys, width, label=label)
         ax.set_xticks(range(len(models)))
