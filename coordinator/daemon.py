@@ -3,11 +3,11 @@
 FedCoE (arXiv 2605.21264) aggregates each global expert from the devices that hold it,
 weighted by their routing affinity, and sends each device only its top-m experts plus the
 gate. This daemon drives the SAME :class:`~fedcoe_edge.strategies.Strategy` objects as the
-in-process simulator (design section 2): ``select_clients`` -> ``configure_round`` ->
+in-process simulator (docs/design.md, section 2): ``select_clients`` -> ``configure_round`` ->
 tasks out, updates in -> ``aggregate_round(results, failures)``. Failures (deadline passed,
 update rejected) are data handed to the strategy, never exceptions or hangs.
 
-Receive path for an update (design section 8): signed ``result`` envelope with a transfer
+Receive path for an update (docs/design.md, section 8): signed ``result`` envelope with a transfer
 manifest -> chunks reassembled and sha256-checked -> int8 delta decompressed against the
 exact parameters this device was sent -> ``validate_update`` (keys, shapes, dtypes, finite,
 norm bound) -> persisted (safetensors + SQLite) -> only then ``accept``. Anything refused is

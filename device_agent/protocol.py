@@ -1,7 +1,7 @@
 """What the device agent and the coordinator daemon agree on, beyond ``fedcoe_edge.wire``.
 
 FedCoE (arXiv 2605.21264) runs as a coordinator plus device agents exchanging a subset of
-the global experts per round (design section 8). This module holds the pieces both daemons
+the global experts per round (docs/design.md, section 8). This module holds the pieces both daemons
 share: control message types, per-device HMAC keys, broker settings, the transport
 factory, TOML loading with ``FEDCOE_*`` environment overrides, and a small signed
 messenger that turns envelopes into one-line rejections instead of exceptions.

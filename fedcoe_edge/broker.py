@@ -1,6 +1,6 @@
 """A throw-away Mosquitto broker on a free loopback port, for tests and ``fedcoe demo``.
 
-The FedCoE edge protocol (arXiv 2605.21264 over MQTT, design section 8) is tested
+The FedCoE edge protocol (arXiv 2605.21264 over MQTT, docs/design.md section 8) is tested
 against the real broker, because the facts that shape it (packet limits, silent drops
 of queued QoS 1 messages, session handling across restarts) are Mosquitto's. The
 listener is bound to 127.0.0.1 only and allows anonymous clients: never use this

@@ -1,7 +1,7 @@
 """Wire format shared by the coordinator and the device agents.
 
 FedCoE (arXiv 2605.21264) exchanges only a subset of the global experts each round; this
-module is how those experts and the control messages around them travel (design section 8):
+module is how those experts and the control messages around them travel (docs/design.md, section 8):
 
 * a versioned JSON **envelope** for control messages, signed with a per-device
   HMAC-SHA256 key and protected against replay by a bounded window of message ids;

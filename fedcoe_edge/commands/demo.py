@@ -1,6 +1,6 @@
 """``fedcoe demo``: a whole FedCoE deployment on one machine, as separate processes.
 
-FedCoE (arXiv 2605.21264) over MQTT, exactly as deployed (design section 8): a private
+FedCoE (arXiv 2605.21264) over MQTT, exactly as deployed (docs/design.md, section 8): a private
 Mosquitto on a free loopback port from a generated config, the coordinator daemon and six
 device agents (``fedcoe coordinator`` / ``fedcoe agent``, one process each) on non-IID
 digits, ten rounds with partial expert exchange and int8 delta uploads, then a seventh

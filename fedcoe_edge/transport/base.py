@@ -1,4 +1,4 @@
-"""The transport interface the daemons program against (design section 8).
+"""The transport interface the daemons program against (docs/design.md, section 8).
 
 FedCoE (arXiv 2605.21264) moves expert subsets between a coordinator and devices; the
 algorithm never knows how. A :class:`Transport` is a small publish/subscribe contract

@@ -161,7 +161,7 @@ class BlobReceiver:
     first duplicate after progress (the sender is retransmitting, so it lacks news).
     When the hash checks out, :meth:`on_chunk` returns the payload; the final
     ``xfer_done`` goes out when the caller calls :meth:`ack` — after it has persisted
-    what it received (design section 8: persist, then acknowledge) — or at once with
+    what it received (docs/design.md section 8: persist, then acknowledge) — or at once with
     ``auto_ack=True``. Completed transfers are remembered, so a late duplicate re-sends
     the final ACK (or is ignored while the ACK is pending) instead of failing.
     """

@@ -1,6 +1,6 @@
 """In-memory broker and transport: the MQTT semantics the daemons rely on, in one process.
 
-Used by tests and by the in-process simulator (design section 2: what is measured in
+Used by tests and by the in-process simulator (docs/design.md section 2: what is measured in
 simulation is what is deployed). It reproduces the parts of MQTT v5 that shape the
 FedCoE edge protocol (arXiv 2605.21264 exchanges expert subsets over MQTT):
 topic filters with ``+`` and ``#``, retained messages with expiry, persistent sessions

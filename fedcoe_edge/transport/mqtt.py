@@ -1,7 +1,7 @@
 """MQTT v5 transport on paho-mqtt 2.x, shaped by what Mosquitto and paho actually do.
 
 FedCoE (arXiv 2605.21264) devices and the coordinator exchange expert subsets over MQTT
-(design section 8). This client follows the measured rules there:
+(docs/design.md, section 8). This client follows the measured rules there:
 
 * stable client id, ``clean_start=False`` with a session expiry, so QoS 1 messages wait
   for a device that drops off for a while;

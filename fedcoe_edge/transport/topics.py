@@ -1,4 +1,4 @@
-"""Topic scheme of the FedCoE edge protocol (design section 8, docs/protocol.md).
+"""Topic scheme of the FedCoE edge protocol (docs/design.md section 8, docs/protocol.md).
 
 Every topic lives under ``fl/v1/{federation}``; the ``dn`` / ``up`` split lets a broker
 ACL give each device write access to ``up/{dev}/#`` and read access to ``dn/{dev}/#``
