@@ -467,24 +467,11 @@ DIAG_KEYS = (
 
 
 def summarize_diagnostics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Means over seeds of FedCoE's diagnostics (lists element-wise); NaNs (e.g. no local
-    experts) stay NaN-free by averaging only the finite seeds."""
-    out: dict[str, Any] = {}
-    for key in DIAG_KEYS:
-        vals = [r["diagnostics"][key] for r in records if key in r.get("diagnostics", {})]
-        if not vals:
-            continue
-        try:
-            arr = np.asarray(vals, dtype=np.float64)
-        except (TypeError, ValueError):
-            continue
-        with np.errstate(invalid="ignore"):
-            mean = np.nanmean(arr, axis=0) if np.isfinite(arr).any() else arr.mean(0)
-        value = mean.tolist() if mean.ndim else float(mean)
-        out[key] = jsonable(value)
-    if "distinct_expert_sets" in out:
-        out["distinct_expert_sets"] = int(round(out["distinct_expert_sets"]))
-    return out
+    """Means over seeds of FedCoE's diagnostics (``DIAG_KEYS``; the library's averaging)."""
+    from fedcoe_edge.simulation import mean_diagnostics
+
+    diags = [r.get("diagnostics", {}) for r in records]
+    return mean_diagnostics([{k: d[k] for k in DIAG_KEYS if k in d} for d in diags])
 
 
 def convergence(records: Sequence[dict[str, Any]], rounds: int, key: str) -> dict[str, Any] | None:
@@ -730,29 +717,6 @@ def setting_goals(grid: Grid, s_name: str, block: dict[str, Any]) -> list[Goal] 
     )
 
 
-def diagnostics_table(diags: dict[str, Any]) -> list[str]:
-    lines = [
-        "| algorithm | expert share (per expert) | gate entropy (nats / normalized) | "
-        "distinct expert sets | personal mixture acc | global path alone | local experts alone "
-        "| personal - global path |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-
-    def num(d: dict[str, Any], key: str) -> str:
-        v = d.get(key)
-        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
-
-    for name, d in diags.items():
-        share = " / ".join(f"{x:.2f}" for x in d.get("expert_share", []))
-        lines.append(
-            f"| {name} | {share} | {num(d, 'gate_entropy')} / {num(d, 'gate_entropy_norm')} "
-            f"| {d.get('distinct_expert_sets', '-')} | {num(d, 'personal_acc')} "
-            f"| {num(d, 'global_path_acc')} | {num(d, 'local_acc')} "
-            f"| {num(d, 'personal_vs_global_path')} |"
-        )
-    return lines
-
-
 def summary_table(grid: Grid, doc: dict[str, Any]) -> list[str]:
     """One row per Fashion-MNIST setting: how many goals are met, not met, pending."""
     lines = ["| setting | met | NOT met | pending |", "|---|---|---|---|"]
@@ -796,6 +760,8 @@ NOTES = (
 
 
 def render_markdown(doc: dict[str, Any], grid: Grid) -> str:
+    from fedcoe_edge.simulation import diagnostics_table
+
     meta = doc["meta"]
     untuned = grid.tuned is None
     lines = [
@@ -1034,8 +1000,9 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
         )
     if grid.rounds < 1 or not grid.seeds or args.jobs < 1 or grid.eval_every < 1:
         raise ConfigError("--rounds, --jobs and --eval-every must be >= 1 and --seeds non-empty")
-    if not 0 < grid.data_fraction <= 1:
-        raise ConfigError(f"--data-fraction must be in (0, 1], got {grid.data_fraction}")
+    from fedcoe_edge.data.federation import check_data_fraction
+
+    check_data_fraction(grid.data_fraction, "--data-fraction")
     if not (args.untuned or args.quick):
         grid.tuned = load_tuned(args.tuned)
         for s, a, _ in grid.jobs():

@@ -265,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedcoe_edge.data.federation import check_data_fraction
     from fedcoe_edge.io import atomic_write_text
 
     datasets, algorithms = names(args.datasets), names(args.algorithms)
@@ -273,8 +274,9 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise ConfigError(f"unknown dataset(s)/algorithm(s) {', '.join(bad)}; known: "
                           f"{', '.join(TUNE_SETTINGS)} / {', '.join(ALGORITHMS)}")
-    if args.jobs < 1 or not 0 < args.data_fraction <= 1:
-        raise ConfigError("--jobs must be >= 1 and --data-fraction in (0, 1]")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+    check_data_fraction(args.data_fraction, "--data-fraction")
     out: Path = args.out
     cache = args.cache or out / ("tuning_cache_quick.jsonl" if args.quick else "tuning_cache.jsonl")
     grids = {j: tune_grid(j[0], j[1], SEARCH[j[1]][j[2]], args.quick, args.data_fraction,

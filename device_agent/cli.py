@@ -35,10 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from device_agent.protocol import install_stop_handlers
 
     torch.set_num_threads(1)  # an edge device (and the demo's shared CPU): one core for training
-    if not getattr(args, "verbose", False):
-        # each bundle rebuild would log dozens of exporter/quantizer INFO lines per round
-        for name in ("onnxscript", "onnx_ir", "torch.onnx", "onnxruntime"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    # exporter/quantizer INFO lines (dozens per bundle rebuild) are dropped by the CLI's
+    # QuietThirdParty filter unless -v (fedcoe_edge/cli.py)
     cfg = load_config(args.config)
     cfg.broker.check_files(f"{cfg.source}: [broker]")
     agent = DeviceAgent(cfg)

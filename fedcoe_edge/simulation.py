@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from safetensors.numpy import save as st_save
 
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.data import Federation, make_federation
+from fedcoe_edge.data.federation import check_data_fraction
 from fedcoe_edge.errors import ConfigError
 from fedcoe_edge.health import chance_warning, loss_warning, update_warning
 from fedcoe_edge.strategies import STRATEGIES, Strategy, make_strategy
@@ -67,8 +69,7 @@ class SimulationConfig:
             raise ConfigError(f"need clients >= 1 and new clients >= 0, got {self.clients}, {self.new_clients}")
         if self.split not in ("test", "val"):
             raise ConfigError(f"split must be test or val, got {self.split!r}")
-        if not 0 < self.data_fraction <= 1:
-            raise ConfigError(f"data fraction must be in (0, 1], got {self.data_fraction}")
+        check_data_fraction(self.data_fraction)
         if self.partition == "dirichlet" and not self.alpha > 0:
             raise ConfigError(f"alpha must be > 0, got {self.alpha}")
 
@@ -216,19 +217,21 @@ def summarize(runs: Sequence[RunResult]) -> dict[str, float]:
     return out
 
 
-def summarize_diagnostics(runs: Sequence[RunResult]) -> dict[str, Any]:
-    """Mean over seeds of each numeric diagnostic (lists element-wise); per-client matrices
-    are left out (the heat map draws the first seed's)."""
+def mean_diagnostics(diags: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Means over seeds of each numeric diagnostic (lists element-wise; a NaN seed, e.g. no
+    local experts, is skipped unless every seed is NaN); per-client matrices are left out (the
+    heat map draws the first seed's); ``distinct_expert_sets`` is rounded to a count."""
     out: dict[str, Any] = {}
-    keys = [k for k in runs[0].diagnostics if k != "routing_matrix"]
-    for key in keys:
-        values = [r.diagnostics[key] for r in runs if key in r.diagnostics]
+    for key in dict.fromkeys(k for d in diags for k in d if k != "routing_matrix"):
         try:
-            arr = np.asarray(values, dtype=np.float64)
+            arr = np.asarray([d[key] for d in diags if key in d], dtype=np.float64)
         except (TypeError, ValueError):
             continue
-        mean = arr.mean(0)
+        with np.errstate(invalid="ignore"):
+            mean = np.nanmean(arr, axis=0) if np.isfinite(arr).any() else arr.mean(0)
         out[key] = mean.tolist() if mean.ndim else float(mean)
+    if "distinct_expert_sets" in out:
+        out["distinct_expert_sets"] = int(round(out["distinct_expert_sets"]))
     return out
 
 
@@ -272,7 +275,8 @@ def simulate(cfg: SimulationConfig, progress: bool = True) -> tuple[dict[str, An
                          ", ".join(f"{k}={v:.4f}" for k, v in run.metrics.items()))
     doc = {"config": cfg.to_dict(),
            "algorithms": {a: summarize(rs) for a, rs in runs.items()},
-           "diagnostics": {a: summarize_diagnostics(rs) for a, rs in runs.items() if rs[0].diagnostics}}
+           "diagnostics": {a: mean_diagnostics([r.diagnostics for r in rs])
+                           for a, rs in runs.items() if rs[0].diagnostics}}
     return doc, runs
 
 
@@ -291,21 +295,29 @@ def results_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def diagnostics_table(doc: dict[str, Any]) -> str:
-    """Markdown: expert use and what each level adds, per algorithm that reports it."""
-    diag = doc.get("diagnostics") or {}
-    if not diag:
-        return ""
-    lines = ["| algorithm | expert share | distinct expert sets | gate entropy (/log K) "
-             "| personal mixture | global path alone | local experts alone | personal - global path |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, d in diag.items():
-        share = " / ".join(f"{v:.2f}" for v in d.get("expert_share", []))
-        lines.append(f"| {name} | {share} | {d.get('distinct_expert_sets', float('nan')):.1f} "
-                     f"| {d.get('gate_entropy_norm', float('nan')):.2f} "
-                     f"| {d.get('personal_acc', float('nan')):.4f} | {d.get('global_path_acc', float('nan')):.4f} "
-                     f"| {d.get('local_acc', float('nan')):.4f} | {d.get('personal_vs_global_path', float('nan')):+.4f} |")
-    return "\n".join(lines)
+def diagnostics_table(diags: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Markdown rows: expert use and what each level adds, one row per algorithm that reports
+    diagnostics (``mean_diagnostics`` output); missing or NaN values print as "-"."""
+    lines = [
+        "| algorithm | expert share (per expert) | gate entropy (nats / normalized) | "
+        "distinct expert sets | personal mixture acc | global path alone | local experts alone "
+        "| personal - global path |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def num(d: Mapping[str, Any], key: str) -> str:
+        v = d.get(key)
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+    for name, d in diags.items():
+        share = " / ".join(f"{x:.2f}" for x in d.get("expert_share", []))
+        lines.append(
+            f"| {name} | {share} | {num(d, 'gate_entropy')} / {num(d, 'gate_entropy_norm')} "
+            f"| {d.get('distinct_expert_sets', '-')} | {num(d, 'personal_acc')} "
+            f"| {num(d, 'global_path_acc')} | {num(d, 'local_acc')} "
+            f"| {num(d, 'personal_vs_global_path')} |"
+        )
+    return lines
 
 
 def write_outputs(out_dir: Path, doc: dict[str, Any], runs: dict[str, list[RunResult]]) -> None:
@@ -321,10 +333,11 @@ def write_outputs(out_dir: Path, doc: dict[str, Any], runs: dict[str, list[RunRe
               f"{' alpha=' + str(c['alpha']) if c['partition'] == 'dirichlet' else ''}, "
               f"{c['clients']} clients (+{c['new_clients']} new), {c['rounds']} rounds, "
               f"seeds {c['seeds']}\n\nAccuracy at the last round, mean ± std across seeds.\n\n")
-    diag = diagnostics_table(doc)
-    if diag:
+    diag = ""
+    if doc.get("diagnostics"):
         diag = ("\n## Diagnostics (mean over seeds)\n\nExpert share: routing mass per global expert as "
-                "devices route; heat maps: `routing_<algorithm>.png` (first seed).\n\n" + diag + "\n")
+                "devices route; heat maps: `routing_<algorithm>.png` (first seed).\n\n"
+                + "\n".join(diagnostics_table(doc["diagnostics"])) + "\n")
     atomic_write_text(out_dir / "report.md", header + results_table(doc) + "\n" + diag)
     plot_curves({a: [r.curve for r in rs] for a, rs in runs.items()}, out_dir / "curves.png",
                 title=f"{c['dataset']} {c['partition']} alpha={c['alpha']}")

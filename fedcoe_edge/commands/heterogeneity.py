@@ -53,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedcoe_edge.data import make_federation
+    from fedcoe_edge.data.federation import check_data_fraction
     from fedcoe_edge.heterogeneity import DEFAULT_THRESHOLD, analyse_labels, plot_heatmap
     from fedcoe_edge.io import atomic_write_text
 
@@ -63,8 +64,7 @@ def run(args: argparse.Namespace) -> int:
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     if threshold < 0:
         raise ConfigError(f"--threshold must be >= 0, got {threshold}")
-    if not 0 < args.data_fraction <= 1:
-        raise ConfigError(f"--data-fraction must be in (0, 1], got {args.data_fraction}")
+    check_data_fraction(args.data_fraction, "--data-fraction")
     fed = make_federation(args.dataset, args.partition, args.clients, 0, args.seed, args.alpha,
                           args.min_samples, shards_per_client=args.shards_per_client,
                           data_fraction=args.data_fraction,

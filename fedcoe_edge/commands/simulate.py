@@ -68,12 +68,6 @@ def folder_shape(dataset: str, model_section: dict[str, Any]) -> tuple[int, ...]
     return tuple(int(d) for d in model_section["input_shape"])
 
 
-def check_data_fraction(fraction: float) -> None:
-    """Fail before any data is read: a bad fraction would otherwise surface after loading."""
-    if not 0 < fraction <= 1:
-        raise ConfigError(f"--data-fraction must be in (0, 1], got {fraction}")
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "simulate",
@@ -88,8 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default="digits",
                    help="digits, digits-shift, fmnist, synthetic, synthetic(a,b), synthetic-iid, "
                         "cifar10:PATH (the extracted cifar-10-batches-py folder), folder:PATH (one "
-                        "sub-folder per class, read as 3x32x32 RGB; set [model] input_shape = "
-                        "[3, 32, 32] in --config and the agents' image_shape to match) (fmnist is "
+                        "sub-folder per class, read at [model] input_shape when --config gives "
+                        "one, the shape an agent's image_shape reads, else as 3x32x32 RGB) (fmnist is "
                         "evaluated on its official 10,000-image test split)")
     p.add_argument("--data-fraction", type=float, default=None,
                    help="stratified share of the training pool partitioned over clients, in (0, 1]; "
@@ -118,6 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedcoe_edge.data.federation import check_data_fraction
     from fedcoe_edge.simulation import (
         SimulationConfig,
         diagnostics_table,
@@ -129,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     check_out_dir(args.out)
     if args.data_fraction is None:
         args.data_fraction = FMNIST_DEFAULT_FRACTION if args.dataset == "fmnist" else 1.0
-    check_data_fraction(args.data_fraction)
+    check_data_fraction(args.data_fraction, "--data-fraction")  # before any data is read
     sections = load_toml_sections(args.config)
     train = TrainConfig.from_dict(sections.get("train", {}))
     if args.local_epochs is not None:
@@ -149,6 +144,6 @@ def run(args: argparse.Namespace) -> int:
     write_outputs(args.out, doc, runs)
     print(results_table(doc))
     if doc.get("diagnostics"):
-        print("\n" + diagnostics_table(doc))
+        print("\n" + "\n".join(diagnostics_table(doc["diagnostics"])))
     print(f"\nwrote {args.out}/results.json, report.md, curves.png, checkpoints/")
     return 0

@@ -50,11 +50,17 @@ def balanced_holdout(labels: np.ndarray, fraction: float, rng: np.random.Generat
                                    for c in classes]))
 
 
+def check_data_fraction(fraction: float, what: str = "data fraction") -> None:
+    """ConfigError (one line) unless the share of a dataset to use is in (0, 1]; ``what`` names
+    it as the caller's user knows it (e.g. ``--data-fraction``). The one place for this range."""
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"{what} must be in (0, 1], got {fraction}")
+
+
 def check_fractions(val_fraction: float, client_test_fraction: float,
                     data_fraction: float = 1.0) -> None:
     """ConfigError (one line) for split fractions that cannot leave a client any training data."""
-    if not 0 < data_fraction <= 1:
-        raise ConfigError(f"data fraction must be in (0, 1], got {data_fraction}")
+    check_data_fraction(data_fraction)
     if not 0 < val_fraction < 1 or not 0 < client_test_fraction < 1:
         raise ConfigError(f"client validation and test fractions must be in (0, 1), got "
                           f"{val_fraction} and {client_test_fraction}")

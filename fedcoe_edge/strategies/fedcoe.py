@@ -76,7 +76,6 @@ class FedCoE(Strategy):
         self.affinity: dict[str, np.ndarray] = {}  # R, one EMA row per client
         self._assignment: dict[str, list[int]] = {}  # see the ``assignment`` property
         self._assigned_at: tuple[int, int] = (-1, -1)
-        self.expert_share = np.full(model_cfg.num_global_experts, 1.0 / model_cfg.num_global_experts)
         k = model_cfg.num_global_experts
         self.m = min(train_cfg.experts_per_client, k) if partial_exchange else k
 
@@ -176,10 +175,10 @@ class FedCoE(Strategy):
                                              self.train_cfg.affinity_ema)
         # the fleet's routing mass per expert, sample-weighted; the gate bias steps toward
         # uniform use over all K (a client holding m < K experts cannot see the others' load)
-        self.expert_share = (n[:, None] * reported).sum(0) / max(float(n.sum()), 1e-12)
         if self.train_cfg.balance_rate > 0 and k_total > 1:
+            share = (n[:, None] * reported).sum(0) / max(float(n.sum()), 1e-12)
             key = self.gate_bias_key()
-            step = balance_bias_step(self.expert_share, self.train_cfg.balance_rate)
+            step = balance_bias_step(share, self.train_cfg.balance_rate)
             new[key] = (np.asarray(new[key], dtype=np.float64) + step).astype(new[key].dtype)
         self.global_state = new
         self.version += 1
@@ -235,9 +234,13 @@ class FedCoE(Strategy):
     @torch.no_grad()
     def routing_prior(self, x: np.ndarray) -> np.ndarray:
         """pi = mean_x g(x): dense gate probabilities over all K, needing no expert weights."""
+        return self.dense_gate(x).mean(0).numpy().astype(np.float64)
+
+    @torch.no_grad()
+    def dense_gate(self, x: np.ndarray) -> torch.Tensor:
+        """g(x) (B, K): the loaded gate's probabilities over all K experts, no mask, no prior."""
         self.model.eval()
-        feats = self.model.global_part.trunk(torch.from_numpy(x))
-        return self.model.gate_logits(feats).softmax(-1).mean(0).numpy().astype(np.float64)
+        return self.model.gate_logits(self.model.global_part.trunk(torch.from_numpy(x))).softmax(-1)
 
     # --- evaluation -------------------------------------------------------------------
     def predict_global(self, x: np.ndarray) -> np.ndarray:
@@ -306,11 +309,8 @@ class FedCoE(Strategy):
         matrix = np.stack(rows) if rows else np.zeros((0, k))
         share = (np.average(matrix, axis=0, weights=sizes) if rows else np.full(k, np.nan))
         load_arrays(self.model, self.global_state)
-        self.model.eval()
-        with torch.no_grad():
-            feats = self.model.global_part.trunk(torch.from_numpy(x_global))
-            g = self.model.gate_logits(feats).softmax(-1)
-            routing = topk_routing_np(g.numpy(), self.model_cfg.top_k)
+        g = self.dense_gate(x_global)
+        routing = topk_routing(g, self.model_cfg.top_k)
         entropy = float(-(g * g.clamp_min(1e-12).log()).sum(-1).mean())
         accs = {name: (c / total if total else float("nan")) for name, c in correct.items()}
         has_local = self.model_cfg.num_local_experts > 0
@@ -327,7 +327,3 @@ class FedCoE(Strategy):
             "routing_matrix": matrix.tolist(),
         }
 
-
-def topk_routing_np(probs: np.ndarray, k: int) -> np.ndarray:
-    """numpy top-k routing weights (B, K), ties to the lower index (as the model's)."""
-    return topk_routing(torch.from_numpy(probs), k).numpy()
