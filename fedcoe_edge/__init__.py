@@ -63,16 +63,27 @@ _EXPORTS: dict[str, str] = {
     "DATASETS": "fedcoe_edge.data:DATASETS",
     "make_federation": "fedcoe_edge.data:make_federation",
     "load_dataset": "fedcoe_edge.data:load_dataset",
+    "folder_classes": "fedcoe_edge.data.loaders:folder_classes",
     # simulation
     "simulate": "fedcoe_edge.simulation:simulate",
     "run_one": "fedcoe_edge.simulation:run_one",
     "write_outputs": "fedcoe_edge.simulation:write_outputs",
+    "client_model": "fedcoe_edge.simulation:client_model",
+    "RunResult": "fedcoe_edge.simulation:RunResult",
     # on-device inference (no torch)
     "MoESession": "fedcoe_edge.runtime:MoESession",
     # export and daemons (packages above the library)
     "export_bundle": "export.bundle:build_bundle",
     "Coordinator": "coordinator.daemon:Coordinator",
+    "CoordinatorConfig": "coordinator.config:CoordinatorConfig",
+    "FederationSettings": "coordinator.config:FederationSettings",
     "DeviceAgent": "device_agent.daemon:DeviceAgent",
+    "AgentConfig": "device_agent.config:AgentConfig",
+    "DeviceSettings": "device_agent.config:DeviceSettings",
+    "DataSettings": "device_agent.config:DataSettings",
+    "BrokerSettings": "device_agent.protocol:BrokerSettings",
+    "device_key": "device_agent.protocol:device_key",
+    "MosquittoBroker": "fedcoe_edge.broker:MosquittoBroker",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
