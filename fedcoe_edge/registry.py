@@ -136,6 +136,9 @@ class Registry(Mapping[str, T], Generic[T]):
             raise KeyError(name)
         return self.resolve(name)
 
+    def __contains__(self, name: object) -> bool:  # without importing a lazy entry
+        return name in self._entries
+
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._entries))
 

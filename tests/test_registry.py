@@ -61,6 +61,10 @@ def user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
         def trunk8(input_shape):
             return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
 
+        def conv_bn(input_shape):
+            return nn.Sequential(nn.Conv2d(input_shape[0], 8, 3, padding=1), nn.BatchNorm2d(8),
+                                 nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
         def not_a_module(input_shape):
             return "a string"
 
@@ -285,3 +289,26 @@ def test_corrupt_files_are_refused_by_path(tmp_path: Path) -> None:
     (root / "b" / "broken.png").write_bytes(b"\x89PNG truncated")
     with pytest.raises(DataError, match=f"cannot read image {root / 'b' / 'broken.png'}"):
         fe.load_dataset(f"folder:{root}", image_shape=(1, 8, 8))
+
+
+def test_cli_simulate_export_predict_with_an_import_path_trunk(
+        tmp_path: Path, user_package: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/quickstart.md step 3 through the CLI: a BatchNorm trunk named in TOML by import
+    path; its checkpoint (0-d num_batches_tracked included) reloads, exports and predicts."""
+    from fedcoe_edge.cli import main
+
+    cfg = tmp_path / "model.toml"
+    cfg.write_text(f'[model]\ntrunk = "{user_package}:conv_bn"\nexpert_kind = "mlp"\n'
+                   f'expert_hidden = 16\n')
+    run = tmp_path / "run"
+    assert main(["simulate", "--dataset", "digits", "--config", str(cfg), "--rounds", "1",
+                 "--clients", "2", "--new-clients", "0", "--algorithms", "fedcoe",
+                 "--out", str(run), "--no-progress"]) == 0
+    bundle = tmp_path / "bundle"
+    assert main(["export", "--checkpoint-dir", str(run / "checkpoints"), "--client", "0",
+                 "--out", str(bundle), "--quantize", "fp32", "--no-fused"]) == 0
+    x, _ = fe.load_dataset("digits")
+    np.save(tmp_path / "x.npy", x[:3])
+    capsys.readouterr()
+    assert main(["predict", "--bundle", str(bundle), "--input", str(tmp_path / "x.npy")]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) >= 3
