@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         stack.callback(coordinator.stop)
 
         # two devices, each with its own data skewed toward different classes
-        agents = []
+        agents: list[Any] = []
         for dev, weights in (("cam-a", [0.7, 0.2, 0.1]), ("cam-b", [0.1, 0.2, 0.7])):
             data = write_device_data(args.out / dev, weights, seed=len(agents))
             cfg = fe.AgentConfig(

@@ -182,8 +182,8 @@ def load_image_folder(root: str | Path, size: tuple[int, int] = (32, 32), graysc
             raise DataError(f"{root / cls}: no images ({', '.join(IMAGE_SUFFIXES)})")
         for f in files:
             try:
-                with Image.open(f) as img:
-                    img = img.convert("L" if grayscale else "RGB").resize((w, h), Image.BILINEAR)
+                with Image.open(f) as src:
+                    img = src.convert("L" if grayscale else "RGB").resize((w, h), Image.Resampling.BILINEAR)
                     arr = np.asarray(img, dtype=np.float32) / 255.0
             except (OSError, UnidentifiedImageError) as exc:
                 raise DataError(f"cannot read image {f}: {exc}") from None
