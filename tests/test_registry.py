@@ -243,6 +243,13 @@ def test_registered_dataset_feeds_a_federation() -> None:
     try:
         fed = fe.make_federation("blobs", "iid", 3, 0, 0, min_samples=5)
         assert fed.input_shape == (5,) and fed.num_classes == 3
+        # a device agent's [data] dataset reads the same registry (one client of the federation)
+        from device_agent.config import DataSettings
+        from device_agent.data import load_data
+
+        data = load_data(DataSettings(dataset="blobs", client="1", partition="iid", num_clients=3,
+                                      new_clients=0, min_samples=5))
+        assert data.x_train.shape[1:] == (5,) and data.num_train > 0
     finally:
         fe.DATASETS.unregister("blobs")
 
