@@ -59,8 +59,10 @@ tune: setup
 accuracy: setup
 	$(BIN)/python -m benchmarks.accuracy --jobs 2
 
+# ruff over everything; mypy over the packages and examples ([tool.mypy] files in pyproject.toml)
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -489,8 +489,8 @@ def sparse_breakdown(bundle: str | Path, input_size: int = 224, rounds: int = 20
         timers["trunk"] = call("trunk", x)
     for n in heads:
         timers[n] = call(n, feats)
-    for k in routed:
-        timers[f"expert_g{k}"] = call(f"expert_g{k}", feats)
+    for r in routed:
+        timers[f"expert_g{r}"] = call(f"expert_g{r}", feats)
     timers["empty_call"] = lambda: empty.run(None, {"x": z})
     for fn in timers.values():
         for _ in range(warmup):

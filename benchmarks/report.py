@@ -98,7 +98,7 @@ def _best(
     return min(candidates, key=lambda r: r["p50_ms"], default=None)
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
+def _ratio(a: Any, b: Any) -> float | None:  # a row value, or a falsy missing row
     if a is None or b is None or b <= 0:
         return None
     return a / b

@@ -798,7 +798,7 @@ class Coordinator:
         elif out.sender.on_done(body) and not (out.purpose == "train" and out.round == self.round):
             # this round's task transfers stay (a repeated hello re-announces them, not new bytes)
             with self._lock:
-                self._senders.pop(xid, None)
+                self._senders.pop(xid, None)  # type: ignore[arg-type]
 
     def _pump_loop(self) -> None:
         """Drive retransmits of downloads; forget transfers nobody finished in 10 minutes."""

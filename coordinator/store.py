@@ -70,7 +70,7 @@ class Store:
         with self._lock:
             self._db.execute(sql, args)
 
-    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         with self._lock:
             cur = self._db.execute(sql, args)
             cols = [c[0] for c in cur.description]
@@ -159,7 +159,7 @@ class Store:
         return int(rows[0]["n"])
 
     def events(self, rnd: int | None = None, kind: str | None = None) -> list[dict[str, Any]]:
-        sql, args = "SELECT * FROM events WHERE 1=1", []
+        sql, args = "SELECT * FROM events WHERE 1=1", list[Any]()
         if rnd is not None:
             sql += " AND round=?"
             args.append(rnd)

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from device_agent.config import DataSettings
+from fedcoe_edge.data.loaders import check_xy as _check
+from fedcoe_edge.data.loaders import read_npz
 from fedcoe_edge.errors import DataError
 from fedcoe_edge.strategies import ClientData
 
@@ -30,28 +32,9 @@ def split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> Clie
     return ClientData(x[tr], y[tr], x[te], y[te])
 
 
-def _check(x: np.ndarray, y: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
-    if x.ndim < 2:
-        raise DataError(f"{where}: inputs must be (N, ...) with N samples, got shape {list(x.shape)}")
-    if len(y) != len(x):
-        raise DataError(f"{where}: {len(x)} inputs but {len(y)} labels")
-    if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
-        raise DataError(f"{where}: labels must be non-negative integers")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.all(np.isfinite(x)):
-        raise DataError(f"{where}: inputs contain non-finite values")
-    return x, y.astype(np.int64)
-
-
 def load_npz(path: Path, settings: DataSettings) -> ClientData:
     """``x_train, y_train[, x_test, y_test]`` or ``x[, y]`` (no labels: a cold-start device)."""
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable .npz ({exc})") from None
+    arrays = read_npz(path)  # the reader `fedcoe simulate --dataset npz:` uses
     if "x_train" in arrays:
         if "y_train" not in arrays:
             raise DataError(f"{path}: has x_train but no y_train")

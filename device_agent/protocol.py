@@ -26,7 +26,7 @@ from typing import Any
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10 (JetPack 6, Ubuntu 22.04): the same parser, as tomli
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[no-redef]
 
 from fedcoe_edge.errors import ConfigError
 from fedcoe_edge.transport import Topics, Transport, Will

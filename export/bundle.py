@@ -130,7 +130,7 @@ def _build(model: DualLevelMoE, out_dir: Path, calib: np.ndarray, feats_calib: n
             parts[name] = {**entry, "inputs": info["inputs"], "outputs": info["outputs"]}
         heads = parts.pop("heads", None)
         if heads is not None:
-            heads["parts"] = list(heads_info["parts"])  # type: ignore[index]
+            heads["parts"] = list(heads_info["parts"])  # type: ignore[index, arg-type]
         fused = None
         if fused_info is not None:
             shutil.move(str(fused_info["path"]), str(work / "fused_dense.onnx"))

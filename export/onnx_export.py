@@ -110,6 +110,7 @@ class FusedDenseMoE(nn.Module):
         self.local_residual = cfg.local_residual
         mask = torch.zeros(cfg.num_global_experts, dtype=torch.bool)
         mask[self.held] = True
+        self.held_mask: torch.Tensor
         self.register_buffer("held_mask", mask)
 
     def forward(self, x: torch.Tensor, gate_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

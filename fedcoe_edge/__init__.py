@@ -11,6 +11,12 @@ arXiv 2605.21264) for fleets of edge devices. How it works: docs/design.md.
     session = fe.MoESession("bundle/")      # onnxruntime + numpy only, no torch
     probs = session.predict(x)              # x: float32 (B, C, H, W) in [0, 1]
 
+    fe.register_trunk("resnet8", lambda input_shape: MyResNet8())  # your own torch trunk
+    model = fe.DualLevelMoE(fe.ModelConfig(input_shape=(3, 32, 32), trunk="resnet8",
+                                           expert_kind="mlp"))
+
+Every public name is listed, with an example, in docs/api.md.
+
 Names resolve lazily, so ``import fedcoe_edge`` stays cheap and a device that only predicts
 never imports torch. The exporter (``export_bundle``) and the daemons (``Coordinator``,
 ``DeviceAgent``) live in the packages above this library (``export``, ``coordinator``,
@@ -41,20 +47,43 @@ _EXPORTS: dict[str, str] = {
     "FedRep": "fedcoe_edge.strategies:FedRep",
     "STRATEGIES": "fedcoe_edge.strategies:STRATEGIES",
     "make_strategy": "fedcoe_edge.strategies:make_strategy",
+    # your own model and data (registries; built-ins are registered the same way)
+    "register_trunk": "fedcoe_edge.registry:register_trunk",
+    "register_expert": "fedcoe_edge.registry:register_expert",
+    "register_dataset": "fedcoe_edge.registry:register_dataset",
+    "TRUNKS": "fedcoe_edge.registry:TRUNKS",
+    "EXPERTS": "fedcoe_edge.registry:EXPERTS",
+    # errors (every one a FedCoEError; the CLI prints one line and exits 2)
+    "FedCoEError": "fedcoe_edge.errors:FedCoEError",
+    "ConfigError": "fedcoe_edge.errors:ConfigError",
+    "DataError": "fedcoe_edge.errors:DataError",
+    "BundleError": "fedcoe_edge.errors:BundleError",
+    "RegistryError": "fedcoe_edge.registry:RegistryError",
     # data
     "DATASETS": "fedcoe_edge.data:DATASETS",
     "make_federation": "fedcoe_edge.data:make_federation",
     "load_dataset": "fedcoe_edge.data:load_dataset",
+    "folder_classes": "fedcoe_edge.data.loaders:folder_classes",
     # simulation
     "simulate": "fedcoe_edge.simulation:simulate",
     "run_one": "fedcoe_edge.simulation:run_one",
     "write_outputs": "fedcoe_edge.simulation:write_outputs",
+    "client_model": "fedcoe_edge.simulation:client_model",
+    "RunResult": "fedcoe_edge.simulation:RunResult",
     # on-device inference (no torch)
     "MoESession": "fedcoe_edge.runtime:MoESession",
     # export and daemons (packages above the library)
     "export_bundle": "export.bundle:build_bundle",
     "Coordinator": "coordinator.daemon:Coordinator",
+    "CoordinatorConfig": "coordinator.config:CoordinatorConfig",
+    "FederationSettings": "coordinator.config:FederationSettings",
     "DeviceAgent": "device_agent.daemon:DeviceAgent",
+    "AgentConfig": "device_agent.config:AgentConfig",
+    "DeviceSettings": "device_agent.config:DeviceSettings",
+    "DataSettings": "device_agent.config:DataSettings",
+    "BrokerSettings": "device_agent.protocol:BrokerSettings",
+    "device_key": "device_agent.protocol:device_key",
+    "MosquittoBroker": "fedcoe_edge.broker:MosquittoBroker",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -16,7 +16,7 @@ import numpy as np
 Arrays = dict[str, np.ndarray]
 
 
-def weighted_mean(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+def weighted_mean(arrays: Sequence[np.ndarray], weights: Sequence[float] | np.ndarray) -> np.ndarray:
     """sum_i w_i a_i / sum_i w_i, computed in float64 and returned in the inputs' dtype."""
     if len(arrays) == 0 or len(arrays) != len(weights):
         raise ValueError(f"need as many weights as arrays, got {len(arrays)} and {len(weights)}")
@@ -28,7 +28,7 @@ def weighted_mean(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.
     return mean.astype(np.asarray(arrays[0]).dtype, copy=False)
 
 
-def sample_weighted_mean(states: Sequence[Mapping[str, np.ndarray]], num_samples: Sequence[int],
+def sample_weighted_mean(states: Sequence[Mapping[str, np.ndarray]], num_samples: Sequence[int] | np.ndarray,
                          keys: Sequence[str] | None = None) -> Arrays:
     """FedAvg: every key averaged with weights n_i. ``keys`` defaults to the first state's."""
     names = list(keys) if keys is not None else list(states[0])

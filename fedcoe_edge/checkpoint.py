@@ -25,7 +25,7 @@ from fedcoe_edge.strategies.base import Arrays, Strategy
 
 
 def save_arrays(path: Path, arrays: Arrays, metadata: dict[str, str] | None = None) -> None:
-    data = st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=metadata)
+    data = st_save({k: np.require(v, requirements="C") for k, v in arrays.items()}, metadata=metadata)
     atomic_write_bytes(path, data)
 
 

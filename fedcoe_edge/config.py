@@ -7,14 +7,20 @@ inside a bundle manifest.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fedcoe_edge.errors import ConfigError
+from fedcoe_edge.registry import EXPERTS, TRUNKS, Registry, is_import_path, resolve_import_path
 
-ExpertKind = Literal["mlp", "cnn"]
-TrunkKind = Literal["identity", "mobilenet_v3_small"]
+# A registered name ("identity", "mobilenet_v3_small", "mlp", "cnn", or one the user
+# registered) or an import path "package.module:factory" (fedcoe_edge/registry.py).
+ExpertKind = str
+TrunkKind = str
 Tier = Literal["small", "medium", "large"]
 
 # Width multiplier of the private (local) experts per device tier: a Pi Zero gets "small",
@@ -48,11 +54,11 @@ class ModelConfig:
             raise ConfigError(f"model.input_shape must be positive dims, got {self.input_shape}")
         if self.num_classes < 2:
             raise ConfigError(f"model.num_classes must be >= 2, got {self.num_classes}")
-        if self.trunk not in ("identity", "mobilenet_v3_small"):
-            raise ConfigError(f"model.trunk must be identity|mobilenet_v3_small, got {self.trunk!r}")
-        if self.expert_kind not in ("mlp", "cnn"):
-            raise ConfigError(f"model.expert_kind must be mlp|cnn, got {self.expert_kind!r}")
-        if self.expert_kind == "cnn" and (self.trunk != "identity" or len(self.input_shape) != 3):
+        _check_part(TRUNKS, self.trunk, "model.trunk")
+        _check_part(EXPERTS, self.expert_kind, "model.expert_kind")
+        # the built-in pairs are checked here; a trunk of the user's is probed when built
+        if (self.expert_kind == "cnn" and TRUNKS.is_builtin(self.trunk)
+                and (self.trunk != "identity" or len(self.input_shape) != 3)):
             raise ConfigError("model.expert_kind=cnn needs an identity trunk and (C, H, W) inputs")
         if self.num_global_experts < 1:
             raise ConfigError(f"model.num_global_experts must be >= 1, got {self.num_global_experts}")
@@ -77,8 +83,40 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        return cls(**_known_fields(cls, d, "model"))
+    def from_dict(cls, d: dict[str, Any], *, check_names: bool = True) -> ModelConfig:
+        """``check_names=False`` accepts any trunk / expert name without looking it up: a
+        bundle's manifest on a device, where the ONNX files carry the parts and the user's
+        Python package (or registration) need not exist."""
+        if check_names:
+            return cls(**_known_fields(cls, d, "model"))
+        with names_unchecked():
+            return cls(**_known_fields(cls, d, "model"))
+
+
+_CHECK_NAMES: contextvars.ContextVar[bool] = contextvars.ContextVar("check_names", default=True)
+
+
+@contextmanager
+def names_unchecked() -> Iterator[None]:
+    """ModelConfigs made inside skip the trunk / expert registry lookup (see from_dict)."""
+    token = _CHECK_NAMES.set(False)
+    try:
+        yield
+    finally:
+        _CHECK_NAMES.reset(token)
+
+
+def _check_part(registry: Registry[Any], spec: Any, where: str) -> None:
+    """A registered name, or an import path that resolves to a callable (imported here, so a
+    wrong path fails when the config is read, not when the first model is built)."""
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"{where} must be a name or an import path, got {spec!r}")
+    if not _CHECK_NAMES.get():
+        return
+    if not registry.accepts(spec):
+        raise ConfigError(f"{where} must be {registry.choices()}, got {spec!r}")
+    if spec not in registry and is_import_path(spec):
+        resolve_import_path(spec, where)
 
 
 @dataclass

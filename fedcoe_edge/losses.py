@@ -9,6 +9,7 @@ the proximal term is FedProx's (Li et al., MLSys 2020) restricted to global para
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +60,7 @@ def consensus_kl(local_log_probs: torch.Tensor, global_log_probs: torch.Tensor) 
     return F.kl_div(global_log_probs.detach(), local_log_probs, log_target=True, reduction="batchmean")
 
 
-def proximal_term(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor]) -> torch.Tensor:
+def proximal_term(params: Mapping[str, torch.Tensor], anchor: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """0.5 * ||theta - theta_anchor||^2 over the parameters present in ``anchor``."""
     total = torch.zeros(())
     for name, ref in anchor.items():
@@ -79,7 +80,7 @@ class LossParts:
 
 
 def fedcoe_loss(out: MoEOutput, y: torch.Tensor, cfg: TrainConfig,
-                params: dict[str, torch.Tensor] | None = None,
+                params: Mapping[str, torch.Tensor] | None = None,
                 anchor: dict[str, torch.Tensor] | None = None,
                 expert_mask: torch.Tensor | None = None,
                 log_prior: torch.Tensor | None = None) -> LossParts:

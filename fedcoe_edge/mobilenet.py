@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -208,7 +209,7 @@ _V3_LARGE: tuple[BlockSpec, ...] = (
 )
 
 # BatchNorm settings of the TF reference implementation, which torchvision copies.
-_V3_BN = {"bn_eps": 1e-3, "bn_momentum": 0.01}
+_V3_BN: dict[str, Any] = {"bn_eps": 1e-3, "bn_momentum": 0.01}
 
 
 class InvertedResidualV3(nn.Module):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedcoe_edge.config import ModelConfig
+from fedcoe_edge.registry import EXPERTS, TRUNKS, RegistryError
 
 GLOBAL_PREFIX = "global."
 LOCAL_PREFIX = "local."
@@ -36,18 +37,6 @@ LOCAL_PREFIX = "local."
 def expert_prefix(k: int) -> str:
     """State-dict prefix of global expert ``k`` (the unit of partial exchange)."""
     return f"global.experts.{k}."
-
-
-def build_trunk(cfg: ModelConfig) -> tuple[nn.Module, tuple[int, ...]]:
-    """Shared feature extractor and the per-sample shape it outputs."""
-    if cfg.trunk == "identity":
-        return nn.Identity(), cfg.input_shape
-    if cfg.trunk == "mobilenet_v3_small":
-        from fedcoe_edge.mobilenet import mobilenet_v3_small_trunk
-
-        trunk = mobilenet_v3_small_trunk()
-        return trunk, (int(trunk.out_features),)
-    raise ValueError(f"unknown trunk {cfg.trunk!r}")
 
 
 class MLPExpert(nn.Module):
@@ -106,18 +95,130 @@ class Gate(nn.Module):
         return self.net(x.flatten(1))
 
 
-def make_expert(cfg: ModelConfig, feat_shape: tuple[int, ...], hidden: int) -> nn.Module:
-    if cfg.expert_kind == "cnn":
-        return CNNExpert(feat_shape, hidden, cfg.num_classes)
-    return MLPExpert(math.prod(feat_shape), hidden, cfg.num_classes)
-
-
 def output_layer(expert: nn.Module) -> nn.Linear:
     """The Linear that produces an expert's logits (its last Linear)."""
     layers = [m for m in expert.modules() if isinstance(m, nn.Linear)]
     if not layers:
-        raise ValueError(f"{type(expert).__name__} has no Linear output layer")
+        raise RegistryError(f"{type(expert).__name__} has no nn.Linear output layer, which a "
+                            f"residual local expert zero-initialises (model.local_residual)")
     return layers[-1]
+
+
+# --- trunks and experts: built-ins and the user's own, through one registry ------------
+# (fedcoe_edge/registry.py; docs/design.md, "Your own model and data")
+
+
+def identity_trunk(input_shape: tuple[int, ...]) -> nn.Module:
+    """No trunk: the experts read the input itself (small images, feature vectors)."""
+    return nn.Identity()
+
+
+def mobilenet_v3_small_trunk(input_shape: tuple[int, ...]) -> nn.Module:
+    """MobileNetV3-Small features + global pool (576 wide) for camera-sized RGB inputs."""
+    from fedcoe_edge.mobilenet import mobilenet_v3_small_trunk as v3_small
+
+    return v3_small()
+
+
+def mlp_expert(feat_shape: tuple[int, ...], hidden: int, num_classes: int) -> nn.Module:
+    return MLPExpert(math.prod(feat_shape), hidden, num_classes)
+
+
+def cnn_expert(feat_shape: tuple[int, ...], hidden: int, num_classes: int) -> nn.Module:
+    if len(feat_shape) != 3:
+        raise RegistryError(f"expert 'cnn' needs (C, H, W) features, got {feat_shape}; "
+                            f"use expert_kind = \"mlp\" on vectors")
+    return CNNExpert(feat_shape, hidden, num_classes)
+
+
+PROBE_BATCH = 2  # a batch of 1 hides a batch dimension a module drops or mixes
+
+
+def _probe(module: nn.Module, shape: tuple[int, ...]) -> object:
+    """``module`` on zeros of ``(PROBE_BATCH, *shape)`` in eval mode, without gradient: no
+    parameter, buffer, mode or random state changes, so building stays numerically neutral."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with torch.no_grad():
+            return module(torch.zeros((PROBE_BATCH, *shape)))
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _made(obj: object, kind: str, name: str) -> nn.Module:
+    if not isinstance(obj, nn.Module):
+        raise RegistryError(f"{kind} {name!r}: the factory returned a {type(obj).__name__}, "
+                            f"not a torch.nn.Module")
+    return obj
+
+
+def build_trunk(cfg: ModelConfig) -> tuple[nn.Module, tuple[int, ...]]:
+    """Shared feature extractor and the per-sample shape it outputs.
+
+    A trunk other than ``identity`` is run once on a zero batch of ``cfg.input_shape``, so an
+    input shape it does not accept or an output without the batch dimension is a one-line
+    RegistryError here, at build time, not a shape error in the first training step.
+    """
+    factory = TRUNKS.resolve(cfg.trunk)
+    try:
+        made = factory(cfg.input_shape)
+    except RegistryError:
+        raise
+    except Exception as exc:
+        raise RegistryError(f"trunk {cfg.trunk!r}: the factory raised {type(exc).__name__}: "
+                            f"{exc}") from None
+    trunk = _made(made, "trunk", cfg.trunk)
+    if cfg.trunk == "identity":
+        return trunk, cfg.input_shape
+    try:
+        out = _probe(trunk, cfg.input_shape)
+    except Exception as exc:
+        raise RegistryError(f"trunk {cfg.trunk!r} does not accept inputs of model.input_shape "
+                            f"{list(cfg.input_shape)}: {type(exc).__name__}: {exc}") from None
+    if (not isinstance(out, torch.Tensor) or out.ndim < 2 or out.shape[0] != PROBE_BATCH
+            or not out.is_floating_point()):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RegistryError(f"trunk {cfg.trunk!r} must map (B, *input_shape) to float features "
+                            f"(B, *feat_shape); on a batch of {PROBE_BATCH} it returned {got}")
+    return trunk, tuple(int(d) for d in out.shape[1:])
+
+
+def make_expert(cfg: ModelConfig, feat_shape: tuple[int, ...], hidden: int,
+                check: bool = False) -> nn.Module:
+    """One expert of ``cfg.expert_kind`` over features of ``feat_shape``. With ``check`` it is
+    run once on a zero batch: features it cannot read (a width that does not match the trunk)
+    or logits of the wrong shape are a one-line RegistryError naming trunk and expert."""
+    factory = EXPERTS.resolve(cfg.expert_kind)
+    try:
+        made = factory(feat_shape, hidden, cfg.num_classes)
+    except RegistryError:
+        raise
+    except Exception as exc:
+        raise RegistryError(f"expert {cfg.expert_kind!r} cannot be built on trunk {cfg.trunk!r}'s "
+                            f"features {list(feat_shape)}: {type(exc).__name__}: {exc}") from None
+    expert = _made(made, "expert", cfg.expert_kind)
+    if not check:
+        return expert
+    try:
+        out = _probe(expert, feat_shape)
+    except Exception as exc:
+        raise RegistryError(f"expert {cfg.expert_kind!r} does not accept trunk {cfg.trunk!r}'s "
+                            f"features of shape {list(feat_shape)}: {type(exc).__name__}: "
+                            f"{exc}") from None
+    want = [PROBE_BATCH, cfg.num_classes]
+    if not isinstance(out, torch.Tensor) or list(out.shape) != want:
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RegistryError(f"expert {cfg.expert_kind!r} must return logits (B, num_classes) = "
+                            f"(B, {cfg.num_classes}); on a batch of {PROBE_BATCH} it returned {got}")
+    return expert
+
+
+def _needs_check(cfg: ModelConfig) -> bool:
+    """Built-in pairs are shape-checked by ModelConfig.validate; anything else is probed."""
+    return not (TRUNKS.is_builtin(cfg.trunk) and EXPERTS.is_builtin(cfg.expert_kind))
+
 
 
 def topk_routing(probs: torch.Tensor, k: int) -> torch.Tensor:
@@ -149,9 +250,12 @@ class GlobalMoE(nn.Module):
         super().__init__()
         self.trunk, self.feat_shape = build_trunk(cfg)
         feat_dim = math.prod(self.feat_shape)
-        self.shared = make_expert(cfg, self.feat_shape, cfg.expert_hidden) if cfg.shared_expert else None
+        check = _needs_check(cfg)  # probe the first expert of this width only
+        self.shared = (make_expert(cfg, self.feat_shape, cfg.expert_hidden, check)
+                       if cfg.shared_expert else None)
         self.experts = nn.ModuleList(
-            make_expert(cfg, self.feat_shape, cfg.expert_hidden) for _ in range(cfg.num_global_experts)
+            make_expert(cfg, self.feat_shape, cfg.expert_hidden, check and k == 0 and self.shared is None)
+            for k in range(cfg.num_global_experts)
         )
         self.gate = Gate(feat_dim, cfg.num_global_experts, cfg.gate_hidden)
 
@@ -161,8 +265,10 @@ class LocalMoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig, feat_shape: tuple[int, ...]) -> None:
         super().__init__()
+        check = _needs_check(cfg)
         self.experts = nn.ModuleList(
-            make_expert(cfg, feat_shape, cfg.local_hidden) for _ in range(cfg.num_local_experts)
+            make_expert(cfg, feat_shape, cfg.local_hidden, check and j == 0)
+            for j in range(cfg.num_local_experts)
         )
         if cfg.local_residual:
             # a residual expert starts as "no correction": the device's first personal model

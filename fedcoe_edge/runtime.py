@@ -139,7 +139,7 @@ def validate_manifest(manifest: Any) -> ModelConfig:
         raise BundleError(f"manifest: unknown format_version {version!r} "
                           f"(this runtime reads version {FORMAT_VERSION})")
     try:
-        cfg = ModelConfig.from_dict(_req(manifest, "model", dict, "top level"))
+        cfg = ModelConfig.from_dict(_req(manifest, "model", dict, "top level"), check_names=False)
     except (ConfigError, TypeError) as exc:
         raise BundleError(f"manifest: invalid model config: {exc}") from None
     for key, want in (("num_global_experts", cfg.num_global_experts),

@@ -98,6 +98,23 @@ class RunResult:
     diagnostics: dict[str, Any] = field(default_factory=dict)  # Strategy.diagnostics at the end
 
 
+def client_model(run: RunResult, client_id: str) -> Any:
+    """The ``DualLevelMoE`` a simulated client ends with: the last global state plus its own
+    private state (what ``fedcoe export --checkpoint-dir ... --client`` rebuilds from disk),
+    in eval mode, ready for :func:`export.bundle.build_bundle` (``fe.export_bundle``)."""
+    from fedcoe_edge.training import build_model, load_arrays
+
+    if client_id not in run.local_states:
+        raise ConfigError(f"client {client_id!r} is not in the {run.algorithm} run (clients: "
+                          f"{', '.join(sorted(run.local_states))})")
+    model = build_model(run.strategy.network_cfg, run.seed)
+    load_arrays(model, run.strategy.global_state)
+    local = run.local_states[client_id]
+    if local:
+        load_arrays(model, local)
+    return model.eval()
+
+
 def eval_view(fed: Federation, split: str) -> Federation:
     """The federation as the evaluator sees it: with ``split="val"`` every client's test split is
     its validation split, the global set is the pooled validation splits and cold start runs on

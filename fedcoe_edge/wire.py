@@ -851,7 +851,7 @@ class Reassembler:
             nxt = t.have.find(0, t.next)
             nxt = count if nxt < 0 else nxt
             t.next = nxt
-            highest, gaps, pos = t.highest, [], nxt
+            highest, gaps, pos = t.highest, list[int](), nxt
             while pos <= highest:
                 gap = t.have.find(0, pos, highest + 1)
                 if gap < 0:

@@ -25,6 +25,10 @@ def test_unknown_name_is_an_attribute_error():
 
 
 def test_import_does_not_pull_torch():
-    code = "import sys, fedcoe_edge; fedcoe_edge.MoESession; print('torch' in sys.modules)"
+    """Nor does a config naming a built-in or a registered part: a device reading a bundle's
+    manifest needs no torch (the built-ins are registered by import path)."""
+    code = ("import sys, fedcoe_edge as fe; fe.MoESession; fe.register_trunk('mine', 'pkg.m:f'); "
+            "fe.ModelConfig(trunk='mobilenet_v3_small', expert_kind='mlp'); "
+            "fe.ModelConfig(trunk='mine', expert_kind='mlp'); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

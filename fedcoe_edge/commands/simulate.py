@@ -11,7 +11,7 @@ from typing import Any
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10 (JetPack 6, Ubuntu 22.04): the same parser, as tomli
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[no-redef]
 
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.errors import ConfigError
@@ -83,8 +83,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="digits, digits-shift, fmnist, synthetic, synthetic(a,b), synthetic-iid, "
                         "cifar10:PATH (the extracted cifar-10-batches-py folder), folder:PATH (one "
                         "sub-folder per class, read at [model] input_shape when --config gives "
-                        "one, the shape an agent's image_shape reads, else as 3x32x32 RGB) (fmnist is "
-                        "evaluated on its official 10,000-image test split)")
+                        "one, the shape an agent's image_shape reads, else as 3x32x32 RGB), npz:PATH "
+                        "(x_train/y_train[/x_test/y_test] or x/y, pooled), or your own loader as "
+                        "package.module:function (fmnist is evaluated on its official "
+                        "10,000-image test split)")
     p.add_argument("--data-fraction", type=float, default=None,
                    help="stratified share of the training pool partitioned over clients, in (0, 1]; "
                         f"default {FMNIST_DEFAULT_FRACTION} for fmnist (6,000 training images, a few "

@@ -13,7 +13,12 @@
   official test split, so ``load_dataset`` returns the training split and
   ``load_dataset_splits`` returns both; the federation builder evaluates on the official test
   split rather than holding out part of the pool.
-* ``cifar10:PATH`` and ``folder:PATH``: data the user has on disk (``loaders.py``).
+* ``cifar10:PATH``, ``folder:PATH`` and ``npz:PATH``: data the user has on disk
+  (``loaders.py``); a device agent reads image folders and ``.npz`` files through the same
+  functions, so simulated and deployed devices see the same arrays.
+* the user's own: ``fe.register_dataset(name, loader)`` or an import path
+  ``"package.module:loader"``, through the registry the built-ins above are in
+  (:mod:`fedcoe_edge.registry`; docs/design.md, "Your own model and data").
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fedcoe_edge.errors import ConfigError
+from fedcoe_edge.errors import ConfigError, DataError
+from fedcoe_edge.registry import Registry, RegistryError, is_import_path
 
 Loader = Callable[[int], tuple[np.ndarray, np.ndarray]]
 Arrays2 = tuple[np.ndarray, np.ndarray]
@@ -59,12 +65,11 @@ def load_fmnist_splits(data_dir: str | None = None) -> tuple[Arrays2, Arrays2]:
     return load_fmnist(data_dir)
 
 
-DATASETS: dict[str, Loader] = {
-    "digits": load_digits,
-    "digits-shift": load_digits,  # the shift is per client, applied by make_federation
-    "fmnist": load_fmnist_train,  # the training split; see SPLIT_DATASETS
-    "synthetic": load_synthetic_pooled,
-}
+DATASETS: Registry[Loader] = Registry("dataset")
+DATASETS.register("digits", load_digits, builtin=True)
+DATASETS.register("digits-shift", load_digits, builtin=True)  # shift per client: make_federation
+DATASETS.register("fmnist", load_fmnist_train, builtin=True)  # the training split; see SPLIT_DATASETS
+DATASETS.register("synthetic", load_synthetic_pooled, builtin=True)
 
 # datasets with an official (train, test) split: the federation partitions the train split
 # and uses the whole test split as the global test set, so results compare with the literature
@@ -95,9 +100,12 @@ def load_dataset(name: str, seed: int = 0, data_dir: str | None = None,
                  image_shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Load a registered dataset by name; an unknown name lists the known ones.
 
-    ``cifar10:PATH`` reads CIFAR-10 python batches and ``folder:PATH`` an image folder (class
+    ``cifar10:PATH`` reads CIFAR-10 python batches, ``folder:PATH`` an image folder (class
     per sub-folder; 3x32x32 RGB, or ``image_shape`` (C, H, W) with C 1 for grey, the shape a
-    device agent's ``image_shape`` gives the same files) from a local path; ``synthetic(a,b)`` pools 30 FedProx users.
+    device agent's ``image_shape`` gives the same files) and ``npz:PATH`` an ``.npz`` (its
+    train and test arrays pooled) from a local path; ``synthetic(a,b)`` pools 30 FedProx users.
+    A registered name or an import path ``module:loader`` calls ``loader(seed)``; what it
+    returns is checked (shapes, integer labels, finite inputs) before anything uses it.
     ``data_dir`` locates a dataset read from disk (``fmnist``); the others ignore it. For a
     dataset with an official test split this returns the training split.
     """
@@ -117,16 +125,37 @@ def load_dataset(name: str, seed: int = 0, data_dir: str | None = None,
         c, h, w = (int(d) for d in image_shape)
         x, y, _ = load_image_folder(name.split(":", 1)[1], size=(h, w), grayscale=c == 1)
         return x, y
+    if name.startswith("npz:"):
+        from fedcoe_edge.data.loaders import load_npz_pool
+
+        return load_npz_pool(name.split(":", 1)[1])
     if name.startswith("synthetic") and name not in DATASETS:
         from fedcoe_edge.data.synthetic import load_synthetic_users
 
         users = load_synthetic_users(name, 30, seed)
         return np.concatenate([u[0] for u in users]), np.concatenate([u[1] for u in users])
-    try:
-        loader = DATASETS[name]
-    except KeyError:
+    if name not in DATASETS and not is_import_path(name):
         raise ConfigError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}, "
-                          f"synthetic(a,b), synthetic-iid, cifar10:PATH, folder:PATH") from None
+                          f"synthetic(a,b), synthetic-iid, cifar10:PATH, folder:PATH, npz:PATH, "
+                          f"or an import path 'module:loader'")
     if name in DISK_LOADERS:
         return DISK_LOADERS[name](seed, data_dir)
-    return loader(seed)
+    loader = DATASETS.resolve(name)
+    if DATASETS.is_builtin(name):
+        return loader(seed)
+    try:
+        out = loader(seed)
+    except (ConfigError, DataError):
+        raise
+    except Exception as exc:  # the user's loader: one line naming it, not a traceback
+        raise DataError(f"dataset {name!r}: the loader raised {type(exc).__name__}: {exc}") from None
+    return checked_arrays(out, f"dataset {name!r}")
+
+
+def checked_arrays(out: object, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """A loader's ``(x, y)`` as float32 (N, ...) and int64 (N,), or a one-line error."""
+    if not isinstance(out, tuple | list) or len(out) != 2:
+        raise RegistryError(f"{where}: the loader must return (x, y), got {type(out).__name__}")
+    from fedcoe_edge.data.loaders import check_xy
+
+    return check_xy(np.asarray(out[0]), np.asarray(out[1]), where)

@@ -5,6 +5,13 @@
   dict with ``b"data"`` (N, 3072) uint8 and ``b"labels"``.
 * An image folder: one sub-folder per class (labels index the federation's class list, or
   the sorted folder names without one), images in any format Pillow reads.
+* An ``.npz``: ``x_train, y_train[, x_test, y_test]`` or ``x[, y]``, read without pickle.
+
+The simulator (``folder:PATH``, ``npz:PATH``) and a device agent (``[data] image_folder``,
+``[data] npz``) read through these functions. A file that cannot be read (a corrupt image,
+a truncated ``.npz``) is refused: a DataError naming its path, never skipped silently, so
+every copy of a dataset is read whole or not at all (docs/design.md, "Your own model and
+data").
 
 Security note: pickle runs code from the file it reads. It is used ONLY in
 ``load_cifar10_batches``, ONLY on a local path the operator names, because that is the format
@@ -74,6 +81,60 @@ def load_cifar10_batches(root: str | Path, train: bool = True, test: bool = True
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def check_xy(x: np.ndarray, y: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs (N, ...) finite float32 and N non-negative integer labels, or a DataError."""
+    if x.ndim < 2:
+        raise DataError(f"{where}: inputs must be (N, ...) with N samples, got shape {list(x.shape)}")
+    if y.ndim != 1:
+        raise DataError(f"{where}: labels must be one integer per sample, got shape {list(y.shape)}")
+    if len(y) != len(x):
+        raise DataError(f"{where}: {len(x)} inputs but {len(y)} labels")
+    if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
+        raise DataError(f"{where}: labels must be non-negative integers")
+    try:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{where}: inputs are not numbers ({exc})") from None
+    if not np.all(np.isfinite(x)):
+        raise DataError(f"{where}: inputs contain non-finite values")
+    return x, y.astype(np.int64)
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` (no pickle); a missing or unreadable file names its path."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable .npz ({exc})") from None
+    except Exception as exc:  # zipfile.BadZipFile and friends from a corrupt archive
+        raise DataError(f"{path}: not a readable .npz ({type(exc).__name__}: {exc})") from None
+
+
+def load_npz_pool(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """An ``.npz`` as one labelled pool for the simulator to partition: ``x_train/y_train``
+    with ``x_test/y_test`` appended when present, or ``x/y``."""
+    arrays = read_npz(path)
+    if "x_train" in arrays:
+        if "y_train" not in arrays:
+            raise DataError(f"{path}: has x_train but no y_train")
+        x, y = check_xy(arrays["x_train"], arrays["y_train"], f"{path} train")
+        if "x_test" in arrays and "y_test" in arrays:
+            xt, yt = check_xy(arrays["x_test"], arrays["y_test"], f"{path} test")
+            if xt.shape[1:] != x.shape[1:]:
+                raise DataError(f"{path}: x_test samples {list(xt.shape[1:])} differ from x_train's "
+                                f"{list(x.shape[1:])}")
+            x, y = np.concatenate([x, xt]), np.concatenate([y, yt])
+        return x, y
+    if "x" in arrays and "y" in arrays:
+        return check_xy(arrays["x"], arrays["y"], str(path))
+    raise DataError(f"{path}: a simulated federation needs labelled arrays x_train/y_train or "
+                    f"x/y, found {sorted(arrays)}")
+
+
 def folder_classes(root: str | Path) -> list[str]:
     """Class sub-folders of ``root`` in sorted order (hidden folders skipped)."""
     return sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -121,8 +182,8 @@ def load_image_folder(root: str | Path, size: tuple[int, int] = (32, 32), graysc
             raise DataError(f"{root / cls}: no images ({', '.join(IMAGE_SUFFIXES)})")
         for f in files:
             try:
-                with Image.open(f) as img:
-                    img = img.convert("L" if grayscale else "RGB").resize((w, h), Image.BILINEAR)
+                with Image.open(f) as src:
+                    img = src.convert("L" if grayscale else "RGB").resize((w, h), Image.Resampling.BILINEAR)
                     arr = np.asarray(img, dtype=np.float32) / 255.0
             except (OSError, UnidentifiedImageError) as exc:
                 raise DataError(f"cannot read image {f}: {exc}") from None

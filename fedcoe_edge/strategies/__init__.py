@@ -22,7 +22,7 @@ from fedcoe_edge.strategies.mixture import Mixture
 BASELINES: tuple[type[Strategy], ...] = (FedAvg, FedProx, Local, FedAvgFT, Ditto, FedRep, Mixture)
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedCoE, *BASELINES, *ABLATIONS)
+    cls.name: cls for cls in (FedCoE, *BASELINES, *ABLATIONS)  # type: ignore[misc, attr-defined]
 }
 
 

@@ -141,7 +141,7 @@ class Strategy(ABC):
     # --- client side ------------------------------------------------------------------
     @abstractmethod
     def client_update(self, task: ClientTask, local_state: Arrays | None,
-                      data: ClientData) -> tuple[ClientResult, Arrays]:
+                      data: ClientData) -> tuple[ClientResult, Arrays | None]:
         """Train on the client's data; return the result to upload and the new private state."""
 
     def personalize(self, local_state: Arrays | None, data: ClientData) -> Arrays | None:

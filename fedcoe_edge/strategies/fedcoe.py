@@ -148,7 +148,7 @@ class FedCoE(Strategy):
     def gate_bias_key(self) -> str:
         """State name of the global gate's output bias (the balancing step adjusts it)."""
         net = self.model.global_part.gate.net
-        prefix = "global.gate.net." if isinstance(net, torch.nn.Linear) else f"global.gate.net.{len(net) - 1}."
+        prefix = "global.gate.net." if isinstance(net, torch.nn.Linear) else f"global.gate.net.{len(list(net.children())) - 1}."
         return prefix + "bias"
 
     def aggregate_round(self, rnd: int, results: Sequence[ClientResult],
