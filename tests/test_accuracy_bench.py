@@ -162,3 +162,15 @@ def test_tuner_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert tune.main(args) == 0
     assert "4 cached" in capsys.readouterr().err
     assert len((tmp_path / "tuning_cache_quick.jsonl").read_text().splitlines()) == 4
+
+
+def test_upload_split_by_hand() -> None:
+    from benchmarks.accuracy import upload_split
+
+    key = "bytes_up_per_client_round"
+    algos = {"fedcoe": {key: 5 * 1024.0}, "fedcoe-full": {key: 9 * 1024.0}, "fedavg": {key: 4 * 1024.0}}
+    text = upload_split(algos, m=2, k=4, top_k=2)  # expert 2 KB, fixed 1 KB, path 5 KB = 125%
+    assert text is not None
+    assert "each global expert 2.0 KB" in text and "gate + shared expert 1.0 KB" in text
+    assert "125% of the baseline" in text
+    assert upload_split({"fedcoe": {key: 5.0}}, m=2, k=4, top_k=2) is None  # no full-exchange row
