@@ -18,8 +18,10 @@ does. Note that ``torch.topk`` on CPU does not break exact ties toward the lower
 (e.g. four equal probabilities, k=2, gives experts 2 and 3); ONNX TopK does, and so does
 this runtime. Exact ties only happen with degenerate gates (all-equal logits).
 
-Loading verifies the manifest's schema and version and every listed file's sha256 *before*
-any session is created; the bytes that were hashed are the bytes handed to onnxruntime.
+Loading verifies the manifest's signature (:mod:`fedcoe_edge.bundle_sig`: hash plus HMAC of
+the federation key or a vendor's Ed25519, over every field), then its schema and version,
+then every listed file's sha256, all *before* any session is created; the bytes that were
+hashed are the bytes handed to onnxruntime.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from fedcoe_edge.bundle_sig import BundleKeys, is_signed, sign_manifest, verify_manifest
 from fedcoe_edge.config import ModelConfig
 from fedcoe_edge.errors import BundleError, ConfigError, ValidationError
 
@@ -228,25 +231,45 @@ class BundleContents:
     root: Path | None  # the folder it came from; None for a .tar (swaps then stay in memory)
 
 
-def _read_tar(path: Path) -> dict[str, bytes]:
+def _read_tar(path: Path, check_manifest: Callable[[bytes], Any]) -> dict[str, bytes]:
+    """Every regular file of a ``.tar`` bundle; ``check_manifest(manifest bytes)`` runs
+    before any other member's bytes are read (a bad signature reads no part)."""
     import tarfile  # only for .tar bundles: its compression modules cost RAM on a device
 
     out: dict[str, bytes] = {}
     try:
         with tarfile.open(path, "r:*") as tar:
-            for member in tar.getmembers():
+            members = []
+            for member in tar.getmembers():  # headers only
                 if member.isdir():
                     continue
                 if not member.isfile():
                     raise BundleError(f"bundle {path}: member {member.name!r} is not a regular file")
                 name = _safe_relpath(member.name.removeprefix("./"), f"bundle {path}")
+                members.append((name, member))
+            members.sort(key=lambda nm: nm[0] != MANIFEST_NAME)  # the manifest first
+            if not members or members[0][0] != MANIFEST_NAME:
+                raise BundleError(f"bundle {path}: archive has no {MANIFEST_NAME}")
+            for name, member in members:
                 fobj = tar.extractfile(member)
                 if fobj is None:  # pragma: no cover - isfile() members always have data
                     raise BundleError(f"bundle {path}: cannot read member {name!r}")
                 out[name] = fobj.read()
+                if name == MANIFEST_NAME:
+                    check_manifest(out[name])
     except (tarfile.TarError, OSError) as exc:
         raise BundleError(f"bundle {path}: unreadable tar archive: {exc}") from None
     return out
+
+
+def _parse_manifest(raw: bytes, root: Path, keys: BundleKeys | None) -> dict[str, Any]:
+    """The manifest's JSON, its signature verified (before anything in it is used)."""
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"bundle {root}: {MANIFEST_NAME} is not valid JSON: {exc}") from None
+    verify_manifest(manifest, keys, f"bundle {root}")
+    return manifest
 
 
 def _nothing(manifest: Mapping[str, Any]) -> set[str]:
@@ -254,8 +277,12 @@ def _nothing(manifest: Mapping[str, Any]) -> set[str]:
 
 
 def read_bundle(path: str | os.PathLike[str],
-                keep: Callable[[Mapping[str, Any]], set[str]] | None = None) -> BundleContents:
-    """Read and verify a bundle folder or ``.tar``: schema, version, presence and hashes.
+                keep: Callable[[Mapping[str, Any]], set[str]] | None = None, *,
+                keys: BundleKeys | None = None) -> BundleContents:
+    """Read and verify a bundle folder or ``.tar``: signature, schema, version, presence, hashes.
+
+    The manifest's signature is checked first, against ``keys`` (given a key, an unsigned
+    manifest is refused), before anything in it is used or any part file is opened.
 
     Nothing is handed to onnxruntime here; a caller gets either a fully verified bundle or
     one BundleError naming the first problem (the part and the file). ``keep(manifest)``
@@ -267,19 +294,13 @@ def read_bundle(path: str | os.PathLike[str],
         mpath = root / MANIFEST_NAME
         if not mpath.is_file():
             raise BundleError(f"bundle {root}: no {MANIFEST_NAME}")
-        raw_manifest = mpath.read_bytes()
+        manifest = _parse_manifest(mpath.read_bytes(), root, keys)
         tar_files: dict[str, bytes] | None = None
     elif root.is_file():
-        tar_files = _read_tar(root)
-        if MANIFEST_NAME not in tar_files:
-            raise BundleError(f"bundle {root}: archive has no {MANIFEST_NAME}")
-        raw_manifest = tar_files[MANIFEST_NAME]
+        tar_files = _read_tar(root, lambda raw: _parse_manifest(raw, root, keys))
+        manifest = json.loads(tar_files[MANIFEST_NAME])  # verified as it was read
     else:
         raise BundleError(f"bundle {root}: no such folder or .tar file")
-    try:
-        manifest = json.loads(raw_manifest)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"bundle {root}: {MANIFEST_NAME} is not valid JSON: {exc}") from None
     cfg = validate_manifest(manifest)
     owners = _file_owners(manifest)
     wanted = keep(manifest) if keep is not None else None
@@ -372,10 +393,13 @@ class MoESession:
     unchanged (e.g. ``["TensorrtExecutionProvider", "CUDAExecutionProvider",
     "CPUExecutionProvider"]`` on a Jetson). ``threads`` sets the trunk's intra-op threads
     (the heads run single-threaded: nothing to split, and idle pools would spin).
+    ``keys``: the keys the manifest's signature must verify with (given one, an unsigned
+    manifest is refused); a swap re-signs the manifest with its HMAC key.
     """
 
     def __init__(self, bundle: str | os.PathLike[str], *, providers: Sequence[str] | None = None,
-                 threads: int = 1, precision: str = "deployed") -> None:
+                 threads: int = 1, precision: str = "deployed",
+                 keys: BundleKeys | None = None) -> None:
         if precision not in PRECISIONS:
             raise ConfigError(f"MoESession: precision must be one of {PRECISIONS}, got {precision!r}")
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
@@ -383,13 +407,15 @@ class MoESession:
         self.precision = precision
         self.providers = list(providers) if providers is not None else list(DEFAULT_PROVIDERS)
         self.threads = threads
+        self.keys = keys
         # verifies everything before any session exists. A .tar keeps the bytes this session
         # loads; a folder keeps none and each file is re-read and re-verified just before its
         # session is made (the bytes handed to onnxruntime are always bytes that were hashed),
         # so at most one file's bytes are held at a time: they would otherwise add the whole
         # bundle to the process's peak memory
         self._from_tar = not Path(bundle).is_dir()
-        contents = read_bundle(bundle, keep=self._needed_files if self._from_tar else _nothing)
+        contents = read_bundle(bundle, keep=self._needed_files if self._from_tar else _nothing,
+                               keys=keys)
         self.manifest = contents.manifest
         self.cfg = contents.cfg
         self.root = contents.root
@@ -733,6 +759,8 @@ class MoESession:
         session and checked against the expert interface before anything changes; on any
         failure the old expert stays. For a folder bundle the file is written under a new
         name and the manifest is replaced atomically, so a crash leaves a consistent bundle.
+        A signed manifest is re-signed with the session's HMAC key (a signed bundle without
+        one cannot be swapped: the result would no longer verify).
         The part's fp32 parity copy is dropped (it no longer matches). ``k`` may be an
         expert the bundle did not hold yet (a device downloading an expert).
         """
@@ -744,6 +772,11 @@ class MoESession:
             raise ConfigError("swap_expert: only a session on the deployed precision can swap")
         if quantization not in QUANTIZATIONS:
             raise ValidationError(f"swap_expert: quantization must be one of {QUANTIZATIONS}")
+        resign = (self.keys is not None and self.keys.hmac_key is not None
+                  and (is_signed(self.manifest) or self.keys.must_verify))
+        if is_signed(self.manifest) and not resign:
+            raise ConfigError(f"swap_expert: part '{name}': the bundle's manifest is signed; "
+                              "swapping needs the HMAC federation key to re-sign it")
         src = Path(path)
         if not src.is_file():
             raise BundleError(f"swap_expert: part '{name}': file {src} does not exist")
@@ -772,6 +805,9 @@ class MoESession:
                                  for n in part_names(self.cfg, new_manifest["held_experts"])}
         # the dense graph still holds the old weights: it is no longer comparable, drop it
         new_manifest["fused"] = None
+        if resign:
+            assert self.keys is not None
+            new_manifest = sign_manifest(new_manifest, BundleKeys(hmac_key=self.keys.hmac_key))
         validate_manifest(new_manifest)
         old_entries = [old, old.get("fp32")] if old is not None else []
         stale = [e for e in (*old_entries, self.manifest.get("fused"))
@@ -829,11 +865,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--providers", default="CPUExecutionProvider",
                         help="comma-separated onnxruntime execution providers")
+    parser.add_argument("--key-file", help="hex HMAC federation key the manifest must be "
+                        "signed with (an unsigned manifest is then refused)")
+    parser.add_argument("--vendor-public-key", help="Ed25519 public key (PEM or hex) the "
+                        "manifest may be signed with instead")
     args = parser.parse_args(argv)
     try:
+        from fedcoe_edge.bundle_sig import reader_keys
+
         sess = MoESession(args.bundle, threads=args.threads,
                           providers=[p for p in args.providers.split(",") if p],
-                          precision="fp32" if args.fp32 else "deployed")
+                          precision="fp32" if args.fp32 else "deployed",
+                          keys=reader_keys(args.key_file, args.vendor_public_key))
         try:
             x = np.load(args.input, allow_pickle=False)
         except (OSError, ValueError) as exc:
