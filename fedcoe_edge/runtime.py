@@ -751,67 +751,91 @@ class MoESession:
         return data
 
     # --- updates -------------------------------------------------------------------------
-    def swap_expert(self, k: int, path: str | os.PathLike[str], *, sha256: str | None = None,
-                    quantization: str = "unknown") -> str:
+    def swap_expert(self, k: int, path: str | os.PathLike[str] | bytes, *,
+                    sha256: str | None = None, quantization: str = "unknown") -> str:
         """Replace global expert ``k`` with the ONNX file at ``path``; returns its sha256.
 
         The new file is hashed (and compared with ``sha256`` when given), loaded into a new
         session and checked against the expert interface before anything changes; on any
         failure the old expert stays. For a folder bundle the file is written under a new
         name and the manifest is replaced atomically, so a crash leaves a consistent bundle.
-        A signed manifest is re-signed with the session's HMAC key (a signed bundle without
-        one cannot be swapped: the result would no longer verify).
         The part's fp32 parity copy is dropped (it no longer matches). ``k`` may be an
         expert the bundle did not hold yet (a device downloading an expert).
+        A signed manifest is re-signed with the session's HMAC key (a signed bundle without
+        one cannot be swapped: the result would no longer verify).
         """
-        name = f"expert_g{k}"
         if not isinstance(k, int) or not 0 <= k < self.cfg.num_global_experts:
             raise ValidationError(f"swap_expert: k must be in [0, {self.cfg.num_global_experts}), "
                                   f"got {k!r}")
+        return self.swap_part(f"expert_g{k}", path, sha256=sha256, quantization=quantization)
+
+    def swap_part(self, name: str, path: str | os.PathLike[str] | bytes, *,
+                  sha256: str | None = None, quantization: str = "unknown") -> str:
+        """Replace a global part (``global_gate``, ``expert_shared`` or ``expert_g{k}``) with
+        an ONNX file (a path, or its bytes); as :meth:`swap_expert`.
+
+        A part computed inside the merged ``heads`` graph is taken out of it: the bundle
+        drops ``heads`` and runs its always-on parts from their own files from then on.
+        """
+        swappable = ["global_gate", *(["expert_shared"] if self.cfg.shared_expert else []),
+                     *(f"expert_g{k}" for k in range(self.cfg.num_global_experts))]
+        if name not in swappable:
+            raise ValidationError(f"swap_part: part must be one of {swappable}, got {name!r}")
         if self.precision != "deployed":
-            raise ConfigError("swap_expert: only a session on the deployed precision can swap")
+            raise ConfigError("swap_part: only a session on the deployed precision can swap")
         if quantization not in QUANTIZATIONS:
-            raise ValidationError(f"swap_expert: quantization must be one of {QUANTIZATIONS}")
+            raise ValidationError(f"swap_part: quantization must be one of {QUANTIZATIONS}")
         resign = (self.keys is not None and self.keys.hmac_key is not None
                   and (is_signed(self.manifest) or self.keys.must_verify))
         if is_signed(self.manifest) and not resign:
-            raise ConfigError(f"swap_expert: part '{name}': the bundle's manifest is signed; "
+            raise ConfigError(f"swap_part: part '{name}': the bundle's manifest is signed; "
                               "swapping needs the HMAC federation key to re-sign it")
-        src = Path(path)
-        if not src.is_file():
-            raise BundleError(f"swap_expert: part '{name}': file {src} does not exist")
-        data = src.read_bytes()
+        if isinstance(path, bytes):
+            data, src = path, f"the {name} graph given"
+        else:
+            src_path = Path(path)
+            if not src_path.is_file():
+                raise BundleError(f"swap_part: part '{name}': file {src_path} does not exist")
+            data, src = src_path.read_bytes(), str(src_path)
         digest = sha256_hex(data)
         if sha256 is not None and digest != sha256.lower():
-            raise BundleError(f"swap_expert: part '{name}': {src} fails its sha256 check "
+            raise BundleError(f"swap_part: part '{name}': {src} fails its sha256 check "
                               f"(expected {sha256[:12]}..., file {digest[:12]}...)")
         sess = self._make_session(data, name)
+        n_out = self.cfg.num_global_experts if name == "global_gate" else self.num_classes
         spec = {"inputs": [{"name": "feats", "shape": ["batch", *self.feat_shape], "dtype": "float32"}],
-                "outputs": [{"name": "logits", "shape": ["batch", self.num_classes],
-                             "dtype": "float32"}]}
+                "outputs": [{"name": "logits", "shape": ["batch", n_out], "dtype": "float32"}]}
         self._check_interface(name, sess, spec)
         probe = sess.run(None, {"feats": np.zeros((1, *self.feat_shape), np.float32)})[0]
-        if probe.shape != (1, self.num_classes) or not np.all(np.isfinite(probe)):
-            raise BundleError(f"swap_expert: part '{name}': {src} gives output {probe.shape} "
+        if probe.shape != (1, n_out) or not np.all(np.isfinite(probe)):
+            raise BundleError(f"swap_part: part '{name}': {src} gives output {probe.shape} "
                               f"or non-finite values on a probe input")
         rel = f"{name}.{digest[:12]}.onnx"
         new_manifest = json.loads(json.dumps(self.manifest))
         old = new_manifest["parts"].get(name)
         new_manifest["parts"][name] = {"file": rel, "sha256": digest, "bytes": len(data),
                                        "quantization": quantization, **spec}
-        held = set(new_manifest["held_experts"]) | {k}
-        new_manifest["held_experts"] = sorted(held)
+        if name.startswith("expert_g"):
+            held = set(new_manifest["held_experts"]) | {int(name[len("expert_g"):])}
+            new_manifest["held_experts"] = sorted(held)
         new_manifest["parts"] = {n: new_manifest["parts"][n]
                                  for n in part_names(self.cfg, new_manifest["held_experts"])}
         # the dense graph still holds the old weights: it is no longer comparable, drop it
         new_manifest["fused"] = None
+        unmerge = name in self._merged
+        if unmerge:  # likewise the merged heads; their parts run from their own files
+            new_manifest["heads"] = None
         if resign:
             assert self.keys is not None
             new_manifest = sign_manifest(new_manifest, BundleKeys(hmac_key=self.keys.hmac_key))
         validate_manifest(new_manifest)
         old_entries = [old, old.get("fp32")] if old is not None else []
-        stale = [e for e in (*old_entries, self.manifest.get("fused"))
-                 if e is not None and e["file"] != rel]
+        dropped = [self.manifest.get("fused"), *([self.manifest.get("heads")] if unmerge else [])]
+        if unmerge and isinstance(self.manifest["heads"], Mapping):
+            dropped.append(self.manifest["heads"].get("fp32"))
+        stale = [e for e in (*old_entries, *dropped) if e is not None and e["file"] != rel]
+        # the merged parts' own sessions, made (and verified) before anything changes
+        own = {n: self._part_session(n) for n in self._merged if n != name} if unmerge else {}
         with self._lock:
             if self.root is not None:
                 from fedcoe_edge.io import atomic_write_bytes, atomic_write_text
@@ -822,12 +846,29 @@ class MoESession:
                     if entry["file"] not in listed_files(new_manifest):
                         (self.root / entry["file"]).unlink(missing_ok=True)
             self.manifest = new_manifest
+            if unmerge:
+                self._sessions.pop("heads", None)
+                self._input_names.pop("heads", None)
+                self._merged = []
+            for n, other in own.items():
+                self._sessions[n] = other
+                self._input_names[n] = other.get_inputs()[0].name
             self._sessions[name] = sess
             self._input_names[name] = sess.get_inputs()[0].name
             self._held_mask = self._held_array(new_manifest["held_experts"])
             self._fused = None
             self._fused_bytes = None
         return digest
+
+    def _part_session(self, name: str) -> ort.InferenceSession:
+        """A session on one part's own deployed file (a folder's is re-verified as read)."""
+        entry = self.manifest["parts"][name]
+        if self.root is None:
+            raise ConfigError(f"swap_part: part '{name}' runs inside the merged heads of a .tar "
+                              "bundle; unpack it to a folder to swap it")
+        sess = self._load_verified(entry, name)
+        self._check_interface(name, sess, entry)
+        return sess
 
 
 def pack_tar(folder: str | os.PathLike[str], tar_path: str | os.PathLike[str]) -> Path:
