@@ -52,6 +52,7 @@ class DeviceSettings:
     # (the runtime profile); "auto": torch when it is installed, else onnx
     engine: str = "auto"
     bundle_path: str = ""  # the signed bundle the onnx engine runs and updates; default STATE/bundle
+    trunk_weights: str = ""  # where this device keeps the federation's pretrained trunk file
 
 
 @dataclass
@@ -171,6 +172,8 @@ def config_from_doc(doc: dict[str, Any], source: str, base: Path,
         dev.bundle_path = str(Path(dev.state_dir) / "bundle")
     elif not Path(dev.bundle_path).is_absolute():
         dev.bundle_path = str(base / dev.bundle_path)
+    if dev.trunk_weights and not Path(dev.trunk_weights).is_absolute():
+        dev.trunk_weights = str(base / dev.trunk_weights)
     for name in ("npz", "image_folder"):
         val = getattr(data, name)
         if val and not Path(val).is_absolute():

@@ -40,7 +40,7 @@ from device_agent.data import LocalData, check_labels, load_local, relabel
 from fedcoe_edge.aggregate import top_m
 from fedcoe_edge.checkpoint import load_arrays_file, save_arrays
 from fedcoe_edge.config import ModelConfig, TrainConfig
-from fedcoe_edge.errors import DataError, FedCoEError, WireError
+from fedcoe_edge.errors import ConfigError, DataError, FedCoEError, WireError
 from fedcoe_edge.health import chance_warning, loss_warning, update_warning
 from fedcoe_edge.strategies import ClientData, ClientResult, ClientTask, Strategy, make_strategy
 from fedcoe_edge.transport import Message, Topics, Transport, Will
@@ -526,13 +526,21 @@ class DeviceAgent:
             return
         if model_cfg.tier != self.cfg.device.tier:  # local experts sized by this device's tier
             model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "tier": self.cfg.device.tier})
+        if model_cfg.trunk_weights and self.cfg.device.trunk_weights:  # this device's copy of
+            # the federation's pretrained trunk (its sha256 is still the federation's)
+            model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(),
+                                               "trunk_weights": self.cfg.device.trunk_weights})
         fresh = self.welcome.get("model") != b["model"] or self.welcome.get("algorithm") != b["algorithm"]
         self.welcome = b
         self.bc_key = bytes.fromhex(b["bc_key"])
         if fresh or self.strategy is None:
-            with TORCH_LOCK:
-                self.strategy = make_strategy(b["algorithm"], model_cfg, TrainConfig.from_dict(b["train"]),
-                                              int(b["seed"]))
+            try:
+                with TORCH_LOCK:
+                    self.strategy = make_strategy(b["algorithm"], model_cfg,
+                                                  TrainConfig.from_dict(b["train"]), int(b["seed"]))
+            except ConfigError as exc:  # e.g. a pretrained trunk file missing or not the federation's
+                self.decline(str(exc))
+                return
             log.info("%s: joined federation %s (%s, version %d, round %d)", self.dev,
                      self.topics.federation, b["algorithm"], b["version"], b["round"])
         if self.cfg.device.role == "cold" and not self.cold_ready.is_set():

@@ -50,6 +50,10 @@ def make_strategy(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, see
         cls = strategies[name]
     except KeyError:
         raise ConfigError(f"unknown algorithm {name!r}; known: {', '.join(sorted(strategies))}") from None
+    if ((model_cfg.trunk_mode != "federated" or model_cfg.trunk_weights)
+            and not issubclass(cls, __getattr__("FedCoE"))):
+        raise ConfigError(f"model.trunk_mode / model.trunk_weights are implemented for fedcoe and "
+                          f"its ablations, not {name!r}")
     return cls(model_cfg, train_cfg, seed)
 
 
