@@ -184,6 +184,14 @@ def test_cli_predict_and_agent_import_no_torch(digits_bundle: Path, digits_moe) 
                          timeout=120)
     assert res.returncode == 0, res.stderr
     assert len(res.stdout.strip().splitlines()) == 4
+    # a command of the train profile says what to install, in one line
+    code = ("import sys\nsys.modules['torch'] = None\nfrom fedcoe_edge.cli import main\n"
+            "sys.exit(main(['simulate', '--dataset', 'digits', '--rounds', '1', '--no-progress', "
+            f"'--out', {str(digits_bundle.parent / 'sim')!r}]))\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "needs the train install profile" in res.stderr
 
 
 # --- the install profile itself -----------------------------------------------------------
@@ -205,9 +213,14 @@ sys.exit(main(["predict", "--bundle", sys.argv[1], "--input", sys.argv[2], "--js
 
 
 @pytest.mark.slow
-def test_runtime_profile_venv(digits_moe, tmp_path: Path) -> None:
+def test_runtime_profile_venv(digits_moe, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """``pip install .`` (the runtime profile) in a fresh venv: torch is absent and
-    ``fedcoe predict`` classifies with a signed bundle exactly as this install does."""
+    ``fedcoe predict`` classifies with a signed bundle exactly as this install does.
+
+    Runs only under ``-m slow`` (``make test-runtime-profile``): it needs the package index
+    and 20-60 s, which ``make test`` on a two-core machine does not spend."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("installs into a fresh venv: run `make test-runtime-profile` (pytest -m slow)")
     model, x_train, _, x_test, _ = digits_moe
     bundle = tmp_path / "bundle"
     key = b"\x07" * 32
