@@ -247,6 +247,7 @@ FEDCOE_ONLY_TRAIN = frozenset(
         "affinity_ema",
         "capacity_slack",
         "balance_rate",
+        "cold_start_mass",
     }
 )
 

@@ -61,8 +61,9 @@ def product(**axes: Sequence[Any]) -> list[dict[str, Any]]:
 
 # What each algorithm reads besides the shared lr / local_epochs / batch_size (fixed for all):
 # FedProx train.prox_mu; Ditto its lambda, train.extra["ditto_lambda"]; FedAvg-FT
-# train.finetune_epochs; FedCoE train.rho. FedAvg, Local, FedRep and the mixture read no knob
-# of their own, so their budget goes to a wider lr grid.
+# train.finetune_epochs; FedCoE lam (the pull of its local experts toward the consensus),
+# experts_per_client (m, its exchange width) and lr. FedAvg, Local, FedRep and the mixture
+# read no knob of their own, so their budget goes to a wider lr grid.
 SEARCH: dict[str, list[dict[str, Any]]] = {
     "fedavg": product(lr=LR4),
     "fedprox": product(lr=LR2, prox_mu=(0.01, 0.1)),
@@ -71,7 +72,12 @@ SEARCH: dict[str, list[dict[str, Any]]] = {
     "ditto": product(lr=LR2, ditto_lambda=(0.1, 1.0)),
     "fedrep": product(lr=LR4),
     "mixture": product(lr=LR4),
-    "fedcoe": product(lr=LR2, lam=(0.02, 0.1)),
+    "fedcoe": [
+        {"lr": 0.05, "lam": 0.02, "experts_per_client": 2},
+        {"lr": 0.05, "lam": 0.1, "experts_per_client": 2},
+        {"lr": 0.05, "lam": 0.02, "experts_per_client": 3},
+        {"lr": 0.1, "lam": 0.02, "experts_per_client": 2},
+    ],
 }
 ALGORITHMS = (*BASELINE_ALGORITHMS, "fedcoe")  # baselines first: their cache outlives FedCoE edits
 assert all(len(v) == BUDGET for v in SEARCH.values())

@@ -37,7 +37,6 @@ import numpy as np
 from device_agent import protocol as P
 from device_agent.config import AgentConfig
 from device_agent.data import LocalData, check_labels, load_local, relabel
-from fedcoe_edge.aggregate import top_m
 from fedcoe_edge.checkpoint import load_arrays_file, save_arrays
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.errors import ConfigError, DataError, FedCoEError, WireError
@@ -759,7 +758,8 @@ class DeviceAgent:
         return tuned
 
     def _cold_choose(self, gate_params: dict[str, np.ndarray]) -> None:
-        """Routing prior pi = mean g(x) on this device's unlabeled data; ask for the top-m."""
+        """Routing prior pi = mean g(x) on this device's unlabeled data; ask for the experts
+        that carry most of it (``FedCoE.experts_for_prior``)."""
         s = self.strategy
         assert s is not None
         x = np.concatenate([self.data.x_train, self.data.x_test])
@@ -767,7 +767,7 @@ class DeviceAgent:
             with TORCH_LOCK:
                 _load_arrays(s.model, gate_params)
                 prior = s.routing_prior(x)
-            ids = top_m(prior, s.m)
+            ids = s.experts_for_prior(prior)
             log.info("%s: routing prior %s -> experts %s", self.dev, np.round(prior, 3).tolist(), ids)
         else:
             ids = list(range(s.model_cfg.num_global_experts))

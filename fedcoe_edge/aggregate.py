@@ -83,6 +83,29 @@ def top_m(affinity: np.ndarray, m: int) -> list[int]:
     return sorted(int(i) for i in order[:m])
 
 
+def covering_experts(prior: np.ndarray, mass: float, at_least: int) -> list[int]:
+    """The fewest experts, taken in order of ``prior``, whose prior sums to at least ``mass``
+    of the total, and never fewer than ``at_least``; sorted ascending.
+
+    A new device downloads these (cold start, docs/design.md "Cold start"): a fixed top-m
+    cuts off experts that still carry a real share of its inputs when its data is spread
+    over more kinds than m experts cover. Ties go to the lower index. ``mass`` in (0, 1];
+    1 takes every expert with any prior mass.
+    """
+    p = np.clip(np.asarray(prior, dtype=np.float64), 0.0, None)
+    k = p.size
+    if not 0 < mass <= 1:
+        raise ValueError(f"mass must be in (0, 1], got {mass}")
+    order = np.argsort(-p, kind="stable")
+    total = float(p.sum())
+    if total <= 0:
+        return sorted(int(i) for i in order[:max(at_least, 1)])
+    cum = np.cumsum(p[order]) / total
+    n = int(np.searchsorted(cum, mass - 1e-12) + 1)  # first prefix reaching the mass
+    n = min(k, max(n, at_least, 1))
+    return sorted(int(i) for i in order[:n])
+
+
 def assign_experts(scores: np.ndarray, m: int, capacity: int,
                    tiebreak: np.ndarray | None = None) -> list[list[int]]:
     """Capacity-limited assignment of m experts to each client (docs/design.md, "Routing").

@@ -128,6 +128,7 @@ class TrainConfig:
     affinity_ema: float = 0.5  # weight of the newest affinity report in the server's EMA
     capacity_slack: float = 1.0  # an expert serves at most ceil(slack * clients * m / K) clients a round
     balance_rate: float = 0.1  # server step of the gate bias toward uniform expert use (0 = off)
+    cold_start_mass: float = 0.9  # a new device downloads the fewest experts (>= top_k) carrying this share of its routing prior
     clip_grad_norm: float = 5.0  # max global gradient norm per SGD step (0 = no clipping)
     fraction_fit: float = 1.0  # share of clients selected each round
     finetune_epochs: int = 5  # used by fine-tuning baselines (FedAvg-FT)
@@ -151,6 +152,8 @@ class TrainConfig:
             raise ConfigError(f"train.affinity_ema must be in (0, 1], got {self.affinity_ema}")
         if self.capacity_slack < 1:
             raise ConfigError(f"train.capacity_slack must be >= 1, got {self.capacity_slack}")
+        if not 0 < self.cold_start_mass <= 1:
+            raise ConfigError(f"train.cold_start_mass must be in (0, 1], got {self.cold_start_mass}")
         if self.balance_rate < 0 or self.clip_grad_norm < 0:
             raise ConfigError("train.balance_rate and train.clip_grad_norm must be >= 0")
         if not 0 < self.fraction_fit <= 1:

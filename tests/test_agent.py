@@ -194,12 +194,13 @@ def cold_start(tmp_path: Path, bundle: str) -> dict[str, Any]:
 
 
 def test_late_device_takes_the_cold_start_path(tmp_path: Path) -> None:
-    """Gate first, routing prior on its own data, only its top-m experts, predict at once
-    (no gradient step): exactly the accuracy of the strategy's own cold-start evaluation."""
+    """Gate first, routing prior on its own data, only the experts that carry most of it
+    (the strategy's choice, at least top_k), predict at once (no gradient step): exactly the
+    accuracy of the strategy's own cold-start evaluation."""
     r = cold_start(tmp_path, "off")
     cold, row, ids = r["agent"], r["eval"], r["want_ids"]
     assert row["device"] == "new0" and row["correct"] / row["total"] == r["want_acc"]
-    assert cold.held_ids == ids and len(ids) == 2
+    assert cold.held_ids == ids and 2 <= len(ids) <= 4
     assert not any(k.startswith("global.experts.") and int(k.split(".")[2]) not in ids
                    for k in cold.held)
     assert r["traffic"][("down", "gate")] < r["traffic"][("down", "cold")]

@@ -7,6 +7,7 @@ from fedcoe_edge.aggregate import (
     affinity_weights,
     aggregate_experts,
     coordinate_median,
+    covering_experts,
     ema,
     sample_weighted_mean,
     top_m,
@@ -61,6 +62,20 @@ def test_aggregate_experts_keeps_unsent_expert():
     assert new["e0"][0] == pytest.approx(2.5)
     assert new["e1"][0] == 7.0
     assert new["e1"] is not old["e1"]
+
+
+def test_covering_experts_by_hand():
+    prior = np.array([0.05, 0.5, 0.3, 0.15])  # sorted: 1 (.5), 2 (.8), 3 (.95), 0 (1.0)
+    assert covering_experts(prior, 0.5, 1) == [1]
+    assert covering_experts(prior, 0.8, 1) == [1, 2]
+    assert covering_experts(prior, 0.9, 2) == [1, 2, 3]
+    assert covering_experts(prior, 0.95, 2) == [1, 2, 3]
+    assert covering_experts(prior, 1.0, 2) == [0, 1, 2, 3]
+    assert covering_experts(prior, 0.3, 2) == [1, 2]  # never fewer than at_least
+    assert covering_experts(np.array([2.0, 6.0, 2.0]), 0.7, 1) == [0, 1]  # unnormalised; tie -> lower
+    assert covering_experts(np.zeros(4), 0.9, 2) == [0, 1]
+    with pytest.raises(ValueError, match="mass"):
+        covering_experts(prior, 0.0, 1)
 
 
 def test_ema_and_top_m():

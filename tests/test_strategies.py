@@ -1,5 +1,7 @@
 """Strategy contracts on a tiny problem, and FedCoE's partial exchange and cold start."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -84,4 +86,8 @@ def test_fedcoe_cold_start_downloads_top_experts(fed):
     x = next(iter(fed.new_clients.values())).x_test
     ids = s.cold_start_experts(x)
     prior = s.routing_prior(x)
-    assert len(ids) == 2 and set(ids) == set(np.argsort(-prior)[:2].tolist())
+    order = np.argsort(-prior, kind="stable")
+    need = int(np.searchsorted(np.cumsum(prior[order]) / prior.sum(), TRAIN.cold_start_mass) + 1)
+    assert ids == sorted(order[:max(need, MODEL.top_k)].tolist())
+    s.train_cfg = dataclasses.replace(TRAIN, cold_start_mass=1e-6)  # a narrow device: top_k only
+    assert s.cold_start_experts(x) == sorted(order[:MODEL.top_k].tolist())

@@ -14,7 +14,8 @@ MoEs", arXiv 2605.21264; our reading is docs/design.md section 4:
 * a device routes only among the experts it holds, so partial exchange changes nothing about
   correctness, only about which experts it can use;
 * cold start: a new device computes its routing prior pi = mean g(x) on unlabeled data,
-  downloads its top experts by pi and predicts with the global path, no gradient step.
+  downloads the fewest experts (at least top_k) that carry ``cold_start_mass`` of pi and
+  predicts with the global path, no gradient step.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from fedcoe_edge.aggregate import (
     aggregate_experts,
     assign_experts,
     balance_bias_step,
+    covering_experts,
     ema,
     expert_capacity,
     sample_weighted_mean,
-    top_m,
 )
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.losses import fedcoe_loss, label_log_prior
@@ -263,9 +264,16 @@ class FedCoE(Strategy):
         return predict_probs(self.model, x, expert_mask=self.expert_mask(self.experts_for(client_id)))
 
     def cold_start_experts(self, x_unlabeled: np.ndarray) -> list[int]:
-        """The experts a new device downloads: its top-m by routing prior on its own data."""
+        """The experts a new device downloads, chosen from its routing prior on its own data."""
         load_arrays(self.model, self.global_state)
-        return top_m(self.routing_prior(x_unlabeled), self.m)
+        return self.experts_for_prior(self.routing_prior(x_unlabeled))
+
+    def experts_for_prior(self, prior: np.ndarray) -> list[int]:
+        """Cold start's download: the fewest experts, by routing prior, that carry
+        ``train.cold_start_mass`` of it, never fewer than top_k (docs/design.md, "Cold start").
+        A device whose data spreads over more kinds than m experts cover gets them all; one
+        whose data is narrow downloads little."""
+        return covering_experts(prior, self.train_cfg.cold_start_mass, self.model_cfg.top_k)
 
     def predict_cold(self, x: np.ndarray) -> np.ndarray:
         ids = self.cold_start_experts(x)
