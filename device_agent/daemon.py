@@ -844,12 +844,13 @@ class DeviceAgent:
         ids = [int(i) for i in ctx.get("expert_ids", [])]
         swapped = self._swap_into_bundle(params)
         if purpose == "gate":
+            from fedcoe_edge.aggregate import covering_experts
+
             x = np.concatenate([self.data.x_train, self.data.x_test])
             prior = self.session.routing_prior(x)
-            train = self.welcome.get("train") or {}
-            k_total = self.session.num_global_experts
-            m = min(int(train.get("experts_per_client", k_total)), k_total)
-            chosen = top_m(prior, m)
+            # the same choice as FedCoE.experts_for_prior, from the welcome's train config
+            train = TrainConfig.from_dict(self.welcome.get("train") or {})
+            chosen = covering_experts(prior, train.cold_start_mass, self.session.cfg.top_k)
             log.info("%s: routing prior %s -> experts %s (bundle)", self.dev,
                      np.round(prior, 3).tolist(), chosen)
             self._request(fetch_key("cold", 0), {"expert_ids": chosen, "purpose": "cold"}, 0)
