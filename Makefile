@@ -5,13 +5,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test test-hostile bench lint clean mosquitto datasets tune accuracy
+.PHONY: setup demo test test-hostile test-runtime-profile bench lint clean mosquitto datasets tune accuracy
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
 # torch first: any other torch spec pulls CUDA wheels; the pin takes the local CPU build.
+# `.[dev]` includes `[train]` (torch, exporter); a device installs `.` or `.[runtime]` only.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH_PIN)
 	$(BIN)/pip install --quiet -e '.[dev]'
@@ -45,6 +46,11 @@ test: setup
 # coordinator killed mid-upload); `make test` runs only its short attack.
 test-hostile: setup
 	$(BIN)/python -m pytest -q -s -m slow tests/test_hostile.py
+
+# The runtime install profile in a fresh venv (pip from the package index): torch absent,
+# `fedcoe predict` classifies with a signed bundle, a train-role agent refuses in one line.
+test-runtime-profile: setup
+	$(BIN)/python -m pytest -q -m slow tests/test_runtime_profile.py
 
 bench: setup
 	$(BIN)/python -m pytest benchmarks -m bench --benchmark-enable --benchmark-only \

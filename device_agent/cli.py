@@ -28,16 +28,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from device_agent.config import load_config
-    from device_agent.daemon import DeviceAgent
+    from device_agent.daemon import DeviceAgent, torch_installed
     from device_agent.protocol import install_stop_handlers
 
-    torch.set_num_threads(1)  # an edge device (and the demo's shared CPU): one core for training
+    cfg = load_config(args.config)
+    if cfg.device.engine != "onnx" and torch_installed():  # not imported by an inference device
+        import torch
+
+        torch.set_num_threads(1)  # an edge device (and the demo's shared CPU): one core for training
     # exporter/quantizer INFO lines (dozens per bundle rebuild) are dropped by the CLI's
     # QuietThirdParty filter unless -v (fedcoe_edge/cli.py)
-    cfg = load_config(args.config)
     cfg.broker.check_files(f"{cfg.source}: [broker]")
     agent = DeviceAgent(cfg)
     install_stop_handlers(agent.stop)

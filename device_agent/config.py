@@ -47,6 +47,12 @@ class DeviceSettings:
     upload_timeout_s: float = 120.0
     heartbeat_s: float = 30.0  # telemetry on up/<id>/hb (QoS 0); 0 turns it off
     bundle: str = "final"  # rebuild the int8 ONNX bundle: "every" round close, "final" round only, "off"
+    # "torch": train and predict with torch (the train install profile); "onnx": a cold device
+    # predicts through its bundle (MoESession) and swaps downloaded experts into it, no torch
+    # (the runtime profile); "auto": torch when it is installed, else onnx
+    engine: str = "auto"
+    bundle_path: str = ""  # the signed bundle the onnx engine runs and updates; default STATE/bundle
+    trunk_weights: str = ""  # where this device keeps the federation's pretrained trunk file
 
 
 @dataclass
@@ -103,6 +109,11 @@ class AgentConfig:
             raise ConfigError(f"{w} tier must be one of {sorted(TIER_WIDTH)}, got {d.tier!r}")
         if not 1024 <= d.chunk_size <= 16 * 1024 * 1024 or d.window < 1:
             raise ConfigError(f"{w} chunk_size must be in 1 KiB..16 MiB and window >= 1")
+        if d.engine not in ("auto", "torch", "onnx"):
+            raise ConfigError(f"{w} engine must be auto|torch|onnx, got {d.engine!r}")
+        if d.engine == "onnx" and d.role == "train":
+            raise ConfigError(f"{w} engine = \"onnx\" only predicts (no torch to train with): "
+                              "set role = \"cold\" or engine = \"torch\"")
         if d.bundle not in ("every", "final", "off"):
             raise ConfigError(f"{w} bundle must be every|final|off, got {d.bundle!r}")
         if d.heartbeat_s < 0:
@@ -157,6 +168,12 @@ def config_from_doc(doc: dict[str, Any], source: str, base: Path,
         dev.state_dir = f"state/{dev.id}"
     if not Path(dev.state_dir).is_absolute():
         dev.state_dir = str(base / dev.state_dir)
+    if not dev.bundle_path:
+        dev.bundle_path = str(Path(dev.state_dir) / "bundle")
+    elif not Path(dev.bundle_path).is_absolute():
+        dev.bundle_path = str(base / dev.bundle_path)
+    if dev.trunk_weights and not Path(dev.trunk_weights).is_absolute():
+        dev.trunk_weights = str(base / dev.trunk_weights)
     for name in ("npz", "image_folder"):
         val = getattr(data, name)
         if val and not Path(val).is_absolute():

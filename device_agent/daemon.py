@@ -7,6 +7,11 @@ leaves the device (it lives in ``STATE/local.safetensors``). A device joining la
 the cold-start path: gate first, routing prior on its own unlabeled data, then only its
 top experts, and it predicts at once without a gradient step.
 
+Install profiles (docs/daemons.md): with torch (``fedcoe-edge[train]``) the agent trains and
+predicts with the torch model; without it (the runtime profile) a cold device runs its
+signed bundle through :class:`~fedcoe_edge.runtime.MoESession` and swaps the gate and the
+experts it downloads into that bundle (``engine = "onnx"``); asked to train, it declines.
+
 Threads: transport handlers only authenticate, reassemble chunks and enqueue (design
 section 8: never block in a callback); one worker thread trains, uploads, evaluates.
 Training calls the same ``Strategy.client_update`` the simulator calls.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import queue
@@ -23,7 +29,8 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 
@@ -32,11 +39,9 @@ from device_agent.config import AgentConfig
 from device_agent.data import LocalData, check_labels, load_local, relabel
 from fedcoe_edge.checkpoint import load_arrays_file, save_arrays
 from fedcoe_edge.config import ModelConfig, TrainConfig
-from fedcoe_edge.errors import DataError, FedCoEError, WireError
+from fedcoe_edge.errors import ConfigError, DataError, FedCoEError, WireError
 from fedcoe_edge.health import chance_warning, loss_warning, update_warning
 from fedcoe_edge.strategies import ClientData, ClientResult, ClientTask, Strategy, make_strategy
-from fedcoe_edge.strategies.fedcoe import FedCoE
-from fedcoe_edge.training import load_arrays, predict_probs
 from fedcoe_edge.transport import Message, Topics, Transport, Will
 from fedcoe_edge.transport.blob import (
     XFER_DONE,
@@ -45,6 +50,9 @@ from fedcoe_edge.transport.blob import (
     BlobSender,
     fit_chunk_size,
 )
+
+if TYPE_CHECKING:  # torch-free at run time: the strategy module loads only when used
+    from fedcoe_edge.strategies.fedcoe import FedCoE
 from fedcoe_edge.wire import (
     Envelope,
     TransferManifest,
@@ -85,6 +93,26 @@ class _Request:
     sent: int = 0
     due: float = 0.0
 
+
+def torch_installed() -> bool:
+    """Whether this install has torch (the train profile); checked without importing it."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def _is_fedcoe(s: Strategy) -> TypeGuard[FedCoE]:
+    from fedcoe_edge.strategies.fedcoe import FedCoE
+
+    return isinstance(s, FedCoE)
+
+
+def _load_arrays(model: Any, params: dict[str, np.ndarray]) -> None:
+    from fedcoe_edge.training import load_arrays
+
+    load_arrays(model, params)
+
+
+NO_TORCH = ("this device has the runtime install profile (no torch) and cannot train; run it "
+            "as a cold device ([device] role = \"cold\") or install fedcoe-edge[train]")
 
 RequestKey = tuple[str, str, int]  # (type, purpose or kind, round; 0 for gate/cold fetches)
 
@@ -156,6 +184,11 @@ class DeviceAgent:
         self.bundle_error: str | None = None  # why the last bundle rebuild failed
         self._requests: dict[RequestKey, _Request] = {}  # FETCH / EVAL awaiting an answer
         self.requests_given_up: deque[RequestKey] = deque(maxlen=100)  # newest, for operators
+        engine = cfg.device.engine
+        self.engine = ("torch" if torch_installed() else "onnx") if engine == "auto" else engine
+        self.session: Any = None  # the onnx engine's MoESession on its bundle
+        self.bundle_dir = (Path(cfg.device.bundle_path) if cfg.device.bundle_path
+                           else self.state_dir / "bundle")
 
     # ------------------------------------------------------------------ plumbing
     def _keys(self, sender: str) -> bytes | None:
@@ -490,15 +523,26 @@ class DeviceAgent:
         model_cfg = ModelConfig.from_dict(b["model"])
         if not self._check_task_fits(b, model_cfg):
             return
+        if self.engine == "onnx":
+            self._welcome_onnx(b, model_cfg)
+            return
         if model_cfg.tier != self.cfg.device.tier:  # local experts sized by this device's tier
             model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "tier": self.cfg.device.tier})
+        if model_cfg.trunk_weights and self.cfg.device.trunk_weights:  # this device's copy of
+            # the federation's pretrained trunk (its sha256 is still the federation's)
+            model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(),
+                                               "trunk_weights": self.cfg.device.trunk_weights})
         fresh = self.welcome.get("model") != b["model"] or self.welcome.get("algorithm") != b["algorithm"]
         self.welcome = b
         self.bc_key = bytes.fromhex(b["bc_key"])
         if fresh or self.strategy is None:
-            with TORCH_LOCK:
-                self.strategy = make_strategy(b["algorithm"], model_cfg, TrainConfig.from_dict(b["train"]),
-                                              int(b["seed"]))
+            try:
+                with TORCH_LOCK:
+                    self.strategy = make_strategy(b["algorithm"], model_cfg,
+                                                  TrainConfig.from_dict(b["train"]), int(b["seed"]))
+            except ConfigError as exc:  # e.g. a pretrained trunk file missing or not the federation's
+                self.decline(str(exc))
+                return
             log.info("%s: joined federation %s (%s, version %d, round %d)", self.dev,
                      self.topics.federation, b["algorithm"], b["version"], b["round"])
         if self.cfg.device.role == "cold" and not self.cold_ready.is_set():
@@ -507,6 +551,9 @@ class DeviceAgent:
     def _train(self, ctx: dict[str, Any], manifest: TransferManifest, data: bytes) -> None:
         rnd = int(ctx["round"])
         if self.refused:
+            return
+        if self.engine == "onnx":
+            self.decline(NO_TORCH)
             return
         s = self.strategy
         if s is None:
@@ -666,6 +713,9 @@ class DeviceAgent:
 
     def _handle_model(self, ctx: dict[str, Any], manifest: TransferManifest, data: bytes) -> None:
         params = decode_tensors(data)
+        if self.engine == "onnx":
+            self._model_onnx(ctx, params)
+            return
         s = self.strategy
         if s is None:
             raise DataError("model received before the welcome")
@@ -702,7 +752,7 @@ class DeviceAgent:
         s = self.strategy
         assert s is not None
         with TORCH_LOCK:
-            if not isinstance(s, FedCoE):
+            if not _is_fedcoe(s):
                 s.global_state = params  # what the device holds stands for the server state
             tuned = s.personalize(local, self.data)
         if tuned is not local and tuned:
@@ -716,9 +766,9 @@ class DeviceAgent:
         s = self.strategy
         assert s is not None
         x = np.concatenate([self.data.x_train, self.data.x_test])
-        if isinstance(s, FedCoE):
+        if _is_fedcoe(s):
             with TORCH_LOCK:
-                load_arrays(s.model, gate_params)
+                _load_arrays(s.model, gate_params)
                 prior = s.routing_prior(x)
             ids = s.experts_for_prior(prior)
             log.info("%s: routing prior %s -> experts %s", self.dev, np.round(prior, 3).tolist(), ids)
@@ -732,14 +782,90 @@ class DeviceAgent:
         s = self.strategy
         assert s is not None
         x = self.data.x_test
+        from fedcoe_edge.training import predict_probs
+
         with TORCH_LOCK:
-            if isinstance(s, FedCoE):
-                load_arrays(s.model, params)
+            if _is_fedcoe(s):
+                _load_arrays(s.model, params)
                 if use_local:
-                    load_arrays(s.model, local if local is not None else s.fresh_local_state(self.dev))
+                    _load_arrays(s.model, local if local is not None else s.fresh_local_state(self.dev))
                 return predict_probs(s.model, x, use_local=use_local, expert_mask=s.expert_mask(ids))
             s.global_state = params
             return s.predict_personal(self.dev, local, x)
+
+    # ------------------------------------------------------------------ onnx engine (no torch)
+    def _welcome_onnx(self, b: dict[str, Any], model_cfg: ModelConfig) -> None:
+        """A runtime-profile device: open its signed bundle, check it is this federation's
+        model, and start the cold path. Anything it cannot do is declined in one line."""
+        if self.cfg.device.role != "cold":
+            self.decline(NO_TORCH)
+            return
+        if b.get("algorithm") != "fedcoe":
+            self.decline(f"this device runs its bundle without torch, which serves the fedcoe "
+                         f"algorithm only; the federation runs {b.get('algorithm')!r}")
+            return
+        self.welcome = b
+        self.bc_key = bytes.fromhex(b["bc_key"])
+        if self.session is None:
+            from fedcoe_edge.bundle_sig import BundleKeys
+            from fedcoe_edge.runtime import MoESession
+
+            try:
+                session = MoESession(self.bundle_dir, keys=BundleKeys(hmac_key=self.cfg.key))
+            except FedCoEError as exc:
+                self.decline(f"cannot run without torch: {exc}")
+                return
+            mine = {k: v for k, v in session.cfg.to_dict().items() if k != "tier"}
+            fed = {k: v for k, v in model_cfg.to_dict().items() if k != "tier"}
+            differ = sorted(k for k in fed if mine.get(k) != fed[k])
+            if differ:
+                self.decline(f"bundle {self.bundle_dir} was exported for another model "
+                             f"(differs in {', '.join(differ)}); export this federation's model")
+                return
+            self.session = session
+            log.info("%s: joined federation %s without torch (bundle %s, version %d, round %d)",
+                     self.dev, self.topics.federation, self.bundle_dir, b["version"], b["round"])
+        if not self.cold_ready.is_set():
+            self._request(fetch_key("gate", 0), {"expert_ids": [], "purpose": "gate"}, 0)
+
+    def _swap_into_bundle(self, params: dict[str, np.ndarray]) -> list[str]:
+        """The gate and experts just received, written as ONNX graphs and swapped into the
+        bundle (each swap verified, atomic and re-signed). The trunk is the bundle's own."""
+        from fedcoe_edge.onnx_heads import global_part_graphs
+
+        sess = self.session
+        graphs = global_part_graphs(sess.cfg, sess.feat_shape, params)
+        for name, graph in graphs.items():
+            sess.swap_part(name, graph, quantization="fp32")
+        return sorted(graphs)
+
+    def _model_onnx(self, ctx: dict[str, Any], params: dict[str, np.ndarray]) -> None:
+        purpose, rnd = ctx.get("purpose"), int(ctx["round"])
+        self._answered(fetch_key(str(purpose), rnd))
+        if self.session is None:
+            raise DataError("model received before the welcome")
+        ids = [int(i) for i in ctx.get("expert_ids", [])]
+        swapped = self._swap_into_bundle(params)
+        if purpose == "gate":
+            from fedcoe_edge.aggregate import covering_experts
+
+            x = np.concatenate([self.data.x_train, self.data.x_test])
+            prior = self.session.routing_prior(x)
+            # the same choice as FedCoE.experts_for_prior, from the welcome's train config
+            train = TrainConfig.from_dict(self.welcome.get("train") or {})
+            chosen = covering_experts(prior, train.cold_start_mass, self.session.cfg.top_k)
+            log.info("%s: routing prior %s -> experts %s (bundle)", self.dev,
+                     np.round(prior, 3).tolist(), chosen)
+            self._request(fetch_key("cold", 0), {"expert_ids": chosen, "purpose": "cold"}, 0)
+            return
+        if purpose != "cold":
+            return  # refreshes follow training rounds, which this device does not join
+        self.held_ids = ids
+        probs = self.session.predict(self.data.x_test, expert_mask=ids, use_local=False)
+        self.cold_ready.set()
+        log.info("%s: cold start ready with experts %s (version %s); bundle %s updated (%s)",
+                 self.dev, ids, ctx.get("version"), self.bundle_dir, ", ".join(swapped))
+        self._eval("cold", probs, rnd)
 
     def _eval(self, kind: str, probs: np.ndarray, rnd: int) -> None:
         y = self.data.y_test
@@ -777,12 +903,16 @@ class DeviceAgent:
         calib = x[np.random.default_rng(0).permutation(len(x))[:64]]
         t0 = time.perf_counter()
         try:
+            from fedcoe_edge.bundle_sig import BundleKeys
+
             with TORCH_LOCK:
-                load_arrays(model, params)
+                _load_arrays(model, params)
                 if self.local_state is not None and self.cfg.device.role == "train":
-                    load_arrays(model, self.local_state)
+                    _load_arrays(model, self.local_state)
+                # signed with this device's federation key: `fedcoe predict --key-file`
+                # (and this agent) refuse a bundle edited behind its back
                 build_bundle(model, self.state_dir / "bundle", calibration=calib,
-                             held=ids or None, include_fused=False, include_fp32=False,
+                             keys=BundleKeys(hmac_key=self.cfg.key), held=ids or None, include_fused=False, include_fp32=False,
                              meta={"device": self.dev, "round": rnd,
                                    "federation": self.topics.federation,
                                    **({"classes": list(self.classes)} if self.classes else {})})

@@ -27,6 +27,7 @@ import torch
 
 from export.onnx_export import OPSET, export_bundle_graphs
 from export.quantize import QuantizeOptions, QuantMode, quantize_part
+from fedcoe_edge.bundle_sig import BundleKeys, sign_manifest
 from fedcoe_edge.errors import BundleError, ConfigError
 from fedcoe_edge.io import atomic_write_text
 from fedcoe_edge.model import DualLevelMoE
@@ -65,9 +66,12 @@ def _prepare_destination(out: Path) -> None:
 def build_bundle(model: DualLevelMoE, out: str | os.PathLike[str], *, calibration: np.ndarray,
                  held: Sequence[int] | None = None, options: QuantizeOptions | None = None,
                  include_fp32: bool = True, include_fused: bool = True, include_heads: bool = True,
-                 meta: Mapping[str, Any] | None = None, opset: int = OPSET) -> dict[str, Any]:
+                 meta: Mapping[str, Any] | None = None, opset: int = OPSET,
+                 keys: BundleKeys | None = None) -> dict[str, Any]:
     """Export, quantize and write a bundle for ``model``; returns the manifest.
 
+    ``keys``: sign the manifest (HMAC with the device's federation key, or Ed25519 with a
+    vendor's private key; docs/design.md, "Signed bundles"); None writes it unsigned.
     ``held``: the global experts the device gets (default all K). ``calibration``: samples of
     the device's own inputs, shape (N, *input_shape), used for static int8 and to choose a
     mode per part under ``QuantMode.AUTO``. ``include_heads``: also write ``heads.onnx``, the
@@ -93,7 +97,7 @@ def build_bundle(model: DualLevelMoE, out: str | os.PathLike[str], *, calibratio
         with torch.no_grad():
             feats_calib = model.global_part.trunk(torch.from_numpy(calib)).numpy()
         return _build(model, out_dir, calib, feats_calib, held_ids, opts, include_fp32,
-                      include_fused, include_heads, meta, opset)
+                      include_fused, include_heads, meta, opset, keys)
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -101,7 +105,8 @@ def build_bundle(model: DualLevelMoE, out: str | os.PathLike[str], *, calibratio
 
 def _build(model: DualLevelMoE, out_dir: Path, calib: np.ndarray, feats_calib: np.ndarray,
            held_ids: list[int], opts: QuantizeOptions, include_fp32: bool, include_fused: bool,
-           include_heads: bool, meta: Mapping[str, Any] | None, opset: int) -> dict[str, Any]:
+           include_heads: bool, meta: Mapping[str, Any] | None, opset: int,
+           keys: BundleKeys | None = None) -> dict[str, Any]:
     cfg = model.cfg
     quantized = opts.mode is not QuantMode.FP32
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -159,13 +164,27 @@ def _build(model: DualLevelMoE, out_dir: Path, calib: np.ndarray, feats_calib: n
             "fused": fused,
             "meta": dict(meta or {}),
         }
+        if keys is not None and keys.can_sign:
+            manifest = sign_manifest(manifest, keys)
         atomic_write_text(work / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
-        read_bundle(work)  # the bundle must verify before it replaces anything
+        read_bundle(work, keys=_verifier(keys))  # it must verify before it replaces anything
         _swap_into_place(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return manifest
+
+
+def _verifier(keys: BundleKeys | None) -> BundleKeys | None:
+    """The keys that verify what ``keys`` signs (a vendor's public half for Ed25519)."""
+    if keys is None or keys.ed25519_private is None:
+        return keys
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    public = ed25519.Ed25519PrivateKey.from_private_bytes(keys.ed25519_private).public_key()
+    return BundleKeys(ed25519_public=public.public_bytes(serialization.Encoding.Raw,
+                                                         serialization.PublicFormat.Raw))
 
 
 def _swap_into_place(work: Path, out_dir: Path) -> None:

@@ -46,6 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-fp32", action="store_true", help="leave out the fp32 parity copies")
     p.add_argument("--no-fused", action="store_true", help="leave out the fused dense graph")
     p.add_argument("--tar", action="store_true", help="also write BUNDLE.tar")
+    p.add_argument("--sign-key-file", type=Path, default=None,
+                   help="hex HMAC federation key (the device's key) to sign the manifest with")
+    p.add_argument("--sign-vendor-key", type=Path, default=None,
+                   help="Ed25519 private key (PEM or hex) to sign the manifest with instead")
     p.add_argument("--report", type=Path, default=None, help="write the export report (JSON) here")
     p.set_defaults(func=run_export)
 
@@ -65,6 +69,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--providers", default="CPUExecutionProvider",
                    help="comma-separated onnxruntime execution providers, in priority order")
     q.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    q.add_argument("--key-file", default=None,
+                   help="hex HMAC federation key the manifest must be signed with (an unsigned "
+                        "or differently signed manifest is then refused)")
+    q.add_argument("--vendor-public-key", default=None,
+                   help="Ed25519 public key (PEM or hex) the manifest may be signed with")
     q.set_defaults(func=run_predict)
 
 
@@ -159,6 +168,18 @@ def quiet_libraries(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def signing_keys(key_file: Path | None, vendor_key: Path | None) -> Any:
+    """``--sign-key-file`` / ``--sign-vendor-key`` as BundleKeys (None: an unsigned bundle)."""
+    from fedcoe_edge.bundle_sig import BundleKeys, read_ed25519_key, read_key_file
+
+    if key_file is None and vendor_key is None:
+        return None
+    return BundleKeys(
+        hmac_key=read_key_file(key_file, "--sign-key-file") if key_file is not None else None,
+        ed25519_private=(read_ed25519_key(vendor_key, private=True)
+                         if vendor_key is not None else None))
+
+
 def run_export(args: argparse.Namespace) -> int:
     import torch
 
@@ -188,6 +209,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise DataError(f"checkpoint {folder} does not fit its model.json: {exc}") from None
     model.eval()
     held = held_experts(args.experts, meta, client, cfg.num_global_experts)
+    keys = signing_keys(args.sign_key_file, args.sign_vendor_key)
 
     extra: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if args.calibration_data is not None:
@@ -205,7 +227,8 @@ def run_export(args: argparse.Namespace) -> int:
                             meta={"client_id": client, "algorithm": meta.get("algorithm"),
                                   "global_version": meta.get("version"),
                                   "checkpoint": str(folder),
-                                  **({"classes": list(meta["classes"])} if meta.get("classes") else {})})
+                                  **({"classes": list(meta["classes"])} if meta.get("classes") else {})},
+                            keys=keys)
     tar_path = write_tar(args.out) if args.tar else None
     report = export_report(model, args.out, manifest, held,
                            x_test if x_test is not None else calib, y_test, extra)
@@ -341,11 +364,13 @@ def class_label(names: list[str] | None, c: int) -> str:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from fedcoe_edge.bundle_sig import reader_keys
     from fedcoe_edge.runtime import MoESession
 
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     sess = MoESession(args.bundle, providers=providers, threads=args.threads,
-                      precision="fp32" if args.fp32 else "deployed")
+                      precision="fp32" if args.fp32 else "deployed",
+                      keys=reader_keys(args.key_file, args.vendor_public_key))
     hint = input_hint(sess.input_shape)
     try:
         x = load_npy(args.input, "--input")

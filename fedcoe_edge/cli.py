@@ -29,6 +29,12 @@ COMMAND_MODULES = (
 )
 
 
+# What `[train]` adds to the runtime install profile (pyproject.toml): a command that needs
+# one of them on a runtime-only device says so in one line instead of a traceback.
+TRAIN_PROFILE_MODULES = frozenset({"torch", "onnx", "onnxscript", "sklearn", "scipy",
+                                   "matplotlib", "tqdm"})
+
+
 def version() -> str:
     """The installed distribution's version (a source checkout without metadata: unknown)."""
     from importlib.metadata import PackageNotFoundError
@@ -129,6 +135,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except FedCoEError as exc:
         print(f"fedcoe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in TRAIN_PROFILE_MODULES:
+            raise
+        print(f"fedcoe {args.command}: error: needs the train install profile "
+              f"(pip install 'fedcoe-edge[train]'); this install has no {exc.name}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fedcoe {args.command}: interrupted", file=sys.stderr)

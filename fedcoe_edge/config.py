@@ -21,6 +21,12 @@ from fedcoe_edge.registry import EXPERTS, TRUNKS, Registry, is_import_path, reso
 # registered) or an import path "package.module:factory" (fedcoe_edge/registry.py).
 ExpertKind = str
 TrunkKind = str
+TrunkMode = Literal["federated", "frozen", "local-finetune"]
+TRUNK_MODES = ("federated", "frozen", "local-finetune")
+# Trunk options left out of to_dict() at their defaults: a config (and every cache key,
+# manifest and welcome built from one) that does not use them reads exactly as before.
+_TRUNK_DEFAULTS: dict[str, Any] = {"trunk_mode": "federated", "trunk_weights": "",
+                                   "trunk_sha256": ""}
 Tier = Literal["small", "medium", "large"]
 
 # Width multiplier of the private (local) experts per device tier: a Pi Zero gets "small",
@@ -44,6 +50,12 @@ class ModelConfig:
     shared_expert: bool = True  # always-on global expert under the routed ones
     gate_hidden: int = 0  # 0: linear gates; >0: one hidden layer of this width
     local_residual: bool = True  # local experts add logits to the global path's (zero-initialised)
+    # docs/design.md, "Trunk": "federated" trains and exchanges the trunk (default);
+    # "frozen" neither trains nor exchanges it; "local-finetune" trains it on each device
+    # and keeps it there (private, like the local level)
+    trunk_mode: TrunkMode = "federated"
+    trunk_weights: str = ""  # pretrained trunk: a local safetensors file, loaded at build time
+    trunk_sha256: str = ""  # that file's sha256 (required with trunk_weights)
 
     def __post_init__(self) -> None:
         self.input_shape = tuple(int(d) for d in self.input_shape)
@@ -72,6 +84,18 @@ class ModelConfig:
             raise ConfigError(f"model.tier must be one of {sorted(TIER_WIDTH)}, got {self.tier!r}")
         if self.expert_hidden < 1 or self.gate_hidden < 0:
             raise ConfigError("model.expert_hidden must be >= 1 and model.gate_hidden >= 0")
+        if self.trunk_mode not in TRUNK_MODES:
+            raise ConfigError(f"model.trunk_mode must be one of {'|'.join(TRUNK_MODES)}, "
+                              f"got {self.trunk_mode!r}")
+        if self.trunk == "identity" and (self.trunk_mode != "federated" or self.trunk_weights):
+            raise ConfigError("model.trunk_mode and model.trunk_weights need a real trunk "
+                              "(not identity); the identity trunk has no weights")
+        if bool(self.trunk_weights) != bool(self.trunk_sha256):
+            raise ConfigError("model.trunk_weights and model.trunk_sha256 go together: the "
+                              "pretrained trunk file is loaded only after its sha256 is checked")
+        if self.trunk_sha256 and (len(self.trunk_sha256) != 64 or any(
+                c not in "0123456789abcdef" for c in self.trunk_sha256)):
+            raise ConfigError("model.trunk_sha256 must be 64 lowercase hex digits")
 
     @property
     def local_hidden(self) -> int:
@@ -80,6 +104,9 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["input_shape"] = list(self.input_shape)
+        for key, default in _TRUNK_DEFAULTS.items():
+            if d[key] == default:
+                del d[key]
         return d
 
     @classmethod

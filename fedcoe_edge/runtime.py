@@ -18,8 +18,10 @@ does. Note that ``torch.topk`` on CPU does not break exact ties toward the lower
 (e.g. four equal probabilities, k=2, gives experts 2 and 3); ONNX TopK does, and so does
 this runtime. Exact ties only happen with degenerate gates (all-equal logits).
 
-Loading verifies the manifest's schema and version and every listed file's sha256 *before*
-any session is created; the bytes that were hashed are the bytes handed to onnxruntime.
+Loading verifies the manifest's signature (:mod:`fedcoe_edge.bundle_sig`: hash plus HMAC of
+the federation key or a vendor's Ed25519, over every field), then its schema and version,
+then every listed file's sha256, all *before* any session is created; the bytes that were
+hashed are the bytes handed to onnxruntime.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from fedcoe_edge.bundle_sig import BundleKeys, is_signed, sign_manifest, verify_manifest
 from fedcoe_edge.config import ModelConfig
 from fedcoe_edge.errors import BundleError, ConfigError, ValidationError
 
@@ -228,25 +231,45 @@ class BundleContents:
     root: Path | None  # the folder it came from; None for a .tar (swaps then stay in memory)
 
 
-def _read_tar(path: Path) -> dict[str, bytes]:
+def _read_tar(path: Path, check_manifest: Callable[[bytes], Any]) -> dict[str, bytes]:
+    """Every regular file of a ``.tar`` bundle; ``check_manifest(manifest bytes)`` runs
+    before any other member's bytes are read (a bad signature reads no part)."""
     import tarfile  # only for .tar bundles: its compression modules cost RAM on a device
 
     out: dict[str, bytes] = {}
     try:
         with tarfile.open(path, "r:*") as tar:
-            for member in tar.getmembers():
+            members = []
+            for member in tar.getmembers():  # headers only
                 if member.isdir():
                     continue
                 if not member.isfile():
                     raise BundleError(f"bundle {path}: member {member.name!r} is not a regular file")
                 name = _safe_relpath(member.name.removeprefix("./"), f"bundle {path}")
+                members.append((name, member))
+            members.sort(key=lambda nm: nm[0] != MANIFEST_NAME)  # the manifest first
+            if not members or members[0][0] != MANIFEST_NAME:
+                raise BundleError(f"bundle {path}: archive has no {MANIFEST_NAME}")
+            for name, member in members:
                 fobj = tar.extractfile(member)
                 if fobj is None:  # pragma: no cover - isfile() members always have data
                     raise BundleError(f"bundle {path}: cannot read member {name!r}")
                 out[name] = fobj.read()
+                if name == MANIFEST_NAME:
+                    check_manifest(out[name])
     except (tarfile.TarError, OSError) as exc:
         raise BundleError(f"bundle {path}: unreadable tar archive: {exc}") from None
     return out
+
+
+def _parse_manifest(raw: bytes, root: Path, keys: BundleKeys | None) -> dict[str, Any]:
+    """The manifest's JSON, its signature verified (before anything in it is used)."""
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"bundle {root}: {MANIFEST_NAME} is not valid JSON: {exc}") from None
+    verify_manifest(manifest, keys, f"bundle {root}")
+    return manifest
 
 
 def _nothing(manifest: Mapping[str, Any]) -> set[str]:
@@ -254,8 +277,12 @@ def _nothing(manifest: Mapping[str, Any]) -> set[str]:
 
 
 def read_bundle(path: str | os.PathLike[str],
-                keep: Callable[[Mapping[str, Any]], set[str]] | None = None) -> BundleContents:
-    """Read and verify a bundle folder or ``.tar``: schema, version, presence and hashes.
+                keep: Callable[[Mapping[str, Any]], set[str]] | None = None, *,
+                keys: BundleKeys | None = None) -> BundleContents:
+    """Read and verify a bundle folder or ``.tar``: signature, schema, version, presence, hashes.
+
+    The manifest's signature is checked first, against ``keys`` (given a key, an unsigned
+    manifest is refused), before anything in it is used or any part file is opened.
 
     Nothing is handed to onnxruntime here; a caller gets either a fully verified bundle or
     one BundleError naming the first problem (the part and the file). ``keep(manifest)``
@@ -267,19 +294,13 @@ def read_bundle(path: str | os.PathLike[str],
         mpath = root / MANIFEST_NAME
         if not mpath.is_file():
             raise BundleError(f"bundle {root}: no {MANIFEST_NAME}")
-        raw_manifest = mpath.read_bytes()
+        manifest = _parse_manifest(mpath.read_bytes(), root, keys)
         tar_files: dict[str, bytes] | None = None
     elif root.is_file():
-        tar_files = _read_tar(root)
-        if MANIFEST_NAME not in tar_files:
-            raise BundleError(f"bundle {root}: archive has no {MANIFEST_NAME}")
-        raw_manifest = tar_files[MANIFEST_NAME]
+        tar_files = _read_tar(root, lambda raw: _parse_manifest(raw, root, keys))
+        manifest = json.loads(tar_files[MANIFEST_NAME])  # verified as it was read
     else:
         raise BundleError(f"bundle {root}: no such folder or .tar file")
-    try:
-        manifest = json.loads(raw_manifest)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"bundle {root}: {MANIFEST_NAME} is not valid JSON: {exc}") from None
     cfg = validate_manifest(manifest)
     owners = _file_owners(manifest)
     wanted = keep(manifest) if keep is not None else None
@@ -372,10 +393,13 @@ class MoESession:
     unchanged (e.g. ``["TensorrtExecutionProvider", "CUDAExecutionProvider",
     "CPUExecutionProvider"]`` on a Jetson). ``threads`` sets the trunk's intra-op threads
     (the heads run single-threaded: nothing to split, and idle pools would spin).
+    ``keys``: the keys the manifest's signature must verify with (given one, an unsigned
+    manifest is refused); a swap re-signs the manifest with its HMAC key.
     """
 
     def __init__(self, bundle: str | os.PathLike[str], *, providers: Sequence[str] | None = None,
-                 threads: int = 1, precision: str = "deployed") -> None:
+                 threads: int = 1, precision: str = "deployed",
+                 keys: BundleKeys | None = None) -> None:
         if precision not in PRECISIONS:
             raise ConfigError(f"MoESession: precision must be one of {PRECISIONS}, got {precision!r}")
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
@@ -383,13 +407,15 @@ class MoESession:
         self.precision = precision
         self.providers = list(providers) if providers is not None else list(DEFAULT_PROVIDERS)
         self.threads = threads
+        self.keys = keys
         # verifies everything before any session exists. A .tar keeps the bytes this session
         # loads; a folder keeps none and each file is re-read and re-verified just before its
         # session is made (the bytes handed to onnxruntime are always bytes that were hashed),
         # so at most one file's bytes are held at a time: they would otherwise add the whole
         # bundle to the process's peak memory
         self._from_tar = not Path(bundle).is_dir()
-        contents = read_bundle(bundle, keep=self._needed_files if self._from_tar else _nothing)
+        contents = read_bundle(bundle, keep=self._needed_files if self._from_tar else _nothing,
+                               keys=keys)
         self.manifest = contents.manifest
         self.cfg = contents.cfg
         self.root = contents.root
@@ -725,8 +751,8 @@ class MoESession:
         return data
 
     # --- updates -------------------------------------------------------------------------
-    def swap_expert(self, k: int, path: str | os.PathLike[str], *, sha256: str | None = None,
-                    quantization: str = "unknown") -> str:
+    def swap_expert(self, k: int, path: str | os.PathLike[str] | bytes, *,
+                    sha256: str | None = None, quantization: str = "unknown") -> str:
         """Replace global expert ``k`` with the ONNX file at ``path``; returns its sha256.
 
         The new file is hashed (and compared with ``sha256`` when given), loaded into a new
@@ -735,47 +761,81 @@ class MoESession:
         name and the manifest is replaced atomically, so a crash leaves a consistent bundle.
         The part's fp32 parity copy is dropped (it no longer matches). ``k`` may be an
         expert the bundle did not hold yet (a device downloading an expert).
+        A signed manifest is re-signed with the session's HMAC key (a signed bundle without
+        one cannot be swapped: the result would no longer verify).
         """
-        name = f"expert_g{k}"
         if not isinstance(k, int) or not 0 <= k < self.cfg.num_global_experts:
             raise ValidationError(f"swap_expert: k must be in [0, {self.cfg.num_global_experts}), "
                                   f"got {k!r}")
+        return self.swap_part(f"expert_g{k}", path, sha256=sha256, quantization=quantization)
+
+    def swap_part(self, name: str, path: str | os.PathLike[str] | bytes, *,
+                  sha256: str | None = None, quantization: str = "unknown") -> str:
+        """Replace a global part (``global_gate``, ``expert_shared`` or ``expert_g{k}``) with
+        an ONNX file (a path, or its bytes); as :meth:`swap_expert`.
+
+        A part computed inside the merged ``heads`` graph is taken out of it: the bundle
+        drops ``heads`` and runs its always-on parts from their own files from then on.
+        """
+        swappable = ["global_gate", *(["expert_shared"] if self.cfg.shared_expert else []),
+                     *(f"expert_g{k}" for k in range(self.cfg.num_global_experts))]
+        if name not in swappable:
+            raise ValidationError(f"swap_part: part must be one of {swappable}, got {name!r}")
         if self.precision != "deployed":
-            raise ConfigError("swap_expert: only a session on the deployed precision can swap")
+            raise ConfigError("swap_part: only a session on the deployed precision can swap")
         if quantization not in QUANTIZATIONS:
-            raise ValidationError(f"swap_expert: quantization must be one of {QUANTIZATIONS}")
-        src = Path(path)
-        if not src.is_file():
-            raise BundleError(f"swap_expert: part '{name}': file {src} does not exist")
-        data = src.read_bytes()
+            raise ValidationError(f"swap_part: quantization must be one of {QUANTIZATIONS}")
+        resign = (self.keys is not None and self.keys.hmac_key is not None
+                  and (is_signed(self.manifest) or self.keys.must_verify))
+        if is_signed(self.manifest) and not resign:
+            raise ConfigError(f"swap_part: part '{name}': the bundle's manifest is signed; "
+                              "swapping needs the HMAC federation key to re-sign it")
+        if isinstance(path, bytes):
+            data, src = path, f"the {name} graph given"
+        else:
+            src_path = Path(path)
+            if not src_path.is_file():
+                raise BundleError(f"swap_part: part '{name}': file {src_path} does not exist")
+            data, src = src_path.read_bytes(), str(src_path)
         digest = sha256_hex(data)
         if sha256 is not None and digest != sha256.lower():
-            raise BundleError(f"swap_expert: part '{name}': {src} fails its sha256 check "
+            raise BundleError(f"swap_part: part '{name}': {src} fails its sha256 check "
                               f"(expected {sha256[:12]}..., file {digest[:12]}...)")
         sess = self._make_session(data, name)
+        n_out = self.cfg.num_global_experts if name == "global_gate" else self.num_classes
         spec = {"inputs": [{"name": "feats", "shape": ["batch", *self.feat_shape], "dtype": "float32"}],
-                "outputs": [{"name": "logits", "shape": ["batch", self.num_classes],
-                             "dtype": "float32"}]}
+                "outputs": [{"name": "logits", "shape": ["batch", n_out], "dtype": "float32"}]}
         self._check_interface(name, sess, spec)
         probe = sess.run(None, {"feats": np.zeros((1, *self.feat_shape), np.float32)})[0]
-        if probe.shape != (1, self.num_classes) or not np.all(np.isfinite(probe)):
-            raise BundleError(f"swap_expert: part '{name}': {src} gives output {probe.shape} "
+        if probe.shape != (1, n_out) or not np.all(np.isfinite(probe)):
+            raise BundleError(f"swap_part: part '{name}': {src} gives output {probe.shape} "
                               f"or non-finite values on a probe input")
         rel = f"{name}.{digest[:12]}.onnx"
         new_manifest = json.loads(json.dumps(self.manifest))
         old = new_manifest["parts"].get(name)
         new_manifest["parts"][name] = {"file": rel, "sha256": digest, "bytes": len(data),
                                        "quantization": quantization, **spec}
-        held = set(new_manifest["held_experts"]) | {k}
-        new_manifest["held_experts"] = sorted(held)
+        if name.startswith("expert_g"):
+            held = set(new_manifest["held_experts"]) | {int(name[len("expert_g"):])}
+            new_manifest["held_experts"] = sorted(held)
         new_manifest["parts"] = {n: new_manifest["parts"][n]
                                  for n in part_names(self.cfg, new_manifest["held_experts"])}
         # the dense graph still holds the old weights: it is no longer comparable, drop it
         new_manifest["fused"] = None
+        unmerge = name in self._merged
+        if unmerge:  # likewise the merged heads; their parts run from their own files
+            new_manifest["heads"] = None
+        if resign:
+            assert self.keys is not None
+            new_manifest = sign_manifest(new_manifest, BundleKeys(hmac_key=self.keys.hmac_key))
         validate_manifest(new_manifest)
         old_entries = [old, old.get("fp32")] if old is not None else []
-        stale = [e for e in (*old_entries, self.manifest.get("fused"))
-                 if e is not None and e["file"] != rel]
+        dropped = [self.manifest.get("fused"), *([self.manifest.get("heads")] if unmerge else [])]
+        if unmerge and isinstance(self.manifest["heads"], Mapping):
+            dropped.append(self.manifest["heads"].get("fp32"))
+        stale = [e for e in (*old_entries, *dropped) if e is not None and e["file"] != rel]
+        # the merged parts' own sessions, made (and verified) before anything changes
+        own = {n: self._part_session(n) for n in self._merged if n != name} if unmerge else {}
         with self._lock:
             if self.root is not None:
                 from fedcoe_edge.io import atomic_write_bytes, atomic_write_text
@@ -786,12 +846,29 @@ class MoESession:
                     if entry["file"] not in listed_files(new_manifest):
                         (self.root / entry["file"]).unlink(missing_ok=True)
             self.manifest = new_manifest
+            if unmerge:
+                self._sessions.pop("heads", None)
+                self._input_names.pop("heads", None)
+                self._merged = []
+            for n, other in own.items():
+                self._sessions[n] = other
+                self._input_names[n] = other.get_inputs()[0].name
             self._sessions[name] = sess
             self._input_names[name] = sess.get_inputs()[0].name
             self._held_mask = self._held_array(new_manifest["held_experts"])
             self._fused = None
             self._fused_bytes = None
         return digest
+
+    def _part_session(self, name: str) -> ort.InferenceSession:
+        """A session on one part's own deployed file (a folder's is re-verified as read)."""
+        entry = self.manifest["parts"][name]
+        if self.root is None:
+            raise ConfigError(f"swap_part: part '{name}' runs inside the merged heads of a .tar "
+                              "bundle; unpack it to a folder to swap it")
+        sess = self._load_verified(entry, name)
+        self._check_interface(name, sess, entry)
+        return sess
 
 
 def pack_tar(folder: str | os.PathLike[str], tar_path: str | os.PathLike[str]) -> Path:
@@ -829,11 +906,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--providers", default="CPUExecutionProvider",
                         help="comma-separated onnxruntime execution providers")
+    parser.add_argument("--key-file", help="hex HMAC federation key the manifest must be "
+                        "signed with (an unsigned manifest is then refused)")
+    parser.add_argument("--vendor-public-key", help="Ed25519 public key (PEM or hex) the "
+                        "manifest may be signed with instead")
     args = parser.parse_args(argv)
     try:
+        from fedcoe_edge.bundle_sig import reader_keys
+
         sess = MoESession(args.bundle, threads=args.threads,
                           providers=[p for p in args.providers.split(",") if p],
-                          precision="fp32" if args.fp32 else "deployed")
+                          precision="fp32" if args.fp32 else "deployed",
+                          keys=reader_keys(args.key_file, args.vendor_public_key))
         try:
             x = np.load(args.input, allow_pickle=False)
         except (OSError, ValueError) as exc:

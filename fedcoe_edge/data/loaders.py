@@ -155,7 +155,11 @@ def load_image_folder(root: str | Path, size: tuple[int, int] = (32, 32), graysc
     missing class folder is fine. Without it, the sorted sub-folder names are the classes
     (at least 2, each non-empty), which is only safe when every copy holds every class.
     """
-    from PIL import Image, UnidentifiedImageError
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise DataError(f"image folder {root}: reading images needs Pillow "
+                        "(pip install 'fedcoe-edge[runtime]')") from None
 
     root = Path(root)
     if not root.is_dir():

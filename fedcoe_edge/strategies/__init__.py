@@ -6,38 +6,74 @@ FedAvg + fine-tuning, Ditto, FedRep, a global/local mixture) and FedCoE's ablati
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.errors import ConfigError
-from fedcoe_edge.strategies.ablations import ABLATIONS
 from fedcoe_edge.strategies.base import ClientData, ClientResult, ClientTask, Failure, Strategy
-from fedcoe_edge.strategies.ditto import Ditto
-from fedcoe_edge.strategies.fedavg import FedAvg
-from fedcoe_edge.strategies.fedavg_ft import FedAvgFT
-from fedcoe_edge.strategies.fedcoe import FedCoE
-from fedcoe_edge.strategies.fedprox import FedProx
-from fedcoe_edge.strategies.fedrep import FedRep
-from fedcoe_edge.strategies.local import Local
-from fedcoe_edge.strategies.mixture import Mixture
 
-BASELINES: tuple[type[Strategy], ...] = (FedAvg, FedProx, Local, FedAvgFT, Ditto, FedRep, Mixture)
+if TYPE_CHECKING:  # precise types for mypy; at run time they load lazily (below)
+    from fedcoe_edge.strategies.ablations import ABLATIONS
+    from fedcoe_edge.strategies.ditto import Ditto
+    from fedcoe_edge.strategies.fedavg import FedAvg
+    from fedcoe_edge.strategies.fedavg_ft import FedAvgFT
+    from fedcoe_edge.strategies.fedcoe import FedCoE
+    from fedcoe_edge.strategies.fedprox import FedProx
+    from fedcoe_edge.strategies.fedrep import FedRep
+    from fedcoe_edge.strategies.local import Local
+    from fedcoe_edge.strategies.mixture import Mixture
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedCoE, *BASELINES, *ABLATIONS)  # type: ignore[misc, attr-defined]
+    BASELINES: tuple[type[Strategy], ...]
+    STRATEGIES: dict[str, type[Strategy]]
+
+# The algorithms build torch models: they are imported on first use (PEP 562), so the
+# types above (numpy only) serve a device with the runtime install profile, no torch.
+_LAZY: dict[str, str] = {
+    "ABLATIONS": "fedcoe_edge.strategies.ablations",
+    "Ditto": "fedcoe_edge.strategies.ditto",
+    "FedAvg": "fedcoe_edge.strategies.fedavg",
+    "FedAvgFT": "fedcoe_edge.strategies.fedavg_ft",
+    "FedCoE": "fedcoe_edge.strategies.fedcoe",
+    "FedProx": "fedcoe_edge.strategies.fedprox",
+    "FedRep": "fedcoe_edge.strategies.fedrep",
+    "Local": "fedcoe_edge.strategies.local",
+    "Mixture": "fedcoe_edge.strategies.mixture",
 }
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name == "BASELINES":
+        value = tuple(__getattr__(n) for n in ("FedAvg", "FedProx", "Local", "FedAvgFT", "Ditto",
+                                                "FedRep", "Mixture"))
+    elif name == "STRATEGIES":
+        value = {cls.name: cls for cls in (__getattr__("FedCoE"), *__getattr__("BASELINES"),
+                                           *__getattr__("ABLATIONS"))}
+    else:
+        raise AttributeError(f"module 'fedcoe_edge.strategies' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 def make_strategy(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int = 0) -> Strategy:
     """Build a registered strategy by name; unknown names raise ConfigError listing the known ones."""
+    strategies = __getattr__("STRATEGIES")
     try:
-        cls = STRATEGIES[name]
+        cls = strategies[name]
     except KeyError:
-        raise ConfigError(f"unknown algorithm {name!r}; known: {', '.join(sorted(STRATEGIES))}") from None
+        raise ConfigError(f"unknown algorithm {name!r}; known: {', '.join(sorted(strategies))}") from None
+    if ((model_cfg.trunk_mode != "federated" or model_cfg.trunk_weights)
+            and not issubclass(cls, __getattr__("FedCoE"))):
+        raise ConfigError(f"model.trunk_mode / model.trunk_weights are implemented for fedcoe and "
+                          f"its ablations, not {name!r}")
     return cls(model_cfg, train_cfg, seed)
 
 
 def shares_model(name: str) -> bool:
     """False for algorithms with no shared model (Local): their global/cold-start is chance."""
-    return bool(getattr(STRATEGIES[name], "shares_model", True))
+    return bool(getattr(__getattr__("STRATEGIES")[name], "shares_model", True))
 
 
 __all__ = ["ABLATIONS", "BASELINES", "STRATEGIES", "ClientData", "ClientResult", "ClientTask",

@@ -49,6 +49,7 @@ from fedcoe_edge.strategies.base import (
     Strategy,
 )
 from fedcoe_edge.training import build_model, load_arrays, predict_probs, run_epochs, to_arrays
+from fedcoe_edge.trunk import TRUNK_PREFIX, exchanged, kept_locally, prepare_trunk
 
 
 def expert_of(name: str) -> int | None:
@@ -72,6 +73,7 @@ class FedCoE(Strategy):
                  *, affinity_weighting: bool = True, partial_exchange: bool = True) -> None:
         super().__init__(model_cfg, train_cfg, seed)
         self.model: DualLevelMoE = build_model(model_cfg, seed)
+        prepare_trunk(self.model, model_cfg)  # pretrained / frozen trunk (docs/design.md, "Trunk")
         self.affinity_weighting = affinity_weighting  # False: plain n_i mean of experts (ablation)
         self.partial_exchange = partial_exchange  # False: every client gets all K (m = K)
         self.affinity: dict[str, np.ndarray] = {}  # R, one EMA row per client
@@ -136,7 +138,7 @@ class FedCoE(Strategy):
         """The gate, shared expert and trunk always; routed experts only those listed."""
         wanted = set(expert_ids)
         return {n: v for n, v in self.global_state.items()
-                if expert_of(n) is None or expert_of(n) in wanted}
+                if (expert_of(n) is None or expert_of(n) in wanted) and exchanged(self.model_cfg, n)}
 
     def configure_round(self, rnd: int, client_ids: Sequence[str]) -> list[ClientTask]:
         tasks = []
@@ -169,7 +171,8 @@ class FedCoE(Strategy):
         new = dict(self.global_state)
         new.update(aggregate_experts(self.global_state, [r.params for r in results], weights,
                                      self.expert_keys()))
-        dense_keys = [name for name in self.global_state if expert_of(name) is None]
+        dense_keys = [name for name in self.global_state
+                      if expert_of(name) is None and exchanged(self.model_cfg, name)]
         new.update(sample_weighted_mean([r.params for r in results], n, keys=dense_keys))
         for r, row in zip(results, reported, strict=True):
             self.affinity[r.client_id] = ema(self.affinity.get(r.client_id), row,
@@ -193,7 +196,13 @@ class FedCoE(Strategy):
     # --- client side ------------------------------------------------------------------
     def fresh_local_state(self, client_id: str) -> Arrays:
         """A new device's private level, initialised from its own seed."""
-        return to_arrays(build_model(self.model_cfg, client_seed(self.seed, client_id)).local_state())
+        state = to_arrays(build_model(self.model_cfg, client_seed(self.seed, client_id)).local_state())
+        if self.model_cfg.trunk_mode == "local-finetune":  # starts from the shared (pretrained) trunk
+            built = build_model(self.model_cfg, self.seed)
+            prepare_trunk(built, self.model_cfg)
+            state.update({n: v for n, v in to_arrays(built.state_dict()).items()
+                          if n.startswith(TRUNK_PREFIX)})
+        return state
 
     def expert_mask(self, expert_ids: Sequence[int]) -> torch.Tensor:
         mask = torch.zeros(self.model_cfg.num_global_experts, dtype=torch.bool)
@@ -208,7 +217,7 @@ class FedCoE(Strategy):
         load_arrays(model, local_state if local_state is not None else self.fresh_local_state(task.client_id))
         mask = self.expert_mask(ids)
         named = dict(model.named_parameters())
-        trainable_names = [n for n in named if n.startswith("local.") or n in task.params]
+        trainable_names = [n for n in named if kept_locally(self.model_cfg, n) or n in task.params]
         anchor = {n: torch.from_numpy(np.array(task.params[n])) for n in trainable_names
                   if n in task.params}
 
@@ -228,7 +237,7 @@ class FedCoE(Strategy):
                           cfg, cfg.local_epochs, rng, loss)
         state = to_arrays(model.state_dict())
         upload = {n: state[n] for n in task.params}
-        local = {n: v for n, v in state.items() if n.startswith("local.")}
+        local = {n: v for n, v in state.items() if kept_locally(self.model_cfg, n)}
         return (ClientResult(task.client_id, task.round, data.num_train, upload,
                              affinity=affinity.tolist(), metrics={"train_loss": last}), local)
 
