@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test test-hostile test-runtime-profile bench lint clean mosquitto datasets tune accuracy
+.PHONY: setup demo test test-hostile test-runtime-profile bench lint clean mosquitto datasets tune accuracy accuracy-long
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -64,6 +64,14 @@ tune: setup
 
 accuracy: setup
 	$(BIN)/python -m benchmarks.accuracy --jobs 2
+
+# The convergence check: FedCoE and the strongest baselines at 60 rounds, seed 0, on the
+# Fashion-MNIST settings (the main grid stops at 30; ~1 CPU h). Writes results/long60/.
+accuracy-long: setup
+	$(BIN)/python -m benchmarks.accuracy --jobs 2 --rounds 60 --seeds 0 --ablations '' \
+	  --settings fmnist-dir0.1,fmnist-dir0.5,fmnist-shards2 \
+	  --algorithms fedcoe,fedavg,fedprox,fedavg-ft,local \
+	  --out benchmarks/results/long60 --cache benchmarks/results/long60/accuracy_cache.jsonl
 
 # ruff over everything; mypy over the packages and examples ([tool.mypy] files in pyproject.toml)
 lint: setup
