@@ -65,12 +65,12 @@ tune: setup
 accuracy: setup
 	$(BIN)/python -m benchmarks.accuracy --jobs 2
 
-# The convergence check: FedCoE and the strongest baselines at 60 rounds, seed 0, on the
-# Fashion-MNIST settings (the main grid stops at 30; ~1 CPU h). Writes results/long60/.
+# The convergence check: FedCoE and every baseline at 60 rounds, seed 0, on the
+# Fashion-MNIST settings (the main grid stops at 30; ~1.2 CPU h). Writes results/long60/.
 accuracy-long: setup
 	$(BIN)/python -m benchmarks.accuracy --jobs 2 --rounds 60 --seeds 0 --ablations '' \
 	  --settings fmnist-dir0.1,fmnist-dir0.5,fmnist-shards2 \
-	  --algorithms fedcoe,fedavg,fedprox,fedavg-ft,local \
+	  --algorithms fedcoe,fedavg,fedprox,local,fedavg-ft,ditto,fedrep,mixture \
 	  --out benchmarks/results/long60 --cache benchmarks/results/long60/accuracy_cache.jsonl
 
 # ruff over everything; mypy over the packages and examples ([tool.mypy] files in pyproject.toml)
