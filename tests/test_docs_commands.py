@@ -28,7 +28,8 @@ def fedcoe_commands(text: str, spans: bool = False) -> list[list[str]]:
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"\[[^\]]*\]", "", line.split(" #")[0])
-            m = re.search(r"(?:^|[\s/])fedcoe (\w[\w-]*)(.*)$", line)
+            # "fedcoe simulate: error: ..." is the CLI's output quoted in a doc, not a command
+            m = re.search(r"(?:^|[\s/])fedcoe (\w[\w-]*)(?![\w:-])(.*)$", line)
             if m and not line.lstrip().startswith("#"):
                 out.append([m.group(1), *shlex.split(m.group(2).split("|")[0].split("&&")[0])])
     return out
