@@ -129,10 +129,10 @@ class SimDevice:
     """One device: the agent's protocol without torch (docs/protocol.md)."""
 
     def __init__(self, fleet: DeviceFleet, dev: str) -> None:
+        from benchmarks.mqtt_async import AsyncMqttClient
         from device_agent import protocol as P
         from fedcoe_edge.transport import Will
         from fedcoe_edge.transport.blob import BlobReceiver
-        from benchmarks.mqtt_async import AsyncMqttClient
 
         self.P = P
         self.fleet, self.dev = fleet, dev
