@@ -289,3 +289,53 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path: Path, capsys: pytest.Cap
     (tmp_path / "agent.toml").write_text("[device]\nid = 'x'\n")
     assert main(["agent", "--config", str(tmp_path / "agent.toml")]) == 2
     assert "needs key, key_file, secret or secret_file" in capsys.readouterr().err
+
+
+def _snapshot_clients(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return json.loads((f.metadata() or {}).get("clients", "[]"))
+    except (OSError, ValueError, Exception):  # replaced meanwhile by a newer snapshot
+        return []
+
+
+@pytest.mark.parametrize("aggregation", ["batch", "stream"])
+def test_an_update_is_durable_before_its_accept(tmp_path: Path, aggregation: str) -> None:
+    """Persistence runs in batches on its own thread, yet every `accept` a device receives
+    names an update whose row is already committed (read from a second connection) and
+    whose weights (update file or partial-sum snapshot) are on disk."""
+    broker, factory = memory_factory()
+    seen: list[tuple[str, int, bool]] = []
+    db_path = tmp_path / "coordinator" / "coordinator.sqlite"
+
+    def spy(msg: object) -> None:
+        env = json.loads(msg.payload)  # type: ignore[attr-defined]
+        if env["type"] != "accept":
+            return
+        dev = msg.topic.split("/")[4]  # type: ignore[attr-defined]
+        ro = Store(db_path, readonly=True)
+        try:
+            rows = {u["device"]: u for u in ro.updates(env["round"])}
+        finally:
+            ro.close()
+        ok = dev in rows and (aggregation == "stream" or Path(rows[dev]["path"]).is_file())
+        if aggregation == "stream":  # a later batch may have replaced the row's snapshot
+            ok = ok and any(dev in _snapshot_clients(p) for p in
+                            (db_path.parent / "rounds" / str(env["round"])).glob("acc-*"))
+        seen.append((dev, env["round"], ok))
+
+    probe = broker.client("probe")
+    probe.subscribe("fl/v1/test/dn/+/ctl", spy)
+    probe.connect()
+    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=2, aggregation=aggregation)
+    fed.start()
+    try:
+        fed.wait_rounds(90)
+        fed.wait(lambda: len(seen) >= 6, 30, "six accepts")
+    finally:
+        fed.stop()
+        probe.close()
+    assert sorted((d, r) for d, r, _ in seen) == [(d, r) for d in "012" for r in (1, 2)]
+    assert all(ok for _, _, ok in seen), seen
