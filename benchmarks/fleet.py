@@ -103,6 +103,8 @@ class FleetSpec:
     chunk_size: int = 256 * 1024
     workdir: str = ""
     coordinator_args: list[str] = field(default_factory=list)
+    # how to start `fedcoe` (e.g. under a profiler); default: this interpreter
+    fedcoe_cmd: list[str] = field(default_factory=lambda: [sys.executable, "-m", "fedcoe_edge.cli"])
 
 
 # ----------------------------------------------------------------------------- devices
@@ -510,9 +512,12 @@ def _hwm(pid: int) -> int:
     return 0
 
 
-async def _sys_monitor(port: int, into: list[tuple[float, str, float]], stop: asyncio.Event) -> None:
-    """Broker counters from $SYS (published every second with sys_interval 1)."""
+async def _sys_monitor(port: int, into: list[tuple[float, str, float]], stop: asyncio.Event,
+                       coord_online: Any) -> None:
+    """Broker counters from $SYS (published every second with sys_interval 1), and the
+    coordinator's retained status (devices start once it is online)."""
     from benchmarks.mqtt_async import AsyncMqttClient
+    from fedcoe_edge.transport import Topics
 
     c = AsyncMqttClient("fleet-monitor", "127.0.0.1", port)
 
@@ -520,9 +525,15 @@ async def _sys_monitor(port: int, into: list[tuple[float, str, float]], stop: as
         with contextlib.suppress(ValueError):
             into.append((time.time(), msg.topic, float(msg.payload.decode())))
 
+    def status(msg: Any) -> None:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            if json.loads(msg.payload.decode())["state"] == "online":
+                coord_online.set()
+
     for t in ("$SYS/broker/publish/messages/dropped", "$SYS/broker/bytes/received",
               "$SYS/broker/bytes/sent", "$SYS/broker/clients/connected"):
         c.subscribe(t, on)
+    c.subscribe(Topics(FEDERATION).coord_status(), status)
     await c.connect_async()
     await stop.wait()
     c.close()
@@ -555,7 +566,7 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
         cfg.write_text(_coordinator_toml(spec, broker.port, work / "state"))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with coord_log.open("wb") as logf:
-            coord = subprocess.Popen([sys.executable, "-m", "fedcoe_edge.cli", "coordinator",
+            coord = subprocess.Popen([*spec.fedcoe_cmd, "coordinator",
                                       "--config", str(cfg), *spec.coordinator_args],
                                      stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         cp = psutil.Process(coord.pid)
@@ -565,13 +576,7 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
         ids = [f"dev{i:05d}" for i in range(spec.devices)]
         started = time.time()
         stop_at = time.monotonic() + spec.timeout_s
-        for k in range(spec.procs):
-            rx, tx = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_worker, args=(spec, broker.port, ids[k::spec.procs], stop_at,
-                                                  stop_event, tx), daemon=True)
-            p.start()
-            workers.append((p, rx))
-        wps = [psutil.Process(p.pid) for p, _ in workers]
+        wps: list[Any] = []
         samples: list[_Sample] = []
         sys_vals: list[tuple[float, str, float]] = []
         hwm = 0
@@ -580,7 +585,22 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
         async def sample() -> None:
             nonlocal hwm
             stop = asyncio.Event()
-            mon = asyncio.create_task(_sys_monitor(broker.port, sys_vals, stop))
+            online = asyncio.Event()
+            mon = asyncio.create_task(_sys_monitor(broker.port, sys_vals, stop, online))
+            # the devices start once the coordinator is up: rounds are measured, not its start
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(online.wait(), 120)
+            if not online.is_set() or coord.poll() is not None:
+                stop.set()
+                raise RuntimeError("coordinator did not come online: "
+                                   + " | ".join(coord_log.read_text(errors="replace").splitlines()[-3:]))
+            for k in range(spec.procs):
+                rx, tx = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=_worker, args=(spec, broker.port, ids[k::spec.procs],
+                                                      stop_at, stop_event, tx), daemon=True)
+                p.start()
+                workers.append((p, rx))
+                wps.append(psutil.Process(p.pid))
             coord_gone_at: float | None = None
             pending = list(workers)
             while pending:
