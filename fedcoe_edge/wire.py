@@ -291,6 +291,7 @@ class ReplayCache:
         self._floor_ms = -1
         self._slots: dict[str, tuple[dict[str, int], list[tuple[int, str]], list[int]]] = {}
         self._calls = 0
+        self._swept_ms = -1
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -325,7 +326,8 @@ class ReplayCache:
         assert self.per_sender is not None
         with self._lock:
             self._calls += 1
-            if self._calls % 10_000 == 0:  # idle senders' expired entries go too
+            if self._calls % 10_000 == 0 or now - self._swept_ms > 60_000:
+                self._swept_ms = now  # idle senders' expired entries go too
                 for name in list(self._slots):
                     seen, heap, _ = self._slots[name]
                     while heap and heap[0][0] < now:
