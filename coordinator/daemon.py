@@ -148,6 +148,9 @@ class Coordinator:
         self._senders: dict[str, _Outgoing] = {}
         self._receivers: dict[str, BlobReceiver] = {}
         self._uploads: dict[tuple[str, str], _Upload] = {}  # (device, transfer id)
+        self._upload_of: dict[str, str] = {}  # device -> its one open upload
+        self._upload_bytes = 0  # announced sizes of the open uploads (reassembly budget)
+        self._task_xfer: dict[str, str] = {}  # device -> this round's task transfer
         self._accepted_xfers: dict[tuple[str, str], int] = {}  # -> round; pruned at close
         self._settled: set[str] = set()  # this round's devices with a result or a failure
         self._persisting: set[str] = set()  # updates checked, waiting to be durable
@@ -339,6 +342,8 @@ class Coordinator:
 
     def _send_task(self, task: ClientTask) -> None:
         xfer = self._send_params(task.client_id, task.params, task.expert_ids, "train", task.round)
+        with self._lock:
+            self._task_xfer[task.client_id] = xfer.transfer_id
         self._announce(xfer.transfer_id, P.TASK, {
             "manifest": xfer.to_dict(), "expert_ids": list(task.expert_ids),
             "version": self.strategy.version, "deadline_s": max(1.0, self.deadline - time.monotonic()),
@@ -452,7 +457,8 @@ class Coordinator:
             for key, up in list(self._uploads.items()):
                 if up.round == rnd:
                     self._receivers[up.device].discard(key[1])
-                    del self._uploads[key]
+                    self._drop_upload(*key)
+            self._task_xfer = {}
             # accepted transfers of this round stay (a late re-announce is answered with
             # ACCEPT), older ones go: the set is bounded by two rounds of devices
             self._accepted_xfers = {k: r for k, r in self._accepted_xfers.items() if r >= rnd}
@@ -687,13 +693,13 @@ class Coordinator:
         that lost it reports nothing received and the same transfer starts over. Only a
         restarted coordinator, which kept no transfers, prepares the task again."""
         with self._lock:
-            found = [(x, o) for x, o in self._senders.items()
-                     if o.device == dev and o.purpose == "train" and o.round == self.round
-                     and o.announce is not None]
+            xid = self._task_xfer.get(dev, "")
+            out = self._senders.get(xid)
+            found = (out is not None and out.round == self.round and out.announce is not None)
         if not found:
             self._send_task(self.tasks[dev])
             return
-        xid, out = found[-1]
+        assert out is not None
         assert out.announce is not None
         type_, body, rnd = out.announce
         body = {**body, "deadline_s": max(1.0, self.deadline - time.monotonic())}
@@ -731,18 +737,31 @@ class Coordinator:
             rcv = self._receiver(dev)
             if (dev, xid) not in self._uploads:
                 # one open upload per device: a new announce replaces the previous one
-                for key in [k for k in self._uploads if k[0] == dev]:
-                    rcv.discard(key[1])
-                    del self._uploads[key]
+                previous = self._upload_of.get(dev)
+                if previous is not None:
+                    rcv.discard(previous)
+                    self._drop_upload(dev, previous)
                 budget = int(self.fed.reassembly_budget_mb * 2**20)
-                used = sum(u.manifest.total_bytes for u in self._uploads.values())
-                if used + manifest.total_bytes > budget:
-                    self.reject(dev, rnd, f"upload of {manifest.total_bytes} bytes would exceed the "
-                                          f"reassembly budget ({used} of {budget} in use)", xfer=xid)
+                if self._upload_bytes + manifest.total_bytes > budget:
+                    # back-pressure, not a refusal: the device re-announces every few seconds
+                    # until its deadline, and gets in once other uploads have finished
+                    log.debug("upload of %s deferred: reassembly budget %d of %d in use", dev,
+                              self._upload_bytes, budget)
                     return
+                self._uploads[(dev, xid)] = _Upload(dev, rnd, body, manifest)
+                self._upload_of[dev] = xid
+                self._upload_bytes += manifest.total_bytes
             rcv.expect(manifest)
-            self._uploads[(dev, xid)] = _Upload(dev, rnd, body, manifest)
         rcv.nudge(manifest.transfer_id)
+
+    def _drop_upload(self, dev: str, xid: str) -> _Upload | None:
+        """Forget an open upload (finished, replaced or expired); call with the lock held."""
+        up = self._uploads.pop((dev, xid), None)
+        if up is not None:
+            self._upload_bytes -= up.manifest.total_bytes
+            if self._upload_of.get(dev) == xid:
+                del self._upload_of[dev]
+        return up
 
     def _receiver(self, dev: str) -> BlobReceiver:
         with self._lock:
@@ -808,7 +827,7 @@ class Coordinator:
         ACKed once durable), False when refused (the caller ACKs the transfer at once)."""
         xid = manifest.transfer_id
         with self._lock:
-            up = self._uploads.pop((dev, xid), None)
+            up = self._drop_upload(dev, xid)
             if up is None:
                 return False
             rnd = up.round
@@ -877,7 +896,7 @@ class Coordinator:
                 with self._lock:
                     for a in batch:
                         self._persisting.discard(a.device)
-                        self._uploads.pop((a.device, a.xfer), None)
+                        self._drop_upload(a.device, a.xfer)
                 for a in batch:
                     with contextlib.suppress(FedCoEError):
                         self._receiver(a.device).discard(a.xfer)
