@@ -50,7 +50,8 @@ class WeightedSum:
         if self.sums and set(names) != set(self.sums):
             raise KeyError(f"state names differ from the running sum's ({len(names)} vs {len(self.sums)})")
         for name in names:
-            term = np.multiply(arrays[name], w, dtype=np.float64)
+            # asarray: on a 0-d tensor numpy returns a scalar, which `+=` would not update in place
+            term = np.asarray(np.multiply(arrays[name], w, dtype=np.float64))
             acc = self.sums.get(name)
             if acc is None:
                 self.sums[name] = term
@@ -81,7 +82,8 @@ class WeightedSum:
         """``S / W`` per name, in the dtype of ``like[name]``; ValueError when nothing went in."""
         if self.weight <= 0:
             raise ValueError("mean of an empty running sum")
-        return {n: (s / self.weight).astype(np.asarray(like[n]).dtype, copy=False)
+        # asarray: a 0-d sum divided is a numpy scalar, and tensors must stay arrays
+        return {n: np.asarray(s / self.weight).astype(np.asarray(like[n]).dtype, copy=False)
                 for n, s in self.sums.items()}
 
     # --- plain arrays, for persistence and the wire ---

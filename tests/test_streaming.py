@@ -26,6 +26,12 @@ def test_weighted_sum_by_hand() -> None:
     np.testing.assert_array_equal(m["a"], [2.5, 3.5])
     with pytest.raises(ValueError, match="finite and >= 0"):
         s.add({"a": np.zeros(2)}, -1.0)
+    # a 0-d integer tensor (BatchNorm's num_batches_tracked) stays a 0-d array of its dtype
+    z = WeightedSum()
+    z.add({"n": np.array(4, dtype=np.int64)}, 1.0)
+    z.add({"n": np.array(7, dtype=np.int64)}, 2.0)
+    got = z.mean({"n": np.array(0, dtype=np.int64)})["n"]
+    assert isinstance(got, np.ndarray) and got.shape == () and got.dtype == np.int64 and got == 6
     with pytest.raises(KeyError):
         s.add({"b": np.zeros(2)}, 1.0)
     with pytest.raises(ValueError, match="empty"):
