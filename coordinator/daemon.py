@@ -116,6 +116,17 @@ class _Accepted:
     encoding: str
 
 
+@dataclass
+class _Eval:
+    """An evaluation report waiting for the persister; ``eval_ack`` follows its commit."""
+
+    device: str
+    round: int
+    kind: str
+    correct: int
+    total: int
+
+
 def _task_file(expert_ids: list[int]) -> str:
     """File of a round's task parameters for one expert set (shared by its devices)."""
     return "task_e" + "-".join(str(int(i)) for i in expert_ids) + ".safetensors"
@@ -158,7 +169,7 @@ class Coordinator:
         self.streaming = cfg.federation.aggregation == "stream"
         self._partial: Partial | None = None
         self._snapshot: tuple[int, Path | None] = (0, None)  # newest durable partial
-        self._persist_q: queue.Queue[_Accepted | None] = queue.Queue()
+        self._persist_q: queue.Queue[_Accepted | _Eval | None] = queue.Queue()
         self._prepared: dict[tuple[int, tuple[int, ...]], tuple[bytes, TransferManifest]] = {}
         self._last_request = 0.0  # monotonic time of the last fetch or eval
         self._hb_replay = ReplayCache(per_sender=64)
@@ -893,11 +904,12 @@ class Coordinator:
                 self._persist(batch)
             except Exception:  # disk full, I/O error: nothing is ACKed, devices re-send
                 log.exception("persisting %d update(s) failed; none acknowledged", len(batch))
+                accepted = [a for a in batch if isinstance(a, _Accepted)]
                 with self._lock:
-                    for a in batch:
+                    for a in accepted:
                         self._persisting.discard(a.device)
                         self._drop_upload(a.device, a.xfer)
-                for a in batch:
+                for a in accepted:
                     with contextlib.suppress(FedCoEError):
                         self._receiver(a.device).discard(a.xfer)
             finally:
@@ -908,9 +920,19 @@ class Coordinator:
                 self.store.flush_later()
                 return
 
-    def _persist(self, batch: list[_Accepted]) -> None:
+    def _persist(self, items: list[_Accepted | _Eval]) -> None:
         """One batch: update files (batch mode) or one partial-sum snapshot (stream mode),
-        then one SQLite transaction, then the results count, then the ACKs."""
+        then one SQLite transaction (with the batch's evaluations), then the results count,
+        then the ACKs."""
+        evals = [e for e in items if isinstance(e, _Eval)]
+        batch = [a for a in items if isinstance(a, _Accepted)]
+        if not batch:
+            with self.store.batch():
+                for e in evals:
+                    self.store.add_eval(e.round, e.device, e.kind, e.correct, e.total)
+                self.store.flush_later()
+            self._ack_evals(evals)
+            return
         rnd = batch[0].round
         folder = self.state_dir / "rounds" / str(rnd)
         paths: dict[str, Path] = {}
@@ -929,6 +951,8 @@ class Coordinator:
                 paths[a.device] = folder / f"update_{a.device}.safetensors"
                 save_arrays(paths[a.device], a.result.params)
         with self.store.batch():
+            for e in evals:
+                self.store.add_eval(e.round, e.device, e.kind, e.correct, e.total)
             for a in batch:
                 r = a.result
                 self.store.add_update(rnd, a.device, r.num_samples, r.affinity, r.metrics, a.nbytes,
@@ -952,7 +976,13 @@ class Coordinator:
                 self._send(a.device, P.ACCEPT, {"xfer": a.xfer}, a.round)
             with contextlib.suppress(FedCoEError):
                 self._receiver(a.device).ack(a.xfer)
+        self._ack_evals(evals)
         self._wake.set()
+
+    def _ack_evals(self, evals: list[_Eval]) -> None:
+        for e in evals:
+            with contextlib.suppress(FedCoEError):
+                self._send(e.device, P.EVAL_ACK, {"kind": e.kind}, e.round)
 
     def _linger(self) -> None:
         """After the last round: serve the final refreshes and evaluations before exiting,
@@ -1049,10 +1079,10 @@ class Coordinator:
             raise ValidationError(f"eval kind must be personal|cold, got {kind!r:.40}")
         if not (isinstance(correct, int) and isinstance(total, int) and 0 <= correct <= total):
             raise ValidationError("eval needs integers 0 <= correct <= total")
-        self.store.add_eval(rnd, dev, kind, correct, total)
-        # the answer the device waits for (it re-sends an unanswered eval); storing is
-        # idempotent, so a re-sent eval only repeats this answer
-        self._send(dev, P.EVAL_ACK, {"kind": kind}, rnd)
+        # stored in the persister's next batch, then answered with the eval_ack the device
+        # waits for (it re-sends an unanswered eval); storing is idempotent, so a re-sent
+        # eval only repeats this answer
+        self._persist_q.put(_Eval(dev, rnd, kind, correct, total))
         log.info("eval device=%s round=%d kind=%s acc=%.4f (%d/%d)", dev, rnd, kind,
                  correct / total if total else float("nan"), correct, total)
 
