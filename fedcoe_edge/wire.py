@@ -1150,6 +1150,8 @@ def validate_update(
             if not np.all(np.isfinite(arr)):
                 bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
                 raise ValidationError(f"update: tensor {name!r} has {bad} non-finite value(s)")
+            if norm_bound is None:
+                continue  # no bound: the norms are not needed (half the cost per update)
             sq = float(np.sum(np.square(arr, dtype=np.float64)))
             sq_total += sq
             if sq > largest[1]:
