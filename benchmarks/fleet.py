@@ -131,27 +131,17 @@ class SimDevice:
     """One device: the agent's protocol without torch (docs/protocol.md)."""
 
     def __init__(self, fleet: DeviceFleet, dev: str) -> None:
-        from benchmarks.mqtt_async import AsyncMqttClient
         from device_agent import protocol as P
-        from fedcoe_edge.transport import Will
         from fedcoe_edge.transport.blob import BlobReceiver
 
         self.P = P
         self.fleet, self.dev = fleet, dev
-        t = fleet.topics
         self.key = P.device_key(SECRET, dev)
         rng = random.Random(dev)
         self.num_samples = rng.randint(50, 150)
         self.variant = rng.randrange(VARIANTS)
-        self.client = AsyncMqttClient(
-            dev, "127.0.0.1", fleet.port, keepalive_s=300,
-            will=Will(t.presence(dev), P.presence_payload("offline"), 1, True),
-            birth=Will(t.presence(dev), P.presence_payload("online"), 1, True))
-        self.messenger = P.Messenger(self.client, t, dev, self._keys)
+        self.client = self.reconnectable()
         self.receiver = BlobReceiver(self._report, auto_ack=True)
-        self.client.subscribe(f"{t.prefix}/dn/{dev}/#", self._on_dn)
-        self.client.subscribe(t.bc_ctl(), self._on_broadcast)
-        self.client.subscribe(t.coord_status(), self._on_coord_status)
         self.bc_key: bytes | None = None
         self.welcomed_at = 0.0
         self.hello_at = 0.0
@@ -168,6 +158,22 @@ class SimDevice:
         self.eval_acked = False
         self.gave_up: list[str] = []
         self.refresh_asked = False
+
+    def reconnectable(self) -> Any:
+        """A fresh client with this device's will, birth and subscriptions (and messenger)."""
+        from benchmarks.mqtt_async import AsyncMqttClient
+        from fedcoe_edge.transport import Will
+
+        P, t, dev = self.P, self.fleet.topics, self.dev
+        client = AsyncMqttClient(
+            dev, "127.0.0.1", self.fleet.port, keepalive_s=300,
+            will=Will(t.presence(dev), P.presence_payload("offline"), 1, True),
+            birth=Will(t.presence(dev), P.presence_payload("online"), 1, True))
+        client.subscribe(f"{t.prefix}/dn/{dev}/#", self._on_dn)
+        client.subscribe(t.bc_ctl(), self._on_broadcast)
+        client.subscribe(t.coord_status(), self._on_coord_status)
+        self.messenger = P.Messenger(client, t, dev, self._keys)
+        return client
 
     def _keys(self, sender: str) -> bytes | None:
         return self.key if sender == self.fleet.coordinator else None
@@ -413,14 +419,19 @@ class DeviceFleet:
         connect_failed: list[str] = []
 
         async def start(dev: SimDevice) -> None:
-            async with sem:
-                try:
-                    await dev.client.connect_async(60.0)
-                except (OSError, asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001
-                    connect_failed.append(f"{dev.dev}: {exc}")
-                    return
-                dev.hello()
-                self.active.add(dev)
+            for attempt in range(4):  # a refused or timed-out connect is tried again
+                async with sem:
+                    try:
+                        await dev.client.connect_async(60.0)
+                        break
+                    except (OSError, asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001
+                        if attempt == 3:
+                            connect_failed.append(f"{dev.dev}: {exc}")
+                            return
+                        dev.client = dev.reconnectable()
+                await asyncio.sleep(1.0 + attempt)
+            dev.hello()
+            self.active.add(dev)
 
         self.devices = [SimDevice(self, d) for d in self.ids]
         t0 = time.monotonic()
@@ -841,6 +852,8 @@ def write_plot(runs: list[dict[str, Any]], path: Path) -> None:
     axes[2].plot(ns, [s["gen_cpu_s"] for s in sums], "^:", label="generator (all devices)")
     axes[2].set_ylabel("CPU-s per round")
     for ax, title in zip(axes, ("round time", "memory", "CPU"), strict=True):
+        if max(ns) >= 10 * min(ns):
+            ax.set_xscale("log")
         ax.set_xlabel("devices")
         ax.set_title(title)
         ax.grid(alpha=0.3)
