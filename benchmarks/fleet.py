@@ -102,6 +102,7 @@ class FleetSpec:
     connect_batch: int = 200
     chunk_size: int = 256 * 1024
     workdir: str = ""
+    broker_options: list[str] = field(default_factory=list)  # extra mosquitto.conf lines
     coordinator_args: list[str] = field(default_factory=list)
     # how to start `fedcoe` (e.g. under a profiler); default: this interpreter
     fedcoe_cmd: list[str] = field(default_factory=lambda: [sys.executable, "-m", "fedcoe_edge.cli"])
@@ -564,12 +565,14 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     limits = broker_limits()
     broker = MosquittoBroker(workdir=work / "broker",
-                             extra_config=[*limits, "sys_interval 1", "max_connections -1"])
+                             extra_config=[*limits, "sys_interval 1", "max_connections -1",
+                                           *spec.broker_options])
     broker.start()
     coord_log = work / "coordinator.log"
     result: dict[str, Any] = {"devices": spec.devices, "rounds": spec.rounds, "model": spec.model,
                               "train_s": spec.train_s, "jitter_s": spec.jitter_s,
-                              "procs": spec.procs, "broker_limits": limits, "workdir": str(work)}
+                              "procs": spec.procs, "broker_limits": limits + spec.broker_options,
+                              "workdir": str(work)}
     coord = None
     workers: list[tuple[Any, Any]] = []
     try:
@@ -878,6 +881,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--md", type=Path, default=None)
     p.add_argument("--png", type=Path, default=None)
     p.add_argument("--workdir", type=Path, default=None, help="keep logs and state here")
+    p.add_argument("--broker-option", action="append", default=[], metavar="LINE",
+                   help="extra mosquitto.conf line after the template's limits (repeatable)")
     args = p.parse_args(argv)
     if any(n < 1 for n in args.devices) or args.rounds < 1 or args.procs < 1:
         print("fleet: --devices, --rounds and --procs must be >= 1", file=sys.stderr)
@@ -888,6 +893,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.devices:
         spec = FleetSpec(devices=n, rounds=args.rounds, model=args.model, train_s=args.train_s,
                          jitter_s=args.jitter_s, procs=args.procs, timeout_s=args.timeout_s,
+                         broker_options=list(args.broker_option),
                          workdir=str(args.workdir / f"n{n}") if args.workdir else "")
         log.info("fleet: %d devices, %d rounds, model %s", n, args.rounds, args.model)
         t0 = time.time()

@@ -339,3 +339,40 @@ def test_an_update_is_durable_before_its_accept(tmp_path: Path, aggregation: str
         probe.close()
     assert sorted((d, r) for d, r, _ in seen) == [(d, r) for d in "012" for r in (1, 2)]
     assert all(ok for _, _, ok in seen), seen
+
+
+def test_caches_are_pruned_and_a_full_reassembly_budget_defers(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Accepted transfer ids of older rounds are forgotten at each close; with a reassembly
+    budget that holds one upload at a time and three devices uploading at once, two are
+    deferred (their devices re-announce), not refused: every update is accepted and nothing
+    is rejected."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="fedcoe.coordinator")
+    together = threading.Barrier(3)
+
+    def at_once(agent: DeviceAgent, rnd: int) -> bool:
+        if rnd == 1:
+            together.wait(timeout=60)  # all three announce their uploads together
+        return True
+
+    _, factory = memory_factory()
+    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=2,
+                             hooks={str(i): AgentHooks(before_upload=at_once) for i in range(3)})
+    c = fed.start_coordinator()
+    c.fed.reassembly_budget_mb = 20_000 / 2**20  # one upload (9-14 KB here) at a time
+    for i in range(3):
+        fed.add_agent(str(i), str(i))
+    try:
+        fed.wait_rounds(120)
+        rows = [c.store.round_summary(r) for r in (1, 2)]
+        refused = c.store.events(kind="rejected")
+        xfers = dict(c._accepted_xfers)
+    finally:
+        fed.stop()
+    assert any("deferred: reassembly budget" in r.getMessage() for r in caplog.records)
+    assert [r["accepted"] for r in rows] == [3, 3]
+    assert [r["rejected"] for r in rows] == [0, 0] and refused == []
+    assert sorted(xfers.values()) == [2, 2, 2]  # round 1's ids are gone
+    assert c._task_xfer == {} and c._upload_bytes == 0 and c._uploads == {}
