@@ -280,19 +280,21 @@ class SimDevice:
             return
         if ctx["kind"] == self.P.TASK:
             delay = self.fleet.spec.train_s + random.random() * self.fleet.spec.jitter_s
-            asyncio.get_running_loop().call_later(delay, self._trained, ctx, manifest, data)
+            # the update now (shared bytes, built once per payload), so the task's own bytes
+            # are not held through the training delay by thousands of devices
+            upload = self.fleet.update_for(manifest.sha256, data, self.variant)
+            asyncio.get_running_loop().call_later(delay, self._trained, ctx, upload)
         else:
             self.requests.pop((self.P.FETCH, "refresh", ctx["round"]), None)
             self.final_model = True
             self._request(self.P.EVAL, "personal", ctx["round"],
                           {"kind": "personal", "correct": 70, "total": 100})
 
-    def _trained(self, ctx: dict[str, Any], manifest: Any, data: bytes) -> None:
+    def _trained(self, ctx: dict[str, Any], upload: bytes) -> None:
         from fedcoe_edge.transport.blob import BlobSender, fit_chunk_size
         from fedcoe_edge.wire import TransferManifest
 
         rnd = int(ctx["round"])
-        upload = self.fleet.update_for(manifest.sha256, data, self.variant)
         digest = hashlib.sha256(f"{self.dev}\0{rnd}\0".encode() + upload).hexdigest()
         xid = f"r{rnd}-{digest[:32]}"
         topic = self.fleet.topics.up_blob(self.dev, xid)
