@@ -44,8 +44,8 @@ from fedcoe_edge.errors import ConfigError, DataError, FedCoEError, ValidationEr
 from fedcoe_edge.io import atomic_write_text
 from fedcoe_edge.simulation import serialized_nbytes
 from fedcoe_edge.strategies import ClientResult, ClientTask, Failure, Strategy, make_strategy
-from fedcoe_edge.strategies.base import Partial
 from fedcoe_edge.strategies.fedcoe import FedCoE
+from fedcoe_edge.streaming import Partial, accumulate, aggregate_partial, new_partial
 from fedcoe_edge.transport import Message, Topics, Transport, Will
 from fedcoe_edge.transport.blob import (
     XFER_DONE,
@@ -336,7 +336,7 @@ class Coordinator:
             self.tasks = {t.client_id: t for t in tasks}
             self.results, self.failed = {}, {}
             self._settled, self._persisting = set(), set()
-            self._partial = self.strategy.new_partial(rnd) if self.streaming else None
+            self._partial = new_partial(self.strategy, rnd) if self.streaming else None
             self._snapshot = (0, None)
             self.store.open_round(rnd, sorted(self.tasks),
                                   {t.client_id: list(t.expert_ids) for t in tasks},
@@ -445,7 +445,7 @@ class Coordinator:
             if applied:
                 try:
                     if partial is not None:
-                        self.strategy.aggregate_partial(rnd, partial, failures)
+                        aggregate_partial(self.strategy, rnd, partial, failures)
                     else:
                         self.strategy.aggregate_round(rnd, results, failures)
                     note = f"aggregated {len(results)} update(s), {len(failures)} failure(s)"
@@ -454,7 +454,7 @@ class Coordinator:
                               self.fed.algorithm, exc)
                     applied, note = False, f"aggregation failed: {exc}"[:300]
             elif partial is not None:
-                self.strategy.aggregate_partial(rnd, self.strategy.new_partial(rnd) or partial, failures)
+                aggregate_partial(self.strategy, rnd, new_partial(self.strategy, rnd) or partial, failures)
                 note = f"quorum not met ({len(results)} < {self.fed.quorum}); global state kept"
             else:
                 self.strategy.aggregate_round(rnd, [], failures)
@@ -557,7 +557,7 @@ class Coordinator:
         self.results = {}
         rows = self.store.updates(rnd)
         snapshots = sorted({Path(u["path"]) for u in rows if Path(u["path"]).name.startswith("acc-")})
-        self._partial = s.new_partial(rnd) if self.streaming else None
+        self._partial = new_partial(s, rnd) if self.streaming else None
         if snapshots:
             if self._partial is None:
                 raise DataError(f"round {rnd} in {self.state_dir} was aggregated as a stream; "
@@ -574,7 +574,7 @@ class Coordinator:
             if not Path(u["path"]).name.startswith("acc-"):
                 result.params = load_arrays_file(Path(u["path"]))
                 if self._partial is not None:
-                    s.accumulate(self._partial, result)
+                    accumulate(s, self._partial, result)
                     result.params = {}
             self.results[u["device"]] = result
         self._settled = set(self.results)
@@ -939,7 +939,7 @@ class Coordinator:
         old: Path | None = None
         if self._partial is not None:
             for a in batch:
-                self.strategy.accumulate(self._partial, a.result)
+                accumulate(self.strategy, self._partial, a.result)
             seq = self._snapshot[0] + 1
             path = folder / f"acc-{seq:06d}.safetensors"
             arrays, meta = self._partial.to_arrays()

@@ -8,22 +8,34 @@ aggregation"). The result equals the batch mean up to float rounding (the batch 
 normalises the weights first and sums in another order); ``fedcoe simulate`` keeps the
 batch path, so its numbers do not move.
 
-Partial sums combine exactly by addition (:meth:`WeightedSum.merge`), which is what lets
-several aggregators each own a shard of a fleet and a leader merge their partials.
-Everything here is numpy only, and serialises to plain arrays (safetensors) so a partial
-can be persisted before an update is acknowledged, or sent over the wire.
+Partial sums combine exactly by addition (:meth:`WeightedSum.merge`, :meth:`Partial.merge`),
+which is what lets several aggregators each own a shard of a fleet and a leader merge their
+partials. Partials serialise to plain arrays (safetensors) so one can be persisted before
+an update is acknowledged, or sent over the wire.
+
+The strategy half (:func:`new_partial`, :func:`accumulate`, :func:`aggregate_partial`)
+mirrors each strategy's ``aggregate_round`` from outside its class, and only for strategies
+whose ``aggregate_round`` is exactly the one mirrored (FedCoE and its ablations, the FedAvg
+family, Local); anything else gets ``None`` and is aggregated as a batch. Keeping it out of
+the strategy modules leaves their source, and so the accuracy grid's cache keys, untouched.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from fedcoe_edge.strategies.base import ClientResult, Failure, Strategy
+
 Arrays = dict[str, np.ndarray]
 
-__all__ = ["WeightedSum", "ExpertSums", "expert_weights"]
+__all__ = ["WeightedSum", "ExpertSums", "Partial", "expert_weights", "new_partial", "accumulate",
+           "aggregate_partial"]
 
 
 @dataclass
@@ -169,3 +181,151 @@ class ExpertSums:
         return cls(num_experts,
                    [WeightedSum.from_arrays(arrays, f"{prefix}a{k}") for k in range(num_experts)],
                    [WeightedSum.from_arrays(arrays, f"{prefix}n{k}") for k in range(num_experts)])
+
+
+@dataclass
+class Partial:
+    """A round's aggregate so far, folded in one result at a time: memory O(model), not
+    O(clients x model).
+
+    ``dense`` holds the sample-weighted sums (FedAvg: every key; FedCoE: gate, shared
+    expert, trunk), ``experts`` FedCoE's per-expert sums, ``share`` the sample-weighted
+    routing mass ``sum_i n_i r_i`` and ``affinity`` each client's reported row (for the
+    EMA). Partials of disjoint client sets combine exactly by :meth:`merge`.
+    """
+
+    round: int
+    dense: WeightedSum = field(default_factory=WeightedSum)
+    experts: ExpertSums | None = None
+    share: np.ndarray | None = None
+    samples: float = 0.0
+    affinity: dict[str, list[float]] = field(default_factory=dict)
+    clients: list[str] = field(default_factory=list)
+
+    def merge(self, other: Partial) -> None:
+        """Fold in a partial over other clients (a shard's); the round must match."""
+        if other.round != self.round:
+            raise ValueError(f"partial of round {other.round} merged into round {self.round}")
+        overlap = set(self.clients) & set(other.clients)
+        if overlap:
+            raise ValueError(f"partials overlap on client(s) {sorted(overlap)[:5]}")
+        self.dense.merge(other.dense)
+        if other.experts is not None:
+            if self.experts is None:
+                self.experts = ExpertSums(other.experts.num_experts)
+            self.experts.merge(other.experts)
+        if other.share is not None:
+            self.share = other.share.copy() if self.share is None else self.share + other.share
+        self.samples += other.samples
+        self.affinity.update(other.affinity)
+        self.clients += other.clients
+
+    def to_arrays(self) -> tuple[Arrays, dict[str, str]]:
+        """Plain arrays plus string metadata (safetensors), e.g. to persist before an ACK."""
+        arrays = self.dense.to_arrays("dense")
+        if self.experts is not None:
+            arrays.update(self.experts.to_arrays("experts/"))
+        if self.share is not None:
+            arrays["share"] = np.asarray(self.share, dtype=np.float64)
+        meta = {"round": str(self.round), "samples": repr(self.samples),
+                "experts": str(self.experts.num_experts if self.experts is not None else 0),
+                "affinity": json.dumps(self.affinity), "clients": json.dumps(self.clients)}
+        return arrays, meta
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> Partial:
+        k = int(meta["experts"])
+        return cls(int(meta["round"]), WeightedSum.from_arrays(arrays, "dense"),
+                   ExpertSums.from_arrays(arrays, "experts/", k) if k else None,
+                   np.asarray(arrays["share"], dtype=np.float64) if "share" in arrays else None,
+                   float(meta["samples"]), json.loads(meta["affinity"]), json.loads(meta["clients"]))
+
+
+# --- the strategies' aggregation rules, streamed ------------------------------------------
+def _kind(strategy: Strategy) -> str | None:
+    """Which mirrored rule applies: only where ``aggregate_round`` is the mirrored one, so a
+    strategy that overrides it is never streamed with rules it does not use."""
+    from fedcoe_edge.strategies.fedavg import FedAvg
+    from fedcoe_edge.strategies.fedcoe import FedCoE
+    from fedcoe_edge.strategies.local import Local
+
+    agg = type(strategy).aggregate_round
+    if isinstance(strategy, FedCoE) and agg is FedCoE.aggregate_round:
+        return "fedcoe"
+    if isinstance(strategy, Local) and agg is Local.aggregate_round:
+        return "local"
+    if isinstance(strategy, FedAvg) and agg is FedAvg.aggregate_round:
+        return "fedavg"
+    return None
+
+
+def new_partial(strategy: Strategy, rnd: int) -> Partial | None:
+    """An empty partial for ``rnd``; None when ``strategy`` can only aggregate a whole batch."""
+    kind = _kind(strategy)
+    if kind == "fedcoe":
+        k = strategy.model_cfg.num_global_experts
+        return Partial(rnd, experts=ExpertSums(k), share=np.zeros(k, dtype=np.float64))
+    return Partial(rnd) if kind is not None else None
+
+
+def accumulate(strategy: Strategy, partial: Partial, result: ClientResult) -> None:
+    """Fold one accepted result into ``partial`` (the result's weights may be dropped after).
+
+    FedCoE (``FedCoE.aggregate_round``): experts by ``n_i r_ik`` (``n_i`` as the fallback),
+    everything else by ``n_i``, the routing mass for balancing, the reported row for the
+    EMA. FedAvg: every global key by ``n_i``. Local: nothing is shared."""
+    kind = _kind(strategy)
+    if kind == "fedcoe":
+        from fedcoe_edge.strategies.fedcoe import expert_of
+
+        k_total = strategy.model_cfg.num_global_experts
+        row = (np.asarray(result.affinity, dtype=np.float64) if result.affinity is not None
+               else np.full(k_total, 1.0 / k_total))
+        weights_row = row if strategy.affinity_weighting else np.ones_like(row)  # type: ignore[attr-defined]
+        assert partial.experts is not None and partial.share is not None
+        partial.experts.add(result.params, strategy.expert_keys(), result.num_samples,  # type: ignore[attr-defined]
+                            weights_row)
+        dense_keys = [n for n in strategy.global_state if expert_of(n) is None]
+        partial.dense.add(result.params, result.num_samples, keys=dense_keys)
+        partial.share += float(result.num_samples) * row
+        partial.affinity[result.client_id] = row.tolist()
+    elif kind == "fedavg":
+        partial.dense.add(result.params, result.num_samples, keys=list(strategy.global_state))
+    elif kind is None:
+        raise TypeError(f"{type(strategy).__name__} does not aggregate incrementally")
+    partial.samples += result.num_samples
+    partial.clients.append(result.client_id)
+
+
+def aggregate_partial(strategy: Strategy, rnd: int, partial: Partial,
+                      failures: Sequence[Failure]) -> Arrays:
+    """What ``strategy.aggregate_round`` does, from a partial: the same rules, equal up to
+    float rounding. With no client in the partial, the state and version stay."""
+    kind = _kind(strategy)
+    if kind is None:
+        raise TypeError(f"{type(strategy).__name__} does not aggregate incrementally")
+    if kind == "local" or not partial.clients:
+        return strategy.global_state
+    if kind == "fedavg":
+        strategy.global_state = partial.dense.mean(strategy.global_state)
+        strategy.version += 1
+        return strategy.global_state
+    from fedcoe_edge.aggregate import balance_bias_step, ema
+
+    assert partial.experts is not None and partial.share is not None
+    s = strategy
+    k_total = s.model_cfg.num_global_experts
+    new = dict(s.global_state)
+    new.update(partial.experts.means(s.global_state, s.expert_keys()))  # type: ignore[attr-defined]
+    new.update(partial.dense.mean(s.global_state))
+    for cid in sorted(partial.affinity):
+        s.affinity[cid] = ema(s.affinity.get(cid), np.asarray(partial.affinity[cid]),  # type: ignore[attr-defined]
+                              s.train_cfg.affinity_ema)
+    if s.train_cfg.balance_rate > 0 and k_total > 1:
+        share = partial.share / max(partial.samples, 1e-12)
+        key = s.gate_bias_key()  # type: ignore[attr-defined]
+        step = balance_bias_step(share, s.train_cfg.balance_rate)
+        new[key] = (np.asarray(new[key], dtype=np.float64) + step).astype(new[key].dtype)
+    s.global_state = new
+    s.version += 1
+    return new

@@ -10,8 +10,15 @@ import pytest
 
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.strategies import ClientResult, FedAvg, FedCoE, make_strategy
-from fedcoe_edge.strategies.base import Partial
-from fedcoe_edge.streaming import ExpertSums, WeightedSum, expert_weights
+from fedcoe_edge.streaming import (
+    ExpertSums,
+    Partial,
+    WeightedSum,
+    accumulate,
+    aggregate_partial,
+    expert_weights,
+    new_partial,
+)
 
 
 def test_weighted_sum_by_hand() -> None:
@@ -99,11 +106,11 @@ def test_streamed_equals_aggregate_round(algorithm: str) -> None:
     for rnd in (1, 2):
         results = _results(batch, rnd, 7, seed=rnd)
         batch.aggregate_round(rnd, results, [])
-        partial = stream.new_partial(rnd)
+        partial = new_partial(stream, rnd)
         assert partial is not None
         for r in reversed(results):  # arrival order differs from the batch's sorted order
-            stream.accumulate(partial, r)
-        stream.aggregate_partial(rnd, partial, [])
+            accumulate(stream, partial, r)
+        aggregate_partial(stream, rnd, partial, [])
         assert stream.version == batch.version == rnd
         for name, value in batch.global_state.items():
             assert stream.global_state[name].dtype == value.dtype
@@ -119,9 +126,9 @@ def test_streamed_equals_aggregate_round(algorithm: str) -> None:
 def test_empty_partial_keeps_the_state() -> None:
     s = make_strategy("fedcoe", ModelConfig(expert_hidden=16), TrainConfig(), 0)
     before = dict(s.initialize())
-    partial = s.new_partial(1)
+    partial = new_partial(s, 1)
     assert partial is not None
-    s.aggregate_partial(1, partial, [])
+    aggregate_partial(s, 1, partial, [])
     assert s.version == 0 and all(s.global_state[n] is v for n, v in before.items())
 
 
@@ -133,23 +140,43 @@ def test_one_shard_equals_three_shards(algorithm: str) -> None:
     one.initialize()
     three = copy.deepcopy(one)
     results = _results(one, 1, 12, seed=5)
-    p1 = one.new_partial(1)
+    p1 = new_partial(one, 1)
     assert p1 is not None
     for r in results:
-        one.accumulate(p1, r)
-    one.aggregate_partial(1, p1, [])
-    shards = [three.new_partial(1) for _ in range(3)]
+        accumulate(one, p1, r)
+    aggregate_partial(one, 1, p1, [])
+    shards = [new_partial(three, 1) for _ in range(3)]
     for i, r in enumerate(results):
-        three.accumulate(shards[i % 3], r)  # type: ignore[arg-type]
-    merged = three.new_partial(1)
+        accumulate(three, shards[i % 3], r)  # type: ignore[arg-type]
+    merged = new_partial(three, 1)
     assert merged is not None
     for sh in shards:
         assert sh is not None
         arrays, meta = sh.to_arrays()
         merged.merge(Partial.from_arrays(arrays, meta))
-    three.aggregate_partial(1, merged, [])
+    aggregate_partial(three, 1, merged, [])
     assert sorted(merged.clients) == sorted(r.client_id for r in results)
     for name, value in one.global_state.items():
         np.testing.assert_allclose(three.global_state[name], value, rtol=1e-6, atol=1e-8, err_msg=name)
     with pytest.raises(ValueError, match="overlap"):
         merged.merge(Partial.from_arrays(*shards[0].to_arrays()))  # type: ignore[union-attr]
+
+
+def test_which_strategies_stream() -> None:
+    """Streamed exactly where aggregate_round is the mirrored rule; others are batch-only."""
+    from fedcoe_edge.strategies import STRATEGIES
+
+    cfg, train = ModelConfig(expert_hidden=16), TrainConfig()
+    streamed = {name for name in STRATEGIES
+                if new_partial(make_strategy(name, cfg, train, 0), 1) is not None}
+    assert {"fedcoe", "fedcoe-noaffinity", "fedcoe-full", "fedavg", "fedprox", "local",
+            "ditto"} <= streamed
+
+    class Custom(FedAvg):
+        def aggregate_round(self, rnd, results, failures):  # type: ignore[no-untyped-def]
+            return self.global_state
+
+    custom = Custom(cfg, train, 0)
+    assert new_partial(custom, 1) is None
+    with pytest.raises(TypeError, match="does not aggregate incrementally"):
+        accumulate(custom, Partial(1), ClientResult("c", 1, 1, {}))

@@ -19,7 +19,6 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedcoe_edge.config import ModelConfig, TrainConfig
-from fedcoe_edge.streaming import ExpertSums, WeightedSum
 
 Arrays = dict[str, np.ndarray]
 
@@ -95,68 +94,6 @@ class Failure:
     reason: str
 
 
-@dataclass
-class Partial:
-    """A round's aggregate so far, folded in one result at a time (docs/design.md,
-    "Streaming aggregation"): memory O(model), not O(clients x model).
-
-    ``dense`` holds the sample-weighted sums (FedAvg: every key; FedCoE: gate, shared
-    expert, trunk), ``experts`` FedCoE's per-expert sums, ``share`` the sample-weighted
-    routing mass ``sum_i n_i r_i`` and ``affinity`` each client's reported row (for the
-    EMA). Partials of disjoint client sets combine exactly by :meth:`merge`.
-    """
-
-    round: int
-    dense: WeightedSum = field(default_factory=WeightedSum)
-    experts: ExpertSums | None = None
-    share: np.ndarray | None = None
-    samples: float = 0.0
-    affinity: dict[str, list[float]] = field(default_factory=dict)
-    clients: list[str] = field(default_factory=list)
-
-    def merge(self, other: Partial) -> None:
-        """Fold in a partial over other clients (a shard's); the round must match."""
-        if other.round != self.round:
-            raise ValueError(f"partial of round {other.round} merged into round {self.round}")
-        overlap = set(self.clients) & set(other.clients)
-        if overlap:
-            raise ValueError(f"partials overlap on client(s) {sorted(overlap)[:5]}")
-        self.dense.merge(other.dense)
-        if other.experts is not None:
-            if self.experts is None:
-                self.experts = ExpertSums(other.experts.num_experts)
-            self.experts.merge(other.experts)
-        if other.share is not None:
-            self.share = other.share.copy() if self.share is None else self.share + other.share
-        self.samples += other.samples
-        self.affinity.update(other.affinity)
-        self.clients += other.clients
-
-    def to_arrays(self) -> tuple[Arrays, dict[str, str]]:
-        """Plain arrays plus string metadata (safetensors), e.g. to persist before an ACK."""
-        import json
-
-        arrays = self.dense.to_arrays("dense")
-        if self.experts is not None:
-            arrays.update(self.experts.to_arrays("experts/"))
-        if self.share is not None:
-            arrays["share"] = np.asarray(self.share, dtype=np.float64)
-        meta = {"round": str(self.round), "samples": repr(self.samples),
-                "experts": str(self.experts.num_experts if self.experts is not None else 0),
-                "affinity": json.dumps(self.affinity), "clients": json.dumps(self.clients)}
-        return arrays, meta
-
-    @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> Partial:
-        import json
-
-        k = int(meta["experts"])
-        return cls(int(meta["round"]), WeightedSum.from_arrays(arrays, "dense"),
-                   ExpertSums.from_arrays(arrays, "experts/", k) if k else None,
-                   np.asarray(arrays["share"], dtype=np.float64) if "share" in arrays else None,
-                   float(meta["samples"]), json.loads(meta["affinity"]), json.loads(meta["clients"]))
-
-
 class Strategy(ABC):
     """Server rules plus the client's local procedure for one federated algorithm."""
 
@@ -196,21 +133,6 @@ class Strategy(ABC):
     def aggregate_round(self, rnd: int, results: Sequence[ClientResult],
                         failures: Sequence[Failure]) -> Arrays:
         """Fold the results into a new global state; with no results, keep the old one."""
-
-    # --- streaming aggregation (docs/design.md, "Streaming aggregation") ----------------
-    def new_partial(self, rnd: int) -> Partial | None:
-        """An empty partial aggregate for ``rnd``; None when this strategy can only
-        aggregate the whole batch (the coordinator then keeps every result until the
-        round closes)."""
-        return None
-
-    def accumulate(self, partial: Partial, result: ClientResult) -> None:
-        """Fold one accepted result into ``partial`` (the result may be dropped after)."""
-        raise NotImplementedError(f"{type(self).__name__} does not aggregate incrementally")
-
-    def aggregate_partial(self, rnd: int, partial: Partial, failures: Sequence[Failure]) -> Arrays:
-        """What ``aggregate_round`` does, from a partial: equal up to float rounding."""
-        raise NotImplementedError(f"{type(self).__name__} does not aggregate incrementally")
 
     def state_for_cold_start(self) -> Arrays:
         """What a brand-new device downloads before it predicts (default: everything)."""

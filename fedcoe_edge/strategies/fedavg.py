@@ -26,7 +26,6 @@ from fedcoe_edge.strategies.base import (
     ClientResult,
     ClientTask,
     Failure,
-    Partial,
     Strategy,
 )
 from fedcoe_edge.training import build_model, load_arrays, predict_probs, run_epochs, to_arrays
@@ -108,21 +107,6 @@ class FedAvg(Strategy):
             self.global_state = sample_weighted_mean([r.params for r in results],
                                                      [r.num_samples for r in results],
                                                      keys=list(self.global_state))
-            self.version += 1
-        return self.global_state
-
-    def new_partial(self, rnd: int) -> Partial | None:
-        return Partial(rnd)
-
-    def accumulate(self, partial: Partial, result: ClientResult) -> None:
-        """Running sample-weighted sum of every global key (FedAvg's mean, streamed)."""
-        partial.dense.add(result.params, result.num_samples, keys=list(self.global_state))
-        partial.samples += result.num_samples
-        partial.clients.append(result.client_id)
-
-    def aggregate_partial(self, rnd: int, partial: Partial, failures: Sequence[Failure]) -> Arrays:
-        if partial.clients:
-            self.global_state = partial.dense.mean(self.global_state)
             self.version += 1
         return self.global_state
 

@@ -45,10 +45,8 @@ from fedcoe_edge.strategies.base import (
     ClientResult,
     ClientTask,
     Failure,
-    Partial,
     Strategy,
 )
-from fedcoe_edge.streaming import ExpertSums
 from fedcoe_edge.training import build_model, load_arrays, predict_probs, run_epochs, to_arrays
 
 
@@ -179,48 +177,6 @@ class FedCoE(Strategy):
         # uniform use over all K (a client holding m < K experts cannot see the others' load)
         if self.train_cfg.balance_rate > 0 and k_total > 1:
             share = (n[:, None] * reported).sum(0) / max(float(n.sum()), 1e-12)
-            key = self.gate_bias_key()
-            step = balance_bias_step(share, self.train_cfg.balance_rate)
-            new[key] = (np.asarray(new[key], dtype=np.float64) + step).astype(new[key].dtype)
-        self.global_state = new
-        self.version += 1
-        return new
-
-    # --- streamed aggregation: aggregate_round's rules as running sums ---------------------
-    def new_partial(self, rnd: int) -> Partial | None:
-        k = self.model_cfg.num_global_experts
-        return Partial(rnd, experts=ExpertSums(k), share=np.zeros(k, dtype=np.float64))
-
-    def accumulate(self, partial: Partial, result: ClientResult) -> None:
-        """Fold one result in: experts by n_i r_ik (n_i as the fallback), the rest by n_i,
-        the routing mass for balancing, and the reported row for the affinity EMA."""
-        k_total = self.model_cfg.num_global_experts
-        row = (np.asarray(result.affinity, dtype=np.float64) if result.affinity is not None
-               else np.full(k_total, 1.0 / k_total))
-        weights_row = row if self.affinity_weighting else np.ones_like(row)
-        assert partial.experts is not None and partial.share is not None
-        partial.experts.add(result.params, self.expert_keys(), result.num_samples, weights_row)
-        dense_keys = [name for name in self.global_state if expert_of(name) is None]
-        partial.dense.add(result.params, result.num_samples, keys=dense_keys)
-        partial.share += float(result.num_samples) * row
-        partial.samples += result.num_samples
-        partial.affinity[result.client_id] = row.tolist()
-        partial.clients.append(result.client_id)
-
-    def aggregate_partial(self, rnd: int, partial: Partial, failures: Sequence[Failure]) -> Arrays:
-        """``aggregate_round`` from running sums: the same rules, equal up to float rounding."""
-        if not partial.clients:
-            return self.global_state
-        assert partial.experts is not None and partial.share is not None
-        k_total = self.model_cfg.num_global_experts
-        new = dict(self.global_state)
-        new.update(partial.experts.means(self.global_state, self.expert_keys()))
-        new.update(partial.dense.mean(self.global_state))
-        for cid in sorted(partial.affinity):
-            self.affinity[cid] = ema(self.affinity.get(cid), np.asarray(partial.affinity[cid]),
-                                     self.train_cfg.affinity_ema)
-        if self.train_cfg.balance_rate > 0 and k_total > 1:
-            share = partial.share / max(partial.samples, 1e-12)
             key = self.gate_bias_key()
             step = balance_bias_step(share, self.train_cfg.balance_rate)
             new[key] = (np.asarray(new[key], dtype=np.float64) + step).astype(new[key].dtype)

@@ -17,14 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from fedcoe_edge.strategies.base import (
-    Arrays,
-    ClientData,
-    ClientResult,
-    ClientTask,
-    Failure,
-    Partial,
-)
+from fedcoe_edge.strategies.base import Arrays, ClientData, ClientResult, ClientTask, Failure
 from fedcoe_edge.strategies.fedavg import FedAvg
 from fedcoe_edge.strategies.fedcoe import client_seed
 from fedcoe_edge.training import build_model, load_arrays, predict_probs, to_arrays
@@ -58,12 +51,6 @@ class Local(FedAvg):
 
     def aggregate_round(self, rnd: int, results: Sequence[ClientResult],
                         failures: Sequence[Failure]) -> Arrays:
-        return self.global_state
-
-    def accumulate(self, partial: Partial, result: ClientResult) -> None:
-        partial.clients.append(result.client_id)  # nothing is shared, nothing to sum
-
-    def aggregate_partial(self, rnd: int, partial: Partial, failures: Sequence[Failure]) -> Arrays:
         return self.global_state
 
     def start_state(self, client_id: str) -> Arrays:
