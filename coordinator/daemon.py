@@ -905,6 +905,13 @@ class Coordinator:
             except Exception:  # disk full, I/O error: nothing is ACKed, devices re-send
                 log.exception("persisting %d update(s) failed; none acknowledged", len(batch))
                 accepted = [a for a in batch if isinstance(a, _Accepted)]
+                if self._partial is not None and accepted:
+                    try:
+                        self._partial = self._durable_partial(accepted[0].round)
+                    except (FedCoEError, OSError, ValueError, KeyError):
+                        log.exception("round %d: the last durable partial sums could not be "
+                                      "reloaded; updates re-sent now may count twice",
+                                      accepted[0].round)
                 with self._lock:
                     for a in accepted:
                         self._persisting.discard(a.device)
@@ -936,7 +943,7 @@ class Coordinator:
         rnd = batch[0].round
         folder = self.state_dir / "rounds" / str(rnd)
         paths: dict[str, Path] = {}
-        old: Path | None = None
+        seq, path = 0, folder
         if self._partial is not None:
             for a in batch:
                 accumulate(self.strategy, self._partial, a.result)
@@ -944,7 +951,6 @@ class Coordinator:
             path = folder / f"acc-{seq:06d}.safetensors"
             arrays, meta = self._partial.to_arrays()
             save_arrays(path, arrays, meta)
-            old, self._snapshot = self._snapshot[1], (seq, path)
             paths = {a.device: path for a in batch}
         else:
             for a in batch:
@@ -959,8 +965,10 @@ class Coordinator:
                                       str(paths[a.device]))
                 self.store.add_traffic(rnd, a.device, "up", "train", a.nbytes)
             self.store.flush_later()
-        if old is not None:
-            old.unlink(missing_ok=True)  # the new snapshot holds everything the old one did
+        if self._partial is not None:
+            old, self._snapshot = self._snapshot[1], (seq, path)
+            if old is not None:
+                old.unlink(missing_ok=True)  # the new snapshot holds everything the old one did
         with self._lock:
             for a in batch:
                 if self._partial is not None:
@@ -978,6 +986,18 @@ class Coordinator:
                 self._receiver(a.device).ack(a.xfer)
         self._ack_evals(evals)
         self._wake.set()
+
+    def _durable_partial(self, rnd: int) -> Partial | None:
+        """The partial sums as last made durable (a failed batch must not stay summed: its
+        devices re-send, and would count twice)."""
+        path = self._snapshot[1]
+        if path is None:
+            return new_partial(self.strategy, rnd)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+        return Partial.from_arrays(load_arrays_file(path), meta)
 
     def _ack_evals(self, evals: list[_Eval]) -> None:
         for e in evals:
