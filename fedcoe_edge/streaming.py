@@ -145,17 +145,27 @@ class ExpertSums:
 
     def add(self, arrays: Mapping[str, np.ndarray], expert_keys: Sequence[Sequence[str]],
             num_samples: int, affinity: Sequence[float]) -> None:
+        """Fold in one client's experts. The fallback sum of expert k is kept only while no
+        sender had a positive affinity for k: weights are never negative, so once one did,
+        the fallback can no longer apply and its sum is dropped (half the work and memory)."""
         sent = [any(n in arrays for n in keys) for keys in expert_keys]
         w_aff, w_n = expert_weights(num_samples, affinity, sent)
         for k, keys in enumerate(expert_keys):
             if sent[k]:
                 self.by_affinity[k].add(arrays, w_aff[k], keys)
-                self.by_samples[k].add(arrays, w_n[k], keys)
+                if self.by_affinity[k].weight > 0:
+                    if self.by_samples[k].count:
+                        self.by_samples[k] = WeightedSum()
+                else:
+                    self.by_samples[k].add(arrays, w_n[k], keys)
 
     def merge(self, other: ExpertSums) -> None:
-        for mine, theirs in zip(self.by_affinity + self.by_samples,
-                                other.by_affinity + other.by_samples, strict=True):
-            mine.merge(theirs)
+        for k in range(self.num_experts):
+            self.by_affinity[k].merge(other.by_affinity[k])
+            if self.by_affinity[k].weight > 0:
+                self.by_samples[k] = WeightedSum()  # the fallback cannot apply any more
+            else:
+                self.by_samples[k].merge(other.by_samples[k])
 
     def means(self, old: Mapping[str, np.ndarray], expert_keys: Sequence[Sequence[str]]) -> Arrays:
         """New value of every expert key; experts nobody sent keep their old value."""

@@ -73,6 +73,21 @@ def test_expert_weights_and_fallback_by_hand() -> None:
     np.testing.assert_allclose(got["e1"], [2.5])
     # e2: nobody sent it -> old value
     np.testing.assert_array_equal(got["e2"], [9.0])
+    assert sums.by_samples[0].count == 0  # e0 had positive affinity: its fallback was dropped
+    # the same two clients in two shards, merged: the same means
+    a, b = ExpertSums(3), ExpertSums(3)
+    a.add({"e0": np.array([1.0], np.float32), "e1": np.array([1.0], np.float32)}, keys, 10, [0.5, 0.0, 0.5])
+    b.add({"e0": np.array([4.0], np.float32), "e1": np.array([3.0], np.float32)}, keys, 30, [0.5, 0.0, 0.5])
+    a.merge(b)
+    merged = a.means(old, keys)
+    np.testing.assert_allclose(merged["e0"], [3.25])
+    np.testing.assert_allclose(merged["e1"], [2.5])
+    # a zero-affinity shard merged into one with positive affinity: affinity rule wins
+    c, d = ExpertSums(3), ExpertSums(3)
+    c.add({"e1": np.array([8.0], np.float32)}, keys, 10, [0.0, 0.0, 0.0])
+    d.add({"e1": np.array([2.0], np.float32)}, keys, 10, [0.0, 1.0, 0.0])
+    c.merge(d)
+    np.testing.assert_allclose(c.means(old, keys)["e1"], [2.0])
 
 
 def _results(strategy: FedCoE | FedAvg, rnd: int, count: int, seed: int) -> list[ClientResult]:
