@@ -80,7 +80,8 @@ UPLOAD_SLACK = 65536  # an upload may exceed the plain encoding of its task by t
 PERSIST_BATCH_S = 0.02  # gather a batch for at most this long after its first update
 PERSIST_BATCH_MAX = 256
 REPLAY_PER_SENDER = 2048  # replay window per device (an honest one sends far fewer in a ttl)
-LINGER_QUIET_S = 3.0  # exit_when_done: leave once no fetch/eval came for this long ...
+LINGER_QUIET_S = 8.0  # exit_when_done: leave once no fetch/eval came for this long (past the
+# agents' first re-send of an unanswered request, 5 s) ...
 LINGER_MAX_S = 120.0  # ... and no refresh download is running, or after this long anyway
 
 
