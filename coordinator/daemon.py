@@ -171,7 +171,8 @@ class Coordinator:
         self._partial: Partial | None = None
         self._snapshot: tuple[int, Path | None] = (0, None)  # newest durable partial
         self._persist_q: queue.Queue[_Accepted | _Eval | None] = queue.Queue()
-        self._prepared: dict[tuple[int, tuple[int, ...]], tuple[bytes, TransferManifest]] = {}
+        self._prepared: dict[tuple[int, tuple[int, ...], tuple[str, ...]],
+                             tuple[bytes, TransferManifest]] = {}
         self._last_request = 0.0  # monotonic time of the last fetch or eval
         self._hb_replay = ReplayCache(per_sender=64)
         self.refusals = RefusalLog(self.store, log)
@@ -376,10 +377,10 @@ class Coordinator:
                  ) -> tuple[bytes, TransferManifest]:
         """Encode and hash a parameter set once per (version, expert set): every device that
         gets the same experts gets the same bytes (only the transfer id differs). The
-        parameters are a function of (version, expert set): the global state changes only
+        values are a function of (version, tensor names): the global state changes only
         with the version."""
         version = self.strategy.version
-        key = (version, tuple(expert_ids))
+        key = (version, tuple(expert_ids), tuple(sorted(params)))
         with self._lock:
             got = self._prepared.get(key)
             if got is not None:
