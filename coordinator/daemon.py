@@ -918,9 +918,8 @@ class Coordinator:
                     for a in accepted:
                         self._persisting.discard(a.device)
                         self._drop_upload(a.device, a.xfer)
-                for a in accepted:
-                    with contextlib.suppress(FedCoEError):
-                        self._receiver(a.device).discard(a.xfer)
+                for a in accepted:  # its chunks are now unknown: the device re-announces
+                    self._receiver(a.device).forget(a.xfer)
             finally:
                 for _ in batch:
                     self._persist_q.task_done()

@@ -376,3 +376,46 @@ def test_caches_are_pruned_and_a_full_reassembly_budget_defers(
     assert [r["rejected"] for r in rows] == [0, 0] and refused == []
     assert sorted(xfers.values()) == [2, 2, 2]  # round 1's ids are gone
     assert c._task_xfer == {} and c._upload_bytes == 0 and c._uploads == {}
+
+
+def test_a_batch_that_fails_to_persist_is_not_acknowledged_and_counts_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Streamed: the first partial-sum snapshot cannot be written (a directory sits at its
+    path). Nothing is acknowledged, the sums go back to the last durable state, the devices'
+    chunks become unknown so they announce their updates again, and once the disk takes
+    writes the round ends with every update counted once: the global state of an undisturbed
+    run (up to float rounding)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="fedcoe.coordinator")
+    _, f1 = memory_factory()
+    ref = EmbeddedFederation(tmp_path / "ref", f1, devices=3, rounds=1, aggregation="stream")
+    ref.start()
+    try:
+        ref.wait_rounds(90)
+        want = dict(ref.coordinator.strategy.global_state)  # type: ignore[union-attr]
+    finally:
+        ref.stop()
+
+    obstacle = tmp_path / "bad" / "coordinator" / "rounds" / "1" / "acc-000001.safetensors"
+    obstacle.mkdir(parents=True)
+    _, f2 = memory_factory()
+    fed = EmbeddedFederation(tmp_path / "bad", f2, devices=3, rounds=1, aggregation="stream")
+    fed.start()
+    try:
+        fed.wait(lambda: any("none acknowledged" in r.getMessage() for r in caplog.records), 60,
+                 "a batch that fails to persist")
+        obstacle.rmdir()
+        fed.wait_rounds(120)
+        c = fed.coordinator
+        assert c is not None
+        row = c.store.round_summary(1)
+        refused = {e["reason"] for e in c.store.events(kind="rejected")}
+        got = dict(c.strategy.global_state)
+    finally:
+        fed.stop()
+    assert row["accepted"] == 3 and row["failed"] == 0
+    # the only refusals: late chunks of the forgotten transfer, which told the device to re-announce
+    assert all("chunk for unknown transfer" in r for r in refused), refused
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-7, err_msg=name)

@@ -275,6 +275,15 @@ class BlobReceiver:
             if transfer_id in self.reassembler:
                 self._report(XFER_PROGRESS, self.reassembler.progress(transfer_id))
 
+    def forget(self, transfer_id: str) -> None:
+        """Forget a completed transfer the caller could not keep (e.g. storing it failed):
+        its late chunks then count as unknown, so the sender is told to announce it again."""
+        with self._lock:
+            self._completed.pop(transfer_id, None)
+            self._finished.pop(transfer_id, None)
+            self.reassembler.discard(transfer_id)
+            self._state.pop(transfer_id, None)
+
     def discard(self, transfer_id: str) -> None:
         """Drop an open transfer (deadline passed)."""
         with self._lock:
