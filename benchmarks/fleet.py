@@ -32,6 +32,7 @@ import multiprocessing as mp
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -563,6 +564,7 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
     with contextlib.suppress(ValueError, OSError):
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    own = not spec.workdir  # a temporary folder is removed afterwards; a named one is kept
     work = Path(spec.workdir) if spec.workdir else Path(tempfile.mkdtemp(prefix="fedcoe-fleet-"))
     work.mkdir(parents=True, exist_ok=True)
     limits = broker_limits()
@@ -574,7 +576,7 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
     result: dict[str, Any] = {"devices": spec.devices, "rounds": spec.rounds, "model": spec.model,
                               "train_s": spec.train_s, "jitter_s": spec.jitter_s,
                               "procs": spec.procs, "broker_limits": limits + spec.broker_options,
-                              "workdir": str(work)}
+                              "workdir": str(work) if not own else None}
     coord = None
     workers: list[tuple[Any, Any]] = []
     try:
@@ -672,6 +674,8 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 coord.wait(timeout=30)
         broker.close()
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _window(samples: list[_Sample], t0: float, t1: float) -> list[_Sample]:
