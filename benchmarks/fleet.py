@@ -576,7 +576,8 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
     result: dict[str, Any] = {"devices": spec.devices, "rounds": spec.rounds, "model": spec.model,
                               "train_s": spec.train_s, "jitter_s": spec.jitter_s,
                               "procs": spec.procs, "broker_limits": limits + spec.broker_options,
-                              "workdir": str(work) if not own else None}
+                              "workdir": str(work) if not own else None,
+                              "loadavg_1m_start": os.getloadavg()[0]}
     coord = None
     workers: list[tuple[Any, Any]] = []
     try:
@@ -835,6 +836,10 @@ def write_markdown(runs: list[dict[str, Any]], path: Path, command: str) -> None
     mb_per_dev = _fit_slope(ns, [s["coord_peak_rss_mb"] for s in sums], log=False)
     drops = ", ".join(f"{s['devices']}: {s['drops']:.0f}" for s in sums)
     rejected = ", ".join(f"{s['devices']}: {s['rejected']}" for s in sums)
+    loads = ", ".join(f"{r['devices']}: {r['loadavg_1m_start']:.2f}" for r in runs
+                      if "loadavg_1m_start" in r)
+    lines += ["", f"1-minute load average when each size started (other work on the machine "
+                  f"shows here): {loads or 'n/a'}."]
     lines += ["", "## Goals", "",
               f"* Largest fleet measured: {int(max(ns)) if ns else 0} devices "
               f"(goal: 5,000 on one coordinator).",
