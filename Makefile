@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test test-hostile test-runtime-profile bench lint clean mosquitto datasets tune accuracy accuracy-long
+.PHONY: setup demo test test-hostile test-runtime-profile bench bench-fleet lint clean mosquitto datasets tune accuracy accuracy-long
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -56,6 +56,14 @@ bench: setup
 	$(BIN)/python -m pytest benchmarks -m bench --benchmark-enable --benchmark-only \
 	  --benchmark-json=benchmarks/results/latency.json -p no:cacheprovider
 	$(BIN)/python -m benchmarks.report
+
+# Simulated devices on the real protocol against one real coordinator and a Mosquitto with
+# the deploy template's limits (docs/benchmarks.md, "Fleet"); minutes on two cores.
+FLEET_SIZES ?= 100 500 1000 2000 5000
+bench-fleet: setup
+	$(BIN)/python -m benchmarks.fleet --devices $(FLEET_SIZES) --rounds 2 --procs 2 \
+	  --json benchmarks/results/fleet.json --md benchmarks/results/fleet.md \
+	  --png benchmarks/results/fleet.png
 
 # Knobs of every algorithm on validation splits (same budget each), then the test-split grid;
 # both resume from their caches under benchmarks/results/.

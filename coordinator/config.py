@@ -55,6 +55,9 @@ class FederationSettings:
     window: int = 16
     norm_bound: float = 1e4  # L2 bound on an update's change (new - sent), whole payload
     reassembly_budget_mb: float = 256.0  # all devices' open uploads together (one each)
+    # "stream": running per-expert sums as updates are accepted (memory O(model)); "batch":
+    # every update kept until the round closes (bit-identical to `fedcoe simulate`)
+    aggregation: str = "stream"
     exit_when_done: bool = False  # False: keep serving cold-start fetches after the last round
     allowed_devices: list[str] = field(default_factory=list)  # empty: any device with a valid key
     # class names in label order (len == model.num_classes), sent in every welcome: devices
@@ -124,6 +127,8 @@ class CoordinatorConfig:
             raise ConfigError(f"{w} window must be >= 1, got {f.window}")
         if not f.norm_bound > 0:
             raise ConfigError(f"{w} norm_bound must be > 0")
+        if f.aggregation not in ("stream", "batch"):
+            raise ConfigError(f"{w} aggregation must be stream|batch, got {f.aggregation!r}")
         if not f.reassembly_budget_mb > 0:
             raise ConfigError(f"{w} reassembly_budget_mb must be > 0")
         self.broker.validate(f"{self.source}: [broker]")

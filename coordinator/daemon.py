@@ -21,10 +21,12 @@ strategy state, written atomically). A restarted coordinator resumes the round i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import math
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ from fedcoe_edge.io import atomic_write_text
 from fedcoe_edge.simulation import serialized_nbytes
 from fedcoe_edge.strategies import ClientResult, ClientTask, Failure, Strategy, make_strategy
 from fedcoe_edge.strategies.fedcoe import FedCoE
+from fedcoe_edge.streaming import Partial, accumulate, aggregate_partial, new_partial
 from fedcoe_edge.transport import Message, Topics, Transport, Will
 from fedcoe_edge.transport.blob import (
     XFER_DONE,
@@ -52,7 +55,9 @@ from fedcoe_edge.transport.blob import (
     fit_chunk_size,
 )
 from fedcoe_edge.wire import (
+    ReplayCache,
     TransferManifest,
+    decode_envelope,
     decode_tensors,
     decompress_delta,
     encode_tensors,
@@ -70,6 +75,14 @@ HELLO_RATE, HELLO_BURST = 0.2, 3  # hellos: each may re-announce a task
 FETCH_RATE, FETCH_BURST = 0.5, 5  # fetches: each prepares a download
 NOTICE_RATE, NOTICE_BURST = 0.5, 2  # xfer_unknown / re-accept answers to stray chunks
 UPLOAD_SLACK = 65536  # an upload may exceed the plain encoding of its task by this much
+# Persistence (docs/daemons.md, "Scale"): accepted updates are written by one thread in
+# batches (one sync per batch), each ACKed only once its batch is durable.
+PERSIST_BATCH_S = 0.02  # gather a batch for at most this long after its first update
+PERSIST_BATCH_MAX = 256
+REPLAY_PER_SENDER = 2048  # replay window per device (an honest one sends far fewer in a ttl)
+LINGER_QUIET_S = 8.0  # exit_when_done: leave once no fetch/eval came for this long (past the
+# agents' first re-send of an unanswered request, 5 s) ...
+LINGER_MAX_S = 120.0  # ... and no refresh download is running, or after this long anyway
 
 
 @dataclass
@@ -90,6 +103,34 @@ class _Upload:
     round: int
     body: dict[str, Any]
     manifest: TransferManifest
+
+
+@dataclass
+class _Accepted:
+    """A checked update waiting for the persister (not ACKed until it is durable)."""
+
+    device: str
+    round: int
+    result: ClientResult
+    nbytes: int
+    xfer: str
+    encoding: str
+
+
+@dataclass
+class _Eval:
+    """An evaluation report waiting for the persister; ``eval_ack`` follows its commit."""
+
+    device: str
+    round: int
+    kind: str
+    correct: int
+    total: int
+
+
+def _task_file(expert_ids: list[int]) -> str:
+    """File of a round's task parameters for one expert set (shared by its devices)."""
+    return "task_e" + "-".join(str(int(i)) for i in expert_ids) + ".safetensors"
 
 
 class Coordinator:
@@ -119,7 +160,21 @@ class Coordinator:
         self._senders: dict[str, _Outgoing] = {}
         self._receivers: dict[str, BlobReceiver] = {}
         self._uploads: dict[tuple[str, str], _Upload] = {}  # (device, transfer id)
-        self._accepted_xfers: set[tuple[str, str]] = set()
+        self._upload_of: dict[str, str] = {}  # device -> its one open upload
+        self._upload_bytes = 0  # announced sizes of the open uploads (reassembly budget)
+        self._task_xfer: dict[str, str] = {}  # device -> this round's task transfer
+        self._accepted_xfers: dict[tuple[str, str], int] = {}  # -> round; pruned at close
+        self._settled: set[str] = set()  # this round's devices with a result or a failure
+        self._persisting: set[str] = set()  # updates checked, waiting to be durable
+        self._closing = False  # set while a round closes: no update is queued any more
+        self.streaming = cfg.federation.aggregation == "stream"
+        self._partial: Partial | None = None
+        self._snapshot: tuple[int, Path | None] = (0, None)  # newest durable partial
+        self._persist_q: queue.Queue[_Accepted | _Eval | None] = queue.Queue()
+        self._prepared: dict[tuple[int, tuple[int, ...], tuple[str, ...]],
+                             tuple[bytes, TransferManifest]] = {}
+        self._last_request = 0.0  # monotonic time of the last fetch or eval
+        self._hb_replay = ReplayCache(per_sender=64)
         self.refusals = RefusalLog(self.store, log)
         self._ctl_limit = RateLimiter(CTL_RATE, CTL_BURST)
         self._hello_limit = RateLimiter(HELLO_RATE, HELLO_BURST)
@@ -171,7 +226,8 @@ class Coordinator:
         will = Will(self.topics.coord_status(), P.presence_payload("offline"), 1, True)
         birth = Will(self.topics.coord_status(), P.presence_payload("online"), 1, True)
         self.transport = self._factory(self.me, will, birth)
-        self.messenger = P.Messenger(self.transport, self.topics, self.me, self.key_for)
+        self.messenger = P.Messenger(self.transport, self.topics, self.me, self.key_for,
+                                     ReplayCache(per_sender=REPLAY_PER_SENDER))
         self.transport.subscribe(self.topics.up_ctl_filter(), self._on_ctl)
         self.transport.subscribe(self.topics.up_blob_filter(), self._on_blob)
         self.transport.subscribe(f"{self.topics.prefix}/presence/+", self._on_presence)
@@ -179,6 +235,9 @@ class Coordinator:
         self.transport.connect()
         self._pump_thread = threading.Thread(target=self._pump_loop, name="coord-pump", daemon=True)
         self._pump_thread.start()
+        self._persist_thread = threading.Thread(target=self._persist_loop, name="coord-persist",
+                                                daemon=True)
+        self._persist_thread.start()
         if self.round_open:
             log.info("resuming round %d: %d of %d updates already accepted", self.round,
                      len(self.results), len(self.tasks))
@@ -194,6 +253,10 @@ class Coordinator:
 
     def close(self) -> None:
         """Disconnect cleanly (publishes coordinator offline) and close the database."""
+        thread = getattr(self, "_persist_thread", None)
+        if thread is not None and thread.is_alive():
+            self._persist_q.put(None)
+            thread.join(timeout=30)
         if self.transport is not None:
             with contextlib.suppress(FedCoEError):
                 self.transport.publish(self.topics.coord_status(), P.presence_payload("offline"),
@@ -236,7 +299,7 @@ class Coordinator:
                         self._broadcast("finished")
                         log.info("all %d rounds done; version %d", self.fed.rounds, self.strategy.version)
                         if self.fed.exit_when_done:
-                            self._stop.wait(2.0)  # let final evaluations and fetches land
+                            self._linger()  # let final refreshes and evaluations land
                             break
                     self._wake.wait(0.5)
                     self._wake.clear()
@@ -261,23 +324,39 @@ class Coordinator:
             # what FedAvg-style full exchange would move in ONE direction this round
             full = serialized_nbytes(self.strategy.global_state) * len(tasks)
             folder = self.state_dir / "rounds" / str(rnd)
+            # devices holding the same experts get the same parameters: one dict, one file
+            # and one encoding per distinct expert set, whatever the fleet's size
+            shared: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
             for t in tasks:
-                save_arrays(folder / f"task_{t.client_id}.safetensors", t.params)
+                key = tuple(t.expert_ids)
+                if key not in shared:
+                    shared[key] = t.params
+                    save_arrays(folder / _task_file(t.expert_ids), t.params)
+                t.params = shared[key]
             self.round, self.round_open = rnd, True
             self.deadline = time.monotonic() + self.fed.deadline_s
             self.tasks = {t.client_id: t for t in tasks}
             self.results, self.failed = {}, {}
+            self._settled, self._persisting = set(), set()
+            self._partial = new_partial(self.strategy, rnd) if self.streaming else None
+            self._snapshot = (0, None)
             self.store.open_round(rnd, sorted(self.tasks),
                                   {t.client_id: list(t.expert_ids) for t in tasks},
                                   time.time() + self.fed.deadline_s, self.strategy.version, full)
+        shown = ",".join(sorted(self.tasks)[:20]) + (",..." if len(tasks) > 20 else "")
         log.info("round %d open: %d device(s) selected %s, deadline %.0fs", rnd, len(tasks),
-                 ",".join(sorted(self.tasks)), self.fed.deadline_s)
+                 shown, self.fed.deadline_s)
+        t0 = time.monotonic()
         for t in tasks:
             self._send_task(t)
+        log.info("round %d: %d task(s) sent in %.2fs (%d distinct payloads)", rnd, len(tasks),
+                 time.monotonic() - t0, len({id(t.params) for t in tasks}))
         self._broadcast("open")
 
     def _send_task(self, task: ClientTask) -> None:
         xfer = self._send_params(task.client_id, task.params, task.expert_ids, "train", task.round)
+        with self._lock:
+            self._task_xfer[task.client_id] = xfer.transfer_id
         self._announce(xfer.transfer_id, P.TASK, {
             "manifest": xfer.to_dict(), "expert_ids": list(task.expert_ids),
             "version": self.strategy.version, "deadline_s": max(1.0, self.deadline - time.monotonic()),
@@ -294,28 +373,49 @@ class Coordinator:
         if out is not None:
             self._send(out.device, type, body, rnd)
 
+    def _prepare(self, params: dict[str, np.ndarray], expert_ids: list[int]
+                 ) -> tuple[bytes, TransferManifest]:
+        """Encode and hash a parameter set once per (version, expert set): every device that
+        gets the same experts gets the same bytes (only the transfer id differs). The
+        values are a function of (version, tensor names): the global state changes only
+        with the version."""
+        version = self.strategy.version
+        key = (version, tuple(expert_ids), tuple(sorted(params)))
+        with self._lock:
+            got = self._prepared.get(key)
+            if got is not None:
+                return got
+        data = encode_tensors(params)
+        manifest = TransferManifest.for_payload(data, expert_ids=expert_ids, base_version=version,
+                                                chunk_size=self.fed.chunk_size)
+        with self._lock:
+            if any(k[0] != version for k in self._prepared):
+                self._prepared = {k: v for k, v in self._prepared.items() if k[0] == version}
+            self._prepared[key] = (data, manifest)
+        return data, manifest
+
     def _send_params(self, device: str, params: dict[str, np.ndarray], expert_ids: list[int],
                      purpose: str, rnd: int) -> TransferManifest:
         """Prepare a chunked download; chunks flow once the device reports it is listening."""
         assert self.transport is not None
-        data = encode_tensors(params)
+        data, base = self._prepare(params, expert_ids)
         xid = new_msg_id()
         topic = self.topics.dn_blob(device, xid)
         size = fit_chunk_size(self.transport, topic, xid, self.fed.chunk_size)
-        manifest = TransferManifest.for_payload(data, expert_ids=expert_ids,
-                                                base_version=self.strategy.version,
-                                                chunk_size=size, transfer_id=xid)
-        sender = BlobSender(self.transport, topic, manifest, data, window=self.fed.window)
+        manifest = dataclasses.replace(base, transfer_id=xid, chunk_size=size,
+                                       chunk_count=max(1, -(-len(data) // size)))
+        sender = BlobSender(self.transport, topic, manifest, data, window=self.fed.window,
+                            verify=False)
         with self._lock:
             self._senders[xid] = _Outgoing(device, rnd, purpose, sender, created=time.monotonic())
-        self.store.add_traffic(rnd, device, "down", purpose, len(data))
+        self.store.later("add_traffic", rnd, device, "down", purpose, len(data))
         return manifest
 
     def _wait_round(self) -> None:
         while not self._stop.is_set():
             with self._lock:
-                pending = [d for d in self.tasks if d not in self.results and d not in self.failed]
-            if not pending:
+                pending = len(self.tasks) - len(self._settled)
+            if pending <= 0:
                 return
             left = self.deadline - time.monotonic()
             if left <= 0:
@@ -325,6 +425,11 @@ class Coordinator:
 
     def _close_round(self) -> None:
         with self._lock:
+            self._closing = True  # no more updates are queued for persistence ...
+        self._persist_q.join()  # ... and the queued ones are durable and ACKed
+        self.store.flush_later()
+        with self._lock:
+            self._closing = False
             rnd = self.round
             results = [self.results[d] for d in sorted(self.results)]
             failures = []
@@ -334,17 +439,25 @@ class Coordinator:
                 reason = self.failed.get(d, "deadline passed with no accepted update")
                 failures.append(Failure(d, rnd, reason))
                 log.warning("failure device=%s round=%d reason=%s", d, rnd, reason)
-                self.store.add_event(rnd, d, "failure", reason)
+                self.store.later("add_event", rnd, d, "failure", reason)
+            self.store.flush_later()
             applied = len(results) >= self.fed.quorum
             before = self.strategy.version
+            partial = self._partial
             if applied:
                 try:
-                    self.strategy.aggregate_round(rnd, results, failures)
+                    if partial is not None:
+                        aggregate_partial(self.strategy, rnd, partial, failures)
+                    else:
+                        self.strategy.aggregate_round(rnd, results, failures)
                     note = f"aggregated {len(results)} update(s), {len(failures)} failure(s)"
                 except (KeyError, ValueError) as exc:  # a strategy/contract mismatch: keep going
                     log.error("round %d: %s failed to aggregate (%s); global state kept", rnd,
                               self.fed.algorithm, exc)
                     applied, note = False, f"aggregation failed: {exc}"[:300]
+            elif partial is not None:
+                aggregate_partial(self.strategy, rnd, new_partial(self.strategy, rnd) or partial, failures)
+                note = f"quorum not met ({len(results)} < {self.fed.quorum}); global state kept"
             else:
                 self.strategy.aggregate_round(rnd, [], failures)
                 note = f"quorum not met ({len(results)} < {self.fed.quorum}); global state kept"
@@ -357,7 +470,12 @@ class Coordinator:
             for key, up in list(self._uploads.items()):
                 if up.round == rnd:
                     self._receivers[up.device].discard(key[1])
-                    del self._uploads[key]
+                    self._drop_upload(*key)
+            self._task_xfer = {}
+            # accepted transfers of this round stay (a late re-announce is answered with
+            # ACCEPT), older ones go: the set is bounded by two rounds of devices
+            self._accepted_xfers = {k: r for k, r in self._accepted_xfers.items() if r >= rnd}
+            self._partial = None
             acc = self._evaluate()
         if acc is not None:
             self.store.set_global_acc(rnd, acc)
@@ -426,14 +544,42 @@ class Coordinator:
         # The round was open: reload its tasks and accepted updates; a fresh deadline.
         folder = self.state_dir / "rounds" / str(rnd)
         experts = json.loads(last["experts"])
-        self.tasks = {d: ClientTask(d, rnd, load_arrays_file(folder / f"task_{d}.safetensors"),
-                                    list(experts[d]), {"version": s.version})
-                      for d in json.loads(last["selected"])}
+        shared: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
+        self.tasks = {}
+        for d in json.loads(last["selected"]):
+            ids = list(experts[d])
+            own = folder / f"task_{d}.safetensors"  # the layout before tasks were shared
+            if own.is_file():
+                params = load_arrays_file(own)
+            else:
+                if tuple(ids) not in shared:
+                    shared[tuple(ids)] = load_arrays_file(folder / _task_file(ids))
+                params = shared[tuple(ids)]
+            self.tasks[d] = ClientTask(d, rnd, params, ids, {"version": s.version})
         self.results = {}
-        for u in self.store.updates(rnd):
-            self.results[u["device"]] = ClientResult(
-                u["device"], rnd, int(u["num_samples"]), load_arrays_file(Path(u["path"])),
-                json.loads(u["affinity"]), json.loads(u["metrics"]))
+        rows = self.store.updates(rnd)
+        snapshots = sorted({Path(u["path"]) for u in rows if Path(u["path"]).name.startswith("acc-")})
+        self._partial = new_partial(s, rnd) if self.streaming else None
+        if snapshots:
+            if self._partial is None:
+                raise DataError(f"round {rnd} in {self.state_dir} was aggregated as a stream; "
+                                "set [federation] aggregation = \"stream\" to resume it")
+            from safetensors import safe_open
+
+            with safe_open(str(snapshots[-1]), framework="numpy") as f:
+                meta = f.metadata() or {}
+            self._partial = Partial.from_arrays(load_arrays_file(snapshots[-1]), meta)
+            self._snapshot = (int(snapshots[-1].stem.split("-")[1]), snapshots[-1])
+        for u in rows:
+            result = ClientResult(u["device"], rnd, int(u["num_samples"]), {},
+                                  json.loads(u["affinity"]), json.loads(u["metrics"]))
+            if not Path(u["path"]).name.startswith("acc-"):
+                result.params = load_arrays_file(Path(u["path"]))
+                if self._partial is not None:
+                    accumulate(s, self._partial, result)
+                    result.params = {}
+            self.results[u["device"]] = result
+        self._settled = set(self.results)
         self.round, self.round_open = rnd, True
         self.deadline = time.monotonic() + self.fed.deadline_s
 
@@ -467,18 +613,23 @@ class Coordinator:
                 was = self.online.pop(dev, None)
             if was is not None:
                 log.info("device %s went offline", dev)
-                self.store.set_online(dev, False)
+                self.store.later("set_online", dev, False)
 
     def _on_heartbeat(self, msg: Message) -> None:
         """Telemetry: refresh last_seen; a bad heartbeat is logged at debug only (QoS 0 noise)."""
         try:
             dev = self.topics.parse(msg.topic).device or "?"
-            assert self.messenger is not None
-            env = self.messenger.open(msg.payload, expect_sender=dev)
+            # a replay window of its own: heartbeats (ttl 120 s) never compete with control
+            # messages (ttl 600 s) for room, however many devices beat
+            env = decode_envelope(msg.payload, self.key_for, replay_cache=self._hb_replay)
+            if env.sender != dev:
+                raise WireError(f"heartbeat on {dev!r}'s topic was sent by {env.sender!r}")
+            if env.federation != self.fed.id or env.recipient not in (self.me, "*"):
+                raise WireError(f"heartbeat of {dev!r} for another federation or recipient")
         except WireError as exc:
             log.debug("heartbeat refused: %s", exc)
             return
-        self.store.heartbeat(dev, env.body)
+        self.store.later("heartbeat", dev, env.body)
 
     def _on_ctl(self, msg: Message) -> None:
         try:
@@ -531,7 +682,7 @@ class Coordinator:
                                          "runtime")}
         if caps["num_samples"] is not None and (not isinstance(caps["num_samples"], int) or caps["num_samples"] < 0):
             raise ValidationError("num_samples must be a non-negative integer")
-        self.store.register(dev, role, caps)
+        self.store.later("register", dev, role, caps)
         with self._lock:
             first = dev not in self.online
             self.online[dev] = role
@@ -555,13 +706,13 @@ class Coordinator:
         that lost it reports nothing received and the same transfer starts over. Only a
         restarted coordinator, which kept no transfers, prepares the task again."""
         with self._lock:
-            found = [(x, o) for x, o in self._senders.items()
-                     if o.device == dev and o.purpose == "train" and o.round == self.round
-                     and o.announce is not None]
+            xid = self._task_xfer.get(dev, "")
+            out = self._senders.get(xid)
+            found = (out is not None and out.round == self.round and out.announce is not None)
         if not found:
             self._send_task(self.tasks[dev])
             return
-        xid, out = found[-1]
+        assert out is not None
         assert out.announce is not None
         type_, body, rnd = out.announce
         body = {**body, "deadline_s": max(1.0, self.deadline - time.monotonic())}
@@ -584,6 +735,8 @@ class Coordinator:
             if dev in self.results:
                 self.reject(dev, rnd, f"duplicate update for round {rnd} (one already accepted)", xfer=xid)
                 return
+            if dev in self._persisting:
+                return  # its update is being written; the ACCEPT follows
             if dev in self.failed:
                 self.reject(dev, rnd, f"update after this round's failure ({self.failed[dev][:80]})", xfer=xid)
                 return
@@ -597,18 +750,31 @@ class Coordinator:
             rcv = self._receiver(dev)
             if (dev, xid) not in self._uploads:
                 # one open upload per device: a new announce replaces the previous one
-                for key in [k for k in self._uploads if k[0] == dev]:
-                    rcv.discard(key[1])
-                    del self._uploads[key]
+                previous = self._upload_of.get(dev)
+                if previous is not None:
+                    rcv.discard(previous)
+                    self._drop_upload(dev, previous)
                 budget = int(self.fed.reassembly_budget_mb * 2**20)
-                used = sum(u.manifest.total_bytes for u in self._uploads.values())
-                if used + manifest.total_bytes > budget:
-                    self.reject(dev, rnd, f"upload of {manifest.total_bytes} bytes would exceed the "
-                                          f"reassembly budget ({used} of {budget} in use)", xfer=xid)
+                if self._upload_bytes + manifest.total_bytes > budget:
+                    # back-pressure, not a refusal: the device re-announces every few seconds
+                    # until its deadline, and gets in once other uploads have finished
+                    log.debug("upload of %s deferred: reassembly budget %d of %d in use", dev,
+                              self._upload_bytes, budget)
                     return
+                self._uploads[(dev, xid)] = _Upload(dev, rnd, body, manifest)
+                self._upload_of[dev] = xid
+                self._upload_bytes += manifest.total_bytes
             rcv.expect(manifest)
-            self._uploads[(dev, xid)] = _Upload(dev, rnd, body, manifest)
         rcv.nudge(manifest.transfer_id)
+
+    def _drop_upload(self, dev: str, xid: str) -> _Upload | None:
+        """Forget an open upload (finished, replaced or expired); call with the lock held."""
+        up = self._uploads.pop((dev, xid), None)
+        if up is not None:
+            self._upload_bytes -= up.manifest.total_bytes
+            if self._upload_of.get(dev) == xid:
+                del self._upload_of[dev]
+        return up
 
     def _receiver(self, dev: str) -> BlobReceiver:
         with self._lock:
@@ -652,10 +818,12 @@ class Coordinator:
             return
         if done is not None:
             manifest, data = done
+            queued = False
             try:
-                self._finish_upload(dev, manifest, data)
-            finally:  # persisted or refused for good: either way the sender may stop
-                self._receiver(dev).ack(manifest.transfer_id)
+                queued = self._finish_upload(dev, manifest, data)
+            finally:  # refused for good: the sender may stop (a queued one is ACKed once durable)
+                if not queued:
+                    self._receiver(dev).ack(manifest.transfer_id)
 
     def _unknown_upload(self, dev: str, xid: str) -> None:
         """Chunks of an upload this coordinator does not know (it restarted, or the
@@ -667,39 +835,188 @@ class Coordinator:
         if owes and self._notice_limit.allow(f"{dev}/{xid}"):
             self._send(dev, P.XFER_UNKNOWN, {"xfer": xid}, self.round)
 
-    def _finish_upload(self, dev: str, manifest: TransferManifest, data: bytes) -> None:
+    def _finish_upload(self, dev: str, manifest: TransferManifest, data: bytes) -> bool:
+        """Check a complete upload and queue it for the persister; True when queued (it is
+        ACKed once durable), False when refused (the caller ACKs the transfer at once)."""
+        xid = manifest.transfer_id
         with self._lock:
-            up = self._uploads.pop((dev, manifest.transfer_id), None)
+            up = self._drop_upload(dev, xid)
             if up is None:
-                return
+                return False
             rnd = up.round
-            if not self.round_open or rnd != self.round:
+            if not self.round_open or rnd != self.round or self._closing:
                 self.reject(dev, rnd, f"update for closed round {rnd} (current round {self.round})",
-                            xfer=manifest.transfer_id)
-                return
-            if dev in self.results:
+                            xfer=xid)
+                return False
+            if dev in self.results or dev in self._persisting:
                 self.reject(dev, rnd, f"duplicate update for round {rnd} (one already accepted)",
-                            xfer=manifest.transfer_id)
-                return
+                            xfer=xid)
+                return False
             task = self.tasks[dev]
-            try:
-                result = self._check_update(dev, rnd, task, up.body, manifest, data)
-            except (WireError, ValidationError) as exc:
-                reason = str(exc)
+            self._persisting.add(dev)
+        try:  # the expensive part runs without the lock: other handlers and the pump go on
+            result = self._check_update(dev, rnd, task, up.body, manifest, data)
+        except (WireError, ValidationError) as exc:
+            reason = str(exc)
+            with self._lock:
+                self._persisting.discard(dev)
+                if not (self.round_open and rnd == self.round):
+                    return False
                 self.failed[dev] = f"update rejected: {reason}"
-                self.reject(dev, rnd, reason, xfer=manifest.transfer_id)
-                self._wake.set()
+                self._settled.add(dev)
+            self.reject(dev, rnd, reason, xfer=xid)
+            self._wake.set()
+            return False
+        with self._lock:
+            if self._closing or not (self.round_open and rnd == self.round):
+                self._persisting.discard(dev)
+                self.reject(dev, rnd, f"update for closed round {rnd} (current round {self.round})",
+                            xfer=xid)
+                return False
+            self._persist_q.put(_Accepted(dev, rnd, result, len(data), xid, manifest.encoding))
+        return True
+
+    # ------------------------------------------------------------------ persistence thread
+    def _persist_loop(self) -> None:
+        """Write accepted updates in batches off the handler thread; each is ACKed only
+        after its batch is durable (docs/design.md section 8: persist, then acknowledge)."""
+        while True:
+            try:
+                first = self._persist_q.get(timeout=0.5)
+            except queue.Empty:
+                self.store.flush_later()
+                continue
+            if first is None:
+                self._persist_q.task_done()
+                self.store.flush_later()
                 return
-            path = self.state_dir / "rounds" / str(rnd) / f"update_{dev}.safetensors"
-            save_arrays(path, result.params)
-            self.store.add_update(rnd, dev, result.num_samples, result.affinity, result.metrics,
-                                  len(data), str(path))
-            self.store.add_traffic(rnd, dev, "up", "train", len(data))
-            self.results[dev] = result
-            self._accepted_xfers.add((dev, manifest.transfer_id))
-        log.info("accepted device=%s round=%d bytes=%d (%s)", dev, rnd, len(data), manifest.encoding)
-        self._send(dev, P.ACCEPT, {"xfer": manifest.transfer_id}, rnd)
+            batch = [first]
+            end = time.monotonic() + PERSIST_BATCH_S
+            stop = False
+            while len(batch) < PERSIST_BATCH_MAX:
+                try:
+                    item = self._persist_q.get(timeout=max(0.0, end - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            try:
+                self._persist(batch)
+            except Exception:  # disk full, I/O error: nothing is ACKed, devices re-send
+                log.exception("persisting %d update(s) failed; none acknowledged", len(batch))
+                accepted = [a for a in batch if isinstance(a, _Accepted)]
+                if self._partial is not None and accepted:
+                    try:
+                        self._partial = self._durable_partial(accepted[0].round)
+                    except (FedCoEError, OSError, ValueError, KeyError):
+                        log.exception("round %d: the last durable partial sums could not be "
+                                      "reloaded; updates re-sent now may count twice",
+                                      accepted[0].round)
+                with self._lock:
+                    for a in accepted:
+                        self._persisting.discard(a.device)
+                        self._drop_upload(a.device, a.xfer)
+                for a in accepted:  # its chunks are now unknown: the device re-announces
+                    self._receiver(a.device).forget(a.xfer)
+            finally:
+                for _ in batch:
+                    self._persist_q.task_done()
+            if stop:
+                self._persist_q.task_done()
+                self.store.flush_later()
+                return
+
+    def _persist(self, items: list[_Accepted | _Eval]) -> None:
+        """One batch: update files (batch mode) or one partial-sum snapshot (stream mode),
+        then one SQLite transaction (with the batch's evaluations), then the results count,
+        then the ACKs."""
+        evals = [e for e in items if isinstance(e, _Eval)]
+        batch = [a for a in items if isinstance(a, _Accepted)]
+        if not batch:
+            with self.store.batch():
+                for e in evals:
+                    self.store.add_eval(e.round, e.device, e.kind, e.correct, e.total)
+                self.store.flush_later()
+            self._ack_evals(evals)
+            return
+        rnd = batch[0].round
+        folder = self.state_dir / "rounds" / str(rnd)
+        paths: dict[str, Path] = {}
+        seq, path = 0, folder
+        if self._partial is not None:
+            for a in batch:
+                accumulate(self.strategy, self._partial, a.result)
+            seq = self._snapshot[0] + 1
+            path = folder / f"acc-{seq:06d}.safetensors"
+            arrays, meta = self._partial.to_arrays()
+            save_arrays(path, arrays, meta)
+            paths = {a.device: path for a in batch}
+        else:
+            for a in batch:
+                paths[a.device] = folder / f"update_{a.device}.safetensors"
+                save_arrays(paths[a.device], a.result.params)
+        with self.store.batch():
+            for e in evals:
+                self.store.add_eval(e.round, e.device, e.kind, e.correct, e.total)
+            for a in batch:
+                r = a.result
+                self.store.add_update(rnd, a.device, r.num_samples, r.affinity, r.metrics, a.nbytes,
+                                      str(paths[a.device]))
+                self.store.add_traffic(rnd, a.device, "up", "train", a.nbytes)
+            self.store.flush_later()
+        if self._partial is not None:
+            old, self._snapshot = self._snapshot[1], (seq, path)
+            if old is not None:
+                old.unlink(missing_ok=True)  # the new snapshot holds everything the old one did
+        with self._lock:
+            for a in batch:
+                if self._partial is not None:
+                    a.result.params = {}  # summed: the weights themselves are not kept
+                self.results[a.device] = a.result
+                self._persisting.discard(a.device)
+                self._settled.add(a.device)
+                self._accepted_xfers[(a.device, a.xfer)] = a.round
+        for a in batch:
+            log.info("accepted device=%s round=%d bytes=%d (%s)", a.device, a.round, a.nbytes,
+                     a.encoding)
+            with contextlib.suppress(FedCoEError):
+                self._send(a.device, P.ACCEPT, {"xfer": a.xfer}, a.round)
+            with contextlib.suppress(FedCoEError):
+                self._receiver(a.device).ack(a.xfer)
+        self._ack_evals(evals)
         self._wake.set()
+
+    def _durable_partial(self, rnd: int) -> Partial | None:
+        """The partial sums as last made durable (a failed batch must not stay summed: its
+        devices re-send, and would count twice)."""
+        path = self._snapshot[1]
+        if path is None:
+            return new_partial(self.strategy, rnd)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+        return Partial.from_arrays(load_arrays_file(path), meta)
+
+    def _ack_evals(self, evals: list[_Eval]) -> None:
+        for e in evals:
+            with contextlib.suppress(FedCoEError):
+                self._send(e.device, P.EVAL_ACK, {"kind": e.kind}, e.round)
+
+    def _linger(self) -> None:
+        """After the last round: serve the final refreshes and evaluations before exiting,
+        until none came for LINGER_QUIET_S and no refresh download is running (at most
+        LINGER_MAX_S), instead of a fixed pause that leaves late devices unserved."""
+        start = time.monotonic()
+        while not self._stop.wait(0.2):
+            now = time.monotonic()
+            with self._lock:
+                busy = any(not o.sender.done for o in self._senders.values() if o.purpose != "train")
+            quiet = now - max(self._last_request, start) >= LINGER_QUIET_S
+            if (not busy and quiet) or now - start >= LINGER_MAX_S:
+                return
 
     def _check_update(self, dev: str, rnd: int, task: ClientTask, body: dict[str, Any],
                       manifest: TransferManifest, data: bytes) -> ClientResult:
@@ -735,6 +1052,7 @@ class Coordinator:
     def _on_fetch(self, dev: str, rnd: int, body: dict[str, Any]) -> None:
         """Send a device the gate plus the experts it asks for (cold start) or, with
         ``expert_ids: null``, the ones the strategy assigns it (refresh after a round)."""
+        self._last_request = time.monotonic()
         purpose = str(body.get("purpose", "refresh"))
         if purpose not in ("refresh", "gate", "cold"):
             raise ValidationError(f"fetch purpose must be refresh|gate|cold, got {purpose!r:.40}")
@@ -766,23 +1084,26 @@ class Coordinator:
         reason = f"device declined: {str(body.get('reason', ''))[:300]}"
         with self._lock:
             self.online.pop(dev, None)
-            owes = self.round_open and dev in self.tasks and dev not in self.results
+            owes = (self.round_open and dev in self.tasks and dev not in self.results
+                    and dev not in self._persisting)
             if owes:
                 self.failed[dev] = reason
+                self._settled.add(dev)
         log.warning("declined device=%s round=%d reason=%s", dev, self.round, reason)
         self.store.add_event(self.round, dev, "decline", reason)
         self._wake.set()
 
     def _on_eval(self, dev: str, rnd: int, body: dict[str, Any]) -> None:
+        self._last_request = time.monotonic()
         kind, correct, total = body.get("kind"), body.get("correct"), body.get("total")
         if kind not in ("personal", "cold"):
             raise ValidationError(f"eval kind must be personal|cold, got {kind!r:.40}")
         if not (isinstance(correct, int) and isinstance(total, int) and 0 <= correct <= total):
             raise ValidationError("eval needs integers 0 <= correct <= total")
-        self.store.add_eval(rnd, dev, kind, correct, total)
-        # the answer the device waits for (it re-sends an unanswered eval); storing is
-        # idempotent, so a re-sent eval only repeats this answer
-        self._send(dev, P.EVAL_ACK, {"kind": kind}, rnd)
+        # stored in the persister's next batch, then answered with the eval_ack the device
+        # waits for (it re-sends an unanswered eval); storing is idempotent, so a re-sent
+        # eval only repeats this answer
+        self._persist_q.put(_Eval(dev, rnd, kind, correct, total))
         log.info("eval device=%s round=%d kind=%s acc=%.4f (%d/%d)", dev, rnd, kind,
                  correct / total if total else float("nan"), correct, total)
 

@@ -44,6 +44,9 @@ class EmbeddedFederation:
     compress: bool = True
     chunk_size: int = 256 * 1024
     heartbeat_s: float = 30.0
+    # batch: the coordinator keeps every update and aggregates with the simulator's code, so
+    # a run here equals `fedcoe simulate` bit for bit; "stream" equals it up to float rounding
+    aggregation: str = "batch"
     device_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> [device] fields
     coordinator: Coordinator | None = None
     agents: dict[str, DeviceAgent] = field(default_factory=dict)
@@ -54,7 +57,8 @@ class EmbeddedFederation:
                                  rounds=self.rounds,
                                  min_devices=self.devices, quorum=self.quorum,
                                  deadline_s=self.deadline_s, state_dir=str(self.root / "coordinator"),
-                                 exit_when_done=False, chunk_size=self.chunk_size)
+                                 exit_when_done=False, chunk_size=self.chunk_size,
+                                 aggregation=self.aggregation)
         return CoordinatorConfig(federation=fed, secret=DEMO_SECRET, model=self.model, train=self.train,
                                  eval=EvalSettings(dataset="digits", num_clients=self.devices,
                                                    new_clients=1, alpha=self.alpha, seed=self.seed))

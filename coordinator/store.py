@@ -9,10 +9,12 @@ many bytes moved, and the accuracy reached.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +45,22 @@ CREATE TABLE IF NOT EXISTS evals (
 
 
 class Store:
-    """Thread-safe wrapper over one SQLite connection (handlers and the round loop share it)."""
+    """Thread-safe wrapper over one SQLite connection (handlers and the round loop share it).
+
+    Every statement outside :meth:`batch` is its own fully synced transaction. A fleet's
+    coordinator groups writes instead (docs/daemons.md, "Scale"): :meth:`batch` commits many
+    statements with one sync, and :meth:`later` queues bookkeeping that need not be durable
+    at once (registrations, heartbeats, traffic) for the next batch; any read flushes the
+    queue first, so a reader in this process never misses a queued write.
+    """
 
     def __init__(self, path: Path, readonly: bool = False) -> None:
         """Open (and create) the database; ``readonly`` for monitors in other processes."""
         self.path = path
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._later: list[tuple[str, tuple[Any, ...]]] = []
+        self._later_lock = threading.Lock()
         if readonly:
             self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False,
                                        isolation_level=None, timeout=10)
@@ -63,14 +75,50 @@ class Store:
             self._db.execute("ALTER TABLE events ADD COLUMN count INTEGER NOT NULL DEFAULT 1")
 
     def close(self) -> None:
+        self.flush_later()
         with self._lock:
             self._db.close()
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """One transaction (one sync) for every write inside; nests, commits at the outermost."""
+        with self._lock:
+            if self._depth == 0:
+                self._db.execute("BEGIN IMMEDIATE")
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._depth -= 1
+            if self._depth == 0:
+                self._db.execute("COMMIT")
+
+    def later(self, method: str, *args: Any) -> None:
+        """Queue a call of one of this store's write methods for the next :meth:`flush_later`."""
+        with self._later_lock:
+            self._later.append((method, args))
+
+    def flush_later(self) -> int:
+        """Run the queued writes in one transaction; returns how many ran."""
+        with self._later_lock:
+            items, self._later = self._later, []
+        if items:
+            with self.batch():
+                for method, args in items:
+                    getattr(self, method)(*args)
+        return len(items)
 
     def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> None:
         with self._lock:
             self._db.execute(sql, args)
 
     def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        if self._later:
+            self.flush_later()
         with self._lock:
             cur = self._db.execute(sql, args)
             cols = [c[0] for c in cur.description]

@@ -539,3 +539,43 @@ def test_window_restarts_when_the_receiver_lost_everything() -> None:
     assert w.on_final_ack(m.sha256) and w.done
     w.on_progress({"next": 0, "highest": -1, "missing": [], "received": 0, "resets": 0}, 0.4)
     assert not w.done and w.due(0.5) == [0, 1, 2]
+
+
+def test_replay_cache_per_sender_keeps_honest_devices_apart() -> None:
+    """A shared window overflows under a fleet's volume and then refuses valid messages that
+    expire soonest (heartbeats, ttl 120 s, behind control messages, ttl 600 s); per-sender
+    windows refuse nothing honest, still catch replays, and bound each sender alone."""
+    from fedcoe_edge.wire import ReplayCache
+
+    now = 1_000_000
+    shared, per = ReplayCache(capacity=3000), ReplayCache(per_sender=64)
+    for dev in range(2000):  # one control message per device, then one heartbeat each
+        for cache in (shared, per):
+            cache.check_and_add(f"d{dev}", f"c{dev}", now + 600_000, now)
+    refused = 0
+    for dev in range(2000):
+        try:
+            shared.check_and_add(f"d{dev}", f"h{dev}", now + 120_000, now)
+        except WireError:
+            refused += 1
+        per.check_and_add(f"d{dev}", f"h{dev}", now + 120_000, now)  # never refused
+    assert refused >= 999  # the shared window is full: every later heartbeat is refused
+    with pytest.raises(WireError, match="replayed"):
+        per.check_and_add("d7", "h7", now + 120_000, now)
+    for i in range(200):  # one sender floods: only its own window overflows
+        per.check_and_add("flood", f"m{i}", now + 600_000 + i, now)
+    assert len(per) == 2 * 2000 + 64
+    with pytest.raises(WireError, match="older than the replay window"):
+        per.check_and_add("flood", "old", now + 1000, now)
+    per.check_and_add("d1", "fresh", now + 1000, now)  # others are untouched
+    # entries expire: a later sweep forgets them
+    later = now + 700_000
+    per.check_and_add("d1", "late", later + 1000, later)
+    assert len(per) < 2 * 2000
+
+
+def test_msg_ids_are_unique_and_hex() -> None:
+    from fedcoe_edge.wire import new_msg_id
+
+    ids = {new_msg_id() for _ in range(50_000)}
+    assert len(ids) == 50_000 and all(len(i) == 32 and int(i, 16) >= 0 for i in list(ids)[:100])

@@ -221,7 +221,8 @@ password_file {b / 'passwd'}
 acl_file {b / 'acl'}
 use_username_as_clientid true
 max_packet_size 2000000
-max_queued_messages 1000
+# the coordinator needs devices x (window + 4) queued messages (docs/daemons.md, "Scale")
+max_queued_messages 100000
 persistence false
 """
 

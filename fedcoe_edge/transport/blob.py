@@ -76,7 +76,10 @@ class BlobSender:
         retransmit_s: float = 2.0,
         qos: int = 1,
         clock: Callable[[], float] = time.monotonic,
+        verify: bool = True,
     ) -> None:
+        """``verify=False`` skips re-hashing ``data`` against the manifest: for a sender that
+        built the manifest from these bytes and sends them to many receivers."""
         transport.check_size(
             topic, manifest.chunk_size + chunk_overhead(manifest.transfer_id), qos, False
         )
@@ -85,7 +88,8 @@ class BlobSender:
         self._topic = topic
         self._qos = qos
         self._clock = clock
-        self._win = TransferWindow(manifest, data, window=window, retransmit_s=retransmit_s)
+        self._win = TransferWindow(manifest, data, window=window, retransmit_s=retransmit_s,
+                                   verify=verify)
         self._lock = threading.Lock()
         self._done = threading.Event()
         self.chunks_published = 0
@@ -270,6 +274,15 @@ class BlobReceiver:
         with self._lock:
             if transfer_id in self.reassembler:
                 self._report(XFER_PROGRESS, self.reassembler.progress(transfer_id))
+
+    def forget(self, transfer_id: str) -> None:
+        """Forget a completed transfer the caller could not keep (e.g. storing it failed):
+        its late chunks then count as unknown, so the sender is told to announce it again."""
+        with self._lock:
+            self._completed.pop(transfer_id, None)
+            self._finished.pop(transfer_id, None)
+            self.reassembler.discard(transfer_id)
+            self._state.pop(transfer_id, None)
 
     def discard(self, transfer_id: str) -> None:
         """Drop an open transfer (deadline passed)."""

@@ -1,0 +1,947 @@
+"""Fleet load generator: N simulated devices against the real coordinator and Mosquitto.
+
+``python -m benchmarks.fleet --devices 100 500 --rounds 2 --json PATH [--md PATH --png PATH]``
+
+For every N: a private Mosquitto on a free loopback port with the limits of the deploy
+template (``deploy/mosquitto/mosquitto.conf``: packet size, queue, inflight), the real
+coordinator process (``fedcoe coordinator --exit-when-done``), and N devices that speak the
+real protocol (docs/design.md, section 8; docs/protocol.md) with the project's own code:
+signed envelopes with per-device keys, chunked transfers with the blob window, int8-delta
+uploads of the size the chosen model config gives, the final refresh fetch and the eval
+report, each device on its own MQTT connection. Training is a configurable sleep; the
+update is the task's weights plus a little noise (one of a few variants per task), so the
+coordinator decompresses, validates and aggregates real payloads.
+
+The devices run on an asyncio MQTT client (``benchmarks.mqtt_async``), many per process,
+so the generator stays light; its own CPU is reported beside the coordinator's and the
+broker's. Per round: wall time, time until the last device got its task, coordinator
+CPU-s and peak RSS, broker RSS, bytes, accepted / failed / rejected, broker drops (the
+``$SYS/broker/publish/messages/dropped`` counter). See docs/benchmarks.md, "Fleet".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY_COORDINATOR = ROOT / "deploy" / "coordinator.toml"
+DEPLOY_MOSQUITTO = ROOT / "deploy" / "mosquitto" / "mosquitto.conf"
+FEDERATION = "fleet"
+SECRET = bytes(range(100, 132))
+BROKER_LIMITS = ("max_packet_size", "max_queued_messages", "max_inflight_messages",
+                 "max_queued_bytes")
+TICK_S = 0.25
+RETRY_FIRST_S, RETRY_MAX_S, RETRY_ATTEMPTS = 5.0, 60.0, 6  # as device_agent.daemon
+REANNOUNCE_S = 5.0
+PING_S = 60.0
+VARIANTS = 4  # distinct fake updates per task payload
+
+log = logging.getLogger("fedcoe.fleet")
+
+
+# ----------------------------------------------------------------------------- config
+def model_preset(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``[model]`` and ``[train]`` tables: the deploy template's, or the camera benchmark's."""
+    if name == "deploy":
+        doc = tomllib.loads(DEPLOY_COORDINATOR.read_text())
+        return dict(doc["model"]), dict(doc["train"])
+    if name in ("camera", "smoke"):
+        from benchmarks.fedcoe import camera_config, smoke_config
+
+        cfg = camera_config() if name == "camera" else smoke_config()
+        d = cfg.to_dict()
+        d["input_shape"] = list(d["input_shape"])
+        return d, {"experts_per_client": 2}
+    raise SystemExit(f"fleet: unknown --model {name!r} (deploy|camera|smoke)")
+
+
+def broker_limits(path: Path = DEPLOY_MOSQUITTO) -> list[str]:
+    """The limit lines of the deploy template, verbatim (so the benchmark follows it)."""
+    out = []
+    for line in path.read_text().splitlines():
+        words = line.split("#", 1)[0].split()
+        if len(words) == 2 and words[0] in BROKER_LIMITS:
+            out.append(f"{words[0]} {words[1]}")
+    return out
+
+
+@dataclass
+class FleetSpec:
+    devices: int
+    rounds: int
+    model: str = "deploy"
+    train_s: float = 1.0
+    jitter_s: float = 0.5
+    procs: int = 1
+    timeout_s: float = 900.0
+    deadline_s: float = 0.0  # 0: 60 s + 60 ms per device
+    connect_batch: int = 200
+    chunk_size: int = 256 * 1024
+    workdir: str = ""
+    broker_options: list[str] = field(default_factory=list)  # extra mosquitto.conf lines
+    coordinator_args: list[str] = field(default_factory=list)
+    # how to start `fedcoe` (e.g. under a profiler); default: this interpreter
+    fedcoe_cmd: list[str] = field(default_factory=lambda: [sys.executable, "-m", "fedcoe_edge.cli"])
+
+
+# ----------------------------------------------------------------------------- devices
+@dataclass
+class _Request:
+    type: str
+    body: dict[str, Any]
+    round: int
+    sent: int = 0
+    due: float = 0.0
+
+
+@dataclass
+class _Upload:
+    round: int
+    body: dict[str, Any]
+    sender: Any
+    started: bool = False
+    next_announce: float = 0.0
+    done: bool = False
+
+
+class SimDevice:
+    """One device: the agent's protocol without torch (docs/protocol.md)."""
+
+    def __init__(self, fleet: DeviceFleet, dev: str) -> None:
+        from device_agent import protocol as P
+        from fedcoe_edge.transport.blob import BlobReceiver
+
+        self.P = P
+        self.fleet, self.dev = fleet, dev
+        self.key = P.device_key(SECRET, dev)
+        rng = random.Random(dev)
+        self.num_samples = rng.randint(50, 150)
+        self.variant = rng.randrange(VARIANTS)
+        self.client = self.reconnectable()
+        self.receiver = BlobReceiver(self._report, auto_ack=True)
+        self.bc_key: bytes | None = None
+        self.welcomed_at = 0.0
+        self.hello_at = 0.0
+        self.version = 0
+        self.rounds = fleet.spec.rounds
+        self.pending: dict[str, dict[str, Any]] = {}
+        self.upload: _Upload | None = None
+        self.requests: dict[tuple[str, str, int], _Request] = {}
+        self.task_at: dict[int, float] = {}
+        self.accepted_at: dict[int, float] = {}
+        self.rejects: list[str] = []
+        self.refused_msgs = 0
+        self.final_model = False
+        self.eval_acked = False
+        self.gave_up: list[str] = []
+        self.refresh_asked = False
+
+    def reconnectable(self) -> Any:
+        """A fresh client with this device's will, birth and subscriptions (and messenger)."""
+        from benchmarks.mqtt_async import AsyncMqttClient
+        from fedcoe_edge.transport import Will
+
+        P, t, dev = self.P, self.fleet.topics, self.dev
+        client = AsyncMqttClient(
+            dev, "127.0.0.1", self.fleet.port, keepalive_s=300,
+            will=Will(t.presence(dev), P.presence_payload("offline"), 1, True),
+            birth=Will(t.presence(dev), P.presence_payload("online"), 1, True))
+        client.subscribe(f"{t.prefix}/dn/{dev}/#", self._on_dn)
+        client.subscribe(t.bc_ctl(), self._on_broadcast)
+        client.subscribe(t.coord_status(), self._on_coord_status)
+        self.messenger = P.Messenger(client, t, dev, self._keys)
+        return client
+
+    def _keys(self, sender: str) -> bytes | None:
+        return self.key if sender == self.fleet.coordinator else None
+
+    def _send(self, type: str, body: dict[str, Any], rnd: int = 0) -> None:
+        self.messenger.send(self.fleet.topics.up_ctl(self.dev), type, self.fleet.coordinator,
+                            body, self.key, round=rnd)
+
+    def _report(self, type: str, body: dict[str, Any]) -> None:
+        self._send(type, body)
+
+    @property
+    def finished(self) -> bool:
+        return self.eval_acked or bool(self.gave_up)
+
+    def hello(self) -> None:
+        self.hello_at = time.monotonic()
+        self._send(self.P.HELLO, {"role": "train", "tier": "medium", "memory_mb": 1024.0,
+                                  "num_samples": self.num_samples, "runtime": "fleet-sim"})
+
+    def _request(self, type: str, sub: str, rnd: int, body: dict[str, Any]) -> None:
+        key = (type, sub, rnd)
+        req = self.requests.setdefault(key, _Request(type, body, rnd))
+        req.sent += 1
+        req.due = time.monotonic() + min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (req.sent - 1))
+        self.fleet.active.add(self)
+        self._send(type, body, rnd)
+
+    # --- handlers (event loop) ---
+    def _on_dn(self, msg: Any) -> None:
+        if "/blob/" in msg.topic:
+            self._on_blob(msg)
+        else:
+            self._on_ctl(msg)
+
+    def _on_ctl(self, msg: Any) -> None:
+        from fedcoe_edge.errors import FedCoEError
+        from fedcoe_edge.transport.blob import XFER_DONE, XFER_PROGRESS
+        from fedcoe_edge.wire import TransferManifest
+
+        P = self.P
+        try:
+            env = self.messenger.open(msg.payload, expect_sender=self.fleet.coordinator)
+        except FedCoEError:
+            self.refused_msgs += 1
+            return
+        b = env.body
+        if env.type == P.WELCOME:
+            self.bc_key = bytes.fromhex(b["bc_key"])
+            self.version = int(b["version"])
+            self.rounds = int(b["rounds"])
+            self.welcomed_at = time.monotonic()
+        elif env.type in (P.TASK, P.MODEL):
+            manifest = TransferManifest.from_dict(b["manifest"])
+            if env.type == P.TASK:
+                self.task_at.setdefault(env.round, time.time())
+                self.version = int(b.get("version", self.version))
+            else:
+                req = self.requests.get((P.FETCH, "refresh", env.round))
+                if req is not None:
+                    req.due = time.monotonic() + 60.0  # the download is under way
+            self.pending[manifest.transfer_id] = {"kind": env.type, "round": env.round,
+                                                  "expert_ids": b.get("expert_ids", [])}
+            self.receiver.expect(manifest)
+            self.receiver.nudge(manifest.transfer_id)
+        elif env.type in (XFER_PROGRESS, XFER_DONE):
+            up = self.upload
+            if up is not None and up.sender.manifest.transfer_id == b.get("xfer"):
+                up.started = True
+                if env.type == XFER_PROGRESS:
+                    up.sender.on_progress(b)
+                else:
+                    up.sender.on_done(b)
+        elif env.type == P.ACCEPT:
+            self.accepted_at.setdefault(env.round, time.time())
+            if self.upload is not None and self.upload.round == env.round:
+                self.upload.done = True
+        elif env.type == P.REJECT:
+            reason = str(b.get("reason"))
+            self.rejects.append(f"round {env.round}: {reason}")
+            if self.upload is not None and self.upload.round == env.round:
+                self.upload.done = True
+        elif env.type == P.XFER_UNKNOWN:
+            if self.upload is not None and not self.upload.done:
+                self.upload.next_announce = 0.0
+        elif env.type == P.EVAL_ACK:
+            self.requests.pop((P.EVAL, str(b.get("kind")), env.round), None)
+            if env.round >= self.rounds:
+                self.eval_acked = True
+
+    def _on_blob(self, msg: Any) -> None:
+        from fedcoe_edge.errors import FedCoEError
+
+        try:
+            done = self.receiver.on_chunk(msg.payload)
+        except FedCoEError:
+            return
+        if done is None:
+            return
+        manifest, data = done
+        ctx = self.pending.pop(manifest.transfer_id, None)
+        if ctx is None:
+            return
+        if ctx["kind"] == self.P.TASK:
+            delay = self.fleet.spec.train_s + random.random() * self.fleet.spec.jitter_s
+            # the update now (shared bytes, built once per payload), so the task's own bytes
+            # are not held through the training delay by thousands of devices
+            upload = self.fleet.update_for(manifest.sha256, data, self.variant)
+            asyncio.get_running_loop().call_later(delay, self._trained, ctx, upload)
+        else:
+            self.requests.pop((self.P.FETCH, "refresh", ctx["round"]), None)
+            self.final_model = True
+            self._request(self.P.EVAL, "personal", ctx["round"],
+                          {"kind": "personal", "correct": 70, "total": 100})
+
+    def _trained(self, ctx: dict[str, Any], upload: bytes) -> None:
+        from fedcoe_edge.transport.blob import BlobSender, fit_chunk_size
+        from fedcoe_edge.wire import TransferManifest
+
+        rnd = int(ctx["round"])
+        digest = hashlib.sha256(f"{self.dev}\0{rnd}\0".encode() + upload).hexdigest()
+        xid = f"r{rnd}-{digest[:32]}"
+        topic = self.fleet.topics.up_blob(self.dev, xid)
+        size = fit_chunk_size(self.client, topic, xid, self.fleet.spec.chunk_size)
+        m = TransferManifest.for_payload(upload, expert_ids=ctx["expert_ids"],
+                                         base_version=self.version, chunk_size=size,
+                                         transfer_id=xid, encoding=self.P.ENCODING_DELTA)
+        k = self.fleet.num_experts
+        rng = random.Random(f"{self.dev}/{rnd}")
+        aff = [rng.random() + 0.05 for _ in range(k)]
+        total = sum(aff)
+        body = {"manifest": m.to_dict(), "num_samples": self.num_samples,
+                "affinity": [a / total for a in aff], "metrics": {"train_loss": 1.0}}
+        self.upload = _Upload(rnd, body, BlobSender(self.client, topic, m, upload, window=16))
+        self.upload.next_announce = time.monotonic() + REANNOUNCE_S
+        self.fleet.active.add(self)
+        self._send(self.P.RESULT, body, rnd)
+
+    def _on_coord_status(self, msg: Any) -> None:
+        """As the agent does: a coordinator coming online (not a retained status) means
+        it may not know this device: say hello."""
+        try:
+            state = json.loads(msg.payload.decode())["state"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return
+        if state == "online" and (not msg.retain or self.bc_key is None) and self.hello_at:
+            self.hello()
+
+    def _on_broadcast(self, msg: Any) -> None:
+        from fedcoe_edge.errors import FedCoEError
+
+        if self.bc_key is None:
+            return
+        try:
+            env = self.messenger.open(msg.payload, expect_sender=self.fleet.coordinator,
+                                      key_override=self.bc_key)
+        except FedCoEError:
+            return
+        state, rnd = env.body.get("state"), int(env.body.get("round", 0))
+        if (state in ("closed", "finished") and rnd >= self.rounds and not self.refresh_asked
+                and rnd in self.task_at):
+            self.refresh_asked = True
+            self._request(self.P.FETCH, "refresh", rnd, {"expert_ids": None, "purpose": "refresh"})
+
+    # --- timers ---
+    def tick(self, now: float) -> bool:
+        """Drive re-announces, blob retransmits and request retries; False when idle."""
+        busy = False
+        up = self.upload
+        if up is not None and not up.done:
+            busy = True
+            if up.sender.done:
+                up.done = True
+            elif not up.started and now >= up.next_announce:
+                up.next_announce = now + REANNOUNCE_S
+                self._send(self.P.RESULT, up.body, up.round)
+            elif up.started:
+                up.sender.pump()
+        for key, req in list(self.requests.items()):
+            busy = True
+            if req.due > now:
+                continue
+            if req.sent >= RETRY_ATTEMPTS:
+                del self.requests[key]
+                self.gave_up.append(f"{req.type} {key[1]} round {req.round}")
+                continue
+            req.sent += 1
+            req.due = now + min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (req.sent - 1))
+            self._send(req.type, req.body, req.round)
+        if self.bc_key is None:
+            busy = True
+            if now - self.hello_at > 30.0:
+                self.hello()  # no welcome yet: say hello again
+        return busy
+
+    def stats(self) -> dict[str, Any]:
+        return {"task_at": self.task_at, "accepted_at": self.accepted_at, "rejects": self.rejects,
+                "refused_msgs": self.refused_msgs, "final_model": self.final_model,
+                "eval_acked": self.eval_acked, "gave_up": self.gave_up,
+                "resends": 0 if self.upload is None else self.upload.sender.resends,
+                "bytes_in": self.client.bytes_in, "bytes_out": self.client.bytes_out,
+                "closed": self.client.closed_reason}
+
+
+class DeviceFleet:
+    """Many SimDevices on one event loop."""
+
+    def __init__(self, spec: FleetSpec, port: int, ids: list[str]) -> None:
+        from fedcoe_edge.transport import Topics
+
+        self.spec, self.port, self.ids = spec, port, ids
+        self.topics = Topics(FEDERATION)
+        self.coordinator = "coordinator"
+        model, _ = model_preset(spec.model)
+        self.num_experts = int(model.get("num_global_experts", 4))
+        self.devices: list[SimDevice] = []
+        self.active: set[SimDevice] = set()
+        self._updates: dict[tuple[str, int], bytes] = {}
+
+    def update_for(self, task_sha: str, data: bytes, variant: int) -> bytes:
+        """An int8-delta upload for a task payload: its weights plus seeded noise, built
+        once per (payload, variant) so the generator's CPU stays small."""
+        key = (task_sha, variant)
+        got = self._updates.get(key)
+        if got is None:
+            from fedcoe_edge.wire import (
+                compress_delta,
+                compressed_delta_metadata,
+                decode_tensors,
+                encode_tensors,
+            )
+
+            base = decode_tensors(data)
+            rng = np.random.default_rng([variant, int(task_sha[:8], 16)])
+            new = {k: (v + rng.normal(0.0, 1e-3, v.shape).astype(v.dtype)
+                       if np.issubdtype(v.dtype, np.floating) else v) for k, v in base.items()}
+            got = encode_tensors(compress_delta(new, base), compressed_delta_metadata())
+            if len(self._updates) > 64:
+                self._updates.clear()
+            self._updates[key] = got
+        return got
+
+    async def run(self, stop_at: float, stop_event: Any) -> dict[str, Any]:
+        sem = asyncio.Semaphore(self.spec.connect_batch)
+        connect_failed: list[str] = []
+
+        async def start(dev: SimDevice) -> None:
+            for attempt in range(4):  # a refused or timed-out connect is tried again
+                async with sem:
+                    try:
+                        await dev.client.connect_async(60.0)
+                        break
+                    except (OSError, asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001
+                        if attempt == 3:
+                            connect_failed.append(f"{dev.dev}: {exc}")
+                            return
+                        dev.client = dev.reconnectable()
+                await asyncio.sleep(1.0 + attempt)
+            dev.hello()
+            self.active.add(dev)
+
+        self.devices = [SimDevice(self, d) for d in self.ids]
+        t0 = time.monotonic()
+        await asyncio.gather(*(start(d) for d in self.devices))
+        connected_s = time.monotonic() - t0
+        last_ping = time.monotonic()
+        while time.monotonic() < stop_at and not stop_event.is_set():
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            for dev in list(self.active):
+                if not dev.tick(now):
+                    self.active.discard(dev)
+            if now - last_ping > PING_S:
+                last_ping = now
+                for dev in self.devices:
+                    if now - dev.client.last_send > PING_S:
+                        dev.client.ping()
+            if all(d.finished for d in self.devices):
+                break
+        await asyncio.sleep(0.5)  # let the last acks leave
+        for d in self.devices:
+            d.client.close()
+        return {"connected_s": connected_s, "connect_failed": connect_failed,
+                "devices": {d.dev: d.stats() for d in self.devices}}
+
+
+def _worker(spec: FleetSpec, port: int, ids: list[str], stop_at: float, stop_event: Any,
+            out: Any) -> None:
+    """Child process: run a share of the fleet, send its stats back."""
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    fleet = DeviceFleet(spec, port, ids)
+    stats = asyncio.run(fleet.run(stop_at, stop_event))
+    out.send(stats)
+    out.close()
+
+
+# ----------------------------------------------------------------------------- orchestration
+def _coordinator_toml(spec: FleetSpec, port: int, state: Path) -> str:
+    model, train = model_preset(spec.model)
+    deadline = spec.deadline_s or 60.0 + 0.06 * spec.devices
+
+    def table(name: str, d: dict[str, Any]) -> str:
+        return f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())
+
+    fed = {"id": FEDERATION, "algorithm": "fedcoe", "seed": 0, "rounds": spec.rounds,
+           "min_devices": spec.devices, "quorum": 1, "deadline_s": deadline,
+           "state_dir": str(state), "exit_when_done": True, "chunk_size": spec.chunk_size,
+           "window": 16}
+    return "\n".join([table("federation", fed),
+                      table("broker", {"host": "127.0.0.1", "port": port}),
+                      table("security", {"secret": SECRET.hex()}),
+                      table("model", model), table("train", train)])
+
+
+@dataclass
+class _Sample:
+    t: float
+    coord_cpu: float
+    coord_rss: int
+    broker_cpu: float
+    broker_rss: int
+    gen_cpu: float
+
+
+def _cpu(p: Any) -> float:
+    try:
+        c = p.cpu_times()
+        return float(c.user + c.system)
+    except Exception:  # noqa: BLE001 - gone
+        return math.nan
+
+
+def _rss(p: Any) -> int:
+    try:
+        return int(p.memory_info().rss)
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def _hwm(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+async def _sys_monitor(port: int, into: list[tuple[float, str, float]], stop: asyncio.Event,
+                       coord_online: Any) -> None:
+    """Broker counters from $SYS (published every second with sys_interval 1), and the
+    coordinator's retained status (devices start once it is online)."""
+    from benchmarks.mqtt_async import AsyncMqttClient
+    from fedcoe_edge.transport import Topics
+
+    c = AsyncMqttClient("fleet-monitor", "127.0.0.1", port)
+
+    def on(msg: Any) -> None:
+        with contextlib.suppress(ValueError):
+            into.append((time.time(), msg.topic, float(msg.payload.decode())))
+
+    def status(msg: Any) -> None:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            if json.loads(msg.payload.decode())["state"] == "online":
+                coord_online.set()
+
+    for t in ("$SYS/broker/publish/messages/dropped", "$SYS/broker/bytes/received",
+              "$SYS/broker/bytes/sent", "$SYS/broker/clients/connected"):
+        c.subscribe(t, on)
+    c.subscribe(Topics(FEDERATION).coord_status(), status)
+    await c.connect_async()
+    await stop.wait()
+    c.close()
+
+
+def run_fleet(spec: FleetSpec) -> dict[str, Any]:
+    """One fleet size end to end; returns the per-round measurements."""
+    import psutil
+
+    from coordinator.store import Store
+    from fedcoe_edge.broker import MosquittoBroker
+
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    own = not spec.workdir  # a temporary folder is removed afterwards; a named one is kept
+    work = Path(spec.workdir) if spec.workdir else Path(tempfile.mkdtemp(prefix="fedcoe-fleet-"))
+    work.mkdir(parents=True, exist_ok=True)
+    limits = broker_limits()
+    broker = MosquittoBroker(workdir=work / "broker",
+                             extra_config=[*limits, "sys_interval 1", "max_connections -1",
+                                           *spec.broker_options])
+    broker.start()
+    coord_log = work / "coordinator.log"
+    result: dict[str, Any] = {"devices": spec.devices, "rounds": spec.rounds, "model": spec.model,
+                              "train_s": spec.train_s, "jitter_s": spec.jitter_s,
+                              "procs": spec.procs, "broker_limits": limits + spec.broker_options,
+                              "workdir": str(work) if not own else None,
+                              "loadavg_1m_start": os.getloadavg()[0]}
+    coord = None
+    workers: list[tuple[Any, Any]] = []
+    try:
+        cfg = work / "coordinator.toml"
+        cfg.write_text(_coordinator_toml(spec, broker.port, work / "state"))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with coord_log.open("wb") as logf:
+            coord = subprocess.Popen([*spec.fedcoe_cmd, "coordinator",
+                                      "--config", str(cfg), *spec.coordinator_args],
+                                     stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        cp = psutil.Process(coord.pid)
+        bp = psutil.Process(broker._proc.pid)  # type: ignore[union-attr]
+        ctx = mp.get_context("spawn")
+        stop_event = ctx.Event()
+        ids = [f"dev{i:05d}" for i in range(spec.devices)]
+        started = time.time()
+        stop_at = time.monotonic() + spec.timeout_s
+        wps: list[Any] = []
+        samples: list[_Sample] = []
+        sys_vals: list[tuple[float, str, float]] = []
+        hwm = 0
+        stats: list[dict[str, Any]] = []
+
+        async def sample() -> None:
+            nonlocal hwm
+            stop = asyncio.Event()
+            online = asyncio.Event()
+            mon = asyncio.create_task(_sys_monitor(broker.port, sys_vals, stop, online))
+            # the devices start once the coordinator is up: rounds are measured, not its start
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(online.wait(), 120)
+            if not online.is_set() or coord.poll() is not None:
+                stop.set()
+                raise RuntimeError("coordinator did not come online: "
+                                   + " | ".join(coord_log.read_text(errors="replace").splitlines()[-3:]))
+            # the idle coordinator (imports, model, strategy), before any device connects
+            samples.append(_Sample(time.time(), _cpu(cp), _rss(cp), _cpu(bp), _rss(bp), 0.0))
+            for k in range(spec.procs):
+                rx, tx = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=_worker, args=(spec, broker.port, ids[k::spec.procs],
+                                                      stop_at, stop_event, tx), daemon=True)
+                p.start()
+                workers.append((p, rx))
+                wps.append(psutil.Process(p.pid))
+            coord_gone_at: float | None = None
+            pending = list(workers)
+            while pending:
+                await asyncio.sleep(0.2)
+                gen = sum(_cpu(w) for w in wps if w.is_running())
+                samples.append(_Sample(time.time(), _cpu(cp), _rss(cp), _cpu(bp), _rss(bp), gen))
+                hwm = max(hwm, _hwm(coord.pid))
+                for item in list(pending):
+                    if item[1].poll():
+                        stats.append(item[1].recv())
+                        pending.remove(item)
+                if coord.poll() is not None:
+                    if coord_gone_at is None:
+                        coord_gone_at = time.monotonic()
+                    elif time.monotonic() - coord_gone_at > 10.0:
+                        stop_event.set()  # the coordinator is gone: nothing more will come
+                if time.monotonic() > stop_at + 30:
+                    break
+            stop.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(mon, 5)
+
+        asyncio.run(sample())
+        for p, _ in workers:
+            p.join(timeout=10)
+        try:
+            coord.wait(timeout=max(5.0, stop_at - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            coord.terminate()
+            coord.wait(timeout=30)
+        result["coordinator_exit"] = coord.returncode
+        result["wall_s"] = time.time() - started
+        result["coordinator_peak_rss_mb"] = hwm / 2**20
+        store = Store(work / "state" / "coordinator.sqlite", readonly=True)
+        try:
+            rows = [store.round_summary(r["round"]) for r in store.rounds()]
+            opened = {r["round"]: (r["opened_at"], r["closed_at"]) for r in store.rounds()}
+            evals = len(store.evals("personal"))
+        finally:
+            store.close()
+        result.update(_summarise(spec, rows, opened, samples, sys_vals, stats))
+        result["evals_stored"] = evals
+        result["coordinator_log_tail"] = coord_log.read_text(errors="replace").splitlines()[-5:]
+        return result
+    finally:
+        for p, _ in workers:
+            if p.is_alive():
+                p.terminate()
+        if coord is not None and coord.poll() is None:
+            coord.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                coord.wait(timeout=30)
+        broker.close()
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _window(samples: list[_Sample], t0: float, t1: float) -> list[_Sample]:
+    """Samples covering [t0, t1]: the last one before t0 through the first one after t1."""
+    before = [s for s in samples if s.t <= t0][-1:]
+    inside = [s for s in samples if t0 < s.t < t1]
+    after = [s for s in samples if s.t >= t1][:1]
+    return before + inside + after
+
+
+def _delta(ws: list[_Sample], attr: str) -> float:
+    vals = [getattr(s, attr) for s in ws if not math.isnan(getattr(s, attr))]
+    return (vals[-1] - vals[0]) if len(vals) >= 2 else math.nan
+
+
+def _counter(sys_vals: list[tuple[float, str, float]], topic: str, t: float) -> float:
+    """The counter's value at wall time ``t`` (first report at or after it, else the last)."""
+    vals = [(ts, v) for ts, tp, v in sys_vals if tp == topic]
+    if not vals:
+        return math.nan
+    after = [v for ts, v in vals if ts >= t]
+    return after[0] if after else vals[-1][1]
+
+
+def _summarise(spec: FleetSpec, rows: list[dict[str, Any]], opened: dict[int, tuple[float, float]],
+               samples: list[_Sample], sys_vals: list[tuple[float, str, float]],
+               stats: list[dict[str, Any]]) -> dict[str, Any]:
+    devices: dict[str, Any] = {}
+    connect_failed: list[str] = []
+    for s in stats:
+        devices.update(s["devices"])
+        connect_failed += s["connect_failed"]
+    drops_topic = "$SYS/broker/publish/messages/dropped"
+    out_rows = []
+    for r in rows:
+        rnd = r["round"]
+        t0, t1 = opened.get(rnd, (math.nan, math.nan))
+        t1 = t1 if t1 is not None else time.time()
+        ws = _window(samples, t0, t1)
+        task_times = [d["task_at"][str(rnd)] if str(rnd) in d["task_at"] else d["task_at"].get(rnd)
+                      for d in devices.values()]
+        task_times = [t for t in task_times if t is not None]
+        rejects = sum(1 for d in devices.values() for x in d["rejects"] if x.startswith(f"round {rnd}:"))
+        out_rows.append({
+            "round": rnd, "selected": r["selected"], "accepted": r["accepted"],
+            "failed": r["failed"], "rejected": r["rejected"], "device_rejects": rejects,
+            "wall_s": r["wall_s"],
+            "last_task_s": (max(task_times) - t0) if task_times else None,
+            "tasks_received": len(task_times),
+            "coord_cpu_s": _delta(ws, "coord_cpu"),
+            "coord_peak_rss_mb": max((s.coord_rss for s in ws), default=0) / 2**20,
+            "broker_cpu_s": _delta(ws, "broker_cpu"),
+            "broker_peak_rss_mb": max((s.broker_rss for s in ws), default=0) / 2**20,
+            "generator_cpu_s": _delta(ws, "gen_cpu"),
+            "bytes_up": r["bytes_up"], "bytes_down": r["bytes_down"],
+            "broker_drops": _counter(sys_vals, drops_topic, t1) - _counter(sys_vals, drops_topic, t0),
+        })
+    total_drops = (max((v for _, tp, v in sys_vals if tp == drops_topic), default=math.nan))
+    return {
+        "rounds_completed": sum(1 for r in rows if r["state"] == "closed"),
+        "round_rows": out_rows,
+        "connect_failed": connect_failed[:20], "connect_failed_count": len(connect_failed),
+        "final_models": sum(1 for d in devices.values() if d["final_model"]),
+        "final_evals_acked": sum(1 for d in devices.values() if d["eval_acked"]),
+        "device_rejects_total": sum(len(d["rejects"]) for d in devices.values()),
+        "reject_examples": sorted({x for d in devices.values() for x in d["rejects"]})[:10],
+        "requests_given_up": sum(len(d["gave_up"]) for d in devices.values()),
+        "refused_msgs": sum(d["refused_msgs"] for d in devices.values()),
+        "upload_resends": sum(d["resends"] for d in devices.values()),
+        "broker_drops_total": total_drops,
+        "broker_bytes_received": max((v for _, tp, v in sys_vals if tp == "$SYS/broker/bytes/received"), default=math.nan),
+        "broker_bytes_sent": max((v for _, tp, v in sys_vals if tp == "$SYS/broker/bytes/sent"), default=math.nan),
+        "coordinator_cpu_s_total": _delta(samples, "coord_cpu"),
+        "generator_cpu_s_total": _delta(samples, "gen_cpu"),
+        "broker_cpu_s_total": _delta(samples, "broker_cpu"),
+        "broker_peak_rss_mb": max((s.broker_rss for s in samples), default=0) / 2**20,
+        # the coordinator before any device connected (imports, model, strategy): growth
+        # above it is what the fleet costs
+        "coordinator_idle_rss_mb": (samples[0].coord_rss / 2**20) if samples else math.nan,
+    }
+
+
+# ----------------------------------------------------------------------------- report
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def run_summary(run: dict[str, Any]) -> dict[str, Any]:
+    """One table row per fleet size: means over rounds, maxima where a peak is meant."""
+    rows = run.get("round_rows", [])
+    n = run["devices"]
+    ok = (run.get("rounds_completed") == run["rounds"]
+          and all(r["accepted"] == n for r in rows))
+    return {
+        "devices": n, "rounds": f"{run.get('rounds_completed', 0)}/{run['rounds']}",
+        "round_s": _mean([r["wall_s"] for r in rows]),
+        "round_s_max": max((r["wall_s"] or math.nan for r in rows), default=math.nan),
+        "last_task_s": _mean([r["last_task_s"] for r in rows]),
+        "coord_cpu_s": _mean([r["coord_cpu_s"] for r in rows]),
+        "coord_peak_rss_mb": run.get("coordinator_peak_rss_mb", math.nan),
+        "coord_growth_mb": run.get("coordinator_peak_rss_mb", math.nan)
+        - run.get("coordinator_idle_rss_mb", math.nan),
+        "broker_peak_rss_mb": run.get("broker_peak_rss_mb", math.nan),
+        "gen_cpu_s": _mean([r["generator_cpu_s"] for r in rows]),
+        "broker_cpu_s": _mean([r["broker_cpu_s"] for r in rows]),
+        "mb_per_round": _mean([(r["bytes_up"] + r["bytes_down"]) / 1e6 for r in rows]),
+        "accepted": sum(r["accepted"] for r in rows), "failed": sum(r["failed"] for r in rows),
+        "rejected": sum(r["rejected"] for r in rows) + run.get("device_rejects_total", 0),
+        "drops": run.get("broker_drops_total", math.nan),
+        "final": f"{run.get('final_models', 0)}/{n}",
+        "ok": ok and run.get("broker_drops_total", 1) == 0 and run.get("final_models") == n,
+    }
+
+
+def _fit_slope(xs: list[float], ys: list[float], log: bool) -> float:
+    pts = [(x, y) for x, y in zip(xs, ys, strict=True) if y and not math.isnan(y) and y > 0]
+    if len(pts) < 2:
+        return math.nan
+    a = np.array([math.log(x) if log else x for x, _ in pts])
+    b = np.array([math.log(y) if log else y for _, y in pts])
+    return float(np.polyfit(a, b, 1)[0])
+
+
+def write_markdown(runs: list[dict[str, Any]], path: Path, command: str) -> None:
+    sums = [run_summary(r) for r in runs if "round_rows" in r]
+    lines = ["# Fleet benchmark: simulated devices against one coordinator", "",
+             f"Command: `{command}`", "",
+             "Each device is a separate MQTT connection speaking the real protocol (signed "
+             "envelopes, per-device keys, chunked int8-delta uploads, final refresh and eval); "
+             "training is a sleep. Broker: private Mosquitto with the deploy template's limits "
+             f"({', '.join(runs[0].get('broker_limits', [])) if runs else ''}). Model: "
+             f"`{runs[0]['model'] if runs else '?'}`. CPU and RSS are sampled every 0.2 s; "
+             "per-round figures are means over the rounds; peak RSS is the coordinator's "
+             "VmHWM over the whole run. Machine: "
+             f"{os.cpu_count()} CPU cores.", "",
+             "| devices | rounds | round s (mean / max) | last task s | coord CPU-s/round | "
+             "coord peak RSS MB | broker peak RSS MB | broker CPU-s/round | generator CPU-s/round | "
+             "MB moved/round | accepted | failed | rejected | broker drops | final models | ok |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in sums:
+        lines.append(
+            f"| {s['devices']} | {s['rounds']} | {s['round_s']:.1f} / {s['round_s_max']:.1f} | "
+            f"{s['last_task_s']:.2f} | {s['coord_cpu_s']:.1f} | {s['coord_peak_rss_mb']:.0f} | "
+            f"{s['broker_peak_rss_mb']:.0f} | {s['broker_cpu_s']:.1f} | {s['gen_cpu_s']:.1f} | "
+            f"{s['mb_per_round']:.0f} | {s['accepted']} | {s['failed']} | {s['rejected']} | "
+            f"{s['drops']:.0f} | {s['final']} | {'yes' if s['ok'] else 'NO'} |")
+    for r in runs:
+        if "error" in r:
+            lines.append(f"| {r['devices']} | error: {r['error']} |")
+    ns = [float(s["devices"]) for s in sums]
+    rss_slope = _fit_slope(ns, [s["coord_peak_rss_mb"] for s in sums], log=True)
+    growth_slope = _fit_slope(ns, [s["coord_growth_mb"] for s in sums], log=True)
+    growth = ", ".join(f"{s['devices']}: +{s['coord_growth_mb']:.0f} MB" for s in sums)
+    idle = _mean([r.get("coordinator_idle_rss_mb", math.nan) for r in runs])
+    wall_slope = _fit_slope(ns, [s["round_s"] for s in sums], log=True)
+    mb_per_dev = _fit_slope(ns, [s["coord_peak_rss_mb"] for s in sums], log=False)
+    drops = ", ".join(f"{s['devices']}: {s['drops']:.0f}" for s in sums)
+    rejected = ", ".join(f"{s['devices']}: {s['rejected']}" for s in sums)
+    loads = ", ".join(f"{r['devices']}: {r['loadavg_1m_start']:.2f}" for r in runs
+                      if "loadavg_1m_start" in r)
+    lines += ["", f"1-minute load average when each size started (other work on the machine "
+                  f"shows here): {loads or 'n/a'}."]
+    lines += ["", "## Goals", "",
+              f"* Largest fleet measured: {int(max(ns)) if ns else 0} devices "
+              f"(goal: 5,000 on one coordinator).",
+              f"* Every round completed, all updates accepted, every device got its final model: "
+              f"{'yes' if sums and all(s['ok'] for s in sums) else 'NO'}.",
+              f"* Broker drops: {drops} (goal: 0).",
+              f"* Honest updates rejected: {rejected} (goal: 0).",
+              f"* Coordinator peak RSS vs N: log-log slope {rss_slope:.2f} "
+              f"({mb_per_dev:.3f} MB per extra device; goal: sub-linear, slope < 1). The "
+              f"growth above the idle coordinator (imports, model: "
+              f"{idle:.0f} MB) "
+              f"has log-log slope {growth_slope:.2f}: "
+              f"{growth}.",
+              f"* Round wall time vs N: log-log slope {wall_slope:.2f} (goal: at most linear, <= 1).",
+              ""]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sums = [run_summary(r) for r in runs if "round_rows" in r]
+    if not sums:
+        return
+    ns = [s["devices"] for s in sums]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    axes[0].plot(ns, [s["round_s"] for s in sums], "o-", label="round wall")
+    axes[0].plot(ns, [s["last_task_s"] for s in sums], "s--", label="last task sent")
+    axes[0].set_ylabel("seconds")
+    axes[1].plot(ns, [s["coord_peak_rss_mb"] for s in sums], "o-", label="coordinator peak RSS")
+    axes[1].plot(ns, [s["broker_peak_rss_mb"] for s in sums], "s--", label="broker peak RSS")
+    axes[1].set_ylabel("MB")
+    axes[2].plot(ns, [s["coord_cpu_s"] for s in sums], "o-", label="coordinator")
+    axes[2].plot(ns, [s["broker_cpu_s"] for s in sums], "s--", label="broker")
+    axes[2].plot(ns, [s["gen_cpu_s"] for s in sums], "^:", label="generator (all devices)")
+    axes[2].set_ylabel("CPU-s per round")
+    for ax, title in zip(axes, ("round time", "memory", "CPU"), strict=True):
+        if max(ns) >= 10 * min(ns):
+            ax.set_xscale("log")
+        ax.set_xlabel("devices")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.fleet", description=__doc__.split("\n\n")[0])
+    p.add_argument("--devices", type=int, nargs="+", required=True, help="fleet sizes to run, in order")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--model", default="deploy", choices=["deploy", "camera", "smoke"],
+                   help="model config whose update sizes the devices send (default: deploy template)")
+    p.add_argument("--train-s", type=float, default=1.0, help="fake training time per round")
+    p.add_argument("--jitter-s", type=float, default=0.5, help="plus up to this much, uniform")
+    p.add_argument("--procs", type=int, default=1, help="generator processes")
+    p.add_argument("--timeout-s", type=float, default=900.0, help="per fleet size")
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--md", type=Path, default=None)
+    p.add_argument("--png", type=Path, default=None)
+    p.add_argument("--workdir", type=Path, default=None, help="keep logs and state here")
+    p.add_argument("--broker-option", action="append", default=[], metavar="LINE",
+                   help="extra mosquitto.conf line after the template's limits (repeatable)")
+    args = p.parse_args(argv)
+    if any(n < 1 for n in args.devices) or args.rounds < 1 or args.procs < 1:
+        print("fleet: --devices, --rounds and --procs must be >= 1", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    command = "python -m benchmarks.fleet " + " ".join(sys.argv[1:] if argv is None else argv)
+    runs: list[dict[str, Any]] = []
+    for n in args.devices:
+        spec = FleetSpec(devices=n, rounds=args.rounds, model=args.model, train_s=args.train_s,
+                         jitter_s=args.jitter_s, procs=args.procs, timeout_s=args.timeout_s,
+                         broker_options=list(args.broker_option),
+                         workdir=str(args.workdir / f"n{n}") if args.workdir else "")
+        log.info("fleet: %d devices, %d rounds, model %s", n, args.rounds, args.model)
+        t0 = time.time()
+        try:
+            run = run_fleet(spec)
+        except Exception as exc:  # noqa: BLE001 - one size failing must not lose the others
+            log.exception("fleet of %d failed", n)
+            run = {"devices": n, "rounds": args.rounds, "model": args.model, "error": str(exc)[:300]}
+        run["run_s"] = time.time() - t0
+        runs.append(run)
+        if "round_rows" in run:
+            s = run_summary(run)
+            log.info("fleet %d: rounds %s, round %.1fs, coord CPU %.1fs/round, peak RSS %.0f MB, "
+                     "drops %s, final %s", n, s["rounds"], s["round_s"], s["coord_cpu_s"],
+                     s["coord_peak_rss_mb"], s["drops"], s["final"])
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"command": command, "runs": runs}, indent=1, default=str) + "\n")
+        if args.md:
+            write_markdown(runs, args.md, command)
+        if args.png:
+            write_plot(runs, args.png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

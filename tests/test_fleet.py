@@ -1,0 +1,66 @@
+"""The fleet load generator end to end, small: 50 simulated devices, 2 rounds, against the
+real coordinator process and a Mosquitto with the deploy template's limits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.fleet import FleetSpec, broker_limits, main, run_fleet, run_summary
+
+pytestmark = pytest.mark.integration
+
+
+def test_broker_limits_come_from_the_deploy_template() -> None:
+    limits = dict(line.split() for line in broker_limits())
+    assert limits["max_packet_size"] == "2000000"
+    assert int(limits["max_queued_messages"]) >= 1000
+    assert "max_inflight_messages" in limits
+
+
+def test_fifty_devices_two_rounds(tmp_path: Path, make_mosquitto: object) -> None:
+    run = run_fleet(FleetSpec(devices=50, rounds=2, train_s=0.1, jitter_s=0.2, timeout_s=50,
+                              workdir=str(tmp_path / "fleet")))
+    assert run["rounds_completed"] == 2, run.get("coordinator_log_tail")
+    rows = run["round_rows"]
+    assert [r["accepted"] for r in rows] == [50, 50]
+    assert [r["tasks_received"] for r in rows] == [50, 50]
+    assert all(r["failed"] == 0 and r["rejected"] == 0 for r in rows)
+    assert run["device_rejects_total"] == 0, run["reject_examples"]
+    assert run["broker_drops_total"] == 0
+    assert run["final_models"] == 50 and run["final_evals_acked"] == 50
+    assert run["coordinator_exit"] == 0
+    # every figure the report needs is there
+    for r in rows:
+        assert r["coord_cpu_s"] >= 0 and r["coord_peak_rss_mb"] > 0 and r["broker_peak_rss_mb"] > 0
+        assert r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["last_task_s"] >= 0
+    assert run_summary(run)["ok"]
+
+
+def test_bad_arguments_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--devices", "0", "--json", str(tmp_path / "x.json")]) == 2
+    assert "must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_report_files(tmp_path: Path) -> None:
+    from benchmarks.fleet import write_markdown, write_plot
+
+    row = {"round": 1, "selected": 10, "accepted": 10, "failed": 0, "rejected": 0,
+           "device_rejects": 0, "wall_s": 1.0, "last_task_s": 0.1, "tasks_received": 10,
+           "coord_cpu_s": 0.5, "coord_peak_rss_mb": 100.0, "broker_cpu_s": 0.1,
+           "broker_peak_rss_mb": 10.0, "generator_cpu_s": 0.1, "bytes_up": 1000,
+           "bytes_down": 2000, "broker_drops": 0.0}
+    runs = [{"devices": n, "rounds": 1, "model": "deploy", "rounds_completed": 1,
+             "round_rows": [{**row, "selected": n, "accepted": n, "wall_s": n / 10}],
+             "coordinator_peak_rss_mb": 100.0 + n, "broker_peak_rss_mb": 10.0,
+             "broker_drops_total": 0.0, "final_models": n, "device_rejects_total": 0,
+             "broker_limits": ["max_queued_messages 1000"]} for n in (10, 100)]
+    write_markdown(runs, tmp_path / "f.md", "python -m benchmarks.fleet --devices 10 100")
+    write_plot(runs, tmp_path / "f.png")
+    text = (tmp_path / "f.md").read_text()
+    assert "| 100 | 1/1 |" in text and "log-log slope" in text
+    assert (tmp_path / "f.png").stat().st_size > 1000
+    json.dumps(runs)
