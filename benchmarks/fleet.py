@@ -788,7 +788,8 @@ def run_summary(run: dict[str, Any]) -> dict[str, Any]:
         "rejected": sum(r["rejected"] for r in rows) + run.get("device_rejects_total", 0),
         "drops": run.get("broker_drops_total", math.nan),
         "final": f"{run.get('final_models', 0)}/{n}",
-        "ok": ok and run.get("broker_drops_total", 1) == 0 and run.get("final_models") == n,
+        "ok": (ok and run.get("broker_drops_total", 1) == 0 and run.get("final_models") == n
+               and sum(r["rejected"] for r in rows) + run.get("device_rejects_total", 0) == 0),
     }
 
 
