@@ -48,6 +48,8 @@ except ModuleNotFoundError:  # Python 3.10
 
 import numpy as np
 
+from device_agent.daemon import PendingRequest
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_COORDINATOR = ROOT / "deploy" / "coordinator.toml"
 DEPLOY_MOSQUITTO = ROOT / "deploy" / "mosquitto" / "mosquitto.conf"
@@ -111,15 +113,6 @@ class FleetSpec:
 
 # ----------------------------------------------------------------------------- devices
 @dataclass
-class _Request:
-    type: str
-    body: dict[str, Any]
-    round: int
-    sent: int = 0
-    due: float = 0.0
-
-
-@dataclass
 class _Upload:
     round: int
     body: dict[str, Any]
@@ -151,7 +144,7 @@ class SimDevice:
         self.rounds = fleet.spec.rounds
         self.pending: dict[str, dict[str, Any]] = {}
         self.upload: _Upload | None = None
-        self.requests: dict[tuple[str, str, int], _Request] = {}
+        self.requests: dict[tuple[str, str, int], PendingRequest] = {}
         self.task_at: dict[int, float] = {}
         self.accepted_at: dict[int, float] = {}
         self.rejects: list[str] = []
@@ -198,7 +191,7 @@ class SimDevice:
 
     def _request(self, type: str, sub: str, rnd: int, body: dict[str, Any]) -> None:
         key = (type, sub, rnd)
-        req = self.requests.setdefault(key, _Request(type, body, rnd))
+        req = self.requests.setdefault(key, PendingRequest(type, body, rnd))
         req.sent += 1
         req.due = time.monotonic() + min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (req.sent - 1))
         self.fleet.active.add(self)

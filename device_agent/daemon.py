@@ -84,7 +84,7 @@ FETCH_TRANSFER_S = 60.0  # once a fetch's `model` manifest arrived: time to fini
 
 
 @dataclass
-class _Request:
+class PendingRequest:
     """A FETCH or EVAL this device sent and has no answer for yet (re-sent when ``due``)."""
 
     type: str
@@ -182,7 +182,7 @@ class DeviceAgent:
         self._status_hello_at: float | None = None
         self._bundle_note = False
         self.bundle_error: str | None = None  # why the last bundle rebuild failed
-        self._requests: dict[RequestKey, _Request] = {}  # FETCH / EVAL awaiting an answer
+        self._requests: dict[RequestKey, PendingRequest] = {}  # FETCH / EVAL awaiting an answer
         self.requests_given_up: deque[RequestKey] = deque(maxlen=100)  # newest, for operators
         engine = cfg.device.engine
         self.engine = ("torch" if torch_installed() else "onnx") if engine == "auto" else engine
@@ -209,7 +209,7 @@ class DeviceAgent:
         with self._lock:
             req = self._requests.get(key)
             if req is None:
-                req = self._requests[key] = _Request(type_, dict(body), rnd)
+                req = self._requests[key] = PendingRequest(type_, dict(body), rnd)
             req.body, req.round = dict(body), rnd
             req.sent += 1
             req.due = time.monotonic() + retry_delay(req.sent)
@@ -234,8 +234,8 @@ class DeviceAgent:
             if t is None or not t.connected:
                 continue  # a send now would be lost too; the timers wait for the connection
             now = time.monotonic()
-            resend: list[_Request] = []
-            dropped: list[_Request] = []
+            resend: list[PendingRequest] = []
+            dropped: list[PendingRequest] = []
             with self._lock:
                 for k, r in list(self._requests.items()):
                     if r.due > now:
