@@ -520,7 +520,11 @@ class DeviceAgent:
     def _handle_welcome(self, b: dict[str, Any]) -> None:
         if self.refused:
             return
-        model_cfg = ModelConfig.from_dict(b["model"])
+        try:  # a trunk or expert named by an import path this device cannot resolve
+            model_cfg = ModelConfig.from_dict(b["model"])
+        except ConfigError as exc:
+            self.decline(f"the federation's model cannot be built here: {exc}")
+            return
         if not self._check_task_fits(b, model_cfg):
             return
         if self.engine == "onnx":

@@ -111,6 +111,22 @@ def test_a_declined_agent_exits_2(tmp_path: Path) -> None:
     assert agent.run() == 2
 
 
+def test_a_model_this_device_cannot_import_is_declined_once(tmp_path: Path) -> None:
+    """A welcome naming a trunk by an import path this device's venv lacks: one decline with
+    the reason, not an error per welcome."""
+    fed = EmbeddedFederation(tmp_path, memory_factory(), devices=1)
+    x = np.zeros((4, 1, 8, 8), np.float32)
+    agent = DeviceAgent(fed.agent_config("0", "0"), fed.factory,
+                        data=ClientData(x, np.zeros(4, np.int64), x, np.zeros(4, np.int64)))
+    welcome = {"model": {"input_shape": [1, 8, 8], "trunk": "no_such_pkg_here.nets:resnet8",
+                         "expert_kind": "mlp"}}
+    agent._handle_welcome(welcome)
+    assert agent.refused and "cannot be built here" in agent.refused
+    assert "no_such_pkg_here" in agent.refused
+    agent._handle_welcome(welcome)  # a second welcome is ignored: already declined
+    assert agent.run() == 2
+
+
 def agent_toml(tmp_path: Path, extra: str = "", broker: str = "") -> Path:
     path = tmp_path / "agent.toml"
     path.write_text(f"[device]\nid = 'a'\n{extra}[broker]\n{broker}[security]\nkey = '{'ab' * 16}'\n"
