@@ -19,7 +19,7 @@ import numpy as np
 
 from device_agent.config import DataSettings
 from fedcoe_edge.data.loaders import check_xy as _check
-from fedcoe_edge.data.loaders import read_npz
+from fedcoe_edge.data.loaders import npz_splits, read_npz
 from fedcoe_edge.errors import DataError
 from fedcoe_edge.strategies import ClientData
 
@@ -35,13 +35,10 @@ def split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> Clie
 def load_npz(path: Path, settings: DataSettings) -> ClientData:
     """``x_train, y_train[, x_test, y_test]`` or ``x[, y]`` (no labels: a cold-start device)."""
     arrays = read_npz(path)  # the reader `fedcoe simulate --dataset npz:` uses
-    if "x_train" in arrays:
-        if "y_train" not in arrays:
-            raise DataError(f"{path}: has x_train but no y_train")
-        xtr, ytr = _check(arrays["x_train"], arrays["y_train"], f"{path} train")
-        if "x_test" in arrays and "y_test" in arrays:
-            xte, yte = _check(arrays["x_test"], arrays["y_test"], f"{path} test")
-        else:
+    splits = npz_splits(arrays, path)
+    if splits is not None:
+        xtr, ytr, xte, yte = splits
+        if xte is None or yte is None:
             xte, yte = xtr[:0], ytr[:0]
         return ClientData(xtr, ytr, xte, yte)
     if "x" not in arrays:

@@ -114,16 +114,32 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: not a readable .npz ({type(exc).__name__}: {exc})") from None
 
 
+NpzSplits = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
+
+
+def npz_splits(arrays: dict[str, np.ndarray], path: str | Path) -> NpzSplits | None:
+    """The ``x_train/y_train`` form of an ``.npz``, checked: (x, y, x_test, y_test), the test
+    pair None unless both are present; None when the file has no ``x_train``. The simulator's
+    pool and a device's own split read it through this one function."""
+    if "x_train" not in arrays:
+        return None
+    if "y_train" not in arrays:
+        raise DataError(f"{path}: has x_train but no y_train")
+    x, y = check_xy(arrays["x_train"], arrays["y_train"], f"{path} train")
+    if "x_test" in arrays and "y_test" in arrays:
+        xt, yt = check_xy(arrays["x_test"], arrays["y_test"], f"{path} test")
+        return x, y, xt, yt
+    return x, y, None, None
+
+
 def load_npz_pool(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """An ``.npz`` as one labelled pool for the simulator to partition: ``x_train/y_train``
     with ``x_test/y_test`` appended when present, or ``x/y``."""
     arrays = read_npz(path)
-    if "x_train" in arrays:
-        if "y_train" not in arrays:
-            raise DataError(f"{path}: has x_train but no y_train")
-        x, y = check_xy(arrays["x_train"], arrays["y_train"], f"{path} train")
-        if "x_test" in arrays and "y_test" in arrays:
-            xt, yt = check_xy(arrays["x_test"], arrays["y_test"], f"{path} test")
+    splits = npz_splits(arrays, path)
+    if splits is not None:
+        x, y, xt, yt = splits
+        if xt is not None and yt is not None:
             if xt.shape[1:] != x.shape[1:]:
                 raise DataError(f"{path}: x_test samples {list(xt.shape[1:])} differ from x_train's "
                                 f"{list(x.shape[1:])}")
