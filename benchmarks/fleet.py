@@ -48,7 +48,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 import numpy as np
 
-from device_agent.daemon import PendingRequest
+from device_agent.daemon import REANNOUNCE_S, RETRY_ATTEMPTS, PendingRequest, retry_delay
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_COORDINATOR = ROOT / "deploy" / "coordinator.toml"
@@ -58,8 +58,6 @@ SECRET = bytes(range(100, 132))
 BROKER_LIMITS = ("max_packet_size", "max_queued_messages", "max_inflight_messages",
                  "max_queued_bytes")
 TICK_S = 0.25
-RETRY_FIRST_S, RETRY_MAX_S, RETRY_ATTEMPTS = 5.0, 60.0, 6  # as device_agent.daemon
-REANNOUNCE_S = 5.0
 PING_S = 60.0
 VARIANTS = 4  # distinct fake updates per task payload
 
@@ -193,7 +191,7 @@ class SimDevice:
         key = (type, sub, rnd)
         req = self.requests.setdefault(key, PendingRequest(type, body, rnd))
         req.sent += 1
-        req.due = time.monotonic() + min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (req.sent - 1))
+        req.due = time.monotonic() + retry_delay(req.sent)
         self.fleet.active.add(self)
         self._send(type, body, rnd)
 
@@ -356,7 +354,7 @@ class SimDevice:
                 self.gave_up.append(f"{req.type} {key[1]} round {req.round}")
                 continue
             req.sent += 1
-            req.due = now + min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (req.sent - 1))
+            req.due = now + retry_delay(req.sent)
             self._send(req.type, req.body, req.round)
         if self.bc_key is None:
             busy = True
