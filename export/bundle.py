@@ -27,18 +27,12 @@ import torch
 
 from export.onnx_export import OPSET, export_bundle_graphs
 from export.quantize import QuantizeOptions, QuantMode, quantize_part
+from fedcoe_edge.bundle_format import BUNDLE_FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_hex
+from fedcoe_edge.bundle_io import pack_tar, read_bundle
 from fedcoe_edge.bundle_sig import BundleKeys, sign_manifest
 from fedcoe_edge.errors import BundleError, ConfigError
 from fedcoe_edge.io import atomic_write_text
 from fedcoe_edge.model import DualLevelMoE
-from fedcoe_edge.runtime import (
-    BUNDLE_FORMAT,
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    pack_tar,
-    read_bundle,
-    sha256_hex,
-)
 
 
 def calibration_sample(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:

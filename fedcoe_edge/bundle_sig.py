@@ -19,7 +19,7 @@ can recompute a hash: only a key proves who wrote the manifest. Given a key, a r
 refuses an unsigned manifest. Everything here runs before any part file is read.
 
 Only CPython's built-in SHA-256 is used (no ``hashlib``/``hmac``: they load OpenSSL, several
-MB of RSS on a device), as in :mod:`fedcoe_edge.runtime`.
+MB of RSS on a device); :mod:`fedcoe_edge.bundle_format` hashes part files with the same ``sha256``.
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ from typing import Any
 from fedcoe_edge.errors import BundleError, ConfigError
 
 try:  # CPython's built-in SHA-256 (see the module docstring)
-    from _sha256 import sha256 as _sha256  # type: ignore[import-not-found]
+    from _sha256 import sha256 as sha256  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - other Pythons (3.12+: _sha2)
     try:
-        from _sha2 import sha256 as _sha256  # type: ignore[import-not-found,no-redef]
+        from _sha2 import sha256 as sha256  # type: ignore[import-not-found,no-redef]
     except ImportError:
-        from hashlib import sha256 as _sha256  # type: ignore[no-redef]
+        from hashlib import sha256 as sha256  # type: ignore[no-redef]
 
 try:  # constant-time comparison without importing hmac (and with it OpenSSL)
     from _operator import _compare_digest as _equal  # type: ignore[import-not-found]
@@ -58,10 +58,10 @@ _BLOCK = 64  # SHA-256 block size (HMAC pads the key to it)
 def hmac_sha256(key: bytes, msg: bytes) -> bytes:
     """RFC 2104 HMAC-SHA256 on the built-in SHA-256 (equal to ``hmac.new(key, msg, sha256)``)."""
     if len(key) > _BLOCK:
-        key = _sha256(key).digest()
+        key = sha256(key).digest()
     key = key.ljust(_BLOCK, b"\0")
-    inner = _sha256(bytes(b ^ 0x36 for b in key) + msg).digest()
-    return _sha256(bytes(b ^ 0x5C for b in key) + inner).digest()
+    inner = sha256(bytes(b ^ 0x36 for b in key) + msg).digest()
+    return sha256(bytes(b ^ 0x5C for b in key) + inner).digest()
 
 
 def bundle_mac_key(key: bytes) -> bytes:
@@ -84,7 +84,7 @@ def canonical_bytes(manifest: Mapping[str, Any]) -> bytes:
 def key_id(alg: str, key: bytes) -> str:
     """A short public name of a key (the HMAC key is never revealed by it)."""
     tag = b"fedcoe-bundle-key-id:" + alg.encode() + b":"
-    return _sha256(tag + (bundle_mac_key(key) if alg == HMAC_ALG else key)).hexdigest()[:16]
+    return sha256(tag + (bundle_mac_key(key) if alg == HMAC_ALG else key)).hexdigest()[:16]
 
 
 def read_key_file(path: str | Path, what: str) -> bytes:
@@ -194,7 +194,7 @@ def sign_manifest(manifest: Mapping[str, Any], keys: BundleKeys) -> dict[str, An
     key is given, else HMAC with the federation key)."""
     body = {k: v for k, v in manifest.items() if k != SIGNATURE_FIELD}
     data = canonical_bytes(body)
-    digest = _sha256(data).hexdigest()
+    digest = sha256(data).hexdigest()
     if keys.ed25519_private is not None:
         ed = _ed25519()
         private = ed.Ed25519PrivateKey.from_private_bytes(keys.ed25519_private)
@@ -241,7 +241,7 @@ def verify_manifest(manifest: Any, keys: BundleKeys | None, where: str) -> str |
         raise BundleError(f"{where}: manifest signature algorithm {alg!r} not in {ALGS}")
     data = canonical_bytes(manifest)
     if not _HEX64.fullmatch(sig["manifest_sha256"]) or not _equal(
-            _sha256(data).hexdigest(), sig["manifest_sha256"]):
+            sha256(data).hexdigest(), sig["manifest_sha256"]):
         raise BundleError(f"{where}: manifest was changed after it was signed (its sha256 does not "
                           "match the signature block's manifest_sha256)")
     if not keys.can_verify:

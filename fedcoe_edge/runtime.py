@@ -22,355 +22,56 @@ Loading verifies the manifest's signature (:mod:`fedcoe_edge.bundle_sig`: hash p
 the federation key or a vendor's Ed25519, over every field), then its schema and version,
 then every listed file's sha256, all *before* any session is created; the bytes that were
 hashed are the bytes handed to onnxruntime.
+
+This module is the session and its command line. The bundle format is
+:mod:`fedcoe_edge.bundle_format`, reading and packing a bundle :mod:`fedcoe_edge.bundle_io`,
+the numpy maths :mod:`fedcoe_edge.moe_numpy`; their names are re-exported here.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from fedcoe_edge.bundle_sig import BundleKeys, is_signed, sign_manifest, verify_manifest
-from fedcoe_edge.config import ModelConfig
+from fedcoe_edge.bundle_format import (
+    BUNDLE_FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    QUANTIZATIONS,
+    class_names_of,
+    feat_shape_of,
+    listed_files,
+    part_names,
+    sha256_fd,
+    sha256_hex,
+    validate_manifest,
+)
+from fedcoe_edge.bundle_io import BundleContents, pack_tar, read_bundle
+from fedcoe_edge.bundle_sig import BundleKeys, is_signed, sign_manifest
 from fedcoe_edge.errors import BundleError, ConfigError, ValidationError
+from fedcoe_edge.moe_numpy import log_softmax, softmax, topk_routing
 
-try:  # CPython's built-in SHA-256: hashlib would load OpenSSL, 3.6 MB of RSS on a device
-    from _sha256 import sha256 as _sha256  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - other Pythons (3.12+: _sha2)
-    try:
-        from _sha2 import sha256 as _sha256  # type: ignore[import-not-found,no-redef]
-    except ImportError:
-        from hashlib import sha256 as _sha256  # type: ignore[no-redef]
+__all__ = [
+    "BUNDLE_FORMAT", "DEFAULT_PROVIDERS", "FORMAT_VERSION", "MANIFEST_NAME", "PRECISIONS",
+    "QUANTIZATIONS", "BundleContents", "MoESession", "RuntimeOutput", "class_names_of",
+    "feat_shape_of", "listed_files", "log_softmax", "main", "pack_tar", "part_names",
+    "read_bundle", "sha256_hex", "softmax", "topk_routing", "validate_manifest",
+]
 
-BUNDLE_FORMAT = "fedcoe-bundle"
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-QUANTIZATIONS = ("fp32", "static_int8", "dynamic_int8", "unknown")
 PRECISIONS = ("deployed", "fp32")
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
 
-# --- manifest helpers (shared with the exporter) ----------------------------------------
-
-
-def class_names_of(manifest: Mapping[str, Any], num_classes: int) -> list[str] | None:
-    """The federation's class names carried in the manifest's meta (label i = names[i]), or
-    None when the bundle has none or a list that does not fit the model's output."""
-    names = (manifest.get("meta") or {}).get("classes")
-    if (isinstance(names, list) and len(names) == num_classes
-            and all(isinstance(n, str) for n in names)):
-        return list(names)
-    return None
-
-
-def sha256_hex(data: bytes) -> str:
-    return _sha256(data).hexdigest()
-
-
-def part_names(cfg: ModelConfig, held: Sequence[int]) -> list[str]:
-    """The parts a bundle for ``cfg`` holding global experts ``held`` must contain, in run order."""
-    names = [] if cfg.trunk == "identity" else ["trunk"]
-    names.append("global_gate")
-    if cfg.shared_expert:
-        names.append("expert_shared")
-    names += [f"expert_g{k}" for k in sorted(held)]
-    if cfg.num_local_experts > 0:
-        names.append("local_gate")
-        names += [f"expert_l{j}" for j in range(cfg.num_local_experts)]
-    return names
-
-
-def feat_shape_of(manifest: Mapping[str, Any]) -> tuple[int, ...]:
-    return tuple(int(d) for d in manifest["feat_shape"])
-
-
-def _safe_relpath(name: Any, where: str) -> str:
-    """A bundle-relative POSIX path with no absolute part or '..' (no escaping the bundle)."""
-    if not isinstance(name, str) or not name:
-        raise BundleError(f"{where}: file name must be a non-empty string, got {name!r}")
-    p = PurePosixPath(name)
-    if p.is_absolute() or ".." in p.parts or "\\" in name:
-        raise BundleError(f"{where}: file name {name!r} escapes the bundle")
-    return str(p)
-
-
-def _req(d: Mapping[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
-    if not isinstance(d, Mapping) or key not in d:
-        raise BundleError(f"manifest: {where} is missing {key!r}")
-    value = d[key]
-    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise BundleError(f"manifest: {where}.{key} has the wrong type ({type(value).__name__})")
-    return value
-
-
-def _check_file_entry(entry: Any, where: str) -> None:
-    if not isinstance(entry, Mapping):
-        raise BundleError(f"manifest: {where} must be an object")
-    _safe_relpath(_req(entry, "file", str, where), where)
-    digest = _req(entry, "sha256", str, where)
-    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise BundleError(f"manifest: {where}.sha256 is not a lowercase sha256 hex digest")
-    _req(entry, "bytes", int, where)
-
-
-def _check_io(specs: Any, where: str) -> None:
-    if not isinstance(specs, list) or not specs:
-        raise BundleError(f"manifest: {where} must be a non-empty list")
-    for i, spec in enumerate(specs):
-        _req(spec, "name", str, f"{where}[{i}]")
-        _req(spec, "shape", list, f"{where}[{i}]")
-        _req(spec, "dtype", str, f"{where}[{i}]")
-
-
-def validate_manifest(manifest: Any) -> ModelConfig:
-    """Schema, version and consistency checks; returns the bundle's ModelConfig."""
-    if not isinstance(manifest, dict):
-        raise BundleError("manifest: top level must be a JSON object")
-    fmt = manifest.get("format")
-    if fmt != BUNDLE_FORMAT:
-        raise BundleError(f"manifest: format is {fmt!r}, expected {BUNDLE_FORMAT!r}")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(f"manifest: unknown format_version {version!r} "
-                          f"(this runtime reads version {FORMAT_VERSION})")
-    try:
-        cfg = ModelConfig.from_dict(_req(manifest, "model", dict, "top level"), check_names=False)
-    except (ConfigError, TypeError) as exc:
-        raise BundleError(f"manifest: invalid model config: {exc}") from None
-    for key, want in (("num_global_experts", cfg.num_global_experts),
-                      ("num_local_experts", cfg.num_local_experts), ("top_k", cfg.top_k)):
-        got = _req(manifest, key, int, "top level")
-        if got != want:
-            raise BundleError(f"manifest: {key}={got} disagrees with the model config ({want})")
-    _req(manifest, "opset", int, "top level")
-    feat = _req(manifest, "feat_shape", list, "top level")
-    if not feat or not all(isinstance(d, int) and d > 0 for d in feat):
-        raise BundleError(f"manifest: feat_shape must be positive ints, got {feat!r}")
-    held = _req(manifest, "held_experts", list, "top level")
-    if (not held or len(set(held)) != len(held)
-            or not all(isinstance(k, int) and 0 <= k < cfg.num_global_experts for k in held)):
-        raise BundleError(f"manifest: held_experts must be distinct ids in [0, "
-                          f"{cfg.num_global_experts}), got {held!r}")
-    parts = _req(manifest, "parts", dict, "top level")
-    expected = part_names(cfg, held)
-    missing = [n for n in expected if n not in parts]
-    extra = sorted(set(parts) - set(expected))
-    if missing or extra:
-        raise BundleError(f"manifest: parts do not match the model (missing {missing}, "
-                          f"unexpected {extra})")
-    for name in expected:
-        part = parts[name]
-        _check_file_entry(part, f"parts.{name}")
-        q = _req(part, "quantization", str, f"parts.{name}")
-        if q not in QUANTIZATIONS:
-            raise BundleError(f"manifest: parts.{name}.quantization {q!r} not in {QUANTIZATIONS}")
-        _check_io(part.get("inputs"), f"parts.{name}.inputs")
-        _check_io(part.get("outputs"), f"parts.{name}.outputs")
-        if part.get("fp32") is not None:
-            _check_file_entry(part["fp32"], f"parts.{name}.fp32")
-    heads = manifest.get("heads")
-    if heads is not None:
-        _check_file_entry(heads, "heads")
-        _check_io(heads.get("inputs"), "heads.inputs")
-        _check_io(heads.get("outputs"), "heads.outputs")
-        merged = heads.get("parts")
-        always = [n for n in expected if n != "trunk" and not n.startswith("expert_g")]
-        if merged != always:
-            raise BundleError(f"manifest: heads.parts must be the always-on parts {always}, "
-                              f"got {merged!r}")
-        if [o["name"] for o in heads["outputs"]] != merged:
-            raise BundleError("manifest: heads.outputs must be named after heads.parts, in order")
-        if heads.get("fp32") is not None:
-            _check_file_entry(heads["fp32"], "heads.fp32")
-    fused = manifest.get("fused")
-    if fused is not None:
-        _check_file_entry(fused, "fused")
-        _check_io(fused.get("inputs"), "fused.inputs")
-        _check_io(fused.get("outputs"), "fused.outputs")
-    return cfg
-
-
-def listed_files(manifest: Mapping[str, Any]) -> dict[str, str]:
-    """Every file the manifest lists -> its expected sha256."""
-    files: dict[str, str] = {}
-    entries: list[tuple[str, Mapping[str, Any]]] = []
-    for name, part in manifest["parts"].items():
-        entries.append((f"parts.{name}", part))
-        if part.get("fp32") is not None:
-            entries.append((f"parts.{name}.fp32", part["fp32"]))
-    heads = manifest.get("heads")
-    if heads is not None:
-        entries.append(("heads", heads))
-        if heads.get("fp32") is not None:
-            entries.append(("heads.fp32", heads["fp32"]))
-    if manifest.get("fused") is not None:
-        entries.append(("fused", manifest["fused"]))
-    for _, entry in entries:
-        files[_safe_relpath(entry["file"], "manifest")] = entry["sha256"]
-    return files
-
-
-# --- reading a bundle -------------------------------------------------------------------
-
-
-@dataclass
-class BundleContents:
-    """A verified bundle in memory: manifest, its config, the bytes of every listed file."""
-
-    manifest: dict[str, Any]
-    cfg: ModelConfig
-    files: dict[str, bytes]
-    root: Path | None  # the folder it came from; None for a .tar (swaps then stay in memory)
-
-
-def _read_tar(path: Path, check_manifest: Callable[[bytes], Any]) -> dict[str, bytes]:
-    """Every regular file of a ``.tar`` bundle; ``check_manifest(manifest bytes)`` runs
-    before any other member's bytes are read (a bad signature reads no part)."""
-    import tarfile  # only for .tar bundles: its compression modules cost RAM on a device
-
-    out: dict[str, bytes] = {}
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            members = []
-            for member in tar.getmembers():  # headers only
-                if member.isdir():
-                    continue
-                if not member.isfile():
-                    raise BundleError(f"bundle {path}: member {member.name!r} is not a regular file")
-                name = _safe_relpath(member.name.removeprefix("./"), f"bundle {path}")
-                members.append((name, member))
-            members.sort(key=lambda nm: nm[0] != MANIFEST_NAME)  # the manifest first
-            if not members or members[0][0] != MANIFEST_NAME:
-                raise BundleError(f"bundle {path}: archive has no {MANIFEST_NAME}")
-            for name, member in members:
-                fobj = tar.extractfile(member)
-                if fobj is None:  # pragma: no cover - isfile() members always have data
-                    raise BundleError(f"bundle {path}: cannot read member {name!r}")
-                out[name] = fobj.read()
-                if name == MANIFEST_NAME:
-                    check_manifest(out[name])
-    except (tarfile.TarError, OSError) as exc:
-        raise BundleError(f"bundle {path}: unreadable tar archive: {exc}") from None
-    return out
-
-
-def _parse_manifest(raw: bytes, root: Path, keys: BundleKeys | None) -> dict[str, Any]:
-    """The manifest's JSON, its signature verified (before anything in it is used)."""
-    try:
-        manifest = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"bundle {root}: {MANIFEST_NAME} is not valid JSON: {exc}") from None
-    verify_manifest(manifest, keys, f"bundle {root}")
-    return manifest
-
-
 def _nothing(manifest: Mapping[str, Any]) -> set[str]:
     return set()
-
-
-def read_bundle(path: str | os.PathLike[str],
-                keep: Callable[[Mapping[str, Any]], set[str]] | None = None, *,
-                keys: BundleKeys | None = None) -> BundleContents:
-    """Read and verify a bundle folder or ``.tar``: signature, schema, version, presence, hashes.
-
-    The manifest's signature is checked first, against ``keys`` (given a key, an unsigned
-    manifest is refused), before anything in it is used or any part file is opened.
-
-    Nothing is handed to onnxruntime here; a caller gets either a fully verified bundle or
-    one BundleError naming the first problem (the part and the file). ``keep(manifest)``
-    names the files whose bytes the caller needs: every file is still checked, the others
-    are dropped once hashed (a runtime need not hold fp32 copies it will not load).
-    """
-    root = Path(path)
-    if root.is_dir():
-        mpath = root / MANIFEST_NAME
-        if not mpath.is_file():
-            raise BundleError(f"bundle {root}: no {MANIFEST_NAME}")
-        manifest = _parse_manifest(mpath.read_bytes(), root, keys)
-        tar_files: dict[str, bytes] | None = None
-    elif root.is_file():
-        tar_files = _read_tar(root, lambda raw: _parse_manifest(raw, root, keys))
-        manifest = json.loads(tar_files[MANIFEST_NAME])  # verified as it was read
-    else:
-        raise BundleError(f"bundle {root}: no such folder or .tar file")
-    cfg = validate_manifest(manifest)
-    owners = _file_owners(manifest)
-    wanted = keep(manifest) if keep is not None else None
-    files: dict[str, bytes] = {}
-    for rel, digest in listed_files(manifest).items():
-        if tar_files is not None:
-            if rel not in tar_files:
-                raise BundleError(f"bundle {root}: {owners[rel]} file {rel} is missing")
-            data = tar_files[rel]
-        else:
-            fpath = root / rel
-            if not fpath.is_file():
-                raise BundleError(f"bundle {root}: {owners[rel]} file {rel} is missing")
-            data = fpath.read_bytes()
-        actual = sha256_hex(data)
-        if actual != digest:
-            raise BundleError(f"bundle {root}: {owners[rel]} file {rel} fails its sha256 check "
-                              f"(manifest {digest[:12]}..., file {actual[:12]}...)")
-        if wanted is None or rel in wanted:
-            files[rel] = data
-        del data
-    return BundleContents(manifest, cfg, files, root if tar_files is None else None)
-
-
-def _file_owners(manifest: Mapping[str, Any]) -> dict[str, str]:
-    owners: dict[str, str] = {}
-    for name, part in manifest["parts"].items():
-        owners[part["file"]] = f"part '{name}'"
-        if part.get("fp32") is not None:
-            owners.setdefault(part["fp32"]["file"], f"part '{name}' (fp32)")
-    heads = manifest.get("heads")
-    if heads is not None:
-        owners[heads["file"]] = "merged heads"
-        if heads.get("fp32") is not None:
-            owners.setdefault(heads["fp32"]["file"], "merged heads (fp32)")
-    if manifest.get("fused") is not None:
-        owners[manifest["fused"]["file"]] = "fused graph"
-    return owners
-
-
-# --- numpy maths, mirroring fedcoe_edge.model -------------------------------------------
-
-
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    # after subtracting the row max the sum is >= 1 (the max term is exp(0)), so the log is
-    # finite: no np.errstate needed (entering one costs as much as the maths at batch 1)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(-1, keepdims=True)
-
-
-def topk_routing(probs: np.ndarray, k: int) -> np.ndarray:
-    """Each row's top-k probabilities renormalised; ties go to the lower index (ONNX TopK).
-
-    Matches :func:`fedcoe_edge.model.topk_routing` except on exact ties, where torch's CPU
-    topk picks an arbitrary (often the higher) index.
-    """
-    n = probs.shape[-1]
-    if k >= n:
-        return probs
-    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]  # stable: lower index first
-    rows = np.arange(probs.shape[0])[:, None]
-    weights = np.zeros_like(probs)
-    weights[rows, order] = probs[rows, order]
-    return weights / np.maximum(weights.sum(-1, keepdims=True), 1e-12)
 
 
 @dataclass
@@ -526,10 +227,7 @@ class MoESession:
             raise BundleError(f"bundle {self.root}: part '{name}' file {entry['file']} is "
                               f"unreadable: {exc}") from None
         try:
-            digest = _sha256()
-            while chunk := os.read(fd, 1 << 20):
-                digest.update(chunk)
-            if digest.hexdigest() != entry["sha256"]:
+            if sha256_fd(fd) != entry["sha256"]:
                 raise BundleError(f"bundle {self.root}: part '{name}' file {entry['file']} fails "
                                   "its sha256 check (changed since the bundle was verified)")
             by_fd = f"/proc/self/fd/{fd}"
@@ -869,27 +567,6 @@ class MoESession:
         sess = self._load_verified(entry, name)
         self._check_interface(name, sess, entry)
         return sess
-
-
-def pack_tar(folder: str | os.PathLike[str], tar_path: str | os.PathLike[str]) -> Path:
-    """Write a verified bundle folder as one uncompressed ``.tar`` (manifest first)."""
-    import tarfile
-
-    contents = read_bundle(folder)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        items = [(MANIFEST_NAME, (Path(folder) / MANIFEST_NAME).read_bytes())]
-        items += sorted(contents.files.items())
-        for name, data in items:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-    out = Path(tar_path)
-    from fedcoe_edge.io import atomic_write_bytes  # tempfile: only when writing
-
-    atomic_write_bytes(out, buf.getvalue())
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
