@@ -49,6 +49,8 @@ except ModuleNotFoundError:  # Python 3.10
 import numpy as np
 
 from device_agent.daemon import REANNOUNCE_S, RETRY_ATTEMPTS, PendingRequest, retry_delay
+from device_agent.protocol import DEFAULT_WINDOW
+from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_COORDINATOR = ROOT / "deploy" / "coordinator.toml"
@@ -101,7 +103,7 @@ class FleetSpec:
     timeout_s: float = 900.0
     deadline_s: float = 0.0  # 0: 60 s + 60 ms per device
     connect_batch: int = 200
-    chunk_size: int = 256 * 1024
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     workdir: str = ""
     broker_options: list[str] = field(default_factory=list)  # extra mosquitto.conf lines
     coordinator_args: list[str] = field(default_factory=list)
@@ -300,7 +302,7 @@ class SimDevice:
         total = sum(aff)
         body = {"manifest": m.to_dict(), "num_samples": self.num_samples,
                 "affinity": [a / total for a in aff], "metrics": {"train_loss": 1.0}}
-        self.upload = _Upload(rnd, body, BlobSender(self.client, topic, m, upload, window=16))
+        self.upload = _Upload(rnd, body, BlobSender(self.client, topic, m, upload, window=DEFAULT_WINDOW))
         self.upload.next_announce = time.monotonic() + REANNOUNCE_S
         self.fleet.active.add(self)
         self._send(self.P.RESULT, body, rnd)

@@ -16,6 +16,7 @@ from typing import Any
 from device_agent.config import check_classes
 from device_agent.protocol import (
     COORDINATOR_ID,
+    DEFAULT_WINDOW,
     BrokerSettings,
     apply_env,
     build_section,
@@ -29,6 +30,7 @@ from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.errors import ConfigError
 from fedcoe_edge.strategies import STRATEGIES
 from fedcoe_edge.transport.topics import check_id
+from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE, check_chunk_size
 
 # Strategies whose clients return tensors they were not sent: the daemons' contract is
 # "return exactly what you were given" (partial exchange, int8 deltas against it).
@@ -51,8 +53,8 @@ class FederationSettings:
     deadline_s: float = 60.0  # per round, from the task being sent
     wait_log_s: float = 60.0  # while too few devices are online, say so this often
     state_dir: str = "state/coordinator"
-    chunk_size: int = 256 * 1024
-    window: int = 16
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    window: int = DEFAULT_WINDOW
     norm_bound: float = 1e4  # L2 bound on an update's change (new - sent), whole payload
     reassembly_budget_mb: float = 256.0  # all devices' open uploads together (one each)
     # "stream": running per-expert sums as updates are accepted (memory O(model)); "batch":
@@ -121,8 +123,7 @@ class CoordinatorConfig:
             raise ConfigError(f"{w} quorum {f.quorum} exceeds min_devices {f.min_devices}")
         if not f.deadline_s > 0 or not f.wait_log_s > 0:
             raise ConfigError(f"{w} deadline_s and wait_log_s must be > 0")
-        if not 1024 <= f.chunk_size <= 16 * 1024 * 1024:
-            raise ConfigError(f"{w} chunk_size must be in 1 KiB..16 MiB, got {f.chunk_size}")
+        check_chunk_size(f.chunk_size, w)
         if f.window < 1:
             raise ConfigError(f"{w} window must be >= 1, got {f.window}")
         if not f.norm_bound > 0:

@@ -20,6 +20,7 @@ from device_agent.config import AgentConfig, DataSettings, DeviceSettings
 from device_agent.daemon import AgentHooks, DeviceAgent
 from device_agent.protocol import TransportFactory, device_key
 from fedcoe_edge.config import ModelConfig, TrainConfig
+from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE
 
 DEMO_SECRET = bytes(range(32))
 
@@ -42,8 +43,8 @@ class EmbeddedFederation:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(local_epochs=1))
     hooks: dict[str, AgentHooks] = field(default_factory=dict)
     compress: bool = True
-    chunk_size: int = 256 * 1024
-    heartbeat_s: float = 30.0
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    heartbeat_s: float = DeviceSettings.heartbeat_s  # the agent's default
     # batch: the coordinator keeps every update and aggregates with the simulator's code, so
     # a run here equals `fedcoe simulate` bit for bit; "stream" equals it up to float rounding
     aggregation: str = "batch"

@@ -15,6 +15,7 @@ from typing import Any
 
 from device_agent.protocol import (
     COORDINATOR_ID,
+    DEFAULT_WINDOW,
     BrokerSettings,
     apply_env,
     build_section,
@@ -28,6 +29,7 @@ from device_agent.protocol import (
 from fedcoe_edge.config import TIER_WIDTH
 from fedcoe_edge.errors import ConfigError
 from fedcoe_edge.transport.topics import check_id
+from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE, check_chunk_size
 
 
 @dataclass
@@ -42,8 +44,8 @@ class DeviceSettings:
     share_label_histogram: bool = False  # label histograms leave the device only if allowed
     compress_uploads: bool = True  # int8 deltas against what the coordinator sent
     refresh_on_close: bool = True  # fetch the aggregated experts when a round closes
-    chunk_size: int = 256 * 1024
-    window: int = 16
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    window: int = DEFAULT_WINDOW
     upload_timeout_s: float = 120.0
     heartbeat_s: float = 30.0  # telemetry on up/<id>/hb (QoS 0); 0 turns it off
     bundle: str = "final"  # rebuild the int8 ONNX bundle: "every" round close, "final" round only, "off"
@@ -107,8 +109,9 @@ class AgentConfig:
             raise ConfigError(f"{w} role must be train|cold, got {d.role!r}")
         if d.tier not in TIER_WIDTH:
             raise ConfigError(f"{w} tier must be one of {sorted(TIER_WIDTH)}, got {d.tier!r}")
-        if not 1024 <= d.chunk_size <= 16 * 1024 * 1024 or d.window < 1:
-            raise ConfigError(f"{w} chunk_size must be in 1 KiB..16 MiB and window >= 1")
+        check_chunk_size(d.chunk_size, w)
+        if d.window < 1:
+            raise ConfigError(f"{w} window must be >= 1, got {d.window}")
         if d.engine not in ("auto", "torch", "onnx"):
             raise ConfigError(f"{w} engine must be auto|torch|onnx, got {d.engine!r}")
         if d.engine == "onnx" and d.role == "train":

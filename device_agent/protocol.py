@@ -55,6 +55,9 @@ DECLINE = "decline"  # device -> coordinator: this device cannot train the feder
 # it at once instead of waiting out the round deadline, and logs the reason
 
 COORDINATOR_ID = "coordinator"
+DEFAULT_WINDOW = 16
+"""Chunks a daemon keeps unacknowledged in one transfer (config ``window``), the device's
+and the coordinator's alike."""
 ENCODING_PLAIN = "safetensors"
 ENCODING_DELTA = "safetensors+int8delta"
 

@@ -37,12 +37,14 @@ import numpy as np
 import safetensors.numpy as st_numpy
 from safetensors import SafetensorError
 
-from fedcoe_edge.errors import ValidationError, WireError
+from fedcoe_edge.errors import ConfigError, ValidationError, WireError
 
 __all__ = [
     "PROTOCOL_VERSION",
     "DEFAULT_CHUNK_SIZE",
     "MIN_CHUNK_SIZE",
+    "MAX_CHUNK_SIZE",
+    "check_chunk_size",
     "MAX_NACK",
     "Envelope",
     "ReplayCache",
@@ -75,6 +77,9 @@ MIN_CHUNK_SIZE = 1024
 """Smallest chunk a multi-chunk manifest may declare. Receiver work is per chunk (a frame,
 a progress report every few chunks), so tiny chunks let a sender multiply the receiver's
 work per byte: 1-byte chunks turned a 875 KB upload into 875k handler calls."""
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
+"""Largest chunk a daemon may be configured to send: one chunk is one broker message, and
+brokers cap a message's size (Mosquitto's ``message_size_limit``; AWS IoT Core: 128 KB)."""
 MAX_NACK = 256
 """Most gaps one progress report lists; the report's ``highest`` is lowered to match, so
 the sender never mistakes an unlisted gap for an acknowledged chunk."""
@@ -772,6 +777,14 @@ def decode_chunk(payload: bytes) -> Chunk:
     if not 0 <= seq < count:
         raise WireError(f"chunk {tid!r}: seq {seq} outside 0..{count - 1}")
     return Chunk(tid, seq, count, bytes(mv[start:]))
+
+
+def check_chunk_size(chunk_size: int, where: str) -> None:
+    """The one range check of a configured chunk size: ``MIN_CHUNK_SIZE``..``MAX_CHUNK_SIZE``
+    (1 KiB..16 MiB), so a daemon refuses at start what a receiver or broker would refuse
+    later, chunk by chunk."""
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ConfigError(f"{where} chunk_size must be in 1 KiB..16 MiB, got {chunk_size}")
 
 
 def split_chunks(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[bytes]:

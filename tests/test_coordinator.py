@@ -78,6 +78,8 @@ experts_per_client = 3
     ("", {"FEDCOE_BROKER_PORT": "abc"}, "FEDCOE_BROKER_PORT: expected an integer"),
     ("", {"FEDCOE_BROKER_PORT": "70000"}, r"\[broker\].port must be in 1..65535"),
     ("[model]\ntop_k = 9\n", {}, "model.top_k"),
+    ("[federation]\nchunk_size = 1023\n", {}, r"\[federation\] chunk_size must be in 1 KiB..16 MiB, got 1023"),
+    ("", {"FEDCOE_FEDERATION_CHUNK_SIZE": str(16 * 1024 * 1024 + 1)}, "got 16777217"),
 ])
 def test_bad_config_names_what_and_where(tmp_path: Path, text: str, env: dict[str, str], match: str) -> None:
     path = write(tmp_path / "c.toml", text + f"\n[security]\nsecret = \"{SECRET}\"\n")

@@ -10,9 +10,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from fedcoe_edge.errors import ValidationError, WireError
+from fedcoe_edge.errors import ConfigError, ValidationError, WireError
 from fedcoe_edge.wire import (
     DEFAULT_CHUNK_SIZE,
+    MAX_CHUNK_SIZE,
     MAX_NACK,
     MIN_CHUNK_SIZE,
     Chunk,
@@ -21,6 +22,7 @@ from fedcoe_edge.wire import (
     ReplayCache,
     TransferManifest,
     TransferWindow,
+    check_chunk_size,
     compress_delta,
     compressed_delta_metadata,
     decode_chunk,
@@ -315,6 +317,11 @@ def test_manifest_roundtrip_and_checks() -> None:
     assert m.chunk_count == 4 and m.chunk_len(3) == 100 and m.total_bytes == 3172
     assert TransferManifest.from_dict(json.loads(json.dumps(m.to_dict()))) == m
     assert DEFAULT_CHUNK_SIZE == 256 * 1024
+    for size in (MIN_CHUNK_SIZE, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE):
+        check_chunk_size(size, "cfg")
+    for size in (MIN_CHUNK_SIZE - 1, MAX_CHUNK_SIZE + 1):
+        with pytest.raises(ConfigError, match=f"cfg chunk_size must be in 1 KiB..16 MiB, got {size}"):
+            check_chunk_size(size, "cfg")
     with pytest.raises(WireError, match="chunk_count 5 does not match"):
         TransferManifest.from_dict(dict(m.to_dict(), chunk_count=5))
     with pytest.raises(WireError, match="missing field.*sha256"):
