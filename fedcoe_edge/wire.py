@@ -980,15 +980,24 @@ class TransferWindow:
     The broker drops QoS 1 messages silently when a subscriber's queue is full, so the
     sender must not run ahead of the receiver. The receiver reports progress (cumulative
     ``next``, ``highest`` seen and the ``missing`` gaps); gaps are resent first. If no
-    progress arrives for ``retransmit_s`` the oldest unacknowledged chunks are resent
-    (covers a lost tail chunk or a lost ack). ``done`` becomes true only on a final ACK
-    carrying the manifest's sha256. Clock values are passed in, so tests need no sleeps.
+    progress arrives for ``retransmit_s`` the oldest unacknowledged chunks (up to a window)
+    are resent (covers a lost tail chunk or a lost ack). Silence after that is a busy or
+    absent receiver, not loss, so the timer backs off the way TCP's does: each further
+    timeout without progress doubles the wait (up to ``max_retransmit_s``) and resends one
+    probe chunk instead of a window; any report resets both. The waits are stretched by a
+    per-transfer factor in [1, 1.25) taken from the transfer id, so a fleet whose uploads
+    all stalled at once does not retransmit in lockstep (docs/design.md, "Transfers").
+    Without this, a coordinator that falls a few seconds behind at thousands of devices
+    receives every window again every few seconds and never catches up.
+    ``done`` becomes true only on a final ACK carrying the manifest's sha256. Clock values
+    are passed in, so tests need no sleeps.
     """
 
     manifest: TransferManifest
     data: bytes
     window: int = 32
-    retransmit_s: float = 5.0
+    retransmit_s: float = 5.0  # first timeout without progress
+    max_retransmit_s: float = 60.0  # the backed-off timeout stops growing here
     verify: bool = True  # False: the caller built the manifest from these very bytes
     acked: bytearray = field(init=False)
     sent: bytearray = field(init=False)
@@ -999,10 +1008,19 @@ class TransferWindow:
     _next_new: int = field(init=False, default=0)
     _last_progress: float | None = field(init=False, default=None)
     _resets_seen: int = field(init=False, default=0)
+    _timeouts: int = field(init=False, default=0)  # consecutive timeouts without progress
+    _jitter: float = field(init=False, default=1.0)
 
     def __post_init__(self) -> None:
         if self.window < 1:
             raise WireError(f"transfer {self.manifest.transfer_id!r}: window must be >= 1")
+        if not 0 < self.retransmit_s <= self.max_retransmit_s:
+            raise WireError(
+                f"transfer {self.manifest.transfer_id!r}: need 0 < retransmit_s <= "
+                f"max_retransmit_s, got {self.retransmit_s} and {self.max_retransmit_s}"
+            )
+        h = hashlib.sha256(self.manifest.transfer_id.encode()).digest()
+        self._jitter = 1.0 + 0.25 * int.from_bytes(h[:4], "big") / 2**32
         if len(self.data) != self.manifest.total_bytes or (
             self.verify and hashlib.sha256(self.data).hexdigest() != self.manifest.sha256
         ):
@@ -1018,6 +1036,13 @@ class TransferWindow:
         sent = np.frombuffer(self.sent, dtype=np.uint8)
         return int(np.count_nonzero(sent > np.frombuffer(self.acked, dtype=np.uint8)))
 
+    @property
+    def timeout_s(self) -> float:
+        """The current wait for progress before a resend: ``retransmit_s`` doubled per
+        consecutive timeout, capped at ``max_retransmit_s``, times this transfer's jitter."""
+        base = min(self.max_retransmit_s, self.retransmit_s * 2 ** min(self._timeouts, 30))
+        return base * self._jitter
+
     def chunk(self, seq: int) -> bytes:
         """The framed chunk ``seq``, ready to publish on the blob topic."""
         m = self.manifest
@@ -1032,15 +1057,17 @@ class TransferWindow:
             return []
         if self._last_progress is None:
             self._last_progress = now
-        elif now - self._last_progress >= self.retransmit_s:
-            # Nothing heard for a while: resend the oldest unacknowledged chunks.
+        elif now - self._last_progress >= self.timeout_s:
+            # Nothing heard for a while: resend the oldest unacknowledged chunks -- a window
+            # the first time, one probe after that -- and wait longer next time.
             stale = [
                 i for i in range(self.manifest.chunk_count) if self.sent[i] and not self.acked[i]
             ]
-            for s in stale[: self.window]:
+            for s in stale[: self.window if self._timeouts == 0 else 1]:
                 if s not in self._resend_set:
                     self._resend.append(s)
                     self._resend_set.add(s)
+            self._timeouts += 1
             self._last_progress = now
         out: list[int] = []
         budget = self.window - self.in_flight
@@ -1102,6 +1129,7 @@ class TransferWindow:
                 self._resend.append(s)
                 self._resend_set.add(s)
         self._last_progress = now
+        self._timeouts = 0
 
     def on_nack_all(self, now: float) -> None:
         """The receiver lost everything (hash mismatch, restart): resend the whole payload."""
@@ -1111,6 +1139,7 @@ class TransferWindow:
         self._resend_set.clear()
         self._next_new = 0
         self._last_progress = now
+        self._timeouts = 0
 
     def on_final_ack(self, sha256: str) -> bool:
         """Mark done when the receiver confirms the manifest hash; False for a wrong hash."""

@@ -586,3 +586,53 @@ def test_msg_ids_are_unique_and_hex() -> None:
 
     ids = {new_msg_id() for _ in range(50_000)}
     assert len(ids) == 50_000 and all(len(i) == 32 and int(i, 16) >= 0 for i in list(ids)[:100])
+
+
+def test_window_backs_off_while_the_receiver_is_silent() -> None:
+    """A silent receiver gets one window again, then single probes at doubling intervals
+    (capped), and any progress report restores the first timeout."""
+    data = _payload(64 * 1024, seed=3)
+    m = TransferManifest.for_payload(data, expert_ids=[0], base_version=1, chunk_size=1024)
+    w = TransferWindow(m, data, window=8, retransmit_s=2.0, max_retransmit_s=16.0)
+    assert len(w.due(0.0)) == 8
+    jitter = w.timeout_s / 2.0
+    assert 1.0 <= jitter < 1.25
+    sends: list[tuple[float, int]] = []
+    t = 0.0
+    while t < 200.0:
+        t += 0.25
+        out = w.due(t)
+        if out:
+            sends.append((t, len(out)))
+    # the first timeout resends the window, every later one a single probe
+    assert sends[0][1] == 8 and all(n == 1 for _, n in sends[1:])
+    gaps = [b[0] - a[0] for a, b in zip(sends, sends[1:], strict=False)]
+    # waits double from 2 s (times the jitter) and stop at the 16 s cap
+    assert gaps[0] == pytest.approx(4.0 * jitter, abs=0.3)
+    assert gaps[1] == pytest.approx(8.0 * jitter, abs=0.3)
+    assert all(g == pytest.approx(16.0 * jitter, abs=0.3) for g in gaps[2:])
+    assert len(sends) < 16  # a fixed 2 s timer would have resent ~100 times
+    # progress: the next timeout is the first one again, with a full window
+    w.on_progress({"next": 2, "highest": 1, "missing": []}, t)
+    assert w.timeout_s == pytest.approx(2.0 * jitter)
+    w.due(t)
+    assert len(w.due(t + 2.0 * jitter + 0.01)) == 8
+
+
+def test_window_jitter_differs_between_transfers() -> None:
+    data = _payload(4096)
+    factors = {
+        TransferWindow(
+            TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1024,
+                                         transfer_id=f"x{i}"), data, retransmit_s=1.0,
+        ).timeout_s
+        for i in range(20)
+    }
+    assert len(factors) == 20 and all(1.0 <= f < 1.25 for f in factors)
+
+
+def test_window_rejects_a_timeout_above_its_cap() -> None:
+    data = _payload(4096)
+    m = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1024)
+    with pytest.raises(WireError, match="retransmit_s"):
+        TransferWindow(m, data, retransmit_s=90.0, max_retransmit_s=60.0)
