@@ -193,16 +193,14 @@ def int8_bundle(store: ArtifactStore, smoke: bool = False, input_size: int | Non
 
 def _fused_int8(store: ArtifactStore, bundle: Path, case: Case, k_total: int) -> Path:
     """``fused_dense.onnx`` quantized the way the baselines are (same graph rewrites)."""
-    from benchmarks.onnx_utils import ArrayCalibrationReader, QuantizeOptions, quantize_int8
+    from export.quantize import ArrayCalibrationReader, QuantizeOptions, QuantMode, quantize_int8
 
     calib = image_like(CALIBRATION_SAMPLES, case.input_size)
-    reader = ArrayCalibrationReader(
-        {"x": calib[i : i + 8], "gate_bias": np.zeros(k_total, np.float32)}
-        for i in range(0, len(calib), 8)
-    )
+    reader = ArrayCalibrationReader("x", calib, 8, fixed={"gate_bias": np.zeros(k_total, np.float32)})
+    options = QuantizeOptions(mode=QuantMode.STATIC)
     return store.get(
         f"{bundle.name}-fused-int8.onnx",
-        lambda p: quantize_int8(bundle / "fused_dense.onnx", p, reader, QuantizeOptions()),
+        lambda p: quantize_int8(bundle / "fused_dense.onnx", p, reader, options),
     )
 
 

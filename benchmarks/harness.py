@@ -150,15 +150,18 @@ Preparer = Callable[[Case, ArtifactStore], Prepared]
 
 
 def _onnx_precisions() -> dict[str, Any]:
-    from benchmarks.onnx_utils import QuantizeOptions
+    from export.quantize import GraphFixes, QuantizeOptions, QuantMode
 
+    static = QuantMode.STATIC
     return {
         "fp32": None,
         # int8 steps of the HardSwish fix, kept to measure each step against the next.
         "int8-naive": QuantizeOptions.naive(),
-        "int8-gap": QuantizeOptions(fold_hardsigmoid=False, global_pool=True, fp32_stem=False),
-        "int8-fold": QuantizeOptions(fold_hardsigmoid=True, global_pool=True, fp32_stem=False),
-        "int8": QuantizeOptions(),
+        "int8-gap": QuantizeOptions(mode=static, graph_fixes=GraphFixes(
+            global_pool=True, fp32_stem=False, fold_hardsigmoid=False)),
+        "int8-fold": QuantizeOptions(mode=static, graph_fixes=GraphFixes(
+            global_pool=True, fp32_stem=False, fold_hardsigmoid=True)),
+        "int8": QuantizeOptions(mode=static),
     }
 
 

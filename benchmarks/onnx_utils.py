@@ -19,8 +19,10 @@ does about them:
   quantized either (another fp32 island per SE block); :func:`rewrite_global_pool` turns it
   into ``GlobalAveragePool``, which onnxruntime runs as ``QLinearGlobalAveragePool``.
 
-The rewrites live in :mod:`export.graph_rewrites` (re-exported here), shared with the
-bundle exporter so the FedCoE trunk gets exactly the same int8 graph as the baselines.
+The rewrites live in :mod:`export.graph_rewrites` and the quantization recipe in
+:mod:`export.quantize` (``quantize_int8``, ``QuantizeOptions``, ``GraphFixes``,
+``ArrayCalibrationReader``; all re-exported here), shared with the bundle exporter so the
+FedCoE trunk gets exactly the same int8 graph as the baselines; ``OPSET`` is the exporter's.
 
 A fourth trap is threads: on a shared 2-core VM, two intra-op threads that spin while
 waiting can be slower than one; :func:`benchmarks.ort_session.make_session` (re-exported
@@ -33,22 +35,12 @@ Efficient Integer-Arithmetic-Only Inference", CVPR 2018 (arXiv 1712.05877).
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quantize_static,
-)
-from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from benchmarks.ort_session import make_session, session_runner
 from export.graph_rewrites import (
@@ -57,11 +49,14 @@ from export.graph_rewrites import (
     rewrite_global_pool,
     stem_nodes,
 )
+from export.onnx_export import OPSET
+from export.quantize import ArrayCalibrationReader, GraphFixes, QuantizeOptions, quantize_int8
 from fedcoe_edge.errors import ConfigError
 
 __all__ = [
     "OPSET",
     "ArrayCalibrationReader",
+    "GraphFixes",
     "QuantizeOptions",
     "export_onnx",
     "fold_quantized_hardsigmoid",
@@ -74,10 +69,6 @@ __all__ = [
     "session_runner",
     "stem_nodes",
 ]
-
-# Lowest opset the torch.export-based exporter implements natively (torch 2.13 converts
-# anything lower and may fail); onnxruntime >= 1.14 runs it, which covers Pi/Jetson builds.
-OPSET = 18
 
 
 def export_onnx(
@@ -143,94 +134,13 @@ def model_op_counts(model: onnx.ModelProto | str | os.PathLike[str]) -> dict[str
     return counts
 
 
-class ArrayCalibrationReader(CalibrationDataReader):
-    """Feeds calibration batches (dicts of input name -> array) to ``quantize_static``."""
-
-    def __init__(self, batches: Iterable[dict[str, np.ndarray]]) -> None:
-        self._batches = [dict(b) for b in batches]
-        if not self._batches:
-            raise ConfigError("ArrayCalibrationReader: no calibration batches given")
-        self._iter: Iterator[dict[str, np.ndarray]] = iter(self._batches)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._iter, None)
-
-    def rewind(self) -> None:
-        self._iter = iter(self._batches)
-
-
 def random_calibration(
     input_name: str, shape: Sequence[int], count: int = 8, seed: int = 0
 ) -> ArrayCalibrationReader:
-    """Standard-normal inputs (like normalised images); enough to time int8 kernels."""
+    """``count`` batches of shape ``shape`` of standard-normal inputs (like normalised
+    images); enough to time int8 kernels."""
     if count < 1:
         raise ConfigError(f"random_calibration: count must be >= 1, got {count}")
     rng = np.random.default_rng(seed)
-    return ArrayCalibrationReader(
-        {input_name: rng.standard_normal(tuple(shape)).astype(np.float32)} for _ in range(count)
-    )
-
-
-@dataclass(frozen=True)
-class QuantizeOptions:
-    """Knobs of :func:`quantize_int8`; the defaults are the fast, fixed configuration."""
-
-    per_channel: bool = True
-    fold_hardsigmoid: bool = True
-    global_pool: bool = True
-    fp32_stem: bool = True
-    calibrate_method: CalibrationMethod = CalibrationMethod.MinMax
-    exclude_op_types: tuple[str, ...] = ()
-
-    @classmethod
-    def naive(cls) -> QuantizeOptions:
-        """What a first attempt gets: no graph fixes (kept to measure the fixes against)."""
-        return cls(fold_hardsigmoid=False, global_pool=False, fp32_stem=False)
-
-
-def quantize_int8(
-    src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
-    calibration: CalibrationDataReader,
-    options: QuantizeOptions | None = None,
-) -> Path:
-    """Static int8 QDQ quantization: uint8 activations, per-channel int8 weights.
-
-    Steps: onnxruntime's pre-processing (shape inference, Conv+BN folding), the global-pool
-    rewrite, ``quantize_static`` with the given calibration data (the RGB stem left fp32,
-    see :func:`stem_nodes`), then the HardSigmoid fold.
-    """
-    opts = options or QuantizeOptions()
-    src_path = Path(src)
-    if not src_path.is_file():
-        raise ConfigError(f"quantize_int8: source model {src_path} does not exist")
-    dst_path = Path(dst)
-    dst_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="fedcoe-quant-") as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(src_path), str(pre), skip_symbolic_shape=True)
-        proto = onnx.load(str(pre))
-        name_nodes(proto)
-        if opts.global_pool:
-            rewrite_global_pool(proto)
-        exclude = [n.name for n in proto.graph.node if n.op_type in opts.exclude_op_types]
-        if opts.fp32_stem:
-            exclude += stem_nodes(proto)
-        onnx.save(proto, str(pre))
-        quantize_static(
-            str(pre),
-            str(dst_path),
-            calibration,
-            quant_format=QuantFormat.QDQ,
-            per_channel=opts.per_channel,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=opts.calibrate_method,
-            nodes_to_exclude=exclude,
-        )
-    if opts.fold_hardsigmoid:
-        proto = onnx.load(str(dst_path))
-        if fold_quantized_hardsigmoid(proto):
-            onnx.checker.check_model(proto)
-            onnx.save(proto, str(dst_path))
-    return dst_path
+    batches = [rng.standard_normal(tuple(shape)).astype(np.float32) for _ in range(count)]
+    return ArrayCalibrationReader(input_name, np.concatenate(batches), batch=int(shape[0]))

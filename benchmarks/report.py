@@ -344,7 +344,8 @@ def render_markdown(
         "",
         "`int8 unfixed` is onnxruntime's `quantize_static` on the raw export; `int8` adds the "
         "GlobalAveragePool rewrite, the integer HardSigmoid fold and an fp32 RGB stem "
-        "(`benchmarks/onnx_utils.py`; `python -m benchmarks.compare` times each step).",
+        "(`export/quantize.py`, `export/graph_rewrites.py`; `python -m benchmarks.compare` times "
+        "each step).",
         "",
         "## All rows",
         "",

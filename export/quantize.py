@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,27 @@ class QuantMode(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class GraphFixes:
+    """The static int8 graph fixes of :mod:`export.graph_rewrites`, one flag each.
+
+    Together they keep a MobileNetV3-style graph integer in onnxruntime; without them its
+    int8 runs slower than fp32. Exports take all or none; the benchmarks turn them on one
+    at a time to time each step against the next.
+    """
+
+    global_pool: bool = True  # ReduceMean pooling as GlobalAveragePool, before quantizing
+    fp32_stem: bool = True  # the RGB stem left fp32
+    fold_hardsigmoid: bool = True  # HardSigmoid islands folded into integer adds, after
+
+    @classmethod
+    def of(cls, value: bool | GraphFixes) -> GraphFixes:
+        """``True``: every fix, ``False``: none, or the flags given."""
+        if isinstance(value, GraphFixes):
+            return value
+        return cls() if value else cls(False, False, False)
+
+
+@dataclass(frozen=True)
 class QuantizeOptions:
     """Quantization knobs for :func:`export.bundle.build_bundle`."""
 
@@ -71,7 +93,18 @@ class QuantizeOptions:
     seed: int = 0  # which calibration samples are drawn
     # static int8 graph fixes (export.graph_rewrites): GlobalAveragePool, integer HardSigmoid,
     # fp32 RGB stem; without them a MobileNetV3 trunk runs slower in int8 than in fp32
-    graph_fixes: bool = True
+    # (GraphFixes: some of them, for the benchmarks' step-by-step rows)
+    graph_fixes: bool | GraphFixes = True
+
+    @classmethod
+    def naive(cls) -> QuantizeOptions:
+        """Static int8 with no graph fixes: what a first attempt gets (the benchmarks measure
+        the fixes against it)."""
+        return cls(mode=QuantMode.STATIC, graph_fixes=False)
+
+    @property
+    def fixes(self) -> GraphFixes:
+        return GraphFixes.of(self.graph_fixes)
 
     def __post_init__(self) -> None:
         try:
@@ -91,23 +124,36 @@ class QuantizeOptions:
                 "calibration_samples": self.calibration_samples,
                 "calibration_batch": self.calibration_batch,
                 "calibrate_method": self.calibrate_method, "seed": self.seed,
-                "graph_fixes": self.graph_fixes}
+                "graph_fixes": self._fixes_record()}
+
+    def _fixes_record(self) -> bool | dict[str, bool]:
+        """All or none as one bool (what every manifest so far records), else each flag."""
+        fixes = self.fixes
+        if fixes in (GraphFixes.of(True), GraphFixes.of(False)):
+            return fixes == GraphFixes.of(True)
+        return asdict(fixes)
 
 
 class ArrayCalibrationReader(CalibrationDataReader):
-    """Feeds ``data`` to ``quantize_static`` in batches under one input name."""
+    """Feeds ``data`` to ``quantize_static`` in batches under one input name.
 
-    def __init__(self, input_name: str, data: np.ndarray, batch: int = 32) -> None:
+    ``fixed``: other inputs of the graph, the same array with every batch (the dense fused
+    graph's ``gate_bias``).
+    """
+
+    def __init__(self, input_name: str, data: np.ndarray, batch: int = 32,
+                 fixed: Mapping[str, np.ndarray] | None = None) -> None:
         if len(data) == 0:
             raise ConfigError("calibration: no samples to calibrate on")
         self.input_name = input_name
+        self.fixed = dict(fixed or {})
         self.batches = [np.ascontiguousarray(data[i : i + batch], dtype=np.float32)
                         for i in range(0, len(data), batch)]
         self._it: Iterator[np.ndarray] = iter(self.batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self._it, None)
-        return None if batch is None else {self.input_name: batch}
+        return None if batch is None else {self.input_name: batch, **self.fixed}
 
     def rewind(self) -> None:
         self._it = iter(self.batches)
@@ -148,32 +194,32 @@ def preprocess(src: Path, dst: Path) -> Path:
     return dst
 
 
-def quantize_static_file(src: Path, dst: Path, input_name: str, calib: np.ndarray,
+def quantize_static_file(src: Path, dst: Path, calibration: CalibrationDataReader,
                          opts: QuantizeOptions) -> Path:
-    """Static QDQ int8: per-channel int8 weights, uint8 activations, calibrated on ``calib``.
+    """Static QDQ int8: per-channel int8 weights, uint8 activations, calibrated on what
+    ``calibration`` feeds (an :class:`ArrayCalibrationReader`).
 
-    ``src`` should have been through :func:`preprocess`. With ``opts.graph_fixes`` the graph
-    gets the rewrites of :mod:`export.graph_rewrites` (the benchmarks' MobileNet baselines
-    get the same ones): pooling as GlobalAveragePool before quantization, the RGB stem left
-    fp32, and HardSigmoid islands folded into integer adds afterwards.
+    ``src`` should have been through :func:`preprocess`. ``opts.fixes`` says which rewrites
+    of :mod:`export.graph_rewrites` the graph gets (a bundle's parts and the benchmarks'
+    MobileNet baselines get the same ones): pooling as GlobalAveragePool before
+    quantization, the RGB stem left fp32, and HardSigmoid islands folded into integer adds
+    afterwards.
     """
-    exclude: list[str] = []
-    source = src
+    fixes = opts.fixes
     with tempfile.TemporaryDirectory(prefix="fedcoe-fix-") as tmp:
-        if opts.graph_fixes:
-            proto = onnx.load(str(src))
-            name_nodes(proto)
+        proto = onnx.load(str(src))
+        name_nodes(proto)
+        if fixes.global_pool:
             rewrite_global_pool(proto)
-            exclude = stem_nodes(proto)
-            source = Path(tmp) / "fixed.onnx"
-            onnx.save(proto, str(source))
-        quantize_static(str(source), str(dst),
-                        ArrayCalibrationReader(input_name, calib, opts.calibration_batch),
+        exclude = stem_nodes(proto) if fixes.fp32_stem else []
+        source = Path(tmp) / "fixed.onnx"
+        onnx.save(proto, str(source))
+        quantize_static(str(source), str(dst), calibration,
                         quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=_METHODS[opts.calibrate_method],
                         nodes_to_exclude=exclude)
-    if opts.graph_fixes:
+    if fixes.fold_hardsigmoid:
         proto = onnx.load(str(dst))
         if fold_quantized_hardsigmoid(proto):
             onnx.checker.check_model(proto)
@@ -207,7 +253,8 @@ def quantize_part(src: Path, dst: Path, input_name: str, calib: np.ndarray,
         for cand in candidates:
             out = Path(tmp) / f"{cand.value}.onnx"
             if cand is QuantMode.STATIC:
-                quantize_static_file(pre, out, input_name, calib, opts)
+                reader = ArrayCalibrationReader(input_name, calib, opts.calibration_batch)
+                quantize_static_file(pre, out, reader, opts)
             else:
                 quantize_dynamic_file(pre, out, opts)
             err = rel_error(_run(out, input_name, calib), reference)
@@ -223,3 +270,23 @@ def quantize_part(src: Path, dst: Path, input_name: str, calib: np.ndarray,
     dst.write_bytes(best[2])
     log.debug("quantized %s: %s (errors %s)", src.name, best[1].value, errors)
     return QuantResult(best[1], errors)
+
+
+def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str],
+                  calibration: CalibrationDataReader, options: QuantizeOptions | None = None) -> Path:
+    """A whole ONNX model to static int8 QDQ: :func:`preprocess`, then
+    :func:`quantize_static_file`, the recipe a bundle's parts get.
+
+    For a model that is not a bundle part: the benchmarks' baselines, the dense fused graph
+    (several inputs, any calibration reader). Always static (``options.mode`` is not
+    consulted: conv nets are why this exists, and dynamic int8 is slow on them).
+    """
+    opts = options or QuantizeOptions()
+    src_path = Path(src)
+    if not src_path.is_file():
+        raise ConfigError(f"quantize_int8: source model {src_path} does not exist")
+    dst_path = Path(dst)
+    dst_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fedcoe-quant-") as tmp:
+        pre = preprocess(src_path, Path(tmp) / "pre.onnx")
+        return quantize_static_file(pre, dst_path, calibration, opts)

@@ -13,7 +13,13 @@ import torch
 
 from export.bundle import build_bundle
 from export.onnx_export import export_graph
-from export.quantize import QuantizeOptions, QuantMode, quantize_part
+from export.quantize import (
+    ArrayCalibrationReader,
+    GraphFixes,
+    QuantizeOptions,
+    QuantMode,
+    quantize_part,
+)
 from fedcoe_edge.checkpoint import save_arrays
 from fedcoe_edge.cli import main
 from fedcoe_edge.config import ModelConfig, TrainConfig
@@ -171,6 +177,31 @@ def test_options_are_validated():
     with pytest.raises(ConfigError, match="calibrate_method"):
         QuantizeOptions(calibrate_method="magic")
     assert QuantizeOptions(mode="static_int8").mode is QuantMode.STATIC  # type: ignore[arg-type]
+
+
+def test_graph_fixes_are_recorded_as_one_bool_unless_some_are_off():
+    """Every manifest so far records ``graph_fixes: true``; a partial set (the benchmarks'
+    step-by-step rows) is recorded flag by flag, never as a bool that would misreport it."""
+    assert QuantizeOptions().to_dict()["graph_fixes"] is True
+    assert QuantizeOptions(graph_fixes=GraphFixes()).to_dict()["graph_fixes"] is True
+    assert QuantizeOptions.naive().to_dict()["graph_fixes"] is False
+    assert QuantizeOptions.naive().mode is QuantMode.STATIC
+    gap = QuantizeOptions(graph_fixes=GraphFixes(fp32_stem=False, fold_hardsigmoid=False))
+    assert gap.fixes == GraphFixes(global_pool=True, fp32_stem=False, fold_hardsigmoid=False)
+    assert gap.to_dict()["graph_fixes"] == {"global_pool": True, "fp32_stem": False,
+                                            "fold_hardsigmoid": False}
+
+
+def test_calibration_reader_batches_and_fixed_inputs():
+    x = np.arange(5 * 2, dtype=np.float64).reshape(5, 2)
+    bias = np.zeros(3, np.float32)
+    reader = ArrayCalibrationReader("x", x, batch=2, fixed={"gate_bias": bias})
+    got = [reader.get_next() for _ in range(4)]
+    assert got[3] is None
+    assert [b["x"].shape for b in got[:3]] == [(2, 2), (2, 2), (1, 2)]  # type: ignore[index]
+    assert all(b["x"].dtype == np.float32 and b["gate_bias"] is bias for b in got[:3])  # type: ignore[index]
+    reader.rewind()
+    np.testing.assert_array_equal(reader.get_next()["x"], x[:2])  # type: ignore[index]
 
 
 def test_dynamic_refused_on_conv_parts(tmp_path):
