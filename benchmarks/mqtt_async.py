@@ -281,8 +281,11 @@ class AsyncMqttClient(asyncio.Protocol, Transport):
     def connect(self, timeout: float = 10.0) -> None:
         raise RuntimeError("AsyncMqttClient: use `await connect_async()` on the event loop")
 
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
-        """Register before :meth:`connect_async` (which subscribes everything at once)."""
+    def subscribe(
+        self, topic_filter: str, handler: Handler, qos: int = 1, *, bulk: bool = False
+    ) -> None:
+        """Register before :meth:`connect_async` (which subscribes everything at once).
+        ``bulk`` changes nothing here: handlers run as messages arrive, with no queue."""
         self._subs.append((topic_filter, handler))
         if self._connected:
             asyncio.get_running_loop().create_task(self._subscribe_many([topic_filter], 30.0))

@@ -229,7 +229,7 @@ class Coordinator:
         self.messenger = P.Messenger(self.transport, self.topics, self.me, self.key_for,
                                      ReplayCache(per_sender=REPLAY_PER_SENDER))
         self.transport.subscribe(self.topics.up_ctl_filter(), self._on_ctl)
-        self.transport.subscribe(self.topics.up_blob_filter(), self._on_blob)
+        self.transport.subscribe(self.topics.up_blob_filter(), self._on_blob, bulk=True)
         self.transport.subscribe(f"{self.topics.prefix}/presence/+", self._on_presence)
         self.transport.subscribe(f"{self.topics.prefix}/up/+/hb", self._on_heartbeat, qos=0)
         self.transport.connect()

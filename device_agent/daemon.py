@@ -279,7 +279,7 @@ class DeviceAgent:
         self.transport = self._factory(self.dev, will, birth)
         self.messenger = P.Messenger(self.transport, self.topics, self.dev, self._keys)
         self.transport.subscribe(f"{self.topics.prefix}/dn/{self.dev}/ctl", self._on_ctl)
-        self.transport.subscribe(self.topics.dn_blob_filter(self.dev), self._on_blob)
+        self.transport.subscribe(self.topics.dn_blob_filter(self.dev), self._on_blob, bulk=True)
         self.transport.subscribe(self.topics.bc_ctl(), self._on_broadcast)
         self.transport.subscribe(self.topics.coord_status(), self._on_coord_status)
         self.transport.add_connection_listener(self._on_connection)

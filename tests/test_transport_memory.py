@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from fedcoe_edge.errors import WireError
 from fedcoe_edge.transport import MemoryBroker, Message, Topics, Will, topic_matches
-from fedcoe_edge.transport.base import check_filter, publish_packet_size
+from fedcoe_edge.transport.base import Dispatcher, check_filter, publish_packet_size
 from fedcoe_edge.transport.blob import XFER_DONE, BlobReceiver, BlobSender, fit_chunk_size
 from fedcoe_edge.wire import (
     Envelope,
@@ -350,3 +351,32 @@ def test_blob_receiver_acks_only_after_caller_persisted() -> None:
     assert reports[-1][0] == XFER_DONE and len([k for k, _ in reports if k == XFER_DONE]) == 2
     with pytest.raises(WireError, match="has not completed here"):
         r.ack("other")
+
+
+def test_bulk_lane_waits_while_control_messages_are_queued() -> None:
+    """Chunks queued before a control message are handled after it; order within each
+    lane is kept; stop() still handles everything queued before it."""
+    seen: list[str] = []
+    d = Dispatcher("lanes", threaded=False)
+    d.add("blob/#", lambda m: seen.append(m.topic), bulk=True)
+    d.add("ctl/#", lambda m: seen.append(m.topic))
+    for i in range(3):
+        d.put(Message(f"blob/{i}", b""))
+    d.put(Message("ctl/a", b""))
+    d.put(Message("blob/3", b""))
+    d.put(Message("ctl/b", b""))
+    assert d.drain() == 6
+    assert seen == ["ctl/a", "ctl/b", "blob/0", "blob/1", "blob/2", "blob/3"]
+
+    seen.clear()
+    gate = threading.Event()
+    t = Dispatcher("lanes-threaded")
+    t.add("blob/#", lambda m: (gate.wait(5), seen.append(m.topic)), bulk=True)
+    t.add("ctl/#", lambda m: seen.append(m.topic))
+    t.put(Message("blob/0", b""))  # the worker blocks in this handler ...
+    time.sleep(0.05)
+    t.put(Message("blob/1", b""))
+    t.put(Message("ctl/x", b""))  # ... and takes this one before blob/1
+    gate.set()
+    t.stop()
+    assert seen == ["blob/0", "ctl/x", "blob/1"]

@@ -612,11 +612,52 @@ def test_window_backs_off_while_the_receiver_is_silent() -> None:
     assert gaps[1] == pytest.approx(8.0 * jitter, abs=0.3)
     assert all(g == pytest.approx(16.0 * jitter, abs=0.3) for g in gaps[2:])
     assert len(sends) < 16  # a fixed 2 s timer would have resent ~100 times
-    # progress: the next timeout is the first one again, with a full window
+    # a report on resent chunks gives no clean round trip (Karn): the wait stays backed off,
+    # but the next timeout resends a full window again
     w.on_progress({"next": 2, "highest": 1, "missing": []}, t)
-    assert w.timeout_s == pytest.approx(2.0 * jitter)
-    w.due(t)
-    assert len(w.due(t + 2.0 * jitter + 0.01)) == 8
+    assert w.timeout_s == pytest.approx(16.0 * jitter)
+    fresh = w.due(t)
+    assert fresh and min(fresh) == 8  # chunks 8.. go out for the first time
+    assert len(w.due(t + 16.0 * jitter + 0.01)) == 8
+    # a report on a chunk sent once: its round trip (0.5 s) sets the timeout, floored
+    # at retransmit_s, and the doubling ends
+    w2 = TransferWindow(m, data, window=8, retransmit_s=2.0, max_retransmit_s=16.0)
+    w2.due(0.0)
+    w2.on_progress({"next": 8, "highest": 7, "missing": []}, 0.5)
+    assert w2.rto_s == pytest.approx(2.0) and w2.timeout_s < 2.0 * 1.25  # no doubling
+
+
+def test_window_timeout_follows_a_slow_receiver() -> None:
+    """A receiver that answers every chunk 3 s late (a busy coordinator) with a 1 s floor:
+    the timeout learns the round trip, so after the start-up nothing is sent twice."""
+    data = _payload(400 * 1024, seed=5)
+    m = TransferManifest.for_payload(data, expert_ids=[0], base_version=1, chunk_size=1024)
+    w = TransferWindow(m, data, window=8, retransmit_s=1.0, max_retransmit_s=60.0)
+    r = Reassembler()
+    r.expect(m)
+    t, delay = 0.0, 3.0
+    arriving: list[tuple[float, bytes]] = []
+    resends_at: list[float] = []
+    while not w.done and t < 2000.0:
+        before = w.resends
+        for seq in w.due(t):
+            arriving.append((t + delay, w.chunk(seq)))
+        if w.resends > before:
+            resends_at.append(t)
+        ready = [f for at, f in arriving if at <= t]
+        arriving = [(at, f) for at, f in arriving if at > t]
+        for f in ready:
+            r.add(f)
+        if ready:
+            if r.is_complete(m.transfer_id):
+                w.on_final_ack(hashlib.sha256(r.finish(m.transfer_id)).hexdigest())
+            else:
+                w.on_progress(r.progress(m.transfer_id), t)
+        t += 0.1
+    assert w.done
+    assert w.rto_s >= delay  # learned: srtt + 4 rttvar, at least the round trip
+    assert resends_at and max(resends_at) < 15.0  # only while it was learning
+    assert w.resends <= 3 * 8
 
 
 def test_window_jitter_differs_between_transfers() -> None:

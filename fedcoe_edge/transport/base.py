@@ -7,6 +7,9 @@ paho-mqtt implementation behave alike:
 
 * handlers run on one worker thread per transport, never on the network thread, so a
   handler may publish, subscribe or wait without deadlocking the client;
+* a subscription may be marked ``bulk`` (chunk streams): its messages wait while any
+  other message is queued, so a backlog of chunks never delays a control message (a
+  transfer's progress report, an ACK) behind it -- the lag a sender reads as loss;
 * delivery is at-least-once for QoS 1: handlers must be idempotent;
 * a will message (set before connect) is published by the broker if the client vanishes,
   and an optional birth message is published on every (re)connect;
@@ -126,26 +129,34 @@ class Dispatcher:
 
     Network callbacks only call :meth:`put`, which never blocks. With ``threaded=False``
     nothing runs until :meth:`drain` is called: the deterministic mode the simulator uses.
+    Two lanes, one thread: messages on ``bulk`` filters are handled only when no other
+    message waits; order within each lane is kept.
     """
 
     def __init__(self, name: str, threaded: bool = True) -> None:
         self._subs: dict[str, list[Handler]] = {}
+        self._bulk: set[str] = set()
         self._listeners: list[Callable[[bool], None]] = []
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._bulk_queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._items = threading.Semaphore(0)  # items in both lanes, for the worker to wait on
         self._thread: threading.Thread | None = None
         self._name = name
         if threaded:
             self._thread = threading.Thread(target=self._run, name=f"fedcoe-{name}", daemon=True)
             self._thread.start()
 
-    def add(self, topic_filter: str, handler: Handler) -> None:
+    def add(self, topic_filter: str, handler: Handler, bulk: bool = False) -> None:
         with self._lock:
             self._subs.setdefault(topic_filter, []).append(handler)
+            if bulk:
+                self._bulk.add(topic_filter)
 
     def remove(self, topic_filter: str) -> None:
         with self._lock:
             self._subs.pop(topic_filter, None)
+            self._bulk.discard(topic_filter)
 
     def filters(self) -> list[str]:
         with self._lock:
@@ -156,10 +167,23 @@ class Dispatcher:
             self._listeners.append(fn)
 
     def put(self, msg: Message) -> None:
-        self._queue.put(("msg", msg))
+        with self._lock:
+            bulk = any(topic_matches(f, msg.topic) for f in self._bulk)
+        (self._bulk_queue if bulk else self._queue).put(("msg", msg))
+        self._items.release()
 
     def put_connection(self, connected: bool) -> None:
         self._queue.put(("conn", connected))
+        self._items.release()
+
+    def _next(self) -> tuple[str, Any] | None:
+        """The oldest control item, else the oldest bulk item, else None."""
+        for q in (self._queue, self._bulk_queue):
+            try:
+                return q.get_nowait()
+            except queue.Empty:
+                continue
+        return None
 
     def is_worker(self) -> bool:
         return threading.current_thread() is self._thread
@@ -168,26 +192,34 @@ class Dispatcher:
         """Handle everything queued now on the calling thread; returns items handled."""
         n = 0
         while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
+            item = self._next()
+            if item is None:
                 return n
+            self._items.acquire(blocking=False)
             if item[0] == "stop":
                 self._queue.put(item)
+                self._items.release()
                 return n
             self._handle(item)
             n += 1
 
     def stop(self) -> None:
-        """Stop the worker after what is already queued has been handled."""
+        """Stop the worker after what is already queued has been handled (both lanes)."""
         self._queue.put(("stop", None))
+        self._items.release()
         if self._thread is not None and not self.is_worker():
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            self._items.acquire()
+            item = self._next()
+            if item is None:
+                continue
             if item[0] == "stop":
+                while (rest := self._next()) is not None:  # bulk items queued before it
+                    if rest[0] != "stop":
+                        self._handle(rest)
                 return
             self._handle(item)
 
@@ -221,8 +253,11 @@ class Transport(ABC):
         """Open the session; returns once the broker accepted it (or raises)."""
 
     @abstractmethod
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
-        """Route messages matching ``topic_filter`` to ``handler``; survives reconnects."""
+    def subscribe(
+        self, topic_filter: str, handler: Handler, qos: int = 1, *, bulk: bool = False
+    ) -> None:
+        """Route messages matching ``topic_filter`` to ``handler``; survives reconnects.
+        ``bulk`` (chunk streams): handled only while no other message waits."""
 
     @abstractmethod
     def unsubscribe(self, topic_filter: str) -> None:

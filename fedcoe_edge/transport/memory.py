@@ -262,9 +262,11 @@ class MemoryTransport(Transport):
             self._broker._publish(msg, expiry_s)
         self._dispatcher.put_connection(True)
 
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+    def subscribe(
+        self, topic_filter: str, handler: Handler, qos: int = 1, *, bulk: bool = False
+    ) -> None:
         check_filter(topic_filter)
-        self._dispatcher.add(topic_filter, handler)
+        self._dispatcher.add(topic_filter, handler, bulk=bulk)
         self._sub_qos[topic_filter] = qos
         if self._connected:
             self._broker._subscribe(self, topic_filter, qos)

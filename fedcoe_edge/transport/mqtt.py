@@ -166,12 +166,13 @@ class MqttTransport(Transport):
             log.warning("%s: subscriptions not acknowledged within %g s", self.client_id, timeout)
 
     def subscribe(
-        self, topic_filter: str, handler: Handler, qos: int = 1, timeout: float = 5.0
+        self, topic_filter: str, handler: Handler, qos: int = 1, *, bulk: bool = False,
+        timeout: float = 5.0,
     ) -> None:
         """Add a handler; when connected, waits (off the network thread) for the SUBACK so
         that messages published right after this call are not missed."""
         check_filter(topic_filter)
-        self._dispatcher.add(topic_filter, handler)
+        self._dispatcher.add(topic_filter, handler, bulk=bulk)
         with self._lock:
             self._sub_qos[topic_filter] = qos
         if not self.connected:

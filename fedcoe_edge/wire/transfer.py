@@ -398,11 +398,17 @@ class TransferWindow:
     The broker drops QoS 1 messages silently when a subscriber's queue is full, so the
     sender must not run ahead of the receiver. The receiver reports progress (cumulative
     ``next``, ``highest`` seen and the ``missing`` gaps); gaps are resent first. If no
-    progress arrives for ``retransmit_s`` the oldest unacknowledged chunks (up to a window)
-    are resent (covers a lost tail chunk or a lost ack). Silence after that is a busy or
-    absent receiver, not loss, so the timer backs off the way TCP's does: each further
-    timeout without progress doubles the wait (up to ``max_retransmit_s``) and resends one
-    probe chunk instead of a window; any report resets both. The waits are stretched by a
+    progress arrives within the retransmission timeout the oldest unacknowledged chunks (up
+    to a window) are resent (covers a lost tail chunk or a lost ack). The timeout follows
+    the receiver the way TCP's does (RFC 6298): smoothed round-trip time plus four times its
+    variation, sampled from chunks sent once (Karn's rule), never below ``retransmit_s``;
+    so a receiver that answers slowly because it is busy is not flooded with copies.
+    Silence after a timeout is a busy or absent receiver, not loss: each further timeout
+    without progress doubles the wait (up to ``max_retransmit_s``) and resends one probe
+    chunk instead of a window. Any report brings back the full window on the next timeout;
+    the doubling stays until a report yields a clean round-trip sample (else a receiver
+    slower than ``retransmit_s`` would get every window twice, forever). The waits are
+    stretched by a
     per-transfer factor in [1, 1.25) taken from the transfer id, so a fleet whose uploads
     all stalled at once does not retransmit in lockstep (docs/design.md, "Transfers").
     Without this, a coordinator that falls a few seconds behind at thousands of devices
@@ -414,7 +420,7 @@ class TransferWindow:
     manifest: TransferManifest
     data: bytes
     window: int = 32
-    retransmit_s: float = 5.0  # first timeout without progress
+    retransmit_s: float = 5.0  # the least timeout without progress (before any RTT sample)
     max_retransmit_s: float = 60.0  # the backed-off timeout stops growing here
     verify: bool = True  # False: the caller built the manifest from these very bytes
     acked: bytearray = field(init=False)
@@ -427,7 +433,11 @@ class TransferWindow:
     _last_progress: float | None = field(init=False, default=None)
     _resets_seen: int = field(init=False, default=0)
     _timeouts: int = field(init=False, default=0)  # consecutive timeouts without progress
+    _backoff: int = field(init=False, default=0)  # doublings of the timeout in force
     _jitter: float = field(init=False, default=1.0)
+    _sent_at: list[float] = field(init=False, default_factory=list)  # first send; -1: resent
+    _srtt: float | None = field(init=False, default=None)  # smoothed round-trip time
+    _rttvar: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -447,6 +457,7 @@ class TransferWindow:
             )
         self.acked = bytearray(self.manifest.chunk_count)
         self.sent = bytearray(self.manifest.chunk_count)
+        self._sent_at = [-1.0] * self.manifest.chunk_count
 
     @property
     def in_flight(self) -> int:
@@ -455,11 +466,27 @@ class TransferWindow:
         return int(np.count_nonzero(sent > np.frombuffer(self.acked, dtype=np.uint8)))
 
     @property
+    def rto_s(self) -> float:
+        """Retransmission timeout from the measured round trips (RFC 6298), within
+        [``retransmit_s``, ``max_retransmit_s``]; ``retransmit_s`` before the first sample."""
+        if self._srtt is None:
+            return self.retransmit_s
+        rto = self._srtt + 4.0 * self._rttvar
+        return min(self.max_retransmit_s, max(self.retransmit_s, rto))
+
+    @property
     def timeout_s(self) -> float:
-        """The current wait for progress before a resend: ``retransmit_s`` doubled per
+        """The current wait for progress before a resend: :attr:`rto_s` doubled per
         consecutive timeout, capped at ``max_retransmit_s``, times this transfer's jitter."""
-        base = min(self.max_retransmit_s, self.retransmit_s * 2 ** min(self._timeouts, 30))
+        base = min(self.max_retransmit_s, self.rto_s * 2 ** min(self._backoff, 30))
         return base * self._jitter
+
+    def _rtt_sample(self, rtt: float) -> None:
+        if self._srtt is None:
+            self._srtt, self._rttvar = rtt, rtt / 2.0
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - rtt)
+            self._srtt = 0.875 * self._srtt + 0.125 * rtt
 
     def chunk(self, seq: int) -> bytes:
         """The framed chunk ``seq``, ready to publish on the blob topic."""
@@ -486,6 +513,7 @@ class TransferWindow:
                     self._resend.append(s)
                     self._resend_set.add(s)
             self._timeouts += 1
+            self._backoff += 1
             self._last_progress = now
         out: list[int] = []
         budget = self.window - self.in_flight
@@ -502,6 +530,7 @@ class TransferWindow:
                 out.append(seq)
                 budget -= 1
         for s in out:
+            self._sent_at[s] = -1.0 if self.sent[s] else now  # Karn: no sample from a resend
             self.sent[s] = 1
         return out
 
@@ -537,6 +566,11 @@ class TransferWindow:
             self.on_nack_all(now)
         if self.done:
             return
+        if highest >= 0 and not self.acked[highest] and highest not in miss:
+            t0 = self._sent_at[highest]
+            if t0 >= 0.0 and now >= t0:
+                self._rtt_sample(now - t0)  # one sample per report, from its newest chunk
+                self._backoff = 0
         if nxt > 0:
             self.acked[:nxt] = b"\x01" * nxt
         if highest >= nxt:
