@@ -44,7 +44,6 @@ from fedcoe_edge.errors import ConfigError, DataError, FedCoEError, ValidationEr
 from fedcoe_edge.io import atomic_write_text
 from fedcoe_edge.simulation import serialized_nbytes
 from fedcoe_edge.strategies import ClientResult, ClientTask, Failure, Strategy, make_strategy
-from fedcoe_edge.strategies.fedcoe import FedCoE
 from fedcoe_edge.streaming import Partial, accumulate, aggregate_partial, new_partial
 from fedcoe_edge.transport import Message, Topics, Transport, Will
 from fedcoe_edge.transport.blob import (
@@ -494,12 +493,11 @@ class Coordinator:
         name = f"global-v{s.version}-r{rnd}.safetensors"
         save_arrays(folder / name, s.global_state)
         digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
-        affinity = getattr(s, "affinity", {}) or {}
         doc = {"model": s.network_cfg.to_dict(), "algorithm": self.fed.algorithm, "seed": self.fed.seed,
                "version": s.version, "round": rnd, "global_file": name, "global_sha256": digest,
                "classes": list(self.fed.classes),
                "rng": s.rng.bit_generator.state,
-               "affinity": {c: [float(v) for v in np.asarray(r)] for c, r in sorted(affinity.items())},
+               **s.checkpoint_extra(),
                "clients": []}
         atomic_write_text(folder / "model.json", json.dumps(doc, indent=1) + "\n")
         save_arrays(folder / "global.safetensors", s.global_state)
@@ -524,8 +522,7 @@ class Coordinator:
                 s.global_state = load_arrays_file(path)
                 s.version, ck_round = int(meta["version"]), int(meta["round"])
                 s.rng.bit_generator.state = meta["rng"]
-                if isinstance(s, FedCoE):
-                    s.affinity = {c: np.asarray(r, dtype=np.float64) for c, r in meta["affinity"].items()}
+                s.restore_extra(meta)
             except (KeyError, TypeError, ValueError, OSError) as exc:
                 raise DataError(f"corrupt coordinator checkpoint {meta_path}: {exc}") from None
             log.info("resumed checkpoint: round %d, version %d", ck_round, s.version)
@@ -1060,15 +1057,10 @@ class Coordinator:
         k = self.cfg.model.num_global_experts
         with self._lock:
             s = self.strategy
-            if isinstance(s, FedCoE):
-                if ids is None:
-                    ids = s.experts_for(dev)
-                if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < k for i in ids):
-                    raise ValidationError(f"expert_ids must be integers in 0..{k - 1}")
-                params = s.params_for(ids)
-            else:
-                ids = list(range(k))
-                params = dict(s.global_state)
+            if ids is not None and (not isinstance(ids, list) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < k for i in ids)):
+                raise ValidationError(f"expert_ids must be integers in 0..{k - 1}")
+            ids, params = s.device_payload(dev, ids)
             version = s.version
             # a refresh belongs to the round whose result it fetches (the evaluation follows it)
             label = rnd if purpose == "refresh" and 0 < rnd <= self.round else self.round
