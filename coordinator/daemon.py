@@ -67,6 +67,10 @@ from fedcoe_edge.wire import (
 log = logging.getLogger("fedcoe.coordinator")
 
 REANNOUNCE_S = 5.0  # repeat a transfer's manifest envelope until the receiver answers
+# Download chunks the broker has not acknowledged yet, over all devices: the MQTT client's
+# queue (memory) stays bounded at thousands of devices, and a control message (an upload's
+# progress report or ACK) waits behind at most this many chunks (docs/daemons.md, "Scale").
+OUT_BACKLOG = 256
 # Per-device bounds (docs/protocol.md, "Bounds"): what one device can make the single
 # handler thread do, whatever it sends.
 CTL_RATE, CTL_BURST = 50.0, 200  # control envelopes per second (all types)
@@ -404,7 +408,7 @@ class Coordinator:
         manifest = dataclasses.replace(base, transfer_id=xid, chunk_size=size,
                                        chunk_count=max(1, -(-len(data) // size)))
         sender = BlobSender(self.transport, topic, manifest, data, window=self.fed.window,
-                            verify=False)
+                            verify=False, budget=self._out_budget)
         with self._lock:
             self._senders[xid] = _Outgoing(device, rnd, purpose, sender, created=time.monotonic())
         self.store.later("add_traffic", rnd, device, "down", purpose, len(data))
@@ -1113,12 +1117,23 @@ class Coordinator:
             with self._lock:
                 self._senders.pop(xid, None)  # type: ignore[arg-type]
 
+    def _out_budget(self) -> int:
+        """How many download chunks may be handed to the MQTT client now (``OUT_BACKLOG``)."""
+        t = self.transport
+        return OUT_BACKLOG - (t.unacked if t is not None else 0)
+
     def _pump_loop(self) -> None:
-        """Drive retransmits of downloads; forget transfers nobody finished in 10 minutes."""
-        while not self._stop.wait(0.25):
+        """Drive retransmits of downloads and the chunks the backlog bound held back (in
+        turn, starting one further each pass, so no device waits behind the same ones);
+        forget transfers nobody finished in 10 minutes."""
+        turn, tick = 0, 0.25
+        while not self._stop.wait(tick):
             with self._lock:
                 outs = list(self._senders.items())
             now = time.monotonic()
+            if outs:
+                turn = (turn + 1) % len(outs)
+                outs = outs[turn:] + outs[:turn]
             for xid, out in outs:
                 try:
                     if out.started and not out.sender.done:
@@ -1131,4 +1146,5 @@ class Coordinator:
                 if now - out.created > 600:
                     with self._lock:
                         self._senders.pop(xid, None)
+            tick = 0.05 if self._out_budget() <= 0 else 0.25  # held-back chunks: look sooner
             self.refusals.flush()
