@@ -44,7 +44,6 @@ from fedcoe_edge.errors import ConfigError, DataError, FedCoEError, ValidationEr
 from fedcoe_edge.io import atomic_write_text
 from fedcoe_edge.simulation import serialized_nbytes
 from fedcoe_edge.strategies import ClientResult, ClientTask, Failure, Strategy, make_strategy
-from fedcoe_edge.strategies.fedcoe import FedCoE
 from fedcoe_edge.streaming import Partial, accumulate, aggregate_partial, new_partial
 from fedcoe_edge.transport import Message, Topics, Transport, Will
 from fedcoe_edge.transport.blob import (
@@ -68,6 +67,10 @@ from fedcoe_edge.wire import (
 log = logging.getLogger("fedcoe.coordinator")
 
 REANNOUNCE_S = 5.0  # repeat a transfer's manifest envelope until the receiver answers
+# Download chunks the broker has not acknowledged yet, over all devices: the MQTT client's
+# queue (memory) stays bounded at thousands of devices, and a control message (an upload's
+# progress report or ACK) waits behind at most this many chunks (docs/daemons.md, "Scale").
+OUT_BACKLOG = 256
 # Per-device bounds (docs/protocol.md, "Bounds"): what one device can make the single
 # handler thread do, whatever it sends.
 CTL_RATE, CTL_BURST = 50.0, 200  # control envelopes per second (all types)
@@ -405,7 +408,7 @@ class Coordinator:
         manifest = dataclasses.replace(base, transfer_id=xid, chunk_size=size,
                                        chunk_count=max(1, -(-len(data) // size)))
         sender = BlobSender(self.transport, topic, manifest, data, window=self.fed.window,
-                            verify=False)
+                            verify=False, budget=self._out_budget)
         with self._lock:
             self._senders[xid] = _Outgoing(device, rnd, purpose, sender, created=time.monotonic())
         self.store.later("add_traffic", rnd, device, "down", purpose, len(data))
@@ -494,12 +497,11 @@ class Coordinator:
         name = f"global-v{s.version}-r{rnd}.safetensors"
         save_arrays(folder / name, s.global_state)
         digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
-        affinity = getattr(s, "affinity", {}) or {}
         doc = {"model": s.network_cfg.to_dict(), "algorithm": self.fed.algorithm, "seed": self.fed.seed,
                "version": s.version, "round": rnd, "global_file": name, "global_sha256": digest,
                "classes": list(self.fed.classes),
                "rng": s.rng.bit_generator.state,
-               "affinity": {c: [float(v) for v in np.asarray(r)] for c, r in sorted(affinity.items())},
+               **s.checkpoint_extra(),
                "clients": []}
         atomic_write_text(folder / "model.json", json.dumps(doc, indent=1) + "\n")
         save_arrays(folder / "global.safetensors", s.global_state)
@@ -524,8 +526,7 @@ class Coordinator:
                 s.global_state = load_arrays_file(path)
                 s.version, ck_round = int(meta["version"]), int(meta["round"])
                 s.rng.bit_generator.state = meta["rng"]
-                if isinstance(s, FedCoE):
-                    s.affinity = {c: np.asarray(r, dtype=np.float64) for c, r in meta["affinity"].items()}
+                s.restore_extra(meta)
             except (KeyError, TypeError, ValueError, OSError) as exc:
                 raise DataError(f"corrupt coordinator checkpoint {meta_path}: {exc}") from None
             log.info("resumed checkpoint: round %d, version %d", ck_round, s.version)
@@ -1060,15 +1061,10 @@ class Coordinator:
         k = self.cfg.model.num_global_experts
         with self._lock:
             s = self.strategy
-            if isinstance(s, FedCoE):
-                if ids is None:
-                    ids = s.experts_for(dev)
-                if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < k for i in ids):
-                    raise ValidationError(f"expert_ids must be integers in 0..{k - 1}")
-                params = s.params_for(ids)
-            else:
-                ids = list(range(k))
-                params = dict(s.global_state)
+            if ids is not None and (not isinstance(ids, list) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < k for i in ids)):
+                raise ValidationError(f"expert_ids must be integers in 0..{k - 1}")
+            ids, params = s.device_payload(dev, ids)
             version = s.version
             # a refresh belongs to the round whose result it fetches (the evaluation follows it)
             label = rnd if purpose == "refresh" and 0 < rnd <= self.round else self.round
@@ -1121,12 +1117,23 @@ class Coordinator:
             with self._lock:
                 self._senders.pop(xid, None)  # type: ignore[arg-type]
 
+    def _out_budget(self) -> int:
+        """How many download chunks may be handed to the MQTT client now (``OUT_BACKLOG``)."""
+        t = self.transport
+        return OUT_BACKLOG - (t.unacked if t is not None else 0)
+
     def _pump_loop(self) -> None:
-        """Drive retransmits of downloads; forget transfers nobody finished in 10 minutes."""
-        while not self._stop.wait(0.25):
+        """Drive retransmits of downloads and the chunks the backlog bound held back (in
+        turn, starting one further each pass, so no device waits behind the same ones);
+        forget transfers nobody finished in 10 minutes."""
+        turn, tick = 0, 0.25
+        while not self._stop.wait(tick):
             with self._lock:
                 outs = list(self._senders.items())
             now = time.monotonic()
+            if outs:
+                turn = (turn + 1) % len(outs)
+                outs = outs[turn:] + outs[:turn]
             for xid, out in outs:
                 try:
                     if out.started and not out.sender.done:
@@ -1139,4 +1146,5 @@ class Coordinator:
                 if now - out.created > 600:
                     with self._lock:
                         self._senders.pop(xid, None)
+            tick = 0.05 if self._out_budget() <= 0 else 0.25  # held-back chunks: look sooner
             self.refusals.flush()

@@ -30,7 +30,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import Any
 
 import numpy as np
 
@@ -50,9 +50,6 @@ from fedcoe_edge.transport.blob import (
     BlobSender,
     fit_chunk_size,
 )
-
-if TYPE_CHECKING:  # torch-free at run time: the strategy module loads only when used
-    from fedcoe_edge.strategies.fedcoe import FedCoE
 from fedcoe_edge.wire import (
     Envelope,
     TransferManifest,
@@ -97,18 +94,6 @@ class PendingRequest:
 def torch_installed() -> bool:
     """Whether this install has torch (the train profile); checked without importing it."""
     return importlib.util.find_spec("torch") is not None
-
-
-def _is_fedcoe(s: Strategy) -> TypeGuard[FedCoE]:
-    from fedcoe_edge.strategies.fedcoe import FedCoE
-
-    return isinstance(s, FedCoE)
-
-
-def _load_arrays(model: Any, params: dict[str, np.ndarray]) -> None:
-    from fedcoe_edge.training import load_arrays
-
-    load_arrays(model, params)
 
 
 NO_TORCH = ("this device has the runtime install profile (no torch) and cannot train; run it "
@@ -756,8 +741,7 @@ class DeviceAgent:
         s = self.strategy
         assert s is not None
         with TORCH_LOCK:
-            if not _is_fedcoe(s):
-                s.global_state = params  # what the device holds stands for the server state
+            s.hold(params)
             tuned = s.personalize(local, self.data)
         if tuned is not local and tuned:
             self.local_state = tuned
@@ -765,19 +749,14 @@ class DeviceAgent:
         return tuned
 
     def _cold_choose(self, gate_params: dict[str, np.ndarray]) -> None:
-        """Routing prior pi = mean g(x) on this device's unlabeled data; ask for the experts
-        that carry most of it (``FedCoE.experts_for_prior``)."""
+        """Ask for the experts the strategy picks from the downloaded gate and this device's
+        unlabeled data (FedCoE: those carrying most of its routing prior)."""
         s = self.strategy
         assert s is not None
         x = np.concatenate([self.data.x_train, self.data.x_test])
-        if _is_fedcoe(s):
-            with TORCH_LOCK:
-                _load_arrays(s.model, gate_params)
-                prior = s.routing_prior(x)
-            ids = s.experts_for_prior(prior)
-            log.info("%s: routing prior %s -> experts %s", self.dev, np.round(prior, 3).tolist(), ids)
-        else:
-            ids = list(range(s.model_cfg.num_global_experts))
+        with TORCH_LOCK:
+            ids = s.choose_cold_experts(gate_params, x)
+        log.info("%s: cold start asks for experts %s", self.dev, ids)
         self._request(fetch_key("cold", 0), {"expert_ids": ids, "purpose": "cold"}, 0)
 
     def _predict(self, params: dict[str, np.ndarray], ids: list[int],
@@ -785,17 +764,8 @@ class DeviceAgent:
         """Class probabilities on the local test split with exactly what the device holds."""
         s = self.strategy
         assert s is not None
-        x = self.data.x_test
-        from fedcoe_edge.training import predict_probs
-
         with TORCH_LOCK:
-            if _is_fedcoe(s):
-                _load_arrays(s.model, params)
-                if use_local:
-                    _load_arrays(s.model, local if local is not None else s.fresh_local_state(self.dev))
-                return predict_probs(s.model, x, use_local=use_local, expert_mask=s.expert_mask(ids))
-            s.global_state = params
-            return s.predict_personal(self.dev, local, x)
+            return s.predict_held(self.dev, params, ids, local, self.data.x_test, use_local)
 
     # ------------------------------------------------------------------ onnx engine (no torch)
     def _welcome_onnx(self, b: dict[str, Any], model_cfg: ModelConfig) -> None:
@@ -908,11 +878,12 @@ class DeviceAgent:
         t0 = time.perf_counter()
         try:
             from fedcoe_edge.bundle_sig import BundleKeys
+            from fedcoe_edge.training import load_arrays
 
             with TORCH_LOCK:
-                _load_arrays(model, params)
+                load_arrays(model, params)
                 if self.local_state is not None and self.cfg.device.role == "train":
-                    _load_arrays(model, self.local_state)
+                    load_arrays(model, self.local_state)
                 # signed with this device's federation key: `fedcoe predict --key-file`
                 # (and this agent) refuse a bundle edited behind its back
                 build_bundle(model, self.state_dir / "bundle", calibration=calib,

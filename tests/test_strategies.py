@@ -91,3 +91,43 @@ def test_fedcoe_cold_start_downloads_top_experts(fed):
     assert ids == sorted(order[:max(need, MODEL.top_k)].tolist())
     s.train_cfg = dataclasses.replace(TRAIN, cold_start_mass=1e-6)  # a narrow device: top_k only
     assert s.cold_start_experts(x) == sorted(order[:MODEL.top_k].tolist())
+
+
+def test_device_payload_dense_strategy_sends_everything() -> None:
+    s = make_strategy("fedavg", MODEL, TRAIN, seed=0)
+    s.initialize()
+    ids, params = s.device_payload("c0", [1])  # a dense model cannot be split
+    assert ids == [0, 1, 2, 3]
+    assert set(params) == set(s.global_state)
+    assert s.choose_cold_experts(params, np.zeros((2, 64), np.float32)) == [0, 1, 2, 3]
+    assert s.checkpoint_extra() == {}
+
+
+def test_device_payload_fedcoe_sends_the_experts_asked_for() -> None:
+    s = make_strategy("fedcoe", MODEL, TRAIN, seed=0)
+    assert isinstance(s, FedCoE)
+    s.initialize()
+    ids, params = s.device_payload("c0", [2])
+    assert ids == [2]
+    held = {expert_of(n) for n in params} - {None}
+    assert held == {2}
+    assert set(params) == set(s.params_for([2]))
+    ids, _ = s.device_payload("c0", None)  # no request: the device's assignment
+    assert ids == s.experts_for("c0")
+    with pytest.raises(ValueError, match="0..3"):
+        s.device_payload("c0", [4])
+
+
+def test_fedcoe_checkpoint_extra_round_trips_the_affinity() -> None:
+    s = make_strategy("fedcoe", MODEL, TRAIN, seed=0)
+    assert isinstance(s, FedCoE)
+    s.affinity = {"c1": np.array([0.5, 0.25, 0.25, 0.0]), "c0": np.array([0.0, 0.0, 0.5, 0.5])}
+    doc = s.checkpoint_extra()
+    assert list(doc["affinity"]) == ["c0", "c1"]
+    t = make_strategy("fedcoe", MODEL, TRAIN, seed=0)
+    assert isinstance(t, FedCoE)
+    t.restore_extra({"version": 3, **doc})
+    assert {c: r.tolist() for c, r in t.affinity.items()} == {
+        "c0": [0.0, 0.0, 0.5, 0.5], "c1": [0.5, 0.25, 0.25, 0.0]}
+    t.restore_extra({})  # a checkpoint from before affinities existed
+    assert t.affinity == {}

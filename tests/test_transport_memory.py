@@ -380,3 +380,27 @@ def test_bulk_lane_waits_while_control_messages_are_queued() -> None:
     gate.set()
     t.stop()
     assert seen == ["blob/0", "ctl/x", "blob/1"]
+
+
+def test_blob_sender_publishes_only_what_the_shared_budget_allows() -> None:
+    """Many senders share one budget (a coordinator's outgoing backlog bound): nothing is
+    published while it is spent, and the held-back chunks go out on later pumps."""
+    broker = MemoryBroker(threaded=False)
+    coord = broker.client("coord")
+    coord.connect()
+    data = _model_bytes(3)
+    allowance = [0]
+    senders: list[BlobSender] = []
+
+    def budget() -> int:  # like the coordinator's: the bound minus what is still queued
+        return allowance[0] - sum(s.chunks_published for s in senders)
+
+    for i in range(3):
+        m = TransferManifest.for_payload(data, expert_ids=[0], base_version=1,
+                                         chunk_size=4096, transfer_id=f"x{i}")
+        senders.append(BlobSender(coord, f"t/{i}", m, data, window=4, budget=budget))
+    assert [s.pump() for s in senders] == [0, 0, 0]
+    allowance[0] = 5
+    assert [s.pump() for s in senders] == [4, 1, 0]  # windows of 4, five chunks in all
+    allowance[0] = 12
+    assert [s.pump() for s in senders] == [0, 3, 4]  # the first one's window is full

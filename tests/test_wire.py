@@ -677,3 +677,19 @@ def test_window_rejects_a_timeout_above_its_cap() -> None:
     m = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1024)
     with pytest.raises(WireError, match="retransmit_s"):
         TransferWindow(m, data, retransmit_s=90.0, max_retransmit_s=60.0)
+
+
+def test_window_due_honours_a_limit_and_wants_says_when_to_call() -> None:
+    data = _payload(10 * 1024, seed=9)
+    m = TransferManifest.for_payload(data, expert_ids=[0], base_version=1, chunk_size=1024)
+    w = TransferWindow(m, data, window=4, retransmit_s=1.0)
+    assert w.wants(0.0)
+    assert w.due(0.0, limit=3) == [0, 1, 2]  # held back by the caller's budget ...
+    assert w.wants(0.0)
+    assert w.due(0.0, limit=0) == []
+    assert w.due(0.0) == [3]  # ... and the window (4) still counts what is in flight
+    assert not w.wants(0.5)  # window full, timer not due: nothing to do
+    w.on_progress({"next": 2, "highest": 3, "missing": [2]}, 0.6)
+    assert w.wants(0.6)
+    assert w.due(0.6, limit=1) == [2]  # the resend goes first
+    assert w.due(0.6) == [4, 5, 6]  # in flight now: 2 only

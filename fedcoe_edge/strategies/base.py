@@ -167,3 +167,40 @@ class Strategy(ABC):
         its evaluation (x, y), ``x_global`` is the global evaluation set. Default: nothing to
         say; FedCoE reports expert use and what each level adds."""
         return {}
+
+    # --- what a device holds: the daemons ask these, never the strategy's type ----------
+    def device_payload(self, client_id: str,
+                       expert_ids: Sequence[int] | None) -> tuple[list[int], Arrays]:
+        """What a device downloads when it fetches the model: the global expert ids it will
+        hold and the arrays. ``expert_ids`` is the device's request (None: whatever this
+        strategy assigns it). Default: a dense model cannot be split, so every expert and
+        the whole global state, whatever was asked."""
+        return list(range(self.model_cfg.num_global_experts)), dict(self.global_state)
+
+    def hold(self, params: Arrays) -> None:
+        """On a device: make what it downloaded the state that :meth:`personalize` and the
+        prediction methods read. Default: the download is the global state."""
+        self.global_state = params
+
+    def predict_held(self, client_id: str, params: Arrays, expert_ids: Sequence[int],
+                     local_state: Arrays | None, x: np.ndarray, use_local: bool) -> np.ndarray:
+        """Class probabilities with exactly what a device holds (``params`` covering
+        ``expert_ids``, its private ``local_state``), (N, C). Default: the personal model
+        built from the download; a dense model has no level to leave out."""
+        self.hold(params)
+        return self.predict_personal(client_id, local_state, x)
+
+    def choose_cold_experts(self, params: Arrays, x_unlabeled: np.ndarray) -> list[int]:
+        """On a new device: which global experts to download, given the gate-level ``params``
+        it fetched first and its own unlabeled inputs. Default: all of them."""
+        return list(range(self.model_cfg.num_global_experts))
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """Server state beyond the arrays, rng and version that a coordinator checkpoint
+        must keep (JSON-ready). Default: none."""
+        return {}
+
+    def restore_extra(self, doc: Mapping[str, Any]) -> None:
+        """Take back what :meth:`checkpoint_extra` wrote (``doc`` is the whole checkpoint
+        document; a key it lacks means a checkpoint from before that state existed)."""
+        del doc  # nothing beyond the arrays by default

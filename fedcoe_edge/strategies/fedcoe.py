@@ -279,6 +279,48 @@ class FedCoE(Strategy):
         ids = self.cold_start_experts(x)
         return predict_probs(self.model, x, use_local=False, expert_mask=self.expert_mask(ids))
 
+    # --- what a device holds ----------------------------------------------------------
+    def device_payload(self, client_id: str,
+                       expert_ids: Sequence[int] | None) -> tuple[list[int], Arrays]:
+        """Only the experts asked for (default: the device's assignment) plus the gate,
+        shared expert and exchanged trunk: partial exchange (docs/design.md)."""
+        ids = self.experts_for(client_id) if expert_ids is None else list(expert_ids)
+        k = self.model_cfg.num_global_experts
+        if not all(isinstance(i, int) and 0 <= i < k for i in ids):
+            raise ValueError(f"expert ids must be integers in 0..{k - 1}, got {ids!r:.80}")
+        return ids, self.params_for(ids)
+
+    def hold(self, params: Arrays) -> None:
+        """A device holds a subset of experts, so its download goes into the network (the
+        experts it lacks are masked at prediction), not into the server's global state."""
+        load_arrays(self.model, params)
+
+    def predict_held(self, client_id: str, params: Arrays, expert_ids: Sequence[int],
+                     local_state: Arrays | None, x: np.ndarray, use_local: bool) -> np.ndarray:
+        """Routing restricted to the held experts; the local level from ``local_state`` (a
+        fresh one before the device trained) unless ``use_local`` is False (cold path)."""
+        self.hold(params)
+        if use_local:
+            load_arrays(self.model, local_state if local_state is not None
+                        else self.fresh_local_state(client_id))
+        return predict_probs(self.model, x, use_local=use_local,
+                             expert_mask=self.expert_mask(expert_ids))
+
+    def choose_cold_experts(self, params: Arrays, x_unlabeled: np.ndarray) -> list[int]:
+        """Routing prior of the downloaded gate on the device's own inputs, then the
+        experts that carry ``train.cold_start_mass`` of it (:meth:`experts_for_prior`)."""
+        self.hold(params)
+        return self.experts_for_prior(self.routing_prior(x_unlabeled))
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """The EMA affinity matrix: expert assignment and aggregation weights depend on it."""
+        return {"affinity": {c: [float(v) for v in np.asarray(r)]
+                             for c, r in sorted(self.affinity.items())}}
+
+    def restore_extra(self, doc: Mapping[str, Any]) -> None:
+        self.affinity = {c: np.asarray(r, dtype=np.float64)
+                         for c, r in dict(doc.get("affinity", {})).items()}
+
     # --- diagnostics ------------------------------------------------------------------
     @torch.no_grad()
     def level_outputs(self, client_id: str, local_state: Arrays | None,

@@ -297,6 +297,12 @@ class Transport(ABC):
     def is_handler_thread(self) -> bool:
         """True on the thread that runs handlers: blocking there stalls all delivery."""
 
+    @property
+    def unacked(self) -> int:
+        """QoS 1 publishes the broker has not acknowledged yet (the outgoing backlog);
+        0 where publishing never queues."""
+        return 0
+
     def max_payload(self, topic: str, qos: int = 1) -> int:
         """Largest payload that fits in one publish on ``topic`` (with an expiry)."""
         room = self.max_packet_size - publish_packet_size(topic, 0, qos, expiry=True)

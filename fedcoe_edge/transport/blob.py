@@ -77,9 +77,13 @@ class BlobSender:
         qos: int = 1,
         clock: Callable[[], float] = time.monotonic,
         verify: bool = True,
+        budget: Callable[[], int] | None = None,
     ) -> None:
         """``verify=False`` skips re-hashing ``data`` against the manifest: for a sender that
-        built the manifest from these bytes and sends them to many receivers."""
+        built the manifest from these bytes and sends them to many receivers. ``budget``
+        (shared by many senders) says how many chunks may be published right now; what it
+        holds back goes out on a later :meth:`pump`, so one process sending to thousands of
+        devices keeps a bounded backlog in its MQTT client instead of every payload."""
         transport.check_size(
             topic, manifest.chunk_size + chunk_overhead(manifest.transfer_id), qos, False
         )
@@ -93,6 +97,7 @@ class BlobSender:
         self._lock = threading.Lock()
         self._done = threading.Event()
         self.chunks_published = 0
+        self._budget = budget
 
     @property
     def done(self) -> bool:
@@ -112,7 +117,13 @@ class BlobSender:
         if not self._t.connected:
             return 0
         with self._lock:
-            frames = [self._win.chunk(s) for s in self._win.due(self._clock())]
+            now = self._clock()
+            if not self._win.wants(now):
+                return 0
+            limit = None if self._budget is None else self._budget()
+            if limit is not None and limit <= 0:
+                return 0
+            frames = [self._win.chunk(s) for s in self._win.due(now, limit)]
         for f in frames:
             self._t.publish(self._topic, f, qos=self._qos)
         self.chunks_published += len(frames)

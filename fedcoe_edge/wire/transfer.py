@@ -496,8 +496,20 @@ class TransferWindow:
             m.transfer_id, seq, m.chunk_count, self.data[off : off + m.chunk_len(seq)]
         )
 
-    def due(self, now: float) -> list[int]:
-        """Sequence numbers to publish now; marks them sent. Call after every event."""
+    def wants(self, now: float) -> bool:
+        """Whether :meth:`due` would return anything now (cheap: a sender with many
+        transfers polls this on a timer and calls :meth:`due` only for those that do)."""
+        if self.done:
+            return False
+        if self._resend or self._last_progress is None:
+            return True
+        if now - self._last_progress >= self.timeout_s:
+            return True
+        return self._next_new < self.manifest.chunk_count and self.in_flight < self.window
+
+    def due(self, now: float, limit: int | None = None) -> list[int]:
+        """Sequence numbers to publish now (at most ``limit``: resends first, the rest wait
+        for the next call); marks them sent. Call after every event."""
         if self.done:
             return []
         if self._last_progress is None:
@@ -516,13 +528,15 @@ class TransferWindow:
             self._backoff += 1
             self._last_progress = now
         out: list[int] = []
-        budget = self.window - self.in_flight
-        while self._resend:
+        cap = self.manifest.chunk_count if limit is None else max(0, limit)
+        budget = min(self.window - self.in_flight, cap)
+        while self._resend and len(out) < cap:
             seq = self._resend.pop(0)
             self._resend_set.discard(seq)
             if not self.acked[seq]:
                 out.append(seq)
                 self.resends += 1
+        budget = min(budget, cap - len(out))
         while budget > 0 and self._next_new < self.manifest.chunk_count:
             seq = self._next_new
             self._next_new += 1
