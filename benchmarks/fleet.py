@@ -124,7 +124,7 @@ class SimDevice:
     """One device: the agent's protocol without torch (docs/protocol.md)."""
 
     def __init__(self, fleet: DeviceFleet, dev: str) -> None:
-        from device_agent import protocol as P
+        from fedcoe_edge import protocol as P
         from fedcoe_edge.transport.blob import BlobReceiver
 
         self.P = P

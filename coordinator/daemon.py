@@ -38,7 +38,7 @@ import numpy as np
 from coordinator.config import CoordinatorConfig
 from coordinator.limits import RateLimiter, RefusalLog
 from coordinator.store import Store
-from device_agent import protocol as P
+from fedcoe_edge import protocol as P
 from fedcoe_edge.checkpoint import load_arrays_file, save_arrays
 from fedcoe_edge.errors import ConfigError, DataError, FedCoEError, ValidationError, WireError
 from fedcoe_edge.io import atomic_write_text

@@ -42,7 +42,7 @@ import psutil
 import pytest
 
 from coordinator.daemon import CTL_BURST, CTL_RATE
-from device_agent import protocol as P
+from fedcoe_edge import protocol as P
 from fedcoe_edge.broker import MosquittoBroker
 from fedcoe_edge.commands.demo import toml_text
 from fedcoe_edge.errors import FedCoEError

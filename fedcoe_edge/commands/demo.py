@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from device_agent.protocol import device_key
 from fedcoe_edge.errors import ConfigError, FedCoEError
 from fedcoe_edge.io import atomic_write_text
+from fedcoe_edge.protocol import device_key
 
 log = logging.getLogger("fedcoe.demo")
 
