@@ -257,6 +257,7 @@ CORE_MODULES = (
     "fedcoe_edge.training",
     "fedcoe_edge.aggregate",
     "fedcoe_edge.simulation",
+    "fedcoe_edge.data.client",
     "fedcoe_edge.data.datasets",
     "fedcoe_edge.data.partition",
     "fedcoe_edge.data.federation",
