@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from coordinator.config import load_config
+from coordinator.daemon import Coordinator
 from coordinator.harness import EmbeddedFederation
 from coordinator.store import Store
 from device_agent.daemon import AgentHooks, DeviceAgent
@@ -22,6 +23,7 @@ from device_agent.protocol import TransportFactory
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.data import make_federation
 from fedcoe_edge.errors import ConfigError
+from fedcoe_edge.registry import RegistryError
 from fedcoe_edge.simulation import SimulationConfig, run_one
 from fedcoe_edge.transport import MemoryBroker, Transport, Will
 
@@ -96,6 +98,23 @@ def test_missing_secret_and_bad_toml(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path / "c.toml", "[federation]\nid = 'x'\n"),
                       {"FEDCOE_SECURITY_SECRET": SECRET})
     assert cfg.secret == bytes.fromhex(SECRET)
+
+
+def test_a_model_that_cannot_be_built_leaves_no_state_folder(tmp_path: Path) -> None:
+    """The import path resolves (config validation passes) but the factory builds no module:
+    the coordinator refuses before it creates its state folder or database."""
+    cfg = load_config(write(tmp_path / "c.toml", f"""
+[federation]
+state_dir = "st"
+[security]
+secret = "{SECRET}"
+[model]
+trunk = "json:dumps"
+"""), {})
+    _, factory = memory_factory()
+    with pytest.raises(RegistryError, match="returned a str, not a torch.nn.Module"):
+        Coordinator(cfg, factory)
+    assert not (tmp_path / "st").exists()
 
 
 # --- the daemon over the in-memory transport ------------------------------------------
