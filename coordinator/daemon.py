@@ -145,9 +145,10 @@ class Coordinator:
         self.topics = Topics(self.fed.id)
         self.me = self.fed.coordinator_id
         self.state_dir = cfg.state_dir
+        # the model first: a config whose model cannot be built leaves no state folder behind
+        self.strategy: Strategy = make_strategy(self.fed.algorithm, cfg.model, cfg.train, self.fed.seed)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.state_dir / "coordinator.sqlite")
-        self.strategy: Strategy = make_strategy(self.fed.algorithm, cfg.model, cfg.train, self.fed.seed)
         self.bc_key = P.broadcast_key(cfg.secret, self.fed.id)
         self._factory = factory if factory is not None else P.mqtt_factory(cfg.broker)
         self._lock = threading.RLock()
