@@ -19,10 +19,10 @@ from coordinator.daemon import Coordinator
 from coordinator.harness import EmbeddedFederation
 from coordinator.store import Store
 from device_agent.daemon import AgentHooks, DeviceAgent
-from device_agent.protocol import TransportFactory
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.data import make_federation
 from fedcoe_edge.errors import ConfigError
+from fedcoe_edge.protocol import TransportFactory
 from fedcoe_edge.registry import RegistryError
 from fedcoe_edge.simulation import SimulationConfig, run_one
 from fedcoe_edge.transport import MemoryBroker, Transport, Will
