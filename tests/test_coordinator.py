@@ -439,3 +439,28 @@ def test_a_batch_that_fails_to_persist_is_not_acknowledged_and_counts_once(
     assert all("chunk for unknown transfer" in r for r in refused), refused
     for name, value in want.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_a_resent_evaluation_is_answered_but_logged_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A device re-sends an EVAL whose ack was late: it is stored (idempotently) and acked
+    again, but the log gets one line per evaluation, not one per copy."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="fedcoe.coordinator")
+    _, factory = memory_factory()
+    fed = EmbeddedFederation(tmp_path, factory, devices=2, rounds=1)
+    fed.start()
+    try:
+        fed.wait_rounds(90)
+        c = fed.coordinator
+        assert c is not None
+        for _ in range(3):
+            c._on_eval("0", 7, {"kind": "cold", "correct": 3, "total": 4})
+        c._on_eval("1", 7, {"kind": "cold", "correct": 1, "total": 4})
+        fed.wait(lambda: len([e for e in c.store.evals("cold") if e["round"] == 7]) == 2, 30,
+                 "the evaluations stored")
+    finally:
+        fed.stop()
+    lines = [r.getMessage() for r in caplog.records if "round=7 kind=cold" in r.getMessage()]
+    assert len(lines) == 2 and any("device=0" in m for m in lines), lines
