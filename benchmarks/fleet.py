@@ -49,7 +49,7 @@ except ModuleNotFoundError:  # Python 3.10
 import numpy as np
 
 from device_agent.daemon import REANNOUNCE_S, RETRY_ATTEMPTS, PendingRequest, retry_delay
-from device_agent.protocol import DEFAULT_WINDOW
+from fedcoe_edge.protocol import DEFAULT_WINDOW
 from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,7 +126,7 @@ class SimDevice:
     """One device: the agent's protocol without torch (docs/protocol.md)."""
 
     def __init__(self, fleet: DeviceFleet, dev: str) -> None:
-        from device_agent import protocol as P
+        from fedcoe_edge import protocol as P
         from fedcoe_edge.transport.blob import BlobReceiver
 
         self.P = P
@@ -821,6 +821,20 @@ def write_markdown(runs: list[dict[str, Any]], path: Path, command: str) -> None
     for r in runs:
         if "error" in r:
             lines.append(f"| {r['devices']} | error: {r['error']} |")
+    lines += ["", "Traffic: what the broker received from all clients over the whole run, against "
+              "the payload the rounds needed (tasks, updates; final refreshes not counted), and "
+              "the upload chunks devices sent more than once. A sender that reads a busy "
+              "coordinator as loss shows here as amplification (docs/design.md, \"Transfers\").",
+              "", "| devices | broker GB received | payload GB (rounds) | ratio | upload chunks resent |",
+              "|---|---|---|---|---|"]
+    for r in runs:
+        if "round_rows" not in r:
+            continue
+        got = float(r.get("broker_bytes_received", math.nan)) / 1e9
+        need = sum(x.get("bytes_up", 0) + x.get("bytes_down", 0) for x in r["round_rows"]) / 1e9
+        ratio = got / need if need else math.nan
+        lines.append(f"| {r['devices']} | {got:.2f} | {need:.2f} | {ratio:.1f}x | "
+                     f"{r.get('upload_resends', 0)} |")
     ns = [float(s["devices"]) for s in sums]
     rss_slope = _fit_slope(ns, [s["coord_peak_rss_mb"] for s in sums], log=True)
     growth_slope = _fit_slope(ns, [s["coord_growth_mb"] for s in sums], log=True)

@@ -25,7 +25,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-CACHES = (RESULTS / "accuracy_cache.jsonl", RESULTS / "tuning_cache.jsonl")
+LONG_CACHE = RESULTS / "long60" / "accuracy_cache.jsonl"
+CACHES = (RESULTS / "accuracy_cache.jsonl", RESULTS / "tuning_cache.jsonl", LONG_CACHE)
+# The convergence grid (`make accuracy-long`, every seed it may hold): its runs are keyed
+# like the main grid's, with its own rounds and settings in the fingerprint.
+LONG_ARGS = ["--rounds", "60", "--seeds", "0,1,2", "--ablations", "",
+             "--settings", "fmnist-dir0.1,fmnist-dir0.5,fmnist-shards2",
+             "--algorithms", "fedcoe,fedavg,fedprox,local,fedavg-ft,ditto,fedrep,mixture"]
 
 # Run in the interpreter of the tree whose keys we want: prints {job: key} as JSON.
 _KEYS_SCRIPT = """
@@ -36,6 +42,9 @@ out = {}
 g = A.grid_from_args(A.parse_args([]))
 for s, a, seed in g.jobs():
     out[json.dumps(["grid", s, a, seed])] = A.run_key(g, s, a, seed)
+lg = A.grid_from_args(A.parse_args(json.loads(sys.argv[2])))
+for s, a, seed in lg.jobs():
+    out[json.dumps(["long", s, a, seed])] = A.run_key(lg, s, a, seed)
 for d, a, i in T.job_list(list(T.TUNE_SETTINGS), list(T.SEARCH)):
     knobs = T.SEARCH[a][i]
     tg = T.tune_grid(d, a, knobs, False, T.DEFAULT_FRACTION, None)
@@ -46,7 +55,8 @@ print(json.dumps(out))
 
 def job_keys(tree: Path) -> dict[str, str]:
     """{job identity: cache key} for every grid and tuning job of the source tree ``tree``."""
-    proc = subprocess.run([sys.executable, "-c", _KEYS_SCRIPT, str(tree)], cwd=tree,
+    proc = subprocess.run([sys.executable, "-c", _KEYS_SCRIPT, str(tree), json.dumps(LONG_ARGS)],
+                          cwd=tree,
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]

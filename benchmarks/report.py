@@ -178,7 +178,24 @@ def _sort_key(row: dict[str, Any]) -> tuple[Any, ...]:
 def render_markdown(
     rows: Sequence[dict[str, Any]], meta: dict[str, Any], small: str = SMALL, v2: str = V2
 ) -> str:
-    """The report: environment, FedCoE ratios and goal, int8 vs fp32, threads, full table."""
+    """The report: environment, FedCoE ratios and goal, int8 vs fp32, threads, full table.
+
+    One function per section, in report order; a section with nothing to show returns no lines.
+    """
+    inter = list(meta.get("interleaved") or [])
+    out = _header_lines(rows, meta)
+    out += _round_robin_lines(inter, small, v2)
+    out += _fedcoe_lines(rows, inter, small, v2)
+    if meta.get("breakdown"):
+        out += _breakdown_lines(meta["breakdown"], inter or rows, small)
+    out += _int8_lines(rows)
+    out += _all_rows_lines(rows)
+    out += ["", "![p50 latency at 224x224, batch 1](latency.png)", ""]
+    return "\n".join(out)
+
+
+def _header_lines(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    """Title, the machine and versions, the SGEMM peak, the load while timing, the method."""
     env = meta.get("env") or {}
     peak = meta.get("sgemm_peak") or {}
     out = ["# Latency and memory benchmark", ""]
@@ -210,97 +227,110 @@ def render_markdown(
         "Ratios compare rows measured in this same run.",
         "",
     ]
+    return out
 
-    inter = list(meta.get("interleaved") or [])
-    if inter:
-        out += [
-            "## Round-robin timing (one call of each model per round)",
-            "",
-            "Timed together, so every row saw the same background load: the fairest "
-            "latency ratios of this run.",
-            "",
-        ]
-        body = []
-        for r in sorted(inter, key=_sort_key):
-            q = same_run_ratios(r, inter, small, v2)
-            body.append(
-                [
-                    r["model"],
-                    f"{r['runtime']} {r['precision']}",
-                    r["input"],
-                    _fmt(r["p50_ms"], 3),
-                    _fmt(r.get("p95_ms"), 3),
-                    _fmt(r.get("p99_ms"), 3),
-                    _fmt(r.get("pct_of_peak"), 1),
-                    _x(q["lat_small_same"]),
-                    f"{_x(q['lat_small_best'])} ({q['small_best'] or '-'})",
-                    _x(q["lat_v2_same"]),
-                ]
-            )
-        out += _table(
+
+def _round_robin_lines(inter: Sequence[dict[str, Any]], small: str, v2: str) -> list[str]:
+    """The round-robin rows (every model timed under the same background load), if any."""
+    if not inter:
+        return []
+    out = [
+        "## Round-robin timing (one call of each model per round)",
+        "",
+        "Timed together, so every row saw the same background load: the fairest "
+        "latency ratios of this run.",
+        "",
+    ]
+    body = []
+    for r in sorted(inter, key=_sort_key):
+        q = same_run_ratios(r, inter, small, v2)
+        body.append(
             [
-                "model",
-                "runtime / precision",
-                "input",
-                "p50 ms",
-                "p95 ms",
-                "p99 ms",
-                "% peak",
-                "latency ÷ V3-S same",
-                "latency ÷ V3-S best",
-                "latency ÷ V2 same",
-            ],
-            body,
+                r["model"],
+                f"{r['runtime']} {r['precision']}",
+                r["input"],
+                _fmt(r["p50_ms"], 3),
+                _fmt(r.get("p95_ms"), 3),
+                _fmt(r.get("p99_ms"), 3),
+                _fmt(r.get("pct_of_peak"), 1),
+                _x(q["lat_small_same"]),
+                f"{_x(q['lat_small_best'])} ({q['small_best'] or '-'})",
+                _x(q["lat_v2_same"]),
+            ]
         )
-        out.append("")
+    out += _table(
+        [
+            "model",
+            "runtime / precision",
+            "input",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "% peak",
+            "latency ÷ V3-S same",
+            "latency ÷ V3-S best",
+            "latency ÷ V2 same",
+        ],
+        body,
+    )
+    out.append("")
+    return out
 
+
+def _fedcoe_lines(
+    rows: Sequence[dict[str, Any]], inter: Sequence[dict[str, Any]], small: str, v2: str
+) -> list[str]:
+    """FedCoE rows as same-run ratios to the baselines, the goal, sparse against dense."""
     fedcoe = sorted((r for r in rows if r.get("family") == "fedcoe"), key=_sort_key)
-    if fedcoe:
-        out += ["## FedCoE against the MobileNet baselines", ""]
-        body = []
-        for r in fedcoe:
-            q = same_run_ratios(r, rows, small, v2)
-            body.append(
-                [
-                    r["model"],
-                    f"{r['runtime']} {r['precision']}",
-                    r["input"],
-                    _threads_label(r),
-                    str(r["batch"]),
-                    _fmt(r["p50_ms"], 3),
-                    _fmt(r.get("peak_rss_mb"), 1),
-                    _x(q["lat_small_same"]),
-                    f"{_x(q['lat_small_best'])} ({q['small_best'] or '-'})",
-                    _x(q["lat_v2_same"]),
-                    _x(q["rss_small_same"]),
-                    _x(q["rss_small_best"]),
-                    _x(q["rss_v2_same"]),
-                ]
-            )
-        out += _table(
+    if not fedcoe:
+        return []
+    out = ["## FedCoE against the MobileNet baselines", ""]
+    body = []
+    for r in fedcoe:
+        q = same_run_ratios(r, rows, small, v2)
+        body.append(
             [
-                "model",
-                "runtime / precision",
-                "input",
-                "threads",
-                "batch",
-                "p50 ms",
-                "peak RSS MB",
-                "latency ÷ V3-S same",
-                "latency ÷ V3-S best",
-                "latency ÷ V2 same",
-                "RSS ÷ V3-S same",
-                "RSS ÷ V3-S best",
-                "RSS ÷ V2 same",
-            ],
-            body,
+                r["model"],
+                f"{r['runtime']} {r['precision']}",
+                r["input"],
+                _threads_label(r),
+                str(r["batch"]),
+                _fmt(r["p50_ms"], 3),
+                _fmt(r.get("peak_rss_mb"), 1),
+                _x(q["lat_small_same"]),
+                f"{_x(q['lat_small_best'])} ({q['small_best'] or '-'})",
+                _x(q["lat_v2_same"]),
+                _x(q["rss_small_same"]),
+                _x(q["rss_small_best"]),
+                _x(q["rss_v2_same"]),
+            ]
         )
-        out += ["", *_goal_lines(fedcoe, rows, inter, small, v2), ""]
-        out += _sparse_vs_dense(rows)
-    if meta.get("breakdown"):
-        out += _breakdown_lines(meta["breakdown"], inter or rows, small)
+    out += _table(
+        [
+            "model",
+            "runtime / precision",
+            "input",
+            "threads",
+            "batch",
+            "p50 ms",
+            "peak RSS MB",
+            "latency ÷ V3-S same",
+            "latency ÷ V3-S best",
+            "latency ÷ V2 same",
+            "RSS ÷ V3-S same",
+            "RSS ÷ V3-S best",
+            "RSS ÷ V2 same",
+        ],
+        body,
+    )
+    out += ["", *_goal_lines(fedcoe, rows, inter, small, v2), ""]
+    out += _sparse_vs_dense(rows)
+    return out
 
-    out += ["## int8 against fp32 (onnxruntime)", ""]
+
+def _int8_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """onnxruntime int8 (unfixed and fixed) against fp32 at equal settings."""
+    out = ["## int8 against fp32 (onnxruntime)", ""]
     body = []
     for r in sorted(rows, key=_sort_key):
         if r["runtime"] != "onnxruntime" or r["precision"] != "fp32":
@@ -347,9 +377,13 @@ def render_markdown(
         "(`export/quantize.py`, `export/graph_rewrites.py`; `python -m benchmarks.compare` times "
         "each step).",
         "",
-        "## All rows",
-        "",
     ]
+    return out
+
+
+def _all_rows_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Every measured row, every column."""
+    out = ["## All rows", ""]
     body = [
         [
             r["model"],
@@ -390,8 +424,7 @@ def render_markdown(
         ],
         body,
     )
-    out += ["", "![p50 latency at 224x224, batch 1](latency.png)", ""]
-    return "\n".join(out)
+    return out
 
 
 def _goal_lines(

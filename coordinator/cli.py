@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from coordinator.config import load_config
     from coordinator.daemon import Coordinator
-    from device_agent.protocol import install_stop_handlers
+    from fedcoe_edge.protocol import install_stop_handlers
 
     cfg = load_config(args.config)
     cfg.broker.check_files(f"{cfg.source}: [broker]")

@@ -38,7 +38,7 @@ import numpy as np
 from coordinator.config import CoordinatorConfig
 from coordinator.limits import RateLimiter, RefusalLog
 from coordinator.store import Store
-from device_agent import protocol as P
+from fedcoe_edge import protocol as P
 from fedcoe_edge.checkpoint import load_arrays_file, save_arrays
 from fedcoe_edge.errors import ConfigError, DataError, FedCoEError, ValidationError, WireError
 from fedcoe_edge.io import atomic_write_text
@@ -67,6 +67,7 @@ from fedcoe_edge.wire import (
 log = logging.getLogger("fedcoe.coordinator")
 
 REANNOUNCE_S = 5.0  # repeat a transfer's manifest envelope until the receiver answers
+EVALS_LOGGED_MAX = 100_000  # (device, round, kind) remembered to log each evaluation once
 # Download chunks the broker has not acknowledged yet, over all devices: the MQTT client's
 # queue (memory) stays bounded at thousands of devices, and a control message (an upload's
 # progress report or ACK) waits behind at most this many chunks (docs/daemons.md, "Scale").
@@ -145,9 +146,10 @@ class Coordinator:
         self.topics = Topics(self.fed.id)
         self.me = self.fed.coordinator_id
         self.state_dir = cfg.state_dir
+        # the model first: a config whose model cannot be built leaves no state folder behind
+        self.strategy: Strategy = make_strategy(self.fed.algorithm, cfg.model, cfg.train, self.fed.seed)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.state_dir / "coordinator.sqlite")
-        self.strategy: Strategy = make_strategy(self.fed.algorithm, cfg.model, cfg.train, self.fed.seed)
         self.bc_key = P.broadcast_key(cfg.secret, self.fed.id)
         self._factory = factory if factory is not None else P.mqtt_factory(cfg.broker)
         self._lock = threading.RLock()
@@ -174,6 +176,7 @@ class Coordinator:
         self._partial: Partial | None = None
         self._snapshot: tuple[int, Path | None] = (0, None)  # newest durable partial
         self._persist_q: queue.Queue[_Accepted | _Eval | None] = queue.Queue()
+        self._evals_logged: set[tuple[str, int, str]] = set()  # one log line per evaluation
         self._prepared: dict[tuple[int, tuple[int, ...], tuple[str, ...]],
                              tuple[bytes, TransferManifest]] = {}
         self._last_request = 0.0  # monotonic time of the last fetch or eval
@@ -1100,6 +1103,12 @@ class Coordinator:
         # waits for (it re-sends an unanswered eval); storing is idempotent, so a re-sent
         # eval only repeats this answer
         self._persist_q.put(_Eval(dev, rnd, kind, correct, total))
+        seen = (dev, rnd, kind)
+        if seen in self._evals_logged:
+            return  # a re-send (its ack was late): answered again, not logged again
+        if len(self._evals_logged) >= EVALS_LOGGED_MAX:
+            self._evals_logged.clear()  # a bound on memory; at worst a re-send logs twice
+        self._evals_logged.add(seen)
         log.info("eval device=%s round=%d kind=%s acc=%.4f (%d/%d)", dev, rnd, kind,
                  correct / total if total else float("nan"), correct, total)
 

@@ -18,8 +18,8 @@ from coordinator.config import CoordinatorConfig, EvalSettings, FederationSettin
 from coordinator.daemon import Coordinator
 from device_agent.config import AgentConfig, DataSettings, DeviceSettings
 from device_agent.daemon import AgentHooks, DeviceAgent
-from device_agent.protocol import TransportFactory, device_key
 from fedcoe_edge.config import ModelConfig, TrainConfig
+from fedcoe_edge.protocol import TransportFactory, device_key
 from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE
 
 DEMO_SECRET = bytes(range(32))

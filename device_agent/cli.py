@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from device_agent.config import load_config
     from device_agent.daemon import DeviceAgent, torch_installed
-    from device_agent.protocol import install_stop_handlers
+    from fedcoe_edge.protocol import install_stop_handlers
 
     cfg = load_config(args.config)
     if cfg.device.engine != "onnx" and torch_installed():  # not imported by an inference device

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device_agent.protocol import (
+from fedcoe_edge.config import TIER_WIDTH
+from fedcoe_edge.errors import ConfigError
+from fedcoe_edge.protocol import (
     COORDINATOR_ID,
     DEFAULT_WINDOW,
     BrokerSettings,
@@ -26,8 +28,6 @@ from device_agent.protocol import (
     read_secret,
     section_defaults,
 )
-from fedcoe_edge.config import TIER_WIDTH
-from fedcoe_edge.errors import ConfigError
 from fedcoe_edge.transport.topics import check_id
 from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE, check_chunk_size
 

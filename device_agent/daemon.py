@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from device_agent import protocol as P
 from device_agent.config import AgentConfig
 from device_agent.data import LocalData, check_labels, load_local, relabel
+from fedcoe_edge import protocol as P
 from fedcoe_edge.checkpoint import load_arrays_file, save_arrays
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.errors import ConfigError, DataError, FedCoEError, WireError

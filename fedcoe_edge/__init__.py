@@ -81,8 +81,8 @@ _EXPORTS: dict[str, str] = {
     "AgentConfig": "device_agent.config:AgentConfig",
     "DeviceSettings": "device_agent.config:DeviceSettings",
     "DataSettings": "device_agent.config:DataSettings",
-    "BrokerSettings": "device_agent.protocol:BrokerSettings",
-    "device_key": "device_agent.protocol:device_key",
+    "BrokerSettings": "fedcoe_edge.protocol:BrokerSettings",
+    "device_key": "fedcoe_edge.protocol:device_key",
     "MosquittoBroker": "fedcoe_edge.broker:MosquittoBroker",
 }
 

@@ -15,11 +15,11 @@ from coordinator.harness import DEMO_SECRET, EmbeddedFederation
 from device_agent.config import DataSettings, load_config
 from device_agent.daemon import AgentHooks, DeviceAgent
 from device_agent.data import load_data, load_image_folder, load_npz
-from device_agent.protocol import device_key
 from fedcoe_edge.checkpoint import load_arrays_file
 from fedcoe_edge.cli import main as fedcoe_main
 from fedcoe_edge.data import make_federation
 from fedcoe_edge.errors import ConfigError, DataError
+from fedcoe_edge.protocol import device_key
 from fedcoe_edge.training import accuracy
 from fedcoe_edge.transport import MemoryBroker
 

@@ -15,23 +15,26 @@ import numpy as np
 import pytest
 
 from coordinator.config import load_config
+from coordinator.daemon import Coordinator
 from coordinator.harness import EmbeddedFederation
 from coordinator.store import Store
 from device_agent.daemon import AgentHooks, DeviceAgent
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.data import make_federation
 from fedcoe_edge.errors import ConfigError
+from fedcoe_edge.protocol import TransportFactory
+from fedcoe_edge.registry import RegistryError
 from fedcoe_edge.simulation import SimulationConfig, run_one
-from fedcoe_edge.transport import MemoryBroker
+from fedcoe_edge.transport import MemoryBroker, Transport, Will
 
 SECRET = "00112233445566778899aabbccddeeff"
 
 
-def memory_factory() -> tuple[MemoryBroker, object]:
+def memory_factory() -> tuple[MemoryBroker, TransportFactory]:
     broker = MemoryBroker()
 
-    def make(cid: str, will: object, birth: object) -> object:
-        return broker.client(cid, will=will, birth=birth)  # type: ignore[arg-type]
+    def make(cid: str, will: Will | None, birth: Will | None) -> Transport:
+        return broker.client(cid, will=will, birth=birth)
     return broker, make
 
 
@@ -97,6 +100,23 @@ def test_missing_secret_and_bad_toml(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path / "c.toml", "[federation]\nid = 'x'\n"),
                       {"FEDCOE_SECURITY_SECRET": SECRET})
     assert cfg.secret == bytes.fromhex(SECRET)
+
+
+def test_a_model_that_cannot_be_built_leaves_no_state_folder(tmp_path: Path) -> None:
+    """The import path resolves (config validation passes) but the factory builds no module:
+    the coordinator refuses before it creates its state folder or database."""
+    cfg = load_config(write(tmp_path / "c.toml", f"""
+[federation]
+state_dir = "st"
+[security]
+secret = "{SECRET}"
+[model]
+trunk = "json:dumps"
+"""), {})
+    _, factory = memory_factory()
+    with pytest.raises(RegistryError, match="returned a str, not a torch.nn.Module"):
+        Coordinator(cfg, factory)
+    assert not (tmp_path / "st").exists()
 
 
 # --- the daemon over the in-memory transport ------------------------------------------
@@ -240,10 +260,10 @@ def test_resume_after_crash_mid_round_matches_an_uninterrupted_run(tmp_path: Pat
         db.close()
         fed.threads.clear()
         fed.coordinator = None
-        fed.start_coordinator()
+        coordinator = fed.start_coordinator()
         fed.wait_rounds(90)
-        got = dict(fed.coordinator.strategy.global_state)  # type: ignore[union-attr]
-        rows = [fed.coordinator.store.round_summary(r) for r in (1, 2, 3)]  # type: ignore[union-attr]
+        got = dict(coordinator.strategy.global_state)
+        rows = [coordinator.store.round_summary(r) for r in (1, 2, 3)]
     finally:
         fed.stop()
     assert [r["accepted"] for r in rows] == [3, 3, 3]
@@ -421,3 +441,28 @@ def test_a_batch_that_fails_to_persist_is_not_acknowledged_and_counts_once(
     assert all("chunk for unknown transfer" in r for r in refused), refused
     for name, value in want.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_a_resent_evaluation_is_answered_but_logged_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A device re-sends an EVAL whose ack was late: it is stored (idempotently) and acked
+    again, but the log gets one line per evaluation, not one per copy."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="fedcoe.coordinator")
+    _, factory = memory_factory()
+    fed = EmbeddedFederation(tmp_path, factory, devices=2, rounds=1)
+    fed.start()
+    try:
+        fed.wait_rounds(90)
+        c = fed.coordinator
+        assert c is not None
+        for _ in range(3):
+            c._on_eval("0", 7, {"kind": "cold", "correct": 3, "total": 4})
+        c._on_eval("1", 7, {"kind": "cold", "correct": 1, "total": 4})
+        fed.wait(lambda: len([e for e in c.store.evals("cold") if e["round"] == 7]) == 2, 30,
+                 "the evaluations stored")
+    finally:
+        fed.stop()
+    lines = [r.getMessage() for r in caplog.records if "round=7 kind=cold" in r.getMessage()]
+    assert len(lines) == 2 and any("device=0" in m for m in lines), lines

@@ -21,11 +21,11 @@ from coordinator.daemon import HELLO_BURST, Coordinator
 from coordinator.harness import DEMO_SECRET, EmbeddedFederation
 from coordinator.limits import RateLimiter, RefusalLog, reason_class
 from coordinator.store import Store
-from device_agent import protocol as P
 from device_agent.config import load_config as load_agent_config
 from device_agent.daemon import AgentHooks, DeviceAgent
-from device_agent.protocol import BrokerSettings, device_key
+from fedcoe_edge import protocol as P
 from fedcoe_edge.errors import ConfigError
+from fedcoe_edge.protocol import BrokerSettings, device_key
 from fedcoe_edge.transport import MemoryBroker, Message
 from fedcoe_edge.wire import TransferManifest, decode_envelope, encode_chunk
 

@@ -71,3 +71,23 @@ def test_federation_bad_input():
         make_federation(alpha=0.0)
     with pytest.raises(DataError):
         make_federation(num_clients=400)
+
+
+def test_data_layer_does_not_import_the_strategies():
+    """Data sources build ``ClientData`` themselves: the data layer sits below the strategies."""
+    import pkgutil
+    import subprocess
+    import sys
+
+    import fedcoe_edge.data
+
+    modules = [f"fedcoe_edge.data.{m.name}" for m in pkgutil.iter_modules(fedcoe_edge.data.__path__)]
+    assert "fedcoe_edge.data.client" in modules
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('fedcoe_edge.strategies')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    from fedcoe_edge.data import ClientData
+    from fedcoe_edge.strategies.base import ClientData as Reexported
+    assert Reexported is ClientData

@@ -171,7 +171,7 @@ def test_static_and_dynamic_modes_write_what_they_say(digits_moe, tmp_path):
         assert (q.argmax(1) == f.argmax(1)).mean() >= 0.9
 
 
-def test_options_are_validated():
+def test_options_are_validated() -> None:
     with pytest.raises(ConfigError, match="quantize mode"):
         QuantizeOptions(mode="int4")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="calibrate_method"):

@@ -24,8 +24,8 @@ import pytest
 
 from coordinator.harness import DEMO_SECRET, EmbeddedFederation
 from device_agent.daemon import AgentHooks, DeviceAgent
-from device_agent.protocol import BrokerSettings, device_key, mqtt_factory
 from fedcoe_edge.errors import WireError
+from fedcoe_edge.protocol import BrokerSettings, device_key, mqtt_factory
 from fedcoe_edge.strategies import ClientResult
 from fedcoe_edge.transport import MemoryBroker, Topics
 from fedcoe_edge.transport.mqtt import MqttTransport

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -163,7 +164,7 @@ def test_every_client_has_disjoint_train_val_test(fm_dir: Path) -> None:
 
 
 def test_data_fraction_is_stratified_and_deterministic(fm_dir: Path) -> None:
-    kw = dict(num_clients=3, num_new_clients=0, min_samples=5, data_dir=str(fm_dir))
+    kw: dict[str, Any] = dict(num_clients=3, num_new_clients=0, min_samples=5, data_dir=str(fm_dir))
     fed = make_federation("fmnist", "iid", seed=1, data_fraction=0.5, **kw)
     labels = np.concatenate([np.concatenate([d.y_train, d.y_val, d.y_test]) for d in fed.clients.values()])
     assert fed.meta["pool_size"] == len(labels) == N_TRAIN // 2
@@ -188,7 +189,9 @@ def test_data_fraction_on_digits_keeps_the_holdout() -> None:
     full = make_federation("digits", "iid", num_clients=4, num_new_clients=0, seed=0)
     half = make_federation("digits", "iid", num_clients=4, num_new_clients=0, seed=0, data_fraction=0.5)
     assert np.array_equal(full.y_global_test, half.y_global_test)
-    assert abs(half.meta["pool_size"] - full.meta["pool_size"] / 2) <= 10
+    half_pool, full_pool = half.meta["pool_size"], full.meta["pool_size"]
+    assert isinstance(half_pool, int) and isinstance(full_pool, int)
+    assert abs(half_pool - full_pool / 2) <= 10
 
 
 @pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])

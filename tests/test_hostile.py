@@ -42,7 +42,7 @@ import psutil
 import pytest
 
 from coordinator.daemon import CTL_BURST, CTL_RATE
-from device_agent import protocol as P
+from fedcoe_edge import protocol as P
 from fedcoe_edge.broker import MosquittoBroker
 from fedcoe_edge.commands.demo import toml_text
 from fedcoe_edge.errors import FedCoEError
@@ -91,7 +91,7 @@ class LiveFederation:
         (self.root / "secret.hex").write_text(self.secret.hex() + "\n")
         broker = {"host": "127.0.0.1", "port": self.broker.port}
         n = len(self.honest)
-        coord = {
+        coord: dict[str, dict[str, Any]] = {
             "federation": {"id": FED, "algorithm": "fedcoe", "seed": 0, "rounds": self.rounds,
                            "min_devices": n + int(self.with_attacker), "quorum": n,
                            "deadline_s": DEADLINE_S, "state_dir": "coordinator"},
@@ -345,7 +345,7 @@ class CompromisedDevice:
         about ``rate`` per second."""
         up, blob = self.topics.up_ctl(self.dev), self.topics.up_blob
         valid = self.envelope(P.EVAL, {"kind": "personal", "correct": 1, "total": 2}, rnd)
-        bad_bodies = [(P.HELLO, {"role": 5}), (P.HELLO, {"num_samples": "many"}),
+        bad_bodies: list[tuple[str, dict[str, Any]]] = [(P.HELLO, {"role": 5}), (P.HELLO, {"num_samples": "many"}),
                       (P.EVAL, {"kind": "personal", "correct": "a", "total": None}),
                       (P.FETCH, {"purpose": "refresh", "expert_ids": "zz"}),
                       (P.FETCH, {"purpose": "cold", "expert_ids": [10**9]}),

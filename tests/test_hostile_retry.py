@@ -21,7 +21,7 @@ import pytest
 import device_agent.daemon as agent_daemon
 from coordinator.daemon import Coordinator
 from coordinator.harness import EmbeddedFederation
-from device_agent import protocol as P
+from fedcoe_edge import protocol as P
 from fedcoe_edge.transport import MemoryBroker
 
 WAIT = 120.0

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import tomllib
 
-from device_agent.protocol import device_key
 from fedcoe_edge.cli import main
+from fedcoe_edge.protocol import device_key
 
 # every class gets its own grey level, so a label can be checked against the pixels
 LEVEL = {"one": 40, "two": 120, "three": 220}

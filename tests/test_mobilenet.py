@@ -136,7 +136,9 @@ def test_trunk_trains_end_to_end() -> None:
     x = torch.randn(4, 3, 32, 32)
     loss = nn.functional.cross_entropy(head(trunk(x)), torch.tensor([0, 1, 2, 3]))
     loss.backward()
-    first = trunk.features[0][0].weight
+    stem = trunk.features[0]
+    assert isinstance(stem, nn.Sequential) and isinstance(stem[0], nn.Conv2d)
+    first = stem[0].weight
     assert first.grad is not None and first.grad.abs().sum() > 0
 
 

@@ -50,7 +50,7 @@ def registered() -> Iterator[None]:
 
 
 @pytest.fixture
-def user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A real importable package ``usermodels`` with a trunk factory and two bad factories."""
     pkg = tmp_path / "usermodels"
     pkg.mkdir()
@@ -113,6 +113,8 @@ def test_registered_trunk_builds_with_measured_feature_shape(registered: None) -
     assert model.global_part.feat_shape == (12,)
     assert model.global_part.trunk.training  # the build-time probe restored the mode
     bn = model.global_part.trunk.bn
+    assert isinstance(bn, nn.BatchNorm2d) and bn.num_batches_tracked is not None
+    assert bn.running_mean is not None
     assert int(bn.num_batches_tracked) == 0 and torch.all(bn.running_mean == 0)  # probe left no trace
     out = model(torch.rand(5, 1, 8, 8))
     assert out.log_probs.shape == (5, 10)

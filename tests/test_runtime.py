@@ -203,7 +203,9 @@ def test_tar_bundle_round_trip_and_tamper(bundle: Path, digits_moe, tmp_path: Pa
     bad = tmp_path / "bad.tar"
     with tarfile.open(tar_path) as src, tarfile.open(bad, "w") as dst:
         for member in src.getmembers():
-            data = src.extractfile(member).read()
+            fh = src.extractfile(member)
+            assert fh is not None  # every member of a bundle tar is a regular file
+            data = fh.read()
             if member.name == "expert_shared.onnx":
                 data = data[:-1] + bytes([data[-1] ^ 1])
             dst.addfile(member, __import__("io").BytesIO(data))

@@ -23,13 +23,13 @@ import torch
 from coordinator.harness import DEMO_SECRET, EmbeddedFederation
 from device_agent import daemon as agent_daemon
 from device_agent.daemon import DeviceAgent
-from device_agent.protocol import device_key
 from export.bundle import build_bundle
 from export.quantize import QuantizeOptions, QuantMode
 from fedcoe_edge.bundle_sig import BundleKeys
 from fedcoe_edge.config import ModelConfig
 from fedcoe_edge.errors import ConfigError
 from fedcoe_edge.onnx_heads import global_part_graphs
+from fedcoe_edge.protocol import device_key
 from fedcoe_edge.runtime import MoESession
 from fedcoe_edge.training import accuracy, build_model
 from fedcoe_edge.transport import MemoryBroker

@@ -4,12 +4,14 @@ rules (``aggregate_round``) up to float rounding, and partial aggregates that me
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.strategies import ClientResult, FedAvg, FedCoE, make_strategy
+from fedcoe_edge.strategies.base import Arrays, Failure
 from fedcoe_edge.streaming import (
     ExpertSums,
     Partial,
@@ -119,6 +121,7 @@ def test_streamed_equals_aggregate_round(algorithm: str) -> None:
     batch.initialize()
     stream = copy.deepcopy(batch)
     for rnd in (1, 2):
+        assert isinstance(batch, FedCoE | FedAvg)
         results = _results(batch, rnd, 7, seed=rnd)
         batch.aggregate_round(rnd, results, [])
         partial = new_partial(stream, rnd)
@@ -154,6 +157,7 @@ def test_one_shard_equals_three_shards(algorithm: str) -> None:
     one = make_strategy(algorithm, ModelConfig(expert_hidden=16), TrainConfig(), 0)
     one.initialize()
     three = copy.deepcopy(one)
+    assert isinstance(one, FedCoE | FedAvg)
     results = _results(one, 1, 12, seed=5)
     p1 = new_partial(one, 1)
     assert p1 is not None
@@ -188,7 +192,8 @@ def test_which_strategies_stream() -> None:
             "ditto"} <= streamed
 
     class Custom(FedAvg):
-        def aggregate_round(self, rnd, results, failures):  # type: ignore[no-untyped-def]
+        def aggregate_round(self, rnd: int, results: Sequence[ClientResult],
+                            failures: Sequence[Failure]) -> Arrays:
             return self.global_state
 
     custom = Custom(cfg, train, 0)

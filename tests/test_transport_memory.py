@@ -371,7 +371,11 @@ def test_bulk_lane_waits_while_control_messages_are_queued() -> None:
     seen.clear()
     gate = threading.Event()
     t = Dispatcher("lanes-threaded")
-    t.add("blob/#", lambda m: (gate.wait(5), seen.append(m.topic)), bulk=True)
+    def slow(m: Message) -> None:
+        gate.wait(5)
+        seen.append(m.topic)
+
+    t.add("blob/#", slow, bulk=True)
     t.add("ctl/#", lambda m: seen.append(m.topic))
     t.put(Message("blob/0", b""))  # the worker blocks in this handler ...
     time.sleep(0.05)

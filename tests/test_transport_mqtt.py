@@ -112,7 +112,11 @@ def test_connack_max_packet_size_and_local_refusal(make_mosquitto: Callable[...,
     c = _client(broker, "c1")
     got: list[int] = []
     ev = threading.Event()
-    c.subscribe("t/#", lambda m: (got.append(len(m.payload)), ev.set()))
+
+    def on_message(m: Message) -> None:
+        got.append(len(m.payload))
+        ev.set()
+    c.subscribe("t/#", on_message)
     c.connect()
     try:
         assert c.max_packet_size == 65536

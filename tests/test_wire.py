@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -121,7 +123,7 @@ def test_envelope_rejects_wrong_version() -> None:
         (lambda d: d.update(ts_ms=1.5), "'ts_ms' must be a non-negative integer"),
     ],
 )
-def test_envelope_rejects_bad_fields(edit, reason: str) -> None:  # type: ignore[no-untyped-def]
+def test_envelope_rejects_bad_fields(edit: Callable[[dict[str, Any]], object], reason: str) -> None:
     d = json.loads(encode_envelope(_env(), KEY))
     edit(d)
     with pytest.raises(WireError, match=reason):
@@ -203,7 +205,7 @@ def test_encode_envelope_refuses_what_receiver_would_reject() -> None:
 
 def test_tensor_codec_roundtrip_all_dtypes_and_noncontiguous() -> None:
     rng = np.random.default_rng(0)
-    t = {
+    t: dict[str, np.ndarray] = {
         "f32": rng.standard_normal((3, 4)).astype(np.float32),
         "f16": rng.standard_normal(5).astype(np.float16),
         "f64": rng.standard_normal((2, 2)),

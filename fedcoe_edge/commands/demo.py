@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -25,9 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from device_agent.protocol import device_key
 from fedcoe_edge.errors import ConfigError, FedCoEError
 from fedcoe_edge.io import atomic_write_text
+from fedcoe_edge.protocol import device_key
 
 log = logging.getLogger("fedcoe.demo")
 
@@ -80,12 +81,49 @@ def toml_text(doc: dict[str, dict[str, Any]], header: str = "") -> str:
 class Demo:
     """Owns the processes; ``close()`` stops them all, whatever happened."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, deadline: float = math.inf) -> None:
         self.args = args
         self.out: Path = args.out.resolve()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.broker: Any = None
         self.federation = "demo"
+        self.deadline = deadline  # the time.monotonic() past which ``tick`` gives up
+
+    def start(self) -> None:
+        """The broker, the generated configs, the coordinator and the training devices."""
+        from fedcoe_edge.broker import MosquittoBroker
+
+        (self.out / "mosquitto").mkdir(exist_ok=True)
+        self.broker = MosquittoBroker(workdir=self.out / "mosquitto")
+        self.broker.start()
+        print(f"mosquitto on 127.0.0.1:{self.broker.port}; configs, state and logs in {self.out}")
+        self.write_configs(self.broker.port)
+        self.spawn("coordinator", "coordinator", "--config", "coordinator.toml")
+        for i in range(self.args.devices):
+            self.spawn(f"dev{i}", "agent", "--config", f"agent_dev{i}.toml")
+
+    def open_store(self) -> Any:
+        """The coordinator's database, read-only, once the coordinator has created its schema."""
+        from coordinator.store import Store
+
+        db = self.out / "coordinator" / "coordinator.sqlite"
+        store = None
+        while store is None:  # the coordinator creates the database and its schema
+            self.tick()
+            if db.exists():
+                try:
+                    store = Store(db, readonly=True)
+                    store.rounds()
+                except sqlite3.Error:
+                    store = None
+        return store
+
+    def tick(self) -> None:
+        """One wait step: every daemon still alive, the deadline not passed."""
+        self.check_alive()
+        if time.monotonic() > self.deadline:
+            raise FedCoEError(f"demo did not finish within {self.args.timeout:.0f}s (see {self.out}/logs)")
+        time.sleep(0.2)
 
     # --- setup ---
     def write_configs(self, port: int) -> None:
@@ -167,104 +205,16 @@ def _fmt(v: float | None, spec: str = ".4f") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from coordinator.store import Store
-    from fedcoe_edge.broker import MosquittoBroker
-
-    if args.rounds < 1 or args.devices < 2:
-        raise ConfigError(f"need --rounds >= 1 and --devices >= 2, got {args.rounds}, {args.devices}")
-    if args.out.exists() and not args.out.is_dir():
-        raise ConfigError(f"--out {args.out} exists and is not a folder")
-    if args.out.exists() and any(args.out.iterdir()):
-        if not (args.out / MARKER).is_file():
-            raise ConfigError(f"--out {args.out} is not empty and not a previous demo folder; "
-                              "the demo starts from a fresh state folder")
-        shutil.rmtree(args.out)  # a previous demo run: start over
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / MARKER).write_text("fedcoe demo output; removed by the next `fedcoe demo --out` here\n")
+    _prepare_out(args)
     json_path = args.json or args.out / "demo.json"
-    demo = Demo(args)
     t0 = time.monotonic()
+    demo = Demo(args, deadline=t0 + args.timeout)
 
     def on_term(_signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        (demo.out / "mosquitto").mkdir(exist_ok=True)
-        demo.broker = MosquittoBroker(workdir=demo.out / "mosquitto")
-        demo.broker.start()
-        print(f"mosquitto on 127.0.0.1:{demo.broker.port}; configs, state and logs in {demo.out}")
-        demo.write_configs(demo.broker.port)
-        demo.spawn("coordinator", "coordinator", "--config", "coordinator.toml")
-        for i in range(args.devices):
-            demo.spawn(f"dev{i}", "agent", "--config", f"agent_dev{i}.toml")
-        db = demo.out / "coordinator" / "coordinator.sqlite"
-        deadline = t0 + args.timeout
-
-        def tick() -> None:
-            demo.check_alive()
-            if time.monotonic() > deadline:
-                raise FedCoEError(f"demo did not finish within {args.timeout:.0f}s (see {demo.out}/logs)")
-            time.sleep(0.2)
-
-        store = None
-        while store is None:  # the coordinator creates the database and its schema
-            tick()
-            if db.exists():
-                try:
-                    store = Store(db, readonly=True)
-                    store.rounds()
-                except sqlite3.Error:
-                    store = None
-        head = ("| round | devices | accepted | failed | rejected | global acc | personal acc "
-                "| up KB | down KB | refresh KB | full-exchange KB | s |")
-        print("up/down KB: this round's training uploads / task downloads; refresh KB: the aggregated "
-              "gate and held experts each device fetches after a round to score its personal model; "
-              "full-exchange KB: what sending every device the whole global model both ways would cost")
-        print(head)
-        print("|" + "---|" * 12)
-        rows: list[dict[str, Any]] = []
-        for rnd in range(1, args.rounds + 1):
-            while True:
-                r = store.round(rnd)
-                if r is not None and r["state"] == "closed" and r["global_acc"] is not None:
-                    break
-                tick()
-            # the devices evaluate after fetching the aggregated experts; give them a moment
-            wait_evals = time.monotonic() + 20
-            expected = len(json.loads(r["selected"])) - len(store.events(rnd, "failure"))
-            while (len([e for e in store.evals("personal") if e["round"] == rnd]) < expected
-                   and time.monotonic() < wait_evals):
-                tick()
-            s = store.round_summary(rnd)
-            rows.append(s)
-            print(f"| {rnd} | {s['selected']} | {s['accepted']} | {s['failed']} | {s['rejected']} "
-                  f"| {_fmt(s['global_acc'])} | {_fmt(s['personalized_acc'])} | {s['bytes_up'] / 1024:.1f} "
-                  f"| {s['bytes_down'] / 1024:.1f} | {s['bytes_refresh'] / 1024:.1f} "
-                  f"| {s['bytes_full'] / 1024:.1f} | {_fmt(s['wall_s'], '.1f')} |", flush=True)
-        cold_dev = f"dev{args.devices}"
-        print(f"\n{cold_dev} joins cold: gate -> routing prior on its own data -> top experts -> predict")
-        demo.spawn(cold_dev, "agent", "--config", f"agent_{cold_dev}.toml")
-        while not [e for e in store.evals("cold") if e["device"] == cold_dev]:
-            tick()
-        failed: list[str] = []
-        if args.bundle != "off":  # devices rebuild their int8 bundles after the last round
-            print("waiting for the devices' int8 ONNX bundles ...", flush=True)
-            pending = [f"dev{i}" for i in range(args.devices + 1)]
-            while pending:
-                tick()
-                for dev in list(pending):
-                    if (demo.out / "devices" / dev / "bundle" / "manifest.json").is_file():
-                        pending.remove(dev)
-                    elif "bundle rebuild failed" in (demo.out / "logs" / f"{dev}.log").read_text(errors="replace"):
-                        pending.remove(dev)
-                        failed.append(dev)
-            if failed:
-                print(f"bundle rebuild failed on {', '.join(failed)} (see their logs)", flush=True)
-        summary = summarize(store, args, rows, cold_dev, time.monotonic() - t0)
-        summary["bundles"] = sorted(p.parent.parent.name for p in
-                                    (demo.out / "devices").glob("*/bundle/manifest.json"))
-        summary["bundles_failed"] = failed
-        store.close()
+        summary = _run_federation(demo, t0)
     except KeyboardInterrupt:
         print("\nfedcoe demo: interrupted; stopping every process", file=sys.stderr)
         demo.close()
@@ -277,6 +227,91 @@ def run(args: argparse.Namespace) -> int:
     print_summary(summary)
     print(f"\nwrote {json_path}; logs in {demo.out / 'logs'}")
     return 0
+
+
+def _prepare_out(args: argparse.Namespace) -> None:
+    """Check the arguments and give the demo a fresh ``--out`` (only ever one it made itself)."""
+    if args.rounds < 1 or args.devices < 2:
+        raise ConfigError(f"need --rounds >= 1 and --devices >= 2, got {args.rounds}, {args.devices}")
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} exists and is not a folder")
+    if args.out.exists() and any(args.out.iterdir()):
+        if not (args.out / MARKER).is_file():
+            raise ConfigError(f"--out {args.out} is not empty and not a previous demo folder; "
+                              "the demo starts from a fresh state folder")
+        shutil.rmtree(args.out)  # a previous demo run: start over
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / MARKER).write_text("fedcoe demo output; removed by the next `fedcoe demo --out` here\n")
+
+
+def _run_federation(demo: Demo, t0: float) -> dict[str, Any]:
+    """Start everything, follow the rounds, bring the cold device in, wait for the bundles."""
+    args = demo.args
+    demo.start()
+    store = demo.open_store()
+    rows = _follow_rounds(demo, store)
+    cold_dev = f"dev{args.devices}"
+    print(f"\n{cold_dev} joins cold: gate -> routing prior on its own data -> top experts -> predict")
+    demo.spawn(cold_dev, "agent", "--config", f"agent_{cold_dev}.toml")
+    while not [e for e in store.evals("cold") if e["device"] == cold_dev]:
+        demo.tick()
+    failed = _wait_for_bundles(demo) if args.bundle != "off" else []
+    summary = summarize(store, args, rows, cold_dev, time.monotonic() - t0)
+    summary["bundles"] = sorted(p.parent.parent.name for p in
+                                (demo.out / "devices").glob("*/bundle/manifest.json"))
+    summary["bundles_failed"] = failed
+    store.close()
+    return summary
+
+
+def _follow_rounds(demo: Demo, store: Any) -> list[dict[str, Any]]:
+    """Print one table row per round as it closes (and its devices have evaluated)."""
+    head = ("| round | devices | accepted | failed | rejected | global acc | personal acc "
+            "| up KB | down KB | refresh KB | full-exchange KB | s |")
+    print("up/down KB: this round's training uploads / task downloads; refresh KB: the aggregated "
+          "gate and held experts each device fetches after a round to score its personal model; "
+          "full-exchange KB: what sending every device the whole global model both ways would cost")
+    print(head)
+    print("|" + "---|" * 12)
+    rows: list[dict[str, Any]] = []
+    for rnd in range(1, demo.args.rounds + 1):
+        while True:
+            r = store.round(rnd)
+            if r is not None and r["state"] == "closed" and r["global_acc"] is not None:
+                break
+            demo.tick()
+        # the devices evaluate after fetching the aggregated experts; give them a moment
+        wait_evals = time.monotonic() + 20
+        expected = len(json.loads(r["selected"])) - len(store.events(rnd, "failure"))
+        while (len([e for e in store.evals("personal") if e["round"] == rnd]) < expected
+               and time.monotonic() < wait_evals):
+            demo.tick()
+        s = store.round_summary(rnd)
+        rows.append(s)
+        print(f"| {rnd} | {s['selected']} | {s['accepted']} | {s['failed']} | {s['rejected']} "
+              f"| {_fmt(s['global_acc'])} | {_fmt(s['personalized_acc'])} | {s['bytes_up'] / 1024:.1f} "
+              f"| {s['bytes_down'] / 1024:.1f} | {s['bytes_refresh'] / 1024:.1f} "
+              f"| {s['bytes_full'] / 1024:.1f} | {_fmt(s['wall_s'], '.1f')} |", flush=True)
+    return rows
+
+
+def _wait_for_bundles(demo: Demo) -> list[str]:
+    """Wait until every device has rebuilt its int8 bundle after the last round or said it
+    could not; the devices whose rebuild failed."""
+    print("waiting for the devices' int8 ONNX bundles ...", flush=True)
+    failed: list[str] = []
+    pending = [f"dev{i}" for i in range(demo.args.devices + 1)]
+    while pending:
+        demo.tick()
+        for dev in list(pending):
+            if (demo.out / "devices" / dev / "bundle" / "manifest.json").is_file():
+                pending.remove(dev)
+            elif "bundle rebuild failed" in (demo.out / "logs" / f"{dev}.log").read_text(errors="replace"):
+                pending.remove(dev)
+                failed.append(dev)
+    if failed:
+        print(f"bundle rebuild failed on {', '.join(failed)} (see their logs)", flush=True)
+    return failed
 
 
 def summarize(store: Any, args: argparse.Namespace, rows: list[dict[str, Any]], cold_dev: str,

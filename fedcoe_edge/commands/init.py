@@ -241,7 +241,7 @@ pattern read fl/v1/+/coord/status
 
 def run_init(args: argparse.Namespace) -> int:
     from device_agent.config import check_classes
-    from device_agent.protocol import device_key
+    from fedcoe_edge.protocol import device_key
 
     out: Path = args.dir
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -323,7 +323,7 @@ def next_steps(args: argparse.Namespace, root: Path, ids: list[str], classes: li
 
 
 def run_keygen(args: argparse.Namespace) -> int:
-    from device_agent.protocol import device_key, read_secret
+    from fedcoe_edge.protocol import device_key, read_secret
 
     if args.new_secret:
         if args.secret_file is not None or args.device is not None:

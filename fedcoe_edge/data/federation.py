@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedcoe_edge.data.client import ClientData
 from fedcoe_edge.data.datasets import SHIFTED_DATASETS, load_dataset_splits
 from fedcoe_edge.data.partition import PARTITIONERS, PartitionSpec
 from fedcoe_edge.errors import ConfigError, DataError
-from fedcoe_edge.strategies.base import ClientData
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
-from fedcoe_edge.strategies.base import ClientData
+from fedcoe_edge.data.client import ClientData
 
 
 @dataclass(frozen=True)
