@@ -167,6 +167,9 @@ class DeviceAgent:
         self._status_hello_at: float | None = None
         self._bundle_note = False
         self.bundle_error: str | None = None  # why the last bundle rebuild failed
+        # the last rebuild, reported in heartbeats (docs/protocol.md, section 3, "Heartbeat"):
+        # {"round", "ok", "error"}; None until one was tried
+        self.bundle_status: dict[str, Any] | None = None
         self._requests: dict[RequestKey, PendingRequest] = {}  # FETCH / EVAL awaiting an answer
         self.requests_given_up: deque[RequestKey] = deque(maxlen=100)  # newest, for operators
         engine = cfg.device.engine
@@ -278,16 +281,24 @@ class DeviceAgent:
     def _heartbeat(self) -> None:
         """QoS 0 telemetry: lost while offline, which is what a heartbeat should do."""
         while not self._stop.wait(self.cfg.device.heartbeat_s):
-            t, m = self.transport, self.messenger
-            if t is None or m is None or not t.connected:
-                continue
-            body = {"rss_mb": _rss_mb(), "load": _load(), "rounds_done": len(self.rounds_done)}
-            env = Envelope.new(P.HEARTBEAT, federation=self.topics.federation, sender=self.dev,
-                               recipient=self.coord, body=body, ttl_s=120)
-            try:
-                t.publish(self.topics.up_hb(self.dev), encode_envelope(env, self.cfg.key), qos=0)
-            except FedCoEError as exc:
-                log.debug("%s: heartbeat not sent: %s", self.dev, exc)
+            self._beat()
+
+    def _beat(self) -> None:
+        """One heartbeat now: memory, load, rounds done and the last bundle rebuild's status
+        (so an operator or `fedcoe demo` reads it from the coordinator, not from our logs)."""
+        t, m = self.transport, self.messenger
+        if t is None or m is None or not t.connected:
+            return
+        body: dict[str, Any] = {"rss_mb": _rss_mb(), "load": _load(),
+                                "rounds_done": len(self.rounds_done)}
+        if self.bundle_status is not None:
+            body["bundle"] = self.bundle_status
+        env = Envelope.new(P.HEARTBEAT, federation=self.topics.federation, sender=self.dev,
+                           recipient=self.coord, body=body, ttl_s=120)
+        try:
+            t.publish(self.topics.up_hb(self.dev), encode_envelope(env, self.cfg.key), qos=0)
+        except FedCoEError as exc:
+            log.debug("%s: heartbeat not sent: %s", self.dev, exc)
 
     def hello(self) -> None:
         d = self.data
@@ -868,6 +879,7 @@ class DeviceAgent:
             if not self._bundle_note:
                 log.info("%s: export package not installed; bundle not rebuilt", self.dev)
                 self._bundle_note = True
+            self._bundle_done(rnd, False, "export package not installed")
             return
         s = self.strategy
         model = getattr(s, "model", None)
@@ -894,10 +906,17 @@ class DeviceAgent:
         except Exception as exc:  # the bundle is a convenience; the federation goes on without it
             self.bundle_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.warning("%s: bundle rebuild failed: %s", self.dev, self.bundle_error)
+            self._bundle_done(rnd, False, self.bundle_error)
             return
         self.bundle_error = None
         log.info("%s: int8 bundle for round %d rebuilt in %s (%.1fs)", self.dev, rnd,
                  self.state_dir / "bundle", time.perf_counter() - t0)
+        self._bundle_done(rnd, True, None)
+
+    def _bundle_done(self, rnd: int, ok: bool, error: str | None) -> None:
+        """Record a rebuild's outcome and report it in a heartbeat at once."""
+        self.bundle_status = {"round": rnd, "ok": ok, "error": None if error is None else error[:200]}
+        self._beat()
 
 
 def _memory_mb() -> float:

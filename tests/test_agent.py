@@ -297,3 +297,25 @@ def test_label_histogram_leaves_the_device_only_if_allowed(tmp_path: Path) -> No
     assert rows["0"]["label_hist"] is None and json.loads(rows["1"]["label_hist"]) == hist
     assert (rows["0"]["tier"], rows["1"]["tier"]) == ("medium", "large")
     assert json.loads(rows["1"]["capabilities"])["num_samples"] == sum(hist)
+
+
+def test_bundle_rebuilds_are_reported_through_the_coordinator(tmp_path: Path) -> None:
+    """A rebuild's outcome travels in a heartbeat sent at once (not only every heartbeat_s),
+    the coordinator keeps it as the device's telemetry, and `fedcoe demo` reads it there."""
+    from benchmarks.demo import bundle_status
+
+    fed = EmbeddedFederation(tmp_path, memory_factory(), devices=2, rounds=1, heartbeat_s=3600)
+    fed.start()
+    try:
+        fed.wait_rounds(90)
+        c = fed.coordinator
+        assert c is not None
+        fed.agents["0"]._bundle_done(1, True, None)
+        fed.agents["1"]._bundle_done(1, False, "OSError: " + "x" * 500)
+        fed.wait(lambda: len(bundle_status(c.store)) == 2, 30, "both statuses at the coordinator")
+        got = bundle_status(c.store)
+    finally:
+        fed.stop()
+    assert got["0"] == {"round": 1, "ok": True, "error": None}
+    assert got["1"]["ok"] is False and got["1"]["error"].startswith("OSError: x")
+    assert len(got["1"]["error"]) == 200  # bounded: a device cannot fill the store with it

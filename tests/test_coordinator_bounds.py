@@ -112,7 +112,7 @@ dataset = "digits"
 
 
 def test_demo_gives_each_device_only_its_own_key(tmp_path: Path) -> None:
-    from fedcoe_edge.commands.demo import Demo
+    from benchmarks.demo import Demo
 
     args = argparse.Namespace(out=tmp_path, devices=3, alpha=0.5, seed=0, rounds=2, deadline=30.0,
                               bundle="off")

@@ -41,10 +41,10 @@ from typing import Any
 import psutil
 import pytest
 
+from benchmarks.demo import toml_text
 from coordinator.daemon import CTL_BURST, CTL_RATE
 from fedcoe_edge import protocol as P
 from fedcoe_edge.broker import MosquittoBroker
-from fedcoe_edge.commands.demo import toml_text
 from fedcoe_edge.errors import FedCoEError
 from fedcoe_edge.transport import Message, Topics
 from fedcoe_edge.transport.mqtt import MqttTransport

@@ -255,7 +255,7 @@ def _run_federation(demo: Demo, t0: float) -> dict[str, Any]:
     demo.spawn(cold_dev, "agent", "--config", f"agent_{cold_dev}.toml")
     while not [e for e in store.evals("cold") if e["device"] == cold_dev]:
         demo.tick()
-    failed = _wait_for_bundles(demo) if args.bundle != "off" else []
+    failed = _wait_for_bundles(demo, store) if args.bundle != "off" else []
     summary = summarize(store, args, rows, cold_dev, time.monotonic() - t0)
     summary["bundles"] = sorted(p.parent.parent.name for p in
                                 (demo.out / "devices").glob("*/bundle/manifest.json"))
@@ -295,23 +295,41 @@ def _follow_rounds(demo: Demo, store: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _wait_for_bundles(demo: Demo) -> list[str]:
-    """Wait until every device has rebuilt its int8 bundle after the last round or said it
-    could not; the devices whose rebuild failed."""
+def _wait_for_bundles(demo: Demo, store: Any) -> list[str]:
+    """Wait until every device has reported (in its heartbeat, through the coordinator) that
+    it rebuilt its int8 bundle after the last round, or that it could not; the devices whose
+    rebuild failed."""
     print("waiting for the devices' int8 ONNX bundles ...", flush=True)
     failed: list[str] = []
     pending = [f"dev{i}" for i in range(demo.args.devices + 1)]
     while pending:
         demo.tick()
+        status = bundle_status(store)
         for dev in list(pending):
-            if (demo.out / "devices" / dev / "bundle" / "manifest.json").is_file():
-                pending.remove(dev)
-            elif "bundle rebuild failed" in (demo.out / "logs" / f"{dev}.log").read_text(errors="replace"):
-                pending.remove(dev)
+            s = status.get(dev)
+            if s is None:
+                continue
+            pending.remove(dev)
+            if not s.get("ok"):
                 failed.append(dev)
+                print(f"{dev}: bundle rebuild failed: {s.get('error')}", flush=True)
     if failed:
         print(f"bundle rebuild failed on {', '.join(failed)} (see their logs)", flush=True)
     return failed
+
+
+def bundle_status(store: Any) -> dict[str, dict[str, Any]]:
+    """Each device's last reported bundle rebuild ({"round", "ok", "error"}), from the
+    telemetry the coordinator keeps; devices that reported none are absent."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in store.devices():
+        try:
+            b = json.loads(row.get("telemetry") or "{}").get("bundle")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(b, dict):
+            out[str(row["id"])] = b
+    return out
 
 
 def summarize(store: Any, args: argparse.Namespace, rows: list[dict[str, Any]], cold_dev: str,
