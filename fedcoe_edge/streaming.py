@@ -253,20 +253,8 @@ class Partial:
 
 # --- the strategies' aggregation rules, streamed ------------------------------------------
 def _kind(strategy: Strategy) -> str | None:
-    """Which mirrored rule applies: only where ``aggregate_round`` is the mirrored one, so a
-    strategy that overrides it is never streamed with rules it does not use."""
-    from fedcoe_edge.strategies.fedavg import FedAvg
-    from fedcoe_edge.strategies.fedcoe import FedCoE
-    from fedcoe_edge.strategies.local import Local
-
-    agg = type(strategy).aggregate_round
-    if isinstance(strategy, FedCoE) and agg is FedCoE.aggregate_round:
-        return "fedcoe"
-    if isinstance(strategy, Local) and agg is Local.aggregate_round:
-        return "local"
-    if isinstance(strategy, FedAvg) and agg is FedAvg.aggregate_round:
-        return "fedavg"
-    return None
+    """Which mirrored rule applies: the strategy says (:meth:`Strategy.stream_rule`)."""
+    return strategy.stream_rule()
 
 
 def new_partial(strategy: Strategy, rnd: int) -> Partial | None:

@@ -131,3 +131,18 @@ def test_fedcoe_checkpoint_extra_round_trips_the_affinity() -> None:
         "c0": [0.0, 0.0, 0.5, 0.5], "c1": [0.5, 0.25, 0.25, 0.0]}
     t.restore_extra({})  # a checkpoint from before affinities existed
     assert t.affinity == {}
+
+
+def test_stream_rule_names_the_mirrored_aggregation_only_while_it_applies() -> None:
+    from fedcoe_edge.strategies.fedavg import FedAvg
+
+    rules = {name: make_strategy(name, MODEL, TRAIN, seed=0).stream_rule() for name in STRATEGIES}
+    assert rules["fedavg"] == "fedavg" and rules["fedprox"] == "fedavg"
+    assert rules["local"] == "local"
+    assert rules["fedcoe"] == "fedcoe" and rules["fedcoe-nolocal"] == rules["fedcoe"]
+
+    class Custom(FedAvg):  # its own aggregation: no streamed rule may stand in for it
+        def aggregate_round(self, rnd, results, failures):  # type: ignore[no-untyped-def]
+            return super().aggregate_round(rnd, results, failures)
+
+    assert Custom(MODEL, TRAIN).stream_rule() is None

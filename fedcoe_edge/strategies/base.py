@@ -157,6 +157,14 @@ class Strategy(ABC):
         it fetched first and its own unlabeled inputs. Default: all of them."""
         return list(range(self.model_cfg.num_global_experts))
 
+    def stream_rule(self) -> str | None:
+        """Which of the streamed aggregation rules (`fedcoe_edge/streaming.py`: "fedavg",
+        "local", "fedcoe") reproduces this strategy's ``aggregate_round``; None: the
+        coordinator keeps every update and calls ``aggregate_round`` at the close. A class
+        answers only while its ``aggregate_round`` is the one the rule mirrors, so a
+        subclass that overrides it is never streamed with rules it does not use."""
+        return None
+
     def checkpoint_extra(self) -> dict[str, Any]:
         """Server state beyond the arrays, rng and version that a coordinator checkpoint
         must keep (JSON-ready). Default: none."""

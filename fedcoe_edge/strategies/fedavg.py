@@ -101,6 +101,11 @@ class FedAvg(Strategy):
         return [ClientTask(cid, rnd, self.global_state, config={"version": self.version})
                 for cid in client_ids]
 
+    def stream_rule(self) -> str | None:
+        """"fedavg" while ``aggregate_round`` is this class's (docs/design.md, "Streaming
+        aggregation")."""
+        return "fedavg" if type(self).aggregate_round is FedAvg.aggregate_round else None
+
     def aggregate_round(self, rnd: int, results: Sequence[ClientResult],
                         failures: Sequence[Failure]) -> Arrays:
         if results:

@@ -153,6 +153,11 @@ class FedCoE(Strategy):
         prefix = "global.gate.net." if isinstance(net, torch.nn.Linear) else f"global.gate.net.{len(list(net.children())) - 1}."
         return prefix + "bias"
 
+    def stream_rule(self) -> str | None:
+        """"fedcoe" while ``aggregate_round`` is this class's (docs/design.md, "Streaming
+        aggregation")."""
+        return "fedcoe" if type(self).aggregate_round is FedCoE.aggregate_round else None
+
     def aggregate_round(self, rnd: int, results: Sequence[ClientResult],
                         failures: Sequence[Failure]) -> Arrays:
         if not results:

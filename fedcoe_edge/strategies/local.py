@@ -49,6 +49,11 @@ class Local(FedAvg):
     def configure_round(self, rnd: int, client_ids: Sequence[str]) -> list[ClientTask]:
         return [ClientTask(cid, rnd, {}, config={"version": self.version}) for cid in client_ids]
 
+    def stream_rule(self) -> str | None:
+        """"local" while ``aggregate_round`` is this class's (docs/design.md, "Streaming
+        aggregation")."""
+        return "local" if type(self).aggregate_round is Local.aggregate_round else None
+
     def aggregate_round(self, rnd: int, results: Sequence[ClientResult],
                         failures: Sequence[Failure]) -> Arrays:
         return self.global_state
