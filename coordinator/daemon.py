@@ -42,6 +42,7 @@ from fedcoe_edge import protocol as P
 from fedcoe_edge.checkpoint import load_arrays_file, save_arrays
 from fedcoe_edge.errors import ConfigError, DataError, FedCoEError, ValidationError, WireError
 from fedcoe_edge.io import atomic_write_text
+from fedcoe_edge.protocol import retry_delay
 from fedcoe_edge.simulation import serialized_nbytes
 from fedcoe_edge.strategies import ClientResult, ClientTask, Failure, Strategy, make_strategy
 from fedcoe_edge.streaming import Partial, accumulate, aggregate_partial, new_partial
@@ -68,6 +69,7 @@ log = logging.getLogger("fedcoe.coordinator")
 
 REANNOUNCE_S = 5.0  # repeat a transfer's manifest envelope until the receiver answers
 EVALS_LOGGED_MAX = 100_000  # (device, round, kind) remembered to log each evaluation once
+FETCH_OUT_MAX = 100_000  # FETCHes remembered so that a re-sent one reuses its download
 # Download chunks the broker has not acknowledged yet, over all devices: the MQTT client's
 # queue (memory) stays bounded at thousands of devices, and a control message (an upload's
 # progress report or ACK) waits behind at most this many chunks (docs/daemons.md, "Scale").
@@ -99,6 +101,7 @@ class _Outgoing:
     created: float = 0.0
     announce: tuple[str, dict[str, Any], int] | None = None  # (type, body, round) of the manifest
     announced_at: float = 0.0
+    announces: int = 0  # sends of the manifest so far: repeats back off (retry_delay)
 
 
 @dataclass
@@ -177,6 +180,8 @@ class Coordinator:
         self._snapshot: tuple[int, Path | None] = (0, None)  # newest durable partial
         self._persist_q: queue.Queue[_Accepted | _Eval | None] = queue.Queue()
         self._evals_logged: set[tuple[str, int, str]] = set()  # one log line per evaluation
+        # (device, purpose, round, version, experts) -> the download answering that FETCH
+        self._fetch_out: dict[tuple[str, str, int, int, tuple[int, ...]], str] = {}
         self._prepared: dict[tuple[int, tuple[int, ...], tuple[str, ...]],
                              tuple[bytes, TransferManifest]] = {}
         self._last_request = 0.0  # monotonic time of the last fetch or eval
@@ -376,6 +381,7 @@ class Coordinator:
             out = self._senders.get(xid)
             if out is not None:
                 out.announce, out.announced_at = (type, body, rnd), time.monotonic()
+                out.announces += 1
         if out is not None:
             self._send(out.device, type, body, rnd)
 
@@ -1071,7 +1077,23 @@ class Coordinator:
             version = s.version
             # a refresh belongs to the round whose result it fetches (the evaluation follows it)
             label = rnd if purpose == "refresh" and 0 < rnd <= self.round else self.round
+            # a re-sent FETCH (its answer was slow, not lost) gets the download already
+            # running for it announced again, not a second download of the same bytes
+            same = (dev, purpose, label, version, tuple(ids))
+            xid = self._fetch_out.get(same)
+            out = self._senders.get(xid) if xid is not None else None
+            if out is not None and not out.sender.done and out.announce is not None:
+                again = out.announce
+            else:
+                again = None
+        if again is not None and xid is not None:
+            self._announce(xid, *again)
+            return
         manifest = self._send_params(dev, params, list(ids), purpose, label)
+        with self._lock:
+            if len(self._fetch_out) >= FETCH_OUT_MAX:
+                self._fetch_out.clear()  # a bound; at worst one more duplicate download
+            self._fetch_out[same] = manifest.transfer_id
         self._announce(manifest.transfer_id, P.MODEL, {
             "manifest": manifest.to_dict(), "expert_ids": list(ids), "version": version,
             "purpose": purpose}, label)
@@ -1143,17 +1165,19 @@ class Coordinator:
             if outs:
                 turn = (turn + 1) % len(outs)
                 outs = outs[turn:] + outs[:turn]
+            room = self._out_budget()
             for xid, out in outs:
                 try:
                     if out.started and not out.sender.done:
-                        out.sender.pump()
+                        if room > 0:
+                            room -= out.sender.pump()
                     elif (not out.started and out.announce is not None
-                          and now - out.announced_at > REANNOUNCE_S):
+                          and now - out.announced_at > retry_delay(out.announces)):
                         self._announce(xid, *out.announce)
                 except FedCoEError as exc:
                     log.warning("download %s to %s: %s", xid, out.device, exc)
                 if now - out.created > 600:
                     with self._lock:
                         self._senders.pop(xid, None)
-            tick = 0.05 if self._out_budget() <= 0 else 0.25  # held-back chunks: look sooner
+            tick = 0.05 if room <= 0 else 0.25  # chunks held back: look again sooner
             self.refusals.flush()

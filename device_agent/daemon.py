@@ -41,6 +41,7 @@ from fedcoe_edge.checkpoint import load_arrays_file, save_arrays
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.errors import ConfigError, DataError, FedCoEError, WireError
 from fedcoe_edge.health import chance_warning, loss_warning, update_warning
+from fedcoe_edge.protocol import RETRY_ATTEMPTS, retry_delay
 from fedcoe_edge.strategies import ClientData, ClientResult, ClientTask, Strategy, make_strategy
 from fedcoe_edge.transport import Message, Topics, Transport, Will
 from fedcoe_edge.transport.blob import (
@@ -68,14 +69,10 @@ TORCH_LOCK = threading.Lock()
 REANNOUNCE_S = 5.0  # repeat an upload's result envelope until the coordinator answers
 STATUS_HELLO_S = 30.0  # a repeated "coordinator online" says hello again at most this often
 DEADLINE_GRACE_S = 2.0  # an upload is waited for this long past the round deadline
-# FETCH and EVAL are re-sent until answered: a QoS 1 message can be lost in a broker or
-# coordinator restart, and neither has a manifest the pump loop would repeat. Backoff
-# RETRY_FIRST_S, doubling, capped at RETRY_MAX_S; at most RETRY_ATTEMPTS sends per request
-# (per purpose or kind, per round), so an unanswering coordinator costs a bounded
-# number of messages (6 sends over about 135 s).
-RETRY_FIRST_S = 5.0
-RETRY_MAX_S = 60.0
-RETRY_ATTEMPTS = 6
+# FETCH and EVAL are re-sent until answered (fedcoe_edge.protocol.retry_delay): a QoS 1
+# message can be lost in a broker or coordinator restart, and neither has a manifest the
+# pump loop would repeat; at most RETRY_ATTEMPTS sends per request (per purpose or kind,
+# per round), so an unanswering coordinator costs a bounded number of messages.
 RETRY_TICK_S = 0.25
 FETCH_TRANSFER_S = 60.0  # once a fetch's `model` manifest arrived: time to finish the download
 
@@ -100,11 +97,6 @@ NO_TORCH = ("this device has the runtime install profile (no torch) and cannot t
             "as a cold device ([device] role = \"cold\") or install fedcoe-edge[train]")
 
 RequestKey = tuple[str, str, int]  # (type, purpose or kind, round; 0 for gate/cold fetches)
-
-
-def retry_delay(sent: int) -> float:
-    """Wait after the ``sent``-th send of a request: 5, 10, 20, 40, 60, 60 ... s."""
-    return min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** max(0, sent - 1))
 
 
 def fetch_key(purpose: str, rnd: int) -> RequestKey:

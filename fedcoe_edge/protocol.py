@@ -55,6 +55,18 @@ DECLINE = "decline"  # device -> coordinator: this device cannot train the feder
 # it at once instead of waiting out the round deadline, and logs the reason
 
 COORDINATOR_ID = "coordinator"
+# Repeats of an unanswered request (a device's FETCH or EVAL) or of a transfer's manifest
+# (the coordinator's download announce): RETRY_FIRST_S, doubling, capped at RETRY_MAX_S;
+# a device sends a request at most RETRY_ATTEMPTS times (6 sends over about 135 s), so
+# either side that stops answering costs the other a bounded number of messages.
+RETRY_FIRST_S = 5.0
+RETRY_MAX_S = 60.0
+RETRY_ATTEMPTS = 6
+
+
+def retry_delay(sent: int) -> float:
+    """Wait after the ``sent``-th send: 5, 10, 20, 40, 60, 60 ... s."""
+    return min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** max(0, sent - 1))
 DEFAULT_WINDOW = 16
 """Chunks a daemon keeps unacknowledged in one transfer (config ``window``), the device's
 and the coordinator's alike."""

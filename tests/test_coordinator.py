@@ -466,3 +466,32 @@ def test_a_resent_evaluation_is_answered_but_logged_once(
         fed.stop()
     lines = [r.getMessage() for r in caplog.records if "round=7 kind=cold" in r.getMessage()]
     assert len(lines) == 2 and any("device=0" in m for m in lines), lines
+
+
+def test_a_resent_fetch_reuses_the_download_it_already_started(tmp_path: Path) -> None:
+    """A device re-sends a FETCH whose answer was slow: the coordinator announces the download
+    already running for it again instead of preparing a second one (at 5,000 devices the
+    copies were most of the work)."""
+    _, factory = memory_factory()
+    fed = EmbeddedFederation(tmp_path, factory, devices=2, rounds=1)
+    fed.start()
+    try:
+        fed.wait_rounds(90)
+        c = fed.coordinator
+        assert c is not None
+
+        def downloads() -> set[str]:
+            with c._lock:
+                return {x for x, o in c._senders.items() if o.device == "ghost" and o.purpose == "cold"}
+
+        before = downloads()  # "ghost" never answers: its downloads stay open
+        c._on_fetch("ghost", 1, {"purpose": "cold", "expert_ids": [0, 1]})
+        first = downloads() - before
+        c._on_fetch("ghost", 1, {"purpose": "cold", "expert_ids": [0, 1]})
+        again = downloads() - before
+        c._on_fetch("ghost", 1, {"purpose": "cold", "expert_ids": [2, 3]})  # other experts: new
+        other = downloads() - before
+    finally:
+        fed.stop()
+    assert len(first) == 1 and again == first
+    assert len(other) == 2

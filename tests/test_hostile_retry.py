@@ -59,8 +59,8 @@ def _federation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, coordinator_cls
                 devices: int, first_s: float, max_s: float) -> tuple[Any, Any]:
     """An in-memory federation of one round whose coordinator is ``coordinator_cls``, with the
     agents' retry delays shortened to ``first_s`` .. ``max_s``."""
-    monkeypatch.setattr(agent_daemon, "RETRY_FIRST_S", first_s)
-    monkeypatch.setattr(agent_daemon, "RETRY_MAX_S", max_s)
+    monkeypatch.setattr(P, "RETRY_FIRST_S", first_s)  # retry_delay reads these
+    monkeypatch.setattr(P, "RETRY_MAX_S", max_s)
     broker = MemoryBroker()
 
     def factory(cid: str, will: Any, birth: Any) -> Any:
