@@ -594,6 +594,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     png = args.png or args.json.with_suffix(".png")
     text = render_markdown(rows, meta, args.small, args.v2)
     text = text.replace("](latency.png)", f"]({png.name})")
+    from benchmarks.camera_accuracy import embed_section, section_from
+
+    camera = section_from(args.json.parent)  # the trained bundle's accuracy, if measured
+    if camera is not None:
+        text = embed_section(text, camera)
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(text, encoding="utf-8")
     render_chart(rows, png)

@@ -15,6 +15,7 @@ choice and the errors measured are recorded in the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -49,6 +50,33 @@ log = logging.getLogger(__name__)
 CONV_OPS = frozenset({"Conv", "ConvTranspose"})
 _METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
             "percentile": CalibrationMethod.Percentile}
+
+
+class _DropQuantizerInfo(logging.Filter):
+    """Drops INFO/DEBUG records made by onnxruntime's code; warnings and errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (record.levelno >= logging.WARNING
+                or "onnxruntime" not in record.pathname.replace("\\", "/"))
+
+
+@contextlib.contextmanager
+def quiet_quantizer() -> Iterator[None]:
+    """While quantizing, drop onnxruntime's quantizer INFO lines.
+
+    The quantizer logs through the *root* logger (``logging.info``: one line per bias scale
+    it widens, per tensor without parameters), about a hundred lines per MobileNet part and
+    thousands per benchmark run for any caller whose logging is at INFO (the CLI filters its
+    own handlers; a script or notebook does not). A filter on the root logger sees only
+    records logged on the root logger itself, so the caller's own INFO lines, which come
+    from named loggers, still show."""
+    root = logging.getLogger()
+    drop = _DropQuantizerInfo()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 class QuantMode(str, enum.Enum):
@@ -214,11 +242,12 @@ def quantize_static_file(src: Path, dst: Path, calibration: CalibrationDataReade
         exclude = stem_nodes(proto) if fixes.fp32_stem else []
         source = Path(tmp) / "fixed.onnx"
         onnx.save(proto, str(source))
-        quantize_static(str(source), str(dst), calibration,
-                        quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=_METHODS[opts.calibrate_method],
-                        nodes_to_exclude=exclude)
+        with quiet_quantizer():
+            quantize_static(str(source), str(dst), calibration,
+                            quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=_METHODS[opts.calibrate_method],
+                            nodes_to_exclude=exclude)
     if fixes.fold_hardsigmoid:
         proto = onnx.load(str(dst))
         if fold_quantized_hardsigmoid(proto):
@@ -229,7 +258,9 @@ def quantize_static_file(src: Path, dst: Path, calibration: CalibrationDataReade
 
 def quantize_dynamic_file(src: Path, dst: Path, opts: QuantizeOptions) -> Path:
     """Dynamic int8: int8 weights, activations quantized per call (linear parts only)."""
-    quantize_dynamic(str(src), str(dst), per_channel=opts.per_channel, weight_type=QuantType.QInt8)
+    with quiet_quantizer():
+        quantize_dynamic(str(src), str(dst), per_channel=opts.per_channel,
+                         weight_type=QuantType.QInt8)
     return dst
 
 
