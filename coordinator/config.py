@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device_agent.config import check_classes
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.errors import ConfigError
 from fedcoe_edge.protocol import (
@@ -22,6 +21,7 @@ from fedcoe_edge.protocol import (
     BrokerSettings,
     apply_env,
     build_section,
+    check_classes,
     check_types,
     check_username,
     load_toml,

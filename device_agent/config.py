@@ -21,6 +21,7 @@ from fedcoe_edge.protocol import (
     BrokerSettings,
     apply_env,
     build_section,
+    check_classes,
     check_username,
     device_key,
     load_toml,
@@ -133,18 +134,6 @@ class AgentConfig:
         if len(self.key) < 16:
             raise ConfigError(f"{self.source}: [security] key must be at least 16 bytes")
         check_classes(self.data.classes, f"{self.source}: [data] classes")
-
-
-def check_classes(classes: list[str], where: str) -> None:
-    """A class list names each label once: a duplicate would give two labels one name, and
-    an empty name cannot be a folder."""
-    if not all(isinstance(c, str) and c.strip() and "/" not in c for c in classes):
-        raise ConfigError(f"{where} must be non-empty folder names (strings without '/')")
-    dup = sorted({c for c in classes if classes.count(c) > 1})
-    if dup:
-        raise ConfigError(f"{where} names {', '.join(dup)} more than once")
-    if len(classes) == 1:
-        raise ConfigError(f"{where} needs at least 2 classes, got {classes}")
 
 
 SECTIONS: dict[str, type] = {"device": DeviceSettings, "broker": BrokerSettings,

@@ -64,6 +64,18 @@ RETRY_MAX_S = 60.0
 RETRY_ATTEMPTS = 6
 
 
+def check_classes(classes: list[str], where: str) -> None:
+    """A class list names each label once: a duplicate would give two labels one name, and
+    an empty name cannot be a folder."""
+    if not all(isinstance(c, str) and c.strip() and "/" not in c for c in classes):
+        raise ConfigError(f"{where} must be non-empty folder names (strings without '/')")
+    dup = sorted({c for c in classes if classes.count(c) > 1})
+    if dup:
+        raise ConfigError(f"{where} names {', '.join(dup)} more than once")
+    if len(classes) == 1:
+        raise ConfigError(f"{where} needs at least 2 classes, got {classes}")
+
+
 def retry_delay(sent: int) -> float:
     """Wait after the ``sent``-th send: 5, 10, 20, 40, 60, 60 ... s."""
     return min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** max(0, sent - 1))

@@ -240,8 +240,7 @@ pattern read fl/v1/+/coord/status
 
 
 def run_init(args: argparse.Namespace) -> int:
-    from device_agent.config import check_classes
-    from fedcoe_edge.protocol import device_key
+    from fedcoe_edge.protocol import check_classes, device_key
 
     out: Path = args.dir
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
