@@ -460,20 +460,11 @@ def write_reports(doc: dict[str, Any], out: Path) -> None:
 # ---------------------------------------------------------------------------------- main
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     import onnxruntime as ort
     import torch
 
+    from benchmarks.harness import cpu_model
     from export.bundle import build_bundle, bundle_sizes, calibration_sample
     from export.quantize import QuantizeOptions, QuantMode
     from fedcoe_edge.config import TrainConfig
@@ -556,7 +547,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                    "fp32_bytes": sum(v["fp32_bytes"] or 0 for v in sizes.values()),
                    "parts": sizes},
         "timing": timing,
-        "env": {"cpu": _cpu(), "cpus": os.cpu_count(), "torch": torch.__version__,
+        "env": {"cpu": cpu_model(), "cpus": os.cpu_count(), "torch": torch.__version__,
                 "onnxruntime": ort.__version__, "python": platform.python_version()},
         "command": command,
     }

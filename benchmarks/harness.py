@@ -543,7 +543,7 @@ def environment() -> dict[str, Any]:
         "onnxruntime": onnxruntime.__version__,
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": ALL_CORES,
     }
     try:
@@ -555,7 +555,8 @@ def environment() -> dict[str, Any]:
     return info
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's name from /proc/cpuinfo (x86 `model name`, Arm `Hardware` / `cpu model`)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             for line in fh:

@@ -117,6 +117,8 @@ def _child(variant: str, batch: int, steps: int, warmup: int) -> dict[str, Any]:
 
 
 def run(repeats: int, steps: int, warmup: int) -> dict[str, Any]:
+    from benchmarks.harness import cpu_model
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     runs: list[dict[str, Any]] = []
@@ -135,7 +137,7 @@ def run(repeats: int, steps: int, warmup: int) -> dict[str, Any]:
                   f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
     return {"runs": runs, "summary": summarize(runs), "repeats": repeats, "steps": steps,
             "warmup": warmup, "threads": 1, "input": [3, 224, 224],
-            "experts_per_client": EXPERTS_PER_CLIENT, "cpu": _cpu(),
+            "experts_per_client": EXPERTS_PER_CLIENT, "cpu": cpu_model(),
             "loadavg_at_end": list(os.getloadavg()), "cpus": os.cpu_count(),
             "command": f"python -m benchmarks.trunk_cost --repeats {repeats} --steps {steps}"}
 
@@ -161,16 +163,6 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "bytes_up_int8_delta": mine[0]["bytes_up_int8_delta"],
             })
     return rows
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def markdown(doc: dict[str, Any]) -> str:

@@ -252,14 +252,9 @@ class Partial:
 
 
 # --- the strategies' aggregation rules, streamed ------------------------------------------
-def _kind(strategy: Strategy) -> str | None:
-    """Which mirrored rule applies: the strategy says (:meth:`Strategy.stream_rule`)."""
-    return strategy.stream_rule()
-
-
 def new_partial(strategy: Strategy, rnd: int) -> Partial | None:
     """An empty partial for ``rnd``; None when ``strategy`` can only aggregate a whole batch."""
-    kind = _kind(strategy)
+    kind = strategy.stream_rule()
     if kind == "fedcoe":
         k = strategy.model_cfg.num_global_experts
         return Partial(rnd, experts=ExpertSums(k), share=np.zeros(k, dtype=np.float64))
@@ -272,7 +267,7 @@ def accumulate(strategy: Strategy, partial: Partial, result: ClientResult) -> No
     FedCoE (``FedCoE.aggregate_round``): experts by ``n_i r_ik`` (``n_i`` as the fallback),
     everything else by ``n_i``, the routing mass for balancing, the reported row for the
     EMA. FedAvg: every global key by ``n_i``. Local: nothing is shared."""
-    kind = _kind(strategy)
+    kind = strategy.stream_rule()
     if kind == "fedcoe":
         from fedcoe_edge.strategies.fedcoe import expert_of
 
@@ -299,7 +294,7 @@ def aggregate_partial(strategy: Strategy, rnd: int, partial: Partial,
                       failures: Sequence[Failure]) -> Arrays:
     """What ``strategy.aggregate_round`` does, from a partial: the same rules, equal up to
     float rounding. With no client in the partial, the state and version stay."""
-    kind = _kind(strategy)
+    kind = strategy.stream_rule()
     if kind is None:
         raise TypeError(f"{type(strategy).__name__} does not aggregate incrementally")
     if kind == "local" or not partial.clients:

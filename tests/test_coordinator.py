@@ -7,8 +7,10 @@ exercised in test_federation_mqtt.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -443,6 +445,21 @@ def test_a_batch_that_fails_to_persist_is_not_acknowledged_and_counts_once(
         np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
 
 
+@contextlib.contextmanager
+def _after_one_round(tmp_path: Path) -> Iterator[tuple[EmbeddedFederation, Coordinator]]:
+    """A two-device in-memory federation whose one round is done, and its coordinator, still
+    running, for a test to call handlers on directly."""
+    _, factory = memory_factory()
+    fed = EmbeddedFederation(tmp_path, factory, devices=2, rounds=1)
+    fed.start()
+    try:
+        fed.wait_rounds(90)
+        assert fed.coordinator is not None
+        yield fed, fed.coordinator
+    finally:
+        fed.stop()
+
+
 def test_a_resent_evaluation_is_answered_but_logged_once(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A device re-sends an EVAL whose ack was late: it is stored (idempotently) and acked
@@ -450,20 +467,12 @@ def test_a_resent_evaluation_is_answered_but_logged_once(
     import logging
 
     caplog.set_level(logging.INFO, logger="fedcoe.coordinator")
-    _, factory = memory_factory()
-    fed = EmbeddedFederation(tmp_path, factory, devices=2, rounds=1)
-    fed.start()
-    try:
-        fed.wait_rounds(90)
-        c = fed.coordinator
-        assert c is not None
+    with _after_one_round(tmp_path) as (fed, c):
         for _ in range(3):
             c._on_eval("0", 7, {"kind": "cold", "correct": 3, "total": 4})
         c._on_eval("1", 7, {"kind": "cold", "correct": 1, "total": 4})
         fed.wait(lambda: len([e for e in c.store.evals("cold") if e["round"] == 7]) == 2, 30,
                  "the evaluations stored")
-    finally:
-        fed.stop()
     lines = [r.getMessage() for r in caplog.records if "round=7 kind=cold" in r.getMessage()]
     assert len(lines) == 2 and any("device=0" in m for m in lines), lines
 
@@ -472,13 +481,7 @@ def test_a_resent_fetch_reuses_the_download_it_already_started(tmp_path: Path) -
     """A device re-sends a FETCH whose answer was slow: the coordinator announces the download
     already running for it again instead of preparing a second one (at 5,000 devices the
     copies were most of the work)."""
-    _, factory = memory_factory()
-    fed = EmbeddedFederation(tmp_path, factory, devices=2, rounds=1)
-    fed.start()
-    try:
-        fed.wait_rounds(90)
-        c = fed.coordinator
-        assert c is not None
+    with _after_one_round(tmp_path) as (_, c):
 
         def downloads() -> set[str]:
             with c._lock:
@@ -491,7 +494,5 @@ def test_a_resent_fetch_reuses_the_download_it_already_started(tmp_path: Path) -
         again = downloads() - before
         c._on_fetch("ghost", 1, {"purpose": "cold", "expert_ids": [2, 3]})  # other experts: new
         other = downloads() - before
-    finally:
-        fed.stop()
     assert len(first) == 1 and again == first
     assert len(other) == 2
