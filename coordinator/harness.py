@@ -119,6 +119,17 @@ class EmbeddedFederation:
             return want <= got
         self.wait(evals_in, timeout, "final evaluations")
 
+    def final_state(self, timeout: float = 120.0) -> dict[str, Any]:
+        """Start, run every round, stop; the final global state (a copy). The reference a
+        test compares an interrupted federation with."""
+        self.start()
+        try:
+            self.wait_rounds(timeout)
+            assert self.coordinator is not None
+            return dict(self.coordinator.strategy.global_state)
+        finally:
+            self.stop()
+
     def stop(self) -> None:
         for a in self.agents.values():
             a.close()

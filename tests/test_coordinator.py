@@ -229,13 +229,7 @@ def test_resume_after_crash_mid_round_matches_an_uninterrupted_run(tmp_path: Pat
     the durable partial sums), the third device re-sends its update, and the result equals
     a run that never crashed (streamed: up to float rounding)."""
     _, factory = memory_factory()
-    ref = EmbeddedFederation(tmp_path / "ref", factory, devices=3, rounds=3, aggregation=aggregation)
-    ref.start()
-    try:
-        ref.wait_rounds(90)
-        want = dict(ref.coordinator.strategy.global_state)  # type: ignore[union-attr]
-    finally:
-        ref.stop()
+    want = EmbeddedFederation(tmp_path / "ref", factory, devices=3, rounds=3, aggregation=aggregation).final_state(90)
 
     _, factory2 = memory_factory()
     held = threading.Event()
@@ -413,13 +407,7 @@ def test_a_batch_that_fails_to_persist_is_not_acknowledged_and_counts_once(
 
     caplog.set_level(logging.INFO, logger="fedcoe.coordinator")
     _, f1 = memory_factory()
-    ref = EmbeddedFederation(tmp_path / "ref", f1, devices=3, rounds=1, aggregation="stream")
-    ref.start()
-    try:
-        ref.wait_rounds(90)
-        want = dict(ref.coordinator.strategy.global_state)  # type: ignore[union-attr]
-    finally:
-        ref.stop()
+    want = EmbeddedFederation(tmp_path / "ref", f1, devices=3, rounds=1, aggregation="stream").final_state(90)
 
     obstacle = tmp_path / "bad" / "coordinator" / "rounds" / "1" / "acc-000001.safetensors"
     obstacle.mkdir(parents=True)
