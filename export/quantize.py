@@ -115,6 +115,11 @@ class QuantizeOptions:
 
     mode: QuantMode = QuantMode.AUTO
     per_channel: bool = True  # per output channel int8 weight scales
+    # 7-bit weights: x86 CPUs without VNNI multiply u8 x s8 with vpmaddubsw, whose int16
+    # pair sums saturate with full-range weights (measured on an AVX2-only EPYC: a trained
+    # camera bundle's int8 top-1 agreed with fp32 on 95.2% of inputs, 99%+ with this on).
+    # ARM and VNNI CPUs are exact either way; the cost is one bit of weight resolution.
+    reduce_range: bool = True
     calibration_samples: int = 128  # drawn from the device's training split
     calibration_batch: int = 32  # samples per calibration batch
     calibrate_method: str = "minmax"  # minmax | entropy | percentile
@@ -149,6 +154,7 @@ class QuantizeOptions:
 
     def to_dict(self) -> dict[str, object]:
         return {"mode": self.mode.value, "per_channel": self.per_channel,
+                "reduce_range": self.reduce_range,
                 "calibration_samples": self.calibration_samples,
                 "calibration_batch": self.calibration_batch,
                 "calibrate_method": self.calibrate_method, "seed": self.seed,
@@ -247,7 +253,7 @@ def quantize_static_file(src: Path, dst: Path, calibration: CalibrationDataReade
                             quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=_METHODS[opts.calibrate_method],
-                            nodes_to_exclude=exclude)
+                            nodes_to_exclude=exclude, reduce_range=opts.reduce_range)
     if fixes.fold_hardsigmoid:
         proto = onnx.load(str(dst))
         if fold_quantized_hardsigmoid(proto):
@@ -260,7 +266,7 @@ def quantize_dynamic_file(src: Path, dst: Path, opts: QuantizeOptions) -> Path:
     """Dynamic int8: int8 weights, activations quantized per call (linear parts only)."""
     with quiet_quantizer():
         quantize_dynamic(str(src), str(dst), per_channel=opts.per_channel,
-                         weight_type=QuantType.QInt8)
+                         reduce_range=opts.reduce_range, weight_type=QuantType.QInt8)
     return dst
 
 
