@@ -76,10 +76,39 @@ def trunk_tensors(trunk: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return list(trunk.named_parameters()) + list(trunk.named_buffers())
 
 
-def weights_stamp(trunk: nn.Module) -> tuple[tuple[int, int], ...]:
-    """Cheap change detector: storage address and in-place version of each tensor (any copy
-    into a tensor bumps its version, a replaced tensor has a new address)."""
-    return tuple((t.data_ptr(), t._version) for _, t in trunk_tensors(trunk))
+Stamp = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TrunkScan:
+    """What one pass over the trunk's modules tells a call (a few hundred attribute reads:
+    tens of microseconds, against milliseconds for ``named_parameters``)."""
+
+    stamp: Stamp  # storage address and in-place version of every parameter and buffer
+    wants_grad: bool  # some parameter requires grad
+    observed: bool  # forward hooks (or pre-hooks) on some module
+
+
+def scan(modules: list[nn.Module]) -> TrunkScan:
+    """Stamp, gradient need and hooks of ``modules`` (the trunk's ``modules()``, listed once):
+    any copy into a tensor bumps its version, a replaced tensor has a new address."""
+    stamp: list[int] = []
+    wants_grad = observed = False
+    for m in modules:
+        observed = observed or bool(m._forward_hooks or m._forward_pre_hooks)
+        for p in m._parameters.values():
+            if p is not None:
+                stamp += (p.data_ptr(), p._version)
+                wants_grad = wants_grad or p.requires_grad
+        for b in m._buffers.values():
+            if b is not None:
+                stamp += (b.data_ptr(), b._version)
+    return TrunkScan(tuple(stamp), wants_grad, observed)
+
+
+def weights_stamp(trunk: nn.Module) -> Stamp:
+    """The stamp of :func:`scan` for ``trunk``."""
+    return scan(list(trunk.modules())).stamp
 
 
 def trunk_fingerprint(trunk: nn.Module) -> str:
@@ -103,7 +132,8 @@ class FeatureCache:
         self.entries: OrderedDict[Key, torch.Tensor] = OrderedDict()
         self.stats = CacheStats()
         self.fingerprint: str | None = None  # of the weights the entries were computed with
-        self._stamp: tuple[tuple[int, int], ...] | None = None
+        self._stamp: Stamp | None = None
+        self._modules: list[nn.Module] | None = None  # the trunk's modules, listed on first use
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -120,9 +150,15 @@ class FeatureCache:
         self.entries.clear()
         self.used_bytes = 0
 
-    def sync(self, trunk: nn.Module) -> None:
+    def scan(self, trunk: nn.Module) -> TrunkScan:
+        """:func:`scan` over the trunk's modules (listed once: a trunk's structure is fixed)."""
+        if self._modules is None:
+            self._modules = list(trunk.modules())
+        return scan(self._modules)
+
+    def sync(self, trunk: nn.Module, stamp: Stamp | None = None) -> None:
         """Empty the cache if the trunk's weights are not those its entries came from."""
-        stamp = weights_stamp(trunk)
+        stamp = self.scan(trunk).stamp if stamp is None else stamp
         if stamp == self._stamp:
             return
         self._stamp = stamp
@@ -156,13 +192,11 @@ class FeatureCache:
         self.used_bytes += size
 
 
-def _observed(trunk: nn.Module) -> bool:
-    """Whether forward hooks watch the trunk (they expect it to run)."""
+def _global_hooks() -> bool:
+    """Whether global forward hooks watch every module (they expect the trunk to run)."""
     from torch.nn.modules import module as torch_module
 
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in trunk.modules())
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
 def _compiling() -> bool:
@@ -171,24 +205,25 @@ def _compiling() -> bool:
                 or (compiler is not None and compiler.is_compiling()))
 
 
-def cache_usable(trunk: nn.Module, x: Any) -> bool:
+def cache_usable(trunk: nn.Module, x: Any, state: TrunkScan) -> bool:
     """Whether this call may be served from the cache (see the module docstring)."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or trunk.training or _compiling():
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in trunk.parameters())):
+    if torch.is_grad_enabled() and (x.requires_grad or state.wants_grad):
         return False
-    return not _observed(trunk)
+    return not (state.observed or _global_hooks())
 
 
 def _cached_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``forward`` of a trunk with a cache: run the class's forward only on the misses."""
     cache: FeatureCache = getattr(self, CACHE_ATTR)
     plain = type(self).forward
-    if not cache_usable(self, x):
+    state = cache.scan(self)
+    if not cache_usable(self, x, state):
         if isinstance(x, torch.Tensor) and x.dim() > 0:
             cache.stats.bypassed += int(x.shape[0])
         return plain(self, x)
-    cache.sync(self)
+    cache.sync(self, state.stamp)
     keys = sample_keys(x)
     rows: list[torch.Tensor | None] = [cache.lookup(k) for k in keys]
     missing = [i for i, r in enumerate(rows) if r is None]
@@ -226,4 +261,4 @@ def cache_of(trunk: nn.Module) -> FeatureCache | None:
 
 __all__ = ["CACHE_ATTR", "DEFAULT_TRUNK_CACHE_MB", "ENTRY_OVERHEAD_BYTES", "CacheStats",
            "FeatureCache", "cache_of", "cache_usable", "install_cache",
-           "sample_keys", "trunk_fingerprint", "weights_stamp"]
+           "TrunkScan", "sample_keys", "scan", "trunk_fingerprint", "weights_stamp"]
