@@ -207,7 +207,8 @@ def _compiling() -> bool:
 
 def cache_usable(trunk: nn.Module, x: Any, state: TrunkScan) -> bool:
     """Whether this call may be served from the cache (see the module docstring)."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 1 or trunk.training or _compiling():
+    if (not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0 or trunk.training
+            or _compiling()):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or state.wants_grad):
         return False

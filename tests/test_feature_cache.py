@@ -136,6 +136,7 @@ def test_budget_is_respected_least_recently_used_go_first() -> None:
         again = trunk(xt[N - 5:])  # the last five are the ones kept
         assert cache.stats.hits == 5
         torch.testing.assert_close(again, out[N - 5:])
+        assert trunk(xt[:0]).shape == (0, FEATURES)  # an empty batch runs as it would uncached
         install_cache(trunk, 0)
         assert cache_of(trunk) is None
         torch.testing.assert_close(trunk(xt), out, rtol=1e-5, atol=1e-6)  # mixed batches: same
