@@ -261,8 +261,8 @@ def cache_sentence(summary: list[dict[str, Any]]) -> list[str]:
              for r in cached if r["batch"] in plain and "fill_ms_per_sample" in r]
     return ["", "Features cached (`model.trunk_cache_mb`, default 256 MiB, docs/design.md "
             "\"Trunk\"): a frozen trunk's features are computed once per sample and reused by every "
-            "later epoch and round while they fit in the budget (576 fp32 features + ~320 B of "
-            "bookkeeping per sample: about 100k samples in 256 MiB). Once warm, a step costs "
+            "later epoch and round while they fit in the budget (576 fp32 features + ~0.7 KB of "
+            "bookkeeping per sample: about 89k samples in 256 MiB). Once warm, a step costs "
             + "; ".join(parts) + ": the trunk forward under no_grad plus a sha256 key of the "
             "sample, paid on its first pass only."]
 

@@ -26,7 +26,7 @@ TRUNK_MODES = ("federated", "frozen", "local-finetune")
 # Trunk options left out of to_dict() at their defaults: a config (and every cache key,
 # manifest and welcome built from one) that does not use them reads exactly as before.
 # Frozen trunk's feature cache (fedcoe_edge/feature_cache.py): MiB of RAM, 0 disables.
-DEFAULT_TRUNK_CACHE_MB = 256  # sized for a Raspberry Pi: ~100k camera samples' features
+DEFAULT_TRUNK_CACHE_MB = 256  # sized for a Raspberry Pi: ~89k camera samples' features
 MAX_TRUNK_CACHE_MB = 1 << 20  # 1 TiB: anything above is a typo
 _TRUNK_DEFAULTS: dict[str, Any] = {"trunk_mode": "federated", "trunk_weights": "",
                                    "trunk_sha256": "", "trunk_cache_mb": DEFAULT_TRUNK_CACHE_MB}
