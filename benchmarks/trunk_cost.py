@@ -4,8 +4,10 @@ One local SGD step of FedCoE's client objective (``fedcoe_loss``, the parameters
 ``client_update`` trains: the local level plus everything the coordinator sent) on the
 camera model of :mod:`benchmarks.fedcoe` (MobileNetV3-Small trunk, K=8 + M=2 MLP heads,
 224x224 RGB), with ``trunk_mode = "federated"`` (today: the trunk is sent, trained and
-uploaded) and ``"frozen"`` (docs/design.md, "Trunk"), beside one step of a full
-MobileNetV3-Small fine-tune measured in the same run. One thread; each configuration runs
+uploaded) and ``"frozen"`` (docs/design.md, "Trunk") with its feature cache off and on,
+beside one step of a full MobileNetV3-Small fine-tune measured in the same run. The cached
+row is the step once the batch's features are cached; its one-time fill per sample is
+(cold step - warm step) / batch, a cold step being one right after the cache was emptied. One thread; each configuration runs
 in its own process (peak RSS is that process's VmHWM after warm-up and the timed steps),
 and the whole set is repeated in alternating order so the ratios carry their spread.
 
