@@ -7,9 +7,10 @@ camera model of :mod:`benchmarks.fedcoe` (MobileNetV3-Small trunk, K=8 + M=2 MLP
 uploaded) and ``"frozen"`` (docs/design.md, "Trunk") with its feature cache off and on,
 beside one step of a full MobileNetV3-Small fine-tune measured in the same run. The cached
 row is the step once the batch's features are cached; its one-time fill per sample is
-(cold step - warm step) / batch, a cold step being one right after the cache was emptied. One thread; each configuration runs
-in its own process (peak RSS is that process's VmHWM after warm-up and the timed steps),
-and the whole set is repeated in alternating order so the ratios carry their spread.
+(cold step - warm step) / batch, a cold step being one right after the cache was emptied.
+One thread; each configuration runs in its own process (peak RSS is that process's VmHWM
+after warm-up and the timed steps), and the whole set is repeated in alternating order so
+the ratios carry their spread.
 
     python -m benchmarks.trunk_cost [--repeats 3] [--steps 6] [--out benchmarks/results]
 
