@@ -24,7 +24,7 @@ from typing import Any
 from benchmarks.harness import ArtifactStore, Case, Prepared, prepare, summarize
 from fedcoe_edge.errors import ConfigError
 
-__all__ = ["ABLATION", "RoundRobin", "interleaved"]
+__all__ = ["ABLATION", "RoundRobin", "interleaved", "repeat_order"]
 
 ABLATION: tuple[tuple[str, str], ...] = (
     ("torch", "fp32"),
@@ -34,6 +34,18 @@ ABLATION: tuple[tuple[str, str], ...] = (
     ("onnxruntime", "int8-fold"),
     ("onnxruntime", "int8"),
 )
+
+
+def repeat_order(n: int, repeat: int) -> list[int]:
+    """The call order of ``n`` cases in repeat block ``repeat``: forward on even repeats,
+    backward on odd ones (each case follows its other neighbour), rotated so the case that
+    runs first differs in every block of ``n`` repeats: 0, n-1, 1, n-2, ..."""
+    if n < 1 or repeat < 0:
+        raise ConfigError(f"repeat_order: need n >= 1 and repeat >= 0, got {n}, {repeat}")
+    half, odd = divmod(repeat, 2)
+    shift = (-half if odd else half) % n
+    order = list(range(shift, n)) + list(range(shift))
+    return order[::-1] if odd else order
 
 
 class RoundRobin:
@@ -54,8 +66,10 @@ class RoundRobin:
             raise
         self.times: list[list[float]] = [[] for _ in self.cases]
 
-    def round(self) -> None:
-        for i, p in enumerate(self.prepared):
+    def round(self, order: Sequence[int] | None = None) -> None:
+        """One call of every case, in ``order`` (indices into the cases; default as given)."""
+        for i in range(len(self.prepared)) if order is None else order:
+            p = self.prepared[i]
             t0 = time.perf_counter()
             p.run()
             self.times[i].append(time.perf_counter() - t0)

@@ -4,10 +4,13 @@ One local SGD step of FedCoE's client objective (``fedcoe_loss``, the parameters
 ``client_update`` trains: the local level plus everything the coordinator sent) on the
 camera model of :mod:`benchmarks.fedcoe` (MobileNetV3-Small trunk, K=8 + M=2 MLP heads,
 224x224 RGB), with ``trunk_mode = "federated"`` (today: the trunk is sent, trained and
-uploaded) and ``"frozen"`` (docs/design.md, "Trunk"), beside one step of a full
-MobileNetV3-Small fine-tune measured in the same run. One thread; each configuration runs
-in its own process (peak RSS is that process's VmHWM after warm-up and the timed steps),
-and the whole set is repeated in alternating order so the ratios carry their spread.
+uploaded) and ``"frozen"`` (docs/design.md, "Trunk") with its feature cache off and on,
+beside one step of a full MobileNetV3-Small fine-tune measured in the same run. The cached
+row is the step once the batch's features are cached; its one-time fill per sample is
+(cold step - warm step) / batch, a cold step being one right after the cache was emptied.
+One thread; each configuration runs in its own process (peak RSS is that process's VmHWM
+after warm-up and the timed steps), and the whole set is repeated in alternating order so
+the ratios carry their spread.
 
     python -m benchmarks.trunk_cost [--repeats 3] [--steps 6] [--out benchmarks/results]
 
@@ -28,7 +31,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("full_v3_small", "fedcoe_federated", "fedcoe_frozen")
+VARIANTS = ("full_v3_small", "fedcoe_federated", "fedcoe_frozen", "fedcoe_frozen_cached")
+# trunk_mode and model.trunk_cache_mb (MiB) of each FedCoE variant: the plain frozen row runs
+# the trunk every step (cache off; every step here reuses one batch, so it would hit), the
+# cached row is timed once its cache is warm (docs/design.md, "Trunk")
+FEDCOE_VARIANTS = {"fedcoe_federated": ("federated", None), "fedcoe_frozen": ("frozen", 0),
+                   "fedcoe_frozen_cached": ("frozen", None)}
 BATCHES = (8, 16)
 EXPERTS_PER_CLIENT = 2
 REPO = Path(__file__).resolve().parents[1]
@@ -40,11 +48,13 @@ def _child(variant: str, batch: int, steps: int, warmup: int) -> dict[str, Any]:
 
     from benchmarks.memory import read_vmhwm_kb
     from fedcoe_edge.config import TrainConfig
+    from fedcoe_edge.feature_cache import FeatureCache, cache_of
     from fedcoe_edge.wire import compress_delta, compressed_delta_metadata, encode_tensors
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     train = TrainConfig(experts_per_client=EXPERTS_PER_CLIENT)
+    cache: FeatureCache | None = None  # the frozen trunk's feature cache, cached variant only
     if variant == "full_v3_small":
         from fedcoe_edge.mobilenet import mobilenet_v3_small
 
@@ -68,14 +78,18 @@ def _child(variant: str, batch: int, steps: int, warmup: int) -> dict[str, Any]:
         from fedcoe_edge.trunk import kept_locally
 
         base = camera_config()
-        cfg = type(base).from_dict({**base.to_dict(), "num_classes": 10,
-                                    "trunk_mode": variant.removeprefix("fedcoe_")})
+        mode, cache_mb = FEDCOE_VARIANTS[variant]
+        cfg = type(base).from_dict({**base.to_dict(), "num_classes": 10, "trunk_mode": mode,
+                                    **({} if cache_mb is None else {"trunk_cache_mb": cache_mb})})
         s = make_strategy("fedcoe", cfg, train, 0)
         assert isinstance(s, FedCoE)
         s.initialize()
         ids = list(range(EXPERTS_PER_CLIENT))
         sent = s.params_for(ids)
         model = s.model
+        if variant == "fedcoe_frozen_cached":
+            cache = cache_of(s.model.global_part.trunk)
+            assert cache is not None
         named = dict(model.named_parameters())
         names = [n for n in named if kept_locally(cfg, n) or n in sent]
         params = [named[n] for n in names]
@@ -100,18 +114,29 @@ def _child(variant: str, batch: int, steps: int, warmup: int) -> dict[str, Any]:
     model.train()
     x = torch.from_numpy(rng.random((batch, 3, 224, 224), dtype=np.float32))
     y = torch.from_numpy(rng.integers(0, 10, batch).astype(np.int64))
-    times = []
-    for i in range(warmup + steps):
+
+    def step() -> float:
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, train.clip_grad_norm)
         opt.step()
+        return time.perf_counter() - t0
+
+    times, cold = [], []
+    for i in range(warmup + steps):
+        if cache is not None and i >= warmup:  # the batch's first pass: trunk + keys + store
+            cache.clear()
+            cold.append(step())
+        t = step()  # with a cache: all hits (this batch was stored by the step before)
         if i >= warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(t)
+    if cache is not None:
+        assert cache.stats.misses == batch * (steps + 1) and cache.stats.bypassed == 0
     return {"variant": variant, "batch": batch, "step_s": statistics.median(times),
-            "step_s_all": times, "peak_rss_mb": read_vmhwm_kb() / 1024,
+            "step_s_all": times, "cold_step_s": statistics.median(cold) if cold else None,
+            "cold_step_s_all": cold, "peak_rss_mb": read_vmhwm_kb() / 1024,
             "params_trained": int(trained), "bytes_up_fp32": int(up_fp32),
             "bytes_up_int8_delta": up_int8}
 
@@ -144,12 +169,15 @@ def run(repeats: int, steps: int, warmup: int) -> dict[str, Any]:
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (variant, batch): median step time and RSS over repeats, and the ratio to the full
-    fine-tune step of the same repeat (min / median / max over repeats)."""
+    fine-tune step of the same repeat (min / median / max over repeats); for the cached
+    variant also the one-time fill cost per sample, (cold step - warm step) / batch."""
     rows = []
     for batch in BATCHES:
         base = {r["repeat"]: r for r in runs if r["variant"] == "full_v3_small" and r["batch"] == batch}
         for variant in VARIANTS:
             mine = [r for r in runs if r["variant"] == variant and r["batch"] == batch]
+            if not mine:  # a JSON from before the variant existed
+                continue
             ratios = [r["step_s"] / base[r["repeat"]]["step_s"] for r in mine]
             rss = [r["peak_rss_mb"] / base[r["repeat"]]["peak_rss_mb"] for r in mine]
             rows.append({
@@ -162,6 +190,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "bytes_up_fp32": mine[0]["bytes_up_fp32"],
                 "bytes_up_int8_delta": mine[0]["bytes_up_int8_delta"],
             })
+            fills = [1e3 * (r["cold_step_s"] - r["step_s"]) / batch for r in mine
+                     if r.get("cold_step_s") is not None]
+            if fills:
+                rows[-1]["fill_ms_per_sample"] = [min(fills), statistics.median(fills), max(fills)]
     return rows
 
 
@@ -191,7 +223,8 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     names = {"full_v3_small": "full MobileNetV3-Small fine-tune",
              "fedcoe_federated": "FedCoE, trunk federated (today)",
-             "fedcoe_frozen": "FedCoE, trunk frozen"}
+             "fedcoe_frozen": "FedCoE, trunk frozen",
+             "fedcoe_frozen_cached": "FedCoE, trunk frozen, features cached"}
     for r in doc["summary"]:
         lines.append(f"| {names[r['variant']]} | {r['batch']} | {r['step_ms']:.0f} | "
                      f"{spread(r['step_ratio'])} | {r['peak_rss_mb']:.0f} MB | "
@@ -207,12 +240,34 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{mb(fed['bytes_up_int8_delta'])}). The same figures hold for the download of a "
         "round's task. The frozen trunk is shipped once (a pretrained file, hash-checked: "
         "`model.trunk_weights` / `trunk_sha256`).",
+    ]
+    lines += cache_sentence(doc["summary"])
+    lines += [
         "",
         "Not measured here: accuracy of a frozen vs federated trunk on real camera data "
         "(the Fashion-MNIST camera run is pending), and feature caching for frozen-trunk "
         "training (not implemented: every step still runs the trunk forward).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def cache_sentence(summary: list[dict[str, Any]]) -> list[str]:
+    """The paragraph on the frozen trunk's feature cache (none for a JSON without its rows)."""
+    cached = [r for r in summary if r["variant"] == "fedcoe_frozen_cached"]
+    if not cached:
+        return []
+    plain = {r["batch"]: r for r in summary if r["variant"] == "fedcoe_frozen"}
+    parts = [f"{r['step_ms']:.0f} ms at batch {r['batch']} ({r['step_ratio'][1]:.2f}x the full "
+             f"fine-tune's step, {r['step_ms'] / plain[r['batch']]['step_ms']:.2f}x the uncached "
+             f"frozen step), after a one-time fill of {r['fill_ms_per_sample'][1]:.1f} ms per "
+             f"sample ({r['fill_ms_per_sample'][0]:.1f}-{r['fill_ms_per_sample'][2]:.1f})"
+             for r in cached if r["batch"] in plain and "fill_ms_per_sample" in r]
+    return ["", "Features cached (`model.trunk_cache_mb`, default 256 MiB, docs/design.md "
+            "\"Trunk\"): a frozen trunk's features are computed once per sample and reused by every "
+            "later epoch and round while they fit in the budget (576 fp32 features + ~0.7 KB of "
+            "bookkeeping per sample: about 89k samples in 256 MiB). Once warm, a step costs "
+            + "; ".join(parts) + ": the trunk forward under no_grad plus a sha256 key of the "
+            "sample, paid on its first pass only."]
 
 
 def main(argv: list[str] | None = None) -> int:

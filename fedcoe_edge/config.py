@@ -25,8 +25,11 @@ TrunkMode = Literal["federated", "frozen", "local-finetune"]
 TRUNK_MODES = ("federated", "frozen", "local-finetune")
 # Trunk options left out of to_dict() at their defaults: a config (and every cache key,
 # manifest and welcome built from one) that does not use them reads exactly as before.
+# Frozen trunk's feature cache (fedcoe_edge/feature_cache.py): MiB of RAM, 0 disables.
+DEFAULT_TRUNK_CACHE_MB = 256  # sized for a Raspberry Pi: ~89k camera samples' features
+MAX_TRUNK_CACHE_MB = 1 << 20  # 1 TiB: anything above is a typo
 _TRUNK_DEFAULTS: dict[str, Any] = {"trunk_mode": "federated", "trunk_weights": "",
-                                   "trunk_sha256": ""}
+                                   "trunk_sha256": "", "trunk_cache_mb": DEFAULT_TRUNK_CACHE_MB}
 Tier = Literal["small", "medium", "large"]
 
 # Width multiplier of the private (local) experts per device tier: a Pi Zero gets "small",
@@ -56,6 +59,9 @@ class ModelConfig:
     trunk_mode: TrunkMode = "federated"
     trunk_weights: str = ""  # pretrained trunk: a local safetensors file, loaded at build time
     trunk_sha256: str = ""  # that file's sha256 (required with trunk_weights)
+    # RAM budget (MiB) of a frozen trunk's per-sample feature cache; 0 disables; no effect on
+    # results (docs/design.md, "Trunk"); ignored unless trunk_mode = "frozen"
+    trunk_cache_mb: int = DEFAULT_TRUNK_CACHE_MB
 
     def __post_init__(self) -> None:
         self.input_shape = tuple(int(d) for d in self.input_shape)
@@ -96,6 +102,11 @@ class ModelConfig:
         if self.trunk_sha256 and (len(self.trunk_sha256) != 64 or any(
                 c not in "0123456789abcdef" for c in self.trunk_sha256)):
             raise ConfigError("model.trunk_sha256 must be 64 lowercase hex digits")
+        if (isinstance(self.trunk_cache_mb, bool) or not isinstance(self.trunk_cache_mb, int)
+                or not 0 <= self.trunk_cache_mb <= MAX_TRUNK_CACHE_MB):
+            raise ConfigError(f"model.trunk_cache_mb must be an integer number of MiB in "
+                              f"0..{MAX_TRUNK_CACHE_MB} (0 disables the frozen trunk's feature "
+                              f"cache), got {self.trunk_cache_mb!r}")
 
     @property
     def local_hidden(self) -> int:

@@ -107,3 +107,6 @@ def prepare_trunk(model: Any, cfg: ModelConfig) -> None:
         load_trunk_weights(trunk, cfg)
     if cfg.trunk_mode == "frozen":
         freeze(trunk)
+        from fedcoe_edge.feature_cache import install_cache  # features computed once per sample
+
+        install_cache(trunk, cfg.trunk_cache_mb << 20)

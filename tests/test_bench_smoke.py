@@ -19,6 +19,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from benchmarks.compare import repeat_order
 from benchmarks.fedcoe import smoke_fedcoe_cases
 from benchmarks.harness import (
     ROW_KEYS,
@@ -43,7 +44,13 @@ from benchmarks.onnx_utils import (
 )
 from benchmarks.ort_session import make_session
 from benchmarks.quick import run_quick
-from benchmarks.report import load_rows, same_run_ratios
+from benchmarks.report import (
+    load_rows,
+    render_markdown,
+    repeat_ratio_spread,
+    repeat_ratio_spreads,
+    same_run_ratios,
+)
 from benchmarks.sgemm_peak import measure_sgemm_peak
 from fedcoe_edge.errors import ConfigError
 
@@ -306,6 +313,13 @@ def test_benchmark_suite_and_report_end_to_end(tmp_path: Path) -> None:
     assert top2["params"] == top2["note_active_params"] < dense["params"]
     assert top2["macs"] < dense["macs"] == top2["note_dense_macs"]
     assert all(r["rounds"] == 2 and r["p50_ms"] > 0 for r in inter)
+    assert all(len(r["repeat_p50_ms"]) == 2 and min(r["repeat_p50_ms"]) > 0 for r in inter)
+    moe_inter = next(r for r in inter if r["family"] == "fedcoe")
+    spread = moe_inter["ratio_spreads"]["lat_small_same"]
+    assert spread == repeat_ratio_spreads(moe_inter, inter, "tiny_convnet", "tiny_convnet")[
+        "lat_small_same"
+    ]
+    assert spread is not None and spread[1] <= spread[0] <= spread[2]
     for row in rows:
         for key in ROW_KEYS:
             if key == "peak_rss_mb" and row["runtime"] == "torch":
@@ -350,6 +364,8 @@ def test_benchmark_suite_and_report_end_to_end(tmp_path: Path) -> None:
     assert f"{expected:.2f}x" in md
     assert "## FedCoE against the MobileNet baselines" in md
     assert "## Round-robin timing" in md
+    assert "median (min-max) over 2 repeat blocks" in md
+    assert f"{spread[0]:.2f}x ({spread[1]:.2f}-{spread[2]:.2f})" in md
     assert "### Sparse top-2 against the fused dense graph" in md
     assert "## Where the sparse top-2 time goes" in md and "numpy glue" in md
     assert md.count("| tiny_convnet") >= 4
@@ -363,6 +379,55 @@ def test_report_rejects_foreign_json(tmp_path: Path) -> None:
         load_rows(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_rows(tmp_path / "missing.json")
+
+
+def test_repeat_ratio_spread_on_hand_computed_values() -> None:
+    # per-repeat ratios 2/1, 3/2, 4/2 = 2.0, 1.5, 2.0: median 2.0, min 1.5, max 2.0
+    assert repeat_ratio_spread([2.0, 3.0, 4.0], [1.0, 2.0, 2.0]) == [2.0, 1.5, 2.0]
+    # even count: the median is the mean of the middle two (1.2 and 1.4)
+    got = repeat_ratio_spread([1.2, 1.0, 2.8, 1.4], [1.0, 1.0, 2.0, 1.0])
+    assert got == pytest.approx([1.3, 1.0, 1.4])
+    for numer, denom in (([1.0], [1.0, 2.0]), (None, [1.0]), ([1.0], []), ([1.0], [0.0])):
+        assert repeat_ratio_spread(numer, denom) is None
+
+
+def _rr_row(model: str, precision: str, p50s: list[float]) -> dict[str, object]:
+    return {"model": model, "family": "fedcoe" if model.startswith("fedcoe") else "baseline",
+            "runtime": "onnxruntime", "precision": precision, "input": "3x224x224",
+            "threads": 1, "batch": 1, "p50_ms": sorted(p50s)[len(p50s) // 2],
+            "repeat_p50_ms": p50s}
+
+
+def test_round_robin_table_and_goal_carry_the_spread_over_repeats() -> None:
+    rows = [
+        _rr_row("fedcoe_top2", "int8", [2.4, 2.2, 2.6]),
+        _rr_row("mobilenet_v3_small", "int8", [2.0, 2.0, 2.0]),
+        _rr_row("mobilenet_v3_small", "fp32", [2.4, 2.4, 2.4]),
+        _rr_row("mobilenet_v2", "int8", [4.0, 4.4, 4.0]),
+    ]
+    sp = repeat_ratio_spreads(rows[0], rows)
+    assert sp["lat_small_same"] == pytest.approx([1.2, 1.1, 1.3])  # 2.4/2, 2.2/2, 2.6/2
+    assert sp["lat_small_best"] == pytest.approx([1.2, 1.1, 1.3])  # int8 is V3-S's fastest
+    assert sp["lat_v2_same"] == pytest.approx([0.6, 0.5, 0.65])  # 2.4/4, 2.2/4.4, 2.6/4
+    seq = [dict(r, peak_rss_mb=30.0) for r in rows]
+    md = render_markdown(seq, {"interleaved": rows, "env": {}, "sgemm_peak": None})
+    assert "| 1.20x (1.10-1.30) | 1.20x (1.10-1.30) (onnxruntime int8) | 0.60x (0.50-0.65) |" in md
+    assert ("latency (round-robin, median (min-max) over 3 repeats) 1.20x (1.10-1.30) of "
+            "MobileNetV3-Small's best (target <= 1.15x: not met)") in md
+    old = [{k: v for k, v in r.items() if k != "repeat_p50_ms"} for r in rows]  # an older JSON
+    md_old = render_markdown(seq, {"interleaved": old, "env": {}, "sgemm_peak": None})
+    assert "| 1.20x | 1.20x (onnxruntime int8) | 0.60x |" in md_old
+
+
+def test_repeat_order_rotates_and_alternates() -> None:
+    assert repeat_order(3, 0) == [0, 1, 2]
+    assert repeat_order(3, 1) == [2, 1, 0]  # backward
+    assert repeat_order(3, 2) == [1, 2, 0]  # forward, rotated by 1
+    assert repeat_order(3, 3) == [1, 0, 2]  # backward from [2, 0, 1]
+    assert [repeat_order(5, r)[0] for r in range(5)] == [0, 4, 1, 3, 2]  # each case leads once
+    assert all(sorted(repeat_order(5, r)) == list(range(5)) for r in range(7))
+    with pytest.raises(ConfigError, match="repeat_order"):
+        repeat_order(0, 0)
 
 
 def test_interleaved_times_every_case_each_round(tmp_path: Path) -> None:
