@@ -5,9 +5,10 @@ The coordinator pretrains a MobileNetV3-Small trunk (``fedcoe_edge.pretrain``, d
 fetches it once from the coordinator over a real Mosquitto (the chunked, signed download
 path), checks its sha256 against the federation's, saves it in its state folder and trains;
 rounds move no trunk tensor (tasks and updates stored by the coordinator name none); a
-restarted device reuses its copy without a second download; a device whose own trunk file
-is not the federation's declines. The device's refusal of a downloaded file with another
-hash is driven directly (a coordinator never serves one: it checks the file before sending).
+restarted device reuses its copy without a second download; a cold device fetches it as
+well; a device whose own trunk file is not the federation's declines. The device's refusal
+of a downloaded file with another hash is driven directly (a coordinator never serves one:
+it checks the file before sending).
 """
 
 from __future__ import annotations
@@ -126,6 +127,11 @@ def test_devices_fetch_the_trunk_once_and_rounds_carry_no_trunk(
         again = fed.add_agent("0", "0")
         fed.wait(lambda: again.strategy is not None, 30, "restarted device joined")
         assert c.store.traffic().get(("down", "trunk")) == 2 * trunks["bytes"]
+
+        # a cold device (torch engine) fetches the trunk too, then the gate and its experts
+        cold = fed.add_agent("5", "2", role="cold")
+        fed.wait(cold.cold_ready.is_set, 60, "cold device ready")
+        assert c.store.traffic().get(("down", "trunk")) == 3 * trunks["bytes"]
 
         # a device whose own trunk file is not the federation's declines, never trains
         fed.device_overrides["9"] = {"trunk_weights": str(trunks["other"])}
