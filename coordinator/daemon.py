@@ -410,26 +410,24 @@ class Coordinator:
     def _send_params(self, device: str, params: dict[str, np.ndarray], expert_ids: list[int],
                      purpose: str, rnd: int) -> TransferManifest:
         """Prepare a chunked download; chunks flow once the device reports it is listening."""
-        assert self.transport is not None
         data, base = self._prepare(params, expert_ids)
+        return self._send_bytes(device, data, base, purpose, rnd)
+
+    def _send_bytes(self, device: str, data: bytes, base: TransferManifest, purpose: str,
+                    rnd: int) -> TransferManifest:
+        """A download of ``data`` (``base``: its hashed manifest) under a new transfer id:
+        bounded like every download (the shared chunk backlog, the pump's 10-minute limit)
+        and counted in the traffic."""
+        assert self.transport is not None
         xid = new_msg_id()
         topic = self.topics.dn_blob(device, xid)
         size = fit_chunk_size(self.transport, topic, xid, self.fed.chunk_size)
         manifest = dataclasses.replace(base, transfer_id=xid, chunk_size=size,
                                        chunk_count=max(1, -(-len(data) // size)))
-        return self._send_bytes(device, data, manifest, purpose, rnd)
-
-    def _send_bytes(self, device: str, data: bytes, manifest: TransferManifest, purpose: str,
-                    rnd: int) -> TransferManifest:
-        """Register a download of ``data`` (its manifest final): bounded like every download
-        (the shared chunk backlog, the pump's 10-minute limit) and counted in the traffic."""
-        assert self.transport is not None
-        sender = BlobSender(self.transport, self.topics.dn_blob(device, manifest.transfer_id),
-                            manifest, data, window=self.fed.window, verify=False,
-                            budget=self._out_budget)
+        sender = BlobSender(self.transport, topic, manifest, data, window=self.fed.window,
+                            verify=False, budget=self._out_budget)
         with self._lock:
-            self._senders[manifest.transfer_id] = _Outgoing(device, rnd, purpose, sender,
-                                                            created=time.monotonic())
+            self._senders[xid] = _Outgoing(device, rnd, purpose, sender, created=time.monotonic())
         self.store.later("add_traffic", rnd, device, "down", purpose, len(data))
         return manifest
 
@@ -1148,12 +1146,8 @@ class Coordinator:
         if again is not None and xid is not None:
             self._announce(xid, *again)
             return
-        assert self.transport is not None
-        xid = new_msg_id()
-        size = fit_chunk_size(self.transport, self.topics.dn_blob(dev, xid), xid, self.fed.chunk_size)
-        manifest = self._send_bytes(dev, data, dataclasses.replace(
-            base, transfer_id=xid, chunk_size=size, chunk_count=max(1, -(-len(data) // size))),
-            "trunk", self.round)
+        manifest = self._send_bytes(dev, data, base, "trunk", self.round)
+        xid = manifest.transfer_id
         with self._lock:
             if len(self._fetch_out) >= FETCH_OUT_MAX:
                 self._fetch_out.clear()
