@@ -191,3 +191,38 @@ def test_a_downloaded_trunk_with_another_hash_is_refused(tmp_path: Path,
     stale = offline_agent(tmp_path / "dev", npz)
     stale._handle_welcome(welcome(model))
     assert stale.strategy is None and stale._trunk_wait is not None
+
+
+def test_the_coordinator_serves_only_the_federations_trunk(tmp_path: Path,
+                                                            trunks: dict[str, Any]) -> None:
+    """What a trunk fetch is answered with: the file's own bytes (its manifest's sha256 is
+    the federation's); a file replaced on disk after start is refused, never served."""
+    from coordinator.daemon import Coordinator
+    from fedcoe_edge.errors import ConfigError, ValidationError
+
+    mine = tmp_path / "trunk.safetensors"
+    mine.write_bytes(Path(trunks["path"]).read_bytes())
+    model = replace(camera_model(trunks), trunk_weights=str(mine))
+    fed = CameraFederation(tmp_path / "a", mqtt_factory(BrokerSettings()), model=model)
+    c = Coordinator(fed.coordinator_config())
+    try:
+        data, manifest = c._trunk_payload()
+        assert data == mine.read_bytes() and manifest.sha256 == trunks["sha256"]
+    finally:
+        c.close()
+    c = Coordinator(replace(fed, root=tmp_path / "b").coordinator_config())
+    try:
+        mine.write_bytes(Path(trunks["other"]).read_bytes())  # replaced after the start
+        with pytest.raises(ConfigError, match="not the federation's"):
+            c._trunk_payload()
+    finally:
+        c.close()
+    plain = CameraFederation(tmp_path / "c", mqtt_factory(BrokerSettings()),
+                             model=replace(model, trunk_mode="federated", trunk_weights="",
+                                           trunk_sha256=""))
+    c = Coordinator(plain.coordinator_config())
+    try:
+        with pytest.raises(ValidationError, match="names no pretrained trunk"):
+            c._trunk_payload()
+    finally:
+        c.close()
