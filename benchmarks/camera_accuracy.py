@@ -13,7 +13,9 @@ answers. This script trains that model on real data and measures it:
    the two never overlap, and neither touches the official test split.
 2. **Pretraining at the coordinator.** The trunk plus a linear classifier, trained on the
    public slice (``--pretrain-epochs``); the trunk is saved as a safetensors file with its
-   sha256 (``model.trunk_weights`` / ``trunk_sha256``, docs/design.md "Trunk modes").
+   sha256 (``model.trunk_weights`` / ``trunk_sha256``, docs/design.md "Trunk modes"). The
+   training is the library's (``fedcoe_edge.pretrain.pretrain_trunk``, the verb behind
+   ``fedcoe pretrain-trunk``, which cuts the same public slice for the same seed).
 3. **Federation.** FedCoE in the in-process simulator (``fedcoe_edge.simulation.run_one``)
    with ``trunk_mode = "frozen"``: the pretrained trunk is loaded after its hash check and
    neither trained nor exchanged; the pool is split Dirichlet(``--alpha``) over
@@ -38,7 +40,6 @@ table into ``latency.md`` between the markers of :data:`SECTION_START` / :data:`
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -50,6 +51,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedcoe_edge.pretrain import holdout_split, pretrain_trunk, public_indices, to_camera
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -77,23 +80,6 @@ def _say(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ data
-
-
-def to_camera(x: np.ndarray, size: int, chunk: int = 2048) -> np.ndarray:
-    """(N, 1, 28, 28) grey images in [0, 1] -> (N, 3, size, size) float32: bilinear
-    upsampling, the grey channel repeated as R, G and B (what a camera model is fed)."""
-    import torch
-    import torch.nn.functional as F
-
-    if x.ndim != 4 or x.shape[1] != 1:
-        raise ValueError(f"to_camera: expected (N, 1, H, W), got {x.shape}")
-    out = np.empty((len(x), 3, size, size), dtype=np.float32)
-    for start in range(0, len(x), chunk):
-        part = torch.from_numpy(np.ascontiguousarray(x[start:start + chunk], dtype=np.float32))
-        if part.shape[-1] != size or part.shape[-2] != size:
-            part = F.interpolate(part, size=(size, size), mode="bilinear", align_corners=False)
-        out[start:start + chunk] = part.clamp_(0.0, 1.0).expand(-1, 3, -1, -1).numpy()
-    return out
 
 
 @dataclass
@@ -131,7 +117,7 @@ def load_camera_data(public_fraction: float, data_fraction: float, test_samples:
         raise ConfigError(f"public + client fractions must be <= 1 (disjoint slices), got "
                           f"{public_fraction} + {data_fraction}")
     (x, y), (xt, yt) = splits if splits is not None else load_fmnist(data_dir)
-    public = stratified_subset(y, public_fraction, np.random.default_rng([seed, 11]))
+    public = public_indices(y, public_fraction, seed)  # what `fedcoe pretrain-trunk` cuts
     rest = np.setdiff1d(np.arange(len(y)), public)
     share = min(1.0, data_fraction / (1.0 - public_fraction))
     pool = rest[stratified_subset(y[rest], share, np.random.default_rng([seed, 12]))]
@@ -142,106 +128,6 @@ def load_camera_data(public_fraction: float, data_fraction: float, test_samples:
         test = np.arange(len(yt))
     return CameraData(x[public], y[public], x[pool], y[pool], xt[test], yt[test],
                       public, pool, test)
-
-
-# ---------------------------------------------------------------------------- pretraining
-
-
-def recalibrate_batchnorm(trunk: Any, x: np.ndarray, size: int, batch: int = 256) -> None:
-    """Recompute every BatchNorm's running statistics as the exact mean over ``x`` (one
-    forward pass in training mode, no gradient), then leave the trunk in eval mode.
-
-    A frozen trunk runs in eval mode on every device, so these statistics *are* the trunk:
-    after a short pretraining the exponential averages (V3's momentum is 0.01) still carry
-    their initial values, and eval-mode features would differ from those it learned with."""
-    import torch
-
-    bns = [m for m in trunk.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
-    trunk.train()
-    with torch.no_grad():
-        for start in range(0, len(x), batch):
-            trunk(torch.from_numpy(to_camera(x[start:start + batch], size)))
-    for m, momentum in zip(bns, momenta, strict=True):
-        m.momentum = momentum
-    trunk.eval()
-
-
-def pretrain_trunk(x: np.ndarray, y: np.ndarray, size: int, epochs: int, out: Path,
-                   seed: int = 0, lr: float = 0.05, batch_size: int = 64,
-                   x_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
-                   optimizer: str = "sgd", log: Callable[[str], None] = _say) -> dict[str, Any]:
-    """Train the V3-Small trunk + a linear classifier on the public slice (28x28 grey,
-    upsampled per batch) and save the trunk as ``out`` (safetensors, names as in the
-    model's state dict). Returns the file's sha256 and the training figures.
-
-    SGD with momentum (``optimizer="adam"``: Adam, which gets further in the few steps
-    of a test) and a cosine learning rate, then exact BatchNorm statistics over the
-    training images (:func:`recalibrate_batchnorm`). ``x_val`` / ``y_val`` (public images
-    kept out of pretraining) score trunk + head in eval mode, as a frozen trunk runs."""
-    import torch
-    from safetensors.torch import save_file
-
-    from fedcoe_edge.mobilenet import mobilenet_v3_small_trunk
-    from fedcoe_edge.trunk import TRUNK_PREFIX
-
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        trunk = mobilenet_v3_small_trunk()
-        head = torch.nn.Linear(trunk.out_features, int(y.max()) + 1)
-    finally:
-        torch.random.set_rng_state(gen_state)
-    params = [*trunk.parameters(), *head.parameters()]
-    opt: torch.optim.Optimizer
-    if optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr)
-    else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=4e-5, nesterov=True)
-    steps = epochs * -(-len(y) // batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
-    rng = np.random.default_rng([seed, 21])
-    history = []
-    t0 = time.perf_counter()
-    trunk.train()
-    for epoch in range(epochs):
-        order = rng.permutation(len(y))
-        loss_sum, correct = 0.0, 0
-        for start in range(0, len(y), batch_size):
-            idx = order[start:start + batch_size]
-            xb = torch.from_numpy(to_camera(x[idx], size))
-            yb = torch.from_numpy(y[idx])
-            logits = head(trunk(xb))
-            loss = torch.nn.functional.cross_entropy(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == yb).sum())
-        history.append({"epoch": epoch + 1, "loss": loss_sum / len(y), "train_acc": correct / len(y)})
-        log(f"pretrain epoch {epoch + 1}/{epochs}: loss {history[-1]['loss']:.3f}, "
-            f"train acc {history[-1]['train_acc']:.3f} ({time.perf_counter() - t0:.0f} s)")
-    recalibrate_batchnorm(trunk, x, size)
-    val_acc = None
-    if x_val is not None and y_val is not None and len(y_val):
-        with torch.no_grad():
-            pred = np.concatenate([head(trunk(torch.from_numpy(to_camera(x_val[i:i + 256], size))))
-                                   .argmax(1).numpy() for i in range(0, len(y_val), 256)])
-        val_acc = float((pred == y_val).mean())
-        log(f"pretrained trunk + linear head, eval mode: {val_acc:.3f} on {len(y_val)} held-out "
-            "public images")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({TRUNK_PREFIX + k: v.detach().contiguous() for k, v in trunk.state_dict().items()},
-              str(out))
-    digest = hashlib.sha256(out.read_bytes()).hexdigest()
-    return {"file": str(out), "sha256": digest, "bytes": out.stat().st_size, "epochs": epochs,
-            "samples": int(len(y)), "val_samples": 0 if y_val is None else int(len(y_val)),
-            "val_acc": val_acc, "lr": lr, "optimizer": optimizer, "batch_size": batch_size, "history": history,
-            "wall_s": time.perf_counter() - t0}
 
 
 # ----------------------------------------------------------------------------- federation
@@ -480,14 +366,13 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
          f"{len(data.y_test):,} test images at {args.size}x{args.size}")
 
     t0 = time.perf_counter()
-    from fedcoe_edge.data.federation import stratified_subset
-
-    # a tenth of the public slice scores the pretrained trunk (never the test split)
-    val = stratified_subset(data.y_public, 0.1, np.random.default_rng([args.seed, 14]))
-    fit = np.setdiff1d(np.arange(len(data.y_public)), val)
+    # a tenth of the public slice scores the pretrained trunk (never the test split); the
+    # library's verb (`fedcoe pretrain-trunk`) makes the same cut and the same file
+    fit, val = holdout_split(data.y_public, 0.1, args.seed)
     pre = pretrain_trunk(data.x_public[fit], data.y_public[fit], args.size, args.pretrain_epochs,
                          work / "trunk_pretrained.safetensors", seed=args.seed,
-                         lr=args.pretrain_lr, x_val=data.x_public[val], y_val=data.y_public[val])
+                         lr=args.pretrain_lr, x_val=data.x_public[val], y_val=data.y_public[val],
+                         log=_say)
     timing["pretrain_s"] = time.perf_counter() - t0
     _say(f"trunk saved: {pre['file']} sha256 {pre['sha256'][:16]}...")
 

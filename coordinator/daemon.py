@@ -185,6 +185,7 @@ class Coordinator:
         self._prepared: dict[tuple[int, tuple[int, ...], tuple[str, ...]],
                              tuple[bytes, TransferManifest]] = {}
         self._last_request = 0.0  # monotonic time of the last fetch or eval
+        self._trunk: tuple[bytes, TransferManifest] | None = None  # the file devices fetch
         self._hb_replay = ReplayCache(per_sender=64)
         self.refusals = RefusalLog(self.store, log)
         self._ctl_limit = RateLimiter(CTL_RATE, CTL_BURST)
@@ -409,8 +410,15 @@ class Coordinator:
     def _send_params(self, device: str, params: dict[str, np.ndarray], expert_ids: list[int],
                      purpose: str, rnd: int) -> TransferManifest:
         """Prepare a chunked download; chunks flow once the device reports it is listening."""
-        assert self.transport is not None
         data, base = self._prepare(params, expert_ids)
+        return self._send_bytes(device, data, base, purpose, rnd)
+
+    def _send_bytes(self, device: str, data: bytes, base: TransferManifest, purpose: str,
+                    rnd: int) -> TransferManifest:
+        """A download of ``data`` (``base``: its hashed manifest) under a new transfer id:
+        bounded like every download (the shared chunk backlog, the pump's 10-minute limit)
+        and counted in the traffic."""
+        assert self.transport is not None
         xid = new_msg_id()
         topic = self.topics.dn_blob(device, xid)
         size = fit_chunk_size(self.transport, topic, xid, self.fed.chunk_size)
@@ -1064,8 +1072,11 @@ class Coordinator:
         ``expert_ids: null``, the ones the strategy assigns it (refresh after a round)."""
         self._last_request = time.monotonic()
         purpose = str(body.get("purpose", "refresh"))
+        if purpose == "trunk":
+            self._send_trunk(dev)
+            return
         if purpose not in ("refresh", "gate", "cold"):
-            raise ValidationError(f"fetch purpose must be refresh|gate|cold, got {purpose!r:.40}")
+            raise ValidationError(f"fetch purpose must be refresh|gate|cold|trunk, got {purpose!r:.40}")
         ids = body.get("expert_ids")
         k = self.cfg.model.num_global_experts
         with self._lock:
@@ -1097,6 +1108,54 @@ class Coordinator:
         self._announce(manifest.transfer_id, P.MODEL, {
             "manifest": manifest.to_dict(), "expert_ids": list(ids), "version": version,
             "purpose": purpose}, label)
+
+    def _trunk_payload(self) -> tuple[bytes, TransferManifest]:
+        """The federation's pretrained trunk file as it is on disk, read once and checked
+        against ``model.trunk_sha256`` (a file replaced after start is never served)."""
+        m = self.cfg.model
+        if not m.trunk_weights:
+            raise ValidationError("this federation's model names no pretrained trunk to fetch")
+        with self._lock:
+            if self._trunk is None:
+                try:
+                    data = Path(m.trunk_weights).read_bytes()
+                except OSError as exc:
+                    log.error("model.trunk_weights %s unreadable: %s", m.trunk_weights, exc)
+                    raise ConfigError("the coordinator cannot read its trunk file") from None
+                digest = hashlib.sha256(data).hexdigest()
+                if digest != m.trunk_sha256:
+                    log.error("model.trunk_weights %s: sha256 %s... is not model.trunk_sha256 "
+                              "%s... (replaced after start?); not served", m.trunk_weights,
+                              digest[:12], m.trunk_sha256[:12])
+                    raise ConfigError("the coordinator's trunk file is not the federation's")
+                self._trunk = (data, TransferManifest.for_payload(
+                    data, expert_ids=[], base_version=0, chunk_size=self.fed.chunk_size))
+            return self._trunk
+
+    def _send_trunk(self, dev: str) -> None:
+        """Ship the pretrained trunk file to a device that lacks it (docs/daemons.md,
+        "Pretrained trunk"): the file's bytes, so the manifest's sha256 is ``trunk_sha256``.
+        A fetch like any other: rate-limited, and a re-sent one re-announces the running
+        download instead of starting a second."""
+        data, base = self._trunk_payload()
+        same = (dev, "trunk", 0, 0, ())
+        with self._lock:
+            xid = self._fetch_out.get(same)
+            out = self._senders.get(xid) if xid is not None else None
+            again = out.announce if out is not None and not out.sender.done else None
+        if again is not None and xid is not None:
+            self._announce(xid, *again)
+            return
+        manifest = self._send_bytes(dev, data, base, "trunk", self.round)
+        xid = manifest.transfer_id
+        with self._lock:
+            if len(self._fetch_out) >= FETCH_OUT_MAX:
+                self._fetch_out.clear()
+            self._fetch_out[same] = xid
+        log.info("trunk download to %s: %d bytes (sha256 %s...)", dev, len(data), base.sha256[:12])
+        self._announce(xid, P.MODEL, {"manifest": manifest.to_dict(), "expert_ids": [],
+                                      "version": self.strategy.version, "purpose": "trunk"},
+                       self.round)
 
     def _on_decline(self, dev: str, rnd: int, body: dict[str, Any]) -> None:
         """A device that cannot train the federation's task (labels outside the class list,

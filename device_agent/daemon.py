@@ -41,6 +41,7 @@ from fedcoe_edge.checkpoint import load_arrays_file, save_arrays
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.errors import ConfigError, DataError, FedCoEError, WireError
 from fedcoe_edge.health import chance_warning, loss_warning, update_warning
+from fedcoe_edge.io import atomic_write_bytes
 from fedcoe_edge.protocol import RETRY_ATTEMPTS, retry_delay
 from fedcoe_edge.strategies import ClientData, ClientResult, ClientTask, Strategy, make_strategy
 from fedcoe_edge.transport import Message, Topics, Transport, Will
@@ -75,6 +76,7 @@ DEADLINE_GRACE_S = 2.0  # an upload is waited for this long past the round deadl
 # per round), so an unanswering coordinator costs a bounded number of messages.
 RETRY_TICK_S = 0.25
 FETCH_TRANSFER_S = 60.0  # once a fetch's `model` manifest arrived: time to finish the download
+TRUNK_FILE = "trunk.safetensors"  # the federation's pretrained trunk, fetched once (STATE/)
 
 
 @dataclass
@@ -163,6 +165,10 @@ class DeviceAgent:
         # {"round", "ok", "error"}; None until one was tried
         self.bundle_status: dict[str, Any] | None = None
         self._requests: dict[RequestKey, PendingRequest] = {}  # FETCH / EVAL awaiting an answer
+        # a welcome whose model names a pretrained trunk this device does not hold yet: it
+        # is joined once the trunk has been fetched; tasks that come meanwhile wait here
+        self._trunk_wait: tuple[dict[str, Any], ModelConfig] | None = None
+        self._waiting_tasks: list[tuple[dict[str, Any], TransferManifest, bytes]] = []
         self.requests_given_up: deque[RequestKey] = deque(maxlen=100)  # newest, for operators
         engine = cfg.device.engine
         self.engine = ("torch" if torch_installed() else "onnx") if engine == "auto" else engine
@@ -520,10 +526,68 @@ class DeviceAgent:
             return
         if model_cfg.tier != self.cfg.device.tier:  # local experts sized by this device's tier
             model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "tier": self.cfg.device.tier})
-        if model_cfg.trunk_weights and self.cfg.device.trunk_weights:  # this device's copy of
-            # the federation's pretrained trunk (its sha256 is still the federation's)
-            model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(),
-                                               "trunk_weights": self.cfg.device.trunk_weights})
+        if model_cfg.trunk_weights:  # the path names the coordinator's file, not ours
+            path = self._trunk_file(model_cfg)
+            if path is None:
+                self._fetch_trunk(b, model_cfg)
+                return
+            model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "trunk_weights": str(path)})
+        self._join(b, model_cfg)
+
+    def _trunk_file(self, model_cfg: ModelConfig) -> Path | None:
+        """This device's copy of the federation's pretrained trunk: ``[device] trunk_weights``
+        if set (checked against ``trunk_sha256`` when the model is built: a wrong file
+        declines), else ``STATE/trunk.safetensors`` if its sha256 is the federation's; None:
+        fetch it from the coordinator."""
+        if self.cfg.device.trunk_weights:
+            return Path(self.cfg.device.trunk_weights)
+        path = self.state_dir / TRUNK_FILE
+        try:
+            if hashlib.sha256(path.read_bytes()).hexdigest() == model_cfg.trunk_sha256:
+                return path
+        except OSError:
+            return None
+        log.info("%s: %s is not this federation's trunk (sha256 differs); fetching it again",
+                 self.dev, path)
+        return None
+
+    def _fetch_trunk(self, b: dict[str, Any], model_cfg: ModelConfig) -> None:
+        """Ask the coordinator for the pretrained trunk file (once; a repeated welcome only
+        re-sends the same request, a bounded number of times like every fetch)."""
+        if self._trunk_wait is None:
+            log.info("%s: fetching the federation's pretrained trunk (sha256 %s...) from the "
+                     "coordinator", self.dev, model_cfg.trunk_sha256[:12])
+        self._trunk_wait = (b, model_cfg)
+        self.bc_key = bytes.fromhex(b["bc_key"])
+        self._request(fetch_key("trunk", 0), {"expert_ids": [], "purpose": "trunk"}, 0)
+
+    def _handle_trunk(self, data: bytes) -> None:
+        """The trunk file arrived (chunks reassembled, the transfer's sha256 checked): it must
+        also be the federation's (``model.trunk_sha256``) before it is saved or used; a
+        different file is refused and the device declines rather than train on it."""
+        self._answered(fetch_key("trunk", 0))
+        wait, self._trunk_wait = self._trunk_wait, None
+        if wait is None or self.refused:
+            return  # not asked for (a late duplicate): nothing to do
+        b, model_cfg = wait
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != model_cfg.trunk_sha256:
+            self.decline(f"the trunk file the coordinator sent has sha256 {digest[:12]}..., not "
+                         f"the federation's model.trunk_sha256 {model_cfg.trunk_sha256[:12]}...; "
+                         f"refused, not trained on")
+            return
+        path = self.state_dir / TRUNK_FILE
+        atomic_write_bytes(path, data)
+        log.info("%s: pretrained trunk saved to %s (%d bytes, sha256 %s... as the federation's)",
+                 self.dev, path, len(data), digest[:12])
+        self._join(b, ModelConfig.from_dict({**model_cfg.to_dict(), "trunk_weights": str(path)}))
+        waiting, self._waiting_tasks = self._waiting_tasks, []
+        for ctx, manifest, payload in waiting:
+            if not self.refused:
+                self._train(ctx, manifest, payload)
+
+    def _join(self, b: dict[str, Any], model_cfg: ModelConfig) -> None:
+        """Build the federation's model from the welcome (the trunk file, if any, local)."""
         fresh = self.welcome.get("model") != b["model"] or self.welcome.get("algorithm") != b["algorithm"]
         self.welcome = b
         self.bc_key = bytes.fromhex(b["bc_key"])
@@ -548,6 +612,10 @@ class DeviceAgent:
             self.decline(NO_TORCH)
             return
         s = self.strategy
+        if s is None and self._trunk_wait is not None:
+            log.info("%s: round %d task waits for the pretrained trunk", self.dev, rnd)
+            self._waiting_tasks = [*self._waiting_tasks[-3:], (ctx, manifest, data)]
+            return
         if s is None:
             raise DataError(f"task for round {rnd} before the welcome")
         if self.last_result is not None and self.last_result[0] == rnd:
@@ -704,6 +772,9 @@ class DeviceAgent:
             self._request(fetch_key("refresh", rnd), {"expert_ids": None, "purpose": "refresh"}, rnd)
 
     def _handle_model(self, ctx: dict[str, Any], manifest: TransferManifest, data: bytes) -> None:
+        if ctx.get("purpose") == "trunk":  # a file, not tensors to decode into the model
+            self._handle_trunk(data)
+            return
         params = decode_tensors(data)
         if self.engine == "onnx":
             self._model_onnx(ctx, params)

@@ -64,6 +64,9 @@ _EXPORTS: dict[str, str] = {
     "make_federation": "fedcoe_edge.data:make_federation",
     "load_dataset": "fedcoe_edge.data:load_dataset",
     "folder_classes": "fedcoe_edge.data.loaders:folder_classes",
+    # a pretrained trunk (the coordinator's, on a public dataset)
+    "PretrainOptions": "fedcoe_edge.pretrain:PretrainOptions",
+    "pretrain_trunk_file": "fedcoe_edge.pretrain:pretrain_trunk_file",
     # simulation
     "simulate": "fedcoe_edge.simulation:simulate",
     "run_one": "fedcoe_edge.simulation:run_one",

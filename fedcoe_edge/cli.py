@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "fedcoe_edge.commands.init",
     "fedcoe_edge.commands.simulate",
     "fedcoe_edge.commands.heterogeneity",
+    "fedcoe_edge.commands.pretrain",
     "benchmarks.demo",
     "export.cli",
     "coordinator.cli",

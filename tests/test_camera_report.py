@@ -115,3 +115,17 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for flag in ("--size", "--public-fraction", "--data-fraction", "--test-samples", "--rounds"):
         assert flag in out
+
+
+def test_trunk_cost_report_cites_the_camera_run() -> None:
+    """The trunk-cost report's closing text names the camera run's figures once it landed
+    (a rerun or ``--markdown-only`` writes them), and says where it is while it has not."""
+    from benchmarks.trunk_cost import closing_text
+
+    landed = closing_text(make_doc(0.845))
+    assert "85.00% global-path" in landed and "87.00% for trunk + linear head" in landed
+    assert "pending" not in landed and "`camera_accuracy.md`" in landed
+    assert "python -m benchmarks.camera_accuracy" in closing_text(None)
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    committed = (results / "trunk_cost.md").read_text().rstrip("\n").splitlines()[-1]
+    assert committed == closing_text(json.loads((results / "camera_accuracy.json").read_text()))
