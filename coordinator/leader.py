@@ -107,6 +107,7 @@ class Leader:
         self.link: PeerLink | None = None
         self.finished = False
         self.rounds_log: list[dict[str, Any]] = []
+        self.close_grace_s = CLOSE_GRACE_S
 
     # ------------------------------------------------------------------ keys, lifecycle
     def key_for(self, sender: str) -> bytes | None:
@@ -348,7 +349,7 @@ class Leader:
                                                   "tasks": ts, "keysets": keysets}, rnd)
             except FedCoEError as exc:
                 log.error("round %d: shard_open to %s failed: %s", rnd, name, exc)
-        end = time.monotonic() + self.fed.deadline_s + CLOSE_GRACE_S
+        end = time.monotonic() + self.fed.deadline_s + self.close_grace_s
         while not self._stop.is_set() and time.monotonic() < end:
             with self._lock:
                 if self.inbox.complete:

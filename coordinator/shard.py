@@ -32,7 +32,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.daemon import Coordinator
 from coordinator.peerlink import PeerLink
 from fedcoe_edge import protocol as P
-from fedcoe_edge.errors import FedCoEError, ValidationError, WireError
+from fedcoe_edge.errors import ConfigError, FedCoEError, ValidationError, WireError
 from fedcoe_edge.sharding import (
     LEADER_ID,
     PARTIAL,
@@ -47,7 +47,7 @@ from fedcoe_edge.sharding import (
     shard_of,
 )
 from fedcoe_edge.strategies import ClientResult, ClientTask, Failure
-from fedcoe_edge.streaming import new_partial
+from fedcoe_edge.streaming import Partial, new_partial
 from fedcoe_edge.transport import Message, Topics
 from fedcoe_edge.transport.blob import XFER_DONE, XFER_PROGRESS
 from fedcoe_edge.wire import ReplayCache, TransferManifest, decode_tensors
@@ -84,6 +84,9 @@ class ShardAggregator(Coordinator):
             return base(f"{cid}.{sfed}", will, birth)
 
         super().__init__(shard_config(cfg, index, shards), own_client_id)
+        if new_partial(self.strategy, 0) is None:
+            raise ConfigError(f"{cfg.source}: [federation] algorithm {self.fed.algorithm!r} "
+                              "aggregates only whole batches; it cannot run with shards")
         self.leader_topics = LeaderTopics(cfg.federation.id)
         self.link_key = shard_key(cfg.secret, self.name)
         self.link: PeerLink | None = None
@@ -244,18 +247,9 @@ class ShardAggregator(Coordinator):
                         for d in self.tasks if d not in self.results}
             self._model_event.clear()
             settled = self._model_round >= rnd
-        if partial is None:
-            raise FedCoEError(f"{self.fed.algorithm} aggregates only whole batches; it cannot be sharded")
+        assert partial is not None  # checked in __init__: the strategy streams
         if not settled:
-            data, meta = partial_to_wire(partial)
-            assert self.link is not None
-            try:
-                self.link.send_blob(LEADER_ID, PARTIAL, {"meta": meta, "failures": failures},
-                                    data, rnd)
-                log.info("round %d: partial of %d update(s) sent to the leader (%d bytes)", rnd,
-                         len(partial.clients), len(data))
-            except FedCoEError as exc:
-                log.error("round %d: partial not sent: %s", rnd, exc)
+            self._send_partial(rnd, partial, failures)
         end = time.monotonic() + self.fed.deadline_s + MODEL_WAIT_EXTRA_S
         while not self._stop.is_set() and time.monotonic() < end:
             with self._lock:
@@ -263,6 +257,17 @@ class ShardAggregator(Coordinator):
                     return
             self._model_event.wait(0.5)
             self._model_event.clear()
+
+    def _send_partial(self, rnd: int, partial: Partial, failures: dict[str, str]) -> None:
+        """The round's partial sums (a chunked transfer) and the failures of its devices."""
+        data, meta = partial_to_wire(partial)
+        assert self.link is not None
+        try:
+            self.link.send_blob(LEADER_ID, PARTIAL, {"meta": meta, "failures": failures}, data, rnd)
+            log.info("round %d: partial of %d update(s) sent to the leader (%d bytes)", rnd,
+                     len(partial.clients), len(data))
+        except FedCoEError as exc:
+            log.error("round %d: partial not sent: %s", rnd, exc)
 
     def _aggregate(self, rnd: int, results: list[ClientResult], failures: list[Failure]
                    ) -> tuple[bool, str]:
