@@ -77,6 +77,7 @@ def cpu_seconds() -> float:
 class _ShardView:
     online: list[str] = field(default_factory=list)
     version: int = -1
+    session: str = ""  # the shard process's id: a new one means it restarted
     model_sent: int = -1  # version last sent to it
 
 
@@ -219,8 +220,9 @@ class Leader:
             raise ValidationError(f"shard runs with shards={body.get('shards')!r}, the leader with {self.shards}")
         with self._lock:
             v = self.views.setdefault(shard, _ShardView())
-            first = v.version < 0
-            v.online, v.version = list(online), int(body.get("version", -1))
+            session = str(body.get("session", ""))[:64]
+            first = v.session != session  # a shard (re)started: it gets the current version
+            v.online, v.version, v.session = list(online), int(body.get("version", -1)), session
             stale = v.version != self.strategy.version and v.model_sent != self.strategy.version
         if first:
             log.info("shard %s up: %d device(s) online, version %d", shard, len(online), v.version)

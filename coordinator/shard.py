@@ -50,7 +50,7 @@ from fedcoe_edge.strategies import ClientResult, ClientTask, Failure
 from fedcoe_edge.streaming import Partial, new_partial
 from fedcoe_edge.transport import Message, Topics
 from fedcoe_edge.transport.blob import XFER_DONE, XFER_PROGRESS
-from fedcoe_edge.wire import ReplayCache, TransferManifest, decode_tensors
+from fedcoe_edge.wire import ReplayCache, TransferManifest, decode_tensors, new_msg_id
 
 log = logging.getLogger("fedcoe.shard")
 
@@ -95,6 +95,7 @@ class ShardAggregator(Coordinator):
         self._model_event = threading.Event()
         self._model_round = -1  # newest round whose settled version is installed
         self._hello_sent: tuple[float, tuple[str, ...], int] = (0.0, (), -1)
+        self._session = new_msg_id()  # a new one per process: the leader re-sends its version
 
     # ------------------------------------------------------------------ link
     def start(self) -> None:
@@ -128,6 +129,7 @@ class ShardAggregator(Coordinator):
         try:
             self.link.send(LEADER_ID, SHARD_HELLO, {
                 "index": self.index, "shards": self.shards, "online": list(online),
+                "session": self._session,
                 "version": self.strategy.version, "round": self.round,
                 "round_open": self.round_open}, self.round)
         except FedCoEError as exc:

@@ -90,6 +90,10 @@ def test_a_missing_shard_makes_failures_and_forged_partials_are_refused(
         dev = str(i)
         fed.device_overrides[dev] = {"federation": shard_federation("test", shard_of(dev, 2), 2)}
         fed.add_agent(dev, dev)
+    # a device given the wrong shard's federation id: refused by that shard, with the right one
+    assert shard_of("x", 2) == 0
+    fed.device_overrides["x"] = {"federation": shard_federation("test", 1, 2)}
+    fed.add_agent("x", "0")
     try:
         fed.wait(lambda: sent.is_set(), 120, "shard 1's close")
         # forged: shard-0's name with a wrong key, and a shard that does not exist
@@ -111,6 +115,9 @@ def test_a_missing_shard_makes_failures_and_forged_partials_are_refused(
         assert ("shard-1", "no valid partial by the deadline; its devices count as failures") in refused
         assert any(d == "shard-0" and r == "envelope" for d, r in refused), refused
         assert any(d == "shard-7" and r == "envelope" for d, r in refused), refused
+        wrong = [e for e in silent.store.events() if e["device"] == "x"]
+        assert wrong and "device belongs to shard 0: set its federation id to test.s0of2" in wrong[0]["reason"]
+        assert "x" not in fed.shard_daemons[0].online and "x" not in silent.online
         lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused shard=")]
         assert any(m.startswith("refused shard=shard-0 round=1 reason=envelope") for m in lines), lines
         assert any(m.startswith("refused shard=shard-7 round=1 reason=envelope") for m in lines), lines
