@@ -104,6 +104,7 @@ class Leader:
         self.inbox: PartialInbox | None = None
         self._partial_meta: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
         self._model_xfers: dict[str, str] = {}  # shard -> its newest model transfer
+        self._opens: dict[str, dict[str, Any]] = {}  # shard -> the open round's shard_open body
         self.transport: Transport | None = None
         self.link: PeerLink | None = None
         self.finished = False
@@ -228,7 +229,19 @@ class Leader:
             log.info("shard %s up: %d device(s) online, version %d", shard, len(online), v.version)
         if first or stale:
             self._send_model(shard, self.round)
+        self._resend_open(shard, int(body.get("round", 0)))
         self._wake.set()
+
+    def _resend_open(self, shard: str, shard_round: int) -> None:
+        """A shard behind the open round, with no partial in yet, lost its ``shard_open``
+        (a broker restart can lose a QoS 1 message) or restarted: send it again."""
+        with self._lock:
+            inbox = self.inbox
+            body = self._opens.get(shard)
+            behind = (inbox is not None and body is not None and shard_round < inbox.round
+                      and shard not in inbox.received)
+        if behind and inbox is not None and body is not None and self.link is not None:
+            self.link.send(shard, SHARD_OPEN, body, inbox.round)
 
     def _send_model(self, shard: str, rnd: int) -> None:
         """The global state and the strategy's server extras, as one chunked transfer."""
@@ -346,9 +359,12 @@ class Leader:
         log.info("round %d open: %d device(s) selected over %d shard(s)", rnd, len(ids), self.shards)
         assert self.link is not None
         for name, ts in per_shard.items():
+            body = {"version": version, "deadline_s": self.fed.deadline_s, "tasks": ts,
+                    "keysets": keysets}
+            with self._lock:
+                self._opens[name] = body
             try:
-                self.link.send(name, SHARD_OPEN, {"version": version, "deadline_s": self.fed.deadline_s,
-                                                  "tasks": ts, "keysets": keysets}, rnd)
+                self.link.send(name, SHARD_OPEN, body, rnd)
             except FedCoEError as exc:
                 log.error("round %d: shard_open to %s failed: %s", rnd, name, exc)
         end = time.monotonic() + self.fed.deadline_s + self.close_grace_s
@@ -367,6 +383,8 @@ class Leader:
             inbox = self.inbox
             assert inbox is not None
             self.inbox = None  # from here on, a partial for rnd is late
+            self._opens = {}
+            self._partial_meta = {k: v for k, v in self._partial_meta.items() if v[0] > rnd}
             for shard in inbox.missing():
                 self.refuse(shard, rnd, "no valid partial by the deadline; its devices count as failures")
             merged = s.merge_partials(rnd, [inbox.received[n] for n in sorted(inbox.received)])

@@ -22,6 +22,7 @@ prints it), so each shard has its own topic prefix on the broker.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import threading
 import time
@@ -142,7 +143,12 @@ class ShardAggregator(Coordinator):
                 self.link.pump()
 
     def _on_leader_status(self, msg: Message) -> None:
-        if b'"online"' in msg.payload:
+        """The leader's retained presence: say hello at once when it (re)starts."""
+        try:
+            online = json.loads(msg.payload.decode()).get("state") == "online"
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            return
+        if online:
             self._hello(force=True)
 
     def _on_leader_ctl(self, msg: Message) -> None:

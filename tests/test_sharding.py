@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import zlib
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -228,3 +230,43 @@ def test_inbox_refuses_unknown_late_and_duplicate_shards() -> None:
     # a missing shard's clients become failures, as data for the strategy
     assert inbox.round_failures(merged.clients) == {
         "b": "update rejected: norm", "d": "no partial from shard-2 (missing or refused)"}
+
+
+def test_role_and_shard_count_are_checked_in_one_place(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from coordinator.config import Role, config_from_doc
+    from fedcoe_edge.cli import main
+    from fedcoe_edge.errors import ConfigError
+
+    def cfg(**fed: object) -> Any:
+        doc = {"federation": {"state_dir": str(tmp_path / "s"), **fed},
+               "security": {"secret": bytes(range(32)).hex()}}
+        return config_from_doc(doc, "c.toml", tmp_path, env={})
+
+    c = cfg(shards=3)
+    c.check_role(Role.LEADER, None)
+    c.check_role(Role.SHARD, 2)
+    for role, index, msg in [(Role.SHARD, 3, "0..2"), (Role.SHARD, None, "0..2"), (Role.SHARD, -1, "0..2"),
+                             (Role.LEADER, 1, "--role shard only"), (Role.SINGLE, None, "--role leader")]:
+        with pytest.raises(ConfigError, match=msg):
+            c.check_role(role, index)
+    for bad in (0, 5000):
+        with pytest.raises(ConfigError, match="shards must be in 1..1024"):
+            cfg(shards=bad)
+    with pytest.raises(ConfigError, match="needs aggregation"):
+        cfg(shards=2, aggregation="batch")
+    with pytest.raises(ConfigError, match="needs aggregation"):
+        cfg(aggregation="batch").check_role(Role.LEADER, None)
+    # the CLI: one line, exit 2
+    path = tmp_path / "c.toml"
+    path.write_text(f'[federation]\nshards = 2\nstate_dir = "{tmp_path / "s"}"\n'
+                    f'[security]\nsecret = "{bytes(range(32)).hex()}"\n')
+    assert main(["coordinator", "--config", str(path), "--role", "shard", "--shard-index", "2"]) == 2
+    assert "needs --shard-index in 0..1, got 2" in capsys.readouterr().err
+    assert main(["coordinator", "--config", str(path)]) == 2
+    assert "start a --role leader and 2 --role shard processes" in capsys.readouterr().err
+    assert main(["shard-of", "dev-0", "dev-1", "--config", str(path)]) == 0
+    out = capsys.readouterr().out.split("\n")
+    assert out[0] == f"dev-0 {shard_of('dev-0', 2)} demo.s{shard_of('dev-0', 2)}of2"
+    assert main(["shard-of", "bad/id", "--shards", "2", "--federation", "demo"]) == 2
+    assert "device id" in capsys.readouterr().err
