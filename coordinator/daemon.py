@@ -445,6 +445,7 @@ class Coordinator:
             self._closing = True  # no more updates are queued for persistence ...
         self._persist_q.join()  # ... and the queued ones are durable and ACKed
         self.store.flush_later()
+        before = self.strategy.version
         self._before_aggregate()
         with self._lock:
             self._closing = False
@@ -459,7 +460,6 @@ class Coordinator:
                 log.warning("failure device=%s round=%d reason=%s", d, rnd, reason)
                 self.store.later("add_event", rnd, d, "failure", reason)
             self.store.flush_later()
-            before = self.strategy.version
             applied, note = self._aggregate(rnd, results, failures)
             self._checkpoint(rnd)
             self.store.close_round(rnd, self.strategy.version, applied, note)
