@@ -11,7 +11,7 @@ leader and shard aggregators"). Per round it:
    it holds, which is the version the round was configured from);
 3. collects one signed partial per shard (``partial``: the weighted sums and weights of its
    accepted updates plus its failures), each checked (:func:`fedcoe_edge.sharding.check_partial`)
-   or refused with a log line ``refused shard=.. round=.. reason=..`` and an event row;
+   or refused with a log line ``rejected shard=.. round=.. reason=..`` and an event row;
 4. at the deadline (plus a grace for the shards' own closes) or once every shard answered,
    merges the partials with the strategy's merge step (``merge_partials``), passes the
    clients of missing or refused shards to the strategy as failures, aggregates
@@ -154,10 +154,16 @@ class Leader:
         """Every round, then (``exit_when_done``) exit once every shard has the last version."""
         self.start()
         try:
+            said = time.monotonic()
             while not self._stop.is_set() and self.round < self.fed.rounds:
                 if self._enough_devices():
                     self._run_round()
+                    said = time.monotonic()
                 else:
+                    if time.monotonic() - said >= self.fed.wait_log_s:
+                        said = time.monotonic()
+                        log.warning("round %d waits for devices: %d online at %d of %d shard(s)",
+                                    self.round + 1, len(self.available()), len(self.views), self.shards)
                     self._sleep(TICK_S)
             self.finished = self.round >= self.fed.rounds
             if self.finished:
@@ -188,9 +194,10 @@ class Leader:
         return all(self.link.done(x) for x in xids)
 
     def refuse(self, shard: str, rnd: int, reason: str) -> None:
-        """One line naming shard, round and reason, and an event row (as for devices)."""
-        log.warning("refused shard=%s round=%d reason=%s", shard, rnd, reason)
-        self.store.add_event(rnd, shard, "refused", reason[:500])
+        """One line naming shard, round and reason, and a ``rejected`` event row, counted in
+        the leader's round log as a device's refusal is in a coordinator's."""
+        log.warning("rejected shard=%s round=%d reason=%s", shard, rnd, reason)
+        self.store.add_event(rnd, shard, "rejected", reason[:500])
 
     def _on_ctl(self, msg: Message) -> None:
         assert self.link is not None

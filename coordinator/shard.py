@@ -55,7 +55,8 @@ from fedcoe_edge.wire import ReplayCache, TransferManifest, decode_tensors, new_
 
 log = logging.getLogger("fedcoe.shard")
 
-HELLO_EVERY_S = 10.0  # a shard repeats its hello this often (sooner when its devices change)
+HELLO_EVERY_S = 10.0  # a shard repeats its hello this often (sooner when its devices change,
+HELLO_MIN_S = 1.0  # but at most once a second: thousands of devices registering are one hello)
 LINK_TICK_S = 0.25
 MODEL_WAIT_EXTRA_S = 120.0  # after sending its partial, a shard waits this long past the
 # deadline for the leader's next version before closing the round with the state kept
@@ -124,7 +125,8 @@ class ShardAggregator(Coordinator):
         online = tuple(self.available())
         last, seen, version = self._hello_sent
         now = time.monotonic()
-        if not force and online == seen and version == self.strategy.version and now - last < HELLO_EVERY_S:
+        changed = online != seen or version != self.strategy.version
+        if not force and now - last < (HELLO_MIN_S if changed else HELLO_EVERY_S):
             return
         self._hello_sent = (now, online, self.strategy.version)
         try:
@@ -292,5 +294,4 @@ class ShardAggregator(Coordinator):
             raise ValidationError(
                 f"device belongs to shard {owner}: set its federation id to "
                 f"{shard_federation(self.leader_topics.federation, owner, self.shards)}")
-        super()._on_hello(dev, body)
-        self._hello()
+        super()._on_hello(dev, body)  # the link loop tells the leader within HELLO_MIN_S

@@ -111,16 +111,17 @@ def test_a_missing_shard_makes_failures_and_forged_partials_are_refused(
         events = fed.leader.store.events(1)
         fails = {e["device"]: e["reason"] for e in events if e["kind"] == "failure"}
         assert set(fails) == set(own1) and all("no partial from shard-1" in r for r in fails.values())
-        refused = {(e["device"], e["reason"].split(":")[0]) for e in events if e["kind"] == "refused"}
+        refused = {(e["device"], e["reason"].split(":")[0]) for e in events if e["kind"] == "rejected"}
         assert ("shard-1", "no valid partial by the deadline; its devices count as failures") in refused
         assert any(d == "shard-0" and r == "envelope" for d, r in refused), refused
         assert any(d == "shard-7" and r == "envelope" for d, r in refused), refused
+        assert fed.leader.store.round_summary(1)["rejected"] >= 3  # counted like device refusals
         wrong = [e for e in silent.store.events() if e["device"] == "x"]
         assert wrong and "device belongs to shard 0: set its federation id to test.s0of2" in wrong[0]["reason"]
         assert "x" not in fed.shard_daemons[0].online and "x" not in silent.online
-        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused shard=")]
-        assert any(m.startswith("refused shard=shard-0 round=1 reason=envelope") for m in lines), lines
-        assert any(m.startswith("refused shard=shard-7 round=1 reason=envelope") for m in lines), lines
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rejected shard=")]
+        assert any(m.startswith("rejected shard=shard-0 round=1 reason=envelope") for m in lines), lines
+        assert any(m.startswith("rejected shard=shard-7 round=1 reason=envelope") for m in lines), lines
     finally:
         fed.stop()
 
