@@ -56,6 +56,16 @@ def test_one_and_three_shards_match_the_single_coordinator(tmp_path: Path) -> No
                 assert sh.strategy.version == 2
                 for name, value in states[shards].items():
                     np.testing.assert_array_equal(sh.strategy.global_state[name], value)
+            if shards == 3:  # a new device starts cold at its shard, from the final version
+                own = shard_of("new0", 3)
+                fed.device_overrides["new0"] = {"federation": shard_federation("test", own, 3)}
+                cold = fed.add_agent("new0", "new0", role="cold")
+                fed.wait(cold.cold_ready.is_set, 60, "cold start")
+                server = fed.shard_daemons[own]
+                fed.wait(lambda s=server: bool(s.store.evals("cold")), 30, "cold eval")
+                assert cold.held
+                for name, value in cold.held.items():
+                    np.testing.assert_array_equal(value, states[3][name], err_msg=name)
         finally:
             fed.stop()
     assert len({shard_of(str(i), 3) for i in range(6)}) == 3  # three shards really served
@@ -76,7 +86,7 @@ def test_a_missing_shard_makes_failures_and_forged_partials_are_refused(
     caplog.set_level(logging.WARNING, logger="fedcoe.leader")
     broker = MemoryBroker()
     factory = lambda cid, will, birth: broker.client(cid, will=will, birth=birth)  # noqa: E731
-    fed = ShardedFederation(tmp_path, factory, devices=4, rounds=1, shards=2, deadline_s=20.0)
+    fed = ShardedFederation(tmp_path, factory, devices=4, rounds=1, shards=2, deadline_s=30.0)
     fed.start_coordinator()
     assert fed.leader is not None
     fed.leader.close_grace_s = 0.5
