@@ -62,7 +62,10 @@ def test_one_and_three_shards_match_the_single_coordinator(tmp_path: Path) -> No
                 cold = fed.add_agent("new0", "new0", role="cold")
                 fed.wait(cold.cold_ready.is_set, 60, "cold start")
                 server = fed.shard_daemons[own]
-                fed.wait(lambda s=server: bool(s.store.evals("cold")), 30, "cold eval")
+
+                def cold_eval(server: Any = server) -> bool:
+                    return bool(server.store.evals("cold"))
+                fed.wait(cold_eval, 30, "cold eval")
                 assert cold.held
                 for name, value in cold.held.items():
                     np.testing.assert_array_equal(value, states[3][name], err_msg=name)
