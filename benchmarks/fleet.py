@@ -107,6 +107,9 @@ class FleetSpec:
     workdir: str = ""
     broker_options: list[str] = field(default_factory=list)  # extra mosquitto.conf lines
     coordinator_args: list[str] = field(default_factory=list)
+    # 0: one coordinator; S >= 1: a leader and S shard aggregators, each device on the shard
+    # its id hashes to (docs/daemons.md, "Past one machine")
+    shards: int = 0
     # how to start `fedcoe` (e.g. under a profiler); default: this interpreter
     fedcoe_cmd: list[str] = field(default_factory=lambda: [sys.executable, "-m", "fedcoe_edge.cli"])
 
@@ -159,7 +162,8 @@ class SimDevice:
         from benchmarks.mqtt_async import AsyncMqttClient
         from fedcoe_edge.transport import Will
 
-        P, t, dev = self.P, self.fleet.topics, self.dev
+        P, t, dev = self.P, self.fleet.topics_for(self.dev), self.dev
+        self.topics = t
         client = AsyncMqttClient(
             dev, "127.0.0.1", self.fleet.port, keepalive_s=300,
             will=Will(t.presence(dev), P.presence_payload("offline"), 1, True),
@@ -174,7 +178,7 @@ class SimDevice:
         return self.key if sender == self.fleet.coordinator else None
 
     def _send(self, type: str, body: dict[str, Any], rnd: int = 0) -> None:
-        self.messenger.send(self.fleet.topics.up_ctl(self.dev), type, self.fleet.coordinator,
+        self.messenger.send(self.topics.up_ctl(self.dev), type, self.fleet.coordinator,
                             body, self.key, round=rnd)
 
     def _report(self, type: str, body: dict[str, Any]) -> None:
@@ -291,7 +295,7 @@ class SimDevice:
         rnd = int(ctx["round"])
         digest = hashlib.sha256(f"{self.dev}\0{rnd}\0".encode() + upload).hexdigest()
         xid = f"r{rnd}-{digest[:32]}"
-        topic = self.fleet.topics.up_blob(self.dev, xid)
+        topic = self.topics.up_blob(self.dev, xid)
         size = fit_chunk_size(self.client, topic, xid, self.fleet.spec.chunk_size)
         m = TransferManifest.for_payload(upload, expert_ids=ctx["expert_ids"],
                                          base_version=self.version, chunk_size=size,
@@ -381,12 +385,21 @@ class DeviceFleet:
 
         self.spec, self.port, self.ids = spec, port, ids
         self.topics = Topics(FEDERATION)
+        self._shard_topics = [Topics(f) for f in federation_ids(spec.shards)]
         self.coordinator = "coordinator"
         model, _ = model_preset(spec.model)
         self.num_experts = int(model.get("num_global_experts", 4))
         self.devices: list[SimDevice] = []
         self.active: set[SimDevice] = set()
         self._updates: dict[tuple[str, int], bytes] = {}
+
+    def topics_for(self, dev: str) -> Any:
+        """The topics of the coordinator that serves ``dev``: its shard's when sharded."""
+        if not self._shard_topics:
+            return self.topics
+        from fedcoe_edge.sharding import shard_of
+
+        return self._shard_topics[shard_of(dev, len(self._shard_topics))]
 
     def update_for(self, task_sha: str, data: bytes, variant: int) -> bytes:
         """An int8-delta upload for a task payload: its weights plus seeded noise, built
@@ -468,6 +481,13 @@ def _worker(spec: FleetSpec, port: int, ids: list[str], stop_at: float, stop_eve
 
 
 # ----------------------------------------------------------------------------- orchestration
+def federation_ids(shards: int) -> list[str]:
+    """The federation id each shard's devices use (none without shards)."""
+    from fedcoe_edge.sharding import shard_federation
+
+    return [shard_federation(FEDERATION, i, shards) for i in range(shards)]
+
+
 def _coordinator_toml(spec: FleetSpec, port: int, state: Path) -> str:
     model, train = model_preset(spec.model)
     deadline = spec.deadline_s or 60.0 + 0.06 * spec.devices
@@ -478,7 +498,7 @@ def _coordinator_toml(spec: FleetSpec, port: int, state: Path) -> str:
     fed = {"id": FEDERATION, "algorithm": "fedcoe", "seed": 0, "rounds": spec.rounds,
            "min_devices": spec.devices, "quorum": 1, "deadline_s": deadline,
            "state_dir": str(state), "exit_when_done": True, "chunk_size": spec.chunk_size,
-           "window": 16}
+           "window": 16, **({"shards": spec.shards} if spec.shards else {})}
     return "\n".join([table("federation", fed),
                       table("broker", {"host": "127.0.0.1", "port": port}),
                       table("security", {"secret": SECRET.hex()}),
@@ -493,6 +513,8 @@ class _Sample:
     broker_cpu: float
     broker_rss: int
     gen_cpu: float
+    shard_cpu: tuple[float, ...] = ()
+    shard_rss: tuple[int, ...] = ()
 
 
 def _cpu(p: Any) -> float:
@@ -521,7 +543,7 @@ def _hwm(pid: int) -> int:
 
 
 async def _sys_monitor(port: int, into: list[tuple[float, str, float]], stop: asyncio.Event,
-                       coord_online: Any) -> None:
+                       coord_online: Any, shards: int = 0) -> None:
     """Broker counters from $SYS (published every second with sys_interval 1), and the
     coordinator's retained status (devices start once it is online)."""
     from benchmarks.mqtt_async import AsyncMqttClient
@@ -533,15 +555,20 @@ async def _sys_monitor(port: int, into: list[tuple[float, str, float]], stop: as
         with contextlib.suppress(ValueError):
             into.append((time.time(), msg.topic, float(msg.payload.decode())))
 
+    waiting = {Topics(f).coord_status() for f in (federation_ids(shards) or [FEDERATION])}
+
     def status(msg: Any) -> None:
         with contextlib.suppress(ValueError, KeyError, TypeError):
             if json.loads(msg.payload.decode())["state"] == "online":
-                coord_online.set()
+                waiting.discard(msg.topic)
+                if not waiting:  # every coordinator (each shard) is up
+                    coord_online.set()
 
     for t in ("$SYS/broker/publish/messages/dropped", "$SYS/broker/bytes/received",
               "$SYS/broker/bytes/sent", "$SYS/broker/clients/connected"):
         c.subscribe(t, on)
-    c.subscribe(Topics(FEDERATION).coord_status(), status)
+    for topic in list(waiting):
+        c.subscribe(topic, status)
     await c.connect_async()
     await stop.wait()
     c.close()
@@ -551,7 +578,6 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
     """One fleet size end to end; returns the per-round measurements."""
     import psutil
 
-    from coordinator.store import Store
     from fedcoe_edge.broker import MosquittoBroker
 
     with contextlib.suppress(ValueError, OSError):
@@ -572,16 +598,27 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
                               "workdir": str(work) if not own else None,
                               "loadavg_1m_start": os.getloadavg()[0]}
     coord = None
+    shard_procs: list[subprocess.Popen[bytes]] = []
     workers: list[tuple[Any, Any]] = []
     try:
         cfg = work / "coordinator.toml"
         cfg.write_text(_coordinator_toml(spec, broker.port, work / "state"))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with coord_log.open("wb") as logf:
-            coord = subprocess.Popen([*spec.fedcoe_cmd, "coordinator",
-                                      "--config", str(cfg), *spec.coordinator_args],
+        base_cmd = [*spec.fedcoe_cmd, "coordinator", "--config", str(cfg), *spec.coordinator_args]
+        with coord_log.open("wb") as logf:  # the leader's log when sharded
+            coord = subprocess.Popen([*base_cmd, *(["--role", "leader"] if spec.shards else [])],
                                      stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        for i in range(spec.shards):
+            with (work / f"shard-{i}.log").open("wb") as logf:
+                shard_procs.append(subprocess.Popen(
+                    [*base_cmd, "--role", "shard", "--shard-index", str(i)],
+                    stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=ROOT))
         cp = psutil.Process(coord.pid)
+        sps = [psutil.Process(p.pid) for p in shard_procs]
+
+        def snap(gen: float) -> _Sample:
+            return _Sample(time.time(), _cpu(cp), _rss(cp), _cpu(bp), _rss(bp), gen,
+                           tuple(_cpu(x) for x in sps), tuple(_rss(x) for x in sps))
         bp = psutil.Process(broker._proc.pid)  # type: ignore[union-attr]
         ctx = mp.get_context("spawn")
         stop_event = ctx.Event()
@@ -598,7 +635,7 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
             nonlocal hwm
             stop = asyncio.Event()
             online = asyncio.Event()
-            mon = asyncio.create_task(_sys_monitor(broker.port, sys_vals, stop, online))
+            mon = asyncio.create_task(_sys_monitor(broker.port, sys_vals, stop, online, spec.shards))
             # the devices start once the coordinator is up: rounds are measured, not its start
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(online.wait(), 120)
@@ -607,7 +644,7 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
                 raise RuntimeError("coordinator did not come online: "
                                    + " | ".join(coord_log.read_text(errors="replace").splitlines()[-3:]))
             # the idle coordinator (imports, model, strategy), before any device connects
-            samples.append(_Sample(time.time(), _cpu(cp), _rss(cp), _cpu(bp), _rss(bp), 0.0))
+            samples.append(snap(0.0))
             for k in range(spec.procs):
                 rx, tx = ctx.Pipe(duplex=False)
                 p = ctx.Process(target=_worker, args=(spec, broker.port, ids[k::spec.procs],
@@ -620,7 +657,7 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
             while pending:
                 await asyncio.sleep(0.2)
                 gen = sum(_cpu(w) for w in wps if w.is_running())
-                samples.append(_Sample(time.time(), _cpu(cp), _rss(cp), _cpu(bp), _rss(bp), gen))
+                samples.append(snap(gen))
                 hwm = max(hwm, _hwm(coord.pid))
                 for item in list(pending):
                     if item[1].poll():
@@ -646,15 +683,17 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
             coord.terminate()
             coord.wait(timeout=30)
         result["coordinator_exit"] = coord.returncode
+        for p in shard_procs:
+            try:
+                p.wait(timeout=max(5.0, stop_at - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.terminate()
+                p.wait(timeout=30)
+        result["shards"] = spec.shards
+        result["shard_exits"] = [p.returncode for p in shard_procs]
         result["wall_s"] = time.time() - started
         result["coordinator_peak_rss_mb"] = hwm / 2**20
-        store = Store(work / "state" / "coordinator.sqlite", readonly=True)
-        try:
-            rows = [store.round_summary(r["round"]) for r in store.rounds()]
-            opened = {r["round"]: (r["opened_at"], r["closed_at"]) for r in store.rounds()}
-            evals = len(store.evals("personal"))
-        finally:
-            store.close()
+        rows, opened, evals = _round_rows(work / "state", spec.shards)
         result.update(_summarise(spec, rows, opened, samples, sys_vals, stats))
         result["evals_stored"] = evals
         result["coordinator_log_tail"] = coord_log.read_text(errors="replace").splitlines()[-5:]
@@ -663,13 +702,43 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
         for p, _ in workers:
             if p.is_alive():
                 p.terminate()
-        if coord is not None and coord.poll() is None:
-            coord.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                coord.wait(timeout=30)
+        for proc in [coord, *shard_procs]:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=30)
         broker.close()
         if own:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _round_rows(state: Path, shards: int) -> tuple[list[dict[str, Any]], dict[int, tuple[float, float]], int]:
+    """Per-round rows, open/close times and stored evaluations. Sharded: the round times
+    are the leader's, the counts and bytes the sum over the shards' round logs."""
+    from coordinator.store import Store
+
+    def read(path: Path) -> tuple[list[dict[str, Any]], dict[int, tuple[float, float]], int]:
+        store = Store(path, readonly=True)
+        try:
+            rows = [store.round_summary(r["round"]) for r in store.rounds()]
+            opened = {r["round"]: (r["opened_at"], r["closed_at"]) for r in store.rounds()}
+            return rows, opened, len(store.evals("personal"))
+        finally:
+            store.close()
+
+    if not shards:
+        return read(state / "coordinator.sqlite")
+    lead, opened, _ = read(state / "leader" / "coordinator.sqlite")
+    per_shard = [read(state / f"shard-{i}" / "coordinator.sqlite") for i in range(shards)]
+    summed = ("selected", "accepted", "failed", "rejected", "bytes_up", "bytes_down")
+    rows = []
+    for r in lead:
+        row = dict(r)
+        got = [x for rs, _, _ in per_shard for x in rs if x["round"] == r["round"]]
+        for k in summed:
+            row[k] = sum(int(x.get(k) or 0) for x in got)
+        rows.append(row)
+    return rows, opened, sum(e for _, _, e in per_shard)
 
 
 def _window(samples: list[_Sample], t0: float, t1: float) -> list[_Sample]:
@@ -682,6 +751,12 @@ def _window(samples: list[_Sample], t0: float, t1: float) -> list[_Sample]:
 
 def _delta(ws: list[_Sample], attr: str) -> float:
     vals = [getattr(s, attr) for s in ws if not math.isnan(getattr(s, attr))]
+    return (vals[-1] - vals[0]) if len(vals) >= 2 else math.nan
+
+
+def _delta_at(ws: list[_Sample], i: int) -> float:
+    """CPU-s of shard ``i`` over the window."""
+    vals = [s.shard_cpu[i] for s in ws if not math.isnan(s.shard_cpu[i])]
     return (vals[-1] - vals[0]) if len(vals) >= 2 else math.nan
 
 
@@ -724,6 +799,10 @@ def _summarise(spec: FleetSpec, rows: list[dict[str, Any]], opened: dict[int, tu
             "broker_cpu_s": _delta(ws, "broker_cpu"),
             "broker_peak_rss_mb": max((s.broker_rss for s in ws), default=0) / 2**20,
             "generator_cpu_s": _delta(ws, "gen_cpu"),
+            # sharded: coord_cpu_s is the leader's; each shard aggregator's here
+            "shard_cpu_s": [_delta_at(ws, i) for i in range(len(ws[0].shard_cpu) if ws else 0)],
+            "shard_peak_rss_mb": [max((x.shard_rss[i] for x in ws), default=0) / 2**20
+                                  for i in range(len(ws[0].shard_rss) if ws else 0)],
             "bytes_up": r["bytes_up"], "bytes_down": r["bytes_down"],
             "broker_drops": _counter(sys_vals, drops_topic, t1) - _counter(sys_vals, drops_topic, t0),
         })
@@ -795,7 +874,46 @@ def _fit_slope(xs: list[float], ys: list[float], log: bool) -> float:
     return float(np.polyfit(a, b, 1)[0])
 
 
+def sharded_summary(run: dict[str, Any]) -> dict[str, Any]:
+    """A sharded run's row: the leader's CPU-s per round and each shard aggregator's."""
+    rows = run.get("round_rows", [])
+    k = int(run.get("shards") or 0)
+    return {**run_summary(run), "shards": k, "leader_cpu_s": _mean([r["coord_cpu_s"] for r in rows]),
+            "shard_cpu_s": [_mean([r["shard_cpu_s"][i] for r in rows if len(r.get("shard_cpu_s", [])) > i])
+                            for i in range(k)],
+            "shard_peak_rss_mb": [max((r["shard_peak_rss_mb"][i] for r in rows
+                                       if len(r.get("shard_peak_rss_mb", [])) > i), default=math.nan)
+                                  for i in range(k)],
+            "ok": run_summary(run)["ok"] and all(c == 0 for c in run.get("shard_exits", []))}
+
+
+def _sharded_lines(runs: list[dict[str, Any]], single: list[dict[str, Any]]) -> list[str]:
+    """The leader + shard aggregators table, beside the single coordinator of the same N."""
+    one = {r["devices"]: run_summary(r) for r in single if "round_rows" in r}
+    lines = ["", "## Leader and shard aggregators", "",
+             "`--shards S`: one leader and S shard aggregator processes on the same broker, each "
+             "device on the shard its id hashes to (docs/daemons.md, \"Past one machine\"). The "
+             "leader's CPU covers selection, merging the shards' partial sums and aggregation; "
+             "each shard's covers its devices' transfers, validation and persistence.", "",
+             "| devices | shards | rounds | round s | leader CPU-s/round | shard CPU-s/round (each) | "
+             "shard peak RSS MB (each) | single coordinator CPU-s/round | final models | ok |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        if "round_rows" not in r:
+            continue
+        s = sharded_summary(r)
+        base = one.get(r["devices"], {}).get("coord_cpu_s", math.nan)
+        lines.append(
+            f"| {s['devices']} | {s['shards']} | {s['rounds']} | {s['round_s']:.1f} | "
+            f"{s['leader_cpu_s']:.2f} | {' / '.join(f'{c:.1f}' for c in s['shard_cpu_s'])} | "
+            f"{' / '.join(f'{m:.0f}' for m in s['shard_peak_rss_mb'])} | {base:.1f} | "
+            f"{s['final']} | {'yes' if s['ok'] else 'NO'} |")
+    return lines
+
+
 def write_markdown(runs: list[dict[str, Any]], path: Path, command: str) -> None:
+    sharded = [r for r in runs if r.get("shards")]
+    runs = [r for r in runs if not r.get("shards")]
     sums = [run_summary(r) for r in runs if "round_rows" in r]
     lines = ["# Fleet benchmark: simulated devices against one coordinator", "",
              f"Command: `{command}`", "",
@@ -863,10 +981,13 @@ def write_markdown(runs: list[dict[str, Any]], path: Path, command: str) -> None
               f"{growth}.",
               f"* Round wall time vs N: log-log slope {wall_slope:.2f} (goal: at most linear, <= 1).",
               ""]
+    if sharded:
+        lines += _sharded_lines(sharded, runs) + [""]
     path.write_text("\n".join(lines) + "\n")
 
 
 def write_plot(runs: list[dict[str, Any]], path: Path) -> None:
+    runs = [r for r in runs if not r.get("shards")]  # the curves are one coordinator's
     import matplotlib
 
     matplotlib.use("Agg")
@@ -914,27 +1035,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--md", type=Path, default=None)
     p.add_argument("--png", type=Path, default=None)
     p.add_argument("--workdir", type=Path, default=None, help="keep logs and state here")
+    p.add_argument("--shards", type=int, nargs="+", default=[0], metavar="S",
+                   help="0: one coordinator; S >= 1: a leader and S shard aggregator processes "
+                        "(devices routed by the shard hash); several values run each per size, "
+                        "e.g. --shards 0 2 for the single coordinator beside 2 shards")
     p.add_argument("--broker-option", action="append", default=[], metavar="LINE",
                    help="extra mosquitto.conf line after the template's limits (repeatable)")
     args = p.parse_args(argv)
     if any(n < 1 for n in args.devices) or args.rounds < 1 or args.procs < 1:
         print("fleet: --devices, --rounds and --procs must be >= 1", file=sys.stderr)
         return 2
+    from fedcoe_edge.sharding import MAX_SHARDS
+
+    if any(not 0 <= k <= MAX_SHARDS for k in args.shards):
+        print(f"fleet: --shards must be in 0..{MAX_SHARDS}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     command = "python -m benchmarks.fleet " + " ".join(sys.argv[1:] if argv is None else argv)
     runs: list[dict[str, Any]] = []
-    for n in args.devices:
+    for n, shards in [(n, k) for n in args.devices for k in args.shards]:
+        name = f"n{n}" + (f"-s{shards}" if shards else "")
         spec = FleetSpec(devices=n, rounds=args.rounds, model=args.model, train_s=args.train_s,
                          jitter_s=args.jitter_s, procs=args.procs, timeout_s=args.timeout_s,
-                         broker_options=list(args.broker_option),
-                         workdir=str(args.workdir / f"n{n}") if args.workdir else "")
-        log.info("fleet: %d devices, %d rounds, model %s", n, args.rounds, args.model)
+                         broker_options=list(args.broker_option), shards=shards,
+                         workdir=str(args.workdir / name) if args.workdir else "")
+        log.info("fleet: %d devices, %d rounds, model %s, %s", n, args.rounds, args.model,
+                 f"leader + {shards} shard(s)" if shards else "one coordinator")
         t0 = time.time()
         try:
             run = run_fleet(spec)
         except Exception as exc:  # noqa: BLE001 - one size failing must not lose the others
             log.exception("fleet of %d failed", n)
-            run = {"devices": n, "rounds": args.rounds, "model": args.model, "error": str(exc)[:300]}
+            run = {"devices": n, "rounds": args.rounds, "model": args.model, "shards": shards,
+                   "error": str(exc)[:300]}
         run["run_s"] = time.time() - t0
         runs.append(run)
         if "round_rows" in run:
@@ -942,6 +1075,10 @@ def main(argv: list[str] | None = None) -> int:
             log.info("fleet %d: rounds %s, round %.1fs, coord CPU %.1fs/round, peak RSS %.0f MB, "
                      "drops %s, final %s", n, s["rounds"], s["round_s"], s["coord_cpu_s"],
                      s["coord_peak_rss_mb"], s["drops"], s["final"])
+            if shards:
+                sh = sharded_summary(run)
+                log.info("fleet %d, %d shards: leader CPU %.2fs/round, shards %s CPU-s/round", n,
+                         shards, sh["leader_cpu_s"], [round(c, 2) for c in sh["shard_cpu_s"]])
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": command, "runs": runs}, indent=1, default=str) + "\n")
         if args.md:

@@ -10,6 +10,7 @@ dataset whose held-out global test set the coordinator scores after every round.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from fedcoe_edge.protocol import (
     read_secret,
     section_defaults,
 )
+from fedcoe_edge.sharding import MAX_SHARDS
 from fedcoe_edge.strategies import STRATEGIES
 from fedcoe_edge.transport.topics import check_id
 from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE, check_chunk_size
@@ -66,6 +68,17 @@ class FederationSettings:
     # map their image folders through it, so label i means the same class on every device.
     # Empty: devices use their own labels (npz, shipped datasets) or sorted folder names.
     classes: list[str] = field(default_factory=list)
+    # aggregation past one machine (docs/daemons.md, "Past one machine"): 1 = one coordinator;
+    # S > 1 = one leader (`--role leader`) and S shard aggregators (`--role shard --shard-index i`)
+    shards: int = 1
+
+
+class Role(str, Enum):
+    """What one coordinator process is: the whole federation, its leader, or one shard."""
+
+    SINGLE = "single"
+    LEADER = "leader"
+    SHARD = "shard"
 
 
 @dataclass
@@ -132,6 +145,11 @@ class CoordinatorConfig:
             raise ConfigError(f"{w} aggregation must be stream|batch, got {f.aggregation!r}")
         if not f.reassembly_budget_mb > 0:
             raise ConfigError(f"{w} reassembly_budget_mb must be > 0")
+        if isinstance(f.shards, bool) or not 1 <= f.shards <= MAX_SHARDS:
+            raise ConfigError(f"{w} shards must be in 1..{MAX_SHARDS}, got {f.shards}")
+        if f.shards > 1 and f.aggregation != "stream":
+            raise ConfigError(f"{w} shards = {f.shards} needs aggregation = \"stream\" (shards send "
+                              "partial sums to the leader), got {f.aggregation!r}")
         self.broker.validate(f"{self.source}: [broker]")
         check_username(self.broker.username, f.coordinator_id, f"{self.source}: [broker]")
         if len(self.secret) < 16:
@@ -141,6 +159,26 @@ class CoordinatorConfig:
             if len(f.classes) != self.model.num_classes:
                 raise ConfigError(f"{w} classes names {len(f.classes)} classes but [model] "
                                   f"num_classes is {self.model.num_classes}")
+
+
+    def check_role(self, role: Role, index: int | None) -> None:
+        """The one place a process's role is checked against the config: a leader or a
+        shard needs ``shards`` >= 1 and streamed aggregation, a shard an index in
+        0..shards-1, and a single coordinator no shard index."""
+        f, w = self.federation, f"{self.source}: [federation]"
+        if role is Role.SINGLE:
+            if index is not None:
+                raise ConfigError("--shard-index applies to --role shard only")
+            if f.shards > 1:
+                raise ConfigError(f"{w} shards = {f.shards}: start a --role leader and {f.shards} "
+                                  "--role shard processes, or set shards = 1")
+            return
+        if f.aggregation != "stream":
+            raise ConfigError(f"{w} --role {role.value} needs aggregation = \"stream\"")
+        if role is Role.LEADER and index is not None:
+            raise ConfigError("--shard-index applies to --role shard only")
+        if role is Role.SHARD and (index is None or not 0 <= index < f.shards):
+            raise ConfigError(f"--role shard needs --shard-index in 0..{f.shards - 1}, got {index}")
 
 
 SECTIONS: dict[str, type] = {"federation": FederationSettings, "broker": BrokerSettings,

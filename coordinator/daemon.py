@@ -331,8 +331,7 @@ class Coordinator:
     def _open_round(self) -> None:
         with self._lock:
             rnd = self.round + 1
-            ids = self.strategy.select_clients(rnd, self.available())
-            tasks = self.strategy.configure_round(rnd, ids)
+            tasks = self._plan_round(rnd)
             # what FedAvg-style full exchange would move in ONE direction this round
             full = serialized_nbytes(self.strategy.global_state) * len(tasks)
             folder = self.state_dir / "rounds" / str(rnd)
@@ -364,6 +363,12 @@ class Coordinator:
         log.info("round %d: %d task(s) sent in %.2fs (%d distinct payloads)", rnd, len(tasks),
                  time.monotonic() - t0, len({id(t.params) for t in tasks}))
         self._broadcast("open")
+
+    def _plan_round(self, rnd: int) -> list[ClientTask]:
+        """This round's tasks: the strategy selects and configures. A shard aggregator
+        (coordinator/shard.py) takes them from its leader instead."""
+        ids = self.strategy.select_clients(rnd, self.available())
+        return self.strategy.configure_round(rnd, ids)
 
     def _send_task(self, task: ClientTask) -> None:
         xfer = self._send_params(task.client_id, task.params, task.expert_ids, "train", task.round)
@@ -448,6 +453,8 @@ class Coordinator:
             self._closing = True  # no more updates are queued for persistence ...
         self._persist_q.join()  # ... and the queued ones are durable and ACKed
         self.store.flush_later()
+        before = self.strategy.version
+        self._before_aggregate()
         with self._lock:
             self._closing = False
             rnd = self.round
@@ -461,26 +468,7 @@ class Coordinator:
                 log.warning("failure device=%s round=%d reason=%s", d, rnd, reason)
                 self.store.later("add_event", rnd, d, "failure", reason)
             self.store.flush_later()
-            applied = len(results) >= self.fed.quorum
-            before = self.strategy.version
-            partial = self._partial
-            if applied:
-                try:
-                    if partial is not None:
-                        aggregate_partial(self.strategy, rnd, partial, failures)
-                    else:
-                        self.strategy.aggregate_round(rnd, results, failures)
-                    note = f"aggregated {len(results)} update(s), {len(failures)} failure(s)"
-                except (KeyError, ValueError) as exc:  # a strategy/contract mismatch: keep going
-                    log.error("round %d: %s failed to aggregate (%s); global state kept", rnd,
-                              self.fed.algorithm, exc)
-                    applied, note = False, f"aggregation failed: {exc}"[:300]
-            elif partial is not None:
-                aggregate_partial(self.strategy, rnd, new_partial(self.strategy, rnd) or partial, failures)
-                note = f"quorum not met ({len(results)} < {self.fed.quorum}); global state kept"
-            else:
-                self.strategy.aggregate_round(rnd, [], failures)
-                note = f"quorum not met ({len(results)} < {self.fed.quorum}); global state kept"
+            applied, note = self._aggregate(rnd, results, failures)
             self._checkpoint(rnd)
             self.store.close_round(rnd, self.strategy.version, applied, note)
             self.round_open = False
@@ -504,6 +492,35 @@ class Coordinator:
         log.info("round %d closed: %s; version %d -> %d%s", rnd, note, before, self.strategy.version,
                  f"; global acc {acc:.4f}" if acc is not None else "")
         self._broadcast("closed")
+
+    def _before_aggregate(self) -> None:
+        """Called at a round's close once every accepted update is durable, without the
+        lock held. Nothing here; a shard aggregator sends its partial to the leader and
+        waits for the next version (coordinator/shard.py)."""
+
+    def _aggregate(self, rnd: int, results: list[ClientResult], failures: list[Failure]
+                   ) -> tuple[bool, str]:
+        """Apply the round (lock held): ``(applied, note for the round log)``."""
+        applied = len(results) >= self.fed.quorum
+        partial = self._partial
+        if applied:
+            try:
+                if partial is not None:
+                    aggregate_partial(self.strategy, rnd, partial, failures)
+                else:
+                    self.strategy.aggregate_round(rnd, results, failures)
+                note = f"aggregated {len(results)} update(s), {len(failures)} failure(s)"
+            except (KeyError, ValueError) as exc:  # a strategy/contract mismatch: keep going
+                log.error("round %d: %s failed to aggregate (%s); global state kept", rnd,
+                          self.fed.algorithm, exc)
+                applied, note = False, f"aggregation failed: {exc}"[:300]
+        elif partial is not None:
+            aggregate_partial(self.strategy, rnd, new_partial(self.strategy, rnd) or partial, failures)
+            note = f"quorum not met ({len(results)} < {self.fed.quorum}); global state kept"
+        else:
+            self.strategy.aggregate_round(rnd, [], failures)
+            note = f"quorum not met ({len(results)} < {self.fed.quorum}); global state kept"
+        return applied, note
 
     # ------------------------------------------------------------------ persistence
     def _checkpoint(self, rnd: int) -> None:

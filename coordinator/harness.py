@@ -16,10 +16,13 @@ from typing import Any
 
 from coordinator.config import CoordinatorConfig, EvalSettings, FederationSettings
 from coordinator.daemon import Coordinator
+from coordinator.leader import Leader
+from coordinator.shard import ShardAggregator
 from device_agent.config import AgentConfig, DataSettings, DeviceSettings
 from device_agent.daemon import AgentHooks, DeviceAgent
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.protocol import TransportFactory, device_key
+from fedcoe_edge.sharding import shard_federation, shard_of
 from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE
 
 DEMO_SECRET = bytes(range(32))
@@ -137,3 +140,55 @@ class EmbeddedFederation:
             self.coordinator.stop()
         for t in self.threads:
             t.join(timeout=10)
+
+
+@dataclass
+class ShardedFederation(EmbeddedFederation):
+    """A leader, ``shards`` shard aggregators and the agents, as threads of one process;
+    each agent is given its shard's federation id (docs/daemons.md, "Past one machine")."""
+
+    shards: int = 2
+    aggregation: str = "stream"  # sharding merges partial sums: streamed aggregation only
+    leader: Leader | None = None
+    shard_daemons: list[ShardAggregator] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.start_coordinator()
+        for i in range(self.devices):
+            dev = str(i)
+            self.device_overrides.setdefault(dev, {})["federation"] = shard_federation(
+                self.federation, shard_of(dev, self.shards), self.shards)
+            self.add_agent(dev, dev)
+
+    def start_coordinator(self) -> Coordinator:
+        """The leader and every shard; returns shard 0 (the harness's ``coordinator``)."""
+        cfg = self.coordinator_config()
+        self.leader = Leader(cfg, self.shards, self.factory)
+        self._spawn(self.leader.run, "leader")
+        self.shard_daemons = [ShardAggregator(cfg, i, self.shards, self.factory)
+                              for i in range(self.shards)]
+        for i, sh in enumerate(self.shard_daemons):
+            self._spawn(sh.run, f"shard-{i}")
+        self.coordinator = self.shard_daemons[0]
+        return self.coordinator
+
+    def wait_rounds(self, timeout: float = 120.0) -> None:
+        """Until the leader closed the last round, every shard finished, and every device
+        reported its final evaluation to its shard."""
+        self.wait(lambda: self.leader is not None and self.leader.finished, timeout,
+                  f"{self.rounds} leader rounds")
+        self.wait(lambda: all(s.finished for s in self.shard_daemons), timeout, "shards finished")
+
+        def evals_in() -> bool:
+            got = {r["device"] for s in self.shard_daemons for r in s.store.evals("personal")
+                   if r["round"] == self.rounds}
+            want = {d for d, a in self.agents.items() if self.rounds in a.rounds_done}
+            return want <= got
+        self.wait(evals_in, timeout, "final evaluations")
+
+    def stop(self) -> None:
+        if self.leader is not None:
+            self.leader.stop()
+        for sh in self.shard_daemons:
+            sh.stop()
+        super().stop()

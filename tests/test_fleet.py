@@ -39,10 +39,42 @@ def test_fifty_devices_two_rounds(tmp_path: Path, make_mosquitto: object) -> Non
     assert run_summary(run)["ok"]
 
 
+def test_thirty_devices_two_rounds_two_shards(tmp_path: Path, make_mosquitto: object) -> None:
+    """A leader and two shard aggregator processes: every device served by its shard, the
+    leader's CPU and each shard's reported."""
+    from benchmarks.fleet import sharded_summary
+
+    run = run_fleet(FleetSpec(devices=30, rounds=2, train_s=0.1, jitter_s=0.2, timeout_s=90,
+                              shards=2, workdir=str(tmp_path / "fleet")))
+    assert run["rounds_completed"] == 2, run.get("coordinator_log_tail")
+    rows = run["round_rows"]
+    assert [r["accepted"] for r in rows] == [30, 30] and [r["selected"] for r in rows] == [30, 30]
+    assert [r["tasks_received"] for r in rows] == [30, 30]
+    assert all(r["failed"] == 0 and r["rejected"] == 0 for r in rows)
+    assert run["device_rejects_total"] == 0, run["reject_examples"]
+    assert run["final_models"] == 30 and run["final_evals_acked"] == 30
+    assert run["coordinator_exit"] == 0 and run["shard_exits"] == [0, 0]
+    for r in rows:
+        assert r["coord_cpu_s"] >= 0 and len(r["shard_cpu_s"]) == 2
+        assert all(c > 0 for c in r["shard_cpu_s"]) and all(m > 0 for m in r["shard_peak_rss_mb"])
+    s = sharded_summary(run)
+    assert s["ok"] and s["shards"] == 2 and len(s["shard_cpu_s"]) == 2
+    # both shards served devices: each has a round log with its share
+    from coordinator.store import Store
+    for i in (0, 1):
+        store = Store(tmp_path / "fleet" / "state" / f"shard-{i}" / "coordinator.sqlite", readonly=True)
+        try:
+            assert 0 < store.round_summary(1)["accepted"] < 30
+        finally:
+            store.close()
+
+
 def test_bad_arguments_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--devices", "0", "--json", str(tmp_path / "x.json")]) == 2
     assert "must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+    assert main(["--devices", "3", "--shards", "-1", "--json", str(tmp_path / "x.json")]) == 2
+    assert "--shards must be in 0.." in capsys.readouterr().err
 
 
 def test_report_files(tmp_path: Path) -> None:

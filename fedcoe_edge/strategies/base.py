@@ -14,12 +14,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.data.client import ClientData  # re-exported: the strategy contract names it
+
+if TYPE_CHECKING:
+    from fedcoe_edge.streaming import Partial
 
 Arrays = dict[str, np.ndarray]
 
@@ -164,6 +167,23 @@ class Strategy(ABC):
         answers only while its ``aggregate_round`` is the one the rule mirrors, so a
         subclass that overrides it is never streamed with rules it does not use."""
         return None
+
+    def merge_partials(self, rnd: int, partials: Sequence[Partial]) -> Partial:
+        """The merge step of sharded aggregation: one partial for round ``rnd`` from the
+        partials of shards that served disjoint client sets, which the leader then
+        aggregates (``fedcoe_edge.streaming.aggregate_partial``). Default: exact addition
+        of the weighted sums and weights (:meth:`Partial.merge`), which every streamed rule
+        allows; a strategy whose merge is not a sum (e.g. a robust, median-like rule)
+        overrides it. TypeError for a strategy that aggregates only whole batches."""
+        from fedcoe_edge.streaming import new_partial
+
+        merged = new_partial(self, rnd)
+        if merged is None:
+            raise TypeError(f"{type(self).__name__} aggregates only whole batches; "
+                            "partials cannot be merged")
+        for p in partials:
+            merged.merge(p)
+        return merged
 
     def checkpoint_extra(self) -> dict[str, Any]:
         """Server state beyond the arrays, rng and version that a coordinator checkpoint

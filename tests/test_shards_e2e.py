@@ -1,0 +1,212 @@
+"""A leader and shard aggregators end to end, with the real daemons and device agents:
+
+* in memory: 1 shard and 3 shards reach the single streaming coordinator's global state for
+  the same seed (up to float rounding);
+* in memory: a shard whose partial never comes makes its devices failures of the round, the
+  round closes with the other shard's updates, and forged partials are refused with a line
+  naming shard, round and reason;
+* over a real Mosquitto: the leader and two shards as separate ``fedcoe coordinator``
+  processes, four device agents, two rounds; every device ends holding the final version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from coordinator.harness import DEMO_SECRET, EmbeddedFederation, ShardedFederation
+from device_agent.daemon import DeviceAgent
+from fedcoe_edge.checkpoint import load_arrays_file
+from fedcoe_edge.protocol import BrokerSettings, mqtt_factory
+from fedcoe_edge.sharding import PARTIAL, LeaderTopics, shard_federation, shard_key, shard_of
+from fedcoe_edge.transport import MemoryBroker
+from fedcoe_edge.wire import Envelope, encode_envelope
+
+pytestmark = pytest.mark.integration
+
+
+def memory_factory() -> Any:
+    broker = MemoryBroker()
+    return lambda cid, will, birth: broker.client(cid, will=will, birth=birth)
+
+
+def test_one_and_three_shards_match_the_single_coordinator(tmp_path: Path) -> None:
+    kw: dict[str, Any] = {"devices": 6, "rounds": 2, "aggregation": "stream"}
+    single = EmbeddedFederation(tmp_path / "single", memory_factory(), **kw).final_state()
+    states = {}
+    for shards in (1, 3):
+        fed = ShardedFederation(tmp_path / f"s{shards}", memory_factory(), shards=shards, **kw)
+        fed.start()
+        try:
+            fed.wait_rounds(180)
+            assert fed.leader is not None
+            assert [r["accepted"] for r in fed.leader.rounds_log] == [6, 6]
+            assert [r["shards_merged"] for r in fed.leader.rounds_log] == [shards, shards]
+            states[shards] = dict(fed.leader.strategy.global_state)
+            # every shard holds the leader's final version
+            for sh in fed.shard_daemons:
+                assert sh.strategy.version == 2
+                for name, value in states[shards].items():
+                    np.testing.assert_array_equal(sh.strategy.global_state[name], value)
+            if shards == 3:  # a new device starts cold at its shard, from the final version
+                own = shard_of("new0", 3)
+                fed.device_overrides["new0"] = {"federation": shard_federation("test", own, 3)}
+                cold = fed.add_agent("new0", "new0", role="cold")
+                fed.wait(cold.cold_ready.is_set, 60, "cold start")
+                server = fed.shard_daemons[own]
+
+                def cold_eval(server: Any = server) -> bool:
+                    return bool(server.store.evals("cold"))
+                fed.wait(cold_eval, 30, "cold eval")
+                assert cold.held
+                for name, value in cold.held.items():
+                    np.testing.assert_array_equal(value, states[3][name], err_msg=name)
+        finally:
+            fed.stop()
+    assert len({shard_of(str(i), 3) for i in range(6)}) == 3  # three shards really served
+    for shards, state in states.items():
+        for name, value in single.items():
+            np.testing.assert_allclose(state[name], value, rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{shards} shard(s): {name}")
+
+
+def _forged_partial(topics: LeaderTopics, shard: str, key: bytes, rnd: int) -> bytes:
+    env = Envelope.new(PARTIAL, federation=topics.federation, sender=shard, recipient="leader",
+                       round=rnd, body={"meta": {}, "failures": {}, "manifest": {}}, ttl_s=600)
+    return encode_envelope(env, key)
+
+
+def test_a_missing_shard_makes_failures_and_forged_partials_are_refused(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="fedcoe.leader")
+    broker = MemoryBroker()
+    factory = lambda cid, will, birth: broker.client(cid, will=will, birth=birth)  # noqa: E731
+    fed = ShardedFederation(tmp_path, factory, devices=4, rounds=1, shards=2, deadline_s=30.0)
+    fed.start_coordinator()
+    assert fed.leader is not None
+    fed.leader.close_grace_s = 0.5
+    silent = fed.shard_daemons[1]
+    sent = threading.Event()
+
+    def swallow(rnd: int, partial: Any, failures: Any) -> None:
+        sent.set()  # shard 1 closes its round but its partial never reaches the leader
+    silent._send_partial = swallow  # type: ignore[method-assign]
+    for i in range(4):
+        dev = str(i)
+        fed.device_overrides[dev] = {"federation": shard_federation("test", shard_of(dev, 2), 2)}
+        fed.add_agent(dev, dev)
+    # a device given the wrong shard's federation id: refused by that shard, with the right one
+    assert shard_of("x", 2) == 0
+    fed.device_overrides["x"] = {"federation": shard_federation("test", 1, 2)}
+    fed.add_agent("x", "0")
+    try:
+        fed.wait(lambda: sent.is_set(), 120, "shard 1's close")
+        # forged: shard-0's name with a wrong key, and a shard that does not exist
+        topics = LeaderTopics("test")
+        intruder = factory("intruder", None, None)
+        intruder.connect()
+        intruder.publish(topics.up_ctl("shard-0"), _forged_partial(topics, "shard-0", b"k" * 32, 1), qos=1)
+        intruder.publish(topics.up_ctl("shard-7"),
+                         _forged_partial(topics, "shard-7", shard_key(DEMO_SECRET, "shard-7"), 1), qos=1)
+        fed.wait_rounds(120)
+        log = fed.leader.rounds_log
+        own1 = [str(i) for i in range(4) if shard_of(str(i), 2) == 1]
+        assert log[0]["shards_merged"] == 1 and log[0]["accepted"] == 4 - len(own1)
+        assert log[0]["failed"] == len(own1) and log[0]["applied"]
+        events = fed.leader.store.events(1)
+        fails = {e["device"]: e["reason"] for e in events if e["kind"] == "failure"}
+        assert set(fails) == set(own1) and all("no partial from shard-1" in r for r in fails.values())
+        refused = {(e["device"], e["reason"].split(":")[0]) for e in events if e["kind"] == "rejected"}
+        assert ("shard-1", "no valid partial by the deadline; its devices count as failures") in refused
+        assert any(d == "shard-0" and r == "envelope" for d, r in refused), refused
+        assert any(d == "shard-7" and r == "envelope" for d, r in refused), refused
+        assert fed.leader.store.round_summary(1)["rejected"] >= 3  # counted like device refusals
+        wrong = [e for e in silent.store.events() if e["device"] == "x"]
+        assert wrong and "device belongs to shard 0: set its federation id to test.s0of2" in wrong[0]["reason"]
+        assert "x" not in fed.shard_daemons[0].online and "x" not in silent.online
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rejected shard=")]
+        assert any(m.startswith("rejected shard=shard-0 round=1 reason=envelope") for m in lines), lines
+        assert any(m.startswith("rejected shard=shard-7 round=1 reason=envelope") for m in lines), lines
+    finally:
+        fed.stop()
+
+
+CONFIG = """
+[federation]
+id = "fleet"
+algorithm = "fedcoe"
+seed = 0
+rounds = 2
+min_devices = 4
+quorum = 1
+deadline_s = 60
+state_dir = "state"
+exit_when_done = true
+shards = 2
+
+[broker]
+host = "127.0.0.1"
+port = {port}
+
+[security]
+secret = "{secret}"
+
+[model]
+expert_hidden = 16
+
+[train]
+local_epochs = 1
+"""
+
+
+def test_leader_and_two_shard_processes_over_mosquitto(tmp_path: Path, mosquitto_broker: Any) -> None:
+    cfg = tmp_path / "coordinator.toml"
+    cfg.write_text(CONFIG.format(port=mosquitto_broker.port, secret=DEMO_SECRET.hex()))
+    cmd = [sys.executable, "-m", "fedcoe_edge.cli", "coordinator", "--config", str(cfg)]
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    logs = {name: (tmp_path / f"{name}.log").open("wb") for name in ("leader", "shard0", "shard1")}
+    procs["leader"] = subprocess.Popen([*cmd, "--role", "leader"], stdout=logs["leader"],
+                                       stderr=subprocess.STDOUT)
+    for i in (0, 1):
+        procs[f"shard{i}"] = subprocess.Popen([*cmd, "--role", "shard", "--shard-index", str(i)],
+                                              stdout=logs[f"shard{i}"], stderr=subprocess.STDOUT)
+    fed = EmbeddedFederation(tmp_path / "devices", mqtt_factory(BrokerSettings(port=mosquitto_broker.port)),
+                             devices=4, rounds=2, federation="fleet")
+    agents: list[DeviceAgent] = []
+    try:
+        for i in range(4):
+            dev = str(i)
+            out = subprocess.run([*cmd[:3], "shard-of", dev, "--config", str(cfg)], check=True,
+                                 capture_output=True, text=True).stdout.split()
+            assert out[0] == dev and int(out[1]) == shard_of(dev, 2)
+            fed.device_overrides[dev] = {"federation": out[2]}
+            agents.append(fed.add_agent(dev, dev))
+        for name, p in procs.items():
+            assert p.wait(timeout=240) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    finally:
+        for a in agents:
+            a.close()
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in logs.values():
+            f.close()
+    rounds = json.loads((tmp_path / "state" / "leader" / "rounds.json").read_text())
+    assert [(r["round"], r["accepted"], r["failed"], r["shards_merged"]) for r in rounds] == \
+        [(1, 4, 0, 2), (2, 4, 0, 2)]
+    final = load_arrays_file(tmp_path / "state" / "leader" / "checkpoint" / "global.safetensors")
+    for a in agents:  # every device holds the final version's values of what it holds
+        assert 2 in a.rounds_done and a.held, a.dev
+        for name, value in a.held.items():
+            np.testing.assert_array_equal(value, final[name], err_msg=f"{a.dev}: {name}")
+    text = (tmp_path / "leader.log").read_text()
+    assert "round 2 closed: merged 2 of 2 shard partial(s)" in text
