@@ -200,13 +200,11 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def closing_text(camera: dict[str, Any] | None) -> str:
     """What this benchmark does not measure, and where the camera accuracy run's report is
     (``camera``: that run's ``camera_accuracy.json``, when it sits next to this report)."""
-    cache = ("feature caching for frozen-trunk training (not implemented: every step still "
-             "runs the trunk forward)")
     if camera is None:
         return ("Not measured here: accuracy on real camera data (`python -m "
                 "benchmarks.camera_accuracy` trains FedCoE with a pretrained, frozen trunk on "
-                "Fashion-MNIST; its report is `camera_accuracy.md`), a frozen vs federated "
-                f"trunk on that data, and {cache}.")
+                "Fashion-MNIST; its report is `camera_accuracy.md`), and a frozen vs federated "
+                "trunk on that data.")
     c, top1 = camera["config"], camera["result"]["top1"]["torch_fp32"]
     return (f"Accuracy on real camera data with the trunk frozen is in `camera_accuracy.md`: "
             f"Fashion-MNIST at {c['size']}x{c['size']}, trunk pretrained on a public slice "
@@ -214,7 +212,7 @@ def closing_text(camera: dict[str, Any] | None) -> str:
             f"public images), {c['rounds']} rounds over {c['clients']} clients: "
             f"{100 * top1['global']:.2f}% global-path and {100 * top1['personal']:.2f}% "
             f"personal top-1 (torch fp32) on {camera['result']['samples']:,} test images. Not "
-            f"measured: a frozen vs federated trunk on that data, and {cache}.")
+            f"measured: a frozen vs federated trunk on that data.")
 
 
 def markdown(doc: dict[str, Any], camera: dict[str, Any] | None = None) -> str:
