@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test test-hostile test-runtime-profile bench bench-camera bench-fleet lint clean mosquitto datasets tune accuracy accuracy-long
+.PHONY: setup demo test test-hostile test-runtime-profile bench bench-camera bench-fleet bench-fleet-shards lint clean mosquitto datasets tune accuracy accuracy-long
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -70,6 +70,13 @@ bench-fleet: setup
 	$(BIN)/python -m benchmarks.fleet --devices $(FLEET_SIZES) --rounds 2 --procs 2 \
 	  --json benchmarks/results/fleet.json --md benchmarks/results/fleet.md \
 	  --png benchmarks/results/fleet.png
+
+# The same fleet past one coordinator: a leader and 3 shard aggregator processes beside the
+# single coordinator, same sizes, same run (docs/daemons.md, "Past one machine").
+bench-fleet-shards: setup
+	$(BIN)/python -m benchmarks.fleet --devices 1000 5000 --rounds 2 --procs 2 --shards 0 3 \
+	  --timeout-s 600 --json benchmarks/results/fleet_shards.json \
+	  --md benchmarks/results/fleet_shards.md --png benchmarks/results/fleet_shards.png
 
 # Knobs of every algorithm on validation splits (same budget each), then the test-split grid;
 # both resume from their caches under benchmarks/results/.

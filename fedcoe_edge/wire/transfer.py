@@ -32,6 +32,10 @@ broker's own packet limit may lower it further, see ``transport.blob.fit_chunk_s
 MAX_NACK = 256
 """Most gaps one progress report lists; the report's ``highest`` is lowered to match, so
 the sender never mistakes an unlisted gap for an acknowledged chunk."""
+# the least margin of a measured retransmission timeout over the smoothed round trip
+# (RFC 6298's G): coordinator and agents poll for due chunks every 50-100 ms and receivers
+# report progress in batches, so round trips read to within a few ticks
+RTO_GRANULARITY_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -471,7 +475,10 @@ class TransferWindow:
         [``retransmit_s``, ``max_retransmit_s``]; ``retransmit_s`` before the first sample."""
         if self._srtt is None:
             return self.retransmit_s
-        rto = self._srtt + 4.0 * self._rttvar
+        # RFC 6298's clock-granularity term G: once the round trips stop varying, rttvar
+        # decays to ~0 and an RTO of bare srtt fires on ordinary scheduling jitter (a pump
+        # tick, a batched progress report), resending chunks that were merely on their way
+        rto = self._srtt + max(RTO_GRANULARITY_S, 4.0 * self._rttvar)
         return min(self.max_retransmit_s, max(self.retransmit_s, rto))
 
     @property
