@@ -908,6 +908,20 @@ def _sharded_lines(runs: list[dict[str, Any]], single: list[dict[str, Any]]) -> 
             f"{s['leader_cpu_s']:.2f} | {' / '.join(f'{c:.1f}' for c in s['shard_cpu_s'])} | "
             f"{' / '.join(f'{m:.0f}' for m in s['shard_peak_rss_mb'])} | {base:.1f} | "
             f"{s['final']} | {'yes' if s['ok'] else 'NO'} |")
+    goal = []
+    for r in runs:
+        if "round_rows" not in r or r["devices"] not in one:
+            continue
+        s, base = sharded_summary(r), one[r["devices"]]
+        lower = s["leader_cpu_s"] < base["coord_cpu_s"]
+        goal.append(f"{s['devices']} devices, {s['shards']} shards: leader {s['leader_cpu_s']:.2f} "
+                    f"vs single coordinator {base['coord_cpu_s']:.1f} CPU-s/round "
+                    f"({s['leader_cpu_s'] / base['coord_cpu_s']:.1%}), round "
+                    f"{s['round_s']:.1f} s vs {base['round_s']:.1f} s: "
+                    f"{'met' if lower and s['ok'] else 'NOT met'}")
+    if goal:
+        lines += ["", "Goal (leader CPU below a single coordinator's at the same N, every round "
+                  "complete, every device with its final model): " + "; ".join(goal) + "."]
     return lines
 
 
@@ -987,7 +1001,10 @@ def write_markdown(runs: list[dict[str, Any]], path: Path, command: str) -> None
 
 
 def write_plot(runs: list[dict[str, Any]], path: Path) -> None:
-    runs = [r for r in runs if not r.get("shards")]  # the curves are one coordinator's
+    """Round time, memory and CPU against N: one coordinator's curves, and where the run
+    had shards, the leader's and the busiest shard's beside them (same axes)."""
+    sharded = [sharded_summary(r) for r in runs if r.get("shards") and "round_rows" in r]
+    runs = [r for r in runs if not r.get("shards")]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1008,6 +1025,14 @@ def write_plot(runs: list[dict[str, Any]], path: Path) -> None:
     axes[2].plot(ns, [s["broker_cpu_s"] for s in sums], "s--", label="broker")
     axes[2].plot(ns, [s["gen_cpu_s"] for s in sums], "^:", label="generator (all devices)")
     axes[2].set_ylabel("CPU-s per round")
+    if sharded:
+        sn = [x["devices"] for x in sharded]
+        k = sharded[0]["shards"]
+        axes[0].plot(sn, [x["round_s"] for x in sharded], "D-", label=f"round wall, {k} shards")
+        axes[1].plot(sn, [max(x["shard_peak_rss_mb"]) for x in sharded], "D-",
+                     label=f"busiest of {k} shards' peak RSS")
+        axes[2].plot(sn, [x["leader_cpu_s"] for x in sharded], "D-", label=f"leader ({k} shards)")
+        axes[2].plot(sn, [max(x["shard_cpu_s"]) for x in sharded], "v-.", label="busiest shard")
     for ax, title in zip(axes, ("round time", "memory", "CPU"), strict=True):
         if max(ns) >= 10 * min(ns):
             ax.set_xscale("log")
