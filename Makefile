@@ -87,7 +87,7 @@ accuracy: setup
 	$(BIN)/python -m benchmarks.accuracy --jobs 2
 
 # The convergence check: FedCoE and every baseline at 60 rounds on the Fashion-MNIST settings
-# (the main grid stops at 30); about 1.3 CPU h per seed, resumed from its cache. Writes
+# (the main grid stops at 30); about 3 CPU h per seed, resumed from its cache. Writes
 # results/long60/. `make accuracy-long LONG_SEEDS=0,1` reports the seeds finished so far.
 LONG_SEEDS ?= 0,1,2
 accuracy-long: setup
