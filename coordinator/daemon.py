@@ -80,6 +80,10 @@ CTL_RATE, CTL_BURST = 50.0, 200  # control envelopes per second (all types)
 HELLO_RATE, HELLO_BURST = 0.2, 3  # hellos: each may re-announce a task
 FETCH_RATE, FETCH_BURST = 0.5, 5  # fetches: each prepares a download
 NOTICE_RATE, NOTICE_BURST = 0.5, 2  # xfer_unknown / re-accept answers to stray chunks
+# trunk downloads per device (each a few MB): an honest device needs one per install, one
+# more if its copy was damaged; past this, a device re-fetching in a loop is refused
+TRUNK_FETCH_MAX, TRUNK_FETCH_WINDOW_S = 3, 24 * 3600.0
+TRUNK_FETCH_DEVICES_MAX = 100_000  # devices whose recent trunk downloads are remembered
 UPLOAD_SLACK = 65536  # an upload may exceed the plain encoding of its task by this much
 # Persistence (docs/daemons.md, "Scale"): accepted updates are written by one thread in
 # batches (one sync per batch), each ACKed only once its batch is durable.
@@ -186,6 +190,7 @@ class Coordinator:
                              tuple[bytes, TransferManifest]] = {}
         self._last_request = 0.0  # monotonic time of the last fetch or eval
         self._trunk: tuple[bytes, TransferManifest] | None = None  # the file devices fetch
+        self._trunk_fetches: dict[str, list[float]] = {}  # device -> recent trunk downloads
         self._hb_replay = ReplayCache(per_sender=64)
         self.refusals = RefusalLog(self.store, log)
         self._ctl_limit = RateLimiter(CTL_RATE, CTL_BURST)
@@ -1163,6 +1168,7 @@ class Coordinator:
         if again is not None and xid is not None:
             self._announce(xid, *again)
             return
+        self._count_trunk_fetch(dev)
         manifest = self._send_bytes(dev, data, base, "trunk", self.round)
         xid = manifest.transfer_id
         with self._lock:
@@ -1173,6 +1179,22 @@ class Coordinator:
         self._announce(xid, P.MODEL, {"manifest": manifest.to_dict(), "expert_ids": [],
                                       "version": self.strategy.version, "purpose": "trunk"},
                        self.round)
+
+    def _count_trunk_fetch(self, dev: str) -> None:
+        """Allow ``dev`` a new trunk download, at most TRUNK_FETCH_MAX per
+        TRUNK_FETCH_WINDOW_S (ValidationError past it: refused with a reason, nothing sent).
+        The general fetch rate alone would let one device pull the file every 10 s."""
+        now = time.monotonic()
+        with self._lock:
+            recent = [t for t in self._trunk_fetches.pop(dev, []) if now - t < TRUNK_FETCH_WINDOW_S]
+            if len(recent) >= TRUNK_FETCH_MAX:
+                self._trunk_fetches[dev] = recent
+                raise ValidationError(
+                    f"trunk downloaded {len(recent)} times in {TRUNK_FETCH_WINDOW_S / 3600:g} h "
+                    f"(at most {TRUNK_FETCH_MAX}); refused until the oldest is that old")
+            while len(self._trunk_fetches) >= TRUNK_FETCH_DEVICES_MAX:  # the oldest entry goes
+                self._trunk_fetches.pop(next(iter(self._trunk_fetches)))
+            self._trunk_fetches[dev] = [*recent, now]  # re-inserted: newest last
 
     def _on_decline(self, dev: str, rnd: int, body: dict[str, Any]) -> None:
         """A device that cannot train the federation's task (labels outside the class list,

@@ -226,3 +226,35 @@ def test_the_coordinator_serves_only_the_federations_trunk(tmp_path: Path,
             c._trunk_payload()
     finally:
         c.close()
+
+
+def test_a_device_gets_the_trunk_a_bounded_number_of_times(tmp_path: Path,
+                                                          trunks: dict[str, Any]) -> None:
+    """A device re-fetching the trunk in a loop is refused after TRUNK_FETCH_MAX downloads
+    in the window (the general fetch rate alone would let it pull the file every 10 s);
+    other devices are unaffected, and the remembered set stays bounded."""
+    import coordinator.daemon as daemon
+    from coordinator.daemon import TRUNK_FETCH_MAX, Coordinator
+    from fedcoe_edge.errors import ValidationError
+
+    fed = CameraFederation(tmp_path / "a", mqtt_factory(BrokerSettings()), model=camera_model(trunks))
+    c = Coordinator(fed.coordinator_config())
+    try:
+        for _ in range(TRUNK_FETCH_MAX):
+            c._count_trunk_fetch("dev-0")
+        with pytest.raises(ValidationError, match=f"at most {TRUNK_FETCH_MAX}"):
+            c._count_trunk_fetch("dev-0")
+        c._count_trunk_fetch("dev-1")  # another device still gets its download
+        # downloads older than the window no longer count
+        c._trunk_fetches["dev-0"] = [t - daemon.TRUNK_FETCH_WINDOW_S - 1 for t in c._trunk_fetches["dev-0"]]
+        c._count_trunk_fetch("dev-0")
+        old = daemon.TRUNK_FETCH_DEVICES_MAX
+        daemon.TRUNK_FETCH_DEVICES_MAX = 3
+        try:
+            for i in range(10):
+                c._count_trunk_fetch(f"many-{i}")
+            assert len(c._trunk_fetches) <= 3 and "many-9" in c._trunk_fetches
+        finally:
+            daemon.TRUNK_FETCH_DEVICES_MAX = old
+    finally:
+        c.close()
