@@ -186,6 +186,9 @@ class Coordinator:
         self._evals_logged: set[tuple[str, int, str]] = set()  # one log line per evaluation
         # (device, purpose, round, version, experts) -> the download answering that FETCH
         self._fetch_out: dict[tuple[str, str, int, int, tuple[int, ...]], str] = {}
+        # id(task params) -> (those params, their plain encoding's size): devices holding the
+        # same experts share one params dict, so each round encodes a few, not one per update
+        self._nbytes_of: dict[int, tuple[dict[str, np.ndarray], int]] = {}
         self._prepared: dict[tuple[int, tuple[int, ...], tuple[str, ...]],
                              tuple[bytes, TransferManifest]] = {}
         self._last_request = 0.0  # monotonic time of the last fetch or eval
@@ -783,7 +786,7 @@ class Coordinator:
             if manifest.encoding not in (P.ENCODING_PLAIN, P.ENCODING_DELTA):
                 self.reject(dev, rnd, f"unknown encoding {manifest.encoding!r}", xfer=xid)
                 return
-            limit = serialized_nbytes(self.tasks[dev].params) + UPLOAD_SLACK
+            limit = self._task_nbytes(self.tasks[dev].params) + UPLOAD_SLACK
             if manifest.total_bytes > limit:
                 self.reject(dev, rnd, f"upload of {manifest.total_bytes} bytes exceeds {limit}", xfer=xid)
                 return
@@ -806,6 +809,18 @@ class Coordinator:
                 self._upload_bytes += manifest.total_bytes
             rcv.expect(manifest)
         rcv.nudge(manifest.transfer_id)
+
+    def _task_nbytes(self, params: dict[str, np.ndarray]) -> int:
+        """Size of a task's plain safetensors encoding, the base of its upload limit; memoised
+        per params dict (held by reference, so its id cannot be reused while cached)."""
+        got = self._nbytes_of.get(id(params))
+        if got is not None and got[0] is params:
+            return got[1]
+        n = serialized_nbytes(params)
+        if len(self._nbytes_of) >= 1024:  # distinct expert sets of a round are far fewer
+            self._nbytes_of.clear()
+        self._nbytes_of[id(params)] = (params, n)
+        return n
 
     def _drop_upload(self, dev: str, xid: str) -> _Upload | None:
         """Forget an open upload (finished, replaced or expired); call with the lock held."""
