@@ -677,18 +677,13 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
         asyncio.run(sample())
         for p, _ in workers:
             p.join(timeout=10)
-        try:
-            coord.wait(timeout=max(5.0, stop_at - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            coord.terminate()
-            coord.wait(timeout=30)
-        result["coordinator_exit"] = coord.returncode
-        for p in shard_procs:
+        for child in [coord, *shard_procs]:  # each left until the run's end, then stopped
             try:
-                p.wait(timeout=max(5.0, stop_at - time.monotonic()))
+                child.wait(timeout=max(5.0, stop_at - time.monotonic()))
             except subprocess.TimeoutExpired:
-                p.terminate()
-                p.wait(timeout=30)
+                child.terminate()
+                child.wait(timeout=30)
+        result["coordinator_exit"] = coord.returncode
         result["shards"] = spec.shards
         result["shard_exits"] = [p.returncode for p in shard_procs]
         result["wall_s"] = time.time() - started

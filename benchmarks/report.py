@@ -90,6 +90,12 @@ def _cfg(row: dict[str, Any]) -> tuple[Any, ...]:
     return (row["input"], row["threads"], row["batch"], row.get("spinning"))
 
 
+def _same_config(row: dict[str, Any]) -> dict[str, Any]:
+    """The fields a baseline row must share with ``row`` to be its "same" comparison."""
+    return {"runtime": row["runtime"], "precision": row["precision"], "input": row["input"],
+            "threads": row["threads"], "batch": row["batch"], "spinning": row.get("spinning")}
+
+
 def _find(rows: Iterable[dict[str, Any]], **want: Any) -> dict[str, Any] | None:
     for row in rows:
         if all(row.get(k) == v for k, v in want.items()):
@@ -121,14 +127,7 @@ def same_run_ratios(
     ``*_same`` compares with the baseline at the same runtime and precision, ``*_best``
     with the baseline's fastest runtime/precision (the fair target for deployment).
     """
-    same = {
-        "runtime": row["runtime"],
-        "precision": row["precision"],
-        "input": row["input"],
-        "threads": row["threads"],
-        "batch": row["batch"],
-        "spinning": row.get("spinning"),
-    }
+    same = _same_config(row)
     s_same = _find(rows, model=small, **same)
     v_same = _find(rows, model=v2, **same)
     s_best = _best(rows, small, _cfg(row))
@@ -166,14 +165,7 @@ def repeat_ratio_spreads(
     """The latency ratios of :func:`same_run_ratios` as median (min-max) over the repeat
     blocks of the round-robin timing (rows carrying ``repeat_p50_ms``); "best" is the
     baseline row fastest over all repeats."""
-    same = {
-        "runtime": row["runtime"],
-        "precision": row["precision"],
-        "input": row["input"],
-        "threads": row["threads"],
-        "batch": row["batch"],
-        "spinning": row.get("spinning"),
-    }
+    same = _same_config(row)
     mine = row.get("repeat_p50_ms")
 
     def to(base: dict[str, Any] | None) -> list[float] | None:

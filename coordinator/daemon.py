@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, FederationSettings
 from coordinator.limits import RateLimiter, RefusalLog
 from coordinator.store import Store
 from fedcoe_edge import protocol as P
@@ -142,6 +142,28 @@ class _Eval:
 def _task_file(expert_ids: list[int]) -> str:
     """File of a round's task parameters for one expert set (shared by its devices)."""
     return "task_e" + "-".join(str(int(i)) for i in expert_ids) + ".safetensors"
+
+
+def write_checkpoint(folder: Path, s: Strategy, fed: FederationSettings, rnd: int,
+                     **extra: Any) -> None:
+    """Global state under a versioned name, then model.json pointing at it (the atomic
+    switch), then ``global.safetensors`` for ``load_checkpoint`` readers; older versioned
+    files go. The coordinator's and the sharded leader's layout (``extra``: the leader's
+    shard count), so ``fedcoe`` tools that read one read the other."""
+    name = f"global-v{s.version}-r{rnd}.safetensors"
+    save_arrays(folder / name, s.global_state)
+    digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    doc = {"model": s.network_cfg.to_dict(), "algorithm": fed.algorithm, "seed": fed.seed,
+           "version": s.version, "round": rnd, "global_file": name, "global_sha256": digest,
+           "classes": list(fed.classes),
+           "rng": s.rng.bit_generator.state,
+           **s.checkpoint_extra(),
+           "clients": [], **extra}
+    atomic_write_text(folder / "model.json", json.dumps(doc, indent=1) + "\n")
+    save_arrays(folder / "global.safetensors", s.global_state)
+    for old in folder.glob("global-v*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
 
 
 class Coordinator:
@@ -532,24 +554,7 @@ class Coordinator:
 
     # ------------------------------------------------------------------ persistence
     def _checkpoint(self, rnd: int) -> None:
-        """Global state under a versioned name, then model.json pointing at it (the atomic
-        switch), then ``global.safetensors`` for ``load_checkpoint`` readers."""
-        folder = self.state_dir / "checkpoint"
-        s = self.strategy
-        name = f"global-v{s.version}-r{rnd}.safetensors"
-        save_arrays(folder / name, s.global_state)
-        digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
-        doc = {"model": s.network_cfg.to_dict(), "algorithm": self.fed.algorithm, "seed": self.fed.seed,
-               "version": s.version, "round": rnd, "global_file": name, "global_sha256": digest,
-               "classes": list(self.fed.classes),
-               "rng": s.rng.bit_generator.state,
-               **s.checkpoint_extra(),
-               "clients": []}
-        atomic_write_text(folder / "model.json", json.dumps(doc, indent=1) + "\n")
-        save_arrays(folder / "global.safetensors", s.global_state)
-        for old in folder.glob("global-v*.safetensors"):
-            if old.name != name:
-                old.unlink(missing_ok=True)
+        write_checkpoint(self.state_dir / "checkpoint", self.strategy, self.fed, rnd)
 
     def _resume(self) -> None:
         """Restore strategy state and the open round (if any) from the state folder."""

@@ -34,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.config import CoordinatorConfig
+from coordinator.daemon import write_checkpoint
 from coordinator.peerlink import PeerLink
 from coordinator.store import Store
 from fedcoe_edge import protocol as P
-from fedcoe_edge.checkpoint import load_arrays_file, save_arrays
+from fedcoe_edge.checkpoint import load_arrays_file
 from fedcoe_edge.errors import ConfigError, DataError, FedCoEError, ValidationError, WireError
 from fedcoe_edge.io import atomic_write_text
 from fedcoe_edge.sharding import (
@@ -425,22 +426,8 @@ class Leader:
 
     # ------------------------------------------------------------------ persistence
     def _checkpoint(self, rnd: int) -> None:
-        """The same layout as the coordinator's (``model.json`` + versioned global state), so
-        ``fedcoe`` tools that read a coordinator checkpoint read the leader's."""
-        folder = self.state_dir / "checkpoint"
-        s = self.strategy
-        name = f"global-v{s.version}-r{rnd}.safetensors"
-        save_arrays(folder / name, s.global_state)
-        digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
-        doc = {"model": s.network_cfg.to_dict(), "algorithm": self.fed.algorithm, "seed": self.fed.seed,
-               "version": s.version, "round": rnd, "global_file": name, "global_sha256": digest,
-               "classes": list(self.fed.classes), "rng": s.rng.bit_generator.state,
-               **s.checkpoint_extra(), "clients": [], "shards": self.shards}
-        atomic_write_text(folder / "model.json", json.dumps(doc, indent=1) + "\n")
-        save_arrays(folder / "global.safetensors", s.global_state)
-        for old in folder.glob("global-v*.safetensors"):
-            if old.name != name:
-                old.unlink(missing_ok=True)
+        write_checkpoint(self.state_dir / "checkpoint", self.strategy, self.fed, rnd,
+                         shards=self.shards)
 
     def _resume(self) -> None:
         """A restarted leader continues after its last closed round (an open one is rerun:
