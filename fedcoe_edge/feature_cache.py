@@ -110,11 +110,6 @@ def scan(modules: list[nn.Module]) -> TrunkScan:
     return TrunkScan(tuple(stamp), wants_grad, observed)
 
 
-def weights_stamp(trunk: nn.Module) -> Stamp:
-    """The stamp of :func:`scan` for ``trunk``."""
-    return scan(list(trunk.modules())).stamp
-
-
 def trunk_fingerprint(trunk: nn.Module) -> str:
     """sha256 over the trunk's tensors (names, dtypes, shapes, bytes): equal iff same weights."""
     h = hashlib.sha256()
@@ -266,4 +261,4 @@ def cache_of(trunk: nn.Module) -> FeatureCache | None:
 
 __all__ = ["CACHE_ATTR", "DEFAULT_TRUNK_CACHE_MB", "ENTRY_OVERHEAD_BYTES", "CacheStats",
            "FeatureCache", "cache_of", "cache_usable", "install_cache",
-           "TrunkScan", "sample_keys", "scan", "trunk_fingerprint", "weights_stamp"]
+           "TrunkScan", "sample_keys", "scan", "trunk_fingerprint"]
