@@ -44,6 +44,8 @@ _LAZY: dict[str, str] = {
 
 
 def __getattr__(name: str) -> Any:
+    if name in globals():  # built once: STRATEGIES is the one dict register_strategy extends
+        return globals()[name]
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
     elif name == "BASELINES":
