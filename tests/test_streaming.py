@@ -249,3 +249,17 @@ def test_every_strategy_streams_and_a_partial_one_is_refused() -> None:
         register_strategy("fedavg", FedAvg)
     with pytest.raises(RegistryError, match="not a subclass"):
         register_strategy("x", dict)  # type: ignore[arg-type]
+
+
+def test_the_aggregation_types_import_no_strategy() -> None:
+    """streaming.py is the pure-types layer the strategies build on: it imports nothing of
+    the package (so no strategies <-> streaming cycle can come back)."""
+    import ast
+    from pathlib import Path
+
+    import fedcoe_edge.streaming as streaming
+
+    tree = ast.parse(Path(streaming.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not [m for m in imported if m.startswith("fedcoe_edge")], imported
