@@ -6,6 +6,12 @@ results and the failures (dropped, late, rejected clients are data, not exceptio
 client half, ``client_update``, runs on the device. The in-process simulator and the MQTT
 coordinator drive the same objects, so what is measured in simulation is what is deployed.
 
+Aggregation is one rule per strategy, in four steps (docs/design.md, "Streaming
+aggregation"): ``new_partial``, ``accumulate`` (one result), ``merge`` (shards' partials) and
+``finalize``. ``aggregate_round`` (the simulator, a coordinator with ``aggregation =
+"batch"``) folds every result in client-id order and finalizes; a streaming coordinator folds
+them as they are accepted, a leader merges its shards' partials: the same code either way.
+
 Weights cross this boundary as ``dict[str, np.ndarray]`` keyed by stable state-dict names.
 """
 
@@ -14,15 +20,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, final
 
 import numpy as np
 
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.data.client import ClientData  # re-exported: the strategy contract names it
-
-if TYPE_CHECKING:
-    from fedcoe_edge.streaming import Partial
+from fedcoe_edge.streaming import Partial
 
 Arrays = dict[str, np.ndarray]
 
@@ -94,10 +98,57 @@ class Strategy(ABC):
     def configure_round(self, rnd: int, client_ids: Sequence[str]) -> list[ClientTask]:
         """One task per selected client."""
 
+    # --- aggregation: one rule, batch, streamed or sharded -----------------------------
     @abstractmethod
+    def new_partial(self, rnd: int) -> Partial:
+        """An empty aggregate for round ``rnd``: a :class:`Partial` holding whatever state
+        :meth:`accumulate` fills (``extra_sums`` / ``extra_rows`` for a rule that is not a
+        weighted sum). Every partial of the round starts here, the shards' included."""
+
+    @abstractmethod
+    def accumulate(self, partial: Partial, result: ClientResult) -> None:
+        """Fold one result's numbers into ``partial`` (the caller, :meth:`fold`, has already
+        counted the client in). The server state it may read is the state before the round
+        (``global_state`` and whatever :meth:`finalize` of earlier rounds left), never other
+        results: a partial must not depend on the order its results came in beyond float
+        rounding, and must allow the result's weights to be dropped afterwards."""
+
+    def merge(self, rnd: int, partials: Sequence[Partial]) -> Partial:
+        """One partial for round ``rnd`` from partials over disjoint client sets (a
+        leader's shards). Default: :meth:`new_partial`, then :meth:`Partial.merge` of each
+        (sums add exactly, ``extra_rows`` concatenate); override only for a merge that is
+        neither."""
+        merged = self.new_partial(rnd)
+        for p in partials:
+            merged.merge(p)
+        merged.check_rows()
+        return merged
+
+    @abstractmethod
+    def finalize(self, rnd: int, partial: Partial, failures: Sequence[Failure]) -> Arrays:
+        """The new global state from the round's partial (also ``self.global_state``; bump
+        ``version`` when it changes). With no client in the partial, keep the state and the
+        version: a round below quorum is finalized with an empty partial, so that the
+        strategy still sees its failures."""
+
+    @final
+    def fold(self, partial: Partial, result: ClientResult) -> None:
+        """Count ``result``'s client into ``partial`` and :meth:`accumulate` it: what every
+        aggregation path calls (a client counted twice is a ValueError)."""
+        partial.admit(result.client_id, result.num_samples)
+        self.accumulate(partial, result)
+        if partial.extra_rows:
+            partial.check_rows()
+
+    @final
     def aggregate_round(self, rnd: int, results: Sequence[ClientResult],
                         failures: Sequence[Failure]) -> Arrays:
-        """Fold the results into a new global state; with no results, keep the old one."""
+        """The batch path: fold every result in client-id order, then :meth:`finalize`;
+        with no results the state is kept."""
+        partial = self.new_partial(rnd)
+        for r in sorted(results, key=lambda r: r.client_id):
+            self.fold(partial, r)
+        return self.finalize(rnd, partial, failures)
 
     def state_for_cold_start(self) -> Arrays:
         """What a brand-new device downloads before it predicts (default: everything)."""
@@ -159,31 +210,6 @@ class Strategy(ABC):
         """On a new device: which global experts to download, given the gate-level ``params``
         it fetched first and its own unlabeled inputs. Default: all of them."""
         return list(range(self.model_cfg.num_global_experts))
-
-    def stream_rule(self) -> str | None:
-        """Which of the streamed aggregation rules (`fedcoe_edge/streaming.py`: "fedavg",
-        "local", "fedcoe") reproduces this strategy's ``aggregate_round``; None: the
-        coordinator keeps every update and calls ``aggregate_round`` at the close. A class
-        answers only while its ``aggregate_round`` is the one the rule mirrors, so a
-        subclass that overrides it is never streamed with rules it does not use."""
-        return None
-
-    def merge_partials(self, rnd: int, partials: Sequence[Partial]) -> Partial:
-        """The merge step of sharded aggregation: one partial for round ``rnd`` from the
-        partials of shards that served disjoint client sets, which the leader then
-        aggregates (``fedcoe_edge.streaming.aggregate_partial``). Default: exact addition
-        of the weighted sums and weights (:meth:`Partial.merge`), which every streamed rule
-        allows; a strategy whose merge is not a sum (e.g. a robust, median-like rule)
-        overrides it. TypeError for a strategy that aggregates only whole batches."""
-        from fedcoe_edge.streaming import new_partial
-
-        merged = new_partial(self, rnd)
-        if merged is None:
-            raise TypeError(f"{type(self).__name__} aggregates only whole batches; "
-                            "partials cannot be merged")
-        for p in partials:
-            merged.merge(p)
-        return merged
 
     def checkpoint_extra(self) -> dict[str, Any]:
         """Server state beyond the arrays, rng and version that a coordinator checkpoint
