@@ -389,9 +389,6 @@ def run_predict(args: argparse.Namespace) -> int:
                       precision="fp32" if args.fp32 else "deployed",
                       keys=reader_keys(args.key_file, args.vendor_public_key),
                       release=ReleaseCheck(args.min_version, args.federation, "--min-version"))
-    if sess.verified_by is None:  # one line, before any output: it qualifies all of it
-        print(f"fedcoe predict: warning: {unauthenticated_warning(args.bundle, sess.manifest)}",
-              file=sys.stderr)
     hint = input_hint(sess.input_shape)
     try:
         x = load_npy(args.input, "--input")
@@ -403,6 +400,10 @@ def run_predict(args: argparse.Namespace) -> int:
         out = sess.run(x, use_local=not args.global_only)
     except ValidationError as exc:
         raise DataError(f"--input {args.input}: {exc}; {hint}") from None
+    if sess.verified_by is None:  # once, just before the output it qualifies (an error
+        # stays one line)
+        print(f"fedcoe predict: warning: {unauthenticated_warning(args.bundle, sess.manifest)}",
+              file=sys.stderr)
     classes = out.probs.argmax(1)
     names = sess.class_names
     if args.json:

@@ -633,9 +633,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                           keys=reader_keys(args.key_file, args.vendor_public_key),
                           release=ReleaseCheck(args.min_version, args.federation,
                                                "--min-version"))
-        if sess.verified_by is None:
-            print(f"warning: {unauthenticated_warning(args.bundle, sess.manifest)}",
-                  file=sys.stderr)
         try:
             x = np.load(args.input, allow_pickle=False)
         except (OSError, ValueError) as exc:
@@ -650,6 +647,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BundleError, ValidationError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if sess.verified_by is None:  # once, just before the output it qualifies
+        print(f"warning: {unauthenticated_warning(args.bundle, sess.manifest)}", file=sys.stderr)
     names = sess.class_names
     for i, p in enumerate(probs):
         c = int(p.argmax())
