@@ -30,7 +30,6 @@ import numpy as np
 from fedcoe_edge.errors import ConfigError, DataError
 from fedcoe_edge.registry import DATASETS, RegistryError, is_import_path
 
-Loader = Callable[[int], tuple[np.ndarray, np.ndarray]]
 Arrays2 = tuple[np.ndarray, np.ndarray]
 SplitLoader = Callable[[str | None], tuple[Arrays2, Arrays2]]
 
