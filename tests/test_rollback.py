@@ -232,6 +232,35 @@ def test_swaps_raise_the_version_and_never_lower_it(bundles: dict[str, Path], di
     assert VersionFloor(tmp_path / "state" / BUNDLE_FLOOR_FILE).read() == (FED, 14)
 
 
+def test_a_training_agent_never_rebuilds_an_older_bundle(bundles: dict[str, Path], digits_moe,
+                                                         tmp_path: Path) -> None:
+    """The torch agent's own rebuild (after a round) signs the global version it received and
+    raises the floor; a rebuild from an older version (a coordinator restored from an old
+    checkpoint) is not written, and the heartbeat's bundle status says why."""
+    from types import SimpleNamespace
+
+    from fedcoe_edge.data.client import ClientData
+
+    model, x_train, y_train, x_test, y_test = digits_moe
+    state = tmp_path / "state"
+    device = DeviceSettings(id="cam1", federation=FED, state_dir=str(state), heartbeat_s=0)
+    agent = DeviceAgent(AgentConfig(device=device, key=KEY, data=DataSettings(dataset="digits")),
+                        data=ClientData(x_train[:64], y_train[:64], x_test, y_test))
+    agent.strategy = SimpleNamespace(model=model)  # type: ignore[assignment]
+    params = {k: v.numpy() for k, v in model.global_state().items()}
+    agent._rebuild_bundle(params, [0, 1, 2, 3], 12, 12)
+    assert agent.bundle_status == {"round": 12, "ok": True, "error": None}
+    built = MoESession(state / "bundle", keys=BundleKeys(hmac_key=KEY),
+                       release=ReleaseCheck(min_version=12, federation=FED))
+    assert (built.version, built.federation) == (12, FED)
+    assert VersionFloor(state / BUNDLE_FLOOR_FILE).read() == (FED, 12)
+    before = (state / "bundle" / "manifest.json").read_bytes()
+    agent._rebuild_bundle(params, [0, 1, 2, 3], 3, 3)
+    assert agent.bundle_status is not None and not agent.bundle_status["ok"]
+    assert "version 3 is older than version 12" in agent.bundle_status["error"]
+    assert (state / "bundle" / "manifest.json").read_bytes() == before
+
+
 def test_version_floor_file_is_strict(tmp_path: Path, bundles: dict[str, Path]) -> None:
     path = tmp_path / BUNDLE_FLOOR_FILE
     floor = VersionFloor(path)
