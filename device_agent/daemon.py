@@ -77,6 +77,8 @@ DEADLINE_GRACE_S = 2.0  # an upload is waited for this long past the round deadl
 RETRY_TICK_S = 0.25
 FETCH_TRANSFER_S = 60.0  # once a fetch's `model` manifest arrived: time to finish the download
 TRUNK_FILE = "trunk.safetensors"  # the federation's pretrained trunk, fetched once (STATE/)
+# the highest bundle version this device accepted (docs/bundle.md, "Versions and rollback")
+BUNDLE_FLOOR_FILE = "bundle_version.json"
 
 
 @dataclass
@@ -175,6 +177,9 @@ class DeviceAgent:
         self.session: Any = None  # the onnx engine's MoESession on its bundle
         self.bundle_dir = (Path(cfg.device.bundle_path) if cfg.device.bundle_path
                            else self.state_dir / "bundle")
+        from fedcoe_edge.bundle_io import VersionFloor
+
+        self.bundle_floor = VersionFloor(self.state_dir / BUNDLE_FLOOR_FILE)
 
     # ------------------------------------------------------------------ plumbing
     def _keys(self, sender: str) -> bytes | None:
@@ -635,7 +640,7 @@ class DeviceAgent:
             # experts): score the personal model of the previous round with it, no extra bytes.
             self._eval("personal", self._predict(params, task.expert_ids, self.local_after[prev], True), prev)
             if self.cfg.device.bundle == "every":
-                self._rebuild_bundle(params, task.expert_ids, prev)
+                self._rebuild_bundle(params, task.expert_ids, prev, int(ctx.get("version", prev)))
         t0 = time.perf_counter()
         with TORCH_LOCK:
             result, local = s.client_update(task, self.local_state, self.data)
@@ -803,7 +808,7 @@ class DeviceAgent:
                 local = self._personalize(params, local)  # hook (e.g. FedAvg-FT fine-tuning)
             self._eval("personal", self._predict(params, ids, local, use_local=True), rnd)
         if self.cfg.device.bundle != "off":
-            self._rebuild_bundle(params, ids, rnd)
+            self._rebuild_bundle(params, ids, rnd, int(ctx.get("version", rnd)))
 
     def local_after_last(self) -> int:
         return max(self.local_after, default=-1)
@@ -855,13 +860,10 @@ class DeviceAgent:
         self.welcome = b
         self.bc_key = bytes.fromhex(b["bc_key"])
         if self.session is None:
-            from fedcoe_edge.bundle_sig import BundleKeys
-            from fedcoe_edge.runtime import MoESession
-
             try:
-                session = MoESession(self.bundle_dir, keys=BundleKeys(hmac_key=self.cfg.key))
+                session = self.open_bundle()
             except FedCoEError as exc:
-                self.decline(f"cannot run without torch: {exc}")
+                self.decline(f"cannot run its bundle without torch: {exc}")
                 return
             mine = {k: v for k, v in session.cfg.to_dict().items() if k != "tier"}
             fed = {k: v for k, v in model_cfg.to_dict().items() if k != "tier"}
@@ -876,15 +878,31 @@ class DeviceAgent:
         if not self.cold_ready.is_set():
             self._request(fetch_key("gate", 0), {"expert_ids": [], "purpose": "gate"}, 0)
 
-    def _swap_into_bundle(self, params: dict[str, np.ndarray]) -> list[str]:
+    def open_bundle(self) -> Any:
+        """The bundle at ``bundle_dir`` as a MoESession, accepted only if it is signed with
+        this device's key, names this device's federation and is not older than the highest
+        version this device accepted before (``STATE/bundle_version.json``, which survives
+        restarts; docs/bundle.md, "Versions and rollback"); that floor is then raised to it.
+        Raises one FedCoEError (a RollbackError for an old or foreign bundle)."""
+        from fedcoe_edge.bundle_sig import BundleKeys
+        from fedcoe_edge.runtime import MoESession
+
+        session = MoESession(self.bundle_dir, keys=BundleKeys(hmac_key=self.cfg.key),
+                             release=self.bundle_floor.check(self.topics.federation))
+        self.bundle_floor.record(session.manifest)
+        return session
+
+    def _swap_into_bundle(self, params: dict[str, np.ndarray], version: int | None = None) -> list[str]:
         """The gate and experts just received, written as ONNX graphs and swapped into the
-        bundle (each swap verified, atomic and re-signed). The trunk is the bundle's own."""
+        bundle (each swap verified, atomic and re-signed, the manifest's version raised to
+        the model version they come from). The trunk is the bundle's own."""
         from fedcoe_edge.onnx_heads import global_part_graphs
 
         sess = self.session
         graphs = global_part_graphs(sess.cfg, sess.feat_shape, params)
         for name, graph in graphs.items():
-            sess.swap_part(name, graph, quantization="fp32")
+            sess.swap_part(name, graph, quantization="fp32", version=version)
+        self.bundle_floor.record(sess.manifest)
         return sorted(graphs)
 
     def _model_onnx(self, ctx: dict[str, Any], params: dict[str, np.ndarray]) -> None:
@@ -893,7 +911,8 @@ class DeviceAgent:
         if self.session is None:
             raise DataError("model received before the welcome")
         ids = [int(i) for i in ctx.get("expert_ids", [])]
-        swapped = self._swap_into_bundle(params)
+        version = ctx.get("version")
+        swapped = self._swap_into_bundle(params, int(version) if version is not None else None)
         if purpose == "gate":
             from fedcoe_edge.aggregate import covering_experts
 
@@ -933,9 +952,12 @@ class DeviceAgent:
             log.info("%s: %s accuracy after round %d: %.4f (%d/%d)", self.dev, kind, rnd,
                      correct / total, correct, total)
 
-    def _rebuild_bundle(self, params: dict[str, np.ndarray], ids: list[int], rnd: int) -> None:
+    def _rebuild_bundle(self, params: dict[str, np.ndarray], ids: list[int], rnd: int,
+                        version: int) -> None:
         """Rebuild the int8 ONNX bundle (``STATE/bundle``, served by ``fedcoe predict``) from the
-        global parameters just received and the private level, if ``export`` is installed."""
+        global parameters just received (global model ``version``) and the private level, if
+        ``export`` is installed. Signed with the federation id and ``version``; never older
+        than the highest version this device accepted (its floor is raised to it)."""
         try:
             from export.bundle import build_bundle
         except ImportError:
@@ -952,9 +974,14 @@ class DeviceAgent:
         calib = x[np.random.default_rng(0).permutation(len(x))[:64]]
         t0 = time.perf_counter()
         try:
+            from fedcoe_edge.bundle_format import check_release
             from fedcoe_edge.bundle_sig import BundleKeys
             from fedcoe_edge.training import load_arrays
 
+            floor = self.bundle_floor.check(self.topics.federation)
+            check_release({"federation": self.topics.federation, "version": version},
+                          f"bundle for round {rnd}", min_version=floor.min_version,
+                          federation=floor.federation, floor_from=floor.floor_from)
             with TORCH_LOCK:
                 load_arrays(model, params)
                 if self.local_state is not None and self.cfg.device.role == "train":
@@ -965,7 +992,9 @@ class DeviceAgent:
                              keys=BundleKeys(hmac_key=self.cfg.key), held=ids or None, include_fused=False, include_fp32=False,
                              meta={"device": self.dev, "round": rnd,
                                    "federation": self.topics.federation,
-                                   **({"classes": list(self.classes)} if self.classes else {})})
+                                   **({"classes": list(self.classes)} if self.classes else {})},
+                             federation=self.topics.federation, version=version)
+            self.bundle_floor.record({"federation": self.topics.federation, "version": version})
         except Exception as exc:  # the bundle is a convenience; the federation goes on without it
             self.bundle_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.warning("%s: bundle rebuild failed: %s", self.dev, self.bundle_error)

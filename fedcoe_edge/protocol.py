@@ -7,7 +7,7 @@ factory, TOML loading with ``FEDCOE_*`` environment overrides, and a small signe
 messenger that turns envelopes into one-line rejections instead of exceptions.
 
 It lives in the library, below both daemons, so neither daemon imports the other
-(docs/design.md, section 2); ``device_agent.protocol`` is an alias of this module.
+(docs/design.md, section 2).
 """
 
 from __future__ import annotations

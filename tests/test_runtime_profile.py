@@ -122,7 +122,7 @@ def test_inference_agent_cold_starts_through_its_bundle(tmp_path: Path) -> None:
         cfg.device.bundle_path = str(tmp_path / "shipped")
         build_bundle(shipped, cfg.device.bundle_path, calibration=x_cal,
                      options=QuantizeOptions(mode=QuantMode.FP32), include_fused=False,
-                     keys=BundleKeys(hmac_key=key))
+                     keys=BundleKeys(hmac_key=key), federation=cfg.device.federation)
         cold = DeviceAgent(cfg, factory)
         fed.agents["new0"] = cold
         cold.start()
