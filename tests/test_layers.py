@@ -32,13 +32,9 @@ RUNTIME = ("fedcoe_edge.bundle_format", "fedcoe_edge.bundle_io", "fedcoe_edge.bu
            "fedcoe_edge.runtime", "fedcoe_edge.moe_numpy", "fedcoe_edge.onnx_heads")
 WIRE = ("fedcoe_edge.wire", "fedcoe_edge.transport", "fedcoe_edge.protocol", "fedcoe_edge.broker")
 BASE = ("fedcoe_edge.errors", "fedcoe_edge.io", "fedcoe_edge.config", "fedcoe_edge.registry")
-# Known cycles, each to be removed (never added to): the streamed aggregation rules in
-# fedcoe_edge.streaming and the strategies import each other (lazily) until each strategy
-# owns its aggregation. The test fails once a listed cycle is gone, so the entry goes too.
-KNOWN_CYCLES: set[frozenset[str]] = {
-    frozenset({"fedcoe_edge.streaming", "fedcoe_edge.strategies.base",
-               "fedcoe_edge.strategies.fedcoe"}),
-}
+# Known cycles, each to be removed (never added to); none today. The test fails once a listed
+# cycle is gone, so its entry goes too.
+KNOWN_CYCLES: set[frozenset[str]] = set()
 # strings name a module to be loaded later; they count for the layer rules, but a registry
 # entry naming its built-in implementation ("fedcoe_edge.model:mlp_expert") is late binding
 # inside the library, not an import cycle
