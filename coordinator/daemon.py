@@ -435,7 +435,8 @@ class Coordinator:
                 return got
         data = encode_tensors(params)
         manifest = TransferManifest.for_payload(data, expert_ids=expert_ids, base_version=version,
-                                                chunk_size=self.fed.chunk_size)
+                                                chunk_size=self.fed.chunk_size,
+                                                window=self.fed.window)
         with self._lock:
             if any(k[0] != version for k in self._prepared):
                 self._prepared = {k: v for k, v in self._prepared.items() if k[0] == version}
@@ -1171,7 +1172,8 @@ class Coordinator:
                               digest[:12], m.trunk_sha256[:12])
                     raise ConfigError("the coordinator's trunk file is not the federation's")
                 self._trunk = (data, TransferManifest.for_payload(
-                    data, expert_ids=[], base_version=0, chunk_size=self.fed.chunk_size))
+                    data, expert_ids=[], base_version=0, chunk_size=self.fed.chunk_size,
+                    window=self.fed.window))
             return self._trunk
 
     def _send_trunk(self, dev: str) -> None:
