@@ -10,11 +10,13 @@ import time
 import numpy as np
 import pytest
 
-from fedcoe_edge.errors import WireError
+from fedcoe_edge.errors import ConfigError, WireError
 from fedcoe_edge.transport import MemoryBroker, Message, Topics, Will, topic_matches
 from fedcoe_edge.transport.base import Dispatcher, check_filter, publish_packet_size
 from fedcoe_edge.transport.blob import XFER_DONE, BlobReceiver, BlobSender, fit_chunk_size
 from fedcoe_edge.wire import (
+    DEFAULT_WINDOW,
+    MAX_WINDOW,
     Envelope,
     ReplayCache,
     TransferManifest,
@@ -520,3 +522,23 @@ def test_after_a_silence_the_first_clean_report_restores_the_measured_timeout() 
     t += 0.1
     w.on_progress({"xfer": "c", "next": 8, "highest": 7, "missing": [], "received": 8}, t)
     assert w.timeout_s <= 1.25 * w.rto_s and w.rto_s == 1.0
+
+
+@pytest.mark.parametrize("window", [0, -1, 257, 2.5, True])
+def test_both_configs_refuse_a_window_outside_the_range_that_works(window: object) -> None:
+    """One check (``wire.check_window``) for the coordinator's and the agent's ``window``:
+    1..MAX_WINDOW, every value of which completes a transfer (the tests above)."""
+    from coordinator.config import CoordinatorConfig, FederationSettings
+    from device_agent.config import AgentConfig, DataSettings, DeviceSettings
+
+    coord = CoordinatorConfig(federation=FederationSettings(window=window),  # type: ignore[arg-type]
+                              secret=b"s" * 32)
+    agent = AgentConfig(device=DeviceSettings(id="d1", window=window),  # type: ignore[arg-type]
+                        key=b"k" * 32, data=DataSettings(dataset="digits"))
+    for cfg in (coord, agent):
+        with pytest.raises(ConfigError, match=rf"window must be an integer in 1..{MAX_WINDOW}"):
+            cfg.validate()
+    for ok in (1, 2, DEFAULT_WINDOW, MAX_WINDOW):
+        CoordinatorConfig(federation=FederationSettings(window=ok), secret=b"s" * 32).validate()
+        AgentConfig(device=DeviceSettings(id="d1", window=ok), key=b"k" * 32,
+                    data=DataSettings(dataset="digits")).validate()
