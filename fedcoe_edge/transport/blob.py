@@ -290,6 +290,12 @@ class BlobReceiver:
         with self._lock:
             return transfer_id in self.reassembler
 
+    def received(self, transfer_id: str) -> int:
+        """New chunks of an open transfer received so far (0 when it is not open): a
+        caller that bounds idle transfers counts progress by it, never by duplicates."""
+        with self._lock:
+            return self.reassembler.received(transfer_id)
+
     def nudge(self, transfer_id: str) -> None:
         """Send a progress report now (e.g. from a timer when chunks stop arriving)."""
         with self._lock:

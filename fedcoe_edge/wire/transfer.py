@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import struct
 import threading
-from collections.abc import Iterable, Mapping
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -346,6 +348,12 @@ class Reassembler:
         """The manifest an open transfer was announced with."""
         with self._lock:
             return self._get(transfer_id).manifest
+
+    def received(self, transfer_id: str) -> int:
+        """New chunks of an open transfer so far (0 for an unknown one); O(1)."""
+        with self._lock:
+            t = self._open.get(transfer_id)
+            return 0 if t is None else t.received
 
     def is_complete(self, transfer_id: str) -> bool:
         """All chunks present (the hash is checked by :meth:`finish`)."""
@@ -689,3 +697,114 @@ class TransferWindow:
         self.done = True
         self.acked = bytearray(b"\x01" * self.manifest.chunk_count)
         return True
+
+
+@dataclass
+class _Hold:
+    owner: str
+    nbytes: int
+    progress_at: float  # admission, then the last new chunk
+
+
+@dataclass
+class Admission:
+    """What :meth:`ReassemblyBudget.admit` decided: ``admitted``, and the transfers it
+    evicted to make room (the caller drops them and counts a refusal for each)."""
+
+    admitted: bool
+    evicted: list[Any]
+
+
+class ReassemblyBudget:
+    """Memory for the open incoming transfers of many senders (a coordinator's uploads),
+    shared so that no sender, nor many of them together, can hold it hostage.
+
+    * **Shares.** With ``owners`` senders entitled (a round's selected devices) each is
+      guaranteed ``total_bytes // owners``. What a sender holds beyond its share is borrowed
+      from the shares of others: a transfer announced within its sender's share always gets
+      in, by evicting borrowers (oldest progress first), however full the budget is.
+    * **Stalled transfers make room.** A transfer with no new chunk for ``stall_s`` is
+      evicted, oldest progress first, when an announce does not fit otherwise.
+    * **Idle timeout.** A transfer with no new chunk for ``idle_s`` is dropped outright
+      (:meth:`expire`, called on the caller's timer).
+
+    Only an announce that still does not fit is deferred (the sender re-announces). Keys are
+    the caller's (e.g. ``(device, transfer id)``); every method is O(1) amortised or
+    proportional to what it evicts (holds are kept in order of progress). Not thread-safe:
+    the caller holds its lock. docs/protocol.md, "Bounds".
+    """
+
+    def __init__(self, total_bytes: int, *, idle_s: float, stall_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if total_bytes < 1 or not 0 < stall_s <= idle_s:
+            raise ConfigError(f"reassembly budget: need total_bytes >= 1 and 0 < stall_s <= "
+                              f"idle_s, got {total_bytes}, {stall_s}, {idle_s}")
+        self.total_bytes = total_bytes
+        self.idle_s, self.stall_s = idle_s, stall_s
+        self.owners = 1
+        self.used = 0
+        self._clock = clock
+        self._holds: OrderedDict[Any, _Hold] = OrderedDict()  # oldest progress first
+
+    @property
+    def share(self) -> int:
+        """Bytes each entitled sender is guaranteed."""
+        return self.total_bytes // max(1, self.owners)
+
+    def __len__(self) -> int:
+        return len(self._holds)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._holds
+
+    def admit(self, key: Any, owner: str, nbytes: int) -> Admission:
+        """Reserve ``nbytes`` for transfer ``key`` of ``owner`` if it fits, or fits once
+        borrowers (for an announce within its share) and stalled transfers are evicted,
+        oldest progress first; else nothing changes (``admitted`` False)."""
+        if key in self._holds:
+            return Admission(True, [])
+        if nbytes > self.total_bytes:
+            return Admission(False, [])
+        now = self._clock()
+        need = self.used + nbytes - self.total_bytes
+        evict: list[Any] = []
+        if need > 0:
+            within = nbytes <= self.share
+            freed = 0
+            for k, h in self._holds.items():  # oldest progress first
+                if (within and h.nbytes > self.share) or now - h.progress_at >= self.stall_s:
+                    evict.append(k)
+                    freed += h.nbytes
+                    if freed >= need:
+                        break
+            if freed < need:
+                return Admission(False, [])
+            for k in evict:
+                self.release(k)
+        self._holds[key] = _Hold(owner, nbytes, now)
+        self.used += nbytes
+        return Admission(True, evict)
+
+    def progress(self, key: Any) -> None:
+        """A new chunk of ``key`` arrived: it is not idle (unknown keys are ignored)."""
+        h = self._holds.get(key)
+        if h is not None:
+            h.progress_at = self._clock()
+            self._holds.move_to_end(key)
+
+    def release(self, key: Any) -> None:
+        """``key`` finished or was dropped: its bytes are free (unknown keys are ignored)."""
+        h = self._holds.pop(key, None)
+        if h is not None:
+            self.used -= h.nbytes
+
+    def expire(self) -> list[Any]:
+        """Release and return the transfers with no new chunk for ``idle_s``."""
+        now, out = self._clock(), []
+        while self._holds:
+            k, h = next(iter(self._holds.items()))
+            if now - h.progress_at < self.idle_s:
+                break
+            self.release(k)
+            out.append(k)
+        return out
