@@ -84,7 +84,7 @@ def test_uploads_within_their_shares_are_never_evicted_while_they_progress() -> 
     got = b.admit("d", "d", 101)  # beyond its share: nothing to evict, deferred
     assert not got.admitted and got.evicted == [] and b.used == 300
     assert b.admit("d", "d", 100).admitted and b.used == 400
-    assert b.admit("a", "a", 100) .admitted and b.used == 400  # already admitted: no-op
+    assert b.admit("a", "a", 100).admitted and b.used == 400  # already admitted: no-op
 
 
 def test_an_upload_with_no_new_chunk_for_idle_s_is_dropped() -> None:

@@ -721,17 +721,19 @@ class ReassemblyBudget:
 
     * **Shares.** With ``owners`` senders entitled (a round's selected devices) each is
       guaranteed ``total_bytes // owners``. What a sender holds beyond its share is borrowed
-      from the shares of others: a transfer announced within its sender's share always gets
-      in, by evicting borrowers (oldest progress first), however full the budget is.
+      from the shares of others: with one open transfer per sender (as the coordinator
+      keeps) a transfer announced within its sender's share always gets in, by evicting
+      borrowers (oldest progress first), however full the budget is.
     * **Stalled transfers make room.** A transfer with no new chunk for ``stall_s`` is
       evicted, oldest progress first, when an announce does not fit otherwise.
     * **Idle timeout.** A transfer with no new chunk for ``idle_s`` is dropped outright
       (:meth:`expire`, called on the caller's timer).
 
     Only an announce that still does not fit is deferred (the sender re-announces). Keys are
-    the caller's (e.g. ``(device, transfer id)``); every method is O(1) amortised or
-    proportional to what it evicts (holds are kept in order of progress). Not thread-safe:
-    the caller holds its lock. docs/protocol.md, "Bounds".
+    the caller's (e.g. ``(device, transfer id)``). Holds are kept in order of progress, so
+    the stalled ones are a prefix: :meth:`expire` and a deferred announce beyond its share
+    look at that prefix only; an announce within its share may scan further, and then gets
+    in. Not thread-safe: the caller holds its lock. docs/protocol.md, "Bounds".
     """
 
     def __init__(self, total_bytes: int, *, idle_s: float, stall_s: float,
@@ -772,7 +774,10 @@ class ReassemblyBudget:
             within = nbytes <= self.share
             freed = 0
             for k, h in self._holds.items():  # oldest progress first
-                if (within and h.nbytes > self.share) or now - h.progress_at >= self.stall_s:
+                stalled = now - h.progress_at >= self.stall_s
+                if not (stalled or within):
+                    break  # the stalled ones are a prefix; borrowers count only for `within`
+                if stalled or h.nbytes > self.share:
                     evict.append(k)
                     freed += h.nbytes
                     if freed >= need:
