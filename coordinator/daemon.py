@@ -89,9 +89,12 @@ UPLOAD_SLACK = 65536  # an upload may exceed the plain encoding of its task by t
 # Open uploads share the reassembly budget (docs/protocol.md, "Bounds"): one with no new
 # chunk for UPLOAD_IDLE_S is dropped; one with none for UPLOAD_STALL_S makes room for an
 # announce that does not fit otherwise. An honest upload's chunks follow each progress
-# report within a round trip, and a dropped one is announced again (xfer_unknown).
-UPLOAD_IDLE_S = 60.0
-UPLOAD_STALL_S = 15.0
+# report within a round trip, but wait in the handler's queue while this coordinator is
+# behind (rounds of 60-70 s at 5,000 devices, docs/benchmarks.md "Fleet"), hence the
+# margins; a dropped upload is announced again (xfer_unknown). Slowloris uploads need no
+# timer: an upload within its device's share evicts them at once.
+UPLOAD_IDLE_S = 120.0
+UPLOAD_STALL_S = 30.0
 # Persistence (docs/daemons.md, "Scale"): accepted updates are written by one thread in
 # batches (one sync per batch), each ACKed only once its batch is durable.
 PERSIST_BATCH_S = 0.02  # gather a batch for at most this long after its first update
