@@ -30,6 +30,7 @@ from coordinator.daemon import UPLOAD_SLACK, Coordinator
 from coordinator.harness import DEMO_SECRET, EmbeddedFederation
 from fedcoe_edge import protocol as P
 from fedcoe_edge.errors import ConfigError
+from fedcoe_edge.protocol import BrokerSettings, TransportFactory, mqtt_factory
 from fedcoe_edge.transport import MemoryBroker, Topics
 from fedcoe_edge.wire import (
     Envelope,
@@ -112,13 +113,13 @@ class Slowloris:
     upload the coordinator allows it, re-announces it every few seconds like an agent whose
     announce was deferred, and drips one new chunk of it every ``drip_s``."""
 
-    def __init__(self, broker: MemoryBroker, federation: str, n: int, drip_s: float) -> None:
+    def __init__(self, factory: TransportFactory, federation: str, n: int, drip_s: float) -> None:
         self.federation = federation
         self.topics = Topics(federation)
         self.ids = [f"loris{i:04d}" for i in range(n)]
         self.keys = {d: P.device_key(DEMO_SECRET, d) for d in self.ids}
         self.drip_s = drip_s
-        self.t = broker.client("slowloris")
+        self.t = factory("slowloris", None, None)
         self.t.connect()
         self.stop = threading.Event()
         self.chunks = 0
@@ -164,6 +165,10 @@ class Slowloris:
             self._thread.join(timeout=30)
         self.stop.clear()
 
+    def close(self) -> None:
+        self.halt()
+        self.t.close()
+
 
 class Besieged(EmbeddedFederation):
     """The harness federation with room for the slowloris's identities: every one of them
@@ -178,9 +183,9 @@ class Besieged(EmbeddedFederation):
 
 
 @pytest.fixture
-def memory_broker() -> Iterator[tuple[MemoryBroker, Any]]:
+def memory_broker() -> Iterator[TransportFactory]:
     broker = MemoryBroker()
-    yield broker, lambda cid, will, birth: broker.client(cid, will=will, birth=birth)
+    yield lambda cid, will, birth: broker.client(cid, will=will, birth=birth)
 
 
 def _upload_limit(c: Coordinator, dev: str) -> int:
@@ -188,21 +193,29 @@ def _upload_limit(c: Coordinator, dev: str) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("broker", ["memory", "mosquitto"])
 def test_a_thousand_dripping_identities_do_not_starve_six_honest_devices(
-        tmp_path: Path, memory_broker: tuple[MemoryBroker, Any]) -> None:
+        tmp_path: Path, broker: str, request: pytest.FixtureRequest) -> None:
     """1,000 enrolled identities each announce the largest upload allowed and drip a new
     chunk every 2 s (never stalled, never idle) from the moment a round opens, while 6
     honest devices train. The budget is set to hold half of the slowloris's uploads, so
     it is full before any honest device has trained: every honest update of both rounds
-    must still be accepted (before: 0 of 6 in each round, all deferred to the deadline)."""
-    broker, factory = memory_broker
+    must still be accepted (before: 0 of 6 in each round, all deferred to the deadline).
+    The daemons run in this process, over the memory broker or a private Mosquitto with
+    the deploy template's queue and packet limits."""
+    if broker == "memory":
+        factory = request.getfixturevalue("memory_broker")
+    else:
+        mosquitto = request.getfixturevalue("make_mosquitto")(max_packet_size=2_000_000,
+                                                               max_queued_messages=100_000)
+        factory = mqtt_factory(BrokerSettings(port=mosquitto.port))
     honest, attackers, rounds = 6, 1000, 2
     fed = Besieged(tmp_path, factory, devices=honest, rounds=rounds, quorum=honest,
                    deadline_s=60.0, aggregation="stream")
     fed.extra_devices = attackers
-    loris = Slowloris(broker, fed.federation, attackers, drip_s=2.0)
+    loris = Slowloris(factory, fed.federation, attackers, drip_s=2.0)
     c = fed.start_coordinator()
-    figures: dict[str, Any] = {}
+    figures: dict[str, Any] = {"broker": broker}
     evicted: list[str] = []  # devices whose upload was dropped to make room (refusal rows
     if hasattr(c, "_evict_upload"):  # are pruned to the newest 10,000: count them here)
         drop = c._evict_upload
@@ -237,7 +250,7 @@ def test_a_thousand_dripping_identities_do_not_starve_six_honest_devices(
                        honest_uploads_evicted=len([d for d in evicted if not d.startswith("loris")]),
                        budget_bytes=attackers * limit // 2, share_bytes=attackers * limit // 2 // (honest + attackers))
     finally:
-        loris.halt()
+        loris.close()
         fed.stop()
     print(f"\nslowloris figures: {json.dumps(figures)}")
     for rnd in range(1, rounds + 1):
@@ -245,13 +258,12 @@ def test_a_thousand_dripping_identities_do_not_starve_six_honest_devices(
 
 
 def test_an_upload_that_goes_silent_is_dropped_with_one_refusal(
-        tmp_path: Path, memory_broker: tuple[MemoryBroker, Any]) -> None:
+        tmp_path: Path, memory_broker: TransportFactory) -> None:
     """An enrolled identity announces an upload and then sends nothing: once no new chunk
     came for the idle timeout its bytes are free again and one refusal is counted."""
-    broker, factory = memory_broker
-    fed = Besieged(tmp_path, factory, devices=2, rounds=1, deadline_s=120.0)
+    fed = Besieged(tmp_path, memory_broker, devices=2, rounds=1, deadline_s=120.0)
     fed.extra_devices = 1
-    loris = Slowloris(broker, fed.federation, 1, drip_s=1.0)
+    loris = Slowloris(memory_broker, fed.federation, 1, drip_s=1.0)
     c = fed.start_coordinator()
     c._budget.idle_s, c._budget.stall_s = 1.0, 1.0
     dev = loris.ids[0]
@@ -270,6 +282,7 @@ def test_an_upload_that_goes_silent_is_dropped_with_one_refusal(
             others = sum(u.manifest.total_bytes for u in c._uploads.values())
         refused = [e for e in c.store.events(kind="rejected") if e["device"] == dev]
     finally:
+        loris.close()
         fed.stop()
     assert held == others  # its bytes are free
     assert [(e["count"], "no new chunk for 1s" in e["reason"]) for e in refused] == [(1, True)]
