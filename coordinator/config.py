@@ -18,7 +18,6 @@ from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.errors import ConfigError
 from fedcoe_edge.protocol import (
     COORDINATOR_ID,
-    DEFAULT_WINDOW,
     BrokerSettings,
     apply_env,
     build_section,
@@ -32,7 +31,7 @@ from fedcoe_edge.protocol import (
 from fedcoe_edge.sharding import MAX_SHARDS
 from fedcoe_edge.strategies import STRATEGIES
 from fedcoe_edge.transport.topics import check_id
-from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE, check_chunk_size
+from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, check_chunk_size, check_window
 
 # Strategies whose clients return tensors they were not sent: the daemons' contract is
 # "return exactly what you were given" (partial exchange, int8 deltas against it).
@@ -137,8 +136,7 @@ class CoordinatorConfig:
         if not f.deadline_s > 0 or not f.wait_log_s > 0:
             raise ConfigError(f"{w} deadline_s and wait_log_s must be > 0")
         check_chunk_size(f.chunk_size, w)
-        if f.window < 1:
-            raise ConfigError(f"{w} window must be >= 1, got {f.window}")
+        check_window(f.window, w)
         if not f.norm_bound > 0:
             raise ConfigError(f"{w} norm_bound must be > 0")
         if f.aggregation not in ("stream", "batch"):

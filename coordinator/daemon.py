@@ -55,6 +55,7 @@ from fedcoe_edge.transport.blob import (
     fit_chunk_size,
 )
 from fedcoe_edge.wire import (
+    ReassemblyBudget,
     ReplayCache,
     TransferManifest,
     decode_envelope,
@@ -85,6 +86,15 @@ NOTICE_RATE, NOTICE_BURST = 0.5, 2  # xfer_unknown / re-accept answers to stray 
 TRUNK_FETCH_MAX, TRUNK_FETCH_WINDOW_S = 3, 24 * 3600.0
 TRUNK_FETCH_DEVICES_MAX = 100_000  # devices whose recent trunk downloads are remembered
 UPLOAD_SLACK = 65536  # an upload may exceed the plain encoding of its task by this much
+# Open uploads share the reassembly budget (docs/protocol.md, "Bounds"): one with no new
+# chunk for UPLOAD_IDLE_S is dropped; one with none for UPLOAD_STALL_S makes room for an
+# announce that does not fit otherwise. An honest upload's chunks follow each progress
+# report within a round trip, but wait in the handler's queue while this coordinator is
+# behind (rounds of 60-70 s at 5,000 devices, docs/benchmarks.md "Fleet"), hence the
+# margins; a dropped upload is announced again (xfer_unknown). Slowloris uploads need no
+# timer: an upload within its device's share evicts them at once.
+UPLOAD_IDLE_S = 120.0
+UPLOAD_STALL_S = 30.0
 # Persistence (docs/daemons.md, "Scale"): accepted updates are written by one thread in
 # batches (one sync per batch), each ACKed only once its batch is durable.
 PERSIST_BATCH_S = 0.02  # gather a batch for at most this long after its first update
@@ -114,6 +124,7 @@ class _Upload:
     round: int
     body: dict[str, Any]
     manifest: TransferManifest
+    received: int = 0  # new chunks so far (progress for the reassembly budget)
 
 
 @dataclass
@@ -195,7 +206,9 @@ class Coordinator:
         self._receivers: dict[str, BlobReceiver] = {}
         self._uploads: dict[tuple[str, str], _Upload] = {}  # (device, transfer id)
         self._upload_of: dict[str, str] = {}  # device -> its one open upload
-        self._upload_bytes = 0  # announced sizes of the open uploads (reassembly budget)
+        # announced sizes of the open uploads: per-device shares, stalled ones evicted first
+        self._budget = ReassemblyBudget(int(self.fed.reassembly_budget_mb * 2**20),
+                                        idle_s=UPLOAD_IDLE_S, stall_s=UPLOAD_STALL_S)
         self._task_xfer: dict[str, str] = {}  # device -> this round's task transfer
         self._accepted_xfers: dict[tuple[str, str], int] = {}  # -> round; pruned at close
         self._settled: set[str] = set()  # this round's devices with a result or a failure
@@ -435,7 +448,8 @@ class Coordinator:
                 return got
         data = encode_tensors(params)
         manifest = TransferManifest.for_payload(data, expert_ids=expert_ids, base_version=version,
-                                                chunk_size=self.fed.chunk_size)
+                                                chunk_size=self.fed.chunk_size,
+                                                window=self.fed.window)
         with self._lock:
             if any(k[0] != version for k in self._prepared):
                 self._prepared = {k: v for k, v in self._prepared.items() if k[0] == version}
@@ -802,16 +816,22 @@ class Coordinator:
                 if previous is not None:
                     rcv.discard(previous)
                     self._drop_upload(dev, previous)
-                budget = int(self.fed.reassembly_budget_mb * 2**20)
-                if self._upload_bytes + manifest.total_bytes > budget:
+                # each selected device is guaranteed its share of the budget; an upload within
+                # it evicts those borrowing beyond theirs, any upload evicts stalled ones
+                self._budget.owners = max(1, len(self.tasks))
+                admission = self._budget.admit((dev, xid), dev, manifest.total_bytes)
+                for other, other_xid in admission.evicted:
+                    self._evict_upload(other, other_xid, "the reassembly budget was full and it "
+                                       "held more than its share or had stalled")
+                if not admission.admitted:
                     # back-pressure, not a refusal: the device re-announces every few seconds
                     # until its deadline, and gets in once other uploads have finished
-                    log.debug("upload of %s deferred: reassembly budget %d of %d in use", dev,
-                              self._upload_bytes, budget)
+                    log.debug("upload of %s deferred: reassembly budget %d of %d in use "
+                              "(share %d)", dev, self._budget.used, self._budget.total_bytes,
+                              self._budget.share)
                     return
                 self._uploads[(dev, xid)] = _Upload(dev, rnd, body, manifest)
                 self._upload_of[dev] = xid
-                self._upload_bytes += manifest.total_bytes
             rcv.expect(manifest)
         rcv.nudge(manifest.transfer_id)
 
@@ -831,10 +851,27 @@ class Coordinator:
         """Forget an open upload (finished, replaced or expired); call with the lock held."""
         up = self._uploads.pop((dev, xid), None)
         if up is not None:
-            self._upload_bytes -= up.manifest.total_bytes
+            self._budget.release((dev, xid))
             if self._upload_of.get(dev) == xid:
                 del self._upload_of[dev]
         return up
+
+    def _evict_upload(self, dev: str, xid: str, why: str) -> None:
+        """Drop an open upload to free its bytes, with one counted refusal; the device is not
+        told: its next chunk is unknown here, and the answer (``xfer_unknown``) makes an
+        honest device announce the upload again. Call with the lock held."""
+        up = self._drop_upload(dev, xid)
+        rcv = self._receivers.get(dev)
+        if rcv is not None:
+            rcv.discard(xid)
+        if up is not None:
+            self.reject(dev, up.round, f"upload dropped: {why}", notify=False, xfer=xid)
+
+    def _expire_uploads(self) -> None:
+        """Drop the uploads with no new chunk for ``UPLOAD_IDLE_S`` (the pump loop's timer)."""
+        with self._lock:
+            for dev, xid in self._budget.expire():
+                self._evict_upload(dev, xid, f"no new chunk for {self._budget.idle_s:g}s")
 
     def _receiver(self, dev: str) -> BlobReceiver:
         with self._lock:
@@ -873,6 +910,8 @@ class Coordinator:
                 raise WireError(f"chunk for unknown transfer {info.transfer_id!r}")
             assert rcv is not None
             done = rcv.on_chunk(msg.payload)
+            if done is None:
+                self._upload_progress(dev, xid, up, rcv.received(xid))
         except WireError as exc:
             self.reject(dev, self.round, f"blob: {exc}", notify=False)
             return
@@ -884,6 +923,14 @@ class Coordinator:
             finally:  # refused for good: the sender may stop (a queued one is ACKed once durable)
                 if not queued:
                     self._receiver(dev).ack(manifest.transfer_id)
+
+    def _upload_progress(self, dev: str, xid: str, up: _Upload, received: int) -> None:
+        """A chunk of an open upload was handled: a new one (``received`` grew) keeps the
+        upload from counting as idle or stalled; a duplicate does not."""
+        if received > up.received:
+            with self._lock:
+                up.received = received
+                self._budget.progress((dev, xid))
 
     def _unknown_upload(self, dev: str, xid: str) -> None:
         """Chunks of an upload this coordinator does not know (it restarted, or the
@@ -1171,7 +1218,8 @@ class Coordinator:
                               digest[:12], m.trunk_sha256[:12])
                     raise ConfigError("the coordinator's trunk file is not the federation's")
                 self._trunk = (data, TransferManifest.for_payload(
-                    data, expert_ids=[], base_version=0, chunk_size=self.fed.chunk_size))
+                    data, expert_ids=[], base_version=0, chunk_size=self.fed.chunk_size,
+                    window=self.fed.window))
             return self._trunk
 
     def _send_trunk(self, dev: str) -> None:
@@ -1298,4 +1346,5 @@ class Coordinator:
                     with self._lock:
                         self._senders.pop(xid, None)
             tick = 0.05 if room <= 0 else 0.25  # chunks held back: look again sooner
+            self._expire_uploads()
             self.refusals.flush()

@@ -727,7 +727,8 @@ class DeviceAgent:
         experts = sorted({int(n.split(".")[2]) for n in params if n.startswith("global.experts.")})
         manifest = TransferManifest.for_payload(data, expert_ids=experts,
                                                 base_version=int(self.welcome.get("version", 0)),
-                                                chunk_size=size, transfer_id=xid, encoding=encoding)
+                                                chunk_size=size, transfer_id=xid, encoding=encoding,
+                                                window=self.cfg.device.window)
         sender = BlobSender(self.transport, topic, manifest, data, window=self.cfg.device.window)
         started, again = threading.Event(), threading.Event()
         with self._lock:

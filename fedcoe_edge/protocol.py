@@ -28,6 +28,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10 (JetPack 6, Ubuntu 22.04): the same parser, as tomli
     import tomli as tomllib  # type: ignore[no-redef]
 
+from fedcoe_edge import wire
 from fedcoe_edge.errors import ConfigError
 from fedcoe_edge.transport import Topics, Transport, Will
 from fedcoe_edge.wire import Envelope, ReplayCache, decode_envelope, encode_envelope
@@ -79,9 +80,7 @@ def check_classes(classes: list[str], where: str) -> None:
 def retry_delay(sent: int) -> float:
     """Wait after the ``sent``-th send: 5, 10, 20, 40, 60, 60 ... s."""
     return min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** max(0, sent - 1))
-DEFAULT_WINDOW = 16
-"""Chunks a daemon keeps unacknowledged in one transfer (config ``window``), the device's
-and the coordinator's alike."""
+DEFAULT_WINDOW = wire.DEFAULT_WINDOW  # the transfer window's default lives with its check
 ENCODING_PLAIN = "safetensors"
 ENCODING_DELTA = "safetensors+int8delta"
 

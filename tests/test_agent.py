@@ -67,7 +67,7 @@ npz = "data/mine.npz"
     ("[device]\nid = 'a'\nchunk_size = 1023\n[security]\nkey = '" + "ab" * 16 + "'\n[data]\ndataset = 'd'\n",
      r"\[device\] chunk_size must be in 1 KiB..16 MiB, got 1023"),
     ("[device]\nid = 'a'\nwindow = 0\n[security]\nkey = '" + "ab" * 16 + "'\n[data]\ndataset = 'd'\n",
-     r"\[device\] window must be >= 1, got 0"),
+     r"\[device\] window must be an integer in 1..256, got 0"),
 ])
 def test_bad_agent_config(tmp_path: Path, text: str, match: str) -> None:
     (tmp_path / "agent.toml").write_text(text)

@@ -379,7 +379,7 @@ def test_caches_are_pruned_and_a_full_reassembly_budget_defers(
     fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=2,
                              hooks={str(i): AgentHooks(before_upload=at_once) for i in range(3)})
     c = fed.start_coordinator()
-    c.fed.reassembly_budget_mb = 20_000 / 2**20  # one upload (9-14 KB here) at a time
+    c._budget.total_bytes = 20_000  # one upload (9-14 KB here) at a time
     for i in range(3):
         fed.add_agent(str(i), str(i))
     try:
@@ -393,7 +393,7 @@ def test_caches_are_pruned_and_a_full_reassembly_budget_defers(
     assert [r["accepted"] for r in rows] == [3, 3]
     assert [r["rejected"] for r in rows] == [0, 0] and refused == []
     assert sorted(xfers.values()) == [2, 2, 2]  # round 1's ids are gone
-    assert c._task_xfer == {} and c._upload_bytes == 0 and c._uploads == {}
+    assert c._task_xfer == {} and c._budget.used == 0 and c._uploads == {}
 
 
 def test_a_batch_that_fails_to_persist_is_not_acknowledged_and_counts_once(
