@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,12 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
 import pytest
 import tomllib
 
-from fedcoe_edge.broker import MosquittoBroker, _free_port, find_mosquitto
-from fedcoe_edge.errors import ConfigError
+from fedcoe_edge.broker import MosquittoBroker, _free_port
 from fedcoe_edge.sharding import shard_federation, shard_of
 
 pytestmark = pytest.mark.integration
@@ -41,15 +38,6 @@ FEDCOE = [sys.executable, "-m", "fedcoe_edge.cli"]
 # what a broker logs when a client goes away or is pushed out by another login of its id
 DISCONNECT = re.compile(r"disconnect|already connected|session taken over|closing old connection",
                         re.IGNORECASE)
-
-
-def _require_tools() -> None:
-    try:
-        find_mosquitto()
-    except ConfigError as exc:
-        pytest.skip(str(exc))
-    if shutil.which("mosquitto_passwd") is None:
-        pytest.skip("needs mosquitto_passwd (fedcoe init hashes the broker passwords with it)")
 
 
 class Deployment:
@@ -136,18 +124,6 @@ class Deployment:
             assert not bad, f"{name}: {bad[:5]}\n{self.log(name)[-3000:]}"
 
 
-def digits_npz(path: Path, part: int, parts: int, per_device: int = 60) -> None:
-    """A device's own data: a disjoint slice of the shipped 8x8 digits, split 75/25."""
-    from fedcoe_edge.data.datasets import load_dataset
-
-    x, y = load_dataset("digits", 0)
-    order = np.random.default_rng(0).permutation(len(y))[part::parts][:per_device]
-    x, y = x[order].astype(np.float32), y[order].astype(np.int64)
-    cut = per_device * 3 // 4
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, x_train=x[:cut], y_train=y[:cut], x_test=x[cut:], y_test=y[cut:])
-
-
 def rounds_json(state: Path) -> list[dict[str, Any]]:
     try:
         return list(json.loads((state / "rounds.json").read_text()))
@@ -163,12 +139,12 @@ def bundled(fed: Path, devices: list[str]) -> Callable[[], bool]:
 
 
 # --- (b) the sharded federation -------------------------------------------------------------
-def test_sharded_federation_each_aggregator_logs_in_as_itself(tmp_path: Path) -> None:
+def test_sharded_federation_each_aggregator_logs_in_as_itself(tmp_path: Path, init_broker_tools: None,
+                                                              digits_npz: Any) -> None:
     """``fedcoe init --shards 2`` then the leader and two shards as docs/daemons.md starts
     them, four devices, three rounds: every round merges both shards' partials with every
     update accepted, and the broker never closes a connection (one login per process:
     under ``use_username_as_clientid`` a shared login would push the others out)."""
-    _require_tools()
     names = ["dev1", "dev2", "dev3", "dev4"]
     assert {shard_of(d, 2) for d in names} == {0, 1}  # both shards serve devices
     dep = Deployment(tmp_path)
@@ -199,7 +175,7 @@ def test_sharded_federation_each_aggregator_logs_in_as_itself(tmp_path: Path) ->
             dep.spawn(dev, "agent", "--config", "agent.toml", cwd=fed / "devices" / dev)
         leader_state = cdir / "state" / "leader"
         dep.wait(lambda: len(rounds_json(leader_state)) >= 3, "3 leader rounds", 300)
-        dep.wait(lambda: all(f"personal accuracy after round 3" in dep.log(d) for d in names),
+        dep.wait(lambda: all("personal accuracy after round 3" in dep.log(d) for d in names),
                  "every device's round-3 evaluation", 120)
         broker_log = dep.broker.log_path.read_text() if dep.broker else ""
         codes = dep.stop()
