@@ -8,9 +8,16 @@ documented command (``fedcoe coordinator --config ...``, ``fedcoe agent --config
 with its own defaults. Each asserts the rounds applied, the updates accepted and no
 ERROR or traceback in any log:
 
+* the camera federation (docs/daemons.md, "Pretrained trunk"): ``fedcoe pretrain-trunk``
+  makes a MobileNetV3-Small trunk, the coordinator runs it frozen with its default config
+  (streamed aggregation), two devices fetch it and train three rounds, then a cold device
+  fetches it and starts from the final experts;
 * the sharded federation (docs/daemons.md, "Past one machine"): a leader and two shard
   aggregators, each logging in with the identity ``fedcoe init --shards 2`` gave it, three
   rounds, and not one disconnect or session takeover in the broker's log;
+* the quickstart federation (docs/quickstart.md, step 4): the quickstart's own trunk module
+  and image folders with a class list, three rounds, then ``fedcoe predict`` on the int8
+  bundle each device rebuilt.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -26,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import pytest
 import tomllib
 
@@ -124,6 +133,35 @@ class Deployment:
             assert not bad, f"{name}: {bad[:5]}\n{self.log(name)[-3000:]}"
 
 
+def round_rows(sqlite: Path, rounds: int) -> tuple[list[dict[str, Any]], dict[tuple[str, str], int]]:
+    """A stopped coordinator's per-round table and traffic totals, from its SQLite."""
+    from coordinator.store import Store
+
+    store = Store(sqlite)
+    try:
+        return [store.round_summary(r) for r in range(1, rounds + 1)], store.traffic()
+    finally:
+        store.close()
+
+
+def set_keys(path: Path, section: str, **values: Any) -> None:
+    """Set keys in one section of a TOML file written by ``fedcoe init``, as a user edits it:
+    an existing ``key = ...`` line is replaced, a new key goes right under the header."""
+    lines = path.read_text().splitlines()
+    start = lines.index(f"[{section}]")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("[")), len(lines))
+    for key, value in values.items():
+        text = f"{key} = {json.dumps(value)}"
+        hit = [i for i in range(start + 1, end) if re.match(rf"{key}\s*=", lines[i])]
+        if hit:
+            lines[hit[0]] = text
+        else:
+            lines.insert(start + 1, text)
+            end += 1
+    path.write_text("\n".join(lines) + "\n")
+    tomllib.loads(path.read_text())  # still valid TOML
+
+
 def rounds_json(state: Path) -> list[dict[str, Any]]:
     try:
         return list(json.loads((state / "rounds.json").read_text()))
@@ -191,3 +229,155 @@ def test_sharded_federation_each_aggregator_logs_in_as_itself(tmp_path: Path, in
     assert all(r["applied"] for r in rounds), rounds
     assert codes == {name: 0 for name in codes}, codes
     dep.assert_clean_logs()
+
+
+# --- (a) the camera federation ------------------------------------------------------------
+CAMERA_SIZE = 32
+
+
+def camera_npz(path: Path, part: int, parts: int, per_device: int = 90) -> None:
+    """Digits resized to 32x32 RGB (what a camera feeds), a disjoint slice per device."""
+    from fedcoe_edge.data.datasets import load_digits
+    from fedcoe_edge.pretrain import to_camera
+
+    x, y = load_digits()
+    idx = np.random.default_rng(0).permutation(len(y))[part::parts][:per_device]
+    cam, lab = to_camera(x[idx], CAMERA_SIZE), y[idx].astype(np.int64)
+    cut = per_device * 2 // 3
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x_train=cam[:cut], y_train=lab[:cut], x_test=cam[cut:], y_test=lab[cut:])
+
+
+def test_camera_federation_frozen_pretrained_trunk_fetched_by_devices(
+        tmp_path: Path, init_broker_tools: None) -> None:
+    """docs/daemons.md, "Pretrained trunk", as written: ``fedcoe pretrain-trunk`` (one epoch
+    on a public digits slice at 32x32), its two printed lines pasted into the coordinator's
+    ``[model]`` next to ``trunk = "mobilenet_v3_small"`` and ``trunk_mode = "frozen"``, every
+    other coordinator setting its default (streamed aggregation). Two devices with no trunk
+    file fetch it and train three rounds, each update accepted and applied; then a cold
+    device fetches it too and starts from the final experts."""
+    dep = Deployment(tmp_path)
+    dep.env["FEDCOE_DEVICE_BUNDLE"] = "off"  # a V3-Small int8 export per device: not this test's
+    train, cold = ["cam1", "cam2"], "cam3"
+    fed, port = dep.init("--names", ",".join([*train, cold]), "--image-shape", f"3,{CAMERA_SIZE},{CAMERA_SIZE}",
+                         "--rounds", "3", "--data", "local.npz")
+    cfg = fed / "coordinator" / "coordinator.toml"
+    done = subprocess.run([*FEDCOE, "pretrain-trunk", "--dataset", "digits", "--size", str(CAMERA_SIZE),
+                           "--epochs", "1", "--public-fraction", "0.2", "--batch-size", "32",
+                           "--threads", "1", "--no-progress",
+                           "--out", str(fed / "coordinator" / "trunk.safetensors")],
+                          capture_output=True, text=True, env=dep.env, check=False)
+    assert done.returncode == 0, done.stderr
+    pasted = dict(re.findall(r'^(trunk_weights|trunk_sha256) = "(.*)"$', done.stdout, re.MULTILINE))
+    assert set(pasted) == {"trunk_weights", "trunk_sha256"}, done.stdout
+    set_keys(cfg, "model", trunk="mobilenet_v3_small", trunk_mode="frozen", expert_kind="mlp", **pasted)
+    set_keys(cfg, "federation", min_devices=len(train))  # the cold device never trains
+    set_keys(fed / "devices" / cold / "agent.toml", "device", role="cold")
+    for i, dev in enumerate([*train, cold]):
+        camera_npz(fed / "devices" / dev / "local.npz", i, 3)
+    trunk_bytes = (fed / "coordinator" / "trunk.safetensors").stat().st_size
+    dep.start_broker(fed, port)
+    try:
+        dep.spawn("coordinator", "coordinator", "--config", str(cfg))
+        for dev in train:
+            dep.spawn(dev, "agent", "--config", "agent.toml", cwd=fed / "devices" / dev)
+        dep.wait(lambda: "all 3 rounds done" in dep.log("coordinator"), "3 rounds", 300)
+        dep.spawn(cold, "agent", "--config", "agent.toml", cwd=fed / "devices" / cold)
+        dep.wait(lambda: "cold start ready" in dep.log(cold), "the cold device's start", 120)
+        codes = dep.stop()
+    finally:
+        dep.close()
+    rows, traffic = round_rows(fed / "coordinator" / "state" / "coordinator.sqlite", 3)
+    tail = dep.log("coordinator")[-3000:]
+    assert [(r["accepted"], r["failed"], r["rejected"], r["applied"]) for r in rows] == \
+        [(2, 0, 0, True)] * 3, f"{rows}\n{tail}"
+    # every device, the cold one included, downloaded the trunk file once; rounds carry none of it
+    assert traffic.get(("down", "trunk")) == 3 * trunk_bytes, traffic
+    for dev in [*train, cold]:
+        assert (fed / "devices" / dev / "state" / "trunk.safetensors").stat().st_size == trunk_bytes
+    assert all(0 < r["bytes_down"] < trunk_bytes / 10 for r in rows), rows
+    assert codes == {name: 0 for name in codes}, codes
+    dep.assert_clean_logs()
+
+
+# --- (c) the quickstart federation from image folders --------------------------------------
+QUICKSTART = Path(__file__).resolve().parent.parent / "docs" / "quickstart.md"
+# a colour per class: each device's photos of a class are noisy shades of it
+COLOUR = {"cat": (200, 60, 40), "dog": (40, 180, 60), "bird": (50, 70, 210)}
+
+
+def quickstart_blocks() -> tuple[str, dict[str, Any], list[str]]:
+    """What docs/quickstart.md tells the user to write and run: the trunk module
+    (``mymodels/nets.py``), the ``[model]`` of ``model.toml`` and the ``fedcoe init`` line."""
+    text = QUICKSTART.read_text()
+    blocks = re.findall(r"```(\w*)\n(.*?)```", text, re.DOTALL)
+    module = next(b for lang, b in blocks if lang == "python" and b.startswith("# mymodels/nets.py"))
+    model = next(tomllib.loads(b)["model"] for lang, b in blocks if lang == "toml" and "[model]" in b)
+    init = next(ln for lang, b in blocks for ln in b.splitlines() if ln.startswith("fedcoe init "))
+    return module, model, shlex.split(init)
+
+
+def write_photos(root: Path, classes: list[str], per_class: int, seed: int) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            px = np.clip(np.array(COLOUR[c]) + rng.normal(0, 25, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(px).save(root / c / f"{i}.png")
+
+
+def test_quickstart_federation_from_image_folders(tmp_path: Path, init_broker_tools: None) -> None:
+    """docs/quickstart.md step 4 as written: its ``fedcoe init`` line (host and port made
+    local), the trunk module of step 3 importable by every process, its ``[model]`` fields in
+    the coordinator's config, each device's photos in ``data/<class>/`` (the devices hold
+    different class sets), the broker, the coordinator and two agents; three rounds, every
+    update accepted, then each device predicts with the int8 bundle it rebuilt."""
+    module, model, init = quickstart_blocks()
+    assert init[:3] == ["fedcoe", "init", "myfed"]
+    argv = init[3:]
+    if "--host" in argv:  # the docs' LAN address; the test's broker is on loopback
+        i = argv.index("--host")
+        del argv[i:i + 2]
+    pkg = tmp_path / "userpkg" / "mymodels"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text(module)
+    dep = Deployment(tmp_path)
+    dep.env["PYTHONPATH"] = os.pathsep.join([str(pkg.parent), dep.env.get("PYTHONPATH", "")])
+    fed, port = dep.init(*argv, "--rounds", "3")
+    cfg = fed / "coordinator" / "coordinator.toml"
+    classes = tomllib.loads(cfg.read_text())["federation"]["classes"]
+    assert classes == ["cat", "dog", "bird"] and model["trunk"] == "mymodels.nets:resnet8"
+    set_keys(cfg, "model", **model)
+    devices = sorted(p.name for p in (fed / "devices").iterdir())
+    assert devices == ["pi-a", "pi-b"]
+    write_photos(fed / "devices" / "pi-a" / "data", ["cat", "dog", "bird"], 10, 0)
+    write_photos(fed / "devices" / "pi-b" / "data", ["dog", "bird"], 12, 1)
+    dep.start_broker(fed, port)
+    try:
+        dep.spawn("coordinator", "coordinator", "--config", str(cfg))
+        for dev in devices:
+            dep.spawn(dev, "agent", "--config", "agent.toml", cwd=fed / "devices" / dev)
+        dep.wait(lambda: "all 3 rounds done" in dep.log("coordinator"), "3 rounds", 300)
+        dep.wait(bundled(fed, devices), "every device's int8 bundle", 240)
+        codes = dep.stop()
+    finally:
+        dep.close()
+    rows, _ = round_rows(fed / "coordinator" / "state" / "coordinator.sqlite", 3)
+    assert [(r["accepted"], r["failed"], r["rejected"], r["applied"]) for r in rows] == \
+        [(2, 0, 0, True)] * 3, f"{rows}\n{dep.log('coordinator')[-3000:]}"
+    assert codes == {name: 0 for name in codes}, codes
+    dep.assert_clean_logs()
+    # the quickstart's last step, on a device: predict by class name with its own bundle
+    from PIL import Image
+
+    photo = np.asarray(Image.open(fed / "devices" / "pi-a" / "data" / "cat" / "0.png")
+                       .convert("RGB").resize((32, 32), Image.BILINEAR), np.float32)
+    np.save(tmp_path / "x.npy", photo.transpose(2, 0, 1)[None] / 255)
+    out = subprocess.run([*FEDCOE, "predict", "--bundle", "state/bundle", "--input", str(tmp_path / "x.npy")],
+                         cwd=fed / "devices" / "pi-a", capture_output=True, text=True, env=dep.env,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert any(c in out.stdout for c in classes), out.stdout
