@@ -39,6 +39,7 @@ import pytest
 import tomllib
 
 from fedcoe_edge.broker import MosquittoBroker, _free_port
+from fedcoe_edge.errors import ConfigError
 from fedcoe_edge.sharding import shard_federation, shard_of
 
 pytestmark = pytest.mark.integration
@@ -229,6 +230,64 @@ def test_sharded_federation_each_aggregator_logs_in_as_itself(tmp_path: Path, in
     assert all(r["applied"] for r in rounds), rounds
     assert codes == {name: 0 for name in codes}, codes
     dep.assert_clean_logs()
+
+
+def test_init_shards_acl_confines_each_aggregator_to_its_topics(tmp_path: Path,
+                                                                 init_broker_tools: None) -> None:
+    """The broker ``fedcoe init --shards 2`` configures: each aggregator logs in with its own
+    password and may use only its topics. Shard 0 reaches the leader on its own channel but
+    cannot write shard 1's, nor read shard 1's devices; a device cannot read the leader's
+    channel; the coordinator's old shared login does not exist."""
+    import threading
+
+    from coordinator.config import load_config
+    from fedcoe_edge.transport.mqtt import MqttTransport
+
+    dep = Deployment(tmp_path)
+    fed, port = dep.init("--names", "dev1,dev2", "--shards", "2")
+    cdir = fed / "coordinator"
+    login = {stem: load_config(cdir / f"{stem}.toml").broker for stem in ("leader", "shard-0", "shard-1")}
+    dev1 = tomllib.loads((fed / "devices" / "dev1" / "agent.toml").read_text())["broker"]
+    dep.start_broker(fed, port)
+    got: dict[str, list[str]] = {"leader": [], "shard-0": [], "dev1": []}
+    cv = threading.Condition()
+
+    def into(box: str) -> Callable[[Any], None]:
+        def handler(msg: Any) -> None:
+            with cv:
+                got[box].append(msg.topic)
+                cv.notify_all()
+        return handler
+
+    def client(user: str, password: str) -> MqttTransport:
+        t = MqttTransport(user, "127.0.0.1", port, username=user, password=password)
+        t.connect(timeout=10)
+        return t
+
+    clients = []
+    try:
+        with pytest.raises(ConfigError, match="refused"):
+            client("coordinator", login["leader"].password).connect(timeout=10)
+        leader = client(login["leader"].username, login["leader"].password)
+        shard0 = client(login["shard-0"].username, login["shard-0"].password)
+        dev = client("dev1", dev1["password"])
+        clients += [leader, shard0, dev]
+        lt = "fl/v1/fleet1/agg"
+        leader.subscribe(f"{lt}/up/+/ctl", into("leader"))
+        shard0.subscribe("fl/v1/fleet1.s1of2/up/+/ctl", into("shard-0"))  # shard 1's devices
+        dev.subscribe(f"{lt}/#", into("dev1"))
+        shard0.publish(f"{lt}/up/shard-1/ctl", b"as shard 1", qos=1)  # denied
+        dev.publish("fl/v1/fleet1.s1of2/up/dev1/ctl", b"a device's own uplink", qos=1)
+        leader.publish(f"{lt}/dn/shard-0/ctl", b"to shard 0", qos=1)
+        shard0.publish(f"{lt}/up/shard-0/ctl", b"as itself", qos=1)  # allowed, and sent last
+        with cv:
+            assert cv.wait_for(lambda: got["leader"], timeout=10), got
+        time.sleep(1.0)  # anything denied would have arrived by now
+        assert got == {"leader": [f"{lt}/up/shard-0/ctl"], "shard-0": [], "dev1": []}, got
+    finally:
+        for c in clients:
+            c.close()
+        dep.close()
 
 
 # --- (a) the camera federation ------------------------------------------------------------
