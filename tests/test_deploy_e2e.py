@@ -433,7 +433,7 @@ def test_quickstart_federation_from_image_folders(tmp_path: Path, init_broker_to
     from PIL import Image
 
     photo = np.asarray(Image.open(fed / "devices" / "pi-a" / "data" / "cat" / "0.png")
-                       .convert("RGB").resize((32, 32), Image.BILINEAR), np.float32)
+                       .convert("RGB").resize((32, 32), Image.Resampling.BILINEAR), np.float32)
     np.save(tmp_path / "x.npy", photo.transpose(2, 0, 1)[None] / 255)
     out = subprocess.run([*FEDCOE, "predict", "--bundle", "state/bundle", "--input", str(tmp_path / "x.npy")],
                          cwd=fed / "devices" / "pi-a", capture_output=True, text=True, env=dep.env,

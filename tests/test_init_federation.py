@@ -204,7 +204,8 @@ def test_init_shards_writes_one_identity_per_aggregator(tmp_path: Path,
     cdir = out / "coordinator"
     assert sorted(p.name for p in cdir.iterdir()) == ["federation.secret", "leader.toml",
                                                        "shard-0.toml", "shard-1.toml"]
-    roles = {"leader": (Role.LEADER, None), "shard-0": (Role.SHARD, 0), "shard-1": (Role.SHARD, 1)}
+    roles: dict[str, tuple[Role, int | None]] = {"leader": (Role.LEADER, None), "shard-0": (Role.SHARD, 0),
+                                                 "shard-1": (Role.SHARD, 1)}
     users = {}
     for stem, (role, index) in roles.items():
         assert f"--config {cdir / (stem + '.toml')} --role {role.value}" in printed
@@ -214,7 +215,7 @@ def test_init_shards_writes_one_identity_per_aggregator(tmp_path: Path,
         cfg.check_role(role, index)  # its own role passes
         users[stem] = cfg.broker.username
         assert users[stem] == mqtt_identity(cfg.federation, role, index)
-        other = (Role.SHARD, 1 - index) if role is Role.SHARD else (Role.SHARD, 0)
+        other = (Role.SHARD, 1 - index) if index is not None else (Role.SHARD, 0)
         with pytest.raises(ConfigError, match="is not shard .'s own MQTT identity"):
             cfg.check_role(*other)  # another process's config: refused
     assert users == {"leader": "coordinator.leader.fleet1", "shard-0": "coordinator.fleet1.s0of2",
