@@ -79,6 +79,7 @@ class ShardAggregator(Coordinator):
                  factory: P.TransportFactory | None = None) -> None:
         base = factory if factory is not None else P.mqtt_factory(cfg.broker)
         self.index, self.shards, self.name = index, shards, shard_name(index)
+
         def own_client_id(cid: str, will: Any, birth: Any) -> Any:
             # every shard's devices address "coordinator"; each shard logs in as itself
             return base(mqtt_identity(cfg.federation, Role.SHARD, index, shards), will, birth)
