@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, Role, mqtt_identity
 from coordinator.daemon import write_checkpoint
 from coordinator.peerlink import PeerLink
 from coordinator.store import Store
@@ -117,7 +117,7 @@ class Leader:
         self._resume()
         will = Will(self.topics.leader_status(), P.presence_payload("offline"), 1, True)
         birth = Will(self.topics.leader_status(), P.presence_payload("online"), 1, True)
-        self.transport = self._factory(f"{self.fed.coordinator_id}.{LEADER_ID}.{self.fed.id}", will, birth)
+        self.transport = self._factory(mqtt_identity(self.fed, Role.LEADER), will, birth)
         messenger = P.Messenger(self.transport, Topics(self.fed.id), LEADER_ID, self.key_for,
                                 ReplayCache(per_sender=4096))
         self.link = PeerLink(self.transport, messenger, self.topics.dn_ctl, self.topics.dn_blob,

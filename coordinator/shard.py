@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, Role, mqtt_identity
 from coordinator.daemon import Coordinator
 from coordinator.peerlink import PeerLink
 from fedcoe_edge import protocol as P
@@ -79,11 +79,10 @@ class ShardAggregator(Coordinator):
                  factory: P.TransportFactory | None = None) -> None:
         base = factory if factory is not None else P.mqtt_factory(cfg.broker)
         self.index, self.shards, self.name = index, shards, shard_name(index)
-        sfed = shard_federation(cfg.federation.id, index, shards)
 
         def own_client_id(cid: str, will: Any, birth: Any) -> Any:
-            # every shard's devices address "coordinator"; the MQTT client ids must differ
-            return base(f"{cid}.{sfed}", will, birth)
+            # every shard's devices address "coordinator"; each shard logs in as itself
+            return base(mqtt_identity(cfg.federation, Role.SHARD, index, shards), will, birth)
 
         super().__init__(shard_config(cfg, index, shards), own_client_id)
         self.leader_topics = LeaderTopics(cfg.federation.id)

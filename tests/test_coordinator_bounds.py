@@ -18,7 +18,7 @@ import pytest
 
 from coordinator.config import CoordinatorConfig, FederationSettings
 from coordinator.daemon import HELLO_BURST, Coordinator
-from coordinator.harness import DEMO_SECRET, EmbeddedFederation
+from coordinator.harness import DEMO_SECRET, EmbeddedFederation, small
 from coordinator.limits import RateLimiter, RefusalLog, reason_class
 from coordinator.store import Store
 from device_agent.config import load_config as load_agent_config
@@ -160,7 +160,7 @@ def test_compromised_device_cannot_buy_unbounded_work(tmp_path: Path) -> None:
         return True
 
     fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=1, deadline_s=120.0,
-                             hooks={"1": AgentHooks(before_upload=attack)})
+                             hooks={"1": AgentHooks(before_upload=attack)}, **small())
     fed.start()
     try:
         fed.wait_rounds(WAIT)
@@ -180,7 +180,7 @@ def test_compromised_device_cannot_buy_unbounded_work(tmp_path: Path) -> None:
 
 def test_resent_chunk_of_a_finished_upload_is_reacknowledged(tmp_path: Path) -> None:
     _, factory = memory_factory()
-    fed = EmbeddedFederation(tmp_path, factory, devices=2, rounds=1)
+    fed = EmbeddedFederation(tmp_path, factory, devices=2, rounds=1, **small())
     fed.start()
     try:
         fed.wait_rounds(WAIT)
@@ -190,7 +190,7 @@ def test_resent_chunk_of_a_finished_upload_is_reacknowledged(tmp_path: Path) -> 
         seen = spy_ctl(fed, "1")
         agent = fed.agents["1"]
         assert agent.transport is not None
-        agent.transport.publish(f"fl/v1/test/up/1/blob/{xid}", encode_chunk(xid, 0, 1, b"again"))
+        agent.transport.publish(f"fl/v1/{fed.federation}/up/1/blob/{xid}", encode_chunk(xid, 0, 1, b"again"))
         fed.wait(lambda: P.ACCEPT in seen and "xfer_done" in seen, WAIT, "re-acknowledgement")
         rejected = c.store.events(kind="rejected")
     finally:
@@ -218,7 +218,7 @@ def test_coordinator_crash_mid_upload_loses_no_update(tmp_path: Path) -> None:
     the same round, long before its 600 s upload timeout would have run out."""
     _, factory = memory_factory()
     fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=2, deadline_s=600.0,
-                             device_overrides={"1": {"chunk_size": 1024, "window": 4}})
+                             device_overrides={"1": {"chunk_size": 1024, "window": 4}}, **small())
     fed.coordinator = _CrashingCoordinator(fed.coordinator_config(), factory)
     fed._spawn(fed.coordinator.run, "coordinator")
     for i in range(3):
@@ -242,7 +242,7 @@ def test_repeated_coordinator_online_does_not_make_devices_say_hello_again(tmp_p
     repeated without "offline" in between (a replay, a takeover loop) and retained status
     do not, so the fleet is not pushed into a re-registration and re-download storm."""
     broker, factory = memory_factory()
-    fed = EmbeddedFederation(tmp_path, factory, devices=1, rounds=1)
+    fed = EmbeddedFederation(tmp_path, factory, devices=1, rounds=1, **small())
     agent = DeviceAgent(fed.agent_config("0", "0"), factory)
     hellos: list[int] = []
     real_hello = agent.hello
@@ -255,7 +255,7 @@ def test_repeated_coordinator_online_does_not_make_devices_say_hello_again(tmp_p
     pub = broker.client("coordinator")
     pub.connect()
     try:
-        status = "fl/v1/test/coord/status"
+        status = f"fl/v1/{fed.federation}/coord/status"
         for state in ("online", "online", "online", "offline", "online", "stopping"):
             pub.publish(status, P.presence_payload(state), qos=1, retain=False)
         fed.wait(lambda: agent._coord_state == "stopping", WAIT, "status messages handled")

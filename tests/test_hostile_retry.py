@@ -20,7 +20,7 @@ import pytest
 
 import device_agent.daemon as agent_daemon
 from coordinator.daemon import Coordinator
-from coordinator.harness import EmbeddedFederation
+from coordinator.harness import EmbeddedFederation, small
 from fedcoe_edge import protocol as P
 from fedcoe_edge.transport import MemoryBroker
 
@@ -66,7 +66,7 @@ def _federation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, coordinator_cls
     def factory(cid: str, will: Any, birth: Any) -> Any:
         return broker.client(cid, will=will, birth=birth)
 
-    fed = EmbeddedFederation(tmp_path, factory, devices=devices, rounds=1)
+    fed = EmbeddedFederation(tmp_path, factory, devices=devices, rounds=1, **small())
     c = fed.coordinator = coordinator_cls(fed.coordinator_config(), factory)
     fed._spawn(c.run, "coordinator")
     return fed, c

@@ -95,7 +95,7 @@ def test_devices_fetch_the_trunk_once_and_rounds_carry_no_trunk(
     fed = CameraFederation(tmp_path, mqtt_factory(BrokerSettings(port=broker.port)), devices=2,
                            rounds=2, deadline_s=60.0, model=camera_model(trunks),
                            train=TrainConfig(local_epochs=1, batch_size=16),
-                           npz=camera_npz(tmp_path, 3))
+                           npz=camera_npz(tmp_path, 3), bundle="off")
     fed.start()
     try:
         fed.wait_rounds(120)
@@ -203,7 +203,7 @@ def test_the_coordinator_serves_only_the_federations_trunk(tmp_path: Path,
     mine = tmp_path / "trunk.safetensors"
     mine.write_bytes(Path(trunks["path"]).read_bytes())
     model = replace(camera_model(trunks), trunk_weights=str(mine))
-    fed = CameraFederation(tmp_path / "a", mqtt_factory(BrokerSettings()), model=model)
+    fed = CameraFederation(tmp_path / "a", mqtt_factory(BrokerSettings()), model=model, bundle="off")
     c = Coordinator(fed.coordinator_config())
     try:
         data, manifest = c._trunk_payload()
@@ -219,7 +219,7 @@ def test_the_coordinator_serves_only_the_federations_trunk(tmp_path: Path,
         c.close()
     plain = CameraFederation(tmp_path / "c", mqtt_factory(BrokerSettings()),
                              model=replace(model, trunk_mode="federated", trunk_weights="",
-                                           trunk_sha256=""))
+                                           trunk_sha256=""), bundle="off")
     c = Coordinator(plain.coordinator_config())
     try:
         with pytest.raises(ValidationError, match="names no pretrained trunk"):
@@ -237,7 +237,7 @@ def test_a_device_gets_the_trunk_a_bounded_number_of_times(tmp_path: Path,
     from coordinator.daemon import TRUNK_FETCH_MAX, Coordinator
     from fedcoe_edge.errors import ValidationError
 
-    fed = CameraFederation(tmp_path / "a", mqtt_factory(BrokerSettings()), model=camera_model(trunks))
+    fed = CameraFederation(tmp_path / "a", mqtt_factory(BrokerSettings()), model=camera_model(trunks), bundle="off")
     c = Coordinator(fed.coordinator_config())
     try:
         for _ in range(TRUNK_FETCH_MAX):
