@@ -34,6 +34,7 @@ from coordinator.daemon import Coordinator
 from coordinator.peerlink import PeerLink
 from fedcoe_edge import protocol as P
 from fedcoe_edge.errors import ConfigError, FedCoEError, ValidationError, WireError
+from fedcoe_edge.messages import Hello
 from fedcoe_edge.sharding import (
     LEADER_ID,
     PARTIAL,
@@ -286,7 +287,7 @@ class ShardAggregator(Coordinator):
                           f"leader published version {self.strategy.version}")
         return False, "no version from the leader before the wait ran out; state kept"
 
-    def _on_hello(self, dev: str, body: dict[str, Any]) -> None:
+    def _on_hello(self, dev: str, body: Hello) -> None:
         """A device of another shard is refused with the shard it belongs to (it was given
         the wrong federation id), instead of being served by two shards."""
         owner = shard_of(dev, self.shards)
