@@ -236,7 +236,8 @@ class Coordinator:
         self.refusals = RefusalLog(self.store, log, retention=EVENT_RETENTION)
         # declines are grouped like refusals: a device declining in a loop costs one row
         # and one line per interval, not one synced row each
-        self.declines = RefusalLog(self.store, log, kind="decline", retention=EVENT_RETENTION)
+        self.declines = RefusalLog(self.store, log, kind="decline", label="declined",
+                                   retention=EVENT_RETENTION)
         self._ctl_limit = RateLimiter(CTL_RATE, CTL_BURST)
         self._hello_limit = RateLimiter(HELLO_RATE, HELLO_BURST)
         self._fetch_limit = RateLimiter(FETCH_RATE, FETCH_BURST)
@@ -275,11 +276,11 @@ class Coordinator:
                             ttl_s=3600, retain=True, expiry_s=3600)
 
     def reject(self, device: str, rnd: int, reason: str, notify: bool = True,
-               xfer: str | None = None) -> None:
+               xfer: str | None = None, per_interval: int | None = None) -> None:
         """Refuse an input: a log line naming device, round and reason, and a round-log row;
         repeats of one reason from one device are aggregated (:class:`RefusalLog`), and
         only refusals written individually are also told to the device."""
-        if self.refusals.refuse(rnd, device, reason) and notify:
+        if self.refusals.refuse(rnd, device, reason, per_interval=per_interval) and notify:
             with contextlib.suppress(FedCoEError):
                 self._send(device, P.REJECT, {"reason": reason[:500], "xfer": xfer}, rnd)
 
@@ -726,12 +727,13 @@ class Coordinator:
         try:
             dev = self.topics.parse(msg.topic).device or "?"
         except WireError as exc:
-            log.warning("rejected device=? round=%d reason=%s", self.round, exc)
+            self.refusals.refuse(self.round, "?", f"topic: {exc}", cls="bad topic",
+                                 per_interval=1)
             return
         assert self.messenger is not None
         if not self._ctl_limit.allow(dev):
             self.reject(dev, self.round, f"rate limit: more than {CTL_RATE:g} control messages/s",
-                        notify=False)
+                        notify=False, per_interval=1)
             return
         try:
             env = self.messenger.open(msg.payload, expect_sender=dev)
@@ -757,14 +759,15 @@ class Coordinator:
             elif env.type == P.EVAL:
                 if not self._eval_limit.allow(dev):
                     self.reject(dev, env.round, "rate limit: eval more often than "
-                                f"{EVAL_BURST} per {EVAL_BURST / EVAL_RATE:g}s", notify=False)
+                                f"{EVAL_BURST} per {EVAL_BURST / EVAL_RATE:g}s", notify=False,
+                                per_interval=1)
                     return
                 self._on_eval(dev, env.round, Eval.from_wire(body))
             elif env.type == P.DECLINE:
                 if not self._decline_limit.allow(dev):
                     self.reject(dev, env.round, "rate limit: decline more often than "
                                 f"{DECLINE_BURST} per {DECLINE_BURST / DECLINE_RATE:g}s",
-                                notify=False)
+                                notify=False, per_interval=1)
                     return
                 self._on_decline(dev, env.round, Decline.from_wire(body))
             elif env.type == XFER_PROGRESS:

@@ -82,6 +82,7 @@ class RefusalLog:
     max_keys: int = 1000
     clock: Clock = time.monotonic
     kind: str = "rejected"
+    label: str = "rejected"  # the first word of its log lines
     max_new_per_interval: int = 200
     _windows: dict[tuple[str, str], _Window] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -127,7 +128,7 @@ class RefusalLog:
                 w.round, w.example = rnd, reason
         self._write(flush)
         if single:
-            self.log.warning("rejected device=%s round=%d reason=%s", device, rnd, reason)
+            self.log.warning("%s device=%s round=%d reason=%s", self.label, device, rnd, reason)
             self._add(rnd, device, reason, 1)
         return single
 
@@ -157,8 +158,8 @@ class RefusalLog:
         for (device, _), w in items:
             if not w.suppressed:
                 continue
-            self.log.warning("rejected device=%s round=%d reason=%s (and %d more like it in %.0fs)",
-                             device, w.round, w.example, w.suppressed, self.interval_s)
+            self.log.warning("%s device=%s round=%d reason=%s (and %d more like it in %.0fs)",
+                             self.label, device, w.round, w.example, w.suppressed, self.interval_s)
             self._add(w.round, device, f"{w.suppressed} x {w.example}", w.suppressed)
 
     def _add(self, rnd: int, device: str, reason: str, count: int) -> None:

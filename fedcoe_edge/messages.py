@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 from fedcoe_edge.errors import WireError
@@ -188,10 +188,7 @@ class Hello(Body):
 
     def capabilities(self) -> dict[str, Any]:
         """What the registry stores (``devices.capabilities``)."""
-        caps = self.to_wire()
-        if self.label_hist is not None:
-            caps["label_hist"] = list(self.label_hist)
-        return caps
+        return self.to_wire()
 
 
 @dataclass(frozen=True)
@@ -214,7 +211,8 @@ class Result(Body):
         if aff is not None:
             if not isinstance(aff, list) or len(aff) > MAX_EXPERTS:
                 raise MessageError(f"result.affinity: must be a list of at most {MAX_EXPERTS} numbers")
-            affinity = tuple(_num({"a": a}, cls, "affinity", 0.0, 1e300) or 0.0 for a in aff)
+            affinity = tuple(_num({"affinity": a}, cls, "affinity", 0.0, 1e300) or 0.0
+                             for a in aff)
         metrics = _obj(b, cls, "metrics", required=False) or {}
         if len(metrics) > MAX_METRICS:
             raise MessageError(f"result.metrics: {len(metrics)} entries (at most {MAX_METRICS})")
@@ -222,7 +220,7 @@ class Result(Body):
         for k, v in sorted(metrics.items()):
             if len(k) > MAX_NAME:
                 raise MessageError(f"result.metrics: name of {len(k)} characters (at most {MAX_NAME})")
-            x = _num({k: v}, cls, f"metrics.{k}", -1e300, 1e300)
+            x = _num({f"metrics.{k}": v}, cls, f"metrics.{k}", -1e300, 1e300)
             assert x is not None
             clean.append((k, x))
         return cls(manifest, n, affinity, tuple(clean))
@@ -373,8 +371,8 @@ class Welcome(Body):
     TYPE: ClassVar[str] = "welcome"
     algorithm: str
     seed: int
-    model: dict[str, Any]
-    train: dict[str, Any]
+    model: dict[str, Any] = field(hash=False)  # ModelConfig.from_dict checks it
+    train: dict[str, Any] = field(hash=False)  # TrainConfig.from_dict checks it
     bc_key: str
     version: int
     round: int
@@ -413,7 +411,7 @@ class Task(Body):
     expert_ids: tuple[int, ...]
     version: int
     deadline_s: float
-    config: dict[str, Any]
+    config: dict[str, Any] = field(hash=False)  # numbers and strings only
 
     @classmethod
     def _parse(cls, b: dict[str, Any]) -> Task:
@@ -542,8 +540,8 @@ class PartialAnnounce(Body):
 
     TYPE: ClassVar[str] = "partial"
     manifest: TransferManifest
-    meta: dict[str, str]
-    failures: dict[str, str]
+    meta: dict[str, str] = field(hash=False)
+    failures: dict[str, str] = field(hash=False)
 
     @classmethod
     def _parse(cls, b: dict[str, Any]) -> PartialAnnounce:

@@ -254,7 +254,8 @@ def _bounded_int(text: str) -> int:
 
 
 def parse_json(data: bytes, where: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """Strict JSON for peer input: UTF-8, no duplicate keys, nesting at most ``max_depth``,
+    """Strict JSON for peer input: UTF-8, no duplicate keys, nesting at most ``max_depth``
+    (the document itself is level 1: an envelope's body is level 2),
     finite floats, integers within +-MAX_JSON_INT. Every failure is one WireError line."""
     depth = json_depth(data)
     if depth > max_depth:
