@@ -83,6 +83,7 @@ class RefusalLog:
     clock: Clock = time.monotonic
     kind: str = "rejected"
     label: str = "rejected"  # the first word of its log lines
+    who: str = "device"  # what the sender is called in them
     max_new_per_interval: int = 200
     _windows: dict[tuple[str, str], _Window] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -128,7 +129,8 @@ class RefusalLog:
                 w.round, w.example = rnd, reason
         self._write(flush)
         if single:
-            self.log.warning("%s device=%s round=%d reason=%s", self.label, device, rnd, reason)
+            self.log.warning("%s %s=%s round=%d reason=%s", self.label, self.who, device, rnd,
+                             reason)
             self._add(rnd, device, reason, 1)
         return single
 
@@ -158,8 +160,9 @@ class RefusalLog:
         for (device, _), w in items:
             if not w.suppressed:
                 continue
-            self.log.warning("%s device=%s round=%d reason=%s (and %d more like it in %.0fs)",
-                             self.label, device, w.round, w.example, w.suppressed, self.interval_s)
+            self.log.warning("%s %s=%s round=%d reason=%s (and %d more like it in %.0fs)",
+                             self.label, self.who, device, w.round, w.example, w.suppressed,
+                             self.interval_s)
             self._add(w.round, device, f"{w.suppressed} x {w.example}", w.suppressed)
 
     def _add(self, rnd: int, device: str, reason: str, count: int) -> None:

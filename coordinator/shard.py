@@ -87,6 +87,7 @@ class ShardAggregator(Coordinator):
             return base(f"{cid}.{sfed}", will, birth)
 
         super().__init__(shard_config(cfg, index, shards), own_client_id)
+        self._leader_refused = P.LogLimiter()  # refused leader messages: a line per minute
         if new_partial(self.strategy, 0) is None:
             raise ConfigError(f"{cfg.source}: [federation] algorithm {self.fed.algorithm!r} "
                               "aggregates only whole batches; it cannot run with shards")
@@ -158,8 +159,9 @@ class ShardAggregator(Coordinator):
         assert self.link is not None
         try:
             env = self.link.messenger.open(msg.payload, expect_sender=LEADER_ID)
-        except WireError as exc:
-            log.warning("refused leader message on %s: %s", msg.topic, exc)
+        except WireError as exc:  # one line per kind of refusal per minute
+            self._leader_refused.warning(log, LEADER_ID, P.reason_class(str(exc)),
+                                         f"refused leader message on {msg.topic}: {exc}")
             return
         try:
             if env.type == SHARD_OPEN:
@@ -172,8 +174,9 @@ class ShardAggregator(Coordinator):
                 self.link.on_report(LEADER_ID, env.type, env.body)
             else:
                 log.warning("leader message of unknown type %r ignored", env.type)
-        except (FedCoEError, KeyError, TypeError, ValueError) as exc:
-            log.warning("refused leader %s round=%d: %s", env.type, env.round, exc)
+        except (FedCoEError, KeyError, TypeError, ValueError, ArithmeticError) as exc:
+            self._leader_refused.warning(log, LEADER_ID, P.reason_class(f"{env.type}: {exc}"),
+                                         f"refused leader {env.type} round={env.round}: {exc}")
 
     def _on_open(self, rnd: int, body: dict[str, Any]) -> None:
         tasks, keysets = body.get("tasks"), body.get("keysets")
@@ -194,7 +197,8 @@ class ShardAggregator(Coordinator):
         try:
             done = self.link.on_chunk(LEADER_ID, msg.payload)
         except WireError as exc:
-            log.warning("leader blob refused: %s", exc)
+            self._leader_refused.warning(log, LEADER_ID, P.reason_class(str(exc)),
+                                         f"leader blob refused: {exc}")
             return
         if done is None:
             return
