@@ -90,7 +90,7 @@ CTL_RATE, CTL_BURST = 50.0, 200  # control envelopes per second (all types)
 HELLO_RATE, HELLO_BURST = 0.2, 3  # hellos: each may re-announce a task
 FETCH_RATE, FETCH_BURST = 0.5, 5  # fetches: each prepares a download
 NOTICE_RATE, NOTICE_BURST = 0.5, 2  # xfer_unknown / re-accept answers to stray chunks
-HB_RATE, HB_BURST = 0.2, 5  # heartbeats (an agent beats every 30 s, and after a rebuild)
+HB_RATE, HB_BURST = 1.0, 10  # heartbeats (an agent beats every heartbeat_s, 30 s by default)
 EVAL_RATE, EVAL_BURST = 0.5, 10  # evals: two per round at most, plus re-sends
 DECLINE_RATE, DECLINE_BURST = 1 / 60, 2  # declines: an agent sends one and stops
 # evaluations are stored for rounds that closed, at most this many rounds back (a device
@@ -684,10 +684,10 @@ class Coordinator:
     # ------------------------------------------------------------------ handlers
     def _on_presence(self, msg: Message) -> None:
         dev = self.topics.parse(msg.topic).device or "?"
-        try:
-            state = json.loads(msg.payload.decode())["state"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            log.warning("presence of %s: unreadable payload ignored", dev)
+        state = P.presence_state(msg.payload)
+        if state is None:
+            self.refusals.refuse(self.round, dev, "presence: unreadable payload ignored",
+                                 per_interval=1)
             return
         if state == "offline":
             with self._lock:

@@ -22,7 +22,6 @@ prints it), so each shard has its own topic prefix on the broker.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import threading
 import time
@@ -148,11 +147,7 @@ class ShardAggregator(Coordinator):
 
     def _on_leader_status(self, msg: Message) -> None:
         """The leader's retained presence: say hello at once when it (re)starts."""
-        try:
-            online = json.loads(msg.payload.decode()).get("state") == "online"
-        except (ValueError, AttributeError, UnicodeDecodeError):
-            return
-        if online:
+        if P.presence_state(msg.payload) == "online":
             self._hello(force=True)
 
     def _on_leader_ctl(self, msg: Message) -> None:

@@ -170,9 +170,6 @@ class Store:
                    " global_acc=COALESCE(?, global_acc) WHERE round=?",
                    (time.time(), version_after, int(applied), note, global_acc, rnd))
 
-    def set_global_acc(self, rnd: int, acc: float) -> None:
-        self._exec("UPDATE rounds SET global_acc=? WHERE round=?", (acc, rnd))
-
     def round(self, rnd: int) -> dict[str, Any] | None:
         rows = self._rows("SELECT * FROM rounds WHERE round=?", (rnd,))
         return rows[0] if rows else None

@@ -367,9 +367,8 @@ class DeviceAgent:
             self.hello()
 
     def _on_coord_status(self, msg: Message) -> None:
-        try:
-            state = json.loads(msg.payload.decode())["state"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        state = P.presence_state(msg.payload)
+        if state is None:
             return
         previous, self._coord_state = self._coord_state, str(state)
         if state != "online" or msg.retain:

@@ -31,9 +31,9 @@ try:
 except ModuleNotFoundError:  # Python 3.10 (JetPack 6, Ubuntu 22.04): the same parser, as tomli
     import tomli as tomllib  # type: ignore[no-redef]
 
-from fedcoe_edge.errors import ConfigError
+from fedcoe_edge.errors import ConfigError, WireError
 from fedcoe_edge.transport import Topics, Transport, Will
-from fedcoe_edge.wire import Envelope, ReplayCache, decode_envelope, encode_envelope
+from fedcoe_edge.wire import Envelope, ReplayCache, decode_envelope, encode_envelope, parse_json
 
 log = logging.getLogger("fedcoe.protocol")
 
@@ -343,8 +343,6 @@ class Messenger:
              key_override: bytes | None = None) -> Envelope:
         """Authenticate, then decode; raises WireError with a one-line reason
         (:class:`~fedcoe_edge.wire.UnauthenticatedError` when the HMAC did not verify)."""
-        from fedcoe_edge.errors import WireError
-
         lookup = self.keys if key_override is None else (lambda _s: key_override)
         # the topic names the sender: its key verifies the raw bytes before anything is
         # parsed (a message signed by another sender fails that HMAC)
@@ -402,6 +400,23 @@ def presence_payload(state: str, **extra: Any) -> bytes:
     """Plain JSON for presence / coordinator status: the will is fixed at connect time, so it
     cannot carry a fresh signature; it only ever triggers behaviour that is safe to repeat."""
     return json.dumps({"state": state, **extra}, sort_keys=True).encode()
+
+
+PRESENCE_MAX_BYTES = 1024
+
+
+def presence_state(payload: bytes) -> str | None:
+    """The ``state`` of a presence / status payload, or None when it is not one: the
+    payload is unsigned, so it is read with the same limits as any peer input (size,
+    nesting, finite numbers) and never raises."""
+    if len(payload) > PRESENCE_MAX_BYTES:
+        return None
+    try:
+        doc = parse_json(bytes(payload), "presence", max_depth=2)
+    except WireError:
+        return None
+    state = doc.get("state") if isinstance(doc, dict) else None
+    return state if isinstance(state, str) else None
 
 
 def install_stop_handlers(stop: Callable[[], None]) -> None:
