@@ -553,11 +553,78 @@ class PartialAnnounce(Body):
         return cls(_manifest(b, cls), meta, failures)
 
 
+@dataclass(frozen=True)
+class ShardTask(Body):
+    """One device's task inside a ``shard_open``: device, experts, key set, config."""
+
+    TYPE: ClassVar[str] = "shard_open.task"
+    d: str
+    e: tuple[int, ...]
+    k: int
+    c: dict[str, Any] = field(hash=False)
+
+    @classmethod
+    def _parse(cls, b: dict[str, Any]) -> ShardTask:
+        config = _obj(b, cls, "c", required=False) or {}
+        if not all(isinstance(v, int | float | str) for v in config.values()):
+            raise MessageError("shard_open.task.c: must map names to numbers or strings")
+        return cls(_str(b, cls, "d", max_len=128, pattern=ID_RE) or "",
+                   _ints(b, cls, "e", 0, MAX_EXPERTS - 1) or (),
+                   _int(b, cls, "k", 0, MAX_EXPERTS) or 0, config)
+
+
+@dataclass(frozen=True)
+class ShardOpen(Body):
+    """The leader opens a round at a shard: its devices' tasks, each naming one of the
+    ``keysets`` (the global tensors its parameters are made of)."""
+
+    TYPE: ClassVar[str] = "shard_open"
+    version: int
+    deadline_s: float
+    tasks: tuple[ShardTask, ...]
+    keysets: tuple[tuple[str, ...], ...]
+
+    @classmethod
+    def _parse(cls, b: dict[str, Any]) -> ShardOpen:
+        tasks, keysets = _get(b, cls, "tasks", True), _get(b, cls, "keysets", True)
+        if not isinstance(tasks, list) or not isinstance(keysets, list):
+            raise MessageError("shard_open needs tasks and keysets lists")
+        if not all(isinstance(ks, list) and all(isinstance(k, str) for k in ks) for ks in keysets):
+            raise MessageError("shard_open.keysets: must be lists of tensor names")
+        typed = tuple(ShardTask.from_wire(t) for t in tasks)
+        if any(t.k >= len(keysets) for t in typed):
+            raise MessageError(f"shard_open.tasks: a key set index beyond the {len(keysets)} given")
+        return cls(_int(b, cls, "version") or 0, _num(b, cls, "deadline_s", 0.0, MAX_DEADLINE_S) or 0.0,
+                   typed, tuple(tuple(ks) for ks in keysets))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"version": self.version, "deadline_s": self.deadline_s,
+                "tasks": [t.to_wire() for t in self.tasks],
+                "keysets": [list(ks) for ks in self.keysets]}
+
+
+@dataclass(frozen=True)
+class ShardModel(Body):
+    """The leader's global state of ``version`` (a blob manifest) and the strategy's
+    server extras (checked by the strategy's ``restore_extra``)."""
+
+    TYPE: ClassVar[str] = "shard_model"
+    manifest: TransferManifest
+    version: int
+    extra: dict[str, Any] = field(hash=False)
+
+    @classmethod
+    def _parse(cls, b: dict[str, Any]) -> ShardModel:
+        return cls(_manifest(b, cls), _int(b, cls, "version") or 0,
+                   _obj(b, cls, "extra", required=False) or {})
+
+
 DEVICE_TO_COORDINATOR: tuple[type[Body], ...] = (Hello, Result, Fetch, Eval, Decline, Heartbeat,
                                                  XferProgress, XferDone)
 COORDINATOR_TO_DEVICE: tuple[type[Body], ...] = (Welcome, Task, Model, Accept, Reject, EvalAck,
                                                  XferUnknown, Status, XferProgress, XferDone)
-SHARD_LEADER: tuple[type[Body], ...] = (ShardHello, PartialAnnounce)
+SHARD_LEADER: tuple[type[Body], ...] = (ShardHello, PartialAnnounce, ShardOpen, ShardTask,
+                                        ShardModel)
 ALL: tuple[type[Body], ...] = tuple(dict.fromkeys(
     DEVICE_TO_COORDINATOR + COORDINATOR_TO_DEVICE + (BundleStatus,) + SHARD_LEADER))
 BY_TYPE: dict[str, type[Body]] = {c.TYPE: c for c in ALL if "." not in c.TYPE}

@@ -44,6 +44,10 @@ VALID: dict[type[M.Body], dict[str, Any]] = {
                    "session": "abc"},
     M.PartialAnnounce: {"manifest": MANIFEST, "meta": {"fedcoe.round": "1"},
                         "failures": {"d3": "deadline"}},
+    M.ShardTask: {"d": "d1", "e": [0, 2], "k": 0, "c": {"lr": 0.1}},
+    M.ShardOpen: {"version": 2, "deadline_s": 30.0, "keysets": [["global.gate.w"]],
+                  "tasks": [{"d": "d1", "e": [0, 2], "k": 0, "c": {}}]},
+    M.ShardModel: {"manifest": MANIFEST, "version": 3, "extra": {"affinity": [[0.5]]}},
 }
 
 
@@ -100,6 +104,12 @@ BAD: list[tuple[type[M.Body], dict[str, Any], str]] = [
     (M.Status, {**VALID[M.Status], "round": -1}, r"status\.round"),
     (M.ShardHello, {"online": ["a b"], "shards": 2}, r"shard_hello\.online"),
     (M.PartialAnnounce, {"manifest": MANIFEST, "meta": {"a": 1}}, r"partial\.meta"),
+    (M.ShardOpen, {**VALID[M.ShardOpen], "tasks": [{"d": "d1", "e": [], "k": 1}]},
+     r"key set index beyond the 1 given"),
+    (M.ShardOpen, {**VALID[M.ShardOpen], "tasks": "all"}, r"needs tasks and keysets lists"),
+    (M.ShardOpen, {**VALID[M.ShardOpen], "tasks": [{"d": "x/y", "e": [], "k": 0}]},
+     r"shard_open\.task\.d"),
+    (M.ShardModel, {"manifest": MANIFEST, "version": -3}, r"shard_model\.version"),
 ]
 
 
