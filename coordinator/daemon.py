@@ -1048,7 +1048,7 @@ class Coordinator:
         if alone:
             what = (f"update of {accepted[0].device} round {accepted[0].round}" if accepted
                     else f"{len(items)} evaluation(s)")
-            log.error("persisting the %s failed (%s: %s); not acknowledged", what,
+            log.error("persisting the %s failed (%s: %s); none acknowledged", what,
                       type(exc).__name__, str(exc)[:200])
         else:
             log.warning("persisting a batch of %d failed (%s: %s); each is retried alone",

@@ -42,7 +42,7 @@ from fedcoe_edge import protocol as P
 from fedcoe_edge.checkpoint import load_arrays_file
 from fedcoe_edge.errors import ConfigError, DataError, FedCoEError, ValidationError, WireError
 from fedcoe_edge.io import atomic_write_text
-from fedcoe_edge.messages import PartialAnnounce, ShardHello
+from fedcoe_edge.messages import PartialAnnounce, ShardHello, XferDone, XferProgress
 from fedcoe_edge.sharding import (
     LEADER_ID,
     PARTIAL,
@@ -225,6 +225,7 @@ class Leader:
             elif env.type == PARTIAL:
                 self._on_partial_announce(shard, env.round, PartialAnnounce.from_wire(env.body))
             elif env.type in (XFER_PROGRESS, XFER_DONE):
+                (XferProgress if env.type == XFER_PROGRESS else XferDone).from_wire(env.body)
                 self.link.on_report(shard, env.type, env.body)
             else:
                 self.refuse(shard, env.round, f"unknown message type {env.type!r:.40}")

@@ -33,7 +33,7 @@ from coordinator.daemon import Coordinator
 from coordinator.peerlink import PeerLink
 from fedcoe_edge import protocol as P
 from fedcoe_edge.errors import ConfigError, FedCoEError, ValidationError, WireError
-from fedcoe_edge.messages import Hello, ShardModel, ShardOpen
+from fedcoe_edge.messages import Hello, ShardModel, ShardOpen, XferDone, XferProgress
 from fedcoe_edge.sharding import (
     LEADER_ID,
     PARTIAL,
@@ -167,6 +167,7 @@ class ShardAggregator(Coordinator):
                 with self._lock:
                     self._model_meta = (env.round, model)
             elif env.type in (XFER_PROGRESS, XFER_DONE):
+                (XferProgress if env.type == XFER_PROGRESS else XferDone).from_wire(env.body)
                 self.link.on_report(LEADER_ID, env.type, env.body)
             else:
                 log.warning("leader message of unknown type %r ignored", env.type)
