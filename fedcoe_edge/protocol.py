@@ -32,6 +32,7 @@ except ModuleNotFoundError:  # Python 3.10 (JetPack 6, Ubuntu 22.04): the same p
     import tomli as tomllib  # type: ignore[no-redef]
 
 from fedcoe_edge.errors import ConfigError, WireError
+from fedcoe_edge.messages import BY_TYPE
 from fedcoe_edge.transport import Topics, Transport, Will
 from fedcoe_edge.wire import Envelope, ReplayCache, decode_envelope, encode_envelope, parse_json
 
@@ -334,6 +335,9 @@ class Messenger:
     def send(self, topic: str, type: str, recipient: str, body: Mapping[str, Any],
              key: bytes, round: int = 0, ttl_s: int = 600, retain: bool = False,
              expiry_s: int | None = None) -> None:
+        typed = BY_TYPE.get(type)
+        if typed is not None:  # never send what the receiver's from_wire would refuse
+            typed.from_wire(body)
         env = Envelope.new(type, federation=self.topics.federation, sender=self.me,
                            recipient=recipient, round=round, body=body, ttl_s=ttl_s)
         self.transport.publish(topic, encode_envelope(env, key), qos=1, retain=retain,

@@ -182,7 +182,7 @@ _STRING_RE = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
 _DEPTH_TABLE = bytes(2 if c in b"[{" else 0 if c in b"]}" else 1 for c in range(256))
 
 
-def _split_signed(data: bytes) -> tuple[bytes, bytes]:
+def _split_signed(data: bytes, where: str) -> tuple[bytes, bytes]:
     """``(signed bytes, hmac hex)`` of canonical envelope bytes, without parsing them.
 
     The canonical form sorts keys, so the top-level ``hmac`` member is the last one of its
@@ -192,7 +192,7 @@ def _split_signed(data: bytes) -> tuple[bytes, bytes]:
     i = data.rfind(_HMAC_MARK)
     j = i + len(_HMAC_MARK) + _HMAC_LEN
     if i < 0 or data[j : j + 1] != b'"':
-        raise UnauthenticatedError("envelope: no HMAC member (not a canonical signed envelope)")
+        raise UnauthenticatedError(f"{where}: no HMAC member (not a canonical signed envelope)")
     return data[:i] + data[j + 1 :], data[i + len(_HMAC_MARK) : j]
 
 
@@ -387,7 +387,7 @@ def decode_envelope(
         )
     sender = expect_sender if expect_sender is not None else _claimed_sender(data)
     where = f"envelope from {sender!r}"
-    signed, mac = _split_signed(data)
+    signed, mac = _split_signed(data, where)
     key = key_lookup(sender)
     if key is None:
         raise UnauthenticatedError(f"{where}: unknown sender (no HMAC key)")
