@@ -47,6 +47,7 @@ from fedcoe_edge.messages import (
     Fetch,
     Heartbeat,
     Hello,
+    MessageError,
     Result,
     XferDone,
     XferProgress,
@@ -777,7 +778,9 @@ class Coordinator:
             else:
                 self.reject(dev, env.round, f"unknown message type {env.type!r}")
         except (FedCoEError, KeyError, TypeError, ValueError, ArithmeticError) as exc:
-            self.reject(dev, env.round, f"{env.type}: {exc}")
+            # a body that fails its type: one line per device and reason per interval
+            self.reject(dev, env.round, f"{env.type}: {exc}",
+                        per_interval=1 if isinstance(exc, MessageError) else None)
 
     def _on_hello(self, dev: str, hello: Hello) -> None:
         role = hello.role

@@ -319,8 +319,7 @@ class Heartbeat(Body):
                    None if bundle is None else BundleStatus.from_wire(bundle))
 
     def to_wire(self) -> dict[str, Any]:
-        out = {k: v for k, v in super().to_wire().items() if v is not None}
-        return out
+        return {k: v for k, v in super().to_wire().items() if v is not None}
 
 
 # --- transfer reports (both directions) -----------------------------------------------

@@ -17,6 +17,9 @@ What is asserted is what honest devices get, never how fast anything ran:
 * hellos and "coordinator online" replays prepare no second task download for anyone;
 * a coordinator killed with SIGKILL while uploads are in flight and started again loses
   no update: the round still closes with every update, before its original deadline.
+* a client holding no key at all, flooding heartbeat and control topics with 1e999
+  floats, 40,000-deep JSON, random bytes and forged envelopes, costs the coordinator no
+  traceback and a few counted refusal rows while every honest round completes.
 
 Run ``make test-hostile`` for the slow ones (``-m slow``); ``make test`` runs the short
 attack only. Each test prints its measured figures (``-s`` shows them).

@@ -1,8 +1,10 @@
 """Signed control messages: a versioned JSON envelope, HMAC-SHA256 per device, replay window.
 
-Part of :mod:`fedcoe_edge.wire` (docs/protocol.md): every control message is one
-:class:`Envelope`, signed over its canonical JSON with the sender's key, refused when
-expired, too large, malformed or already seen (:class:`ReplayCache`).
+Part of :mod:`fedcoe_edge.wire` (docs/protocol.md, section 3): every control message is one
+:class:`Envelope`, sent as its canonical JSON and signed over those bytes with the sender's
+key. A receiver checks the HMAC on the raw bytes before it parses anything, then parses
+with limits (:func:`parse_json`), and refuses what is expired, too large, malformed or
+already seen (:class:`ReplayCache`).
 """
 
 from __future__ import annotations
