@@ -138,6 +138,16 @@ def test_demo_gives_each_device_only_its_own_key(tmp_path: Path) -> None:
 
 
 # --- a compromised device inside a federation ---------------------------------------------
+def _unchecked_send(agent: DeviceAgent, type: str, body: dict[str, Any], rnd: int) -> None:
+    """Sign and publish a control message as ``agent`` without the typed check its
+    Messenger applies before sending: what a compromised device can still put on the wire."""
+    assert agent.transport is not None
+    env = Envelope.new(type, federation=agent.topics.federation, sender=agent.dev,
+                       recipient=agent.coord, round=rnd, body=body)
+    agent.transport.publish(agent.topics.up_ctl(agent.dev), encode_envelope(env, agent.cfg.key),
+                            qos=1)
+
+
 def _hostile_manifest(xid: str, total: int, chunk: int) -> dict[str, Any]:
     return TransferManifest(xid, (), 0, total, chunk, max(1, -(-total // chunk)), "0" * 64).to_dict()
 
@@ -156,9 +166,10 @@ def test_compromised_device_cannot_buy_unbounded_work(tmp_path: Path) -> None:
             return True
         c = fed.coordinator
         assert c is not None
-        agent._send(P.RESULT, {"manifest": _hostile_manifest("tiny", 20_000, 1), "num_samples": 1}, rnd)
+        _unchecked_send(agent, P.RESULT, {"manifest": _hostile_manifest("tiny", 20_000, 1),
+                                          "num_samples": 1}, rnd)
         for i in range(40):
-            agent._send(P.RESULT, {"manifest": _hostile_manifest(f"many{i}", 4096, 1024),
+            _unchecked_send(agent, P.RESULT, {"manifest": _hostile_manifest(f"many{i}", 4096, 1024),
                                    "num_samples": 1}, rnd)
         for _ in range(10):
             agent.hello()
@@ -394,6 +405,8 @@ def test_numbers_out_of_range_refuse_that_message_alone(
             sends[0] += 1
             body = {**body, "num_samples": 10**400 if sends[0] % 2 else 2**62,
                     "metrics": {"train_loss": 10**400 if sends[0] % 2 else 1.0}}
+            _unchecked_send(bad, type, body, rnd)
+            return
         real_send(type, body, rnd)
     bad._send = lying_send  # type: ignore[method-assign]
     try:
