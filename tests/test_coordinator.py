@@ -24,6 +24,7 @@ from device_agent.daemon import AgentHooks, DeviceAgent
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.data import make_federation
 from fedcoe_edge.errors import ConfigError
+from fedcoe_edge.messages import Eval, Fetch
 from fedcoe_edge.protocol import TransportFactory
 from fedcoe_edge.registry import RegistryError
 from fedcoe_edge.simulation import SimulationConfig, run_one
@@ -459,11 +460,11 @@ def test_a_resent_evaluation_is_answered_but_logged_once(
     caplog.set_level(logging.INFO, logger="fedcoe.coordinator")
     with _after_one_round(tmp_path) as (fed, c):
         for _ in range(3):
-            c._on_eval("0", 7, {"kind": "cold", "correct": 3, "total": 4})
-        c._on_eval("1", 7, {"kind": "cold", "correct": 1, "total": 4})
-        fed.wait(lambda: len([e for e in c.store.evals("cold") if e["round"] == 7]) == 2, 30,
+            c._on_eval("0", 1, Eval("cold", 3, 4))
+        c._on_eval("1", 1, Eval("cold", 1, 4))
+        fed.wait(lambda: len([e for e in c.store.evals("cold") if e["round"] == 1]) == 2, 30,
                  "the evaluations stored")
-    lines = [r.getMessage() for r in caplog.records if "round=7 kind=cold" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "round=1 kind=cold" in r.getMessage()]
     assert len(lines) == 2 and any("device=0" in m for m in lines), lines
 
 
@@ -478,11 +479,11 @@ def test_a_resent_fetch_reuses_the_download_it_already_started(tmp_path: Path) -
                 return {x for x, o in c._senders.items() if o.device == "ghost" and o.purpose == "cold"}
 
         before = downloads()  # "ghost" never answers: its downloads stay open
-        c._on_fetch("ghost", 1, {"purpose": "cold", "expert_ids": [0, 1]})
+        c._on_fetch("ghost", 1, Fetch("cold", (0, 1)))
         first = downloads() - before
-        c._on_fetch("ghost", 1, {"purpose": "cold", "expert_ids": [0, 1]})
+        c._on_fetch("ghost", 1, Fetch("cold", (0, 1)))
         again = downloads() - before
-        c._on_fetch("ghost", 1, {"purpose": "cold", "expert_ids": [2, 3]})  # other experts: new
+        c._on_fetch("ghost", 1, Fetch("cold", (2, 3)))  # other experts: new
         other = downloads() - before
     assert len(first) == 1 and again == first
     assert len(other) == 2
