@@ -314,7 +314,7 @@ def _raw_envelope(dev: str, body: bytes, key: bytes, type: str = "hb") -> bytes:
 def _after_one_round(tmp_path: Path, devices: int = 2) -> Iterator[tuple[EmbeddedFederation,
                                                                          Coordinator]]:
     _, factory = memory_factory()
-    fed = EmbeddedFederation(tmp_path, factory, devices=devices, rounds=1)
+    fed = EmbeddedFederation(tmp_path, factory, devices=devices, rounds=1, federation="test", **small())
     fed.start()
     try:
         fed.wait_rounds(WAIT)
@@ -394,7 +394,8 @@ def test_numbers_out_of_range_refuse_that_message_alone(
     accepted in the same round. Before, the save raised OverflowError and failed the whole
     batch."""
     _, factory = memory_factory()
-    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=1, deadline_s=20.0)
+    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=1, deadline_s=20.0,
+                             federation="test", **small())
     fed.start()
     bad = fed.agents["2"]
     real_send = bad._send
@@ -525,7 +526,7 @@ def test_agent_refuses_peer_garbage_without_traceback(tmp_path: Path,
     import random
 
     broker, factory = memory_factory()
-    fed = EmbeddedFederation(tmp_path, factory, devices=1, rounds=1)
+    fed = EmbeddedFederation(tmp_path, factory, devices=1, rounds=1, federation="test", **small())
     agent = DeviceAgent(fed.agent_config("0", "0"), factory)
     agent.start()
     agent.bc_key = b"b" * 32
