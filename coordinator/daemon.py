@@ -7,6 +7,12 @@ in-process simulator (docs/design.md, section 2): ``select_clients`` -> ``config
 tasks out, updates in -> ``aggregate_round(results, failures)``. Failures (deadline passed,
 update rejected) are data handed to the strategy, never exceptions or hangs.
 
+The rounds themselves (open, accept, close, checkpoint, resume) are
+:class:`~coordinator.engine.RoundEngine`, which holds no MQTT (docs/design.md, "The daemons");
+this class is the handlers around it: each message parsed into its typed body
+(fedcoe_edge/messages.py) and bounded per device, then an engine call; plus the transfers,
+the pump loop and the persister thread.
+
 Receive path for an update (docs/design.md, section 8): signed ``result`` envelope with a transfer
 manifest -> chunks reassembled and sha256-checked -> int8 delta decompressed against the
 exact parameters this device was sent -> ``validate_update`` (keys, shapes, dtypes, finite,
@@ -21,7 +27,6 @@ strategy state, written atomically). A restarted coordinator resumes the round i
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import queue
@@ -65,7 +70,7 @@ from fedcoe_edge.transport.blob import (
     XFER_PROGRESS,
     BlobReceiver,
     BlobSender,
-    fit_chunk_size,
+    open_blob,
 )
 from fedcoe_edge.wire import (
     ReassemblyBudget,
@@ -74,7 +79,6 @@ from fedcoe_edge.wire import (
     UnauthenticatedError,
     decode_envelope,
     encode_tensors,
-    new_msg_id,
 )
 
 log = logging.getLogger("fedcoe.coordinator")
@@ -478,13 +482,11 @@ class Coordinator:
         bounded like every download (the shared chunk backlog, the pump's 10-minute limit)
         and counted in the traffic."""
         assert self.transport is not None
-        xid = new_msg_id()
-        topic = self.topics.dn_blob(device, xid)
-        size = fit_chunk_size(self.transport, topic, xid, self.fed.chunk_size)
-        manifest = dataclasses.replace(base, transfer_id=xid, chunk_size=size,
-                                       chunk_count=max(1, -(-len(data) // size)))
-        sender = BlobSender(self.transport, topic, manifest, data, window=self.fed.window,
-                            verify=False, budget=self._out_budget)
+        sender = open_blob(self.transport, lambda xid: self.topics.dn_blob(device, xid), data,
+                           chunk_size=self.fed.chunk_size, window=self.fed.window, base=base,
+                           verify=False, budget=self._out_budget)
+        manifest = sender.manifest
+        xid = manifest.transfer_id
         with self._lock:
             self._senders[xid] = _Outgoing(device, rnd, purpose, sender, created=time.monotonic())
         self.store.later("add_traffic", rnd, device, "down", purpose, len(data))
@@ -1026,23 +1028,32 @@ class Coordinator:
             # a re-sent FETCH (its answer was slow, not lost) gets the download already
             # running for it announced again, not a second download of the same bytes
             same = (dev, purpose, label, version, tuple(ids))
-            xid = self._fetch_out.get(same)
-            out = self._senders.get(xid) if xid is not None else None
-            if out is not None and not out.sender.done and out.announce is not None:
-                again = out.announce
-            else:
-                again = None
-        if again is not None and xid is not None:
-            self._announce(xid, *again)
+        if self._reannounce_fetch(same):
             return
         manifest = self._send_params(dev, params, list(ids), purpose, label)
-        with self._lock:
-            if len(self._fetch_out) >= FETCH_OUT_MAX:
-                self._fetch_out.clear()  # a bound; at worst one more duplicate download
-            self._fetch_out[same] = manifest.transfer_id
+        self._remember_fetch(same, manifest.transfer_id)
         self._announce(manifest.transfer_id, P.MODEL, {
             "manifest": manifest.to_dict(), "expert_ids": list(ids), "version": version,
             "purpose": purpose}, label)
+
+    def _reannounce_fetch(self, same: tuple[str, str, int, int, tuple[int, ...]]) -> bool:
+        """A re-sent FETCH (its answer was slow, not lost) gets the download already running
+        for it announced again, not a second download of the same bytes: True when so."""
+        with self._lock:
+            xid = self._fetch_out.get(same)
+            out = self._senders.get(xid) if xid is not None else None
+            again = out.announce if out is not None and not out.sender.done else None
+        if again is None or xid is None:
+            return False
+        self._announce(xid, *again)
+        return True
+
+    def _remember_fetch(self, same: tuple[str, str, int, int, tuple[int, ...]], xid: str) -> None:
+        """The download ``xid`` answers the FETCH ``same`` (see :meth:`_reannounce_fetch`)."""
+        with self._lock:
+            if len(self._fetch_out) >= FETCH_OUT_MAX:
+                self._fetch_out.clear()  # a bound; at worst one more duplicate download
+            self._fetch_out[same] = xid
 
     def _trunk_payload(self) -> tuple[bytes, TransferManifest]:
         """The federation's pretrained trunk file as it is on disk, read once and checked
@@ -1075,20 +1086,12 @@ class Coordinator:
         download instead of starting a second."""
         data, base = self._trunk_payload()
         same = (dev, "trunk", 0, 0, ())
-        with self._lock:
-            xid = self._fetch_out.get(same)
-            out = self._senders.get(xid) if xid is not None else None
-            again = out.announce if out is not None and not out.sender.done else None
-        if again is not None and xid is not None:
-            self._announce(xid, *again)
+        if self._reannounce_fetch(same):
             return
         self._count_trunk_fetch(dev)
         manifest = self._send_bytes(dev, data, base, "trunk", self.round)
         xid = manifest.transfer_id
-        with self._lock:
-            if len(self._fetch_out) >= FETCH_OUT_MAX:
-                self._fetch_out.clear()
-            self._fetch_out[same] = xid
+        self._remember_fetch(same, xid)
         log.info("trunk download to %s: %d bytes (sha256 %s...)", dev, len(data), base.sha256[:12])
         self._announce(xid, P.MODEL, {"manifest": manifest.to_dict(), "expert_ids": [],
                                       "version": self.strategy.version, "purpose": "trunk"},

@@ -36,7 +36,7 @@ from coordinator.config import CoordinatorConfig, FederationSettings
 from coordinator.store import Store
 from fedcoe_edge import protocol as P
 from fedcoe_edge.checkpoint import load_arrays_file, save_arrays
-from fedcoe_edge.errors import ConfigError, DataError, ValidationError
+from fedcoe_edge.errors import ConfigError, DataError, FedCoEError, ValidationError
 from fedcoe_edge.io import atomic_write_text
 from fedcoe_edge.messages import Result
 from fedcoe_edge.simulation import serialized_nbytes
@@ -332,9 +332,12 @@ class RoundEngine:
             raise ValidationError(why or "update refused")
         try:
             result = self.check_update(dev, rnd, task, body, body.manifest, data)
-        except ValidationError as exc:
+        except (FedCoEError, ArithmeticError, ValueError, KeyError, TypeError) as exc:
+            # what the daemon refuses an upload for: a failure of this round, with its reason
             self.fail(dev, rnd, f"update rejected: {exc}")
-            raise
+            if isinstance(exc, ValidationError):
+                raise
+            raise ValidationError(str(exc)) from None
         item = Accepted(dev, rnd, result, len(data), xfer or body.manifest.transfer_id,
                         body.manifest.encoding)
         try:

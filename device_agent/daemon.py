@@ -63,7 +63,7 @@ from fedcoe_edge.transport.blob import (
     XFER_PROGRESS,
     BlobReceiver,
     BlobSender,
-    fit_chunk_size,
+    open_blob,
 )
 from fedcoe_edge.wire import (
     Envelope,
@@ -748,14 +748,12 @@ class DeviceAgent:
         # recognised as a retransmission, and no two devices can share an id
         digest = hashlib.sha256(f"{self.dev}\0{rnd}\0".encode() + data).hexdigest()
         xid = f"r{rnd}-{digest[:32]}"
-        topic = self.topics.up_blob(self.dev, xid)
-        size = fit_chunk_size(self.transport, topic, xid, self.cfg.device.chunk_size)
         experts = sorted({int(n.split(".")[2]) for n in params if n.startswith("global.experts.")})
-        manifest = TransferManifest.for_payload(data, expert_ids=experts,
-                                                base_version=int(self.welcome.get("version", 0)),
-                                                chunk_size=size, transfer_id=xid, encoding=encoding,
-                                                window=self.cfg.device.window)
-        sender = BlobSender(self.transport, topic, manifest, data, window=self.cfg.device.window)
+        sender = open_blob(self.transport, lambda x: self.topics.up_blob(self.dev, x), data,
+                           chunk_size=self.cfg.device.chunk_size, window=self.cfg.device.window,
+                           transfer_id=xid, expert_ids=experts,
+                           base_version=int(self.welcome.get("version", 0)), encoding=encoding)
+        manifest = sender.manifest
         started, again = threading.Event(), threading.Event()
         with self._lock:
             self.uploads[xid] = (sender, started)
