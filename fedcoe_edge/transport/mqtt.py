@@ -150,7 +150,7 @@ class MqttTransport(Transport):
         self._closed = False
         self.reconnects = 0
         self.keep_trying = keep_trying
-        self._failed_tries = 0  # connection attempts since the last CONNACK
+        self._failed_tries = 0  # retries since the last CONNACK
 
         c = _BackoffClient(
             CallbackAPIVersion.VERSION2,
@@ -375,14 +375,17 @@ class MqttTransport(Transport):
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         """A TCP or TLS connect that failed (no broker there, a network down): retried."""
-        self._failed_tries += 1
+        log.debug("%s: connecting to %s:%d failed", self.client_id, self.host, self.port)
 
     def _on_backoff(self, wait_s: float) -> None:
-        """Before each retry: the first one after a loss at INFO, later ones at DEBUG
-        (a device waiting an hour for its broker writes two lines a minute at most)."""
-        level = logging.INFO if self._failed_tries <= 1 else logging.DEBUG
-        log.log(level, "%s: broker %s:%d not reachable; next try in %.1f s (attempt %d)",
-                self.client_id, self.host, self.port, wait_s, self._failed_tries + 1)
+        """Before each retry. Attempts 1, 2, 4, 8... since the last CONNACK are logged at
+        INFO, the others at DEBUG: an operator sees the daemon is still trying, and a device
+        waiting a day for its broker writes a few dozen lines, not thousands."""
+        self._failed_tries += 1
+        n = self._failed_tries
+        level = logging.INFO if n & (n - 1) == 0 else logging.DEBUG
+        log.log(level, "%s: broker %s:%d not reachable (attempt %d); next try in %.1f s",
+                self.client_id, self.host, self.port, n, wait_s)
 
     def _on_disconnect(
         self,
