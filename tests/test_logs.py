@@ -46,7 +46,7 @@ def spawn_coordinator(root: Path, port: int, before: tuple[str, ...] = (),
     """Run ``fedcoe BEFORE coordinator --config ... AFTER`` until it logged its start, stop it with SIGTERM;
     its whole output."""
     state = f"state{len(list(root.glob('state*')))}"
-    cfg = {"federation": {"id": "logs", "rounds": 1, "min_devices": 1, "state_dir": state},
+    cfg: dict[str, dict[str, Any]] = {"federation": {"id": "logs", "rounds": 1, "min_devices": 1, "state_dir": state},
            "broker": {"host": "127.0.0.1", "port": port},
            "security": {"secret": "ab" * 32}}
     (root / "coordinator.toml").write_text(toml_text(cfg))

@@ -50,11 +50,11 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
 
 def write_configs(root: Path, port: int) -> None:
     broker = {"host": "127.0.0.1", "port": port}
-    coord = {"federation": {"id": FED, "rounds": 1, "min_devices": 2, "quorum": 1,
+    coord: dict[str, dict[str, Any]] = {"federation": {"id": FED, "rounds": 1, "min_devices": 2, "quorum": 1,
                             "state_dir": "coordinator"},
              "broker": broker, "security": {"secret": SECRET.hex()}}
     (root / "coordinator.toml").write_text(toml_text(coord))
-    agent = {"device": {"id": "0", "federation": FED, "state_dir": "device0", "bundle": "off"},
+    agent: dict[str, dict[str, Any]] = {"device": {"id": "0", "federation": FED, "state_dir": "device0", "bundle": "off"},
              "broker": broker, "security": {"key": P.device_key(SECRET, "0").hex()},
              "data": {"dataset": "digits", "client": "0", "num_clients": 2, "seed": 0}}
     (root / "agent.toml").write_text(toml_text(agent))
