@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ def holder_text(doc: dict[str, Any] | None) -> str:
     if not doc:
         return "a process that has not written its name yet"
     started = doc.get("started")
-    when = (time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(float(started)))
+    when = (datetime.fromtimestamp(float(started)).astimezone().isoformat(timespec="seconds")
             if isinstance(started, int | float) else "an unknown time")
     return f"pid {doc.get('pid', '?')} on host {doc.get('host', '?')} since {when}"
 
