@@ -150,6 +150,7 @@ def round_rows(db: sqlite3.Connection) -> list[dict[str, Any]]:
             "bytes_up": traffic.get((n, "up", "train"), 0),
             "bytes_down": traffic.get((n, "down", "train"), 0),
             "bytes_refresh": traffic.get((n, "down", "refresh"), 0),
+            "bytes_full": int(r["bytes_full"] or 0),
             "opened": iso(r["opened_at"]), "deadline": iso(r["deadline_at"]),
             "closed": iso(r["closed_at"]),
             "wall_s": (round(r["closed_at"] - r["opened_at"], 3) if r["closed_at"] else None),

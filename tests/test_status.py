@@ -62,7 +62,8 @@ def test_status_live_and_after_the_coordinator_stopped(tmp_path: Path,
     for row in after["round_log"]:
         want = store_rows[row["round"]]
         for key in ("state", "selected", "accepted", "failed", "rejected", "applied",
-                    "global_acc", "personalized_acc", "bytes_up", "bytes_down"):
+                    "global_acc", "personalized_acc", "bytes_up", "bytes_down", "bytes_refresh",
+                    "bytes_full"):
             assert row[key] == want[key], (key, row, want)
         assert row["accepted"] == 2 and row["bytes_up"] > 0 and row["global_acc"] is not None
     assert after["accuracy"] == [{"round": r["round"], "global": r["global_acc"],
