@@ -19,10 +19,19 @@ import pytest
 
 from benchmarks.demo import toml_text
 from coordinator.harness import EmbeddedFederation
+from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.logsetup import IsoFormatter, JsonFormatter
 from fedcoe_edge.transport import MemoryBroker
 
 ISO_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) ")
+
+
+def small(devices: int) -> dict[str, Any]:
+    """Test-sized knobs, named (the harness may default to the daemons' own): narrow
+    experts, one local epoch, no int8 bundle rebuild on the devices."""
+    return {"model": ModelConfig(expert_hidden=16), "train": TrainConfig(local_epochs=1),
+            "federation": "test",
+            "device_overrides": {d: {"bundle": "off"} for d in [*map(str, range(devices)), "new0"]}}
 
 
 def record(msg: str, *args: Any, **extra: Any) -> logging.LogRecord:
@@ -87,7 +96,7 @@ def test_one_summary_line_per_round_and_one_per_run(tmp_path: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     broker = MemoryBroker()
     fed = EmbeddedFederation(tmp_path, lambda c, w, b: broker.client(c, will=w, birth=b),
-                             devices=2, rounds=2)
+                             devices=2, rounds=2, **small(2))
     caplog.set_level(logging.INFO, logger="fedcoe.coordinator")
     fed.start()
     try:

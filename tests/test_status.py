@@ -16,7 +16,16 @@ import pytest
 from coordinator.harness import EmbeddedFederation
 from coordinator.statelock import StateLock
 from fedcoe_edge.cli import main
+from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.transport import MemoryBroker
+
+
+def small(devices: int) -> dict[str, Any]:
+    """Test-sized knobs, named (the harness may default to the daemons' own): narrow
+    experts, one local epoch, no int8 bundle rebuild on the devices."""
+    return {"model": ModelConfig(expert_hidden=16), "train": TrainConfig(local_epochs=1),
+            "federation": "test",
+            "device_overrides": {d: {"bundle": "off"} for d in [*map(str, range(devices)), "new0"]}}
 
 
 def memory_factory() -> Any:
@@ -31,7 +40,7 @@ def status_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any
 
 def test_status_live_and_after_the_coordinator_stopped(tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    fed = EmbeddedFederation(tmp_path, memory_factory(), devices=2, rounds=2)
+    fed = EmbeddedFederation(tmp_path, memory_factory(), devices=2, rounds=2, **small(2))
     state = tmp_path / "coordinator"
     fed.start()
     try:
