@@ -212,6 +212,8 @@ class Coordinator:
         self.transport: Transport | None = None
         self.messenger: P.Messenger | None = None
         self.finished = False
+        self._closed_summaries: list[dict[str, Any]] = []  # this run's rounds, for its last line
+        self._started_at = time.monotonic()
 
     # ------------------------------------------------------------------ the engine's state
     # Read (and, for a shard aggregator or a test, set) through the daemon as before; the
@@ -396,6 +398,8 @@ class Coordinator:
                     self._wake.wait(0.5)
                     self._wake.clear()
         finally:
+            with contextlib.suppress(Exception):  # a summary never hides why the run ended
+                self._log_run_summary()
             self.close()
         return 0
 
@@ -526,7 +530,25 @@ class Coordinator:
         acc = closed.accuracy
         log.info("round %d closed: %s; version %d -> %d%s", rnd, closed.note, closed.version_before,
                  closed.version_after, f"; global acc {acc:.4f}" if acc is not None else "")
+        self._log_round_summary(closed.summary)
         self._broadcast("closed")
+
+    def _log_round_summary(self, summary: dict[str, Any]) -> None:
+        """One summary line per closed round, with its fields for JSON logs
+        (docs/daemons.md, "Logs"); kept for the end-of-run line."""
+        from coordinator.status import round_line
+
+        self._closed_summaries.append(summary)
+        msg, fields = round_line(summary)
+        log.info("%s", msg, extra=fields)
+
+    def _log_run_summary(self) -> None:
+        """The end-of-run line: what this process closed, however the run ends."""
+        from coordinator.status import run_line
+
+        msg, fields = run_line(self._closed_summaries, time.monotonic() - self._started_at,
+                               self.strategy.version)
+        log.info("%s", msg, extra=fields)
 
     def _before_aggregate(self) -> None:
         """Called at a round's close once every accepted update is durable, without the

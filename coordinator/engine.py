@@ -85,6 +85,7 @@ class Closed:
     version_before: int
     version_after: int
     accuracy: float | None
+    summary: dict[str, Any]  # the round's row and counts, as written to its round.json
 
 
 def task_file(expert_ids: Sequence[int]) -> str:
@@ -401,9 +402,10 @@ class RoundEngine:
             self.store.close_round(rnd, self.strategy.version, applied, note, global_acc=acc)
             self.round_open = False
             self.partial = None
+        summary = self.store.round_summary(rnd)
         atomic_write_text(self.state_dir / "rounds" / str(rnd) / "round.json",
-                          json.dumps(self.store.round_summary(rnd), indent=1) + "\n")
-        return Closed(rnd, applied, note, before, self.strategy.version, acc)
+                          json.dumps(summary, indent=1) + "\n")
+        return Closed(rnd, applied, note, before, self.strategy.version, acc, summary)
 
     # ------------------------------------------------------------------ durability
     def checkpoint(self, rnd: int) -> None:

@@ -120,7 +120,7 @@ def test_two_rounds_by_plain_calls(tmp_path: Path, data_of: dict, aggregation: s
     last = e.store.last_round()
     assert last is not None and (last["round"], last["state"]) == (1, "closed")
     summary = json.loads((cfg.state_dir / "rounds" / "1" / "round.json").read_text())
-    assert summary["round"] == 1
+    assert summary["round"] == 1 and closed.summary == summary
     meta = json.loads((cfg.state_dir / "checkpoint" / "model.json").read_text())
     assert (meta["round"], meta["version"]) == (1, 1)
     with pytest.raises(ValidationError, match="closed round"):
