@@ -264,6 +264,7 @@ CORE_MODULES = (
     "fedcoe_edge.data.shift",
     "fedcoe_edge.data.fmnist",
     "fedcoe_edge.strategies.base",
+    "fedcoe_edge.robust",  # the server's defences act on every aggregated update
 )
 
 

@@ -111,8 +111,11 @@ class Grid:
         out: list[Job] = []
         s0 = self.seeds[0]
 
-        def cells(d: str, counts: Sequence[int]) -> list[Job]:
-            return [Job(alg, a, k, d, s0) for k in counts for a in ATTACKS for alg in ALGORITHMS]
+        def cells(d: str, counts: Sequence[int], order: Sequence[str] = ATTACKS) -> list[Job]:
+            return [Job(alg, a, k, d, s0) for k in counts for a in order for alg in ALGORITHMS]
+
+        # the robust rules come last: their most telling attacks first
+        robust_order = ("signflip", "scale1e4", "labelflip", "samples", "noise", "scale10", "scale100")
 
         def clean(d: str, seeds: Sequence[int]) -> list[Job]:
             return [Job(alg, "none", 0, d, s) for s in seeds for alg in ALGORITHMS]
@@ -121,11 +124,12 @@ class Grid:
         out += cells("default", (2,)) + cells("none", (2,)) + cells("default", (1,))
         extra = [*self.seeds[1:], *self.extra_seeds]
         out += [j for s in extra for j in clean("none", [s]) + clean("default", [s])]
+        out += clean("trimmed", [s0]) + clean("median", [s0])
+        for a in robust_order:
+            out += [Job(alg, a, 2, d, s0) for d in ("trimmed", "median") for alg in ALGORITHMS]
         out += cells("none", (1,))
         for d in ("trimmed", "median"):
-            out += clean(d, [s0]) + cells(d, (2,))
-        for d in ("trimmed", "median"):
-            out += cells(d, (1,))
+            out += cells(d, (1,), robust_order)
         return list(dict.fromkeys(out))
 
 
