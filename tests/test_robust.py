@@ -243,3 +243,34 @@ def test_one_update_of_norm_1e4_is_held_to_the_honest_aggregate_by_the_default()
 def test_one_update_of_norm_1e4_wrecks_the_aggregate_without_a_defence():
     gaps, _ = poisoned_rounds(NONE)
     assert min(gaps) > 1e3  # 1e4 / 6 devices
+
+
+# --- the simulator's attack hook -------------------------------------------------------------
+def test_simulator_attack_hook_replaces_what_the_server_receives():
+    """The hook sees every client's honest result each round and what it returns is what
+    is aggregated: x1e4 from one client of 4 leaves FedAvg at chance (10 classes) without a
+    defence, and learning with the default (global accuracy on digits after 2 rounds)."""
+    from fedcoe_edge.config import ModelConfig
+    from fedcoe_edge.data import make_federation
+    from fedcoe_edge.simulation import SimulationConfig, run_one
+
+    fed = make_federation("digits", "dirichlet", num_clients=4, num_new_clients=0, seed=0, alpha=0.5)
+    model = ModelConfig(expert_kind="mlp", expert_hidden=16, num_global_experts=4, top_k=2,
+                        input_shape=fed.input_shape, num_classes=fed.num_classes)
+    seen: list[tuple[int, str, bool]] = []
+
+    def attack(strategy, task, res, before, data):  # type: ignore[no-untyped-def]
+        seen.append((task.round, task.client_id, res.client_id == task.client_id))
+        if task.client_id != "0":
+            return res
+        return dataclasses.replace(res, params={k: task.params[k] + 1e4 * (v - task.params[k])
+                                                for k, v in res.params.items()})
+
+    acc = {}
+    for name, train in (("none", TrainConfig(local_epochs=1, **NONE)),  # type: ignore[arg-type]
+                        ("default", TrainConfig(local_epochs=1))):
+        cfg = SimulationConfig(rounds=2, algorithms=["fedavg"], eval_every=2, new_clients=0,
+                               clients=4, model=model, train=train)
+        acc[name] = run_one("fedavg", fed, cfg, 0, attack=attack).metrics["global_acc"]
+    assert sorted(set(seen)) == [(r, c, True) for r in (1, 2) for c in sorted(fed.clients)]
+    assert acc["none"] < 0.15 and acc["default"] > 0.3, acc
