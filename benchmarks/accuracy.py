@@ -9,7 +9,8 @@ round (not the best). Each algorithm runs with its knobs from ``tuned.json``, wh
 for this report, so no number here was tuned on what it reports.
 
 Each finished run is appended to a cache file (one JSON line) keyed by the run, the settings
-it depends on and the source it ran, so an interrupted grid resumes where it stopped; runs are
+it depends on and the declared numerics version of the code (``fedcoe_edge/numerics.py``), so
+an interrupted grid resumes where it stopped; runs are
 ordered seed-major, so a partial grid already covers every setting. Writes ``accuracy.json``,
 ``accuracy.md``, ``accuracy_<setting>.png`` (curves) and ``accuracy_<setting>_routing.png``
 (FedCoE's client x expert routing) under ``--out``.
@@ -252,61 +253,16 @@ FEDCOE_ONLY_TRAIN = frozenset(
 )
 
 # config values are in the grid fingerprint, so config.py itself is not hashed
-CORE_MODULES = (
-    "fedcoe_edge.model",
-    "fedcoe_edge.training",
-    "fedcoe_edge.aggregate",
-    "fedcoe_edge.simulation",
-    "fedcoe_edge.data.client",
-    "fedcoe_edge.data.datasets",
-    "fedcoe_edge.data.partition",
-    "fedcoe_edge.data.federation",
-    "fedcoe_edge.data.shift",
-    "fedcoe_edge.data.fmnist",
-    "fedcoe_edge.strategies.base",
-    "fedcoe_edge.robust",  # the server's defences act on every aggregated update
-)
-
-
-def code_version(algorithm: str) -> str:
-    """Hash of the source an algorithm's runs depend on: the shared core plus every module in
-    its class hierarchy (FedCoE's family also its losses; baselines use only the proximal term).
-    A cached run is reused only while this is unchanged, so editing fedcoe.py or losses.py
-    re-runs FedCoE and its ablations but not FedAvg."""
-    import importlib
-    import importlib.util
-    import inspect
-
-    from fedcoe_edge.losses import proximal_term
-    from fedcoe_edge.strategies import STRATEGIES
-
-    mods = {m for m in CORE_MODULES if importlib.util.find_spec(m) is not None}
-    mods.update(
-        c.__module__
-        for c in STRATEGIES[algorithm].__mro__
-        if c.__module__.startswith("fedcoe_edge.")
-    )
-    if "fedcoe_edge.strategies.fedcoe" in mods:
-        mods.add("fedcoe_edge.losses")
-    h = hashlib.sha256()
-    for name in sorted(mods):
-        h.update(name.encode())
-        h.update(inspect.getsource(importlib.import_module(name)).encode())
-    if "fedcoe_edge.losses" not in mods:
-        h.update(inspect.getsource(proximal_term).encode())
-    return h.hexdigest()[:12]
-
-
-_CODE_VERSIONS: dict[str, str] = {}
-
-
 def run_key(grid: Grid, setting: str, algorithm: str, seed: int) -> str:
-    """Cache key: the run, the settings it depends on and the source it ran."""
-    if algorithm not in _CODE_VERSIONS:
-        _CODE_VERSIONS[algorithm] = code_version(algorithm)
+    """Cache key: the run, every setting it depends on (``Grid.fingerprint``) and the
+    declared numerics version of the code (``fedcoe_edge.numerics.NUMERICS_VERSION``), not
+    the code's source: moving code keeps the cache, a change to what runs compute bumps the
+    version and re-runs everything (docs/benchmarks.md, "Caches")."""
+    from fedcoe_edge.numerics import NUMERICS_VERSION
+
     return (
         f"{setting}|{algorithm}|{seed}|{grid.fingerprint(setting, algorithm)}"
-        f"|{_CODE_VERSIONS[algorithm]}"
+        f"|numerics-v{NUMERICS_VERSION}"
     )
 
 
@@ -1120,10 +1076,10 @@ def run_grid(grid: Grid, args: argparse.Namespace) -> int:
         flush=True,
     )
     if args.report_only and len(todo) == len(jobs):
-        # the cache holds nothing for this source (e.g. the code changed since the grid ran):
+        # the cache holds nothing at this numerics version (it was bumped since the grid ran):
         # rewriting the report now would replace real results with an empty table
         print(
-            f"--report-only: none of the {len(jobs)} runs are cached for the current source; "
+            f"--report-only: none of the {len(jobs)} runs are cached at this numerics version; "
             f"keeping {out}/accuracy.md as it is (rerun the grid to refresh it)",
             file=sys.stderr,
         )

@@ -1,9 +1,10 @@
-"""Re-key cached runs after a change that cannot alter them (docs/benchmarks.md, "caches").
+"""Re-key cached runs after a change that cannot alter them (docs/benchmarks.md, "Caches").
 
-The grid and the tuner key each cached run on the source it ran, so any edit to a core module
-re-runs everything (hours on a 2-core machine). When a change provably leaves some
-algorithms' runs unchanged (a new function they never call, logging, a loader they do not
-use), this moves those entries to their new keys instead::
+The grid and the tuner key each cached run on its configuration and the declared numerics
+version (``fedcoe_edge.numerics.NUMERICS_VERSION``), so a bump re-runs every algorithm (hours
+on a 2-core machine). When the change behind a bump provably leaves some algorithms' runs
+unchanged (a FedCoE-only rule, a loader they do not use), this moves those entries to their
+new keys instead::
 
     python -m benchmarks.rekey --before HEAD~1 --algorithms fedavg,fedprox
 

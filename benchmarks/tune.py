@@ -10,10 +10,9 @@ configuration listed. The grid (``python -m benchmarks.accuracy``) then runs eac
 at its winner on every setting of that dataset and seed; FedCoE's ablations reuse FedCoE's.
 
 Each finished run is one JSON line in ``tuning_cache.jsonl``, keyed like the grid's cache
-(the run, everything it depends on, and a hash of the source it ran), so tuning resumes across
-sessions. Baselines run first and FedCoE last: FedCoE's code may still change, and a change to
-fedcoe.py or losses.py invalidates only FedCoE's entries. Writes ``tuned.json`` and
-``tuning.md`` under ``--out``.
+(the run, everything it depends on, and the declared numerics version,
+``fedcoe_edge.numerics.NUMERICS_VERSION``), so tuning resumes across sessions. Baselines run
+first and FedCoE last. Writes ``tuned.json`` and ``tuning.md`` under ``--out``.
 
     python -m benchmarks.tune --jobs 2     # make tune
     python -m benchmarks.tune --report-only
@@ -324,6 +323,12 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(out / "tuning.md", render(doc) + "\n")
         return doc
 
+    if args.report_only and len(todo) == len(grids) and (out / "tuned.json").is_file():
+        # nothing cached at this numerics version: an empty rewrite would drop the knobs
+        # the grid runs with (docs/benchmarks.md, "Caches")
+        print(f"--report-only: none of the {len(grids)} runs are cached at this numerics "
+              f"version; keeping {out}/tuned.json as it is", file=sys.stderr)
+        return 2
     if not args.report_only and todo:
         def on_done(job: Job, rec: dict[str, Any]) -> None:
             rec["key"], rec["commit"], rec["dataset"] = keys[job], commit, job[0]

@@ -45,7 +45,7 @@ from fedcoe_edge.io import atomic_write_text
 from fedcoe_edge.protocol import retry_delay
 from fedcoe_edge.simulation import serialized_nbytes
 from fedcoe_edge.strategies import ClientResult, ClientTask, Failure, Strategy, make_strategy
-from fedcoe_edge.streaming import Partial, accumulate, aggregate_partial, new_partial
+from fedcoe_edge.streaming import Partial
 from fedcoe_edge.transport import Message, Topics, Transport, Will
 from fedcoe_edge.transport.blob import (
     XFER_DONE,
@@ -379,7 +379,7 @@ class Coordinator:
             self.tasks = {t.client_id: t for t in tasks}
             self.results, self.failed = {}, {}
             self._settled, self._persisting = set(), set()
-            self._partial = new_partial(self.strategy, rnd) if self.streaming else None
+            self._partial = self.strategy.new_partial(rnd) if self.streaming else None
             self._snapshot = (0, None)
             self.store.open_round(rnd, sorted(self.tasks),
                                   {t.client_id: list(t.expert_ids) for t in tasks},
@@ -536,7 +536,7 @@ class Coordinator:
         if applied:
             try:
                 if partial is not None:
-                    aggregate_partial(self.strategy, rnd, partial, failures)
+                    self.strategy.finalize(rnd, partial, failures)
                 else:
                     self.strategy.aggregate_round(rnd, results, failures)
                 note = f"aggregated {len(results)} update(s), {len(failures)} failure(s)"
@@ -545,7 +545,7 @@ class Coordinator:
                           self.fed.algorithm, exc)
                 applied, note = False, f"aggregation failed: {exc}"[:300]
         elif partial is not None:
-            aggregate_partial(self.strategy, rnd, new_partial(self.strategy, rnd) or partial, failures)
+            self.strategy.finalize(rnd, self.strategy.new_partial(rnd), failures)
             note = f"quorum not met ({len(results)} < {self.fed.quorum}); global state kept"
         else:
             self.strategy.aggregate_round(rnd, [], failures)
@@ -607,7 +607,7 @@ class Coordinator:
         self.results = {}
         rows = self.store.updates(rnd)
         snapshots = sorted({Path(u["path"]) for u in rows if Path(u["path"]).name.startswith("acc-")})
-        self._partial = new_partial(s, rnd) if self.streaming else None
+        self._partial = s.new_partial(rnd) if self.streaming else None
         if snapshots:
             if self._partial is None:
                 raise DataError(f"round {rnd} in {self.state_dir} was aggregated as a stream; "
@@ -624,7 +624,7 @@ class Coordinator:
             if not Path(u["path"]).name.startswith("acc-"):
                 result.params = load_arrays_file(Path(u["path"]))
                 if self._partial is not None:
-                    accumulate(s, self._partial, result)
+                    s.fold(self._partial, result)
                     result.params = {}
             self.results[u["device"]] = result
         self._settled = set(self.results)
@@ -1007,7 +1007,7 @@ class Coordinator:
         seq, path = 0, folder
         if self._partial is not None:
             for a in batch:
-                accumulate(self.strategy, self._partial, a.result)
+                self.strategy.fold(self._partial, a.result)
             seq = self._snapshot[0] + 1
             path = folder / f"acc-{seq:06d}.safetensors"
             arrays, meta = self._partial.to_arrays()
@@ -1053,7 +1053,7 @@ class Coordinator:
         devices re-send, and would count twice)."""
         path = self._snapshot[1]
         if path is None:
-            return new_partial(self.strategy, rnd)
+            return self.strategy.new_partial(rnd)
         from safetensors import safe_open
 
         with safe_open(str(path), framework="numpy") as f:

@@ -13,9 +13,9 @@ leader and shard aggregators"). Per round it:
    accepted updates plus its failures), each checked (:func:`fedcoe_edge.sharding.check_partial`)
    or refused with a log line ``rejected shard=.. round=.. reason=..`` and an event row;
 4. at the deadline (plus a grace for the shards' own closes) or once every shard answered,
-   merges the partials with the strategy's merge step (``merge_partials``), passes the
+   merges the partials with the strategy's merge step (``Strategy.merge``), passes the
    clients of missing or refused shards to the strategy as failures, aggregates
-   (``aggregate_partial``) and checkpoints;
+   (``Strategy.finalize``) and checkpoints;
 5. publishes the new version (``shard_model``: global state plus ``checkpoint_extra``) to
    every shard, which installs it and tells its devices the round closed.
 """
@@ -57,7 +57,6 @@ from fedcoe_edge.sharding import (
     shard_of,
 )
 from fedcoe_edge.strategies import Failure, Strategy, make_strategy
-from fedcoe_edge.streaming import aggregate_partial, new_partial
 from fedcoe_edge.transport import Message, Topics, Transport, Will
 from fedcoe_edge.transport.blob import XFER_DONE, XFER_PROGRESS
 from fedcoe_edge.wire import ReplayCache, TransferManifest, encode_tensors
@@ -89,9 +88,6 @@ class Leader:
                  factory: P.TransportFactory | None = None) -> None:
         self.cfg, self.fed, self.shards = cfg, cfg.federation, shards
         self.strategy: Strategy = make_strategy(self.fed.algorithm, cfg.model, cfg.train, self.fed.seed)
-        if new_partial(self.strategy, 0) is None:
-            raise ConfigError(f"{cfg.source}: [federation] algorithm {self.fed.algorithm!r} aggregates "
-                              "only whole batches; it cannot run with shards")
         self.state_dir = Path(self.fed.state_dir) / LEADER_ID
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.state_dir / "coordinator.sqlite")
@@ -319,8 +315,7 @@ class Leader:
             if not isinstance(failures, dict):
                 raise ValidationError("failures must be an object")
             partial = partial_from_wire(data, body.get("meta", {}))
-            template = new_partial(self.strategy, rnd)
-            assert template is not None
+            template = self.strategy.new_partial(rnd)
             check_partial(partial, rnd=rnd, allowed=inbox.expected[shard], template=template,
                           state=self.strategy.global_state)
         except ValidationError as exc:
@@ -395,17 +390,17 @@ class Leader:
             self._partial_meta = {k: v for k, v in self._partial_meta.items() if v[0] > rnd}
             for shard in inbox.missing():
                 self.refuse(shard, rnd, "no valid partial by the deadline; its devices count as failures")
-            merged = s.merge_partials(rnd, [inbox.received[n] for n in sorted(inbox.received)])
+            merged = s.merge(rnd, [inbox.received[n] for n in sorted(inbox.received)])
             failures = [Failure(c, rnd, r) for c, r in sorted(inbox.round_failures(merged.clients).items())]
             before = s.version
             applied = len(merged.clients) >= self.fed.quorum
             agg_cpu0 = cpu_seconds()
             if applied:
-                aggregate_partial(s, rnd, merged, failures)
+                s.finalize(rnd, merged, failures)
                 note = (f"merged {len(inbox.received)} of {self.shards} shard partial(s): "
                         f"{len(merged.clients)} update(s), {len(failures)} failure(s)")
             else:
-                aggregate_partial(s, rnd, new_partial(s, rnd) or merged, failures)
+                s.finalize(rnd, s.new_partial(rnd), failures)
                 note = f"quorum not met ({len(merged.clients)} < {self.fed.quorum}); global state kept"
             agg_cpu = cpu_seconds() - agg_cpu0
             self._checkpoint(rnd)

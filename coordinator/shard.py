@@ -33,7 +33,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.daemon import Coordinator
 from coordinator.peerlink import PeerLink
 from fedcoe_edge import protocol as P
-from fedcoe_edge.errors import ConfigError, FedCoEError, ValidationError, WireError
+from fedcoe_edge.errors import FedCoEError, ValidationError, WireError
 from fedcoe_edge.sharding import (
     LEADER_ID,
     PARTIAL,
@@ -48,7 +48,7 @@ from fedcoe_edge.sharding import (
     shard_of,
 )
 from fedcoe_edge.strategies import ClientResult, ClientTask, Failure
-from fedcoe_edge.streaming import Partial, new_partial
+from fedcoe_edge.streaming import Partial
 from fedcoe_edge.transport import Message, Topics
 from fedcoe_edge.transport.blob import XFER_DONE, XFER_PROGRESS
 from fedcoe_edge.wire import ReplayCache, TransferManifest, decode_tensors, new_msg_id
@@ -86,9 +86,6 @@ class ShardAggregator(Coordinator):
             return base(f"{cid}.{sfed}", will, birth)
 
         super().__init__(shard_config(cfg, index, shards), own_client_id)
-        if new_partial(self.strategy, 0) is None:
-            raise ConfigError(f"{cfg.source}: [federation] algorithm {self.fed.algorithm!r} "
-                              "aggregates only whole batches; it cannot run with shards")
         self.leader_topics = LeaderTopics(cfg.federation.id)
         self.link_key = shard_key(cfg.secret, self.name)
         self.link: PeerLink | None = None
@@ -252,12 +249,11 @@ class ShardAggregator(Coordinator):
         """Send this round's partial to the leader, then wait for the version it publishes."""
         with self._lock:
             rnd = self.round
-            partial = self._partial if self._partial is not None else new_partial(self.strategy, rnd)
+            partial = self._partial if self._partial is not None else self.strategy.new_partial(rnd)
             failures = {d: self.failed.get(d, "deadline passed with no accepted update")
                         for d in self.tasks if d not in self.results}
             self._model_event.clear()
             settled = self._model_round >= rnd
-        assert partial is not None  # checked in __init__: the strategy streams
         if not settled:
             self._send_partial(rnd, partial, failures)
         end = time.monotonic() + self.fed.deadline_s + MODEL_WAIT_EXTRA_S

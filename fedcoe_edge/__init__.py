@@ -47,6 +47,8 @@ _EXPORTS: dict[str, str] = {
     "FedRep": "fedcoe_edge.strategies:FedRep",
     "STRATEGIES": "fedcoe_edge.strategies:STRATEGIES",
     "make_strategy": "fedcoe_edge.strategies:make_strategy",
+    "register_strategy": "fedcoe_edge.strategies:register_strategy",
+    "Partial": "fedcoe_edge.streaming:Partial",
     # your own model and data (registries; built-ins are registered the same way)
     "register_trunk": "fedcoe_edge.registry:register_trunk",
     "register_expert": "fedcoe_edge.registry:register_expert",

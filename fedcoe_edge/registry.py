@@ -33,6 +33,7 @@ T = TypeVar("T")
 # module path (dotted identifiers) ":" attribute path (dotted identifiers)
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+NAME_PATTERN = _NAME  # what a registered name may be (strategies are checked against it too)
 
 
 class RegistryError(ConfigError):

@@ -38,6 +38,7 @@ from fedcoe_edge.aggregate import coordinate_median, trimmed_mean
 if TYPE_CHECKING:
     from fedcoe_edge.config import TrainConfig
     from fedcoe_edge.strategies.base import ClientResult
+    from fedcoe_edge.streaming import Partial
 
 Arrays = dict[str, np.ndarray]
 
@@ -277,3 +278,93 @@ def defend_round(state: DefenceState, cfg: TrainConfig, results: Sequence[Client
     pairs = [defend(state, cfg, r, base) for r in results]
     defended = robust_substitute([p[0] for p in pairs], cfg.aggregation_rule, cfg.trim_ratio)
     return defended, close_round(state, cfg, [p[1] for p in pairs])
+
+
+# --- the defence inside a strategy's partial (Strategy.fold / finalize) -------------------------
+# A partial of a strategy with the defence carries, as ``extra_rows`` (one row per client,
+# concatenated when shards' partials merge, checked finite by the leader): each client's
+# note (pre-clip norm, bound, counted samples; -1 stands for "not finite") and, for the
+# median / trimmed-mean rules only, its clipped update per tensor with a mask of the tensors
+# it sent, plus its weight and affinity row, so :func:`close_partial` can rebuild the results.
+ROWS = "robust/"
+_NOTE = ("norm", "bound", "samples")
+
+
+def _finite_or(x: float, sentinel: float = -1.0) -> float:
+    return float(x) if math.isfinite(x) else sentinel
+
+
+def add_rows(partial: Partial, cfg: TrainConfig, state: Mapping[str, np.ndarray],
+             keys: Sequence[str], num_experts: int) -> Partial:
+    """``partial`` (empty, from a strategy's ``new_partial``) with the defence's rows: the
+    notes always, the updates of ``keys`` (shapes and dtypes of ``state``) for a robust rule."""
+    for name in _NOTE:
+        partial.extra_rows[ROWS + name] = np.zeros(0, dtype=np.float64)
+    if cfg.aggregation_rule != "mean":
+        for name in keys:
+            ref = np.asarray(state[name])
+            partial.extra_rows[ROWS + "u/" + name] = np.zeros((0, *ref.shape), dtype=ref.dtype)
+        partial.extra_rows[ROWS + "sent"] = np.zeros((0, len(keys)), dtype=bool)
+        partial.extra_rows[ROWS + "n"] = np.zeros(0, dtype=np.float64)
+        partial.extra_rows[ROWS + "affinity"] = np.zeros((0, num_experts), dtype=np.float64)
+        partial.extra_rows[ROWS + "has_affinity"] = np.zeros(0, dtype=bool)
+    return partial
+
+
+def has_rows(partial: Partial) -> bool:
+    """Whether ``partial`` came from a ``new_partial`` that added the defence's rows."""
+    return ROWS + "norm" in partial.extra_rows
+
+
+def keeps_updates(partial: Partial) -> bool:
+    """Whether the partial keeps every update (a median / trimmed-mean rule)."""
+    return ROWS + "sent" in partial.extra_rows
+
+
+def _append(partial: Partial, name: str, row: np.ndarray) -> None:
+    rows = partial.extra_rows[name]
+    partial.extra_rows[name] = np.concatenate([rows, np.asarray(row, dtype=rows.dtype)[None]], axis=0)
+
+
+def record(partial: Partial, note: RoundNote, result: ClientResult) -> None:
+    """Append one defended result's rows (after ``Partial.admit`` counted its client)."""
+    _append(partial, ROWS + "norm", np.asarray(_finite_or(note.norm)))
+    _append(partial, ROWS + "bound", np.asarray(_finite_or(note.bound)))
+    _append(partial, ROWS + "samples", np.asarray(_finite_or(note.samples, 1.0)))
+    if not keeps_updates(partial):
+        return
+    keys = [k[len(ROWS) + 2:] for k in partial.extra_rows if k.startswith(ROWS + "u/")]
+    sent = np.array([k in result.params for k in keys], dtype=bool)
+    for k in keys:
+        rows = partial.extra_rows[ROWS + "u/" + k]
+        value = result.params[k] if k in result.params else np.zeros(rows.shape[1:], rows.dtype)
+        _append(partial, ROWS + "u/" + k, np.nan_to_num(np.asarray(value), nan=0.0, posinf=0.0, neginf=0.0))
+    _append(partial, ROWS + "sent", sent)
+    _append(partial, ROWS + "n", np.asarray(float(result.num_samples)))
+    width = partial.extra_rows[ROWS + "affinity"].shape[1]
+    aff = result.affinity
+    ok = aff is not None and len(aff) == width and all(math.isfinite(float(a)) for a in aff)
+    _append(partial, ROWS + "affinity", np.asarray(aff if ok else np.zeros(width), dtype=np.float64))
+    _append(partial, ROWS + "has_affinity", np.asarray(ok))
+
+
+def notes_of(partial: Partial) -> list[RoundNote]:
+    """The round's notes, row i for ``partial.clients[i]`` (-1 read back as inf / NaN)."""
+    r = partial.extra_rows
+    return [RoundNote(c, float(n) if n >= 0 else math.nan, float(b) if b >= 0 else math.inf, float(s))
+            for c, n, b, s in zip(partial.clients, r[ROWS + "norm"], r[ROWS + "bound"],
+                                  r[ROWS + "samples"], strict=True)]
+
+
+def results_of(partial: Partial) -> list[ClientResult]:
+    """The defended results a partial that keeps updates holds, in its client order."""
+    from fedcoe_edge.strategies.base import ClientResult
+
+    r = partial.extra_rows
+    keys = [k[len(ROWS) + 2:] for k in r if k.startswith(ROWS + "u/")]
+    out = []
+    for i, cid in enumerate(partial.clients):
+        params = {k: r[ROWS + "u/" + k][i] for j, k in enumerate(keys) if r[ROWS + "sent"][i, j]}
+        aff = r[ROWS + "affinity"][i].tolist() if r[ROWS + "has_affinity"][i] else None
+        out.append(ClientResult(cid, partial.round, int(r[ROWS + "n"][i]), params, aff))
+    return out

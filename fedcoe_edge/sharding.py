@@ -4,10 +4,11 @@ A fleet that outgrows one coordinator runs several *shard aggregators*, each ser
 devices whose id hashes to it, and one *leader* that owns client selection, the strategy's
 server state (affinity matrix, model version) and the aggregation (docs/daemons.md, "Past one
 machine: leader and shard aggregators"). A shard folds its devices' accepted updates into a
-:class:`~fedcoe_edge.streaming.Partial` exactly as a single coordinator does, and sends that
-partial (weighted sums and weights, signed) to the leader; partial sums of disjoint client
-sets add exactly, so the leader's merged partial aggregates to the single-coordinator result
-up to float rounding.
+:class:`~fedcoe_edge.streaming.Partial` with the strategy's own rule (``Strategy.fold``)
+exactly as a single coordinator does, and sends that partial (weighted sums and weights,
+signed) to the leader; the leader combines the partials with ``Strategy.merge`` (sums of
+disjoint client sets add exactly, per-client rows concatenate) and finalizes, so its result
+is the single coordinator's up to float rounding.
 
 This module is the pure half both daemons share: the stable shard hash, the names and keys
 of shards, the leader's topics, the partial's wire form and the checks every received
@@ -172,11 +173,13 @@ def check_partial(p: Partial, *, rnd: int, allowed: Iterable[str], template: Par
     """Everything a received partial must satisfy before the leader merges it; raises
     ValidationError naming the first problem.
 
-    ``template`` is an empty partial of the strategy (``new_partial``): the received one must
-    have the same structure (dense only, or dense + expert sums + routing share). ``state``
-    is the global state the sums are over: every summed tensor must be one of its names with
-    its shape, every value finite (a NaN would poison every shard's result). ``allowed`` are
-    the clients the leader gave this shard in round ``rnd``."""
+    ``template`` is an empty partial of the strategy (``Strategy.new_partial``): the received
+    one must have the same structure (dense only, or dense + expert sums + routing share,
+    and the same extra state: ``extra_sums`` of the template's shapes, ``extra_rows`` with
+    the template's row shape and one row per client). ``state`` is the global state the sums
+    are over: every summed tensor must be one of its names with its shape, every value
+    finite (a NaN would poison every shard's result). ``allowed`` are the clients the leader
+    gave this shard in round ``rnd``."""
     if p.round != rnd:
         raise ValidationError(f"partial is for round {p.round}, the open round is {rnd}")
     allowed_set = set(allowed)
@@ -210,6 +213,7 @@ def check_partial(p: Partial, *, rnd: int, allowed: Iterable[str], template: Par
                                       f"{list(arr.shape)}, expected {list(np.shape(ref))}")
             if not np.all(np.isfinite(arr)):
                 raise ValidationError(f"partial {what}: tensor {name!r:.80} has non-finite values")
+    _check_extra(p, template)
     if p.share is not None and template.share is not None and (
             p.share.shape != template.share.shape or not np.all(np.isfinite(p.share))
             or np.any(p.share < 0)):
@@ -221,6 +225,24 @@ def check_partial(p: Partial, *, rnd: int, allowed: Iterable[str], template: Par
         if (not isinstance(row, list) or (width is not None and len(row) != width)
                 or not all(_finite_nonneg(v) for v in row)):
             raise ValidationError(f"partial affinity row of {cid!r:.40} must be {width} finite numbers >= 0")
+
+
+def _check_extra(p: Partial, template: Partial) -> None:
+    """A strategy's extra state: the template's names, shapes (rows: one per client) and
+    dtypes, finite values."""
+    for what, got, want in (("sums", p.extra_sums, template.extra_sums),
+                            ("rows", p.extra_rows, template.extra_rows)):
+        if set(got) != set(want):
+            raise ValidationError(f"partial extra {what} {sorted(got)[:3]} differ from the "
+                                  f"strategy's {sorted(want)[:3]}")
+        for name, arr in got.items():
+            ref = want[name]
+            shape = ((len(p.clients), *ref.shape[1:]) if what == "rows" else ref.shape)
+            if tuple(arr.shape) != tuple(shape) or arr.dtype != ref.dtype:
+                raise ValidationError(f"partial extra {what} {name!r:.80}: {arr.dtype}{list(arr.shape)}, "
+                                      f"expected {ref.dtype}{list(shape)}")
+            if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+                raise ValidationError(f"partial extra {what} {name!r:.80} has non-finite values")
 
 
 @dataclass

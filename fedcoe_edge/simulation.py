@@ -25,7 +25,6 @@ from fedcoe_edge.data import Federation, make_federation
 from fedcoe_edge.data.federation import check_data_fraction
 from fedcoe_edge.errors import ConfigError
 from fedcoe_edge.health import chance_warning, loss_warning, update_warning
-from fedcoe_edge.robust import DefenceState, defend_round
 from fedcoe_edge.strategies import STRATEGIES, Strategy, make_strategy
 from fedcoe_edge.strategies.base import Arrays, ClientData, ClientResult, ClientTask
 from fedcoe_edge.training import accuracy
@@ -190,7 +189,6 @@ def run_one(algorithm: str, fed: Federation, cfg: SimulationConfig, seed: int,
     bytes_up = bytes_down = 0
     exchanges = 0
     curve: list[dict[str, float]] = []
-    defence = DefenceState()
     t0 = time.perf_counter()
     for rnd in range(1, cfg.rounds + 1):
         selected = strategy.select_clients(rnd, list(fed.clients))
@@ -205,8 +203,7 @@ def run_one(algorithm: str, fed: Federation, cfg: SimulationConfig, seed: int,
             bytes_up += serialized_nbytes(result.params)
             exchanges += 1
             results.append(result)
-        defended, defence = defend_round(defence, cfg.train, results, strategy.global_state)
-        strategy.aggregate_round(rnd, defended, [])
+        strategy.aggregate_round(rnd, results, [])  # defended inside (Strategy.fold)
         point: dict[str, float] = {"round": float(rnd)}
         if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
             point["global_acc"] = accuracy(strategy.predict_global(view.x_global_test), view.y_global_test)

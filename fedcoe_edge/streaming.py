@@ -13,11 +13,11 @@ which is what lets several aggregators each own a shard of a fleet and a leader 
 partials. Partials serialise to plain arrays (safetensors) so one can be persisted before
 an update is acknowledged, or sent over the wire.
 
-The strategy half (:func:`new_partial`, :func:`accumulate`, :func:`aggregate_partial`)
-mirrors each strategy's ``aggregate_round`` from outside its class, and only for strategies
-whose ``aggregate_round`` is exactly the one mirrored (FedCoE and its ablations, the FedAvg
-family, Local); anything else gets ``None`` and is aggregated as a batch. Keeping it out of
-the strategy modules leaves their source, and so the accuracy grid's cache keys, untouched.
+This module holds the data types only and imports no strategy: each strategy owns its rule
+(``Strategy.new_partial`` / ``accumulate`` / ``merge`` / ``finalize``, and its batch
+``aggregate_round`` is that same fold followed by ``finalize``). A rule whose state is not a
+weighted sum keeps it in :attr:`Partial.extra_sums` (added on merge) or
+:attr:`Partial.extra_rows` (one row per client, concatenated on merge).
 """
 
 from __future__ import annotations
@@ -25,17 +25,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from fedcoe_edge.strategies.base import ClientResult, Failure, Strategy
-
 Arrays = dict[str, np.ndarray]
 
-__all__ = ["WeightedSum", "ExpertSums", "Partial", "expert_weights", "new_partial", "accumulate",
-           "aggregate_partial"]
+__all__ = ["WeightedSum", "ExpertSums", "Partial", "expert_weights", "EXTRA_SUM", "EXTRA_ROWS"]
+
+EXTRA_SUM = "extra+/"  # array-name prefix of Partial.extra_sums in the plain-array form
+EXTRA_ROWS = "extra|/"  # ... and of Partial.extra_rows
 
 
 @dataclass
@@ -196,12 +194,17 @@ class ExpertSums:
 @dataclass
 class Partial:
     """A round's aggregate so far, folded in one result at a time: memory O(model), not
-    O(clients x model).
+    O(clients x model) for the built-in rules.
 
-    ``dense`` holds the sample-weighted sums (FedAvg: every key; FedCoE: gate, shared
-    expert, trunk), ``experts`` FedCoE's per-expert sums, ``share`` the sample-weighted
-    routing mass ``sum_i n_i r_i`` and ``affinity`` each client's reported row (for the
-    EMA). Partials of disjoint client sets combine exactly by :meth:`merge`.
+    ``clients`` and ``samples`` are the bookkeeping every rule shares (``Strategy.fold``
+    keeps them; the leader's quorum and ``check_partial`` read them). The rest is the
+    strategy's: ``dense`` the sample-weighted sums (FedAvg: every key; FedCoE: gate, shared
+    expert, exchanged trunk), ``experts`` FedCoE's per-expert sums, ``share`` the
+    sample-weighted routing mass ``sum_i n_i r_i`` and ``affinity`` each client's reported
+    row (for the EMA). A rule that needs other state keeps it in ``extra_sums`` (float64
+    arrays that add on merge, e.g. a clipped-norm total) or ``extra_rows`` (arrays with one
+    row per client, row i for ``clients[i]``, concatenated on merge: e.g. the updates a
+    coordinate-wise median needs). Partials of disjoint client sets combine by :meth:`merge`.
     """
 
     round: int
@@ -211,14 +214,37 @@ class Partial:
     samples: float = 0.0
     affinity: dict[str, list[float]] = field(default_factory=dict)
     clients: list[str] = field(default_factory=list)
+    extra_sums: Arrays = field(default_factory=dict)
+    extra_rows: Arrays = field(default_factory=dict)
+
+    def admit(self, client_id: str, num_samples: int) -> None:
+        """Count one client in (before its numbers are folded); ValueError on a second
+        result from the same client, which would count twice."""
+        if client_id in self.clients:
+            raise ValueError(f"client {client_id!r:.40} is already in the partial of round {self.round}")
+        self.clients.append(client_id)
+        self.samples += num_samples
+
+    def check_rows(self) -> None:
+        """Every ``extra_rows`` array has one row per client (what keeps rows and clients
+        aligned through merges); ValueError naming the first that does not."""
+        for name, rows in self.extra_rows.items():
+            if rows.ndim < 1 or rows.shape[0] != len(self.clients):
+                raise ValueError(f"extra rows {name!r:.80} have {rows.shape[:1]} row(s) for "
+                                 f"{len(self.clients)} client(s)")
 
     def merge(self, other: Partial) -> None:
-        """Fold in a partial over other clients (a shard's); the round must match."""
+        """Fold in a partial over other clients (a shard's); the round must match, the extra
+        state must have the same names (both partials come from the same ``new_partial``)."""
         if other.round != self.round:
             raise ValueError(f"partial of round {other.round} merged into round {self.round}")
         overlap = set(self.clients) & set(other.clients)
         if overlap:
             raise ValueError(f"partials overlap on client(s) {sorted(overlap)[:5]}")
+        for what, mine, theirs in (("sums", self.extra_sums, other.extra_sums),
+                                   ("rows", self.extra_rows, other.extra_rows)):
+            if set(mine) != set(theirs):
+                raise KeyError(f"partials with different extra {what} cannot be merged")
         self.dense.merge(other.dense)
         if other.experts is not None:
             if self.experts is None:
@@ -226,6 +252,10 @@ class Partial:
             self.experts.merge(other.experts)
         if other.share is not None:
             self.share = other.share.copy() if self.share is None else self.share + other.share
+        for name, s in other.extra_sums.items():
+            self.extra_sums[name] = np.asarray(self.extra_sums[name], dtype=np.float64) + s
+        for name, rows in other.extra_rows.items():
+            self.extra_rows[name] = np.concatenate([self.extra_rows[name], rows], axis=0)
         self.samples += other.samples
         self.affinity.update(other.affinity)
         self.clients += other.clients
@@ -237,6 +267,8 @@ class Partial:
             arrays.update(self.experts.to_arrays("experts/"))
         if self.share is not None:
             arrays["share"] = np.asarray(self.share, dtype=np.float64)
+        arrays.update({EXTRA_SUM + n: np.asarray(v) for n, v in self.extra_sums.items()})
+        arrays.update({EXTRA_ROWS + n: np.asarray(v) for n, v in self.extra_rows.items()})
         meta = {"round": str(self.round), "samples": repr(self.samples),
                 "experts": str(self.experts.num_experts if self.experts is not None else 0),
                 "affinity": json.dumps(self.affinity), "clients": json.dumps(self.clients)}
@@ -248,77 +280,6 @@ class Partial:
         return cls(int(meta["round"]), WeightedSum.from_arrays(arrays, "dense"),
                    ExpertSums.from_arrays(arrays, "experts/", k) if k else None,
                    np.asarray(arrays["share"], dtype=np.float64) if "share" in arrays else None,
-                   float(meta["samples"]), json.loads(meta["affinity"]), json.loads(meta["clients"]))
-
-
-# --- the strategies' aggregation rules, streamed ------------------------------------------
-def new_partial(strategy: Strategy, rnd: int) -> Partial | None:
-    """An empty partial for ``rnd``; None when ``strategy`` can only aggregate a whole batch."""
-    kind = strategy.stream_rule()
-    if kind == "fedcoe":
-        k = strategy.model_cfg.num_global_experts
-        return Partial(rnd, experts=ExpertSums(k), share=np.zeros(k, dtype=np.float64))
-    return Partial(rnd) if kind is not None else None
-
-
-def accumulate(strategy: Strategy, partial: Partial, result: ClientResult) -> None:
-    """Fold one accepted result into ``partial`` (the result's weights may be dropped after).
-
-    FedCoE (``FedCoE.aggregate_round``): experts by ``n_i r_ik`` (``n_i`` as the fallback),
-    everything else by ``n_i``, the routing mass for balancing, the reported row for the
-    EMA. FedAvg: every global key by ``n_i``. Local: nothing is shared."""
-    kind = strategy.stream_rule()
-    if kind == "fedcoe":
-        from fedcoe_edge.strategies.fedcoe import expert_of
-
-        k_total = strategy.model_cfg.num_global_experts
-        row = (np.asarray(result.affinity, dtype=np.float64) if result.affinity is not None
-               else np.full(k_total, 1.0 / k_total))
-        weights_row = row if strategy.affinity_weighting else np.ones_like(row)  # type: ignore[attr-defined]
-        assert partial.experts is not None and partial.share is not None
-        partial.experts.add(result.params, strategy.expert_keys(), result.num_samples,  # type: ignore[attr-defined]
-                            weights_row)
-        dense_keys = [n for n in strategy.global_state if expert_of(n) is None]
-        partial.dense.add(result.params, result.num_samples, keys=dense_keys)
-        partial.share += float(result.num_samples) * row
-        partial.affinity[result.client_id] = row.tolist()
-    elif kind == "fedavg":
-        partial.dense.add(result.params, result.num_samples, keys=list(strategy.global_state))
-    elif kind is None:
-        raise TypeError(f"{type(strategy).__name__} does not aggregate incrementally")
-    partial.samples += result.num_samples
-    partial.clients.append(result.client_id)
-
-
-def aggregate_partial(strategy: Strategy, rnd: int, partial: Partial,
-                      failures: Sequence[Failure]) -> Arrays:
-    """What ``strategy.aggregate_round`` does, from a partial: the same rules, equal up to
-    float rounding. With no client in the partial, the state and version stay."""
-    kind = strategy.stream_rule()
-    if kind is None:
-        raise TypeError(f"{type(strategy).__name__} does not aggregate incrementally")
-    if kind == "local" or not partial.clients:
-        return strategy.global_state
-    if kind == "fedavg":
-        strategy.global_state = partial.dense.mean(strategy.global_state)
-        strategy.version += 1
-        return strategy.global_state
-    from fedcoe_edge.aggregate import balance_bias_step, ema
-
-    assert partial.experts is not None and partial.share is not None
-    s = strategy
-    k_total = s.model_cfg.num_global_experts
-    new = dict(s.global_state)
-    new.update(partial.experts.means(s.global_state, s.expert_keys()))  # type: ignore[attr-defined]
-    new.update(partial.dense.mean(s.global_state))
-    for cid in sorted(partial.affinity):
-        s.affinity[cid] = ema(s.affinity.get(cid), np.asarray(partial.affinity[cid]),  # type: ignore[attr-defined]
-                              s.train_cfg.affinity_ema)
-    if s.train_cfg.balance_rate > 0 and k_total > 1:
-        share = partial.share / max(partial.samples, 1e-12)
-        key = s.gate_bias_key()  # type: ignore[attr-defined]
-        step = balance_bias_step(share, s.train_cfg.balance_rate)
-        new[key] = (np.asarray(new[key], dtype=np.float64) + step).astype(new[key].dtype)
-    s.global_state = new
-    s.version += 1
-    return new
+                   float(meta["samples"]), json.loads(meta["affinity"]), json.loads(meta["clients"]),
+                   {n[len(EXTRA_SUM):]: np.asarray(v) for n, v in arrays.items() if n.startswith(EXTRA_SUM)},
+                   {n[len(EXTRA_ROWS):]: np.asarray(v) for n, v in arrays.items() if n.startswith(EXTRA_ROWS)})

@@ -1,6 +1,6 @@
 """Sharded aggregation, pure half: the shard hash, shard names and keys, the partial's wire
 form, the checks a received partial passes, and the exactness of 1 vs 3 shards with the
-real strategy's select -> configure -> accumulate -> merge_partials -> aggregate_partial."""
+real strategy's select -> configure -> fold -> wire -> merge -> finalize."""
 
 from __future__ import annotations
 
@@ -29,17 +29,16 @@ from fedcoe_edge.sharding import (
     shard_of,
 )
 from fedcoe_edge.strategies import ClientResult, Strategy, make_strategy
-from fedcoe_edge.streaming import Partial, accumulate, aggregate_partial, new_partial
+from fedcoe_edge.streaming import Partial
 
 
 def test_shard_of_is_stable_and_spreads() -> None:
-    # fixed values: the hash is sha256, not Python's per-process hash()
-    assert [shard_of(d, 3) for d in ("dev-0", "dev-1", "dev-2", "camera-17")] == \
-        [shard_of(d, 3) for d in ("dev-0", "dev-1", "dev-2", "camera-17")]
+    # pinned values: the hash is sha256 (first 8 bytes, big-endian), not Python's salted
+    # per-process hash(); a change here moves every deployed device to another shard
+    assert [shard_of(d, 3) for d in ("dev-0", "dev-1", "dev-2", "camera-17")] == [2, 0, 2, 2]
     assert shard_of("dev-0", 1) == 0
-    import hashlib
-    want = int.from_bytes(hashlib.sha256(b"dev-0").digest()[:8], "big") % 7
-    assert shard_of("dev-0", 7) == want
+    assert shard_of("dev-0", 7) == 4225845007160471423 % 7 == 1
+    assert shard_of("dev-0", 1024) == 4225845007160471423 % 1024 == 895
     counts = Counter(shard_of(f"d{i}", 4) for i in range(4000))
     assert set(counts) == {0, 1, 2, 3} and min(counts.values()) > 850  # ~1000 each
     for bad in (0, -1, 2000, True):
@@ -93,23 +92,21 @@ def _run(strategy: Strategy, shards: int, rounds: int, devices: list[str]) -> St
         for t in tasks:
             expected[shard_name(shard_of(t.client_id, shards))].append(t.client_id)
         inbox = PartialInbox(rnd, expected)
-        template = new_partial(strategy, rnd)
-        assert template is not None
+        template = strategy.new_partial(rnd)
         for name, clients in expected.items():
-            p = new_partial(strategy, rnd)
-            assert p is not None
+            p = strategy.new_partial(rnd)
             for t in tasks:
                 if t.client_id in clients:
-                    accumulate(strategy, p, _train(t.params, t.client_id, rnd, k))
+                    strategy.fold(p, _train(t.params, t.client_id, rnd, k))
             data, meta = partial_to_wire(p)
             got = partial_from_wire(data, meta)
             assert inbox.refusal(name, rnd) is None
             check_partial(got, rnd=rnd, allowed=clients, template=template, state=strategy.global_state)
             inbox.accept(name, got, {})
         assert inbox.complete
-        merged = strategy.merge_partials(rnd, list(inbox.received.values()))
+        merged = strategy.merge(rnd, list(inbox.received.values()))
         assert sorted(merged.clients) == sorted(ids)
-        aggregate_partial(strategy, rnd, merged, [])
+        strategy.finalize(rnd, merged, [])
     return strategy
 
 
@@ -131,40 +128,31 @@ def test_one_shard_equals_three_shards_over_two_rounds(algorithm: str) -> None:
     assert any(not np.array_equal(v, base.global_state[n]) for n, v in one.global_state.items())
 
 
-def test_merge_partials_default_and_batch_only() -> None:
+def test_default_merge() -> None:
     s = _strategy()
-    a, b = new_partial(s, 1), new_partial(s, 1)
-    assert a is not None and b is not None
-    merged = s.merge_partials(1, [])
+    a = s.new_partial(1)
+    merged = s.merge(1, [])
     assert merged.clients == [] and merged.round == 1
     k = s.model_cfg.num_global_experts
-    accumulate(s, a, _train(s.params_for([0, 1]), "x", 1, k))  # type: ignore[attr-defined]
+    s.fold(a, _train(s.params_for([0, 1]), "x", 1, k))  # type: ignore[attr-defined]
+    assert s.merge(1, [a]).clients == ["x"]
     with pytest.raises(ValueError, match="overlap"):
-        s.merge_partials(1, [a, a])
+        s.merge(1, [a, a])
     with pytest.raises(ValueError, match="round"):
-        s.merge_partials(2, [a])
-
-    class BatchOnly(type(s)):  # type: ignore[misc]
-        def aggregate_round(self, rnd, results, failures):  # type: ignore[no-untyped-def]
-            return self.global_state
-
-    with pytest.raises(TypeError, match="whole batches"):
-        BatchOnly(s.model_cfg, s.train_cfg, 0).merge_partials(1, [a])
+        s.merge(2, [a])
 
 
 def _shard_partial(s: Strategy, rnd: int, clients: list[str]) -> Partial:
-    p = new_partial(s, rnd)
-    assert p is not None
+    p = s.new_partial(rnd)
     k = s.model_cfg.num_global_experts
     for c in clients:
-        accumulate(s, p, _train(s.params_for([0, 1]), c, rnd, k))  # type: ignore[attr-defined]
+        s.fold(p, _train(s.params_for([0, 1]), c, rnd, k))  # type: ignore[attr-defined]
     return p
 
 
 def test_bad_partials_are_refused_with_a_reason() -> None:
     s = _strategy()
-    template = new_partial(s, 2)
-    assert template is not None
+    template = s.new_partial(2)
     good = _shard_partial(s, 2, ["a", "b"])
     state = s.global_state
 
@@ -226,7 +214,7 @@ def test_inbox_refuses_unknown_late_and_duplicate_shards() -> None:
     assert "duplicate" in (inbox.refusal("shard-0", 2) or "")
     inbox.accept("shard-1", _shard_partial(s, 2, ["c"]), {})
     assert not inbox.complete and inbox.missing() == ["shard-2"]
-    merged = s.merge_partials(2, list(inbox.received.values()))
+    merged = s.merge(2, list(inbox.received.values()))
     # a missing shard's clients become failures, as data for the strategy
     assert inbox.round_failures(merged.clients) == {
         "b": "update rejected: norm", "d": "no partial from shard-2 (missing or refused)"}
@@ -270,3 +258,44 @@ def test_role_and_shard_count_are_checked_in_one_place(tmp_path: Path,
     assert out[0] == f"dev-0 {shard_of('dev-0', 2)} demo.s{shard_of('dev-0', 2)}of2"
     assert main(["shard-of", "bad/id", "--shards", "2", "--federation", "demo"]) == 2
     assert "device id" in capsys.readouterr().err
+
+
+def test_extra_state_crosses_the_wire_and_is_checked() -> None:
+    """A rule's own state (extra sums that add, per-client rows that concatenate) survives
+    the wire form and is checked against the strategy's empty partial like the sums are."""
+    template = Partial(1, extra_sums={"norm": np.zeros(1)},
+                       extra_rows={"u": np.zeros((0, 3), dtype=np.float32)})
+
+    def shard(clients: list[str], base: float) -> Partial:
+        p = Partial(1, extra_sums={"norm": np.zeros(1)},
+                    extra_rows={"u": np.zeros((0, 3), dtype=np.float32)})
+        for i, c in enumerate(clients):
+            p.admit(c, 10)
+            p.extra_sums["norm"] = p.extra_sums["norm"] + base + i
+            p.extra_rows["u"] = np.concatenate([p.extra_rows["u"], np.full((1, 3), base + i, np.float32)])
+        return partial_from_wire(*partial_to_wire(p))
+
+    a, b = shard(["a", "b"], 1.0), shard(["c"], 5.0)
+    for p, allowed in ((a, ("a", "b")), (b, ("c",))):
+        check_partial(p, rnd=1, allowed=allowed, template=template, state={})
+    merged = copy.deepcopy(template)
+    merged.merge(a)
+    merged.merge(b)
+    merged.check_rows()
+    assert merged.clients == ["a", "b", "c"]
+    np.testing.assert_array_equal(merged.extra_sums["norm"], [1.0 + 2.0 + 5.0])
+    np.testing.assert_array_equal(merged.extra_rows["u"][:, 0], [1.0, 2.0, 5.0])  # row i: clients[i]
+    bad = copy.deepcopy(a)
+    bad.extra_rows["u"] = bad.extra_rows["u"][:1]  # a row short of its clients
+    with pytest.raises(ValidationError, match=r"extra rows 'u'.*expected float32\[2, 3\]"):
+        check_partial(bad, rnd=1, allowed=("a", "b"), template=template, state={})
+    bad = copy.deepcopy(a)
+    bad.extra_sums["norm"][0] = np.inf
+    with pytest.raises(ValidationError, match="non-finite"):
+        check_partial(bad, rnd=1, allowed=("a", "b"), template=template, state={})
+    bad = copy.deepcopy(a)
+    bad.extra_sums["other"] = np.zeros(1)
+    with pytest.raises(ValidationError, match="extra sums"):
+        check_partial(bad, rnd=1, allowed=("a", "b"), template=template, state={})
+    with pytest.raises(KeyError, match="different extra"):
+        Partial(1).merge(a)

@@ -100,7 +100,7 @@ def test_device_payload_dense_strategy_sends_everything() -> None:
     assert ids == [0, 1, 2, 3]
     assert set(params) == set(s.global_state)
     assert s.choose_cold_experts(params, np.zeros((2, 64), np.float32)) == [0, 1, 2, 3]
-    assert s.checkpoint_extra() == {}
+    assert s.checkpoint_extra() == {"robust": {"bound": None, "norm_history": [], "samples": {}}}
 
 
 def test_device_payload_fedcoe_sends_the_experts_asked_for() -> None:
@@ -133,16 +133,35 @@ def test_fedcoe_checkpoint_extra_round_trips_the_affinity() -> None:
     assert t.affinity == {}
 
 
-def test_stream_rule_names_the_mirrored_aggregation_only_while_it_applies() -> None:
+def test_aggregation_is_one_rule_that_a_subclass_cannot_bypass() -> None:
+    """``aggregate_round`` is the base class's fold + finalize for every strategy (no class
+    keeps a second batch rule), and a subclass changes aggregation by overriding the steps,
+    which every path then uses."""
+    from fedcoe_edge.strategies.base import Strategy
     from fedcoe_edge.strategies.fedavg import FedAvg
 
-    rules = {name: make_strategy(name, MODEL, TRAIN, seed=0).stream_rule() for name in STRATEGIES}
-    assert rules["fedavg"] == "fedavg" and rules["fedprox"] == "fedavg"
-    assert rules["local"] == "local"
-    assert rules["fedcoe"] == "fedcoe" and rules["fedcoe-nolocal"] == rules["fedcoe"]
+    for name, cls in STRATEGIES.items():
+        assert cls.aggregate_round is Strategy.aggregate_round, name
+        assert cls.fold is Strategy.fold, name
 
-    class Custom(FedAvg):  # its own aggregation: no streamed rule may stand in for it
-        def aggregate_round(self, rnd, results, failures):  # type: ignore[no-untyped-def]
-            return super().aggregate_round(rnd, results, failures)
+    class Halved(FedAvg):  # its own rule: finalize moves half way to the mean
+        def finalize(self, rnd, partial, failures):  # type: ignore[no-untyped-def]
+            old = dict(self.global_state)
+            new = super().finalize(rnd, partial, failures)
+            self.global_state = {k: ((old[k] + new[k]) / 2).astype(old[k].dtype) for k in new}
+            return self.global_state
 
-    assert Custom(MODEL, TRAIN).stream_rule() is None
+    bare = dataclasses.replace(TRAIN, update_clip="none", samples_cap=0.0)  # +1 everywhere: unclipped
+    a, b = Halved(MODEL, bare), Halved(MODEL, bare)
+    init = dict(a.initialize())
+    b.initialize()
+    moved = {k: v + 1.0 for k, v in init.items()}
+    from fedcoe_edge.strategies import ClientResult
+
+    a.aggregate_round(1, [ClientResult("c", 1, 3, moved)], [])
+    p = b.new_partial(1)
+    b.fold(p, ClientResult("c", 1, 3, moved))
+    b.finalize(1, p, [])
+    for k, v in init.items():
+        np.testing.assert_allclose(a.global_state[k], v + 0.5, rtol=1e-6)
+        assert a.global_state[k].tobytes() == b.global_state[k].tobytes()

@@ -1,26 +1,27 @@
-"""Streaming aggregation: running sums against hand-computed values, against the batch
-rules (``aggregate_round``) up to float rounding, and partial aggregates that merge."""
+"""Streaming aggregation: running sums against hand-computed values, the strategy's one rule
+folded in any order against its batch ``aggregate_round`` (equal up to float rounding, exactly
+in the same order), partial aggregates that merge, and the registration check."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
+from fedcoe_edge.aggregate import affinity_weights, aggregate_experts, sample_weighted_mean
 from fedcoe_edge.config import ModelConfig, TrainConfig
-from fedcoe_edge.strategies import ClientResult, FedAvg, FedCoE, make_strategy
-from fedcoe_edge.strategies.base import Arrays, Failure
-from fedcoe_edge.streaming import (
-    ExpertSums,
-    Partial,
-    WeightedSum,
-    accumulate,
-    aggregate_partial,
-    expert_weights,
-    new_partial,
+from fedcoe_edge.registry import RegistryError
+from fedcoe_edge.strategies import (
+    ClientResult,
+    FedAvg,
+    FedCoE,
+    Strategy,
+    make_strategy,
+    register_strategy,
 )
+from fedcoe_edge.strategies.fedcoe import expert_of
+from fedcoe_edge.streaming import ExpertSums, Partial, WeightedSum, expert_weights
 
 
 def test_weighted_sum_by_hand() -> None:
@@ -124,11 +125,10 @@ def test_streamed_equals_aggregate_round(algorithm: str) -> None:
         assert isinstance(batch, FedCoE | FedAvg)
         results = _results(batch, rnd, 7, seed=rnd)
         batch.aggregate_round(rnd, results, [])
-        partial = new_partial(stream, rnd)
-        assert partial is not None
+        partial = stream.new_partial(rnd)
         for r in reversed(results):  # arrival order differs from the batch's sorted order
-            accumulate(stream, partial, r)
-        aggregate_partial(stream, rnd, partial, [])
+            stream.fold(partial, r)
+        stream.finalize(rnd, partial, [])
         assert stream.version == batch.version == rnd
         for name, value in batch.global_state.items():
             assert stream.global_state[name].dtype == value.dtype
@@ -144,9 +144,7 @@ def test_streamed_equals_aggregate_round(algorithm: str) -> None:
 def test_empty_partial_keeps_the_state() -> None:
     s = make_strategy("fedcoe", ModelConfig(expert_hidden=16), TrainConfig(), 0)
     before = dict(s.initialize())
-    partial = new_partial(s, 1)
-    assert partial is not None
-    aggregate_partial(s, 1, partial, [])
+    s.finalize(1, s.new_partial(1), [])
     assert s.version == 0 and all(s.global_state[n] is v for n, v in before.items())
 
 
@@ -159,44 +157,97 @@ def test_one_shard_equals_three_shards(algorithm: str) -> None:
     three = copy.deepcopy(one)
     assert isinstance(one, FedCoE | FedAvg)
     results = _results(one, 1, 12, seed=5)
-    p1 = new_partial(one, 1)
-    assert p1 is not None
+    p1 = one.new_partial(1)
     for r in results:
-        accumulate(one, p1, r)
-    aggregate_partial(one, 1, p1, [])
-    shards = [new_partial(three, 1) for _ in range(3)]
+        one.fold(p1, r)
+    one.finalize(1, p1, [])
+    shards = [three.new_partial(1) for _ in range(3)]
     for i, r in enumerate(results):
-        accumulate(three, shards[i % 3], r)  # type: ignore[arg-type]
-    merged = new_partial(three, 1)
-    assert merged is not None
-    for sh in shards:
-        assert sh is not None
-        arrays, meta = sh.to_arrays()
-        merged.merge(Partial.from_arrays(arrays, meta))
-    aggregate_partial(three, 1, merged, [])
+        three.fold(shards[i % 3], r)
+    merged = three.merge(1, [Partial.from_arrays(*sh.to_arrays()) for sh in shards])
+    three.finalize(1, merged, [])
     assert sorted(merged.clients) == sorted(r.client_id for r in results)
     for name, value in one.global_state.items():
         np.testing.assert_allclose(three.global_state[name], value, rtol=1e-6, atol=1e-8, err_msg=name)
     with pytest.raises(ValueError, match="overlap"):
-        merged.merge(Partial.from_arrays(*shards[0].to_arrays()))  # type: ignore[union-attr]
+        merged.merge(Partial.from_arrays(*shards[0].to_arrays()))
 
 
-def test_which_strategies_stream() -> None:
-    """Streamed exactly where aggregate_round is the mirrored rule; others are batch-only."""
+def test_fold_in_client_order_is_aggregate_round_exactly() -> None:
+    """The batch path is the streamed rule: folded in the same (client-id) order, the
+    coordinator's fold + finalize gives aggregate_round's bytes."""
+    batch = make_strategy("fedcoe", ModelConfig(expert_hidden=16), TrainConfig(), 0)
+    batch.initialize()
+    stream = copy.deepcopy(batch)
+    assert isinstance(batch, FedCoE)
+    results = _results(batch, 1, 5, seed=3)
+    batch.aggregate_round(1, list(reversed(results)), [])
+    partial = stream.new_partial(1)
+    for r in sorted(results, key=lambda r: r.client_id):
+        stream.fold(partial, r)
+    stream.finalize(1, partial, [])
+    for name, value in batch.global_state.items():
+        assert stream.global_state[name].tobytes() == value.tobytes(), name
+    with pytest.raises(ValueError, match="already in the partial"):
+        stream.fold(partial, results[0])  # a client counted twice
+
+
+def test_fedcoe_rule_matches_the_normalised_weights_of_aggregate_py() -> None:
+    """The running sums implement the rule of fedcoe_edge.aggregate (normalised n_i r_ik
+    expert weights, n_i for the rest): an independent reference, within float rounding."""
+    # the defences off: this checks the strategy's own rule (docs/design.md, "Robust aggregation")
+    train = TrainConfig(balance_rate=0.0, update_clip="none", samples_cap=0.0)
+    s = make_strategy("fedcoe", ModelConfig(expert_hidden=16), train, 0)
+    old = dict(s.initialize())
+    assert isinstance(s, FedCoE)
+    results = _results(s, 1, 6, seed=11)
+    s.aggregate_round(1, results, [])
+    k = s.model_cfg.num_global_experts
+    n = np.array([r.num_samples for r in results], dtype=np.float64)
+    sent = np.array([[any(expert_of(x) == e for x in r.params) for e in range(k)] for r in results])
+    rows = np.array([r.affinity if r.affinity is not None else np.full(k, 1.0 / k) for r in results])
+    want = aggregate_experts(old, [r.params for r in results], affinity_weights(n, rows, sent),
+                             s.expert_keys())
+    want.update(sample_weighted_mean([r.params for r in results], n,
+                                     keys=[x for x in old if expert_of(x) is None]))
+    for name, value in want.items():
+        np.testing.assert_allclose(s.global_state[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_every_strategy_streams_and_a_partial_one_is_refused() -> None:
+    """Every registered strategy implements the aggregation interface (so each streams and
+    shards); a class without it is refused at registration, in one line naming what is
+    missing."""
     from fedcoe_edge.strategies import STRATEGIES
 
     cfg, train = ModelConfig(expert_hidden=16), TrainConfig()
-    streamed = {name for name in STRATEGIES
-                if new_partial(make_strategy(name, cfg, train, 0), 1) is not None}
-    assert {"fedcoe", "fedcoe-noaffinity", "fedcoe-full", "fedavg", "fedprox", "local",
-            "ditto"} <= streamed
+    for name in STRATEGIES:
+        s = make_strategy(name, cfg, train, 0)
+        assert isinstance(s.new_partial(1), Partial), name
 
-    class Custom(FedAvg):
-        def aggregate_round(self, rnd: int, results: Sequence[ClientResult],
-                            failures: Sequence[Failure]) -> Arrays:
-            return self.global_state
+    class Bare(Strategy):  # the pre-aggregation contract only: no new_partial/accumulate/finalize
+        def initialize(self) -> dict[str, np.ndarray]:
+            return {}
 
-    custom = Custom(cfg, train, 0)
-    assert new_partial(custom, 1) is None
-    with pytest.raises(TypeError, match="does not aggregate incrementally"):
-        accumulate(custom, Partial(1), ClientResult("c", 1, 1, {}))
+        def configure_round(self, rnd, client_ids):  # type: ignore[no-untyped-def]
+            return []
+
+        def client_update(self, task, local_state, data):  # type: ignore[no-untyped-def]
+            raise NotImplementedError
+
+        def predict_global(self, x):  # type: ignore[no-untyped-def]
+            return x
+
+        def predict_personal(self, client_id, local_state, x):  # type: ignore[no-untyped-def]
+            return x
+
+    with pytest.raises(RegistryError) as err:
+        register_strategy("bare", Bare)  # type: ignore[type-abstract]  # the point of the test
+    msg = str(err.value)
+    assert "\n" not in msg and "bare" in msg
+    for missing in ("accumulate", "finalize", "new_partial"):
+        assert missing in msg
+    with pytest.raises(RegistryError, match="already registered"):
+        register_strategy("fedavg", FedAvg)
+    with pytest.raises(RegistryError, match="not a subclass"):
+        register_strategy("x", dict)  # type: ignore[arg-type]

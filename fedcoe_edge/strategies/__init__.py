@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.errors import ConfigError
 from fedcoe_edge.strategies.base import ClientData, ClientResult, ClientTask, Failure, Strategy
+from fedcoe_edge.streaming import Partial
 
 if TYPE_CHECKING:  # precise types for mypy; at run time they load lazily (below)
     from fedcoe_edge.strategies.ablations import ABLATIONS
@@ -43,6 +44,8 @@ _LAZY: dict[str, str] = {
 
 
 def __getattr__(name: str) -> Any:
+    if name in globals():  # built once: STRATEGIES is the one dict register_strategy extends
+        return globals()[name]
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
     elif name == "BASELINES":
@@ -71,6 +74,44 @@ def make_strategy(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, see
     return cls(model_cfg, train_cfg, seed)
 
 
+def register_strategy(name: str, cls: type[Strategy], *, replace: bool = False) -> None:
+    """Make ``name`` an algorithm (``make_strategy``, ``SimulationConfig.algorithms``, a
+    coordinator's ``[federation] algorithm`` in this process): ``cls`` must be a concrete
+    :class:`Strategy`, its aggregation (``new_partial``, ``accumulate``, ``finalize``) included,
+    because the simulator, a streaming coordinator and a sharded leader all run that one rule.
+    RegistryError, in one line naming what is missing, otherwise."""
+    from fedcoe_edge.registry import NAME_PATTERN, RegistryError
+
+    strategies = __getattr__("STRATEGIES")
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise RegistryError(f"strategy name must be letters, digits, '_', '.', '+' or '-', got {name!r}")
+    if not isinstance(cls, type) or not issubclass(cls, Strategy):
+        raise RegistryError(f"strategy {name!r}: {cls!r:.80} is not a subclass of fedcoe_edge.Strategy")
+    missing = sorted(getattr(cls, "__abstractmethods__", ()))
+    if missing:
+        raise RegistryError(f"strategy {name!r}: {cls.__name__} does not implement "
+                            f"{', '.join(missing)} (docs/api.md, \"Your own algorithm\")")
+    if name in strategies and not replace:
+        raise RegistryError(f"strategy {name!r} is already registered (pass replace=True to override it)")
+    if name in _BUILTIN_NAMES():
+        raise RegistryError(f"strategy {name!r} is built in and cannot be replaced")
+    strategies[name] = cls
+
+
+def unregister_strategy(name: str) -> None:
+    """Remove a user's strategy (tests, notebooks re-running a cell); built-ins stay."""
+    from fedcoe_edge.registry import RegistryError
+
+    if name in _BUILTIN_NAMES():
+        raise RegistryError(f"strategy {name!r} is built in and cannot be removed")
+    __getattr__("STRATEGIES").pop(name, None)
+
+
+def _BUILTIN_NAMES() -> set[str]:  # noqa: N802 - reads as the constant it stands for
+    return {cls.name for cls in (__getattr__("FedCoE"), *__getattr__("BASELINES"),
+                                 *__getattr__("ABLATIONS"))}
+
+
 def shares_model(name: str) -> bool:
     """False for algorithms with no shared model (Local): their global/cold-start is chance."""
     return bool(getattr(__getattr__("STRATEGIES")[name], "shares_model", True))
@@ -78,4 +119,5 @@ def shares_model(name: str) -> bool:
 
 __all__ = ["ABLATIONS", "BASELINES", "STRATEGIES", "ClientData", "ClientResult", "ClientTask",
            "Ditto", "Failure", "FedAvg", "FedAvgFT", "FedCoE", "FedProx", "FedRep", "Local",
-           "Mixture", "Strategy", "make_strategy", "shares_model"]
+           "Mixture", "Partial", "Strategy", "make_strategy", "register_strategy", "shares_model",
+           "unregister_strategy"]

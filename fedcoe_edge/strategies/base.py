@@ -6,6 +6,12 @@ results and the failures (dropped, late, rejected clients are data, not exceptio
 client half, ``client_update``, runs on the device. The in-process simulator and the MQTT
 coordinator drive the same objects, so what is measured in simulation is what is deployed.
 
+Aggregation is one rule per strategy, in four steps (docs/design.md, "Streaming
+aggregation"): ``new_partial``, ``accumulate`` (one result), ``merge`` (shards' partials) and
+``finalize``. ``aggregate_round`` (the simulator, a coordinator with ``aggregation =
+"batch"``) folds every result in client-id order and finalizes; a streaming coordinator folds
+them as they are accepted, a leader merges its shards' partials: the same code either way.
+
 Weights cross this boundary as ``dict[str, np.ndarray]`` keyed by stable state-dict names.
 """
 
@@ -14,15 +20,26 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, final
 
 import numpy as np
 
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.data.client import ClientData  # re-exported: the strategy contract names it
-
-if TYPE_CHECKING:
-    from fedcoe_edge.streaming import Partial
+from fedcoe_edge.robust import (
+    ROWS,
+    DefenceState,
+    add_rows,
+    close_round,
+    defend,
+    has_rows,
+    keeps_updates,
+    notes_of,
+    record,
+    results_of,
+    robust_substitute,
+)
+from fedcoe_edge.streaming import Partial
 
 Arrays = dict[str, np.ndarray]
 
@@ -71,6 +88,8 @@ class Strategy(ABC):
         self.rng = np.random.default_rng(seed)
         self.global_state: Arrays = {}
         self.version = 0  # bumps on every aggregation; devices report the base they trained on
+        # clip bound and sample history from earlier rounds (docs/design.md, "Robust aggregation")
+        self.defence = DefenceState()
 
     @property
     def network_cfg(self) -> ModelConfig:
@@ -94,10 +113,98 @@ class Strategy(ABC):
     def configure_round(self, rnd: int, client_ids: Sequence[str]) -> list[ClientTask]:
         """One task per selected client."""
 
+    # --- aggregation: one rule, batch, streamed or sharded -----------------------------
     @abstractmethod
+    def new_partial(self, rnd: int) -> Partial:
+        """An empty aggregate for round ``rnd``: a :class:`Partial` holding whatever state
+        :meth:`accumulate` fills (``extra_sums`` / ``extra_rows`` for a rule that is not a
+        weighted sum). Every partial of the round starts here, the shards' included."""
+
+    @abstractmethod
+    def accumulate(self, partial: Partial, result: ClientResult) -> None:
+        """Fold one result's numbers into ``partial`` (the caller, :meth:`fold`, has already
+        counted the client in). The server state it may read is the state before the round
+        (``global_state`` and whatever :meth:`finalize` of earlier rounds left), never other
+        results: a partial must not depend on the order its results came in beyond float
+        rounding, and must allow the result's weights to be dropped afterwards."""
+
+    def merge(self, rnd: int, partials: Sequence[Partial]) -> Partial:
+        """One partial for round ``rnd`` from partials over disjoint client sets (a
+        leader's shards). Default: :meth:`new_partial`, then :meth:`Partial.merge` of each
+        (sums add exactly, ``extra_rows`` concatenate); override only for a merge that is
+        neither."""
+        merged = self.new_partial(rnd)
+        for p in partials:
+            merged.merge(p)
+        merged.check_rows()
+        return merged
+
+    @abstractmethod
+    def finalize(self, rnd: int, partial: Partial, failures: Sequence[Failure]) -> Arrays:
+        """The new global state from the round's partial (also ``self.global_state``; bump
+        ``version`` when it changes). With no client in the partial, keep the state and the
+        version: a round below quorum is finalized with an empty partial, so that the
+        strategy still sees its failures."""
+
+    @final
+    def fold(self, partial: Partial, result: ClientResult) -> None:
+        """Defend ``result`` (clip its change, cap its sample weight: docs/design.md, "Robust
+        aggregation"; from the state before the round only, so any order and any sharding
+        defend it alike), count its client into ``partial`` and :meth:`accumulate` it: what
+        every aggregation path calls (a client counted twice is a ValueError). A partial
+        that keeps updates (a median / trimmed-mean rule) stores the defended update
+        instead; :meth:`close_defence` folds the robust values at the close."""
+        result, note = defend(self.defence, self.train_cfg, result, self.global_state)
+        partial.admit(result.client_id, result.num_samples)
+        if has_rows(partial):
+            record(partial, note, result)
+        if not keeps_updates(partial):
+            self.accumulate(partial, result)
+        if partial.extra_rows:
+            partial.check_rows()
+
+    # --- the defence's share of a strategy's rule ---------------------------------------
+    def defended_keys(self) -> list[str]:
+        """The tensors a median / trimmed-mean partial keeps a row of per client: every
+        floating global tensor (a strategy whose devices send fewer overrides it)."""
+        return [n for n, v in self.global_state.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
+
+    def with_defence(self, partial: Partial) -> Partial:
+        """``partial`` (a fresh one of :meth:`new_partial`) with the defence's rows: every
+        built-in strategy's ``new_partial`` returns ``self.with_defence(Partial(...))``. A
+        strategy that does not is still clipped and capped in :meth:`fold`, but its bound
+        keeps the first-round rule and the robust rules do not apply to it."""
+        return add_rows(partial, self.train_cfg, self.global_state, self.defended_keys(),
+                        self.model_cfg.num_global_experts)
+
+    def close_defence(self, partial: Partial) -> Partial:
+        """The first step of every built-in ``finalize``: the next round's defence state from
+        the round's notes, and, when the partial kept the updates, a partial of the robust
+        rule (each tensor's median / trimmed mean over its senders, folded as ordinary
+        results) for the strategy's own rule to finalize."""
+        if not has_rows(partial):
+            return partial
+        self.defence = close_round(self.defence, self.train_cfg, notes_of(partial))
+        if not keeps_updates(partial):
+            return partial
+        robust = robust_substitute(results_of(partial), self.train_cfg.aggregation_rule,
+                                   self.train_cfg.trim_ratio)
+        plain = self.new_partial(partial.round)
+        plain.extra_rows = {k: v for k, v in plain.extra_rows.items() if not k.startswith(ROWS)}
+        for r in sorted(robust, key=lambda r: r.client_id):
+            plain.admit(r.client_id, r.num_samples)
+            self.accumulate(plain, r)
+        return plain
+
+    @final
     def aggregate_round(self, rnd: int, results: Sequence[ClientResult],
                         failures: Sequence[Failure]) -> Arrays:
-        """Fold the results into a new global state; with no results, keep the old one."""
+        """The batch path: fold every result in client-id order, then :meth:`finalize`;
+        with no results the state is kept."""
+        partial = self.new_partial(rnd)
+        for r in sorted(results, key=lambda r: r.client_id):
+            self.fold(partial, r)
+        return self.finalize(rnd, partial, failures)
 
     def state_for_cold_start(self) -> Arrays:
         """What a brand-new device downloads before it predicts (default: everything)."""
@@ -160,37 +267,14 @@ class Strategy(ABC):
         it fetched first and its own unlabeled inputs. Default: all of them."""
         return list(range(self.model_cfg.num_global_experts))
 
-    def stream_rule(self) -> str | None:
-        """Which of the streamed aggregation rules (`fedcoe_edge/streaming.py`: "fedavg",
-        "local", "fedcoe") reproduces this strategy's ``aggregate_round``; None: the
-        coordinator keeps every update and calls ``aggregate_round`` at the close. A class
-        answers only while its ``aggregate_round`` is the one the rule mirrors, so a
-        subclass that overrides it is never streamed with rules it does not use."""
-        return None
-
-    def merge_partials(self, rnd: int, partials: Sequence[Partial]) -> Partial:
-        """The merge step of sharded aggregation: one partial for round ``rnd`` from the
-        partials of shards that served disjoint client sets, which the leader then
-        aggregates (``fedcoe_edge.streaming.aggregate_partial``). Default: exact addition
-        of the weighted sums and weights (:meth:`Partial.merge`), which every streamed rule
-        allows; a strategy whose merge is not a sum (e.g. a robust, median-like rule)
-        overrides it. TypeError for a strategy that aggregates only whole batches."""
-        from fedcoe_edge.streaming import new_partial
-
-        merged = new_partial(self, rnd)
-        if merged is None:
-            raise TypeError(f"{type(self).__name__} aggregates only whole batches; "
-                            "partials cannot be merged")
-        for p in partials:
-            merged.merge(p)
-        return merged
-
     def checkpoint_extra(self) -> dict[str, Any]:
         """Server state beyond the arrays, rng and version that a coordinator checkpoint
-        must keep (JSON-ready). Default: none."""
-        return {}
+        must keep (JSON-ready): the defence's clip bound, norm history and sample counts (a
+        subclass adds its own to ``super().checkpoint_extra()``)."""
+        return {"robust": self.defence.to_json()}
 
     def restore_extra(self, doc: Mapping[str, Any]) -> None:
         """Take back what :meth:`checkpoint_extra` wrote (``doc`` is the whole checkpoint
-        document; a key it lacks means a checkpoint from before that state existed)."""
-        del doc  # nothing beyond the arrays by default
+        document; a key it lacks means a checkpoint from before that state existed). A
+        subclass that overrides it calls ``super().restore_extra(doc)``."""
+        self.defence = DefenceState.from_json(doc.get("robust"))

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedcoe_edge.aggregate import sample_weighted_mean
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.losses import proximal_term
 from fedcoe_edge.model import DualLevelMoE
@@ -28,6 +27,7 @@ from fedcoe_edge.strategies.base import (
     Failure,
     Strategy,
 )
+from fedcoe_edge.streaming import Partial
 from fedcoe_edge.training import build_model, load_arrays, predict_probs, run_epochs, to_arrays
 
 
@@ -101,17 +101,19 @@ class FedAvg(Strategy):
         return [ClientTask(cid, rnd, self.global_state, config={"version": self.version})
                 for cid in client_ids]
 
-    def stream_rule(self) -> str | None:
-        """"fedavg" while ``aggregate_round`` is this class's (docs/design.md, "Streaming
-        aggregation")."""
-        return "fedavg" if type(self).aggregate_round is FedAvg.aggregate_round else None
+    # --- aggregation (docs/design.md, "Streaming aggregation") -------------------------
+    def new_partial(self, rnd: int) -> Partial:
+        return self.with_defence(Partial(rnd))
 
-    def aggregate_round(self, rnd: int, results: Sequence[ClientResult],
-                        failures: Sequence[Failure]) -> Arrays:
-        if results:
-            self.global_state = sample_weighted_mean([r.params for r in results],
-                                                     [r.num_samples for r in results],
-                                                     keys=list(self.global_state))
+    def accumulate(self, partial: Partial, result: ClientResult) -> None:
+        """Every global tensor, weighted by the client's sample count n_i."""
+        partial.dense.add(result.params, result.num_samples, keys=list(self.global_state))
+
+    def finalize(self, rnd: int, partial: Partial, failures: Sequence[Failure]) -> Arrays:
+        """``sum_i n_i w_i / sum_i n_i`` per tensor (FedAvg); no client: the state stays."""
+        partial = self.close_defence(partial)
+        if partial.clients:
+            self.global_state = partial.dense.mean(self.global_state)
             self.version += 1
         return self.global_state
 

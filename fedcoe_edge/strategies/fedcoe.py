@@ -28,14 +28,11 @@ import numpy as np
 import torch
 
 from fedcoe_edge.aggregate import (
-    affinity_weights,
-    aggregate_experts,
     assign_experts,
     balance_bias_step,
     covering_experts,
     ema,
     expert_capacity,
-    sample_weighted_mean,
 )
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.losses import fedcoe_loss, label_log_prior
@@ -48,6 +45,7 @@ from fedcoe_edge.strategies.base import (
     Failure,
     Strategy,
 )
+from fedcoe_edge.streaming import ExpertSums, Partial
 from fedcoe_edge.training import build_model, load_arrays, predict_probs, run_epochs, to_arrays
 from fedcoe_edge.trunk import TRUNK_PREFIX, exchanged, kept_locally, prepare_trunk
 
@@ -153,39 +151,53 @@ class FedCoE(Strategy):
         prefix = "global.gate.net." if isinstance(net, torch.nn.Linear) else f"global.gate.net.{len(list(net.children())) - 1}."
         return prefix + "bias"
 
-    def stream_rule(self) -> str | None:
-        """"fedcoe" while ``aggregate_round`` is this class's (docs/design.md, "Streaming
-        aggregation")."""
-        return "fedcoe" if type(self).aggregate_round is FedCoE.aggregate_round else None
+    # --- aggregation (docs/design.md, "Streaming aggregation") -------------------------
+    def new_partial(self, rnd: int) -> Partial:
+        k = self.model_cfg.num_global_experts
+        return self.with_defence(Partial(rnd, experts=ExpertSums(k), share=np.zeros(k, dtype=np.float64)))
 
-    def aggregate_round(self, rnd: int, results: Sequence[ClientResult],
-                        failures: Sequence[Failure]) -> Arrays:
-        if not results:
-            return self.global_state
+    def defended_keys(self) -> list[str]:
+        """What devices send: a frozen or locally fine-tuned trunk never travels."""
+        return [n for n in super().defended_keys() if exchanged(self.model_cfg, n)]
+
+    def accumulate(self, partial: Partial, result: ClientResult) -> None:
+        """Experts by ``n_i r_ik`` over the clients that sent them (``n_i`` when every
+        sender's affinity for k is 0), the gate, shared expert and *exchanged* trunk by
+        ``n_i`` (a frozen or locally fine-tuned trunk never travels, so it is not summed),
+        the routing mass for balancing and the reported row for the EMA. A client that did
+        not report an affinity counts as uniform."""
         k_total = self.model_cfg.num_global_experts
-        n = np.array([r.num_samples for r in results], dtype=np.float64)
-        sent = np.zeros((len(results), k_total), dtype=bool)
-        for i, r in enumerate(results):
-            for name in r.params:
-                k = expert_of(name)
-                if k is not None:
-                    sent[i, k] = True
-        reported = np.array([r.affinity if r.affinity is not None else np.full(k_total, 1.0 / k_total)
-                             for r in results], dtype=np.float64)
-        weights = affinity_weights(n, reported if self.affinity_weighting else np.ones_like(reported), sent)
+        row = (np.asarray(result.affinity, dtype=np.float64) if result.affinity is not None
+               else np.full(k_total, 1.0 / k_total))
+        if row.shape != (k_total,):
+            raise ValueError(f"affinity of {result.client_id!r:.40} has {row.size} entries, "
+                             f"the model {k_total} experts")
+        assert partial.experts is not None and partial.share is not None, "not a FedCoE partial"
+        partial.experts.add(result.params, self.expert_keys(), result.num_samples,
+                            row if self.affinity_weighting else np.ones_like(row))
+        dense_keys = [n for n in self.global_state
+                      if expert_of(n) is None and exchanged(self.model_cfg, n)]
+        partial.dense.add(result.params, result.num_samples, keys=dense_keys)
+        partial.share += float(result.num_samples) * row
+        partial.affinity[result.client_id] = row.tolist()
+
+    def finalize(self, rnd: int, partial: Partial, failures: Sequence[Failure]) -> Arrays:
+        """Means of the sums (experts nobody sent keep their value), the affinity EMA per
+        reporting client, then the gate-bias step toward uniform use over all K (a client
+        holding m < K experts cannot see the others' load). No client: the state stays."""
+        partial = self.close_defence(partial)
+        if not partial.clients:
+            return self.global_state
+        assert partial.experts is not None and partial.share is not None, "not a FedCoE partial"
+        k_total = self.model_cfg.num_global_experts
         new = dict(self.global_state)
-        new.update(aggregate_experts(self.global_state, [r.params for r in results], weights,
-                                     self.expert_keys()))
-        dense_keys = [name for name in self.global_state
-                      if expert_of(name) is None and exchanged(self.model_cfg, name)]
-        new.update(sample_weighted_mean([r.params for r in results], n, keys=dense_keys))
-        for r, row in zip(results, reported, strict=True):
-            self.affinity[r.client_id] = ema(self.affinity.get(r.client_id), row,
-                                             self.train_cfg.affinity_ema)
-        # the fleet's routing mass per expert, sample-weighted; the gate bias steps toward
-        # uniform use over all K (a client holding m < K experts cannot see the others' load)
+        new.update(partial.experts.means(self.global_state, self.expert_keys()))
+        new.update(partial.dense.mean(self.global_state))
+        for cid in sorted(partial.affinity):
+            self.affinity[cid] = ema(self.affinity.get(cid), np.asarray(partial.affinity[cid]),
+                                     self.train_cfg.affinity_ema)
         if self.train_cfg.balance_rate > 0 and k_total > 1:
-            share = (n[:, None] * reported).sum(0) / max(float(n.sum()), 1e-12)
+            share = partial.share / max(partial.samples, 1e-12)
             key = self.gate_bias_key()
             step = balance_bias_step(share, self.train_cfg.balance_rate)
             new[key] = (np.asarray(new[key], dtype=np.float64) + step).astype(new[key].dtype)
@@ -319,10 +331,12 @@ class FedCoE(Strategy):
 
     def checkpoint_extra(self) -> dict[str, Any]:
         """The EMA affinity matrix: expert assignment and aggregation weights depend on it."""
-        return {"affinity": {c: [float(v) for v in np.asarray(r)]
+        return {**super().checkpoint_extra(),
+                "affinity": {c: [float(v) for v in np.asarray(r)]
                              for c, r in sorted(self.affinity.items())}}
 
     def restore_extra(self, doc: Mapping[str, Any]) -> None:
+        super().restore_extra(doc)
         self.affinity = {c: np.asarray(r, dtype=np.float64)
                          for c, r in dict(doc.get("affinity", {})).items()}
 

@@ -20,6 +20,7 @@ import numpy as np
 from fedcoe_edge.strategies.base import Arrays, ClientData, ClientResult, ClientTask, Failure
 from fedcoe_edge.strategies.fedavg import FedAvg
 from fedcoe_edge.strategies.fedcoe import client_seed
+from fedcoe_edge.streaming import Partial
 from fedcoe_edge.training import build_model, load_arrays, predict_probs, to_arrays
 
 PRIVATE_PREFIX = "local.personal."
@@ -49,13 +50,14 @@ class Local(FedAvg):
     def configure_round(self, rnd: int, client_ids: Sequence[str]) -> list[ClientTask]:
         return [ClientTask(cid, rnd, {}, config={"version": self.version}) for cid in client_ids]
 
-    def stream_rule(self) -> str | None:
-        """"local" while ``aggregate_round`` is this class's (docs/design.md, "Streaming
-        aggregation")."""
-        return "local" if type(self).aggregate_round is Local.aggregate_round else None
+    # --- aggregation: nothing is shared, so nothing is summed --------------------------
+    def new_partial(self, rnd: int) -> Partial:
+        return Partial(rnd)
 
-    def aggregate_round(self, rnd: int, results: Sequence[ClientResult],
-                        failures: Sequence[Failure]) -> Arrays:
+    def accumulate(self, partial: Partial, result: ClientResult) -> None:
+        """Nothing travels up (results carry no params); the client is only counted."""
+
+    def finalize(self, rnd: int, partial: Partial, failures: Sequence[Failure]) -> Arrays:
         return self.global_state
 
     def start_state(self, client_id: str) -> Arrays:
