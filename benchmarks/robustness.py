@@ -103,7 +103,7 @@ class Grid:
         h = hashlib.sha256(json.dumps([dataclasses.asdict(self), BENCH_VERSION, DEFENCES,
                                        TrainConfig().to_dict(), dataclasses.asdict(TrainConfig())],
                                       sort_keys=True, default=str).encode())
-        h.update(inspect.getsource(make_attack).encode())
+        h.update(attack_source().encode())
         return h.hexdigest()[:12]
 
     def jobs(self) -> list[Job]:
@@ -134,6 +134,14 @@ class Grid:
 
 
 # --- attacks: client-result level, through the simulator's hook --------------------------------
+@functools.lru_cache(maxsize=1)
+def attack_source() -> str:
+    """make_attack's source, read once: ``inspect.getsource`` reads the file on disk by the
+    loaded code's line numbers, so an edit to this file while a grid runs would otherwise
+    give the same attacks another fingerprint."""
+    return inspect.getsource(make_attack)
+
+
 def make_attack(name: str, attackers: Sequence[str], seed: int) -> Callable[..., Any] | None:
     """The ``attack`` hook for ``run_one``: the clients in ``attackers`` replace their upload."""
     if name == "none" or not attackers:
@@ -278,7 +286,10 @@ def build_document(grid: Grid, recs: Sequence[dict[str, Any]]) -> dict[str, Any]
                 entry["met"] = bool(max(entry["global_cost_pts"], entry["personalized_cost_pts"])
                                     <= CLEAN_COST_POINTS)
             clean_cost.append(entry)
-    return {"grid": dataclasses.asdict(grid), "commit": git_commit(),
+    commits: dict[str, int] = {}
+    for r in recs:
+        commits[r.get("commit", "unknown")] = commits.get(r.get("commit", "unknown"), 0) + 1
+    return {"grid": dataclasses.asdict(grid), "commit": git_commit(), "run_commits": commits,
             "runs_done": len(recs), "runs_planned": len(grid.jobs()),
             "cpu_s": float(sum(r["cpu_s"] for r in recs)),
             "cells": cells, "goals": goals, "clean_cost": clean_cost}
@@ -295,7 +306,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "",
         f"Fashion-MNIST, labels Dirichlet({g['alpha']}), {g['clients']} devices, "
         f"{g['data_fraction']:.0%} of the training split, {g['rounds']} rounds, the grid's CNN "
-        f"experts (hidden 32); attackers are the first 1 or 2 client ids. Commit {doc['commit']}; "
+        f"experts (hidden 32); attackers are the first 1 or 2 client ids and attack from round 1. "
+        f"Report at commit {doc['commit']}; runs per commit "
+        f"{', '.join(f'{c}: {n}' for c, n in doc.get('run_commits', {}).items())}; "
         f"{doc['runs_done']} of {doc['runs_planned']} planned runs, "
         f"{doc['cpu_s'] / 60:.1f} CPU min. Command: `make bench-robustness` "
         "(`python -m benchmarks.robustness`).",
