@@ -60,7 +60,12 @@ ATTACK_TEXT = {
     "noise": "random noise (N(0,1) per weight)",
     "labelflip": "label flip (y -> 9 - y)",
     "samples": "lying num_samples (1e9)",
+    "absent": "control: the attackers send nothing",
 }
+# Not an attack: the attackers' clients never report, so the federation trains without their
+# data. A sign flip or label flip also takes that data's contribution away, so no rule that
+# cannot tell such a device from an honest one with unusual data does better than this row.
+CONTROL = "absent"
 DEFENCES: dict[str, dict[str, Any]] = {
     "none": {"update_clip": "none", "samples_cap": 0.0, "aggregation_rule": "mean"},
     "default": {},
@@ -124,6 +129,7 @@ class Grid:
         out += cells("default", (2,)) + cells("none", (2,)) + cells("default", (1,))
         extra = [*self.seeds[1:], *self.extra_seeds]
         out += [j for s in extra for j in clean("none", [s]) + clean("default", [s])]
+        out += [Job(alg, CONTROL, k, "default", s0) for k in (1, 2) for alg in ALGORITHMS]
         out += clean("trimmed", [s0]) + clean("median", [s0])
         for a in robust_order:
             out += [Job(alg, a, 2, d, s0) for d in ("trimmed", "median") for alg in ALGORITHMS]
@@ -180,6 +186,16 @@ def make_attack(name: str, attackers: Sequence[str], seed: int) -> Callable[...,
     return attack
 
 
+def make_absent(attackers: Sequence[str]) -> Callable[..., Any]:
+    """The control run's hook: the given clients send nothing, every round."""
+    bad = set(attackers)
+
+    def absent(strategy: Any, task: Any, result: Any, before: Any, data: Any) -> Any:
+        return None if task.client_id in bad else result
+
+    return absent
+
+
 def train_for(algorithm: str, defence: str) -> TrainConfig:
     lr = LR[algorithm]
     tuned = OUT / "tuned.json"
@@ -215,9 +231,10 @@ def run_job(grid: Grid, job: Job) -> dict[str, Any]:
                            model=model, train=train_for(job.algorithm, job.defence))
     cfg.validate()
     attackers = sorted(fed.clients)[: job.attackers]
+    attack = (make_absent(attackers) if job.attack == CONTROL
+              else make_attack(job.attack, attackers, job.seed))
     t0 = time.process_time()
-    result = run_one(job.algorithm, fed, cfg, job.seed,
-                     attack=make_attack(job.attack, attackers, job.seed))
+    result = run_one(job.algorithm, fed, cfg, job.seed, attack=attack)
     m = result.metrics
     return {**dataclasses.asdict(job), "key": job.key(grid), "attacker_ids": attackers,
             "commit": git_commit(),
@@ -249,7 +266,7 @@ def build_document(grid: Grid, recs: Sequence[dict[str, Any]]) -> dict[str, Any]
     for alg in ALGORITHMS:
         clean = {d: pick(alg, "none", 0, d, s0) for d in DEFENCES}
         ref = clean["none"][0] if clean["none"] else None
-        for attack in ("none", *ATTACKS):
+        for attack in ("none", *ATTACKS, CONTROL):
             for k in ((0,) if attack == "none" else (1, 2)):
                 for d in DEFENCES:
                     rs = pick(alg, attack, k, d, s0)
@@ -263,7 +280,7 @@ def build_document(grid: Grid, recs: Sequence[dict[str, Any]]) -> dict[str, Any]
                         row["global_drop"] = ref["global_acc"] - r["global_acc"]
                         row["personalized_drop"] = ref["personalized_acc"] - r["personalized_acc"]
                     cells.append(row)
-                    if d == "default" and attack != "none" and ref is not None:
+                    if d == "default" and attack not in ("none", CONTROL) and ref is not None:
                         worst = max(row["global_drop"], row["personalized_drop"]) * 100
                         goals.append({"algorithm": alg, "attack": attack, "attackers": k,
                                       "global_drop_pts": row["global_drop"] * 100,
@@ -329,12 +346,17 @@ def render_markdown(doc: dict[str, Any]) -> str:
             f"runs: {'met' if c['met'] else 'NOT met'}**: global {c['global_cost_pts']:+.2f} "
             f"(±{c['global_cost_std']:.2f}), personalized {c['personalized_cost_pts']:+.2f} "
             f"(±{c['personalized_cost_std']:.2f}) points over seeds {c['seeds']}")
+    control = {(c["algorithm"], c["attackers"]): c for c in doc["cells"] if c["attack"] == CONTROL}
     for r in doc["goals"]:
+        ctl = control.get((r["algorithm"], r["attackers"]))
         lines.append(
             f"- {r['algorithm']}, {ATTACK_TEXT[r['attack']]}, {r['attackers']} attacker(s): within "
             f"{GOAL_POINTS:g} points with the default defence: **{'met' if r['met'] else 'NOT met'}** "
             f"(global drop {r['global_drop_pts']:+.1f}, personalized drop "
-            f"{r['personalized_drop_pts']:+.1f})")
+            f"{r['personalized_drop_pts']:+.1f}"
+            + (f"; without the attackers' data at all: {100 * ctl['global_drop']:+.1f} / "
+               f"{100 * ctl['personalized_drop']:+.1f}" if ctl and "global_drop" in ctl else "")
+            + ")")
     lines += ["", "## Accuracy per attack and defence (global / personalized, %)", ""]
     for alg in ALGORITHMS:
         lines += [f"### {alg}", "", "| attack | attackers | " + " | ".join(DEFENCES) + " |",

@@ -35,9 +35,11 @@ METRIC_KEYS = ("global_acc", "personalized_acc", "cold_start_acc")
 
 # A malicious client, injected at the result level (benchmarks/robustness.py): called with
 # the strategy, the task, the honest result, the client's private state from before the
-# round and its data; returns the result the server receives (the honest one to pass).
-# The client keeps its honest private state, so its own model is not what is attacked.
-Attack = Callable[[Strategy, ClientTask, ClientResult, "Arrays | None", ClientData], ClientResult]
+# round and its data; returns the result the server receives (the honest one to pass), or
+# None to send nothing that round (a device that never reports). The client keeps its
+# honest private state, so its own model is not what is attacked.
+Attack = Callable[[Strategy, ClientTask, ClientResult, "Arrays | None", ClientData],
+                  "ClientResult | None"]
 
 
 @dataclass
@@ -199,7 +201,10 @@ def run_one(algorithm: str, fed: Federation, cfg: SimulationConfig, seed: int,
             result, local_states[task.client_id] = strategy.client_update(
                 task, before, fed.clients[task.client_id])
             if attack is not None:
-                result = attack(strategy, task, result, before, fed.clients[task.client_id])
+                sent = attack(strategy, task, result, before, fed.clients[task.client_id])
+                if sent is None:
+                    continue
+                result = sent
             bytes_up += serialized_nbytes(result.params)
             exchanges += 1
             results.append(result)
