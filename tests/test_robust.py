@@ -344,9 +344,9 @@ def test_defence_state_survives_the_coordinator_checkpoint(tmp_path) -> None:  #
 # --- the simulator's attack hook -------------------------------------------------------------
 def test_simulator_attack_hook_replaces_what_the_server_receives() -> None:
     """The hook sees every client's honest result and what it returns is what is
-    aggregated: one client of 4 sending x1e4 its change (~0.4 x 1e4, weighted 111 of 922
-    samples) moves FedAvg's weights by hundreds without a defence, and by at most the first-round bound (clip_init x the initial
-    weights' norm, over 4 equally weighted clients) with the default."""
+    aggregated (None: nothing, as from client 3): client 0 sending x1e4 its change (~0.4 x
+    1e4, weighted by its 111 samples) moves FedAvg's weights by hundreds without a defence, and by at most the first-round bound (clip_init x the initial
+    weights' norm, over 3 equally weighted clients) with the default."""
     from fedcoe_edge.config import ModelConfig
     from fedcoe_edge.data import make_federation
     from fedcoe_edge.simulation import SimulationConfig, run_one
@@ -357,9 +357,11 @@ def test_simulator_attack_hook_replaces_what_the_server_receives() -> None:
     seen: list[tuple[int, str, bool]] = []
     sent: dict[str, np.ndarray] = {}
 
-    def attack(strategy: Any, task: Any, res: ClientResult, before: Any, data: Any) -> ClientResult:
+    def attack(strategy: Any, task: Any, res: ClientResult, before: Any, data: Any) -> ClientResult | None:
         seen.append((task.round, task.client_id, res.client_id == task.client_id))
         sent.update(task.params)
+        if task.client_id == "3":
+            return None  # withheld: as a device that never reports
         if task.client_id != "0":
             return res
         return dataclasses.replace(res, params={k: task.params[k] + 1e4 * (v - task.params[k])
@@ -372,7 +374,9 @@ def test_simulator_attack_hook_replaces_what_the_server_receives() -> None:
                                clients=4, model=model, train=train)
         run = run_one("fedavg", fed, cfg, 0, attack=attack)
         moved[name] = change_norm(run.strategy.global_state, sent)
+        if name == "default":  # the server folded exactly the results it was sent
+            assert sorted(run.strategy.defence.samples) == ["0", "1", "2"]
     assert sorted(set(seen)) == [(1, c, True) for c in sorted(fed.clients)]
     w = weights_norm(sent, list(sent))
     assert moved["none"] > 100 and moved["none"] > 100 * moved["default"], moved
-    assert moved["default"] <= 0.5 * w, (moved, w)  # 3 honest changes plus one clipped to 0.5 w, /4
+    assert moved["default"] <= 0.5 * w, (moved, w)  # 2 honest changes plus one clipped to 0.5 w, /3
