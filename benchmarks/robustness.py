@@ -45,6 +45,7 @@ import numpy as np
 
 from benchmarks.accuracy import append_cache, git_commit, load_cache
 from fedcoe_edge.config import ModelConfig, TrainConfig
+from fedcoe_edge.numerics import NUMERICS_VERSION
 
 OUT = Path(__file__).resolve().parent / "results"
 CACHE = OUT / "robustness_cache.jsonl"
@@ -73,9 +74,10 @@ DEFENCES: dict[str, dict[str, Any]] = {
     "median": {"aggregation_rule": "median"},
 }
 NUM_CLASSES = 10  # Fashion-MNIST
-# Bump when the measured behaviour changes on purpose (a defence's rule, the attacks): the
-# cache keys on it and the settings, not on the source, so a refactor that moves the
-# defence without changing a number keeps the finished runs (each records its commit).
+# Bump when what these runs compute changes (a defence's rule, the attacks, and with every
+# NUMERICS_VERSION bump that touches training or aggregation): the cache keys on it and the
+# settings, not on the source, so a refactor that moves the defence without changing a
+# number keeps the finished runs. Each run records its commit and numerics version.
 BENCH_VERSION = 1
 GOAL_POINTS = 2.0  # an attack under the default defence: within this of the clean accuracy
 CLEAN_COST_POINTS = 0.5  # the default defence on clean runs: costs at most this
@@ -237,7 +239,7 @@ def run_job(grid: Grid, job: Job) -> dict[str, Any]:
     result = run_one(job.algorithm, fed, cfg, job.seed, attack=attack)
     m = result.metrics
     return {**dataclasses.asdict(job), "key": job.key(grid), "attacker_ids": attackers,
-            "commit": git_commit(),
+            "commit": git_commit(), "numerics": NUMERICS_VERSION,
             "global_acc": m["global_acc"], "personalized_acc": m["personalized_acc"],
             "cpu_s": time.process_time() - t0}
 
