@@ -193,6 +193,26 @@ def test_robust_fields_out_of_range_name_the_field(field, value):
         TrainConfig(**{field: value})
 
 
+def test_coordinator_reads_the_defences_from_train_with_env_overrides(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The coordinator's [train] carries the same fields (one place for defaults and ranges);
+    a bad value is one line naming the key, FEDCOE_TRAIN_* overrides it."""
+    from coordinator.config import config_from_doc
+
+    def cfg(train: dict[str, object], env: dict[str, str] | None = None) -> Any:
+        doc = {"federation": {"state_dir": str(tmp_path / "s")},
+               "security": {"secret": bytes(range(32)).hex()}, "train": train}
+        return config_from_doc(doc, "c.toml", tmp_path, env=env or {})
+
+    assert cfg({}).train.update_clip == "median" and cfg({}).train.samples_cap == 2.0
+    got = cfg({"aggregation_rule": "median", "clip_multiplier": 2}).train
+    assert (got.aggregation_rule, got.clip_multiplier) == ("median", 2)
+    assert cfg({}, {"FEDCOE_TRAIN_UPDATE_CLIP": "quantile"}).train.update_clip == "quantile"
+    with pytest.raises(ConfigError, match="train.update_clip"):
+        cfg({"update_clip": "auto"})
+    with pytest.raises(ConfigError, match="samples_cap"):
+        cfg({"samples_cap": "lots"})
+
+
 # --- the poisoning example ----------------------------------------------------------------------
 def poisoned_rounds(defence: dict[str, object]) -> tuple[list[float], float]:
     """FedAvg, 5 honest devices (change norm 1 each) and one whose change has norm 1e4,
