@@ -349,6 +349,10 @@ def render_markdown(doc: dict[str, Any]) -> str:
             f"(±{c['global_cost_std']:.2f}), personalized {c['personalized_cost_pts']:+.2f} "
             f"(±{c['personalized_cost_std']:.2f}) points over seeds {c['seeds']}")
     control = {(c["algorithm"], c["attackers"]): c for c in doc["cells"] if c["attack"] == CONTROL}
+    met = sum(r["met"] for r in doc["goals"])
+    lines.append(f"- attacks within {GOAL_POINTS:g} points under the default defence (global and "
+                 f"personalized): **{met} of {len(doc['goals'])} met**; drops are points below "
+                 "the clean run, negative when the attacked run was better; one seed per attack")
     for r in doc["goals"]:
         ctl = control.get((r["algorithm"], r["attackers"]))
         lines.append(
@@ -387,8 +391,10 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(ALGORITHMS), figsize=(13, 4.5), sharey=True)
-    labels = [f"{a}\n{k}" for a in ATTACKS for k in (1, 2)]
+    fig, axes = plt.subplots(1, len(ALGORITHMS), figsize=(15, 5), sharey=True)
+    short = {"scale10": "x10", "scale100": "x100", "scale1e4": "x1e4", "signflip": "sign",
+             "noise": "noise", "labelflip": "labels", "samples": "1e9 n"}
+    labels = [f"{short[a]}\n{k} att." for a in ATTACKS for k in (1, 2)]
     width = 0.8 / len(DEFENCES)
     for ax, alg in zip(np.atleast_1d(axes), ALGORITHMS, strict=True):
         for j, d in enumerate(DEFENCES):
@@ -405,8 +411,9 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ax.set_xticks(np.arange(len(labels)), labels, fontsize=7)
         ax.set_ylim(0, 100)
     np.atleast_1d(axes)[0].set_ylabel("global accuracy, %")
-    np.atleast_1d(axes)[0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
+    handles, names = np.atleast_1d(axes)[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", ncol=len(names), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
