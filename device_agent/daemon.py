@@ -42,7 +42,19 @@ from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.errors import ConfigError, DataError, FedCoEError, WireError
 from fedcoe_edge.health import chance_warning, loss_warning, update_warning
 from fedcoe_edge.io import atomic_write_bytes
-from fedcoe_edge.protocol import RETRY_ATTEMPTS, retry_delay
+from fedcoe_edge.messages import (
+    Accept,
+    EvalAck,
+    Model,
+    Reject,
+    Status,
+    Task,
+    Welcome,
+    XferDone,
+    XferProgress,
+    XferUnknown,
+)
+from fedcoe_edge.protocol import RETRY_ATTEMPTS, reason_class, retry_delay
 from fedcoe_edge.strategies import ClientData, ClientResult, ClientTask, Strategy, make_strategy
 from fedcoe_edge.transport import Message, Topics, Transport, Will
 from fedcoe_edge.transport.blob import (
@@ -77,6 +89,8 @@ DEADLINE_GRACE_S = 2.0  # an upload is waited for this long past the round deadl
 RETRY_TICK_S = 0.25
 FETCH_TRANSFER_S = 60.0  # once a fetch's `model` manifest arrived: time to finish the download
 TRUNK_FILE = "trunk.safetensors"  # the federation's pretrained trunk, fetched once (STATE/)
+# the highest bundle version this device accepted (docs/bundle.md, "Versions and rollback")
+BUNDLE_FLOOR_FILE = "bundle_version.json"
 
 
 @dataclass
@@ -157,6 +171,7 @@ class DeviceAgent:
         self.messenger: P.Messenger | None = None
         self.receiver = BlobReceiver(self._report, auto_ack=True)  # nothing to persist first
         self._status_seen: set[tuple[str, int]] = set()
+        self._refused = P.LogLimiter()  # one line per kind of refused message per minute
         self._coord_state = ""  # last coord/status seen: "online" / "offline"
         self._status_hello_at: float | None = None
         self._bundle_note = False
@@ -175,6 +190,9 @@ class DeviceAgent:
         self.session: Any = None  # the onnx engine's MoESession on its bundle
         self.bundle_dir = (Path(cfg.device.bundle_path) if cfg.device.bundle_path
                            else self.state_dir / "bundle")
+        from fedcoe_edge.bundle_io import VersionFloor
+
+        self.bundle_floor = VersionFloor(self.state_dir / BUNDLE_FLOOR_FILE)
 
     # ------------------------------------------------------------------ plumbing
     def _keys(self, sender: str) -> bytes | None:
@@ -354,9 +372,8 @@ class DeviceAgent:
             self.hello()
 
     def _on_coord_status(self, msg: Message) -> None:
-        try:
-            state = json.loads(msg.payload.decode())["state"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        state = P.presence_state(msg.payload)
+        if state is None:
             return
         previous, self._coord_state = self._coord_state, str(state)
         if state != "online" or msg.retain:
@@ -373,40 +390,47 @@ class DeviceAgent:
             return  # not welcomed yet; the retained status will be re-read on hello
         try:
             env = self.messenger.open(msg.payload, expect_sender=self.coord, key_override=self.bc_key)
+            status = Status.from_wire(env.body)
         except WireError as exc:
             if "replayed" not in str(exc):
-                log.warning("%s: broadcast refused: %s", self.dev, exc)
+                self._refused.warning(log, "broadcast", reason_class(str(exc)),
+                                      f"{self.dev}: broadcast refused: {exc}")
             return
-        key = (str(env.body.get("state")), int(env.body.get("round", 0)))
+        key = (status.state, status.round)
         if key not in self._status_seen:
             self._status_seen.add(key)
-            self._jobs.put(("status", env.body))
+            self._jobs.put(("status", status.to_wire()))
 
     def _on_ctl(self, msg: Message) -> None:
         assert self.messenger is not None
         try:
             env = self.messenger.open(msg.payload, expect_sender=self.coord)
         except WireError as exc:
-            log.warning("%s: message refused: %s", self.dev, exc)
+            self._refused.warning(log, "ctl", reason_class(str(exc)),
+                                  f"{self.dev}: message refused: {exc}")
             return
         b = env.body
-        try:
+        try:  # each body is typed (fedcoe_edge/messages.py) before it is acted on
             if env.type == P.WELCOME:
+                Welcome.from_wire(b)
                 self._jobs.put(("welcome", b))
             elif env.type in (P.TASK, P.MODEL):
-                manifest = TransferManifest.from_dict(b["manifest"])
-                ctx = {"kind": env.type, "round": env.round, **{k: v for k, v in b.items() if k != "manifest"}}
-                if isinstance(b.get("deadline_s"), int | float):  # the round deadline, locally
-                    ctx["deadline_at"] = time.monotonic() + float(b["deadline_s"])
+                typed: Task | Model = (Task if env.type == P.TASK else Model).from_wire(b)
+                manifest = typed.manifest
+                ctx = {"kind": env.type, "round": env.round,
+                       **{k: v for k, v in typed.to_wire().items() if k != "manifest"}}
+                if isinstance(typed, Task):  # the round deadline, locally
+                    ctx["deadline_at"] = time.monotonic() + typed.deadline_s
                 with self._lock:
                     self.pending[manifest.transfer_id] = ctx
-                if env.type == P.MODEL:
-                    self._postpone(fetch_key(str(b.get("purpose")), env.round), FETCH_TRANSFER_S)
+                if isinstance(typed, Model):
+                    self._postpone(fetch_key(typed.purpose, env.round), FETCH_TRANSFER_S)
                 self.receiver.expect(manifest)
                 self.receiver.nudge(manifest.transfer_id)
             elif env.type in (XFER_PROGRESS, XFER_DONE):
+                report = (XferProgress if env.type == XFER_PROGRESS else XferDone).from_wire(b)
                 with self._lock:
-                    up = self.uploads.get(str(b.get("xfer")))
+                    up = self.uploads.get(report.xfer)
                 if up is not None:
                     sender, started = up
                     started.set()
@@ -415,24 +439,28 @@ class DeviceAgent:
                     else:
                         sender.on_done(b)
             elif env.type == P.XFER_UNKNOWN:
+                unknown = XferUnknown.from_wire(b)
                 with self._lock:
-                    ev = self._reannounce.get(str(b.get("xfer")))
+                    ev = self._reannounce.get(unknown.xfer)
                 if ev is not None:  # the coordinator restarted mid-upload: announce it again now
                     log.info("%s: coordinator does not know upload %s; re-announcing", self.dev,
-                             b.get("xfer"))
+                             unknown.xfer)
                     ev.set()
             elif env.type == P.ACCEPT:
+                accept = Accept.from_wire(b)
                 self.accepted[env.round] = True
                 log.info("%s: update for round %d accepted", self.dev, env.round)
                 with self._lock:
-                    up = self.uploads.get(str(b.get("xfer")))
+                    up = self.uploads.get(str(accept.xfer))
                 if up is not None:  # accepted earlier (same bytes re-sent after a restart)
-                    self.confirmed.add(str(b.get("xfer")))
+                    self.confirmed.add(str(accept.xfer))
                     up[1].set()
             elif env.type == P.EVAL_ACK:
-                self._answered((P.EVAL, str(b.get("kind")), env.round))
+                self._answered((P.EVAL, EvalAck.from_wire(b).kind, env.round))
             elif env.type == P.REJECT:
-                reason = str(b.get("reason"))
+                rej = Reject.from_wire(b)
+                b = rej.to_wire()
+                reason = rej.reason
                 log.warning("%s: round %d: coordinator rejected: %s", self.dev, env.round, reason)
                 refused = reason.split(":", 1)[0]
                 if refused in (P.FETCH, P.EVAL):  # refused for good: re-sending cannot help
@@ -448,9 +476,11 @@ class DeviceAgent:
                     self.aborted.add(str(b.get("xfer")))
                     up[1].set()
             else:
-                log.warning("%s: unknown message type %r ignored", self.dev, env.type)
-        except (FedCoEError, KeyError, TypeError, ValueError) as exc:
-            log.warning("%s: bad %s message: %s", self.dev, env.type, exc)
+                self._refused.warning(log, "ctl", f"type {env.type}",
+                                      f"{self.dev}: unknown message type {env.type!r} ignored")
+        except (FedCoEError, KeyError, TypeError, ValueError, ArithmeticError) as exc:
+            self._refused.warning(log, "ctl", reason_class(f"{env.type}: {exc}"),
+                                  f"{self.dev}: bad {env.type} message: {exc}")
 
     def _on_blob(self, msg: Message) -> None:
         try:
@@ -635,7 +665,7 @@ class DeviceAgent:
             # experts): score the personal model of the previous round with it, no extra bytes.
             self._eval("personal", self._predict(params, task.expert_ids, self.local_after[prev], True), prev)
             if self.cfg.device.bundle == "every":
-                self._rebuild_bundle(params, task.expert_ids, prev)
+                self._rebuild_bundle(params, task.expert_ids, prev, int(ctx.get("version", prev)))
         t0 = time.perf_counter()
         with TORCH_LOCK:
             result, local = s.client_update(task, self.local_state, self.data)
@@ -722,7 +752,8 @@ class DeviceAgent:
         experts = sorted({int(n.split(".")[2]) for n in params if n.startswith("global.experts.")})
         manifest = TransferManifest.for_payload(data, expert_ids=experts,
                                                 base_version=int(self.welcome.get("version", 0)),
-                                                chunk_size=size, transfer_id=xid, encoding=encoding)
+                                                chunk_size=size, transfer_id=xid, encoding=encoding,
+                                                window=self.cfg.device.window)
         sender = BlobSender(self.transport, topic, manifest, data, window=self.cfg.device.window)
         started, again = threading.Event(), threading.Event()
         with self._lock:
@@ -803,7 +834,7 @@ class DeviceAgent:
                 local = self._personalize(params, local)  # hook (e.g. FedAvg-FT fine-tuning)
             self._eval("personal", self._predict(params, ids, local, use_local=True), rnd)
         if self.cfg.device.bundle != "off":
-            self._rebuild_bundle(params, ids, rnd)
+            self._rebuild_bundle(params, ids, rnd, int(ctx.get("version", rnd)))
 
     def local_after_last(self) -> int:
         return max(self.local_after, default=-1)
@@ -855,13 +886,10 @@ class DeviceAgent:
         self.welcome = b
         self.bc_key = bytes.fromhex(b["bc_key"])
         if self.session is None:
-            from fedcoe_edge.bundle_sig import BundleKeys
-            from fedcoe_edge.runtime import MoESession
-
             try:
-                session = MoESession(self.bundle_dir, keys=BundleKeys(hmac_key=self.cfg.key))
+                session = self.open_bundle()
             except FedCoEError as exc:
-                self.decline(f"cannot run without torch: {exc}")
+                self.decline(f"cannot run its bundle without torch: {exc}")
                 return
             mine = {k: v for k, v in session.cfg.to_dict().items() if k != "tier"}
             fed = {k: v for k, v in model_cfg.to_dict().items() if k != "tier"}
@@ -876,15 +904,31 @@ class DeviceAgent:
         if not self.cold_ready.is_set():
             self._request(fetch_key("gate", 0), {"expert_ids": [], "purpose": "gate"}, 0)
 
-    def _swap_into_bundle(self, params: dict[str, np.ndarray]) -> list[str]:
+    def open_bundle(self) -> Any:
+        """The bundle at ``bundle_dir`` as a MoESession, accepted only if it is signed with
+        this device's key, names this device's federation and is not older than the highest
+        version this device accepted before (``STATE/bundle_version.json``, which survives
+        restarts; docs/bundle.md, "Versions and rollback"); that floor is then raised to it.
+        Raises one FedCoEError (a RollbackError for an old or foreign bundle)."""
+        from fedcoe_edge.bundle_sig import BundleKeys
+        from fedcoe_edge.runtime import MoESession
+
+        session = MoESession(self.bundle_dir, keys=BundleKeys(hmac_key=self.cfg.key),
+                             release=self.bundle_floor.check(self.topics.federation))
+        self.bundle_floor.record(session.manifest)
+        return session
+
+    def _swap_into_bundle(self, params: dict[str, np.ndarray], version: int | None = None) -> list[str]:
         """The gate and experts just received, written as ONNX graphs and swapped into the
-        bundle (each swap verified, atomic and re-signed). The trunk is the bundle's own."""
+        bundle (each swap verified, atomic and re-signed, the manifest's version raised to
+        the model version they come from). The trunk is the bundle's own."""
         from fedcoe_edge.onnx_heads import global_part_graphs
 
         sess = self.session
         graphs = global_part_graphs(sess.cfg, sess.feat_shape, params)
         for name, graph in graphs.items():
-            sess.swap_part(name, graph, quantization="fp32")
+            sess.swap_part(name, graph, quantization="fp32", version=version)
+        self.bundle_floor.record(sess.manifest)
         return sorted(graphs)
 
     def _model_onnx(self, ctx: dict[str, Any], params: dict[str, np.ndarray]) -> None:
@@ -893,7 +937,8 @@ class DeviceAgent:
         if self.session is None:
             raise DataError("model received before the welcome")
         ids = [int(i) for i in ctx.get("expert_ids", [])]
-        swapped = self._swap_into_bundle(params)
+        version = ctx.get("version")
+        swapped = self._swap_into_bundle(params, int(version) if version is not None else None)
         if purpose == "gate":
             from fedcoe_edge.aggregate import covering_experts
 
@@ -933,9 +978,12 @@ class DeviceAgent:
             log.info("%s: %s accuracy after round %d: %.4f (%d/%d)", self.dev, kind, rnd,
                      correct / total, correct, total)
 
-    def _rebuild_bundle(self, params: dict[str, np.ndarray], ids: list[int], rnd: int) -> None:
+    def _rebuild_bundle(self, params: dict[str, np.ndarray], ids: list[int], rnd: int,
+                        version: int) -> None:
         """Rebuild the int8 ONNX bundle (``STATE/bundle``, served by ``fedcoe predict``) from the
-        global parameters just received and the private level, if ``export`` is installed."""
+        global parameters just received (global model ``version``) and the private level, if
+        ``export`` is installed. Signed with the federation id and ``version``; never older
+        than the highest version this device accepted (its floor is raised to it)."""
         try:
             from export.bundle import build_bundle
         except ImportError:
@@ -952,9 +1000,14 @@ class DeviceAgent:
         calib = x[np.random.default_rng(0).permutation(len(x))[:64]]
         t0 = time.perf_counter()
         try:
+            from fedcoe_edge.bundle_format import check_release
             from fedcoe_edge.bundle_sig import BundleKeys
             from fedcoe_edge.training import load_arrays
 
+            floor = self.bundle_floor.check(self.topics.federation)
+            check_release({"federation": self.topics.federation, "version": version},
+                          f"bundle for round {rnd}", min_version=floor.min_version,
+                          federation=floor.federation, floor_from=floor.floor_from)
             with TORCH_LOCK:
                 load_arrays(model, params)
                 if self.local_state is not None and self.cfg.device.role == "train":
@@ -965,7 +1018,9 @@ class DeviceAgent:
                              keys=BundleKeys(hmac_key=self.cfg.key), held=ids or None, include_fused=False, include_fp32=False,
                              meta={"device": self.dev, "round": rnd,
                                    "federation": self.topics.federation,
-                                   **({"classes": list(self.classes)} if self.classes else {})})
+                                   **({"classes": list(self.classes)} if self.classes else {})},
+                             federation=self.topics.federation, version=version)
+            self.bundle_floor.record({"federation": self.topics.federation, "version": version})
         except Exception as exc:  # the bundle is a convenience; the federation goes on without it
             self.bundle_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.warning("%s: bundle rebuild failed: %s", self.dev, self.bundle_error)

@@ -25,6 +25,10 @@ from typing import Any
 import numpy as np
 
 import fedcoe_edge as fe
+from coordinator.config import CoordinatorConfig, FederationSettings
+from coordinator.daemon import Coordinator
+from device_agent.config import AgentConfig, DataSettings, DeviceSettings
+from device_agent.daemon import DeviceAgent
 
 CLASSES = ["hstripes", "vstripes", "blob"]
 SECRET = bytes(range(32))  # a demo secret; a real federation uses `fedcoe init` (0600 files)
@@ -83,14 +87,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
         # the coordinator: rounds, model and training recipe, the federation's class list
         model = fe.ModelConfig(input_shape=(1, 8, 8), num_classes=len(CLASSES), expert_hidden=16)
-        coordinator_cfg = fe.CoordinatorConfig(
-            federation=fe.FederationSettings(id="example", rounds=args.rounds, min_devices=2,
-                                             quorum=2, deadline_s=120, exit_when_done=False,
-                                             state_dir=str(args.out / "coordinator"),
-                                             classes=CLASSES),
+        coordinator_cfg = CoordinatorConfig(
+            federation=FederationSettings(id="example", rounds=args.rounds, min_devices=2,
+                                          quorum=2, deadline_s=120, exit_when_done=False,
+                                          state_dir=str(args.out / "coordinator"),
+                                          classes=CLASSES),
             broker=broker, secret=SECRET, model=model, train=fe.TrainConfig(local_epochs=2))
         coordinator_cfg.validate()
-        coordinator = fe.Coordinator(coordinator_cfg)
+        coordinator = Coordinator(coordinator_cfg)
         thread = threading.Thread(target=coordinator.run, name="coordinator", daemon=True)
         thread.start()
         stack.callback(thread.join, 30)
@@ -100,12 +104,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         agents: list[Any] = []
         for dev, weights in (("cam-a", [0.7, 0.2, 0.1]), ("cam-b", [0.1, 0.2, 0.7])):
             data = write_device_data(args.out / dev, weights, seed=len(agents))
-            cfg = fe.AgentConfig(
-                device=fe.DeviceSettings(id=dev, federation="example",
-                                         state_dir=str(args.out / dev / "state"), bundle="final"),
-                broker=broker, key=fe.device_key(SECRET, dev), data=fe.DataSettings(npz=str(data)))
+            cfg = AgentConfig(
+                device=DeviceSettings(id=dev, federation="example",
+                                      state_dir=str(args.out / dev / "state"), bundle="final"),
+                broker=broker, key=fe.device_key(SECRET, dev), data=DataSettings(npz=str(data)))
             cfg.validate()
-            agent = fe.DeviceAgent(cfg)
+            agent = DeviceAgent(cfg)
             agent.start()
             stack.callback(agent.close)
             agents.append(agent)

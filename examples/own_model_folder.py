@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import fedcoe_edge as fe
+from export.bundle import build_bundle
 
 
 class SmallConvTrunk(nn.Module):
@@ -100,8 +101,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     client = fe.client_model(run, "0")
     x_all, y_all = fe.load_dataset(f"folder:{images}", image_shape=shape)
     bundle = args.out / "bundle"
-    manifest = fe.export_bundle(client, bundle, calibration=x_all[:64], include_fused=False,
-                                meta={"classes": classes, "client_id": "0"})
+    manifest = build_bundle(client, bundle, calibration=x_all[:64], include_fused=False,
+                            meta={"classes": classes, "client_id": "0"})
     print(f"bundle {bundle}: parts {', '.join(manifest['parts'])} "
           f"(trunk {manifest['model']['trunk']!r}, features {manifest['feat_shape']})")
 

@@ -27,7 +27,14 @@ import torch
 
 from export.onnx_export import OPSET, export_bundle_graphs
 from export.quantize import QuantizeOptions, QuantMode, quantize_part
-from fedcoe_edge.bundle_format import BUNDLE_FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_hex
+from fedcoe_edge.bundle_format import (
+    BUNDLE_FORMAT,
+    FEDERATION_FIELD,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    VERSION_FIELD,
+    sha256_hex,
+)
 from fedcoe_edge.bundle_io import pack_tar, read_bundle
 from fedcoe_edge.bundle_sig import BundleKeys, sign_manifest
 from fedcoe_edge.errors import BundleError, ConfigError
@@ -61,11 +68,16 @@ def build_bundle(model: DualLevelMoE, out: str | os.PathLike[str], *, calibratio
                  held: Sequence[int] | None = None, options: QuantizeOptions | None = None,
                  include_fp32: bool = True, include_fused: bool = True, include_heads: bool = True,
                  meta: Mapping[str, Any] | None = None, opset: int = OPSET,
-                 keys: BundleKeys | None = None) -> dict[str, Any]:
+                 keys: BundleKeys | None = None, federation: str | None = None,
+                 version: int = 0) -> dict[str, Any]:
     """Export, quantize and write a bundle for ``model``; returns the manifest.
 
     ``keys``: sign the manifest (HMAC with the device's federation key, or Ed25519 with a
     vendor's private key; docs/design.md, "Signed bundles"); None writes it unsigned.
+    ``federation`` and ``version`` (the global model version the weights come from) are
+    written into the manifest, so the signature covers them: a reader refuses another
+    federation's bundle and, told a minimum, an older one (docs/bundle.md, "Versions and
+    rollback").
     ``held``: the global experts the device gets (default all K). ``calibration``: samples of
     the device's own inputs, shape (N, *input_shape), used for static int8 and to choose a
     mode per part under ``QuantMode.AUTO``. ``include_heads``: also write ``heads.onnx``, the
@@ -82,6 +94,10 @@ def build_bundle(model: DualLevelMoE, out: str | os.PathLike[str], *, calibratio
             or len(calib) == 0):
         raise ConfigError(f"calibration data must have shape (N, {', '.join(map(str, cfg.input_shape))}),"
                           f" got {calib.shape}")
+    if federation is not None and (not isinstance(federation, str) or not federation):
+        raise ConfigError(f"bundle federation must be a non-empty string, got {federation!r}")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ConfigError(f"bundle version must be an int >= 0, got {version!r}")
     out_dir = Path(out)
     _prepare_destination(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +107,7 @@ def build_bundle(model: DualLevelMoE, out: str | os.PathLike[str], *, calibratio
         with torch.no_grad():
             feats_calib = model.global_part.trunk(torch.from_numpy(calib)).numpy()
         return _build(model, out_dir, calib, feats_calib, held_ids, opts, include_fp32,
-                      include_fused, include_heads, meta, opset, keys)
+                      include_fused, include_heads, meta, opset, keys, (federation, version))
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -100,7 +116,8 @@ def build_bundle(model: DualLevelMoE, out: str | os.PathLike[str], *, calibratio
 def _build(model: DualLevelMoE, out_dir: Path, calib: np.ndarray, feats_calib: np.ndarray,
            held_ids: list[int], opts: QuantizeOptions, include_fp32: bool, include_fused: bool,
            include_heads: bool, meta: Mapping[str, Any] | None, opset: int,
-           keys: BundleKeys | None = None) -> dict[str, Any]:
+           keys: BundleKeys | None = None,
+           release: tuple[str | None, int] = (None, 0)) -> dict[str, Any]:
     cfg = model.cfg
     quantized = opts.mode is not QuantMode.FP32
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -142,6 +159,8 @@ def _build(model: DualLevelMoE, out_dir: Path, calib: np.ndarray, feats_calib: n
             "format": BUNDLE_FORMAT,
             "format_version": FORMAT_VERSION,
             "created_by": "fedcoe-edge export",
+            FEDERATION_FIELD: release[0],
+            VERSION_FIELD: release[1],
             "opset": opset,
             "onnx_exporter": f"torch {torch.__version__} (torch.export / dynamo)",
             "model": cfg.to_dict(),

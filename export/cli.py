@@ -50,6 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="hex HMAC federation key (the device's key) to sign the manifest with")
     p.add_argument("--sign-vendor-key", type=Path, default=None,
                    help="Ed25519 private key (PEM or hex) to sign the manifest with instead")
+    p.add_argument("--federation", default=None,
+                   help="federation id written into the (signed) manifest; devices refuse "
+                        "another federation's bundle (default: model.json's, if any)")
+    p.add_argument("--bundle-version", type=int, default=None,
+                   help="version written into the (signed) manifest; readers refuse one older "
+                        "than they accepted (default: the checkpoint's global version)")
     p.add_argument("--report", type=Path, default=None, help="write the export report (JSON) here")
     p.set_defaults(func=run_export)
 
@@ -74,6 +80,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "or differently signed manifest is then refused)")
     q.add_argument("--vendor-public-key", default=None,
                    help="Ed25519 public key (PEM or hex) the manifest may be signed with")
+    q.add_argument("--min-version", type=int, default=0,
+                   help="refuse a bundle whose signed version is older than this (a rollback)")
+    q.add_argument("--federation", default=None,
+                   help="refuse a bundle that is not this federation's")
     q.set_defaults(func=run_predict)
 
 
@@ -210,6 +220,10 @@ def run_export(args: argparse.Namespace) -> int:
     model.eval()
     held = held_experts(args.experts, meta, client, cfg.num_global_experts)
     keys = signing_keys(args.sign_key_file, args.sign_vendor_key)
+    federation = args.federation if args.federation is not None else meta.get("federation")
+    version = args.bundle_version if args.bundle_version is not None else int(meta.get("version") or 0)
+    if version < 0:
+        raise ConfigError(f"--bundle-version must be >= 0, got {version}")
 
     extra: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if args.calibration_data is not None:
@@ -228,7 +242,7 @@ def run_export(args: argparse.Namespace) -> int:
                                   "global_version": meta.get("version"),
                                   "checkpoint": str(folder),
                                   **({"classes": list(meta["classes"])} if meta.get("classes") else {})},
-                            keys=keys)
+                            keys=keys, federation=federation, version=version)
     tar_path = write_tar(args.out) if args.tar else None
     report = export_report(model, args.out, manifest, held,
                            x_test if x_test is not None else calib, y_test, extra)
@@ -364,13 +378,17 @@ def class_label(names: list[str] | None, c: int) -> str:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from fedcoe_edge.bundle_sig import reader_keys
+    import sys
+
+    from fedcoe_edge.bundle_io import ReleaseCheck
+    from fedcoe_edge.bundle_sig import reader_keys, unauthenticated_warning
     from fedcoe_edge.runtime import MoESession
 
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     sess = MoESession(args.bundle, providers=providers, threads=args.threads,
                       precision="fp32" if args.fp32 else "deployed",
-                      keys=reader_keys(args.key_file, args.vendor_public_key))
+                      keys=reader_keys(args.key_file, args.vendor_public_key),
+                      release=ReleaseCheck(args.min_version, args.federation, "--min-version"))
     hint = input_hint(sess.input_shape)
     try:
         x = load_npy(args.input, "--input")
@@ -382,6 +400,10 @@ def run_predict(args: argparse.Namespace) -> int:
         out = sess.run(x, use_local=not args.global_only)
     except ValidationError as exc:
         raise DataError(f"--input {args.input}: {exc}; {hint}") from None
+    if sess.verified_by is None:  # once, just before the output it qualifies (an error
+        # stays one line)
+        print(f"fedcoe predict: warning: {unauthenticated_warning(args.bundle, sess.manifest)}",
+              file=sys.stderr)
     classes = out.probs.argmax(1)
     names = sess.class_names
     if args.json:

@@ -18,9 +18,10 @@ arXiv 2605.21264) for fleets of edge devices. How it works: docs/design.md.
 Every public name is listed, with an example, in docs/api.md.
 
 Names resolve lazily, so ``import fedcoe_edge`` stays cheap and a device that only predicts
-never imports torch. The exporter (``export_bundle``) and the daemons (``Coordinator``,
-``DeviceAgent``) live in the packages above this library (``export``, ``coordinator``,
-``device_agent``); they are re-exported here for convenience only.
+never imports torch. The exporter and the daemons live in the packages above this library
+(``export``, ``device_agent``, ``coordinator``) and are imported from there: the library
+never names a layer above it (docs/design.md, "Layers"), so these are not re-exported here
+(:data:`ABOVE` says where each went).
 """
 
 from __future__ import annotations
@@ -77,15 +78,7 @@ _EXPORTS: dict[str, str] = {
     "RunResult": "fedcoe_edge.simulation:RunResult",
     # on-device inference (no torch)
     "MoESession": "fedcoe_edge.runtime:MoESession",
-    # export and daemons (packages above the library)
-    "export_bundle": "export.bundle:build_bundle",
-    "Coordinator": "coordinator.daemon:Coordinator",
-    "CoordinatorConfig": "coordinator.config:CoordinatorConfig",
-    "FederationSettings": "coordinator.config:FederationSettings",
-    "DeviceAgent": "device_agent.daemon:DeviceAgent",
-    "AgentConfig": "device_agent.config:AgentConfig",
-    "DeviceSettings": "device_agent.config:DeviceSettings",
-    "DataSettings": "device_agent.config:DataSettings",
+    # what the daemons share (the wire and transport layer)
     "BrokerSettings": "fedcoe_edge.protocol:BrokerSettings",
     "device_key": "fedcoe_edge.protocol:device_key",
     "MosquittoBroker": "fedcoe_edge.broker:MosquittoBroker",
@@ -93,11 +86,27 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 
+# Names once re-exported here that live in the layers above the library: how to import them
+# (text for the error message only; nothing here is ever imported).
+ABOVE: dict[str, str] = {
+    "export_bundle": "from export.bundle import build_bundle",
+    "Coordinator": "from coordinator.daemon import Coordinator",
+    "CoordinatorConfig": "from coordinator.config import CoordinatorConfig",
+    "FederationSettings": "from coordinator.config import FederationSettings",
+    "DeviceAgent": "from device_agent.daemon import DeviceAgent",
+    "AgentConfig": "from device_agent.config import AgentConfig",
+    "DeviceSettings": "from device_agent.config import DeviceSettings",
+    "DataSettings": "from device_agent.config import DataSettings",
+}
+
 
 def __getattr__(name: str) -> Any:
     """Import a public name on first use (PEP 562)."""
     target = _EXPORTS.get(name)
     if target is None:
+        if name in ABOVE:
+            raise AttributeError(f"fedcoe_edge.{name} is not part of the library: the exporter "
+                                 f"and the daemons sit above it ({ABOVE[name]}; docs/api.md)")
         raise AttributeError(f"module 'fedcoe_edge' has no attribute {name!r}")
     module, attr = target.split(":")
     value = getattr(importlib.import_module(module), attr)

@@ -21,6 +21,48 @@ BUNDLE_FORMAT = "fedcoe-bundle"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 QUANTIZATIONS = ("fp32", "static_int8", "dynamic_int8", "unknown")
+# the release fields (docs/bundle.md, "Versions and rollback"): which federation the bundle
+# belongs to and how new its model is. Both sit in the manifest, so a signature covers them.
+FEDERATION_FIELD = "federation"
+VERSION_FIELD = "version"
+
+
+class RollbackError(BundleError):
+    """A bundle older than the reader's minimum version, or of another federation: a signed
+    bundle that is genuine but must not replace what the reader already runs."""
+
+
+def release_of(manifest: Mapping[str, Any]) -> tuple[str | None, int]:
+    """The manifest's (federation, version); a manifest written before the release fields
+    existed is (None, 0): older than anything versioned, of no federation."""
+    fed = manifest.get(FEDERATION_FIELD)
+    version = manifest.get(VERSION_FIELD, 0)
+    if fed is not None and (not isinstance(fed, str) or not fed):
+        raise BundleError(f"manifest: {FEDERATION_FIELD} must be a non-empty string or null, "
+                          f"got {fed!r}")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise BundleError(f"manifest: {VERSION_FIELD} must be an int >= 0, got {version!r}")
+    return fed, version
+
+
+def check_release(manifest: Mapping[str, Any], where: str, *, min_version: int = 0,
+                  federation: str | None = None, floor_from: str = "this reader's minimum") -> None:
+    """Refuse a rollback or a bundle of another federation (one :class:`RollbackError`).
+
+    Runs right after the signature check and before any part file is read. A signature
+    alone cannot stop a rollback: an old bundle signed with the same key is still genuine,
+    so the reader has to know the lowest version it may accept (``min_version``; an agent's
+    is the highest it accepted before) and which federation it belongs to. ``floor_from``
+    names where ``min_version`` came from, for the refusal.
+    """
+    fed, version = release_of(manifest)
+    if federation is not None and fed != federation:
+        named = "names no federation" if fed is None else f"is of federation {fed!r}"
+        raise RollbackError(f"{where}: bundle {named}, this reader accepts federation "
+                            f"{federation!r} only")
+    if version < min_version:
+        raise RollbackError(f"{where}: bundle version {version} is older than version "
+                            f"{min_version} ({floor_from}): refused as a rollback")
 
 def class_names_of(manifest: Mapping[str, Any], num_classes: int) -> list[str] | None:
     """The federation's class names carried in the manifest's meta (label i = names[i]), or
@@ -121,6 +163,7 @@ def validate_manifest(manifest: Any) -> ModelConfig:
         if got != want:
             raise BundleError(f"manifest: {key}={got} disagrees with the model config ({want})")
     _req(manifest, "opset", int, "top level")
+    release_of(manifest)
     feat = _req(manifest, "feat_shape", list, "top level")
     if not feat or not all(isinstance(d, int) and d > 0 for d in feat):
         raise BundleError(f"manifest: feat_shape must be positive ints, got {feat!r}")

@@ -19,15 +19,18 @@ from typing import Any
 
 from fedcoe_edge.bundle_format import (
     MANIFEST_NAME,
+    RollbackError,
+    check_release,
     file_owners,
     listed_files,
+    release_of,
     safe_relpath,
     sha256_hex,
     validate_manifest,
 )
 from fedcoe_edge.bundle_sig import BundleKeys, verify_manifest
 from fedcoe_edge.config import ModelConfig
-from fedcoe_edge.errors import BundleError
+from fedcoe_edge.errors import BundleError, ConfigError
 
 
 @dataclass
@@ -38,6 +41,27 @@ class BundleContents:
     cfg: ModelConfig
     files: dict[str, bytes]
     root: Path | None  # the folder it came from; None for a .tar (swaps then stay in memory)
+    verified_by: str | None = None  # the signature algorithm that verified; None: unauthenticated
+
+
+@dataclass(frozen=True)
+class ReleaseCheck:
+    """What a reader demands of a bundle's release fields besides its signature:
+    ``min_version`` (refuse anything older: a rollback), ``federation`` (refuse another
+    federation's or an unnamed bundle; None: any) and ``floor_from``, where the minimum
+    came from, named in a refusal. See :func:`fedcoe_edge.bundle_format.check_release`."""
+
+    min_version: int = 0
+    federation: str | None = None
+    floor_from: str = "this reader's minimum"
+
+    def __post_init__(self) -> None:
+        if (not isinstance(self.min_version, int) or isinstance(self.min_version, bool)
+                or self.min_version < 0):
+            raise ConfigError(f"minimum bundle version must be an int >= 0, got {self.min_version!r}")
+        if self.federation is not None and (not isinstance(self.federation, str)
+                                            or not self.federation):
+            raise ConfigError(f"bundle federation must be a non-empty string, got {self.federation!r}")
 
 
 def _read_tar(path: Path, check_manifest: Callable[[bytes], Any]) -> dict[str, bytes]:
@@ -71,23 +95,31 @@ def _read_tar(path: Path, check_manifest: Callable[[bytes], Any]) -> dict[str, b
     return out
 
 
-def _parse_manifest(raw: bytes, root: Path, keys: BundleKeys | None) -> dict[str, Any]:
-    """The manifest's JSON, its signature verified (before anything in it is used)."""
+def _parse_manifest(raw: bytes, root: Path, keys: BundleKeys | None,
+                    release: ReleaseCheck | None) -> tuple[dict[str, Any], str | None]:
+    """The manifest's JSON, its signature verified (before anything in it is used), then
+    its release fields checked against ``release``; also the algorithm that verified it."""
     try:
         manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"bundle {root}: {MANIFEST_NAME} is not valid JSON: {exc}") from None
-    verify_manifest(manifest, keys, f"bundle {root}")
-    return manifest
+    alg = verify_manifest(manifest, keys, f"bundle {root}")
+    if release is not None:
+        check_release(manifest, f"bundle {root}", min_version=release.min_version,
+                      federation=release.federation, floor_from=release.floor_from)
+    return manifest, alg
 
 
 def read_bundle(path: str | os.PathLike[str],
                 keep: Callable[[Mapping[str, Any]], set[str]] | None = None, *,
-                keys: BundleKeys | None = None) -> BundleContents:
-    """Read and verify a bundle folder or ``.tar``: signature, schema, version, presence, hashes.
+                keys: BundleKeys | None = None,
+                release: ReleaseCheck | None = None) -> BundleContents:
+    """Read and verify a bundle folder or ``.tar``: signature, release, schema, presence, hashes.
 
     The manifest's signature is checked first, against ``keys`` (given a key, an unsigned
-    manifest is refused), before anything in it is used or any part file is opened.
+    manifest is refused), then its federation and version against ``release`` (a
+    :class:`~fedcoe_edge.bundle_format.RollbackError` for an older or foreign bundle), before
+    anything else in it is used or any part file is opened.
 
     Nothing is handed to onnxruntime here; a caller gets either a fully verified bundle or
     one BundleError naming the first problem (the part and the file). ``keep(manifest)``
@@ -99,11 +131,14 @@ def read_bundle(path: str | os.PathLike[str],
         mpath = root / MANIFEST_NAME
         if not mpath.is_file():
             raise BundleError(f"bundle {root}: no {MANIFEST_NAME}")
-        manifest = _parse_manifest(mpath.read_bytes(), root, keys)
+        manifest, alg = _parse_manifest(mpath.read_bytes(), root, keys, release)
         tar_files: dict[str, bytes] | None = None
     elif root.is_file():
-        tar_files = _read_tar(root, lambda raw: _parse_manifest(raw, root, keys))
+        verified: list[str | None] = []
+        tar_files = _read_tar(root, lambda raw: verified.append(
+            _parse_manifest(raw, root, keys, release)[1]))
         manifest = json.loads(tar_files[MANIFEST_NAME])  # verified as it was read
+        alg = verified[0]
     else:
         raise BundleError(f"bundle {root}: no such folder or .tar file")
     cfg = validate_manifest(manifest)
@@ -127,7 +162,7 @@ def read_bundle(path: str | os.PathLike[str],
         if wanted is None or rel in wanted:
             files[rel] = data
         del data
-    return BundleContents(manifest, cfg, files, root if tar_files is None else None)
+    return BundleContents(manifest, cfg, files, root if tar_files is None else None, alg)
 
 
 def pack_tar(folder: str | os.PathLike[str], tar_path: str | os.PathLike[str]) -> Path:
@@ -149,3 +184,52 @@ def pack_tar(folder: str | os.PathLike[str], tar_path: str | os.PathLike[str]) -
 
     atomic_write_bytes(out, buf.getvalue())
     return out
+
+
+class VersionFloor:
+    """The highest bundle version a device accepted, kept in one small JSON file in its state
+    folder so that it survives restarts (docs/bundle.md, "Versions and rollback").
+
+    A device refuses any bundle older than this, and a bundle of another federation than
+    the one the floor was recorded for. The file is replaced atomically; it never goes
+    down. A file that cannot be read is a ConfigError (refuse everything rather than
+    forget the floor: deleting the file is the operator's explicit reset).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def read(self) -> tuple[str | None, int]:
+        """(federation, version) accepted so far; (None, 0) before the first."""
+        if not self.path.exists():
+            return None, 0
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            fed, version = doc.get("federation"), doc["version"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"bundle version floor {self.path} is unreadable ({exc}); remove it "
+                              "to accept bundles of any version again") from None
+        if (not isinstance(version, int) or isinstance(version, bool) or version < 0
+                or (fed is not None and not isinstance(fed, str))):
+            raise ConfigError(f"bundle version floor {self.path} holds version {version!r}, "
+                              f"federation {fed!r}; remove it to accept any version again")
+        return fed, version
+
+    def check(self, federation: str) -> ReleaseCheck:
+        """What a bundle of ``federation`` must satisfy to be accepted now."""
+        _, version = self.read()
+        return ReleaseCheck(min_version=version, federation=federation,
+                            floor_from=f"the highest this device accepted, kept in {self.path}")
+
+    def record(self, manifest: Mapping[str, Any]) -> int:
+        """Raise the floor to an accepted bundle's version (never lower it); returns it."""
+        from fedcoe_edge.io import atomic_write_text  # tempfile: only when writing
+
+        fed, version = release_of(manifest)
+        old_fed, old = self.read()
+        if old_fed is not None and fed != old_fed:
+            raise RollbackError(f"bundle of federation {fed!r} recorded against the floor of "
+                                f"federation {old_fed!r} in {self.path}")
+        if version > old or not self.path.exists():
+            atomic_write_text(self.path, json.dumps({"federation": fed, "version": version}) + "\n")
+        return max(version, old)

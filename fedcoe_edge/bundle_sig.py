@@ -272,6 +272,17 @@ def verify_manifest(manifest: Any, keys: BundleKeys | None, where: str) -> str |
                       "edited or signed with another key")
 
 
+def unauthenticated_warning(where: Any, manifest: Mapping[str, Any]) -> str:
+    """The one line a command prints when it runs a bundle no key authenticated: a hash
+    anyone can recompute says nothing about who wrote ``top_k``, the experts' files, the
+    class names or the version (docs/bundle.md, "Versions and rollback")."""
+    how = ("signed, but no key was given to verify it" if is_signed(manifest)
+           else "its manifest is unsigned")
+    return (f"bundle {where} is unauthenticated ({how}): anyone could have rewritten its "
+            "manifest (top_k, experts, class names, version); pass --key-file or "
+            "--vendor-public-key to verify it")
+
+
 def reader_keys(key_file: str | None, vendor_public_key: str | None) -> BundleKeys | None:
     """The keys a command line names (``--key-file``, ``--vendor-public-key``); None: none."""
     if not key_file and not vendor_public_key:

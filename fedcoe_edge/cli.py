@@ -1,7 +1,10 @@
-"""The ``fedcoe`` command line.
+"""The ``fedcoe`` command line: the app shell, the top layer (docs/design.md, "Layers").
 
 Each subcommand lives in its own module exposing ``register(subparsers)``; the parser it adds
 sets ``func(args) -> int``. User errors (FedCoEError) print one line on stderr and exit 2.
+This module and :mod:`fedcoe_edge.commands` are the only part of ``fedcoe_edge`` that names
+the packages above the library (the exporter, the daemons, the benchmarks), to assemble
+their subcommands; no library module imports them (``tests/test_layers.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Any
 
 from fedcoe_edge.errors import FedCoEError
 
-# Modules that add subcommands, in the order `fedcoe --help` lists them.
+# Modules that add subcommands, in the order `fedcoe --help` lists them; each lives in the
+# package of the layer it drives. A package missing from an install drops its commands.
 COMMAND_MODULES = (
     "fedcoe_edge.commands.init",
     "fedcoe_edge.commands.simulate",

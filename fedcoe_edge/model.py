@@ -34,11 +34,6 @@ GLOBAL_PREFIX = "global."
 LOCAL_PREFIX = "local."
 
 
-def expert_prefix(k: int) -> str:
-    """State-dict prefix of global expert ``k`` (the unit of partial exchange)."""
-    return f"global.experts.{k}."
-
-
 class MLPExpert(nn.Module):
     """Two-layer perceptron over the flattened features; returns class logits."""
 
@@ -367,20 +362,6 @@ class DualLevelMoE(nn.Module):
 
     def local_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if k.startswith(LOCAL_PREFIX)}
-
-    def init_local_from_global(self, k: int) -> bool:
-        """Start local experts as copies of global expert k (cold start with labels).
-
-        Returns False when the tier makes local experts a different size, so no copy is made.
-        """
-        src = self.global_part.experts[k].state_dict()
-        copied = False
-        for expert in self.local_part.experts:
-            dst = expert.state_dict()
-            if all(dst[n].shape == src[n].shape for n in dst):
-                expert.load_state_dict(src)
-                copied = True
-        return copied
 
 
 def count_params(module: nn.Module) -> int:

@@ -162,6 +162,17 @@ TRUNKS.register("mobilenet_v3_small", "fedcoe_edge.model:mobilenet_v3_small_trun
 EXPERTS.register("mlp", "fedcoe_edge.model:mlp_expert", builtin=True)
 EXPERTS.register("cnn", "fedcoe_edge.model:cnn_expert", builtin=True)
 
+DatasetLoader = Callable[[int], tuple[Any, Any]]  # seed -> (x, y)
+DATASETS: Registry[DatasetLoader] = Registry("dataset")
+# by import path too: this module stays below the data package (no import cycle) and
+# loading sklearn or Fashion-MNIST code waits until a dataset is used
+DATASETS.register("digits", "fedcoe_edge.data.datasets:load_digits", builtin=True)
+# digits with a shift per client (make_federation applies it)
+DATASETS.register("digits-shift", "fedcoe_edge.data.datasets:load_digits", builtin=True)
+# the training split; see fedcoe_edge.data.datasets.SPLIT_DATASETS
+DATASETS.register("fmnist", "fedcoe_edge.data.datasets:load_fmnist_train", builtin=True)
+DATASETS.register("synthetic", "fedcoe_edge.data.datasets:load_synthetic_pooled", builtin=True)
+
 
 def register_trunk(name: str, factory: TrunkFactory | str, *, replace: bool = False) -> None:
     """Make ``ModelConfig(trunk=name)`` build ``factory(input_shape)`` as the shared trunk.
@@ -184,6 +195,4 @@ def register_dataset(name: str, loader: Callable[[int], tuple[Any, Any]] | str, 
                      replace: bool = False) -> None:
     """Make ``load_dataset(name)`` (``simulate``, a device agent's ``[data] dataset``) call
     ``loader(seed) -> (x, y)``: x float32 ``(N, *input_shape)``, y integer labels ``(N,)``."""
-    from fedcoe_edge.data.datasets import DATASETS
-
     DATASETS.register(name, loader, replace=replace)

@@ -46,22 +46,26 @@ from fedcoe_edge.bundle_format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     QUANTIZATIONS,
+    VERSION_FIELD,
+    RollbackError,
     class_names_of,
     feat_shape_of,
     listed_files,
     part_names,
+    release_of,
     sha256_fd,
     sha256_hex,
     validate_manifest,
 )
-from fedcoe_edge.bundle_io import BundleContents, pack_tar, read_bundle
-from fedcoe_edge.bundle_sig import BundleKeys, is_signed, sign_manifest
+from fedcoe_edge.bundle_io import BundleContents, ReleaseCheck, pack_tar, read_bundle
+from fedcoe_edge.bundle_sig import BundleKeys, is_signed, sign_manifest, unauthenticated_warning
 from fedcoe_edge.errors import BundleError, ConfigError, ValidationError
 from fedcoe_edge.moe_numpy import log_softmax, softmax, topk_routing
 
 __all__ = [
     "BUNDLE_FORMAT", "DEFAULT_PROVIDERS", "FORMAT_VERSION", "MANIFEST_NAME", "PRECISIONS",
-    "QUANTIZATIONS", "BundleContents", "MoESession", "RuntimeOutput", "class_names_of",
+    "QUANTIZATIONS", "BundleContents", "MoESession", "ReleaseCheck", "RollbackError",
+    "RuntimeOutput", "class_names_of",
     "feat_shape_of", "listed_files", "log_softmax", "main", "pack_tar", "part_names",
     "read_bundle", "sha256_hex", "softmax", "topk_routing", "validate_manifest",
 ]
@@ -95,12 +99,16 @@ class MoESession:
     "CPUExecutionProvider"]`` on a Jetson). ``threads`` sets the trunk's intra-op threads
     (the heads run single-threaded: nothing to split, and idle pools would spin).
     ``keys``: the keys the manifest's signature must verify with (given one, an unsigned
-    manifest is refused); a swap re-signs the manifest with its HMAC key.
+    manifest is refused); a swap re-signs the manifest with its HMAC key. ``release``: the
+    lowest version and the federation the bundle must have (a
+    :class:`~fedcoe_edge.bundle_format.RollbackError` otherwise), checked right after the
+    signature: a signature proves who wrote a bundle, not that it is still the current one.
+    ``verified_by`` is the algorithm that authenticated the manifest, None when nothing did.
     """
 
     def __init__(self, bundle: str | os.PathLike[str], *, providers: Sequence[str] | None = None,
                  threads: int = 1, precision: str = "deployed",
-                 keys: BundleKeys | None = None) -> None:
+                 keys: BundleKeys | None = None, release: ReleaseCheck | None = None) -> None:
         if precision not in PRECISIONS:
             raise ConfigError(f"MoESession: precision must be one of {PRECISIONS}, got {precision!r}")
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
@@ -116,7 +124,8 @@ class MoESession:
         # bundle to the process's peak memory
         self._from_tar = not Path(bundle).is_dir()
         contents = read_bundle(bundle, keep=self._needed_files if self._from_tar else _nothing,
-                               keys=keys)
+                               keys=keys, release=release)
+        self.verified_by = contents.verified_by
         self.manifest = contents.manifest
         self.cfg = contents.cfg
         self.root = contents.root
@@ -257,6 +266,16 @@ class MoESession:
                                   f"manifest's {want}")
 
     # --- properties ----------------------------------------------------------------------
+    @property
+    def federation(self) -> str | None:
+        """The federation the manifest names (None: a bundle exported without one)."""
+        return release_of(self.manifest)[0]
+
+    @property
+    def version(self) -> int:
+        """The manifest's model version (0: a bundle exported without one)."""
+        return release_of(self.manifest)[1]
+
     @property
     def held_experts(self) -> list[int]:
         return sorted(self.manifest["held_experts"])
@@ -450,7 +469,8 @@ class MoESession:
 
     # --- updates -------------------------------------------------------------------------
     def swap_expert(self, k: int, path: str | os.PathLike[str] | bytes, *,
-                    sha256: str | None = None, quantization: str = "unknown") -> str:
+                    sha256: str | None = None, quantization: str = "unknown",
+                    version: int | None = None) -> str:
         """Replace global expert ``k`` with the ONNX file at ``path``; returns its sha256.
 
         The new file is hashed (and compared with ``sha256`` when given), loaded into a new
@@ -465,12 +485,18 @@ class MoESession:
         if not isinstance(k, int) or not 0 <= k < self.cfg.num_global_experts:
             raise ValidationError(f"swap_expert: k must be in [0, {self.cfg.num_global_experts}), "
                                   f"got {k!r}")
-        return self.swap_part(f"expert_g{k}", path, sha256=sha256, quantization=quantization)
+        return self.swap_part(f"expert_g{k}", path, sha256=sha256, quantization=quantization,
+                              version=version)
 
     def swap_part(self, name: str, path: str | os.PathLike[str] | bytes, *,
-                  sha256: str | None = None, quantization: str = "unknown") -> str:
+                  sha256: str | None = None, quantization: str = "unknown",
+                  version: int | None = None) -> str:
         """Replace a global part (``global_gate``, ``expert_shared`` or ``expert_g{k}``) with
         an ONNX file (a path, or its bytes); as :meth:`swap_expert`.
+
+        ``version``: the model version the new part comes from; the manifest's version
+        becomes it (signed with the rest). A version older than the bundle's is refused
+        (a :class:`RollbackError`): a swap never takes a bundle back.
 
         A part computed inside the merged ``heads`` graph is taken out of it: the bundle
         drops ``heads`` and runs its always-on parts from their own files from then on.
@@ -483,6 +509,10 @@ class MoESession:
             raise ConfigError("swap_part: only a session on the deployed precision can swap")
         if quantization not in QUANTIZATIONS:
             raise ValidationError(f"swap_part: quantization must be one of {QUANTIZATIONS}")
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)
+                                    or version < self.version):
+            raise RollbackError(f"swap_part: part '{name}' of version {version!r} is older than "
+                                f"the bundle's version {self.version}: refused as a rollback")
         resign = (self.keys is not None and self.keys.hmac_key is not None
                   and (is_signed(self.manifest) or self.keys.must_verify))
         if is_signed(self.manifest) and not resign:
@@ -513,6 +543,8 @@ class MoESession:
         old = new_manifest["parts"].get(name)
         new_manifest["parts"][name] = {"file": rel, "sha256": digest, "bytes": len(data),
                                        "quantization": quantization, **spec}
+        if version is not None:
+            new_manifest[VERSION_FIELD] = version
         if name.startswith("expert_g"):
             held = set(new_manifest["held_experts"]) | {int(name[len("expert_g"):])}
             new_manifest["held_experts"] = sorted(held)
@@ -587,6 +619,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "signed with (an unsigned manifest is then refused)")
     parser.add_argument("--vendor-public-key", help="Ed25519 public key (PEM or hex) the "
                         "manifest may be signed with instead")
+    parser.add_argument("--min-version", type=int, default=0,
+                        help="refuse a bundle older than this version (a rollback)")
+    parser.add_argument("--federation", default=None,
+                        help="refuse a bundle that is not this federation's")
     args = parser.parse_args(argv)
     try:
         from fedcoe_edge.bundle_sig import reader_keys
@@ -594,7 +630,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sess = MoESession(args.bundle, threads=args.threads,
                           providers=[p for p in args.providers.split(",") if p],
                           precision="fp32" if args.fp32 else "deployed",
-                          keys=reader_keys(args.key_file, args.vendor_public_key))
+                          keys=reader_keys(args.key_file, args.vendor_public_key),
+                          release=ReleaseCheck(args.min_version, args.federation,
+                                               "--min-version"))
         try:
             x = np.load(args.input, allow_pickle=False)
         except (OSError, ValueError) as exc:
@@ -609,6 +647,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BundleError, ValidationError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if sess.verified_by is None:  # once, just before the output it qualifies
+        print(f"warning: {unauthenticated_warning(args.bundle, sess.manifest)}", file=sys.stderr)
     names = sess.class_names
     for i, p in enumerate(probs):
         c = int(p.argmax())

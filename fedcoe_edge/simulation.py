@@ -109,7 +109,7 @@ class RunResult:
 def client_model(run: RunResult, client_id: str) -> Any:
     """The ``DualLevelMoE`` a simulated client ends with: the last global state plus its own
     private state (what ``fedcoe export --checkpoint-dir ... --client`` rebuilds from disk),
-    in eval mode, ready for :func:`export.bundle.build_bundle` (``fe.export_bundle``)."""
+    in eval mode, ready for :func:`export.bundle.build_bundle`."""
     from fedcoe_edge.training import build_model, load_arrays
 
     if client_id not in run.local_states:

@@ -32,3 +32,16 @@ def test_import_does_not_pull_torch():
             "fe.ModelConfig(trunk='mine', expert_kind='mlp'); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_exporter_and_daemons_are_imported_from_their_layer():
+    """They sit above the library (docs/design.md, "Layers"): ``fe.`` does not name them, and
+    asking for one says where it lives instead of importing an upper layer."""
+    import pytest
+
+    for name, how in fe.ABOVE.items():
+        assert name not in fe.__all__
+        with pytest.raises(AttributeError, match=how):
+            getattr(fe, name)
+        module, attr = how.removeprefix("from ").split(" import ")
+        assert getattr(__import__(module, fromlist=[attr]), attr) is not None

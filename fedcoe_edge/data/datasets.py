@@ -28,9 +28,8 @@ from collections.abc import Callable
 import numpy as np
 
 from fedcoe_edge.errors import ConfigError, DataError
-from fedcoe_edge.registry import Registry, RegistryError, is_import_path
+from fedcoe_edge.registry import DATASETS, RegistryError, is_import_path
 
-Loader = Callable[[int], tuple[np.ndarray, np.ndarray]]
 Arrays2 = tuple[np.ndarray, np.ndarray]
 SplitLoader = Callable[[str | None], tuple[Arrays2, Arrays2]]
 
@@ -65,11 +64,9 @@ def load_fmnist_splits(data_dir: str | None = None) -> tuple[Arrays2, Arrays2]:
     return load_fmnist(data_dir)
 
 
-DATASETS: Registry[Loader] = Registry("dataset")
-DATASETS.register("digits", load_digits, builtin=True)
-DATASETS.register("digits-shift", load_digits, builtin=True)  # shift per client: make_federation
-DATASETS.register("fmnist", load_fmnist_train, builtin=True)  # the training split; see SPLIT_DATASETS
-DATASETS.register("synthetic", load_synthetic_pooled, builtin=True)
+# DATASETS (fedcoe_edge.registry) holds the built-ins above by import path: "digits",
+# "digits-shift" (a shift per client: make_federation), "fmnist" (the training split; see
+# SPLIT_DATASETS), "synthetic"
 
 # datasets with an official (train, test) split: the federation partitions the train split
 # and uses the whole test split as the global test set, so results compare with the literature
