@@ -27,7 +27,7 @@ folds the round's pre-clip norms and accepted counts into the state for the next
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -356,15 +356,14 @@ def notes_of(partial: Partial) -> list[RoundNote]:
                                   r[ROWS + "samples"], strict=True)]
 
 
-def results_of(partial: Partial) -> list[ClientResult]:
-    """The defended results a partial that keeps updates holds, in its client order."""
-    from fedcoe_edge.strategies.base import ClientResult
-
+def results_of(partial: Partial, result_type: Callable[..., ClientResult]) -> list[ClientResult]:
+    """The defended results a partial that keeps updates holds, in its client order, built
+    with ``result_type`` (``ClientResult``; passed in, so this module imports no strategy)."""
     r = partial.extra_rows
     keys = [k[len(ROWS) + 2:] for k in r if k.startswith(ROWS + "u/")]
     out = []
     for i, cid in enumerate(partial.clients):
         params = {k: r[ROWS + "u/" + k][i] for j, k in enumerate(keys) if r[ROWS + "sent"][i, j]}
         aff = r[ROWS + "affinity"][i].tolist() if r[ROWS + "has_affinity"][i] else None
-        out.append(ClientResult(cid, partial.round, int(r[ROWS + "n"][i]), params, aff))
+        out.append(result_type(cid, partial.round, int(r[ROWS + "n"][i]), params, aff))
     return out

@@ -187,7 +187,7 @@ class Strategy(ABC):
         self.defence = close_round(self.defence, self.train_cfg, notes_of(partial))
         if not keeps_updates(partial):
             return partial
-        robust = robust_substitute(results_of(partial), self.train_cfg.aggregation_rule,
+        robust = robust_substitute(results_of(partial, ClientResult), self.train_cfg.aggregation_rule,
                                    self.train_cfg.trim_ratio)
         plain = self.new_partial(partial.round)
         plain.extra_rows = {k: v for k, v in plain.extra_rows.items() if not k.startswith(ROWS)}
