@@ -154,7 +154,11 @@ class FedCoE(Strategy):
     # --- aggregation (docs/design.md, "Streaming aggregation") -------------------------
     def new_partial(self, rnd: int) -> Partial:
         k = self.model_cfg.num_global_experts
-        return Partial(rnd, experts=ExpertSums(k), share=np.zeros(k, dtype=np.float64))
+        return self.with_defence(Partial(rnd, experts=ExpertSums(k), share=np.zeros(k, dtype=np.float64)))
+
+    def defended_keys(self) -> list[str]:
+        """What devices send: a frozen or locally fine-tuned trunk never travels."""
+        return [n for n in super().defended_keys() if exchanged(self.model_cfg, n)]
 
     def accumulate(self, partial: Partial, result: ClientResult) -> None:
         """Experts by ``n_i r_ik`` over the clients that sent them (``n_i`` when every
@@ -181,6 +185,7 @@ class FedCoE(Strategy):
         """Means of the sums (experts nobody sent keep their value), the affinity EMA per
         reporting client, then the gate-bias step toward uniform use over all K (a client
         holding m < K experts cannot see the others' load). No client: the state stays."""
+        partial = self.close_defence(partial)
         if not partial.clients:
             return self.global_state
         assert partial.experts is not None and partial.share is not None, "not a FedCoE partial"
@@ -326,10 +331,12 @@ class FedCoE(Strategy):
 
     def checkpoint_extra(self) -> dict[str, Any]:
         """The EMA affinity matrix: expert assignment and aggregation weights depend on it."""
-        return {"affinity": {c: [float(v) for v in np.asarray(r)]
+        return {**super().checkpoint_extra(),
+                "affinity": {c: [float(v) for v in np.asarray(r)]
                              for c, r in sorted(self.affinity.items())}}
 
     def restore_extra(self, doc: Mapping[str, Any]) -> None:
+        super().restore_extra(doc)
         self.affinity = {c: np.asarray(r, dtype=np.float64)
                          for c, r in dict(doc.get("affinity", {})).items()}
 
