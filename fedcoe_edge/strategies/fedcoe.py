@@ -30,7 +30,6 @@ import torch
 from fedcoe_edge.aggregate import (
     assign_experts,
     balance_bias_step,
-    covering_experts,
     ema,
     expert_capacity,
 )
@@ -45,6 +44,7 @@ from fedcoe_edge.strategies.base import (
     Failure,
     Strategy,
 )
+from fedcoe_edge.strategies.bundle_rules import cover_prior
 from fedcoe_edge.streaming import ExpertSums, Partial
 from fedcoe_edge.training import build_model, load_arrays, predict_probs, run_epochs, to_arrays
 from fedcoe_edge.trunk import TRUNK_PREFIX, exchanged, kept_locally, prepare_trunk
@@ -290,7 +290,7 @@ class FedCoE(Strategy):
         ``train.cold_start_mass`` of it, never fewer than top_k (docs/design.md, "Cold start").
         A device whose data spreads over more kinds than m experts cover gets them all; one
         whose data is narrow downloads little."""
-        return covering_experts(prior, self.train_cfg.cold_start_mass, self.model_cfg.top_k)
+        return cover_prior(prior, self.model_cfg, self.train_cfg)  # a bundle device's rule too
 
     def predict_cold(self, x: np.ndarray) -> np.ndarray:
         ids = self.cold_start_experts(x)
