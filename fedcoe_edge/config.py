@@ -63,14 +63,14 @@ class ModelConfig:
     shared_expert: bool = True  # always-on global expert under the routed ones
     gate_hidden: int = 0  # 0: linear gates; >0: one hidden layer of this width
     local_residual: bool = True  # local experts add logits to the global path's (zero-initialised)
-    # docs/design.md, "Trunk": "federated" trains and exchanges the trunk (default);
+    # docs/design.md, "Trunk modes": "federated" trains and exchanges the trunk (default);
     # "frozen" neither trains nor exchanges it; "local-finetune" trains it on each device
     # and keeps it there (private, like the local level)
     trunk_mode: TrunkMode = "federated"
     trunk_weights: str = ""  # pretrained trunk: a local safetensors file, loaded at build time
     trunk_sha256: str = ""  # that file's sha256 (required with trunk_weights)
     # RAM budget (MiB) of a frozen trunk's per-sample feature cache; 0 disables; no effect on
-    # results (docs/design.md, "Trunk"); ignored unless trunk_mode = "frozen"
+    # results (docs/design.md, "Trunk modes"); ignored unless trunk_mode = "frozen"
     trunk_cache_mb: int = DEFAULT_TRUNK_CACHE_MB
 
     def __post_init__(self) -> None:

@@ -71,7 +71,7 @@ class FedCoE(Strategy):
                  *, affinity_weighting: bool = True, partial_exchange: bool = True) -> None:
         super().__init__(model_cfg, train_cfg, seed)
         self.model: DualLevelMoE = build_model(model_cfg, seed)
-        prepare_trunk(self.model, model_cfg)  # pretrained / frozen trunk (docs/design.md, "Trunk")
+        prepare_trunk(self.model, model_cfg)  # pretrained / frozen trunk (docs/design.md, "Trunk modes")
         self.affinity_weighting = affinity_weighting  # False: plain n_i mean of experts (ablation)
         self.partial_exchange = partial_exchange  # False: every client gets all K (m = K)
         self.affinity: dict[str, np.ndarray] = {}  # R, one EMA row per client
