@@ -1,4 +1,4 @@
-"""The round engine: a federation's rounds with no transport (docs/design.md, "Daemons").
+"""The round engine: a federation's rounds with no transport (docs/design.md, "The daemons: a round engine and thin handlers").
 
 The coordinator daemon (coordinator/daemon.py) parses messages, moves bytes and calls this
 engine; everything that decides a round lives here, callable with plain method calls:
