@@ -230,15 +230,15 @@ def test_init_shards_writes_one_identity_per_aggregator(tmp_path: Path,
                for block in ("\n" + acl).split("\nuser ")[1:]}
     lt = "fl/v1/fleet1/agg"
     # what every client reads, granted per user (a pattern without %u/%c makes Mosquitto warn)
-    shared = ["topic read fl/v1/+/bc/#", "topic read fl/v1/+/coord/status"]
+    reads = ["topic read fl/v1/+/bc/#", "topic read fl/v1/+/coord/status"]
     for dev in names:
-        assert [ln for ln in entries[dev] if ln.startswith("topic")] == shared
+        assert [ln for ln in entries[dev] if ln.startswith("topic")] == reads
     assert [ln for ln in entries[users["leader"]] if ln.startswith("topic")] == [
-        f"topic read {lt}/up/#", f"topic write {lt}/dn/#", f"topic write {lt}/leader/status", *shared]
+        f"topic read {lt}/up/#", f"topic write {lt}/dn/#", f"topic write {lt}/leader/status", *reads]
     for i in (0, 1):
         assert [ln for ln in entries[users[f"shard-{i}"]] if ln.startswith("topic")] == [
             f"topic readwrite fl/v1/fleet1.s{i}of2/#", f"topic read {lt}/dn/shard-{i}/#",
-            f"topic read {lt}/leader/status", f"topic write {lt}/up/shard-{i}/#", *shared]
+            f"topic read {lt}/leader/status", f"topic write {lt}/up/shard-{i}/#", *reads]
     for dev in names:
         agent = tomllib.loads((out / "devices" / dev / "agent.toml").read_text())
         assert agent["device"]["federation"] == shard_federation("fleet1", shard_of(dev, 2), 2)
