@@ -268,7 +268,11 @@ def test_federation_over_the_deploy_template_tls_passwords_acl(tmp_path: Path) -
     for dev in ("0", "1"):
         sh("mosquitto_passwd", "-b", "passwd", dev, passwords[dev])
     deploy = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
-    shutil.copy(deploy / "acl", tmp_path / "acl")
+    # deploy/mosquitto/README.md, step 3: the template plus one entry per device, as dev0/dev1
+    template = (deploy / "acl").read_text()
+    entry = template[template.index("user dev0\n"):template.index("user dev1\n")].strip()
+    (tmp_path / "acl").write_text(template + "".join(
+        f"\n{entry.replace('dev0', dev)}\n" for dev in ("0", "1")))
     plain, tls = free_port(), free_port()
     conf = (deploy / "mosquitto.conf").read_text()
     for old, new in [("/etc/mosquitto/fedcoe/", f"{tmp_path}/"),
