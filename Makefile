@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test test-hostile test-runtime-profile bench bench-camera bench-fleet bench-fleet-shards lint clean mosquitto datasets tune accuracy accuracy-long
+.PHONY: setup demo test test-all test-hostile test-runtime-profile bench bench-camera bench-fleet bench-fleet-shards lint clean mosquitto datasets tune accuracy accuracy-long
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,8 +39,15 @@ demo: setup
 	  --out runs/demo-export/bundle_client0 --quantize int8 --calibration-samples 128 \
 	  --report runs/demo-export/export_report.json
 
+# One pytest-xdist worker per core; a module whose tests share a module-scoped fixture stays on
+# one worker (tests/conftest.py). `make test` skips the tests marked `slow` (minutes each);
+# `make test-all` runs every test, those included (README, "Tests").
+PYTEST_PAR := -n auto --dist loadgroup
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_PAR)
+
+test-all: setup
+	$(BIN)/python -m pytest -q $(PYTEST_PAR) -m 'not bench or slow'
 
 # The slow part of the hostile suite (real broker + daemon processes under attack, a
 # coordinator killed mid-upload); `make test` runs only its short attack.

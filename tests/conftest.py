@@ -98,3 +98,43 @@ def digits_bundle(digits_moe, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle") / "digits"
     build_bundle(model, out, calibration=calibration_sample(x_train, 128))
     return out
+
+
+# --- suite layout: slow tests, parallel workers (test-suite engineer) ----------------
+# `make test` runs the suite on one pytest-xdist worker per core (`-n auto --dist loadgroup`);
+# `make test-all` adds the tests marked `slow` (README, "Tests"). Each test already gets its
+# own broker (a free loopback port) and its own tmp_path, so tests may run side by side;
+# what cannot be split is a module's module-scoped fixture: built once per worker that runs
+# one of its tests, so such a module is kept on one worker (below).
+
+
+def _runs_slow(config: pytest.Config) -> bool:
+    """True when the ``-m`` expression names ``slow`` (``make test-all``, ``make test-hostile``)."""
+    return "slow" in (config.getoption("markexpr") or "")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``slow`` tests unless asked for, and group module-fixture modules for xdist.
+
+    ``slow`` marks suites that take minutes of wall time (e.g. sustained attacks, a fresh
+    venv from the package index): they are skipped with the target that runs them, not
+    deselected, so ``-ra`` lists what `make test` left to `make test-all`.
+
+    A test that uses a module- or class-scoped fixture gets ``xdist_group(<module>)``: under
+    ``--dist loadgroup`` its whole module runs on one worker, so the fixture (a trained
+    model, an exported bundle) is built once, not once per worker. Tests without one are
+    spread one by one. This must run before xdist's own hook reads the marks (tryfirst).
+    """
+    if not _runs_slow(config):
+        skip = pytest.mark.skip(reason="slow: run `make test-all` (pytest -m 'slow or not slow')")
+        for item in items:
+            if item.get_closest_marker("slow") is not None:
+                item.add_marker(skip)
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None or item.get_closest_marker("xdist_group") is not None:
+            continue
+        scopes = {fd.scope for defs in info.name2fixturedefs.values() for fd in defs}
+        if scopes & {"module", "class", "package"}:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
