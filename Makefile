@@ -50,9 +50,10 @@ test-all: setup
 	$(BIN)/python -m pytest -q $(PYTEST_PAR) -m 'not bench or slow'
 
 # The slow part of the hostile suite (real broker + daemon processes under attack, a
-# coordinator killed mid-upload); `make test` runs only its short attack.
+# coordinator killed mid-upload, 1,000 slowloris identities against the reassembly budget);
+# `make test` runs only the short attack and the unit tests. `-s` prints each test's figures.
 test-hostile: setup
-	$(BIN)/python -m pytest -q -s -m slow tests/test_hostile.py
+	$(BIN)/python -m pytest -q -s -m slow tests/test_hostile.py tests/test_slowloris.py
 
 # The runtime install profile in a fresh venv (pip from the package index): torch absent,
 # `fedcoe predict` classifies with a signed bundle, a train-role agent refuses in one line.

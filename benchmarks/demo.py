@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from coordinator.config import EvalSettings, FederationSettings
+from device_agent.config import DeviceSettings
 from fedcoe_edge.errors import ConfigError, FedCoEError
 from fedcoe_edge.io import atomic_write_text
 from fedcoe_edge.protocol import device_key
@@ -46,13 +48,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for configs, state, logs")
     p.add_argument("--json", type=Path, default=None, help="write the summary here (default OUT/demo.json)")
-    p.add_argument("--rounds", type=int, default=10, help="federated rounds")
-    p.add_argument("--devices", type=int, default=6, help="training devices (plus one cold device)")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label skew")
-    p.add_argument("--seed", type=int, default=0, help="seed of the partition and the model")
-    p.add_argument("--deadline", type=float, default=60.0, help="per-round deadline in seconds")
+    # every default is the daemons' own (coordinator/config.py, device_agent/config.py)
+    p.add_argument("--rounds", type=int, default=FederationSettings.rounds, help="federated rounds")
+    p.add_argument("--devices", type=int, default=EvalSettings.num_clients,
+                   help="training devices (plus one cold device)")
+    p.add_argument("--alpha", type=float, default=EvalSettings.alpha,
+                   help="Dirichlet concentration of the label skew")
+    p.add_argument("--seed", type=int, default=FederationSettings.seed,
+                   help="seed of the partition and the model")
+    p.add_argument("--deadline", type=float, default=FederationSettings.deadline_s,
+                   help="per-round deadline in seconds")
     p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
-    p.add_argument("--bundle", choices=("final", "every", "off"), default="final",
+    p.add_argument("--bundle", choices=("final", "every", "off"), default=DeviceSettings.bundle,
                    help="when devices rebuild their int8 ONNX bundle")
     p.set_defaults(func=run)
 
@@ -133,10 +140,10 @@ class Demo:
             secret_file.write_text(secrets.token_hex(32) + "\n")
             secret_file.chmod(0o600)
         broker = {"host": "127.0.0.1", "port": port}
-        data = {"dataset": "digits", "partition": "dirichlet", "num_clients": a.devices,
-                "new_clients": 1, "alpha": a.alpha, "seed": a.seed}
+        data = {"dataset": "digits", "partition": EvalSettings.partition, "num_clients": a.devices,
+                "new_clients": EvalSettings.new_clients, "alpha": a.alpha, "seed": a.seed}
         coord = {
-            "federation": {"id": self.federation, "algorithm": "fedcoe", "seed": a.seed,
+            "federation": {"id": self.federation, "algorithm": FederationSettings.algorithm, "seed": a.seed,
                            "rounds": a.rounds, "min_devices": a.devices,
                            "quorum": max(1, (2 * a.devices) // 3), "deadline_s": a.deadline,
                            "state_dir": "coordinator"},

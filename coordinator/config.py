@@ -18,7 +18,6 @@ from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.errors import ConfigError
 from fedcoe_edge.protocol import (
     COORDINATOR_ID,
-    DEFAULT_WINDOW,
     BrokerSettings,
     apply_env,
     build_section,
@@ -29,10 +28,9 @@ from fedcoe_edge.protocol import (
     read_secret,
     section_defaults,
 )
-from fedcoe_edge.sharding import MAX_SHARDS
-from fedcoe_edge.strategies import STRATEGIES
+from fedcoe_edge.sharding import LEADER_ID, MAX_SHARDS, shard_federation
 from fedcoe_edge.transport.topics import check_id
-from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE, check_chunk_size
+from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, check_chunk_size, check_window
 
 # Strategies whose clients return tensors they were not sent: the daemons' contract is
 # "return exactly what you were given" (partial exchange, int8 deltas against it).
@@ -115,6 +113,10 @@ class CoordinatorConfig:
         return Path(self.federation.state_dir)
 
     def validate(self) -> None:
+        # imported here, not at the top: the strategies pull in torch, and `fedcoe init` reads
+        # this module's defaults at every command line parse
+        from fedcoe_edge.strategies import STRATEGIES
+
         f, w = self.federation, f"{self.source}: [federation]"
         try:
             check_id(f.id, "id")
@@ -137,8 +139,7 @@ class CoordinatorConfig:
         if not f.deadline_s > 0 or not f.wait_log_s > 0:
             raise ConfigError(f"{w} deadline_s and wait_log_s must be > 0")
         check_chunk_size(f.chunk_size, w)
-        if f.window < 1:
-            raise ConfigError(f"{w} window must be >= 1, got {f.window}")
+        check_window(f.window, w)
         if not f.norm_bound > 0:
             raise ConfigError(f"{w} norm_bound must be > 0")
         if f.aggregation not in ("stream", "batch"):
@@ -151,7 +152,8 @@ class CoordinatorConfig:
             raise ConfigError(f"{w} shards = {f.shards} needs aggregation = \"stream\" (shards send "
                               "partial sums to the leader), got {f.aggregation!r}")
         self.broker.validate(f"{self.source}: [broker]")
-        check_username(self.broker.username, f.coordinator_id, f"{self.source}: [broker]")
+        if f.shards == 1:  # a sharded config's identity depends on the role: check_role checks it
+            check_username(self.broker.username, f.coordinator_id, f"{self.source}: [broker]")
         if len(self.secret) < 16:
             raise ConfigError(f"{self.source}: [security] secret must be at least 16 bytes")
         if f.classes:
@@ -179,6 +181,33 @@ class CoordinatorConfig:
             raise ConfigError("--shard-index applies to --role shard only")
         if role is Role.SHARD and (index is None or not 0 <= index < f.shards):
             raise ConfigError(f"--role shard needs --shard-index in 0..{f.shards - 1}, got {index}")
+        who = mqtt_identity(f, role, index)
+        if self.broker.username and self.broker.username != who:
+            what = "the leader" if role is Role.LEADER else f"shard {index}"
+            raise ConfigError(f"{self.source}: [broker] username {self.broker.username!r} is not "
+                              f"{what}'s own MQTT identity {who!r}: every aggregator logs in as "
+                              "itself (`fedcoe init --shards S` writes one config per aggregator; "
+                              "docs/daemons.md, \"Past one machine\")")
+
+
+def mqtt_identity(fed: FederationSettings, role: Role, index: int | None = None,
+                  shards: int | None = None) -> str:
+    """The MQTT client id, and the broker username, of one coordinator process.
+
+    A single coordinator is ``coordinator_id``; the leader ``<coordinator_id>.leader.<FED>``
+    and shard i ``<coordinator_id>.<FED>.s<i>of<S>`` (the coordinator of its devices'
+    federation id). Under the broker template's ``use_username_as_clientid`` the username IS
+    the client id, so processes sharing one username would take over each other's session
+    every reconnect: each aggregator has its own username, password and ACL entry
+    (docs/daemons.md, "Past one machine: leader and shard aggregators"). ``shards``
+    defaults to ``fed.shards``."""
+    if role is Role.SINGLE:
+        return fed.coordinator_id
+    if role is Role.LEADER:
+        return f"{fed.coordinator_id}.{LEADER_ID}.{fed.id}"
+    if index is None:
+        raise ConfigError("a shard's MQTT identity needs its shard index")
+    return f"{fed.coordinator_id}.{shard_federation(fed.id, index, shards or fed.shards)}"
 
 
 SECTIONS: dict[str, type] = {"federation": FederationSettings, "broker": BrokerSettings,

@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import queue
 import threading
 import time
@@ -42,6 +41,17 @@ from fedcoe_edge import protocol as P
 from fedcoe_edge.checkpoint import load_arrays_file, save_arrays
 from fedcoe_edge.errors import ConfigError, DataError, FedCoEError, ValidationError, WireError
 from fedcoe_edge.io import atomic_write_text
+from fedcoe_edge.messages import (
+    Decline,
+    Eval,
+    Fetch,
+    Heartbeat,
+    Hello,
+    MessageError,
+    Result,
+    XferDone,
+    XferProgress,
+)
 from fedcoe_edge.protocol import retry_delay
 from fedcoe_edge.simulation import serialized_nbytes
 from fedcoe_edge.strategies import ClientResult, ClientTask, Failure, Strategy, make_strategy
@@ -55,8 +65,10 @@ from fedcoe_edge.transport.blob import (
     fit_chunk_size,
 )
 from fedcoe_edge.wire import (
+    ReassemblyBudget,
     ReplayCache,
     TransferManifest,
+    UnauthenticatedError,
     decode_envelope,
     decode_tensors,
     decompress_delta,
@@ -80,11 +92,27 @@ CTL_RATE, CTL_BURST = 50.0, 200  # control envelopes per second (all types)
 HELLO_RATE, HELLO_BURST = 0.2, 3  # hellos: each may re-announce a task
 FETCH_RATE, FETCH_BURST = 0.5, 5  # fetches: each prepares a download
 NOTICE_RATE, NOTICE_BURST = 0.5, 2  # xfer_unknown / re-accept answers to stray chunks
+HB_RATE, HB_BURST = 1.0, 10  # heartbeats (an agent beats every heartbeat_s, 30 s by default)
+EVAL_RATE, EVAL_BURST = 0.5, 10  # evals: two per round at most, plus re-sends
+DECLINE_RATE, DECLINE_BURST = 1 / 60, 2  # declines: an agent sends one and stops
+# evaluations are stored for rounds that closed, at most this many rounds back (a device
+# reports its personal accuracy when the next task or its refresh arrives)
+EVAL_ROUNDS_BACK = 10
+EVENT_RETENTION = 10_000  # newest event rows kept per kind (refusals, failures, declines)
+PRUNE_EVERY_S = 60.0  # how often the pump prunes event rows and old trunk-fetch rows
 # trunk downloads per device (each a few MB): an honest device needs one per install, one
 # more if its copy was damaged; past this, a device re-fetching in a loop is refused
 TRUNK_FETCH_MAX, TRUNK_FETCH_WINDOW_S = 3, 24 * 3600.0
-TRUNK_FETCH_DEVICES_MAX = 100_000  # devices whose recent trunk downloads are remembered
 UPLOAD_SLACK = 65536  # an upload may exceed the plain encoding of its task by this much
+# Open uploads share the reassembly budget (docs/protocol.md, "Bounds"): one with no new
+# chunk for UPLOAD_IDLE_S is dropped; one with none for UPLOAD_STALL_S makes room for an
+# announce that does not fit otherwise. An honest upload's chunks follow each progress
+# report within a round trip, but wait in the handler's queue while this coordinator is
+# behind (rounds of 60-70 s at 5,000 devices, docs/benchmarks.md "Fleet"), hence the
+# margins; a dropped upload is announced again (xfer_unknown). Slowloris uploads need no
+# timer: an upload within its device's share evicts them at once.
+UPLOAD_IDLE_S = 120.0
+UPLOAD_STALL_S = 30.0
 # Persistence (docs/daemons.md, "Scale"): accepted updates are written by one thread in
 # batches (one sync per batch), each ACKed only once its batch is durable.
 PERSIST_BATCH_S = 0.02  # gather a batch for at most this long after its first update
@@ -112,8 +140,9 @@ class _Outgoing:
 class _Upload:
     device: str
     round: int
-    body: dict[str, Any]
+    body: Result
     manifest: TransferManifest
+    received: int = 0  # new chunks so far (progress for the reassembly budget)
 
 
 @dataclass
@@ -195,7 +224,9 @@ class Coordinator:
         self._receivers: dict[str, BlobReceiver] = {}
         self._uploads: dict[tuple[str, str], _Upload] = {}  # (device, transfer id)
         self._upload_of: dict[str, str] = {}  # device -> its one open upload
-        self._upload_bytes = 0  # announced sizes of the open uploads (reassembly budget)
+        # announced sizes of the open uploads: per-device shares, stalled ones evicted first
+        self._budget = ReassemblyBudget(int(self.fed.reassembly_budget_mb * 2**20),
+                                        idle_s=UPLOAD_IDLE_S, stall_s=UPLOAD_STALL_S)
         self._task_xfer: dict[str, str] = {}  # device -> this round's task transfer
         self._accepted_xfers: dict[tuple[str, str], int] = {}  # -> round; pruned at close
         self._settled: set[str] = set()  # this round's devices with a result or a failure
@@ -215,13 +246,20 @@ class Coordinator:
                              tuple[bytes, TransferManifest]] = {}
         self._last_request = 0.0  # monotonic time of the last fetch or eval
         self._trunk: tuple[bytes, TransferManifest] | None = None  # the file devices fetch
-        self._trunk_fetches: dict[str, list[float]] = {}  # device -> recent trunk downloads
         self._hb_replay = ReplayCache(per_sender=64)
-        self.refusals = RefusalLog(self.store, log)
+        self.refusals = RefusalLog(self.store, log, retention=EVENT_RETENTION)
+        # declines are grouped like refusals: a device declining in a loop costs one row
+        # and one line per interval, not one synced row each
+        self.declines = RefusalLog(self.store, log, kind="decline", label="declined",
+                                   retention=EVENT_RETENTION)
         self._ctl_limit = RateLimiter(CTL_RATE, CTL_BURST)
         self._hello_limit = RateLimiter(HELLO_RATE, HELLO_BURST)
         self._fetch_limit = RateLimiter(FETCH_RATE, FETCH_BURST)
         self._notice_limit = RateLimiter(NOTICE_RATE, NOTICE_BURST)
+        self._hb_limit = RateLimiter(HB_RATE, HB_BURST)
+        self._eval_limit = RateLimiter(EVAL_RATE, EVAL_BURST)
+        self._decline_limit = RateLimiter(DECLINE_RATE, DECLINE_BURST)
+        self._pruned_at = time.monotonic()
         self._eval_x: np.ndarray | None = None
         self._eval_y: np.ndarray | None = None
         self.transport: Transport | None = None
@@ -252,13 +290,23 @@ class Coordinator:
                             ttl_s=3600, retain=True, expiry_s=3600)
 
     def reject(self, device: str, rnd: int, reason: str, notify: bool = True,
-               xfer: str | None = None) -> None:
+               xfer: str | None = None, per_interval: int | None = None) -> None:
         """Refuse an input: a log line naming device, round and reason, and a round-log row;
         repeats of one reason from one device are aggregated (:class:`RefusalLog`), and
         only refusals written individually are also told to the device."""
-        if self.refusals.refuse(rnd, device, reason) and notify:
+        if self.refusals.refuse(rnd, device, reason, per_interval=per_interval) and notify:
             with contextlib.suppress(FedCoEError):
                 self._send(device, P.REJECT, {"reason": reason[:500], "xfer": xfer}, rnd)
+
+    def _refuse_wire(self, device: str, what: str, exc: WireError) -> None:
+        """Refuse a message that did not decode. One whose HMAC did not verify was never
+        parsed; it costs one counted row and at most one line per sender per interval,
+        whatever its defect (docs/protocol.md, "Bounds")."""
+        if isinstance(exc, UnauthenticatedError):
+            self.refusals.refuse(self.round, device, f"{what}: {exc}", cls="unauthenticated",
+                                 per_interval=1)
+        else:
+            self.reject(device, self.round, f"{what}: {exc}", notify=False)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -435,7 +483,8 @@ class Coordinator:
                 return got
         data = encode_tensors(params)
         manifest = TransferManifest.for_payload(data, expert_ids=expert_ids, base_version=version,
-                                                chunk_size=self.fed.chunk_size)
+                                                chunk_size=self.fed.chunk_size,
+                                                window=self.fed.window)
         with self._lock:
             if any(k[0] != version for k in self._prepared):
                 self._prepared = {k: v for k, v in self._prepared.items() if k[0] == version}
@@ -500,7 +549,8 @@ class Coordinator:
             self.store.flush_later()
             applied, note = self._aggregate(rnd, results, failures)
             self._checkpoint(rnd)
-            self.store.close_round(rnd, self.strategy.version, applied, note)
+            acc = self._evaluate()  # committed with the close: never a closed round without it
+            self.store.close_round(rnd, self.strategy.version, applied, note, global_acc=acc)
             self.round_open = False
             for xid, out in list(self._senders.items()):
                 if out.round <= rnd and out.purpose == "train":
@@ -514,9 +564,6 @@ class Coordinator:
             # ACCEPT), older ones go: the set is bounded by two rounds of devices
             self._accepted_xfers = {k: r for k, r in self._accepted_xfers.items() if r >= rnd}
             self._partial = None
-            acc = self._evaluate()
-        if acc is not None:
-            self.store.set_global_acc(rnd, acc)
         atomic_write_text(self.state_dir / "rounds" / str(rnd) / "round.json",
                           json.dumps(self.store.round_summary(rnd), indent=1) + "\n")
         log.info("round %d closed: %s; version %d -> %d%s", rnd, note, before, self.strategy.version,
@@ -586,7 +633,8 @@ class Coordinator:
         rnd = int(last["round"])
         if last["state"] == "closed" or ck_round >= rnd:
             if last["state"] != "closed":  # crashed between checkpoint and the round log
-                self.store.close_round(rnd, s.version, True, "closed after restart")
+                self.store.close_round(rnd, s.version, True, "closed after restart",
+                                       global_acc=self._evaluate() if ck_round == rnd else None)
             self.round = max(rnd, ck_round)
             return
         # The round was open: reload its tasks and accepted updates; a fresh deadline.
@@ -651,10 +699,10 @@ class Coordinator:
     # ------------------------------------------------------------------ handlers
     def _on_presence(self, msg: Message) -> None:
         dev = self.topics.parse(msg.topic).device or "?"
-        try:
-            state = json.loads(msg.payload.decode())["state"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            log.warning("presence of %s: unreadable payload ignored", dev)
+        state = P.presence_state(msg.payload)
+        if state is None:
+            self.refusals.refuse(self.round, dev, "presence: unreadable payload ignored",
+                                 per_interval=1)
             return
         if state == "offline":
             with self._lock:
@@ -664,72 +712,93 @@ class Coordinator:
                 self.store.later("set_online", dev, False)
 
     def _on_heartbeat(self, msg: Message) -> None:
-        """Telemetry: refresh last_seen; a bad heartbeat is logged at debug only (QoS 0 noise)."""
+        """Telemetry: refresh last_seen. Rate-limited per device before any work; a bad
+        heartbeat is refused and counted like any input (grouped: QoS 0 noise costs a row
+        and a line per interval at most)."""
         try:
             dev = self.topics.parse(msg.topic).device or "?"
+        except WireError as exc:
+            self.refusals.refuse(self.round, "?", f"heartbeat: {exc}", cls="bad topic",
+                                 per_interval=1)
+            return
+        if not self._hb_limit.allow(dev):
+            self.refusals.refuse(self.round, dev, "rate limit: heartbeats more often than "
+                                 f"{HB_BURST} per {HB_BURST / HB_RATE:g}s", per_interval=1)
+            return
+        try:
             # a replay window of its own: heartbeats (ttl 120 s) never compete with control
             # messages (ttl 600 s) for room, however many devices beat
-            env = decode_envelope(msg.payload, self.key_for, replay_cache=self._hb_replay)
-            if env.sender != dev:
-                raise WireError(f"heartbeat on {dev!r}'s topic was sent by {env.sender!r}")
+            env = decode_envelope(msg.payload, self.key_for, replay_cache=self._hb_replay,
+                                  expect_sender=dev)
             if env.federation != self.fed.id or env.recipient not in (self.me, "*"):
                 raise WireError(f"heartbeat of {dev!r} for another federation or recipient")
+            hb = Heartbeat.from_wire(env.body)
         except WireError as exc:
-            log.debug("heartbeat refused: %s", exc)
+            self._refuse_wire(dev, "heartbeat", exc)
             return
-        self.store.later("heartbeat", dev, env.body)
+        self.store.later("heartbeat", dev, hb.to_wire())
 
     def _on_ctl(self, msg: Message) -> None:
         try:
             dev = self.topics.parse(msg.topic).device or "?"
         except WireError as exc:
-            log.warning("rejected device=? round=%d reason=%s", self.round, exc)
+            self.refusals.refuse(self.round, "?", f"topic: {exc}", cls="bad topic",
+                                 per_interval=1)
             return
         assert self.messenger is not None
         if not self._ctl_limit.allow(dev):
             self.reject(dev, self.round, f"rate limit: more than {CTL_RATE:g} control messages/s",
-                        notify=False)
+                        notify=False, per_interval=1)
             return
         try:
             env = self.messenger.open(msg.payload, expect_sender=dev)
         except WireError as exc:
-            self.reject(dev, self.round, f"envelope: {exc}", notify=False)
+            self._refuse_wire(dev, "envelope", exc)
             return
         body = env.body
-        try:
+        try:  # each body is typed (fedcoe_edge/messages.py) before a handler reads it
             if env.type == P.HELLO:
                 if not self._hello_limit.allow(dev):
                     self.reject(dev, env.round, "rate limit: hello more often than "
                                 f"{HELLO_BURST} per {HELLO_BURST / HELLO_RATE:g}s", notify=False)
                     return
-                self._on_hello(dev, body)
+                self._on_hello(dev, Hello.from_wire(body))
             elif env.type == P.RESULT:
-                self._on_result(dev, env.round, body)
+                self._on_result(dev, env.round, Result.from_wire(body))
             elif env.type == P.FETCH:
                 if not self._fetch_limit.allow(dev):
                     self.reject(dev, env.round, "rate limit: fetch more often than "
                                 f"{FETCH_BURST} per {FETCH_BURST / FETCH_RATE:g}s", notify=False)
                     return
-                self._on_fetch(dev, env.round, body)
+                self._on_fetch(dev, env.round, Fetch.from_wire(body))
             elif env.type == P.EVAL:
-                self._on_eval(dev, env.round, body)
+                if not self._eval_limit.allow(dev):
+                    self.reject(dev, env.round, "rate limit: eval more often than "
+                                f"{EVAL_BURST} per {EVAL_BURST / EVAL_RATE:g}s", notify=False,
+                                per_interval=1)
+                    return
+                self._on_eval(dev, env.round, Eval.from_wire(body))
             elif env.type == P.DECLINE:
-                self._on_decline(dev, env.round, body)
-            elif env.type in (XFER_PROGRESS, XFER_DONE):
-                self._on_xfer_report(dev, env.type, body)
+                if not self._decline_limit.allow(dev):
+                    self.reject(dev, env.round, "rate limit: decline more often than "
+                                f"{DECLINE_BURST} per {DECLINE_BURST / DECLINE_RATE:g}s",
+                                notify=False, per_interval=1)
+                    return
+                self._on_decline(dev, env.round, Decline.from_wire(body))
+            elif env.type == XFER_PROGRESS:
+                self._on_xfer_report(dev, env.type, XferProgress.from_wire(body).xfer, body)
+            elif env.type == XFER_DONE:
+                self._on_xfer_report(dev, env.type, XferDone.from_wire(body).xfer, body)
             else:
                 self.reject(dev, env.round, f"unknown message type {env.type!r}")
-        except (FedCoEError, KeyError, TypeError, ValueError) as exc:
-            self.reject(dev, env.round, f"{env.type}: {exc}")
+        except (FedCoEError, KeyError, TypeError, ValueError, ArithmeticError) as exc:
+            # a body that fails its type: one line per device and reason per interval
+            self.reject(dev, env.round, f"{env.type}: {exc}",
+                        per_interval=1 if isinstance(exc, MessageError) else None)
 
-    def _on_hello(self, dev: str, body: dict[str, Any]) -> None:
-        role = body.get("role", "train")
-        if role not in ("train", "cold"):
-            raise ValidationError(f"role must be train|cold, got {role!r:.40}")
-        caps = {k: body.get(k) for k in ("tier", "memory_mb", "num_samples", "label_hist", "role",
-                                         "runtime")}
-        if caps["num_samples"] is not None and (not isinstance(caps["num_samples"], int) or caps["num_samples"] < 0):
-            raise ValidationError("num_samples must be a non-negative integer")
+    def _on_hello(self, dev: str, hello: Hello) -> None:
+        role = hello.role
+        caps = hello.capabilities()
         self.store.later("register", dev, role, caps)
         with self._lock:
             first = dev not in self.online
@@ -766,8 +835,8 @@ class Coordinator:
         body = {**body, "deadline_s": max(1.0, self.deadline - time.monotonic())}
         self._announce(xid, type_, body, rnd)
 
-    def _on_result(self, dev: str, rnd: int, body: dict[str, Any]) -> None:
-        manifest = TransferManifest.from_dict(body.get("manifest"))
+    def _on_result(self, dev: str, rnd: int, body: Result) -> None:
+        manifest = body.manifest
         xid = manifest.transfer_id
         with self._lock:
             if (dev, xid) in self._accepted_xfers:  # a re-announce of an update already accepted
@@ -802,16 +871,22 @@ class Coordinator:
                 if previous is not None:
                     rcv.discard(previous)
                     self._drop_upload(dev, previous)
-                budget = int(self.fed.reassembly_budget_mb * 2**20)
-                if self._upload_bytes + manifest.total_bytes > budget:
+                # each selected device is guaranteed its share of the budget; an upload within
+                # it evicts those borrowing beyond theirs, any upload evicts stalled ones
+                self._budget.owners = max(1, len(self.tasks))
+                admission = self._budget.admit((dev, xid), dev, manifest.total_bytes)
+                for other, other_xid in admission.evicted:
+                    self._evict_upload(other, other_xid, "the reassembly budget was full and it "
+                                       "held more than its share or had stalled")
+                if not admission.admitted:
                     # back-pressure, not a refusal: the device re-announces every few seconds
                     # until its deadline, and gets in once other uploads have finished
-                    log.debug("upload of %s deferred: reassembly budget %d of %d in use", dev,
-                              self._upload_bytes, budget)
+                    log.debug("upload of %s deferred: reassembly budget %d of %d in use "
+                              "(share %d)", dev, self._budget.used, self._budget.total_bytes,
+                              self._budget.share)
                     return
                 self._uploads[(dev, xid)] = _Upload(dev, rnd, body, manifest)
                 self._upload_of[dev] = xid
-                self._upload_bytes += manifest.total_bytes
             rcv.expect(manifest)
         rcv.nudge(manifest.transfer_id)
 
@@ -831,10 +906,27 @@ class Coordinator:
         """Forget an open upload (finished, replaced or expired); call with the lock held."""
         up = self._uploads.pop((dev, xid), None)
         if up is not None:
-            self._upload_bytes -= up.manifest.total_bytes
+            self._budget.release((dev, xid))
             if self._upload_of.get(dev) == xid:
                 del self._upload_of[dev]
         return up
+
+    def _evict_upload(self, dev: str, xid: str, why: str) -> None:
+        """Drop an open upload to free its bytes, with one counted refusal; the device is not
+        told: its next chunk is unknown here, and the answer (``xfer_unknown``) makes an
+        honest device announce the upload again. Call with the lock held."""
+        up = self._drop_upload(dev, xid)
+        rcv = self._receivers.get(dev)
+        if rcv is not None:
+            rcv.discard(xid)
+        if up is not None:
+            self.reject(dev, up.round, f"upload dropped: {why}", notify=False, xfer=xid)
+
+    def _expire_uploads(self) -> None:
+        """Drop the uploads with no new chunk for ``UPLOAD_IDLE_S`` (the pump loop's timer)."""
+        with self._lock:
+            for dev, xid in self._budget.expire():
+                self._evict_upload(dev, xid, f"no new chunk for {self._budget.idle_s:g}s")
 
     def _receiver(self, dev: str) -> BlobReceiver:
         with self._lock:
@@ -873,6 +965,8 @@ class Coordinator:
                 raise WireError(f"chunk for unknown transfer {info.transfer_id!r}")
             assert rcv is not None
             done = rcv.on_chunk(msg.payload)
+            if done is None:
+                self._upload_progress(dev, xid, up, rcv.received(xid))
         except WireError as exc:
             self.reject(dev, self.round, f"blob: {exc}", notify=False)
             return
@@ -884,6 +978,14 @@ class Coordinator:
             finally:  # refused for good: the sender may stop (a queued one is ACKed once durable)
                 if not queued:
                     self._receiver(dev).ack(manifest.transfer_id)
+
+    def _upload_progress(self, dev: str, xid: str, up: _Upload, received: int) -> None:
+        """A chunk of an open upload was handled: a new one (``received`` grew) keeps the
+        upload from counting as idle or stalled; a duplicate does not."""
+        if received > up.received:
+            with self._lock:
+                up.received = received
+                self._budget.progress((dev, xid))
 
     def _unknown_upload(self, dev: str, xid: str) -> None:
         """Chunks of an upload this coordinator does not know (it restarted, or the
@@ -916,7 +1018,7 @@ class Coordinator:
             self._persisting.add(dev)
         try:  # the expensive part runs without the lock: other handlers and the pump go on
             result = self._check_update(dev, rnd, task, up.body, manifest, data)
-        except (WireError, ValidationError) as exc:
+        except (FedCoEError, ArithmeticError, ValueError, KeyError, TypeError) as exc:
             reason = str(exc)
             with self._lock:
                 self._persisting.discard(dev)
@@ -963,23 +1065,7 @@ class Coordinator:
                     break
                 batch.append(item)
             try:
-                self._persist(batch)
-            except Exception:  # disk full, I/O error: nothing is ACKed, devices re-send
-                log.exception("persisting %d update(s) failed; none acknowledged", len(batch))
-                accepted = [a for a in batch if isinstance(a, _Accepted)]
-                if self._partial is not None and accepted:
-                    try:
-                        self._partial = self._durable_partial(accepted[0].round)
-                    except (FedCoEError, OSError, ValueError, KeyError):
-                        log.exception("round %d: the last durable partial sums could not be "
-                                      "reloaded; updates re-sent now may count twice",
-                                      accepted[0].round)
-                with self._lock:
-                    for a in accepted:
-                        self._persisting.discard(a.device)
-                        self._drop_upload(a.device, a.xfer)
-                for a in accepted:  # its chunks are now unknown: the device re-announces
-                    self._receiver(a.device).forget(a.xfer)
+                self._persist_each(batch)
             finally:
                 for _ in batch:
                     self._persist_q.task_done()
@@ -987,6 +1073,60 @@ class Coordinator:
                 self._persist_q.task_done()
                 self.store.flush_later()
                 return
+
+    def _persist_each(self, batch: list[_Accepted | _Eval]) -> None:
+        """Persist a batch; if it fails, each member alone, so one member that cannot be
+        written (a value the checks let through, a file that fails) never costs the others
+        their update: only what fails on its own is dropped (and its device re-sends)."""
+        try:
+            self._persist(batch)
+            return
+        except Exception as exc:  # disk full, I/O error, a bad value: retried one by one
+            self._persist_failed(batch, exc, alone=len(batch) == 1)
+        if len(batch) == 1:
+            return
+        for item in batch:
+            try:
+                self._persist([item])
+            except Exception as exc:
+                self._persist_failed([item], exc, alone=True)
+
+    def _persist_failed(self, items: list[_Accepted | _Eval], exc: Exception, alone: bool) -> None:
+        """Undo what a failed write left behind: the partial sums go back to the last
+        durable snapshot, the uploads are forgotten (the devices re-announce them)."""
+        accepted = [a for a in items if isinstance(a, _Accepted)]
+        if alone:
+            what = (f"update of {accepted[0].device} round {accepted[0].round}" if accepted
+                    else f"{len(items)} evaluation(s)")
+            log.error("persisting the %s failed (%s: %s); none acknowledged", what,
+                      type(exc).__name__, str(exc)[:200])
+        else:
+            log.warning("persisting a batch of %d failed (%s: %s); each is retried alone",
+                        len(items), type(exc).__name__, str(exc)[:200])
+        if self._partial is not None and accepted:
+            try:
+                self._partial = self._durable_partial(accepted[0].round)
+            except (FedCoEError, OSError, ValueError, KeyError):
+                log.exception("round %d: the last durable partial sums could not be "
+                              "reloaded; updates re-sent now may count twice",
+                              accepted[0].round)
+        if not alone:
+            return  # retried one by one next: the members are still this coordinator's
+        with self._lock:
+            for a in accepted:
+                self._persisting.discard(a.device)
+                self._drop_upload(a.device, a.xfer)
+        for a in accepted:  # its chunks are now unknown: the device re-announces
+            self._receiver(a.device).forget(a.xfer)
+
+    def _prune(self) -> None:
+        """Retention on a schedule (docs/protocol.md, "Bounds"): the newest EVENT_RETENTION
+        event rows of each kind, and trunk downloads older than their window."""
+        try:
+            self.store.prune_all_events(EVENT_RETENTION)
+            self.store.prune_trunk_fetches(time.time() - TRUNK_FETCH_WINDOW_S)
+        except Exception as exc:  # sqlite3.Error (a busy or full disk): next time
+            log.warning("pruning event rows failed: %s", exc)
 
     def _persist(self, items: list[_Accepted | _Eval]) -> None:
         """One batch: update files (batch mode) or one partial-sum snapshot (stream mode),
@@ -1078,7 +1218,7 @@ class Coordinator:
             if (not busy and quiet) or now - start >= LINGER_MAX_S:
                 return
 
-    def _check_update(self, dev: str, rnd: int, task: ClientTask, body: dict[str, Any],
+    def _check_update(self, dev: str, rnd: int, task: ClientTask, body: Result,
                       manifest: TransferManifest, data: bytes) -> ClientResult:
         payload = decode_tensors(data)
         if manifest.encoding == P.ENCODING_DELTA:
@@ -1094,37 +1234,28 @@ class Coordinator:
             validate_update(delta, {k: ref[k] for k in delta}, self.fed.norm_bound)
         except ValidationError as exc:
             raise ValidationError(str(exc).replace("update:", "update delta:", 1)) from None
-        n = body.get("num_samples")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValidationError(f"num_samples must be a positive integer, got {n!r:.40}")
-        aff = body.get("affinity")
+        # num_samples, affinity and metrics were typed, finite and in range (Result.from_wire)
+        n = body.num_samples
+        aff = None if body.affinity is None else list(body.affinity)
         if aff is not None:
             k = self.cfg.model.num_global_experts
-            if (not isinstance(aff, list) or len(aff) != k
-                    or not all(isinstance(a, int | float) and math.isfinite(a) and a >= 0 for a in aff)):
+            if len(aff) != k:
                 raise ValidationError(f"affinity must be {k} finite non-negative numbers")
-        metrics = body.get("metrics", {})
-        if not isinstance(metrics, dict):
-            raise ValidationError("metrics must be an object")
-        clean = {str(k): float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-        return ClientResult(dev, rnd, n, params, aff, clean)
+        return ClientResult(dev, rnd, n, params, aff, body.metrics_dict())
 
-    def _on_fetch(self, dev: str, rnd: int, body: dict[str, Any]) -> None:
+    def _on_fetch(self, dev: str, rnd: int, body: Fetch) -> None:
         """Send a device the gate plus the experts it asks for (cold start) or, with
         ``expert_ids: null``, the ones the strategy assigns it (refresh after a round)."""
         self._last_request = time.monotonic()
-        purpose = str(body.get("purpose", "refresh"))
+        purpose = body.purpose
         if purpose == "trunk":
             self._send_trunk(dev)
             return
-        if purpose not in ("refresh", "gate", "cold"):
-            raise ValidationError(f"fetch purpose must be refresh|gate|cold|trunk, got {purpose!r:.40}")
-        ids = body.get("expert_ids")
+        ids = None if body.expert_ids is None else list(body.expert_ids)
         k = self.cfg.model.num_global_experts
         with self._lock:
             s = self.strategy
-            if ids is not None and (not isinstance(ids, list) or not all(
-                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < k for i in ids)):
+            if ids is not None and not all(i < k for i in ids):
                 raise ValidationError(f"expert_ids must be integers in 0..{k - 1}")
             ids, params = s.device_payload(dev, ids)
             version = s.version
@@ -1171,7 +1302,8 @@ class Coordinator:
                               digest[:12], m.trunk_sha256[:12])
                     raise ConfigError("the coordinator's trunk file is not the federation's")
                 self._trunk = (data, TransferManifest.for_payload(
-                    data, expert_ids=[], base_version=0, chunk_size=self.fed.chunk_size))
+                    data, expert_ids=[], base_version=0, chunk_size=self.fed.chunk_size,
+                    window=self.fed.window))
             return self._trunk
 
     def _send_trunk(self, dev: str) -> None:
@@ -1203,24 +1335,22 @@ class Coordinator:
     def _count_trunk_fetch(self, dev: str) -> None:
         """Allow ``dev`` a new trunk download, at most TRUNK_FETCH_MAX per
         TRUNK_FETCH_WINDOW_S (ValidationError past it: refused with a reason, nothing sent).
-        The general fetch rate alone would let one device pull the file every 10 s."""
-        now = time.monotonic()
+        The general fetch rate alone would let one device pull the file every 10 s. The
+        downloads are counted in the store (wall clock), so a restart does not reset them."""
+        now = time.time()
         with self._lock:
-            recent = [t for t in self._trunk_fetches.pop(dev, []) if now - t < TRUNK_FETCH_WINDOW_S]
+            recent = self.store.trunk_fetches(dev, now - TRUNK_FETCH_WINDOW_S)
             if len(recent) >= TRUNK_FETCH_MAX:
-                self._trunk_fetches[dev] = recent
                 raise ValidationError(
                     f"trunk downloaded {len(recent)} times in {TRUNK_FETCH_WINDOW_S / 3600:g} h "
                     f"(at most {TRUNK_FETCH_MAX}); refused until the oldest is that old")
-            while len(self._trunk_fetches) >= TRUNK_FETCH_DEVICES_MAX:  # the oldest entry goes
-                self._trunk_fetches.pop(next(iter(self._trunk_fetches)))
-            self._trunk_fetches[dev] = [*recent, now]  # re-inserted: newest last
+            self.store.add_trunk_fetch(dev, now)
 
-    def _on_decline(self, dev: str, rnd: int, body: dict[str, Any]) -> None:
+    def _on_decline(self, dev: str, rnd: int, body: Decline) -> None:
         """A device that cannot train the federation's task (labels outside the class list,
         data shape != model input) says so: its task this round becomes a failure now, not at
         the deadline, and it is not selected again until it says hello anew (fixed data)."""
-        reason = f"device declined: {str(body.get('reason', ''))[:300]}"
+        reason = f"device declined: {body.reason[:300]}"
         with self._lock:
             self.online.pop(dev, None)
             owes = (self.round_open and dev in self.tasks and dev not in self.results
@@ -1228,17 +1358,23 @@ class Coordinator:
             if owes:
                 self.failed[dev] = reason
                 self._settled.add(dev)
-        log.warning("declined device=%s round=%d reason=%s", dev, self.round, reason)
-        self.store.add_event(self.round, dev, "decline", reason)
+        # one row and line per device and reason per interval (grouped like refusals)
+        self.declines.refuse(self.round, dev, reason, per_interval=1)
         self._wake.set()
 
-    def _on_eval(self, dev: str, rnd: int, body: dict[str, Any]) -> None:
+    def _on_eval(self, dev: str, rnd: int, body: Eval) -> None:
         self._last_request = time.monotonic()
-        kind, correct, total = body.get("kind"), body.get("correct"), body.get("total")
-        if kind not in ("personal", "cold"):
-            raise ValidationError(f"eval kind must be personal|cold, got {kind!r:.40}")
-        if not (isinstance(correct, int) and isinstance(total, int) and 0 <= correct <= total):
-            raise ValidationError("eval needs integers 0 <= correct <= total")
+        kind, correct, total = body.kind, body.correct, body.total
+        with self._lock:
+            closed = self.round - 1 if self.round_open else self.round  # newest closed round
+            newest = closed if kind == "personal" else self.round
+        # a personal accuracy follows a closed round; a cold start is labelled with the round
+        # current when it fetched (0 before the first); neither from far in the past
+        oldest = max(1 if kind == "personal" else 0, newest - EVAL_ROUNDS_BACK)
+        if not oldest <= rnd <= newest:
+            raise ValidationError(f"{kind} eval for round {rnd}: only rounds {oldest}..{newest} "
+                                  "are taken now (closed, at most "
+                                  f"{EVAL_ROUNDS_BACK} back)")
         # stored in the persister's next batch, then answered with the eval_ack the device
         # waits for (it re-sends an unanswered eval); storing is idempotent, so a re-sent
         # eval only repeats this answer
@@ -1252,10 +1388,11 @@ class Coordinator:
         log.info("eval device=%s round=%d kind=%s acc=%.4f (%d/%d)", dev, rnd, kind,
                  correct / total if total else float("nan"), correct, total)
 
-    def _on_xfer_report(self, dev: str, type: str, body: dict[str, Any]) -> None:
-        xid = body.get("xfer")
+    def _on_xfer_report(self, dev: str, type: str, xid: str, body: dict[str, Any]) -> None:
+        """A device's report on one of our downloads (its body checked by XferProgress /
+        XferDone; the transfer window checks the ranges against its manifest)."""
         with self._lock:
-            out = self._senders.get(xid) if isinstance(xid, str) else None
+            out = self._senders.get(xid)
         if out is None or out.device != dev:
             return  # a late report for a finished or dropped transfer: harmless
         if type == XFER_PROGRESS:
@@ -1264,7 +1401,7 @@ class Coordinator:
         elif out.sender.on_done(body) and not (out.purpose == "train" and out.round == self.round):
             # this round's task transfers stay (a repeated hello re-announces them, not new bytes)
             with self._lock:
-                self._senders.pop(xid, None)  # type: ignore[arg-type]
+                self._senders.pop(xid, None)
 
     def _out_budget(self) -> int:
         """How many download chunks may be handed to the MQTT client now (``OUT_BACKLOG``)."""
@@ -1298,4 +1435,9 @@ class Coordinator:
                     with self._lock:
                         self._senders.pop(xid, None)
             tick = 0.05 if room <= 0 else 0.25  # chunks held back: look again sooner
+            self._expire_uploads()
             self.refusals.flush()
+            self.declines.flush()
+            if now - self._pruned_at >= PRUNE_EVERY_S:
+                self._pruned_at = now
+                self._prune()

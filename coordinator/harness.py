@@ -3,6 +3,12 @@
 Used by the integration tests and handy for notebooks: the daemons are the real ones,
 only the transport factory differs (an in-memory broker or a real MQTT broker), so the
 same seed must give the same FedCoE (arXiv 2605.21264) result over either.
+
+The harness has no defaults of its own: every knob left unset is the daemons' default (the
+dataclasses of coordinator/config.py, device_agent/config.py and fedcoe_edge/config.py),
+so what a test runs is what a deployment runs, streamed aggregation included. A test that
+needs another value passes it; :func:`small` names the knobs most tests shrink (model
+width, local epochs, no int8 bundle), for the test to pass as ``**small()``.
 """
 
 from __future__ import annotations
@@ -23,9 +29,16 @@ from device_agent.daemon import AgentHooks, DeviceAgent
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.protocol import TransportFactory, device_key
 from fedcoe_edge.sharding import shard_federation, shard_of
-from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE
 
 DEMO_SECRET = bytes(range(32))
+
+
+def small() -> dict[str, Any]:
+    """Test-sized knobs, for a test to pass explicitly (``EmbeddedFederation(..., **small())``):
+    16-wide experts and one local epoch (what the simulator comparisons use) and no int8
+    bundle rebuild after the last round (seconds of ONNX export per device)."""
+    return {"model": ModelConfig(expert_hidden=16), "train": TrainConfig(local_epochs=1),
+            "bundle": "off"}
 
 
 @dataclass
@@ -34,23 +47,24 @@ class EmbeddedFederation:
 
     root: Path
     factory: TransportFactory
-    devices: int = 3
-    rounds: int = 2
-    seed: int = 0
-    alpha: float = 0.5
-    deadline_s: float = 30.0
-    quorum: int = 1
-    federation: str = "test"
-    algorithm: str = "fedcoe"
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(expert_hidden=16))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(local_epochs=1))
+    devices: int = FederationSettings.min_devices  # digits clients 0..devices-1, all awaited
+    rounds: int = FederationSettings.rounds
+    seed: int = FederationSettings.seed
+    alpha: float = EvalSettings.alpha  # Dirichlet label skew of the digits clients
+    deadline_s: float = FederationSettings.deadline_s
+    quorum: int = FederationSettings.quorum
+    federation: str = FederationSettings.id
+    algorithm: str = FederationSettings.algorithm
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     hooks: dict[str, AgentHooks] = field(default_factory=dict)
-    compress: bool = True
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    heartbeat_s: float = DeviceSettings.heartbeat_s  # the agent's default
-    # batch: the coordinator keeps every update and aggregates with the simulator's code, so
-    # a run here equals `fedcoe simulate` bit for bit; "stream" equals it up to float rounding
-    aggregation: str = "batch"
+    compress: bool = DeviceSettings.compress_uploads
+    chunk_size: int = FederationSettings.chunk_size  # both sides'
+    heartbeat_s: float = DeviceSettings.heartbeat_s
+    bundle: str = DeviceSettings.bundle
+    # "stream" (the daemon's default) equals `fedcoe simulate` up to float rounding; a test
+    # that compares with the simulator bit for bit passes aggregation="batch"
+    aggregation: str = FederationSettings.aggregation
     device_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> [device] fields
     coordinator: Coordinator | None = None
     agents: dict[str, DeviceAgent] = field(default_factory=dict)
@@ -61,22 +75,21 @@ class EmbeddedFederation:
                                  rounds=self.rounds,
                                  min_devices=self.devices, quorum=self.quorum,
                                  deadline_s=self.deadline_s, state_dir=str(self.root / "coordinator"),
-                                 exit_when_done=False, chunk_size=self.chunk_size,
-                                 aggregation=self.aggregation)
+                                 chunk_size=self.chunk_size, aggregation=self.aggregation)
         return CoordinatorConfig(federation=fed, secret=DEMO_SECRET, model=self.model, train=self.train,
                                  eval=EvalSettings(dataset="digits", num_clients=self.devices,
-                                                   new_clients=1, alpha=self.alpha, seed=self.seed))
+                                                   new_clients=EvalSettings.new_clients,
+                                                   alpha=self.alpha, seed=self.seed))
 
     def agent_config(self, dev: str, client: str, role: str = "train") -> AgentConfig:
         d = DeviceSettings(id=dev, federation=self.federation, role=role,
                            state_dir=str(self.root / dev), compress_uploads=self.compress,
-                           upload_timeout_s=self.deadline_s, chunk_size=self.chunk_size,
-                           heartbeat_s=self.heartbeat_s,
-                           bundle="off")
+                           chunk_size=self.chunk_size, heartbeat_s=self.heartbeat_s,
+                           bundle=self.bundle)
         for name, value in self.device_overrides.get(dev, {}).items():
             setattr(d, name, value)
-        data = DataSettings(dataset="digits", client=client, num_clients=self.devices, new_clients=1,
-                            alpha=self.alpha, seed=self.seed)
+        data = DataSettings(dataset="digits", client=client, num_clients=self.devices,
+                            new_clients=EvalSettings.new_clients, alpha=self.alpha, seed=self.seed)
         return AgentConfig(device=d, key=device_key(DEMO_SECRET, dev), data=data)
 
     def start(self) -> None:
@@ -147,8 +160,7 @@ class ShardedFederation(EmbeddedFederation):
     """A leader, ``shards`` shard aggregators and the agents, as threads of one process;
     each agent is given its shard's federation id (docs/daemons.md, "Past one machine")."""
 
-    shards: int = 2
-    aggregation: str = "stream"  # sharding merges partial sums: streamed aggregation only
+    shards: int = 2  # sharding merges partial sums: aggregation must stay "stream"
     leader: Leader | None = None
     shard_daemons: list[ShardAggregator] = field(default_factory=list)
 

@@ -33,14 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.config import CoordinatorConfig
-from coordinator.daemon import write_checkpoint
+from coordinator.config import CoordinatorConfig, Role, mqtt_identity
+from coordinator.daemon import EVENT_RETENTION, write_checkpoint
+from coordinator.limits import RefusalLog
 from coordinator.peerlink import PeerLink
 from coordinator.store import Store
 from fedcoe_edge import protocol as P
 from fedcoe_edge.checkpoint import load_arrays_file
 from fedcoe_edge.errors import ConfigError, DataError, FedCoEError, ValidationError, WireError
 from fedcoe_edge.io import atomic_write_text
+from fedcoe_edge.messages import PartialAnnounce, ShardHello, XferDone, XferProgress
 from fedcoe_edge.sharding import (
     LEADER_ID,
     PARTIAL,
@@ -59,7 +61,7 @@ from fedcoe_edge.sharding import (
 from fedcoe_edge.strategies import Failure, Strategy, make_strategy
 from fedcoe_edge.transport import Message, Topics, Transport, Will
 from fedcoe_edge.transport.blob import XFER_DONE, XFER_PROGRESS
-from fedcoe_edge.wire import ReplayCache, TransferManifest, encode_tensors
+from fedcoe_edge.wire import ReplayCache, UnauthenticatedError, encode_tensors
 
 log = logging.getLogger("fedcoe.leader")
 
@@ -91,6 +93,9 @@ class Leader:
         self.state_dir = Path(self.fed.state_dir) / LEADER_ID
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.state_dir / "coordinator.sqlite")
+        # refusals grouped per shard and reason (a forged or broken peer costs a row and a
+        # line per interval, docs/protocol.md "Bounds")
+        self.refusals = RefusalLog(self.store, log, retention=EVENT_RETENTION, who="shard")
         self.topics = LeaderTopics(self.fed.id)
         self._factory = factory if factory is not None else P.mqtt_factory(cfg.broker)
         self._lock = threading.RLock()
@@ -99,7 +104,7 @@ class Leader:
         self.views: dict[str, _ShardView] = {}
         self.round = 0
         self.inbox: PartialInbox | None = None
-        self._partial_meta: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
+        self._partial_meta: dict[tuple[str, str], tuple[int, PartialAnnounce]] = {}
         self._model_xfers: dict[str, str] = {}  # shard -> its newest model transfer
         self._opens: dict[str, dict[str, Any]] = {}  # shard -> the open round's shard_open body
         self.transport: Transport | None = None
@@ -117,7 +122,7 @@ class Leader:
         self._resume()
         will = Will(self.topics.leader_status(), P.presence_payload("offline"), 1, True)
         birth = Will(self.topics.leader_status(), P.presence_payload("online"), 1, True)
-        self.transport = self._factory(f"{self.fed.coordinator_id}.{LEADER_ID}.{self.fed.id}", will, birth)
+        self.transport = self._factory(mqtt_identity(self.fed, Role.LEADER), will, birth)
         messenger = P.Messenger(self.transport, Topics(self.fed.id), LEADER_ID, self.key_for,
                                 ReplayCache(per_sender=4096))
         self.link = PeerLink(self.transport, messenger, self.topics.dn_ctl, self.topics.dn_blob,
@@ -139,11 +144,13 @@ class Leader:
                                        qos=1, retain=True)
             self.transport.close()
             self.transport = None
+        self.refusals.flush(force=True)
         self.store.close()
 
     def _sleep(self, s: float) -> None:
         if self.link is not None:
             self.link.pump()
+        self.refusals.flush()
         self._wake.wait(s)
         self._wake.clear()
 
@@ -193,8 +200,7 @@ class Leader:
     def refuse(self, shard: str, rnd: int, reason: str) -> None:
         """One line naming shard, round and reason, and a ``rejected`` event row, counted in
         the leader's round log as a device's refusal is in a coordinator's."""
-        log.warning("rejected shard=%s round=%d reason=%s", shard, rnd, reason)
-        self.store.add_event(rnd, shard, "rejected", reason[:500])
+        self.refusals.refuse(rnd, shard, reason[:500])
 
     def _on_ctl(self, msg: Message) -> None:
         assert self.link is not None
@@ -203,37 +209,40 @@ class Leader:
             env = self.link.messenger.open(msg.payload, expect_sender=shard)
         except WireError as exc:
             shard = msg.topic.split("/")[-2] if msg.topic.count("/") >= 2 else "?"
-            self.refuse(shard[:40], self.round, f"envelope: {exc}")
+            if isinstance(exc, UnauthenticatedError):  # never parsed: one line per interval
+                self.refusals.refuse(self.round, shard[:40], f"envelope: {exc}",
+                                     cls="unauthenticated", per_interval=1)
+            else:
+                self.refuse(shard[:40], self.round, f"envelope: {exc}")
             return
-        try:
+        try:  # each body typed (fedcoe_edge/messages.py) before it is read
             if env.type == SHARD_HELLO:
-                self._on_hello(shard, env.body)
+                self._on_hello(shard, ShardHello.from_wire(env.body))
             elif env.type == PARTIAL:
-                self._on_partial_announce(shard, env.round, env.body)
+                self._on_partial_announce(shard, env.round, PartialAnnounce.from_wire(env.body))
             elif env.type in (XFER_PROGRESS, XFER_DONE):
+                (XferProgress if env.type == XFER_PROGRESS else XferDone).from_wire(env.body)
                 self.link.on_report(shard, env.type, env.body)
             else:
                 self.refuse(shard, env.round, f"unknown message type {env.type!r:.40}")
-        except (FedCoEError, KeyError, TypeError, ValueError) as exc:
+        except (FedCoEError, KeyError, TypeError, ValueError, ArithmeticError) as exc:
             self.refuse(shard, env.round, f"{env.type}: {exc}")
 
-    def _on_hello(self, shard: str, body: dict[str, Any]) -> None:
-        online = body.get("online")
-        if not isinstance(online, list) or not all(isinstance(d, str) for d in online):
-            raise ValidationError("online must be a list of device ids")
-        if int(body.get("shards", -1)) != self.shards:
-            raise ValidationError(f"shard runs with shards={body.get('shards')!r}, the leader with {self.shards}")
+    def _on_hello(self, shard: str, body: ShardHello) -> None:
+        online = body.online
+        if body.shards != self.shards:
+            raise ValidationError(f"shard runs with shards={body.shards!r}, the leader with {self.shards}")
         with self._lock:
             v = self.views.setdefault(shard, _ShardView())
-            session = str(body.get("session", ""))[:64]
+            session = body.session
             first = v.session != session  # a shard (re)started: it gets the current version
-            v.online, v.version, v.session = list(online), int(body.get("version", -1)), session
+            v.online, v.version, v.session = list(online), body.version, session
             stale = v.version != self.strategy.version and v.model_sent != self.strategy.version
         if first:
             log.info("shard %s up: %d device(s) online, version %d", shard, len(online), v.version)
         if first or stale:
             self._send_model(shard, self.round)
-        self._resend_open(shard, int(body.get("round", 0)))
+        self._resend_open(shard, body.round)
         self._wake.set()
 
     def _resend_open(self, shard: str, shard_round: int) -> None:
@@ -260,8 +269,8 @@ class Leader:
         with self._lock:
             self._model_xfers[shard] = xid
 
-    def _on_partial_announce(self, shard: str, rnd: int, body: dict[str, Any]) -> None:
-        manifest = TransferManifest.from_dict(body.get("manifest"))
+    def _on_partial_announce(self, shard: str, rnd: int, body: PartialAnnounce) -> None:
+        manifest = body.manifest
         with self._lock:
             inbox = self.inbox
             reason = (inbox.refusal(shard, rnd) if inbox is not None
@@ -302,7 +311,7 @@ class Leader:
             self._partial_meta.pop((shard, xid or ""), None)
         self._take_partial(shard, rnd, body, done[1])
 
-    def _take_partial(self, shard: str, rnd: int, body: dict[str, Any], data: bytes) -> None:
+    def _take_partial(self, shard: str, rnd: int, body: PartialAnnounce, data: bytes) -> None:
         """Check a complete partial and file it in the round's inbox, or refuse it."""
         with self._lock:
             inbox = self.inbox
@@ -311,10 +320,8 @@ class Leader:
             self.refuse(shard, rnd, reason or "late")
             return
         try:
-            failures = body.get("failures", {})
-            if not isinstance(failures, dict):
-                raise ValidationError("failures must be an object")
-            partial = partial_from_wire(data, body.get("meta", {}))
+            failures = body.failures
+            partial = partial_from_wire(data, body.meta)
             template = self.strategy.new_partial(rnd)
             check_partial(partial, rnd=rnd, allowed=inbox.expected[shard], template=template,
                           state=self.strategy.global_state)

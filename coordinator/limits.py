@@ -10,12 +10,15 @@ Every bound is listed in docs/protocol.md ("Bounds").
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from fedcoe_edge.protocol import reason_class
+
+__all__ = ["RateLimiter", "RefusalLog", "reason_class"]
 
 Clock = Callable[[], float]
 
@@ -52,17 +55,6 @@ class _Sink(Protocol):
     def prune_events(self, kind: str, keep: int) -> int: ...
 
 
-# hex literals first: "byte 0xbc" must blank to one class, not 256 (random garbage names a
-# different byte in every decode error)
-_VARIABLE = re.compile(r"'[^']*'|\"[^\"]*\"|0x[0-9a-fA-F]+|[0-9a-f]{8,}|\d+")
-
-
-def reason_class(reason: str) -> str:
-    """What stays the same across repeats of one refusal: quoted names, ids and numbers
-    are blanked, so 10,000 chunks for 10,000 made-up transfers are one class."""
-    return _VARIABLE.sub("#", reason)[:120]
-
-
 @dataclass
 class _Window:
     started: float
@@ -76,8 +68,11 @@ class _Window:
 class RefusalLog:
     """Refusals per (device, reason class) per ``interval_s``: the first ``per_interval``
     are written as rows and WARNING lines as they come; the rest are counted and written
-    as ONE row (with ``count``) and ONE line when the interval ends. The table keeps the
-    newest ``retention`` rows of refusals. Memory: at most ``max_keys`` open windows."""
+    as ONE row (with ``count``) and ONE line when the interval ends. While the refusals
+    go on, each later interval writes only its summary (one row, one line). The table
+    keeps the newest ``retention`` rows of refusals. Memory: at most ``max_keys`` open
+    windows; at most ``max_new_per_interval`` windows open per interval, refusals past that
+    (made-up device ids) share one window under device ``*``."""
 
     sink: _Sink
     log: logging.Logger
@@ -87,27 +82,46 @@ class RefusalLog:
     max_keys: int = 1000
     clock: Clock = time.monotonic
     kind: str = "rejected"
+    label: str = "rejected"  # the first word of its log lines
+    who: str = "device"  # what the sender is called in them
+    max_new_per_interval: int = 200
     _windows: dict[tuple[str, str], _Window] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _since_prune: int = 0
+    _opened: tuple[float, int] = (float("-inf"), 0)  # (interval start, windows opened in it)
 
-    def refuse(self, rnd: int, device: str, reason: str) -> bool:
+    def refuse(self, rnd: int, device: str, reason: str, cls: str | None = None,
+               per_interval: int | None = None) -> bool:
         """Record one refusal; True when it was written individually (so the caller may
-        also tell the device), False when it was only counted."""
+        also tell the device), False when it was only counted. ``cls`` groups refusals
+        under a class of the caller's instead of the reason's (e.g. every unauthenticated
+        message of a sender, whatever its defect); ``per_interval`` overrides how many of
+        that class are written individually."""
         now = self.clock()
-        key = (device, reason_class(reason))
+        limit = self.per_interval if per_interval is None else per_interval
+        key = (device, cls if cls is not None else reason_class(reason))
         flush: list[tuple[tuple[str, str], _Window]] = []
         with self._lock:
             w = self._windows.get(key)
             if w is not None and now - w.started >= self.interval_s:
                 flush.append((key, self._windows.pop(key)))
-                w = None
+                w = self._summarised(key, flush[-1][1], now, limit)
+            if w is None:
+                start, opened = self._opened
+                if now - start >= self.interval_s:
+                    start, opened = now, 0
+                if opened >= self.max_new_per_interval and device != "*":
+                    self._opened = (start, opened)
+                    key = ("*", key[1])
+                    w = self._windows.get(key)
+                else:
+                    self._opened = (start, opened + 1)
             if w is None:
                 if len(self._windows) >= self.max_keys:  # bound memory: close the oldest
                     old = next(iter(self._windows))
                     flush.append((old, self._windows.pop(old)))
                 w = self._windows[key] = _Window(now)
-            single = w.written < self.per_interval
+            single = w.written < limit
             if single:
                 w.written += 1
             else:
@@ -115,7 +129,8 @@ class RefusalLog:
                 w.round, w.example = rnd, reason
         self._write(flush)
         if single:
-            self.log.warning("rejected device=%s round=%d reason=%s", device, rnd, reason)
+            self.log.warning("%s %s=%s round=%d reason=%s", self.label, self.who, device, rnd,
+                             reason)
             self._add(rnd, device, reason, 1)
         return single
 
@@ -125,16 +140,29 @@ class RefusalLog:
         with self._lock:
             done = [(k, w) for k, w in self._windows.items()
                     if force or now - w.started >= self.interval_s]
-            for k, _ in done:
+            for k, w in done:
                 del self._windows[k]
+                if not force:
+                    self._summarised(k, w, now, self.per_interval)
         self._write(done)
+
+    def _summarised(self, key: tuple[str, str], w: _Window, now: float,
+                    limit: int) -> _Window | None:
+        """After an interval whose excess was summarised, the next one starts with its
+        individual lines spent: a refusal that goes on writes one summary per interval,
+        not ``per_interval`` lines plus a summary. Lock held."""
+        if not w.suppressed:
+            return None
+        nw = self._windows[key] = _Window(now, written=max(limit, 1))
+        return nw
 
     def _write(self, items: list[tuple[tuple[str, str], _Window]]) -> None:
         for (device, _), w in items:
             if not w.suppressed:
                 continue
-            self.log.warning("rejected device=%s round=%d reason=%s (and %d more like it in %.0fs)",
-                             device, w.round, w.example, w.suppressed, self.interval_s)
+            self.log.warning("%s %s=%s round=%d reason=%s (and %d more like it in %.0fs)",
+                             self.label, self.who, device, w.round, w.example, w.suppressed,
+                             self.interval_s)
             self._add(w.round, device, f"{w.suppressed} x {w.example}", w.suppressed)
 
     def _add(self, rnd: int, device: str, reason: str, count: int) -> None:

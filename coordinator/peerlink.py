@@ -73,7 +73,8 @@ class PeerLink:
         topic = self._blob_topic(peer, xid)
         size = fit_chunk_size(self.transport, topic, xid, self.chunk_size)
         manifest = TransferManifest.for_payload(data, expert_ids=[], base_version=0,
-                                                chunk_size=size, transfer_id=xid)
+                                                chunk_size=size, transfer_id=xid,
+                                                window=self.window)
         sender = BlobSender(self.transport, topic, manifest, data, window=self.window)
         announce = (type, {**body, "manifest": manifest.to_dict()}, rnd)
         now = time.monotonic()

@@ -22,18 +22,18 @@ prints it), so each shard has its own topic prefix on the broker.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, Role, mqtt_identity
 from coordinator.daemon import Coordinator
 from coordinator.peerlink import PeerLink
 from fedcoe_edge import protocol as P
 from fedcoe_edge.errors import FedCoEError, ValidationError, WireError
+from fedcoe_edge.messages import Hello, ShardModel, ShardOpen, XferDone, XferProgress
 from fedcoe_edge.sharding import (
     LEADER_ID,
     PARTIAL,
@@ -51,7 +51,7 @@ from fedcoe_edge.strategies import ClientResult, ClientTask, Failure
 from fedcoe_edge.streaming import Partial
 from fedcoe_edge.transport import Message, Topics
 from fedcoe_edge.transport.blob import XFER_DONE, XFER_PROGRESS
-from fedcoe_edge.wire import ReplayCache, TransferManifest, decode_tensors, new_msg_id
+from fedcoe_edge.wire import ReplayCache, decode_tensors, new_msg_id
 
 log = logging.getLogger("fedcoe.shard")
 
@@ -79,18 +79,18 @@ class ShardAggregator(Coordinator):
                  factory: P.TransportFactory | None = None) -> None:
         base = factory if factory is not None else P.mqtt_factory(cfg.broker)
         self.index, self.shards, self.name = index, shards, shard_name(index)
-        sfed = shard_federation(cfg.federation.id, index, shards)
 
         def own_client_id(cid: str, will: Any, birth: Any) -> Any:
-            # every shard's devices address "coordinator"; the MQTT client ids must differ
-            return base(f"{cid}.{sfed}", will, birth)
+            # every shard's devices address "coordinator"; each shard logs in as itself
+            return base(mqtt_identity(cfg.federation, Role.SHARD, index, shards), will, birth)
 
         super().__init__(shard_config(cfg, index, shards), own_client_id)
+        self._leader_refused = P.LogLimiter()  # refused leader messages: a line per minute
         self.leader_topics = LeaderTopics(cfg.federation.id)
         self.link_key = shard_key(cfg.secret, self.name)
         self.link: PeerLink | None = None
-        self._open_msg: dict[str, Any] | None = None  # the leader's shard_open not yet used
-        self._model_meta: tuple[int, dict[str, Any]] | None = None  # the announced model
+        self._open_msg: tuple[int, ShardOpen] | None = None  # (round, the leader's shard_open) not yet used
+        self._model_meta: tuple[int, ShardModel] | None = None  # the announced model
         self._model_event = threading.Event()
         self._model_round = -1  # newest round whose settled version is installed
         self._hello_sent: tuple[float, tuple[str, ...], int] = (0.0, (), -1)
@@ -143,46 +143,42 @@ class ShardAggregator(Coordinator):
 
     def _on_leader_status(self, msg: Message) -> None:
         """The leader's retained presence: say hello at once when it (re)starts."""
-        try:
-            online = json.loads(msg.payload.decode()).get("state") == "online"
-        except (ValueError, AttributeError, UnicodeDecodeError):
-            return
-        if online:
+        if P.presence_state(msg.payload) == "online":
             self._hello(force=True)
 
     def _on_leader_ctl(self, msg: Message) -> None:
         assert self.link is not None
         try:
             env = self.link.messenger.open(msg.payload, expect_sender=LEADER_ID)
-        except WireError as exc:
-            log.warning("refused leader message on %s: %s", msg.topic, exc)
+        except WireError as exc:  # one line per kind of refusal per minute
+            self._leader_refused.warning(log, LEADER_ID, P.reason_class(str(exc)),
+                                         f"refused leader message on {msg.topic}: {exc}")
             return
         try:
-            if env.type == SHARD_OPEN:
-                self._on_open(env.round, env.body)
+            if env.type == SHARD_OPEN:  # each body typed (fedcoe_edge/messages.py) first
+                self._on_open(env.round, ShardOpen.from_wire(env.body))
             elif env.type == SHARD_MODEL:
-                self.link.expect(LEADER_ID, TransferManifest.from_dict(env.body.get("manifest")))
+                model = ShardModel.from_wire(env.body)
+                self.link.expect(LEADER_ID, model.manifest)
                 with self._lock:
-                    self._model_meta = (env.round, env.body)
+                    self._model_meta = (env.round, model)
             elif env.type in (XFER_PROGRESS, XFER_DONE):
+                (XferProgress if env.type == XFER_PROGRESS else XferDone).from_wire(env.body)
                 self.link.on_report(LEADER_ID, env.type, env.body)
             else:
                 log.warning("leader message of unknown type %r ignored", env.type)
-        except (FedCoEError, KeyError, TypeError, ValueError) as exc:
-            log.warning("refused leader %s round=%d: %s", env.type, env.round, exc)
+        except (FedCoEError, KeyError, TypeError, ValueError, ArithmeticError) as exc:
+            self._leader_refused.warning(log, LEADER_ID, P.reason_class(f"{env.type}: {exc}"),
+                                         f"refused leader {env.type} round={env.round}: {exc}")
 
-    def _on_open(self, rnd: int, body: dict[str, Any]) -> None:
-        tasks, keysets = body.get("tasks"), body.get("keysets")
-        if not isinstance(tasks, list) or not isinstance(keysets, list):
-            raise ValidationError("shard_open needs tasks and keysets lists")
-        for t in tasks:
-            dev = t["d"]
-            if shard_of(dev, self.shards) != self.index:
-                raise ValidationError(f"task for device {dev!r:.40} of another shard")
+    def _on_open(self, rnd: int, body: ShardOpen) -> None:
+        for t in body.tasks:
+            if shard_of(t.d, self.shards) != self.index:
+                raise ValidationError(f"task for device {t.d!r:.40} of another shard")
         with self._lock:
             if rnd <= self.round:
                 return  # a repeat of a round this shard already ran
-            self._open_msg = {**body, "round": rnd}
+            self._open_msg = (rnd, body)
         self._wake.set()
 
     def _on_leader_blob(self, msg: Message) -> None:
@@ -190,7 +186,8 @@ class ShardAggregator(Coordinator):
         try:
             done = self.link.on_chunk(LEADER_ID, msg.payload)
         except WireError as exc:
-            log.warning("leader blob refused: %s", exc)
+            self._leader_refused.warning(log, LEADER_ID, P.reason_class(str(exc)),
+                                         f"leader blob refused: {exc}")
             return
         if done is None:
             return
@@ -202,7 +199,7 @@ class ShardAggregator(Coordinator):
         rnd, body = meta
         try:
             arrays = decode_tensors(data)
-            self._install(rnd, int(body["version"]), arrays, dict(body.get("extra", {})))
+            self._install(rnd, body.version, arrays, dict(body.extra))
         except (FedCoEError, KeyError, TypeError, ValueError) as exc:
             log.error("model from the leader refused (round %d): %s", rnd, exc)
 
@@ -229,21 +226,25 @@ class ShardAggregator(Coordinator):
             m = self._open_msg
             if m is None:
                 return False
-            if int(m["version"]) != self.strategy.version:
+            if m[1].version != self.strategy.version:
                 return False  # the leader's model for this round is still on its way
-            self.round = int(m["round"]) - 1  # a round this shard missed is skipped, not run
+            self.round = m[0] - 1  # a round this shard missed is skipped, not run
             return True
 
     def _plan_round(self, rnd: int) -> list[ClientTask]:
         """The leader's tasks; each expert set's parameters are the named tensors of the
         global state this shard holds (the same version the leader configured from)."""
         m = self._open_msg
-        assert m is not None and int(m["round"]) == rnd
+        assert m is not None and m[0] == rnd
         self._open_msg = None
         s = self.strategy
-        shared = [{k: s.global_state[k] for k in keys} for keys in m["keysets"]]
-        return [ClientTask(t["d"], rnd, shared[int(t["k"])], [int(i) for i in t["e"]],
-                           dict(t.get("c", {}))) for t in m["tasks"]]
+        missing = sorted({k for keys in m[1].keysets for k in keys} - set(s.global_state))
+        if missing:  # a leader of another model: no round here (one line, not a traceback)
+            log.error("round %d: the leader's tasks name tensor %r this shard's model lacks; "
+                      "no task sent", rnd, missing[0])
+            return []
+        shared = [{k: s.global_state[k] for k in keys} for keys in m[1].keysets]
+        return [ClientTask(t.d, rnd, shared[t.k], list(t.e), dict(t.c)) for t in m[1].tasks]
 
     def _before_aggregate(self) -> None:
         """Send this round's partial to the leader, then wait for the version it publishes."""
@@ -282,7 +283,7 @@ class ShardAggregator(Coordinator):
                           f"leader published version {self.strategy.version}")
         return False, "no version from the leader before the wait ran out; state kept"
 
-    def _on_hello(self, dev: str, body: dict[str, Any]) -> None:
+    def _on_hello(self, dev: str, body: Hello) -> None:
         """A device of another shard is refused with the shard it belongs to (it was given
         the wrong federation id), instead of being served by two shards."""
         owner = shard_of(dev, self.shards)

@@ -41,6 +41,9 @@ CREATE TABLE IF NOT EXISTS traffic (
 CREATE TABLE IF NOT EXISTS evals (
     round INTEGER NOT NULL, device TEXT NOT NULL, kind TEXT NOT NULL, correct INTEGER NOT NULL,
     total INTEGER NOT NULL, ts REAL NOT NULL, PRIMARY KEY (round, device, kind));
+CREATE TABLE IF NOT EXISTS trunk_fetches (device TEXT NOT NULL, ts REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS trunk_fetches_device ON trunk_fetches (device, ts);
+CREATE INDEX IF NOT EXISTS events_kind ON events (kind, id);
 """
 
 
@@ -158,12 +161,14 @@ class Store:
             (rnd, "open", time.time(), deadline_at, json.dumps(selected), json.dumps(experts),
              version, bytes_full))
 
-    def close_round(self, rnd: int, version_after: int, applied: bool, note: str) -> None:
-        self._exec("UPDATE rounds SET state='closed', closed_at=?, version_after=?, applied=?, note=?"
-                   " WHERE round=?", (time.time(), version_after, int(applied), note, rnd))
-
-    def set_global_acc(self, rnd: int, acc: float) -> None:
-        self._exec("UPDATE rounds SET global_acc=? WHERE round=?", (acc, rnd))
+    def close_round(self, rnd: int, version_after: int, applied: bool, note: str,
+                    global_acc: float | None = None) -> None:
+        """Close a round and record its global accuracy in ONE statement (one transaction):
+        a coordinator killed at any point either still has the round open (it is closed
+        again on restart) or has both, never a closed round without its accuracy."""
+        self._exec("UPDATE rounds SET state='closed', closed_at=?, version_after=?, applied=?, note=?,"
+                   " global_acc=COALESCE(?, global_acc) WHERE round=?",
+                   (time.time(), version_after, int(applied), note, global_acc, rnd))
 
     def round(self, rnd: int) -> dict[str, Any] | None:
         rows = self._rows("SELECT * FROM rounds WHERE round=?", (rnd,))
@@ -198,6 +203,28 @@ class Store:
             cur = self._db.execute(
                 "DELETE FROM events WHERE kind=? AND id <= (SELECT id FROM events WHERE kind=?"
                 " ORDER BY id DESC LIMIT 1 OFFSET ?)", (kind, kind, keep))
+            return int(cur.rowcount or 0)
+
+    def prune_all_events(self, keep: int) -> int:
+        """Retention for every kind of event row (refusals, failures, declines): the newest
+        ``keep`` of each kind stay. Called on a schedule by the coordinator."""
+        with self._lock:
+            kinds = [r[0] for r in self._db.execute("SELECT DISTINCT kind FROM events")]
+        return sum(self.prune_events(k, keep) for k in kinds)
+
+    # --- limits that must survive a restart ---
+    def add_trunk_fetch(self, device: str, ts: float) -> None:
+        self._exec("INSERT INTO trunk_fetches (device, ts) VALUES (?,?)", (device, ts))
+
+    def trunk_fetches(self, device: str, since: float) -> list[float]:
+        """Times (wall clock) of ``device``'s trunk downloads after ``since``, oldest first."""
+        rows = self._rows("SELECT ts FROM trunk_fetches WHERE device=? AND ts>? ORDER BY ts",
+                          (device, since))
+        return [float(r["ts"]) for r in rows]
+
+    def prune_trunk_fetches(self, before: float) -> int:
+        with self._lock:
+            cur = self._db.execute("DELETE FROM trunk_fetches WHERE ts<=?", (before,))
             return int(cur.rowcount or 0)
 
     def event_count(self, rnd: int, kind: str) -> int:

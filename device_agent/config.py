@@ -17,7 +17,6 @@ from fedcoe_edge.config import TIER_WIDTH
 from fedcoe_edge.errors import ConfigError
 from fedcoe_edge.protocol import (
     COORDINATOR_ID,
-    DEFAULT_WINDOW,
     BrokerSettings,
     apply_env,
     build_section,
@@ -30,7 +29,7 @@ from fedcoe_edge.protocol import (
     section_defaults,
 )
 from fedcoe_edge.transport.topics import check_id
-from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE, check_chunk_size
+from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, check_chunk_size, check_window
 
 
 @dataclass
@@ -111,8 +110,7 @@ class AgentConfig:
         if d.tier not in TIER_WIDTH:
             raise ConfigError(f"{w} tier must be one of {sorted(TIER_WIDTH)}, got {d.tier!r}")
         check_chunk_size(d.chunk_size, w)
-        if d.window < 1:
-            raise ConfigError(f"{w} window must be >= 1, got {d.window}")
+        check_window(d.window, w)
         if d.engine not in ("auto", "torch", "onnx"):
             raise ConfigError(f"{w} engine must be auto|torch|onnx, got {d.engine!r}")
         if d.engine == "onnx" and d.role == "train":

@@ -42,7 +42,19 @@ from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.errors import ConfigError, DataError, FedCoEError, WireError
 from fedcoe_edge.health import chance_warning, loss_warning, update_warning
 from fedcoe_edge.io import atomic_write_bytes
-from fedcoe_edge.protocol import RETRY_ATTEMPTS, retry_delay
+from fedcoe_edge.messages import (
+    Accept,
+    EvalAck,
+    Model,
+    Reject,
+    Status,
+    Task,
+    Welcome,
+    XferDone,
+    XferProgress,
+    XferUnknown,
+)
+from fedcoe_edge.protocol import RETRY_ATTEMPTS, reason_class, retry_delay
 from fedcoe_edge.strategies import ClientData, ClientResult, ClientTask, Strategy, make_strategy
 from fedcoe_edge.transport import Message, Topics, Transport, Will
 from fedcoe_edge.transport.blob import (
@@ -159,6 +171,7 @@ class DeviceAgent:
         self.messenger: P.Messenger | None = None
         self.receiver = BlobReceiver(self._report, auto_ack=True)  # nothing to persist first
         self._status_seen: set[tuple[str, int]] = set()
+        self._refused = P.LogLimiter()  # one line per kind of refused message per minute
         self._coord_state = ""  # last coord/status seen: "online" / "offline"
         self._status_hello_at: float | None = None
         self._bundle_note = False
@@ -359,9 +372,8 @@ class DeviceAgent:
             self.hello()
 
     def _on_coord_status(self, msg: Message) -> None:
-        try:
-            state = json.loads(msg.payload.decode())["state"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        state = P.presence_state(msg.payload)
+        if state is None:
             return
         previous, self._coord_state = self._coord_state, str(state)
         if state != "online" or msg.retain:
@@ -378,40 +390,47 @@ class DeviceAgent:
             return  # not welcomed yet; the retained status will be re-read on hello
         try:
             env = self.messenger.open(msg.payload, expect_sender=self.coord, key_override=self.bc_key)
+            status = Status.from_wire(env.body)
         except WireError as exc:
             if "replayed" not in str(exc):
-                log.warning("%s: broadcast refused: %s", self.dev, exc)
+                self._refused.warning(log, "broadcast", reason_class(str(exc)),
+                                      f"{self.dev}: broadcast refused: {exc}")
             return
-        key = (str(env.body.get("state")), int(env.body.get("round", 0)))
+        key = (status.state, status.round)
         if key not in self._status_seen:
             self._status_seen.add(key)
-            self._jobs.put(("status", env.body))
+            self._jobs.put(("status", status.to_wire()))
 
     def _on_ctl(self, msg: Message) -> None:
         assert self.messenger is not None
         try:
             env = self.messenger.open(msg.payload, expect_sender=self.coord)
         except WireError as exc:
-            log.warning("%s: message refused: %s", self.dev, exc)
+            self._refused.warning(log, "ctl", reason_class(str(exc)),
+                                  f"{self.dev}: message refused: {exc}")
             return
         b = env.body
-        try:
+        try:  # each body is typed (fedcoe_edge/messages.py) before it is acted on
             if env.type == P.WELCOME:
+                Welcome.from_wire(b)
                 self._jobs.put(("welcome", b))
             elif env.type in (P.TASK, P.MODEL):
-                manifest = TransferManifest.from_dict(b["manifest"])
-                ctx = {"kind": env.type, "round": env.round, **{k: v for k, v in b.items() if k != "manifest"}}
-                if isinstance(b.get("deadline_s"), int | float):  # the round deadline, locally
-                    ctx["deadline_at"] = time.monotonic() + float(b["deadline_s"])
+                typed: Task | Model = (Task if env.type == P.TASK else Model).from_wire(b)
+                manifest = typed.manifest
+                ctx = {"kind": env.type, "round": env.round,
+                       **{k: v for k, v in typed.to_wire().items() if k != "manifest"}}
+                if isinstance(typed, Task):  # the round deadline, locally
+                    ctx["deadline_at"] = time.monotonic() + typed.deadline_s
                 with self._lock:
                     self.pending[manifest.transfer_id] = ctx
-                if env.type == P.MODEL:
-                    self._postpone(fetch_key(str(b.get("purpose")), env.round), FETCH_TRANSFER_S)
+                if isinstance(typed, Model):
+                    self._postpone(fetch_key(typed.purpose, env.round), FETCH_TRANSFER_S)
                 self.receiver.expect(manifest)
                 self.receiver.nudge(manifest.transfer_id)
             elif env.type in (XFER_PROGRESS, XFER_DONE):
+                report = (XferProgress if env.type == XFER_PROGRESS else XferDone).from_wire(b)
                 with self._lock:
-                    up = self.uploads.get(str(b.get("xfer")))
+                    up = self.uploads.get(report.xfer)
                 if up is not None:
                     sender, started = up
                     started.set()
@@ -420,24 +439,28 @@ class DeviceAgent:
                     else:
                         sender.on_done(b)
             elif env.type == P.XFER_UNKNOWN:
+                unknown = XferUnknown.from_wire(b)
                 with self._lock:
-                    ev = self._reannounce.get(str(b.get("xfer")))
+                    ev = self._reannounce.get(unknown.xfer)
                 if ev is not None:  # the coordinator restarted mid-upload: announce it again now
                     log.info("%s: coordinator does not know upload %s; re-announcing", self.dev,
-                             b.get("xfer"))
+                             unknown.xfer)
                     ev.set()
             elif env.type == P.ACCEPT:
+                accept = Accept.from_wire(b)
                 self.accepted[env.round] = True
                 log.info("%s: update for round %d accepted", self.dev, env.round)
                 with self._lock:
-                    up = self.uploads.get(str(b.get("xfer")))
+                    up = self.uploads.get(str(accept.xfer))
                 if up is not None:  # accepted earlier (same bytes re-sent after a restart)
-                    self.confirmed.add(str(b.get("xfer")))
+                    self.confirmed.add(str(accept.xfer))
                     up[1].set()
             elif env.type == P.EVAL_ACK:
-                self._answered((P.EVAL, str(b.get("kind")), env.round))
+                self._answered((P.EVAL, EvalAck.from_wire(b).kind, env.round))
             elif env.type == P.REJECT:
-                reason = str(b.get("reason"))
+                rej = Reject.from_wire(b)
+                b = rej.to_wire()
+                reason = rej.reason
                 log.warning("%s: round %d: coordinator rejected: %s", self.dev, env.round, reason)
                 refused = reason.split(":", 1)[0]
                 if refused in (P.FETCH, P.EVAL):  # refused for good: re-sending cannot help
@@ -453,9 +476,11 @@ class DeviceAgent:
                     self.aborted.add(str(b.get("xfer")))
                     up[1].set()
             else:
-                log.warning("%s: unknown message type %r ignored", self.dev, env.type)
-        except (FedCoEError, KeyError, TypeError, ValueError) as exc:
-            log.warning("%s: bad %s message: %s", self.dev, env.type, exc)
+                self._refused.warning(log, "ctl", f"type {env.type}",
+                                      f"{self.dev}: unknown message type {env.type!r} ignored")
+        except (FedCoEError, KeyError, TypeError, ValueError, ArithmeticError) as exc:
+            self._refused.warning(log, "ctl", reason_class(f"{env.type}: {exc}"),
+                                  f"{self.dev}: bad {env.type} message: {exc}")
 
     def _on_blob(self, msg: Message) -> None:
         try:
@@ -727,7 +752,8 @@ class DeviceAgent:
         experts = sorted({int(n.split(".")[2]) for n in params if n.startswith("global.experts.")})
         manifest = TransferManifest.for_payload(data, expert_ids=experts,
                                                 base_version=int(self.welcome.get("version", 0)),
-                                                chunk_size=size, transfer_id=xid, encoding=encoding)
+                                                chunk_size=size, transfer_id=xid, encoding=encoding,
+                                                window=self.cfg.device.window)
         sender = BlobSender(self.transport, topic, manifest, data, window=self.cfg.device.window)
         started, again = threading.Event(), threading.Event()
         with self._lock:

@@ -171,6 +171,27 @@ class MosquittoBroker:
         state = "running" if self.running else "stopped"
         return f"MosquittoBroker({self.host}:{self._port}, {state})"
 
+    @classmethod
+    def from_config_file(cls, path: str | os.PathLike[str], port: int, *,
+                         workdir: str | os.PathLike[str] | None = None,
+                         binary: str | None = None) -> MosquittoBroker:
+        """A broker that runs the configuration file at ``path`` (e.g. the one ``fedcoe init``
+        writes) as it is, plus only what a test needs to read it back: every log line in
+        ``workdir/mosquitto.log`` (connections included, so session takeovers show) and,
+        when run as root, ``user root`` (Mosquitto would otherwise switch to the
+        ``mosquitto`` user, who cannot read the 0600 password file). Its listener must be
+        ``port``; call :meth:`start` (or use it as a context manager)."""
+        text = Path(path).read_text()
+        broker = cls(port=port, workdir=workdir, binary=binary, config_text="")
+        log = broker._workdir() / "mosquitto.log"
+        extra = [f"log_dest file {log}", "log_type error", "log_type warning", "log_type notice",
+                 "log_type information", "connection_messages true", "log_timestamp true"]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            extra.append("user root")
+        broker._config_text = text.rstrip("\n") + "\n# added by MosquittoBroker.from_config_file\n" + \
+            "\n".join(extra) + "\n"
+        return broker
+
     # --- internals ---
 
     def _workdir(self) -> Path:

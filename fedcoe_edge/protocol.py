@@ -17,7 +17,10 @@ import hmac
 import json
 import logging
 import os
+import re
 import signal
+import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -28,9 +31,11 @@ try:
 except ModuleNotFoundError:  # Python 3.10 (JetPack 6, Ubuntu 22.04): the same parser, as tomli
     import tomli as tomllib  # type: ignore[no-redef]
 
-from fedcoe_edge.errors import ConfigError
+from fedcoe_edge import wire
+from fedcoe_edge.errors import ConfigError, WireError
+from fedcoe_edge.messages import BY_TYPE
 from fedcoe_edge.transport import Topics, Transport, Will
-from fedcoe_edge.wire import Envelope, ReplayCache, decode_envelope, encode_envelope
+from fedcoe_edge.wire import Envelope, ReplayCache, decode_envelope, encode_envelope, parse_json
 
 log = logging.getLogger("fedcoe.protocol")
 
@@ -79,9 +84,7 @@ def check_classes(classes: list[str], where: str) -> None:
 def retry_delay(sent: int) -> float:
     """Wait after the ``sent``-th send: 5, 10, 20, 40, 60, 60 ... s."""
     return min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** max(0, sent - 1))
-DEFAULT_WINDOW = 16
-"""Chunks a daemon keeps unacknowledged in one transfer (config ``window``), the device's
-and the coordinator's alike."""
+DEFAULT_WINDOW = wire.DEFAULT_WINDOW  # the transfer window's default lives with its check
 ENCODING_PLAIN = "safetensors"
 ENCODING_DELTA = "safetensors+int8delta"
 
@@ -331,6 +334,9 @@ class Messenger:
     def send(self, topic: str, type: str, recipient: str, body: Mapping[str, Any],
              key: bytes, round: int = 0, ttl_s: int = 600, retain: bool = False,
              expiry_s: int | None = None) -> None:
+        typed = BY_TYPE.get(type)
+        if typed is not None:  # never send what the receiver's from_wire would refuse
+            typed.from_wire(body)
         env = Envelope.new(type, federation=self.topics.federation, sender=self.me,
                            recipient=recipient, round=round, body=body, ttl_s=ttl_s)
         self.transport.publish(topic, encode_envelope(env, key), qos=1, retain=retain,
@@ -338,13 +344,13 @@ class Messenger:
 
     def open(self, payload: bytes, expect_sender: str | None = None,
              key_override: bytes | None = None) -> Envelope:
-        """Decode and authenticate; raises WireError with a one-line reason."""
-        from fedcoe_edge.errors import WireError
-
+        """Authenticate, then decode; raises WireError with a one-line reason
+        (:class:`~fedcoe_edge.wire.UnauthenticatedError` when the HMAC did not verify)."""
         lookup = self.keys if key_override is None else (lambda _s: key_override)
-        env = decode_envelope(payload, lookup, replay_cache=self.replay)
-        if expect_sender is not None and env.sender != expect_sender:
-            raise WireError(f"envelope on {expect_sender!r}'s topic was sent by {env.sender!r}")
+        # the topic names the sender: its key verifies the raw bytes before anything is
+        # parsed (a message signed by another sender fails that HMAC)
+        env = decode_envelope(payload, lookup, replay_cache=self.replay,
+                              expect_sender=expect_sender)
         if env.federation != self.topics.federation:
             raise WireError(f"envelope for federation {env.federation!r}, not {self.topics.federation!r}")
         if env.recipient not in (self.me, "*"):
@@ -352,10 +358,68 @@ class Messenger:
         return env
 
 
+# hex literals first: "byte 0xbc" must blank to one class, not 256 (random garbage names a
+# different byte in every decode error)
+_VARIABLE = re.compile(r"'[^']*'|\"[^\"]*\"|0x[0-9a-fA-F]+|[0-9a-f]{8,}|\d+")
+
+
+def reason_class(reason: str) -> str:
+    """What stays the same across repeats of one refusal: quoted names, ids and numbers
+    are blanked, so 10,000 chunks for 10,000 made-up transfers are one class."""
+    return _VARIABLE.sub("#", reason)[:120]
+
+
+class LogLimiter:
+    """At most one log line per (peer, kind) per ``interval_s``; the repeats are counted and
+    the count rides on the next line written. For the daemons that keep no refusal table
+    (the device agent, a shard): what a peer sends never buys more log than this."""
+
+    def __init__(self, interval_s: float = 60.0, max_keys: int = 1000,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.interval_s, self.max_keys = interval_s, max_keys
+        self._clock = clock or time.monotonic
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, logger: logging.Logger, peer: str, kind: str, msg: str) -> bool:
+        """Log ``msg`` at WARNING unless ``(peer, kind)`` logged within the interval;
+        True when written."""
+        now = self._clock()
+        with self._lock:
+            last, skipped = self._last.get((peer, kind), (-1e18, 0))
+            if now - last < self.interval_s:
+                self._last[(peer, kind)] = (last, skipped + 1)
+                return False
+            self._last.pop((peer, kind), None)
+            while len(self._last) >= self.max_keys:
+                self._last.pop(next(iter(self._last)))
+            self._last[(peer, kind)] = (now, 0)
+        more = f" (and {skipped} more like it in {self.interval_s:.0f}s)" if skipped else ""
+        logger.warning("%s%s", msg, more)
+        return True
+
+
 def presence_payload(state: str, **extra: Any) -> bytes:
     """Plain JSON for presence / coordinator status: the will is fixed at connect time, so it
     cannot carry a fresh signature; it only ever triggers behaviour that is safe to repeat."""
     return json.dumps({"state": state, **extra}, sort_keys=True).encode()
+
+
+PRESENCE_MAX_BYTES = 1024
+
+
+def presence_state(payload: bytes) -> str | None:
+    """The ``state`` of a presence / status payload, or None when it is not one: the
+    payload is unsigned, so it is read with the same limits as any peer input (size,
+    nesting, finite numbers) and never raises."""
+    if len(payload) > PRESENCE_MAX_BYTES:
+        return None
+    try:
+        doc = parse_json(bytes(payload), "presence", max_depth=2)
+    except WireError:
+        return None
+    state = doc.get("state") if isinstance(doc, dict) else None
+    return state if isinstance(state, str) else None
 
 
 def install_stop_handlers(stop: Callable[[], None]) -> None:

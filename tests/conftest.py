@@ -100,6 +100,40 @@ def digits_bundle(digits_moe, tmp_path_factory):
     return out
 
 
+# --- deployments as `fedcoe init` writes them (tests/test_deploy_e2e.py, test_shards_e2e.py) ---
+@pytest.fixture
+def init_broker_tools() -> None:
+    """Skip unless Mosquitto and ``mosquitto_passwd`` are installed: ``fedcoe init`` hashes
+    its broker passwords with the latter, and a broker started from its files needs both."""
+    import shutil
+
+    _require_mosquitto()
+    if shutil.which("mosquitto_passwd") is None:
+        pytest.skip("needs mosquitto_passwd (fedcoe init hashes the broker passwords with it)")
+
+
+@pytest.fixture(scope="session")
+def digits_npz() -> Callable[..., None]:
+    """``digits_npz(path, part, parts, per_device=60)``: a device's own ``.npz``, a disjoint
+    slice of the shipped 8x8 digits split 75/25 (what ``fedcoe init --data local.npz``
+    points each device at)."""
+    import numpy as np
+
+    from fedcoe_edge.data.datasets import load_dataset
+
+    x, y = load_dataset("digits", 0)
+    order = np.random.default_rng(0).permutation(len(y))
+
+    def write(path: Any, part: int, parts: int, per_device: int = 60) -> None:
+        from pathlib import Path
+
+        idx = order[part::parts][:per_device]
+        xs, ys = x[idx].astype(np.float32), y[idx].astype(np.int64)
+        cut = len(idx) * 3 // 4
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, x_train=xs[:cut], y_train=ys[:cut], x_test=xs[cut:], y_test=ys[cut:])
+
+    return write
 # --- suite layout: slow tests, parallel workers (test-suite engineer) ----------------
 # `make test` runs the suite on one pytest-xdist worker per core (`-n auto --dist loadgroup`);
 # `make test-all` adds the tests marked `slow` (README, "Tests"). Each test already gets its

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coordinator.harness import DEMO_SECRET, EmbeddedFederation
+from coordinator.harness import DEMO_SECRET, EmbeddedFederation, small
 from device_agent.config import DataSettings, load_config
 from device_agent.daemon import AgentHooks, DeviceAgent
 from device_agent.data import load_data, load_image_folder, load_npz
@@ -67,7 +67,7 @@ npz = "data/mine.npz"
     ("[device]\nid = 'a'\nchunk_size = 1023\n[security]\nkey = '" + "ab" * 16 + "'\n[data]\ndataset = 'd'\n",
      r"\[device\] chunk_size must be in 1 KiB..16 MiB, got 1023"),
     ("[device]\nid = 'a'\nwindow = 0\n[security]\nkey = '" + "ab" * 16 + "'\n[data]\ndataset = 'd'\n",
-     r"\[device\] window must be >= 1, got 0"),
+     r"\[device\] window must be an integer in 1..256, got 0"),
 ])
 def test_bad_agent_config(tmp_path: Path, text: str, match: str) -> None:
     (tmp_path / "agent.toml").write_text(text)
@@ -131,7 +131,7 @@ def test_demo_dataset_client_is_the_simulators_split() -> None:
 # --- the agent in a federation ---------------------------------------------------------
 def test_private_level_stays_on_disk_and_survives_a_restart(tmp_path: Path) -> None:
     factory = memory_factory()
-    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=2, heartbeat_s=0.2)
+    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=2, heartbeat_s=0.2, **small())
     fed.start()
     try:
         fed.wait_rounds(90)
@@ -171,7 +171,7 @@ def test_private_level_stays_on_disk_and_survives_a_restart(tmp_path: Path) -> N
 def cold_start(tmp_path: Path, bundle: str) -> dict[str, Any]:
     """Two rounds with three devices, then a late device joins cold."""
     factory = memory_factory()
-    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=2)
+    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=2, **small())
     fed.start()
     try:
         fed.wait_rounds(90)
@@ -240,7 +240,9 @@ def test_device_restart_before_its_upload_resends_the_same_update(tmp_path: Path
     """A device that trained round 2 and died before uploading comes back, restores the
     update and private level it saved in one atomic file, and re-sends that update instead
     of training twice: the federation ends exactly where an uninterrupted one does."""
-    want = EmbeddedFederation(tmp_path / "ref", memory_factory(), devices=3, rounds=3).final_state(90)
+    # batch aggregation: compared bit for bit, and streamed sums depend on the arrival order
+    want = EmbeddedFederation(tmp_path / "ref", memory_factory(), devices=3, rounds=3,
+                              aggregation="batch", **small()).final_state(90)
 
     died = threading.Event()
 
@@ -251,8 +253,8 @@ def test_device_restart_before_its_upload_resends_the_same_update(tmp_path: Path
         return True
 
     factory = memory_factory()
-    fed = EmbeddedFederation(tmp_path / "run", factory, devices=3, rounds=3,
-                             hooks={"1": AgentHooks(before_upload=die_before_upload)})
+    fed = EmbeddedFederation(tmp_path / "run", factory, devices=3, rounds=3, aggregation="batch",
+                             hooks={"1": AgentHooks(before_upload=die_before_upload)}, **small())
     fed.start()
     try:
         fed.wait(died.is_set, 60, "device 1 trained round 2")
@@ -280,7 +282,7 @@ def test_device_restart_before_its_upload_resends_the_same_update(tmp_path: Path
 
 def test_label_histogram_leaves_the_device_only_if_allowed(tmp_path: Path) -> None:
     fed = EmbeddedFederation(tmp_path, memory_factory(), devices=2, rounds=1,
-                             device_overrides={"1": {"share_label_histogram": True, "tier": "large"}})
+                             device_overrides={"1": {"share_label_histogram": True, "tier": "large"}}, **small())
     fed.start()
     try:
         fed.wait_rounds(60)
@@ -298,7 +300,7 @@ def test_bundle_rebuilds_are_reported_through_the_coordinator(tmp_path: Path) ->
     the coordinator keeps it as the device's telemetry, and `fedcoe demo` reads it there."""
     from benchmarks.demo import bundle_status
 
-    fed = EmbeddedFederation(tmp_path, memory_factory(), devices=2, rounds=1, heartbeat_s=3600)
+    fed = EmbeddedFederation(tmp_path, memory_factory(), devices=2, rounds=1, heartbeat_s=3600, **small())
     fed.start()
     try:
         fed.wait_rounds(90)

@@ -18,12 +18,13 @@ import pytest
 
 from coordinator.config import load_config
 from coordinator.daemon import Coordinator
-from coordinator.harness import EmbeddedFederation
+from coordinator.harness import EmbeddedFederation, small
 from coordinator.store import Store
 from device_agent.daemon import AgentHooks, DeviceAgent
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.data import make_federation
 from fedcoe_edge.errors import ConfigError
+from fedcoe_edge.messages import Eval, Fetch
 from fedcoe_edge.protocol import TransportFactory
 from fedcoe_edge.registry import RegistryError
 from fedcoe_edge.simulation import SimulationConfig, run_one
@@ -126,7 +127,9 @@ def test_daemons_reproduce_the_simulator_exactly(tmp_path: Path) -> None:
     """Same strategy code path: uncompressed uploads make the deployed federation equal the
     in-process simulator, round by round, to the last bit of accuracy."""
     _, factory = memory_factory()
-    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=3, compress=False)
+    # batch aggregation: every update kept and folded as the simulator does, bit for bit
+    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=3, compress=False,
+                             aggregation="batch", **small())
     fed.start()
     try:
         fed.wait_rounds(90)
@@ -152,7 +155,7 @@ def test_daemons_reproduce_the_simulator_exactly(tmp_path: Path) -> None:
 
 def test_partial_exchange_and_compression_cut_bytes(tmp_path: Path) -> None:
     _, factory = memory_factory()
-    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=3)
+    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=3, **small())
     fed.start()
     try:
         fed.wait_rounds(90)
@@ -173,7 +176,7 @@ def test_silent_device_is_a_failure_at_the_deadline(tmp_path: Path, caplog: pyte
     handed to the strategy, counted in the round log; the other updates are aggregated."""
     _, factory = memory_factory()
     hooks = {"2": AgentHooks(before_upload=lambda agent, rnd: False)}
-    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=1, deadline_s=10.0, hooks=hooks)
+    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=1, deadline_s=10.0, hooks=hooks, **small())
     fed.start()
     try:
         fed.wait(lambda: fed.coordinator.finished, 60, "round 1")  # type: ignore[union-attr]
@@ -206,7 +209,7 @@ def test_quorum_not_met_keeps_the_global_state(tmp_path: Path) -> None:
     # two of three updates are refused (non-finite; change over the norm bound), so the
     # round closes with 1 accepted < quorum 2
     fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=1, quorum=2, compress=False,
-                             hooks={"1": AgentHooks(tamper=poison), "2": AgentHooks(tamper=blow_up)})
+                             hooks={"1": AgentHooks(tamper=poison), "2": AgentHooks(tamper=blow_up)}, **small())
     fed.start()
     try:
         fed.wait(lambda: fed.coordinator.finished, 60, "round 1")  # type: ignore[union-attr]
@@ -229,7 +232,7 @@ def test_resume_after_crash_mid_round_matches_an_uninterrupted_run(tmp_path: Pat
     the durable partial sums), the third device re-sends its update, and the result equals
     a run that never crashed (streamed: up to float rounding)."""
     _, factory = memory_factory()
-    want = EmbeddedFederation(tmp_path / "ref", factory, devices=3, rounds=3, aggregation=aggregation).final_state(90)
+    want = EmbeddedFederation(tmp_path / "ref", factory, devices=3, rounds=3, aggregation=aggregation, **small()).final_state(90)
 
     _, factory2 = memory_factory()
     held = threading.Event()
@@ -242,7 +245,7 @@ def test_resume_after_crash_mid_round_matches_an_uninterrupted_run(tmp_path: Pat
 
     fed = EmbeddedFederation(tmp_path / "crash", factory2, devices=3, rounds=3,
                              hooks={"1": AgentHooks(before_upload=hold_round2)},
-                             aggregation=aggregation)
+                             aggregation=aggregation, **small())
     fed.start()
     try:
         c = fed.coordinator
@@ -344,10 +347,10 @@ def test_an_update_is_durable_before_its_accept(tmp_path: Path, aggregation: str
                             (db_path.parent / "rounds" / str(env["round"])).glob("acc-*"))
         seen.append((dev, env["round"], ok))
 
+    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=2, aggregation=aggregation, **small())
     probe = broker.client("probe")
-    probe.subscribe("fl/v1/test/dn/+/ctl", spy)
+    probe.subscribe(f"fl/v1/{fed.federation}/dn/+/ctl", spy)
     probe.connect()
-    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=2, aggregation=aggregation)
     fed.start()
     try:
         fed.wait_rounds(90)
@@ -377,9 +380,9 @@ def test_caches_are_pruned_and_a_full_reassembly_budget_defers(
 
     _, factory = memory_factory()
     fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=2,
-                             hooks={str(i): AgentHooks(before_upload=at_once) for i in range(3)})
+                             hooks={str(i): AgentHooks(before_upload=at_once) for i in range(3)}, **small())
     c = fed.start_coordinator()
-    c.fed.reassembly_budget_mb = 20_000 / 2**20  # one upload (9-14 KB here) at a time
+    c._budget.total_bytes = 20_000  # one upload (9-14 KB here) at a time
     for i in range(3):
         fed.add_agent(str(i), str(i))
     try:
@@ -393,7 +396,7 @@ def test_caches_are_pruned_and_a_full_reassembly_budget_defers(
     assert [r["accepted"] for r in rows] == [3, 3]
     assert [r["rejected"] for r in rows] == [0, 0] and refused == []
     assert sorted(xfers.values()) == [2, 2, 2]  # round 1's ids are gone
-    assert c._task_xfer == {} and c._upload_bytes == 0 and c._uploads == {}
+    assert c._task_xfer == {} and c._budget.used == 0 and c._uploads == {}
 
 
 def test_a_batch_that_fails_to_persist_is_not_acknowledged_and_counts_once(
@@ -407,12 +410,12 @@ def test_a_batch_that_fails_to_persist_is_not_acknowledged_and_counts_once(
 
     caplog.set_level(logging.INFO, logger="fedcoe.coordinator")
     _, f1 = memory_factory()
-    want = EmbeddedFederation(tmp_path / "ref", f1, devices=3, rounds=1, aggregation="stream").final_state(90)
+    want = EmbeddedFederation(tmp_path / "ref", f1, devices=3, rounds=1, aggregation="stream", **small()).final_state(90)
 
     obstacle = tmp_path / "bad" / "coordinator" / "rounds" / "1" / "acc-000001.safetensors"
     obstacle.mkdir(parents=True)
     _, f2 = memory_factory()
-    fed = EmbeddedFederation(tmp_path / "bad", f2, devices=3, rounds=1, aggregation="stream")
+    fed = EmbeddedFederation(tmp_path / "bad", f2, devices=3, rounds=1, aggregation="stream", **small())
     fed.start()
     try:
         fed.wait(lambda: any("none acknowledged" in r.getMessage() for r in caplog.records), 60,
@@ -438,7 +441,7 @@ def _after_one_round(tmp_path: Path) -> Iterator[tuple[EmbeddedFederation, Coord
     """A two-device in-memory federation whose one round is done, and its coordinator, still
     running, for a test to call handlers on directly."""
     _, factory = memory_factory()
-    fed = EmbeddedFederation(tmp_path, factory, devices=2, rounds=1)
+    fed = EmbeddedFederation(tmp_path, factory, devices=2, rounds=1, **small())
     fed.start()
     try:
         fed.wait_rounds(90)
@@ -457,11 +460,11 @@ def test_a_resent_evaluation_is_answered_but_logged_once(
     caplog.set_level(logging.INFO, logger="fedcoe.coordinator")
     with _after_one_round(tmp_path) as (fed, c):
         for _ in range(3):
-            c._on_eval("0", 7, {"kind": "cold", "correct": 3, "total": 4})
-        c._on_eval("1", 7, {"kind": "cold", "correct": 1, "total": 4})
-        fed.wait(lambda: len([e for e in c.store.evals("cold") if e["round"] == 7]) == 2, 30,
+            c._on_eval("0", 1, Eval("cold", 3, 4))
+        c._on_eval("1", 1, Eval("cold", 1, 4))
+        fed.wait(lambda: len([e for e in c.store.evals("cold") if e["round"] == 1]) == 2, 30,
                  "the evaluations stored")
-    lines = [r.getMessage() for r in caplog.records if "round=7 kind=cold" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "round=1 kind=cold" in r.getMessage()]
     assert len(lines) == 2 and any("device=0" in m for m in lines), lines
 
 
@@ -476,11 +479,11 @@ def test_a_resent_fetch_reuses_the_download_it_already_started(tmp_path: Path) -
                 return {x for x, o in c._senders.items() if o.device == "ghost" and o.purpose == "cold"}
 
         before = downloads()  # "ghost" never answers: its downloads stay open
-        c._on_fetch("ghost", 1, {"purpose": "cold", "expert_ids": [0, 1]})
+        c._on_fetch("ghost", 1, Fetch("cold", (0, 1)))
         first = downloads() - before
-        c._on_fetch("ghost", 1, {"purpose": "cold", "expert_ids": [0, 1]})
+        c._on_fetch("ghost", 1, Fetch("cold", (0, 1)))
         again = downloads() - before
-        c._on_fetch("ghost", 1, {"purpose": "cold", "expert_ids": [2, 3]})  # other experts: new
+        c._on_fetch("ghost", 1, Fetch("cold", (2, 3)))  # other experts: new
         other = downloads() - before
     assert len(first) == 1 and again == first
     assert len(other) == 2

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.config import SIMULATION_ONLY
-from coordinator.harness import EmbeddedFederation
+from coordinator.harness import EmbeddedFederation, small
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.data import make_federation
 from fedcoe_edge.simulation import SimulationConfig, run_one
@@ -28,7 +28,8 @@ DEPLOYABLE = sorted(a for a in STRATEGIES if a not in SIMULATION_ONLY)
 def test_deployed_strategy_equals_the_simulator(tmp_path: Path, algorithm: str) -> None:
     broker = MemoryBroker()
     fed = EmbeddedFederation(tmp_path, lambda c, w, b: broker.client(c, will=w, birth=b),
-                             devices=3, rounds=2, algorithm=algorithm, compress=False)
+                             devices=3, rounds=2, algorithm=algorithm, compress=False,
+                             aggregation="batch", **small())  # the simulator's fold, bit for bit
     fed.start()
     try:
         fed.wait_rounds(90)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coordinator.harness import EmbeddedFederation
+from coordinator.harness import EmbeddedFederation, small
 from device_agent.config import DataSettings
 from device_agent.daemon import DeviceAgent
 from device_agent.data import LocalData, check_labels, load_image_folder_named, relabel
@@ -80,7 +80,7 @@ class SlowToWelcome(DeviceAgent):
 
 
 def test_a_device_whose_data_does_not_fit_declines_and_the_round_closes_without_it(tmp_path: Path) -> None:
-    fed = EmbeddedFederation(tmp_path, memory_factory(), devices=2, rounds=1, deadline_s=600.0, quorum=1)
+    fed = EmbeddedFederation(tmp_path, memory_factory(), devices=2, rounds=1, deadline_s=600.0, quorum=1, **small())
     coord = fed.start_coordinator()
     fed.add_agent("0", "0")
     x = np.zeros((10, 1, 4, 4), np.float32)  # the model expects (1, 8, 8)
@@ -103,7 +103,7 @@ def test_a_device_whose_data_does_not_fit_declines_and_the_round_closes_without_
 
 
 def test_a_declined_agent_exits_2(tmp_path: Path) -> None:
-    fed = EmbeddedFederation(tmp_path, memory_factory(), devices=1)
+    fed = EmbeddedFederation(tmp_path, memory_factory(), devices=1, **small())
     x = np.zeros((4, 1, 8, 8), np.float32)
     agent = DeviceAgent(fed.agent_config("0", "0"), fed.factory,
                         data=ClientData(x, np.zeros(4, np.int64), x, np.zeros(4, np.int64)))
@@ -114,7 +114,7 @@ def test_a_declined_agent_exits_2(tmp_path: Path) -> None:
 def test_a_model_this_device_cannot_import_is_declined_once(tmp_path: Path) -> None:
     """A welcome naming a trunk by an import path this device's venv lacks: one decline with
     the reason, not an error per welcome."""
-    fed = EmbeddedFederation(tmp_path, memory_factory(), devices=1)
+    fed = EmbeddedFederation(tmp_path, memory_factory(), devices=1, **small())
     x = np.zeros((4, 1, 8, 8), np.float32)
     agent = DeviceAgent(fed.agent_config("0", "0"), fed.factory,
                         data=ClientData(x, np.zeros(4, np.int64), x, np.zeros(4, np.int64)))

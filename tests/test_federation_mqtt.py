@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coordinator.harness import DEMO_SECRET, EmbeddedFederation
+from coordinator.harness import DEMO_SECRET, EmbeddedFederation, small
 from device_agent.daemon import AgentHooks, DeviceAgent
 from fedcoe_edge.errors import WireError
 from fedcoe_edge.protocol import BrokerSettings, device_key, mqtt_factory
@@ -42,7 +42,7 @@ def memory_factory() -> Any:
 
 
 def run_federation(root: Path, factory: Any, **kw: Any) -> dict[str, Any]:
-    fed = EmbeddedFederation(root, factory, **kw)
+    fed = EmbeddedFederation(root, factory, **kw, **small())
     fed.start()
     try:
         fed.wait_rounds(120)
@@ -50,16 +50,18 @@ def run_federation(root: Path, factory: Any, **kw: Any) -> dict[str, Any]:
         assert c is not None
         return {"rows": [c.store.round_summary(r) for r in range(1, fed.rounds + 1)],
                 "state": dict(c.strategy.global_state), "events": c.store.events(),
-                "max_packet": c.transport.max_packet_size if c.transport else None}
+                "max_packet": c.transport.max_packet_size if c.transport else None,
+                "federation": fed.federation}
     finally:
         fed.stop()
 
 
 def test_three_devices_over_mosquitto_match_the_memory_transport(tmp_path: Path, make_mosquitto: Any) -> None:
     broker = make_mosquitto(max_packet_size=PACKET_LIMIT)
+    # batch aggregation: compared bit for bit, and streamed sums depend on the arrival order
     mqtt = run_federation(tmp_path / "mqtt", mqtt_factory(BrokerSettings(port=broker.port)),
-                          devices=3, rounds=3)
-    mem = run_federation(tmp_path / "mem", memory_factory(), devices=3, rounds=3)
+                          devices=3, rounds=3, aggregation="batch")
+    mem = run_federation(tmp_path / "mem", memory_factory(), devices=3, rounds=3, aggregation="batch")
     assert [r["accepted"] for r in mqtt["rows"]] == [3, 3, 3]
     assert [r["global_acc"] for r in mqtt["rows"]] == [r["global_acc"] for r in mem["rows"]]
     assert [r["personalized_acc"] for r in mqtt["rows"]] == [r["personalized_acc"] for r in mem["rows"]]
@@ -74,13 +76,13 @@ def test_three_devices_over_mosquitto_match_the_memory_transport(tmp_path: Path,
     t.connect()
     try:
         with pytest.raises(WireError, match="send it as a chunked transfer"):
-            t.check_size(Topics("test").dn_blob("0", "x"), int(per_device_down), 1, False)
+            t.check_size(Topics(mqtt["federation"]).dn_blob("0", "x"), int(per_device_down), 1, False)
     finally:
         t.close()
 
 
-def forged(sender: str, key: bytes, rnd: int) -> bytes:
-    env = Envelope.new("result", federation="test", sender=sender, recipient="coordinator", round=rnd,
+def forged(sender: str, key: bytes, rnd: int, federation: str) -> bytes:
+    env = Envelope.new("result", federation=federation, sender=sender, recipient="coordinator", round=rnd,
                        body={"num_samples": 1})
     return encode_envelope(env, key)
 
@@ -117,17 +119,17 @@ def test_bad_inputs_are_rejected_and_counted_while_rounds_complete(
     hooks = {"0": AgentHooks(tamper=wrong_shape),
              "1": AgentHooks(tamper=non_finite, before_upload=hold_round1)}
     fed = EmbeddedFederation(tmp_path, mqtt_factory(BrokerSettings(port=broker.port)), devices=3,
-                             rounds=2, compress=False, hooks=hooks)
+                             rounds=2, compress=False, hooks=hooks, **small())
     fed.start()
     intruder = MqttTransport("intruder", broker.host, broker.port)
     try:
         c = fed.coordinator
         assert c is not None
         fed.wait(lambda: c.round == 1 and "2" in c.results and "0" in c.failed, 60, "round 1 half done")
-        topics = Topics("test")
+        topics = Topics(fed.federation)
         intruder.connect()
         intruder.publish(topics.up_ctl("0"), b"{not json")
-        intruder.publish(topics.up_ctl("1"), forged("1", b"k" * 32, 1))
+        intruder.publish(topics.up_ctl("1"), forged("1", b"k" * 32, 1, fed.federation))
         intruder.publish(topics.up_blob("2", "feedface"), encode_chunk("feedface", 0, 1, b"junk"))
         # device 2 re-sends its accepted round-1 update: the same bytes are a retransmission
         # (acknowledged again), a different update for the same round is a duplicate
@@ -139,7 +141,7 @@ def test_bad_inputs_are_rejected_and_counted_while_rounds_complete(
         def rejected(dev: str, rnd: int, text: str) -> bool:
             return any(e["device"] == dev and e["round"] == rnd and text in e["reason"]
                        for e in c.store.events(kind="rejected"))
-        fed.wait(lambda: rejected("0", 1, "not valid JSON") and rejected("1", 1, "bad HMAC")
+        fed.wait(lambda: rejected("0", 1, "no HMAC member") and rejected("1", 1, "bad HMAC")
                  and rejected("2", 1, "chunk for unknown transfer"), 30, "intruder rejections")
         release.set()
         fed.wait_rounds(120)
@@ -154,7 +156,7 @@ def test_bad_inputs_are_rejected_and_counted_while_rounds_complete(
         intruder.close()
         fed.stop()
 
-    expected = [("0", 1, "envelope: envelope: not valid JSON"), ("1", 1, "bad HMAC"),
+    expected = [("0", 1, "envelope: envelope from '0': no HMAC member"), ("1", 1, "bad HMAC"),
                 ("2", 1, "chunk for unknown transfer 'feedface'"),
                 ("0", 1, "has shape"), ("2", 1, "duplicate update for round 1"),
                 ("1", 2, "non-finite value"), ("2", 2, "update for closed round 2")]
@@ -188,7 +190,7 @@ def test_device_vanishing_mid_round_is_a_failure_at_the_deadline(
         return True
 
     fed = EmbeddedFederation(tmp_path, mqtt_factory(BrokerSettings(port=broker.port)), devices=3,
-                             rounds=2, deadline_s=8.0, hooks={"2": AgentHooks(before_upload=vanish)})
+                             rounds=2, deadline_s=8.0, hooks={"2": AgentHooks(before_upload=vanish)}, **small())
     fed.start()
     try:
         c = fed.coordinator
@@ -290,7 +292,7 @@ def test_federation_over_the_deploy_template_tls_passwords_acl(tmp_path: Path) -
         # control: device 1 writing device 0's uplink is denied, and the broker says so
         spoof = factory("1", None, None)
         spoof.connect()
-        spoof.publish(Topics("test").up_ctl("0"), b"forged")
+        spoof.publish(Topics(got["federation"]).up_ctl("0"), b"forged")
         spoof.close()
     mem = run_federation(tmp_path / "mem", memory_factory(), devices=2, rounds=2)
     assert [r["accepted"] for r in got["rows"]] == [2, 2] and got["events"] == []

@@ -17,6 +17,9 @@ What is asserted is what honest devices get, never how fast anything ran:
 * hellos and "coordinator online" replays prepare no second task download for anyone;
 * a coordinator killed with SIGKILL while uploads are in flight and started again loses
   no update: the round still closes with every update, before its original deadline.
+* a client holding no key at all, flooding heartbeat and control topics with 1e999
+  floats, 40,000-deep JSON, random bytes and forged envelopes, costs the coordinator no
+  traceback and a few counted refusal rows while every honest round completes.
 
 Run ``make test-hostile`` for the slow ones (``-m slow``); ``make test`` runs the short
 attack only. Each test prints its measured figures (``-s`` shows them).
@@ -529,3 +532,85 @@ def test_random_garbage_is_few_refusal_classes() -> None:
         except (ValueError, UnicodeDecodeError) as exc:
             reasons.add(reason_class(f"envelope: not valid JSON ({exc})"))
     assert len(reasons) <= 12, sorted(reasons)
+
+
+# --- an unauthenticated flood: no key at all ------------------------------------------------
+FLOOD_S = float(os.environ.get("FEDCOE_FLOOD_S", "30"))
+
+
+def unsigned_flood_payloads() -> list[bytes]:
+    """What a peer without any key puts on heartbeat and control topics: envelope-shaped
+    JSON with a float 1e999, a 40,000-deep array, random bytes, and a plausible envelope
+    signed with a made-up key. None may cost more than a refusal counted per sender."""
+    rng = random.Random(7)
+    fake_key = b"\x01" * 32
+    env = Envelope.new(P.HEARTBEAT, federation=FED, sender=EVIL, recipient=P.COORDINATOR_ID,
+                       body={"rss_mb": 1.0}, ttl_s=120)
+    forged = encode_envelope(env, fake_key)
+    inf = forged.replace(b'"rss_mb":1.0', b'"rss_mb":1e999')
+    deep = b'{"body":' + b"[" * 40_000 + b"]" * 40_000 + b',"sender":"' + EVIL.encode() + b'"}'
+    return [inf] * 8 + [forged] * 6 + [rng.randbytes(200)] * 4 + [deep]
+
+
+def play_flood(fed: LiveFederation, seconds: float) -> dict[str, Any]:
+    """Flood the coordinator from a client holding no key (as fast as one paho client
+    publishes QoS 0) while the honest devices run their rounds; the figures of what the
+    coordinator discarded and what the honest devices got meanwhile."""
+    topics = Topics(FED)
+    t = MqttTransport("flooder", port=fed.broker.port)
+    t.connect()
+    payloads = unsigned_flood_payloads()
+    fed.wait(lambda: fed.round_row(1) is not None, "round 1 open")
+    log0 = fed.log_path("coordinator").stat().st_size
+    sent, t0 = 0, time.monotonic()
+    end = t0 + seconds
+    try:
+        while time.monotonic() < end:
+            for i, p in enumerate(payloads):
+                topic = topics.up_hb(EVIL) if i % 2 else topics.up_ctl(EVIL)
+                try:
+                    t.publish(topic, p, qos=0)
+                    sent += 1
+                except FedCoEError:
+                    time.sleep(0.01)
+            if t.unacked > 1000:
+                time.sleep(0.001)
+    finally:
+        flood_s = time.monotonic() - t0
+        t.close()
+    during = [r for r in fed.query("SELECT * FROM rounds WHERE state='closed' AND closed_at<=?",
+                                   (time.time(),))]
+    complete = [r["round"] for r in during if fed.accepted(r["round"]) == set(fed.honest)]
+    fed.wait(lambda: fed.closed(fed.rounds), "every round closed after the flood")
+    rounds = [(r["round"], len(fed.accepted(r["round"])), round(r["closed_at"] - r["opened_at"], 1))
+              for r in fed.query("SELECT * FROM rounds ORDER BY round")]
+    fed.stop_coordinator()
+    counted = fed.query("SELECT COALESCE(SUM(count), 0) AS n, COUNT(*) AS rows FROM events"
+                        " WHERE kind='rejected' AND device=?", (EVIL,))[0]
+    text = fed.log_path("coordinator").read_text(errors="replace")
+    figures = {
+        "flood_s": round(flood_s, 1), "sent": sent, "sent_per_s": round(sent / flood_s),
+        "refusals_counted": counted["n"], "refusal_rows": counted["rows"],
+        "discarded_per_s": round(counted["n"] / flood_s),
+        "rounds_fully_honest_during_flood": complete,
+        "rounds(round, accepted, seconds)": rounds,
+        "log_growth_bytes": len(text.encode()) - log0,
+        "tracebacks": text.count("Traceback"),
+    }
+    print(f"\nflood figures: {json.dumps(figures)}")
+    return figures
+
+
+@pytest.mark.slow
+def test_unauthenticated_flood_costs_a_counted_row(live: Callable[..., LiveFederation]) -> None:
+    """A client holding no key floods heartbeat and control topics with 1e999 floats,
+    40,000-deep JSON, random bytes and forged envelopes for FEDCOE_FLOOD_S seconds: the
+    coordinator logs no traceback, counts the refusals in a few rows, and the honest
+    rounds complete with every update. (At dd4ce8e each message logged a traceback: 70 MB
+    of log a minute and rounds with no honest update.)"""
+    fed = live(3, 5, with_attacker=False)
+    fig = play_flood(fed, FLOOD_S)
+    assert fig["tracebacks"] == 0
+    assert fig["refusal_rows"] <= 10 and fig["refusals_counted"] > 0
+    assert fig["log_growth_bytes"] <= LOG_GROWTH_BYTES
+    assert all(n == len(fed.honest) for _, n, _ in fig["rounds(round, accepted, seconds)"])

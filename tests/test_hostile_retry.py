@@ -20,8 +20,9 @@ import pytest
 
 import device_agent.daemon as agent_daemon
 from coordinator.daemon import Coordinator
-from coordinator.harness import EmbeddedFederation
+from coordinator.harness import EmbeddedFederation, small
 from fedcoe_edge import protocol as P
+from fedcoe_edge.messages import Eval, Fetch
 from fedcoe_edge.transport import MemoryBroker
 
 WAIT = 120.0
@@ -44,13 +45,13 @@ class _Forgetful(Coordinator):
                 self.handled[key] += 1
             return first
 
-    def _on_fetch(self, dev: str, rnd: int, body: dict[str, Any]) -> None:
-        if self._first((dev, P.FETCH, str(body.get("purpose")))):
+    def _on_fetch(self, dev: str, rnd: int, body: Fetch) -> None:
+        if self._first((dev, P.FETCH, body.purpose)):
             return
         super()._on_fetch(dev, rnd, body)
 
-    def _on_eval(self, dev: str, rnd: int, body: dict[str, Any]) -> None:
-        if self._first((dev, P.EVAL, str(body.get("kind")))):
+    def _on_eval(self, dev: str, rnd: int, body: Eval) -> None:
+        if self._first((dev, P.EVAL, body.kind)):
             return
         super()._on_eval(dev, rnd, body)
 
@@ -66,7 +67,7 @@ def _federation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, coordinator_cls
     def factory(cid: str, will: Any, birth: Any) -> Any:
         return broker.client(cid, will=will, birth=birth)
 
-    fed = EmbeddedFederation(tmp_path, factory, devices=devices, rounds=1)
+    fed = EmbeddedFederation(tmp_path, factory, devices=devices, rounds=1, **small())
     c = fed.coordinator = coordinator_cls(fed.coordinator_config(), factory)
     fed._spawn(c.run, "coordinator")
     return fed, c
@@ -103,7 +104,7 @@ class _Deaf(Coordinator):
 
     evals: Counter[str] = Counter()
 
-    def _on_eval(self, dev: str, rnd: int, body: dict[str, Any]) -> None:
+    def _on_eval(self, dev: str, rnd: int, body: Eval) -> None:
         type(self).evals[dev] += 1
 
 

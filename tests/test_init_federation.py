@@ -186,3 +186,70 @@ def test_init_then_coordinator_and_agents_agree_on_labels(tmp_path: Path) -> Non
     ck = json.loads((out / "coordinator" / "state" / "checkpoint" / "model.json").read_text())
     assert ck["classes"] == ["one", "two", "three"]
     assert os.path.isfile(out / "coordinator" / "state" / "coordinator.sqlite")
+
+
+def test_init_shards_writes_one_identity_per_aggregator(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """``--shards 2``: a leader and two shard configs, each with its own broker login (its
+    role's MQTT identity) and an ACL entry of its own; devices get their shard's federation
+    id; a config started in another role, or on a shared login, is refused in one line."""
+    from coordinator.config import Role, load_config, mqtt_identity
+    from fedcoe_edge.errors import ConfigError
+    from fedcoe_edge.sharding import shard_federation, shard_of
+
+    out = tmp_path / "fed"
+    names = ["a1", "b2", "c3", "d4"]
+    assert main(["init", str(out), "--names", ",".join(names), "--shards", "2"]) == 0
+    printed = capsys.readouterr().out
+    cdir = out / "coordinator"
+    assert sorted(p.name for p in cdir.iterdir()) == ["federation.secret", "leader.toml",
+                                                       "shard-0.toml", "shard-1.toml"]
+    roles: dict[str, tuple[Role, int | None]] = {"leader": (Role.LEADER, None), "shard-0": (Role.SHARD, 0),
+                                                 "shard-1": (Role.SHARD, 1)}
+    users = {}
+    for stem, (role, index) in roles.items():
+        assert f"--config {cdir / (stem + '.toml')} --role {role.value}" in printed
+        cfg = load_config(cdir / f"{stem}.toml")
+        assert cfg.federation.shards == 2 and cfg.federation.aggregation == "stream"
+        assert mode(cdir / f"{stem}.toml") == 0o600
+        cfg.check_role(role, index)  # its own role passes
+        users[stem] = cfg.broker.username
+        assert users[stem] == mqtt_identity(cfg.federation, role, index)
+        other = (Role.SHARD, 1 - index) if index is not None else (Role.SHARD, 0)
+        with pytest.raises(ConfigError, match="is not shard .'s own MQTT identity"):
+            cfg.check_role(*other)  # another process's config: refused
+    assert users == {"leader": "coordinator.leader.fleet1", "shard-0": "coordinator.fleet1.s0of2",
+                     "shard-1": "coordinator.fleet1.s1of2"}
+    passwords = {load_config(cdir / f"{s}.toml").broker.password for s in roles}
+    assert len(passwords) == 3  # one password each
+    plain = (out / "broker" / "passwd").read_text()
+    assert sorted(line.split(":")[0] for line in plain.splitlines()) == sorted([*users.values(), *names])
+    acl = (out / "broker" / "acl").read_text()
+    assert "user coordinator\n" not in acl
+    entries = {block.splitlines()[0].removeprefix("user "): block.splitlines()[1:]
+               for block in ("\n" + acl).split("\nuser ")[1:]}
+    lt = "fl/v1/fleet1/agg"
+    assert [ln for ln in entries[users["leader"]] if ln.startswith("topic")] == [
+        f"topic read {lt}/up/#", f"topic write {lt}/dn/#", f"topic write {lt}/leader/status"]
+    for i in (0, 1):
+        assert [ln for ln in entries[users[f"shard-{i}"]] if ln.startswith("topic")] == [
+            f"topic readwrite fl/v1/fleet1.s{i}of2/#", f"topic read {lt}/dn/shard-{i}/#",
+            f"topic read {lt}/leader/status", f"topic write {lt}/up/shard-{i}/#"]
+    for dev in names:
+        agent = tomllib.loads((out / "devices" / dev / "agent.toml").read_text())
+        assert agent["device"]["federation"] == shard_federation("fleet1", shard_of(dev, 2), 2)
+    # the old way, one config with the coordinator's login for every process: refused
+    shared = (cdir / "leader.toml").read_text().replace(users["leader"], "coordinator")
+    (tmp_path / "shared.toml").write_text(shared.replace('secret_file = "federation.secret"',
+                                                         f'secret_file = "{cdir / "federation.secret"}"'))
+    cfg = load_config(tmp_path / "shared.toml")
+    for role, index in roles.values():
+        with pytest.raises(ConfigError, match="username 'coordinator' is not"):
+            cfg.check_role(role, index)
+    # bad input: one line, nothing written
+    assert main(["init", str(tmp_path / "x"), "--shards", "0"]) == 2
+    assert main(["init", str(tmp_path / "y"), "--shards", "2", "--names",
+                 "coordinator.leader.fleet1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--shards must be in 1..1024" in err[0] and "MQTT identity" in err[1], err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

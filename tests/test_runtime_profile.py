@@ -20,7 +20,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from coordinator.harness import DEMO_SECRET, EmbeddedFederation
+from coordinator.harness import DEMO_SECRET, EmbeddedFederation, small
 from device_agent import daemon as agent_daemon
 from device_agent.daemon import DeviceAgent
 from export.bundle import build_bundle
@@ -94,7 +94,7 @@ def test_inference_agent_cold_starts_through_its_bundle(tmp_path: Path) -> None:
     accuracy as the coordinator's own torch cold-start evaluation. Declines: an unsigned
     bundle, and a train-role device without torch."""
     factory = _memory_factory()
-    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=2)
+    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=2, **small())
     fed.start()
     try:
         fed.wait_rounds(90)
@@ -148,7 +148,7 @@ def test_runtime_profile_agent_asked_to_train_declines(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(agent_daemon, "torch_installed", lambda: False)
     factory = _memory_factory()
-    fed = EmbeddedFederation(tmp_path, factory, devices=1, rounds=1)
+    fed = EmbeddedFederation(tmp_path, factory, devices=1, rounds=1, **small())
     fed.start_coordinator()
     try:
         agent = fed.add_agent("0", "0")

@@ -10,14 +10,17 @@ import time
 import numpy as np
 import pytest
 
-from fedcoe_edge.errors import WireError
+from fedcoe_edge.errors import ConfigError, WireError
 from fedcoe_edge.transport import MemoryBroker, Message, Topics, Will, topic_matches
 from fedcoe_edge.transport.base import Dispatcher, check_filter, publish_packet_size
 from fedcoe_edge.transport.blob import XFER_DONE, BlobReceiver, BlobSender, fit_chunk_size
 from fedcoe_edge.wire import (
+    DEFAULT_WINDOW,
+    MAX_WINDOW,
     Envelope,
     ReplayCache,
     TransferManifest,
+    TransferWindow,
     decode_envelope,
     decode_tensors,
     encode_envelope,
@@ -408,3 +411,134 @@ def test_blob_sender_publishes_only_what_the_shared_budget_allows() -> None:
     assert [s.pump() for s in senders] == [4, 1, 0]  # windows of 4, five chunks in all
     allowance[0] = 12
     assert [s.pump() for s in senders] == [0, 3, 4]  # the first one's window is full
+
+
+# --- small windows --------------------------------------------------------------------
+TICK_S = 0.05  # a daemon's poll interval; also the one-way delay of a report here
+
+
+def _transfer_seconds(window: int, chunks: int = 196, limit_s: float = 600.0) -> tuple[float, int]:
+    """Simulated seconds for one transfer of ``chunks`` 1 KiB chunks at ``window``, over the
+    deterministic memory broker with a clock that advances one tick per step: chunks are
+    delivered within a step, the receiver's reports in the next one (a round trip of one
+    tick), and the sender pumps every step, as a daemon's timer does. Returns the seconds
+    (``limit_s`` when it did not finish) and the chunks resent."""
+    now = [0.0]
+    broker = MemoryBroker(threaded=False)
+    a, b = broker.client("a"), broker.client("b")
+    a.connect()
+    b.connect()
+    data = np.random.default_rng(window).bytes(chunks * 1024)
+    m = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1024,
+                                     transfer_id="x", window=window)
+    sender = BlobSender(a, "t/x", m, data, window=window, retransmit_s=2.0, clock=lambda: now[0])
+    pending: list[tuple[str, dict]] = []
+    receiver = BlobReceiver(lambda kind, body: pending.append((kind, body)), auto_ack=True)
+    receiver.expect(TransferManifest.from_dict(json.loads(json.dumps(m.to_dict()))))
+    b.subscribe("t/#", lambda msg: _keep(receiver.on_chunk(msg.payload), []))
+    while not sender.done and now[0] < limit_s:
+        reports, pending[:] = list(pending), []
+        for kind, body in reports:
+            (sender.on_done if kind == XFER_DONE else sender.on_progress)(body)
+        sender.pump()
+        broker.pump()
+        now[0] += TICK_S
+    return (now[0] if sender.done else limit_s), sender.resends
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_windows_below_the_report_interval_finish_at_the_round_trip_pace(window: int) -> None:
+    """196 chunks at window 1, 2 or 3: the manifest carries ``report_every`` = the window,
+    so the receiver reports once per window and the sender never waits for its timer. It
+    takes one round trip (a tick here) per window, with no resends; without the field the
+    receiver reported only on a resent duplicate and window 1 or 2 did not finish in 600
+    simulated seconds (window 3: 82 s)."""
+    seconds, resends = _transfer_seconds(window)
+    rounds = -(-196 // window)
+    assert seconds <= (rounds + 3) * TICK_S, (window, seconds)
+    assert resends == 0
+    print(f"window {window}: 196 chunks in {seconds:.2f} simulated s, {resends} resends")
+
+
+def test_the_manifest_declares_a_small_window_and_only_a_small_one() -> None:
+    data = bytes(5000)
+    small = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1024,
+                                         window=2)
+    assert small.report_every == 2 and small.to_dict()["report_every"] == 2
+    assert TransferManifest.from_dict(small.to_dict()) == small
+    usual = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1024,
+                                         window=16)
+    assert "report_every" not in usual.to_dict()  # unchanged on the wire for windows >= 4
+    assert TransferManifest.from_dict(usual.to_dict()) == usual
+    with pytest.raises(WireError, match="window 1 is below the manifest's report_every 4"):
+        BlobSender(MemoryBroker().client("a"), "t/x", usual, data, window=1)
+    with pytest.raises(WireError, match="report_every must be an integer in 1..4"):
+        TransferManifest.from_dict({**usual.to_dict(), "report_every": 0})
+
+
+def test_backoff_does_not_grow_across_windows_that_make_progress() -> None:
+    """The crawl: a receiver that answers a window only once the sender resent it (as one
+    that reports every 4 chunks did for a window of 2). No report gives a clean round-trip
+    sample (Karn), but each acknowledges new chunks: the wait stays the first timeout's,
+    window after window. Before, only a clean sample ended the doubling, so the wait grew
+    to ``max_retransmit_s`` (60 s) per 2 chunks."""
+    data = bytes(range(256)) * 200
+    m = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1024,
+                                     transfer_id="b", window=2)
+    w = TransferWindow(m, data, window=2, retransmit_s=2.0, max_retransmit_s=60.0)
+    t, waits = 0.0, []
+    sent = w.due(t)
+    for _ in range(20):
+        waits.append(w.timeout_s)
+        t += w.timeout_s + 1e-6
+        assert w.due(t) == sent  # the timer fired: the window again ...
+        t += 0.05  # ... and the receiver answers the duplicate
+        w.on_progress({"xfer": "b", "next": sent[-1] + 1, "highest": sent[-1], "missing": [],
+                       "received": sent[-1] + 1}, t)
+        sent = w.due(t)
+        assert sent == [sent[0], sent[0] + 1]
+    assert max(waits) <= 2.0 * 1.25, waits
+
+
+def test_after_a_silence_the_first_clean_report_restores_the_measured_timeout() -> None:
+    """A silent receiver doubles the wait; the report that ends the silence acknowledges
+    chunks sent before it (no clean sample) and keeps only the doublings their delay
+    showed; the next window's report is clean and brings the measured timeout back."""
+    data = bytes(range(256)) * 64
+    m = TransferManifest.for_payload(data, expert_ids=[], base_version=0, chunk_size=1024,
+                                     transfer_id="c")
+    w = TransferWindow(m, data, window=4, retransmit_s=1.0, max_retransmit_s=60.0)
+    assert w.due(0.0) == [0, 1, 2, 3]
+    t = 0.0
+    for _ in range(4):  # the receiver is silent: one window, then single probes
+        t += w.timeout_s + 1e-6
+        assert w.due(t)
+    backed_off = w.timeout_s
+    assert backed_off >= 16 * w.rto_s
+    t += 0.1
+    w.on_progress({"xfer": "c", "next": 4, "highest": 3, "missing": [], "received": 4}, t)
+    assert w.timeout_s <= backed_off  # the doubling stops: the delay it showed, no more
+    assert w.due(t) == [4, 5, 6, 7]
+    t += 0.1
+    w.on_progress({"xfer": "c", "next": 8, "highest": 7, "missing": [], "received": 8}, t)
+    assert w.timeout_s <= 1.25 * w.rto_s and w.rto_s == 1.0
+
+
+@pytest.mark.parametrize("window", [0, -1, 257, 2.5, True])
+def test_both_configs_refuse_a_window_outside_the_range_that_works(window: object) -> None:
+    """One check (``wire.check_window``) for the coordinator's and the agent's ``window``:
+    1..MAX_WINDOW, every value of which completes a transfer (the tests above)."""
+    from coordinator.config import CoordinatorConfig, FederationSettings
+    from device_agent.config import AgentConfig, DataSettings, DeviceSettings
+
+    coord = CoordinatorConfig(federation=FederationSettings(window=window),  # type: ignore[arg-type]
+                              secret=b"s" * 32)
+    agent = AgentConfig(device=DeviceSettings(id="d1", window=window),  # type: ignore[arg-type]
+                        key=b"k" * 32, data=DataSettings(dataset="digits"))
+    for cfg in (coord, agent):
+        with pytest.raises(ConfigError, match=rf"window must be an integer in 1..{MAX_WINDOW}"):
+            cfg.validate()
+    for ok in (1, 2, DEFAULT_WINDOW, MAX_WINDOW):
+        CoordinatorConfig(federation=FederationSettings(window=ok), secret=b"s" * 32).validate()
+        AgentConfig(device=DeviceSettings(id="d1", window=ok), key=b"k" * 32,
+                    data=DataSettings(dataset="digits")).validate()

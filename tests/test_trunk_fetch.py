@@ -95,7 +95,7 @@ def test_devices_fetch_the_trunk_once_and_rounds_carry_no_trunk(
     fed = CameraFederation(tmp_path, mqtt_factory(BrokerSettings(port=broker.port)), devices=2,
                            rounds=2, deadline_s=60.0, model=camera_model(trunks),
                            train=TrainConfig(local_epochs=1, batch_size=16),
-                           npz=camera_npz(tmp_path, 3))
+                           npz=camera_npz(tmp_path, 3), bundle="off")
     fed.start()
     try:
         fed.wait_rounds(120)
@@ -203,7 +203,7 @@ def test_the_coordinator_serves_only_the_federations_trunk(tmp_path: Path,
     mine = tmp_path / "trunk.safetensors"
     mine.write_bytes(Path(trunks["path"]).read_bytes())
     model = replace(camera_model(trunks), trunk_weights=str(mine))
-    fed = CameraFederation(tmp_path / "a", mqtt_factory(BrokerSettings()), model=model)
+    fed = CameraFederation(tmp_path / "a", mqtt_factory(BrokerSettings()), model=model, bundle="off")
     c = Coordinator(fed.coordinator_config())
     try:
         data, manifest = c._trunk_payload()
@@ -219,7 +219,7 @@ def test_the_coordinator_serves_only_the_federations_trunk(tmp_path: Path,
         c.close()
     plain = CameraFederation(tmp_path / "c", mqtt_factory(BrokerSettings()),
                              model=replace(model, trunk_mode="federated", trunk_weights="",
-                                           trunk_sha256=""))
+                                           trunk_sha256=""), bundle="off")
     c = Coordinator(plain.coordinator_config())
     try:
         with pytest.raises(ValidationError, match="names no pretrained trunk"):
@@ -232,12 +232,13 @@ def test_a_device_gets_the_trunk_a_bounded_number_of_times(tmp_path: Path,
                                                           trunks: dict[str, Any]) -> None:
     """A device re-fetching the trunk in a loop is refused after TRUNK_FETCH_MAX downloads
     in the window (the general fetch rate alone would let it pull the file every 10 s);
-    other devices are unaffected, and the remembered set stays bounded."""
+    other devices are unaffected; the count survives a restart of the coordinator (it is
+    in the store), and rows older than the window are pruned."""
     import coordinator.daemon as daemon
     from coordinator.daemon import TRUNK_FETCH_MAX, Coordinator
     from fedcoe_edge.errors import ValidationError
 
-    fed = CameraFederation(tmp_path / "a", mqtt_factory(BrokerSettings()), model=camera_model(trunks))
+    fed = CameraFederation(tmp_path / "a", mqtt_factory(BrokerSettings()), model=camera_model(trunks), bundle="off")
     c = Coordinator(fed.coordinator_config())
     try:
         for _ in range(TRUNK_FETCH_MAX):
@@ -245,16 +246,18 @@ def test_a_device_gets_the_trunk_a_bounded_number_of_times(tmp_path: Path,
         with pytest.raises(ValidationError, match=f"at most {TRUNK_FETCH_MAX}"):
             c._count_trunk_fetch("dev-0")
         c._count_trunk_fetch("dev-1")  # another device still gets its download
-        # downloads older than the window no longer count
-        c._trunk_fetches["dev-0"] = [t - daemon.TRUNK_FETCH_WINDOW_S - 1 for t in c._trunk_fetches["dev-0"]]
+    finally:
+        c.close()
+    c = Coordinator(fed.coordinator_config())  # a restart does not reset the count
+    try:
+        with pytest.raises(ValidationError, match=f"at most {TRUNK_FETCH_MAX}"):
+            c._count_trunk_fetch("dev-0")
+        # downloads older than the window no longer count, and the schedule prunes them
+        c.store._exec("UPDATE trunk_fetches SET ts = ts - ? WHERE device='dev-0'",
+                      (daemon.TRUNK_FETCH_WINDOW_S + 1,))
         c._count_trunk_fetch("dev-0")
-        old = daemon.TRUNK_FETCH_DEVICES_MAX
-        daemon.TRUNK_FETCH_DEVICES_MAX = 3
-        try:
-            for i in range(10):
-                c._count_trunk_fetch(f"many-{i}")
-            assert len(c._trunk_fetches) <= 3 and "many-9" in c._trunk_fetches
-        finally:
-            daemon.TRUNK_FETCH_DEVICES_MAX = old
+        c._prune()
+        left = c.store._rows("SELECT device, COUNT(*) AS n FROM trunk_fetches GROUP BY device")
+        assert {r["device"]: r["n"] for r in left} == {"dev-0": 1, "dev-1": 1}
     finally:
         c.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -16,6 +17,8 @@ from fedcoe_edge.errors import ConfigError, ValidationError, WireError
 from fedcoe_edge.wire import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
+    MAX_JSON_DEPTH,
+    MAX_JSON_INT,
     MAX_NACK,
     MIN_CHUNK_SIZE,
     Chunk,
@@ -24,6 +27,7 @@ from fedcoe_edge.wire import (
     ReplayCache,
     TransferManifest,
     TransferWindow,
+    UnauthenticatedError,
     check_chunk_size,
     compress_delta,
     compressed_delta_metadata,
@@ -65,7 +69,24 @@ def _resign(d: dict[str, object], key: bytes = KEY) -> bytes:
     unsigned = {k: v for k, v in d.items() if k != "hmac"}
     body = json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode()
     d["hmac"] = hmac.new(key, body, hashlib.sha256).hexdigest()
-    return json.dumps(d).encode()
+    return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _sign_raw(unsigned: bytes, key: bytes = KEY) -> bytes:
+    """Sign hand-written canonical bytes (``{...}`` without the hmac member) the way
+    encode_envelope does, so a test can put what no encoder would write behind a valid
+    HMAC: the receiver's parse limits are then all that stands in the way."""
+    import hmac
+
+    mac = hmac.new(key, unsigned, hashlib.sha256).hexdigest()
+    i = unsigned.index(b',"msg_id":')
+    return unsigned[:i] + b',"hmac":"' + mac.encode() + b'"' + unsigned[i:]
+
+
+def _unsigned_with_body(body: bytes, sender: str = "dev1") -> bytes:
+    return (b'{"body":' + body + b',"federation":"fed","msg_id":"m1","recipient":"coord",'
+            b'"round":3,"sender":"' + sender.encode() + b'","ts_ms":' + str(T0).encode()
+            + b',"ttl_s":300,"type":"hello","v":1}')
 
 
 # ----------------------------------------------------------------------------- envelope
@@ -80,25 +101,94 @@ def test_envelope_roundtrip_and_canonical_bytes() -> None:
     assert len(got.hmac) == 64 and replace(got, hmac="") == env
 
 
-def test_envelope_key_order_does_not_matter() -> None:
+def test_envelope_is_authenticated_on_its_canonical_bytes() -> None:
+    """The HMAC covers the bytes as sent: the same fields in another order or with spaces
+    are not what was signed, and are refused before anything is parsed."""
     d = json.loads(encode_envelope(_env(), KEY))
     shuffled = json.dumps(dict(reversed(list(d.items())))).encode()
-    assert _decode(shuffled).msg_id == d["msg_id"]
+    with pytest.raises(UnauthenticatedError, match="no sender member"):
+        _decode(shuffled)
+    spaced = json.dumps(d, sort_keys=True).encode()
+    with pytest.raises(UnauthenticatedError):
+        _decode(spaced)
+    # a body holding its own "hmac" and "sender" members does not confuse the raw reading
+    env = _env(body={"hmac": "0" * 64, "sender": "coord", "x": ',"hmac":"'})
+    assert _decode(encode_envelope(env, KEY)).body["sender"] == "coord"
 
 
 @pytest.mark.parametrize(
     ("data", "reason"),
     [
-        (b"\xff\xfe", "not valid JSON"),
-        (b"{not json", "not valid JSON"),
-        (b"[1, 2]", "expected a JSON object"),
-        (b'{"v": 1, "v": 1}', "duplicate key"),
-        (b'{"ts_ms": NaN}', "not valid JSON"),
+        (b"\xff\xfe", "no sender member"),
+        (b"{not json", "no sender member"),
+        (b"[1, 2]", "no sender member"),
+        (b'{"v": 1, "v": 1}', "no sender member"),
+        (b'{"ts_ms": NaN}', "no sender member"),
+        (b'{"body":{},"hmac":"' + b"0" * 64 + b'","sender":"dev1","v":1}', "bad HMAC"),
+        (b'{"body":{},"hmac":"zz","sender":"dev1","v":1}', "no HMAC member"),
+        (b'{"body":{},"sender":"a/b"}', "not a valid id"),
     ],
 )
-def test_envelope_rejects_non_json(data: bytes, reason: str) -> None:
-    with pytest.raises(WireError, match=reason):
+def test_envelope_rejects_unauthenticated_bytes_unparsed(data: bytes, reason: str) -> None:
+    with pytest.raises(UnauthenticatedError, match=reason):
         _decode(data)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b'{"x":1e999}', "not finite"),
+        (b'{"x":-1e999}', "not finite"),
+        (b'{"x":NaN}', "non-standard JSON constant"),
+        (b'{"x":Infinity}', "non-standard JSON constant"),
+        (b'{"x":' + b"1" * 401 + b"}", "integer of 401 digits"),
+        (b'{"x":9223372036854775808}', "exceeds"),
+        (b'{"x":' + b"[" * 40_000 + b"]" * 40_000 + b"}", "nested 40002 deep"),
+        (b'{"x":' + b"[" * 32 + b"]" * 32 + b"}", "nested 34 deep"),
+        (b'{"x":1,"x":2}', "duplicate key"),
+        (b'{"x":"\xff"}', "not valid JSON"),
+    ],
+)
+def test_authenticated_envelope_is_parsed_with_limits(body: bytes, reason: str) -> None:
+    """What a key holder signs still goes through the limits: no inf, no 400-digit
+    integer, no recursion bomb, each refused in one line (never OverflowError or
+    RecursionError out of the receiver)."""
+    with pytest.raises(WireError, match=reason) as info:
+        _decode(_sign_raw(_unsigned_with_body(body)))
+    assert not isinstance(info.value, UnauthenticatedError)
+
+
+def test_envelope_limits_accept_what_the_encoder_writes() -> None:
+    body = {"big": MAX_JSON_INT, "small": -MAX_JSON_INT, "f": 1.5e300, "s": "[[[{" * 100}
+    nested: Any = 1
+    for _ in range(MAX_JSON_DEPTH - 2):  # the envelope and its body are two levels
+        nested = [nested]
+    body["deep"] = nested
+    assert _decode(encode_envelope(_env(body=body), KEY)).body == body
+    with pytest.raises(WireError, match="not in canonical form"):
+        _decode(_sign_raw(_unsigned_with_body(b'{"a":1.0e2}')))
+
+
+def test_unauthenticated_flood_is_never_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """10,000 unsigned or mis-signed messages (inf numbers, 40,000-deep nesting, random
+    bytes) are refused without one JSON parse: bounded work per message."""
+    import fedcoe_edge.wire.envelope as envelope_mod
+
+    def no_parse(*_a: Any, **_k: Any) -> Any:
+        raise AssertionError("an unauthenticated message was parsed")
+    monkeypatch.setattr(envelope_mod, "parse_json", no_parse)
+    deep = b"[" * 40_000 + b"]" * 40_000
+    forged = [
+        _sign_raw(_unsigned_with_body(b'{"x":1e999}'), key=b"w" * 32),
+        _sign_raw(_unsigned_with_body(deep), key=b"w" * 32),
+        _sign_raw(_unsigned_with_body(b"{}", sender="stranger")),
+        deep, b"\x00" * 1000,
+    ]
+    t0 = time.perf_counter()
+    for i in range(10_000):
+        with pytest.raises(UnauthenticatedError):
+            _decode(forged[i % len(forged)])
+    assert time.perf_counter() - t0 < 20.0  # ~10 us each when idle; generous under load
 
 
 def test_envelope_rejects_wrong_version() -> None:
@@ -118,7 +208,7 @@ def test_envelope_rejects_wrong_version() -> None:
         (lambda d: d.update(round=-1), "'round' must be a non-negative integer"),
         (lambda d: d.update(body=[1]), "'body' must be a JSON object"),
         (lambda d: d.update(ttl_s=0), "'ttl_s' must be an integer"),
-        (lambda d: d.update(sender="a/b"), "'sender' must match"),
+        (lambda d: d.update(sender="a/b"), "not a valid id"),
         (lambda d: d.update(type="Hello World"), "'type' must match"),
         (lambda d: d.update(ts_ms=1.5), "'ts_ms' must be a non-negative integer"),
     ],
@@ -135,11 +225,11 @@ def test_envelope_rejects_tampering_and_wrong_keys() -> None:
     d = json.loads(data)
     d["body"]["a"] = [1, 3]
     with pytest.raises(WireError, match="bad HMAC"):
-        _decode(json.dumps(d).encode())
+        _decode(json.dumps(d, sort_keys=True, separators=(",", ":")).encode())
     d = json.loads(data)
     d["round"] = 4
-    with pytest.raises(WireError, match="from 'dev1' type='hello' round=4: bad HMAC"):
-        _decode(json.dumps(d).encode())
+    with pytest.raises(UnauthenticatedError, match="from 'dev1': bad HMAC"):
+        _decode(json.dumps(d, sort_keys=True, separators=(",", ":")).encode())
     with pytest.raises(WireError, match="bad HMAC"):
         _decode(encode_envelope(_env(), b"x" * 32))
     with pytest.raises(WireError, match="unknown sender"):

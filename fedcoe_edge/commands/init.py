@@ -11,6 +11,18 @@ per device by hand:
 * ``broker/mosquitto.conf``, ``broker/acl`` and ``broker/passwd`` (one password per client,
   hashed in place with ``mosquitto_passwd -U`` when that tool is installed).
 
+With ``--shards S`` (S > 1) the fleet is served by a leader and S shard aggregators
+(docs/daemons.md, "Past one machine"): instead of ``coordinator.toml`` the coordinator
+folder holds ``leader.toml`` and ``shard-<i>.toml``, one per process, each logging in to
+the broker as its own MQTT identity (``coordinator.config.mqtt_identity``) with its own
+password and an ACL entry granting only the topics that process uses, and every device's
+``agent.toml`` names its shard's federation id. The broker template binds the client id to
+the username, so aggregators sharing one login would take over each other's session.
+
+Every value ``init`` does not decide itself (rounds, deadline, the model and training
+knobs) is read from the config dataclasses the daemons default to, so a provisioned
+federation and an unconfigured daemon agree.
+
 The class list (``--classes``) goes into the coordinator's ``[federation] classes``, which
 every welcome carries, so label i names the same class on every device whatever folders it
 holds. The whole tree is written into a temporary sibling folder and renamed into place:
@@ -30,6 +42,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from coordinator.config import FederationSettings, Role, mqtt_identity
+from device_agent.config import DeviceSettings
+from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.errors import ConfigError
 
 FED_SECRET = "federation.secret"
@@ -66,8 +81,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="data path per device; {device} becomes the id; a path ending in .npz is "
                         "an npz file, anything else an image folder with one sub-folder per class; "
                         "relative paths are relative to the device's agent.toml")
-    p.add_argument("--rounds", type=int, default=20, help="federated rounds")
-    p.add_argument("--deadline", type=float, default=120.0, help="per-round deadline in seconds")
+    p.add_argument("--rounds", type=int, default=FederationSettings.rounds, help="federated rounds")
+    p.add_argument("--deadline", type=float, default=FederationSettings.deadline_s,
+                   help="per-round deadline in seconds")
+    p.add_argument("--shards", type=int, default=1,
+                   help="S > 1: a leader and S shard aggregators, each with its own config, "
+                        "broker login and ACL entry; devices get their shard's federation id")
     p.set_defaults(func=run_init)
 
     k = sub.add_parser(
@@ -129,31 +148,58 @@ def toml_list(items: list[str] | list[int]) -> str:
     return "[" + ", ".join(json.dumps(i) for i in items) + "]"
 
 
+def aggregators(args: argparse.Namespace) -> dict[str, str]:
+    """Config file stem -> MQTT identity of every coordinator process: ``coordinator`` for a
+    single coordinator, or ``leader`` and ``shard-<i>`` when sharded."""
+    fed = FederationSettings(id=args.federation, shards=args.shards)
+    if args.shards == 1:
+        return {"coordinator": mqtt_identity(fed, Role.SINGLE)}
+    out = {"leader": mqtt_identity(fed, Role.LEADER)}
+    for i in range(args.shards):
+        out[f"shard-{i}"] = mqtt_identity(fed, Role.SHARD, i)
+    return out
+
+
 def coordinator_toml(args: argparse.Namespace, ids: list[str], classes: list[str],
-                     shape: list[int]) -> str:
+                     shape: list[int], stem: str, username: str) -> str:
+    """One coordinator process's config; a leader's and its shards' differ only in the
+    ``[broker]`` login. Unset knobs are the dataclass defaults the daemon would use."""
     tls = ('tls = true\nca_file = "ca.crt"             # the CA that signed the broker certificate\n'
            if args.tls else "tls = false\n")
-    num_classes = len(classes) if classes else 10
-    return f"""# fedcoe coordinator --config coordinator.toml   (written by `fedcoe init`)
+    num_classes = len(classes) if classes else ModelConfig.num_classes
+    m, t = ModelConfig(), TrainConfig()
+    if args.shards == 1:
+        head = "# fedcoe coordinator --config coordinator.toml   (written by `fedcoe init`)"
+        shards = ""
+    else:
+        role = ("--role leader" if stem == "leader"
+                else f"--role shard --shard-index {stem.removeprefix('shard-')}")
+        head = (f"# fedcoe coordinator --config {stem}.toml {role}   (written by `fedcoe init`)\n"
+                f"# leader.toml and every shard-<i>.toml differ only in [broker] username/password:\n"
+                f"# each process logs in as itself (docs/daemons.md, \"Past one machine\").")
+        shards = (f"shards = {args.shards}                   # a leader and {args.shards} shard "
+                  "aggregators (streamed aggregation)\n")
+    return f"""{head}
 # Relative paths are relative to this file's folder. Every key can be overridden with
-# FEDCOE_<SECTION>_<KEY>, e.g. FEDCOE_BROKER_PORT=8883.
+# FEDCOE_<SECTION>_<KEY>, e.g. FEDCOE_BROKER_PORT=8883. Keys not written here take the
+# defaults listed in deploy/coordinator.toml.
 
 [federation]
 id = "{args.federation}"
-algorithm = "fedcoe"
+algorithm = "{FederationSettings.algorithm}"
 rounds = {args.rounds}
 min_devices = {len(ids)}               # devices online before round 1
 quorum = {max(1, len(ids) // 2)}                    # accepted updates needed to apply a round
 deadline_s = {args.deadline}
 state_dir = "state"
-allowed_devices = {toml_list(ids)}
+{shards}allowed_devices = {toml_list(ids)}
 # label i is classes[i] on every device (sent in every welcome); empty: labels as stored
 classes = {toml_list(classes)}
 
 [broker]
 host = "{args.host}"
 port = {args.port}
-username = "coordinator"
+username = "{username}"
 password = "{{password}}"
 {tls}
 [security]
@@ -162,18 +208,27 @@ secret_file = "{FED_SECRET}"      # never copy this file to a device
 [model]
 input_shape = {toml_list(shape)}
 num_classes = {num_classes}
-expert_kind = "cnn"
-expert_hidden = 32
-num_global_experts = 4
-top_k = 2
-num_local_experts = 1
+expert_kind = "{m.expert_kind}"
+expert_hidden = {m.expert_hidden}
+num_global_experts = {m.num_global_experts}
+top_k = {m.top_k}
+num_local_experts = {m.num_local_experts}
 
 [train]
-local_epochs = 2
-batch_size = 32
-lr = 0.05
-experts_per_client = 2
+local_epochs = {t.local_epochs}
+batch_size = {t.batch_size}
+lr = {t.lr}
+experts_per_client = {t.experts_per_client}
 """
+
+
+def device_federation(args: argparse.Namespace, dev: str) -> str:
+    """The federation id in a device's config: its shard's when the fleet is sharded."""
+    if args.shards == 1:
+        return str(args.federation)
+    from fedcoe_edge.sharding import shard_federation, shard_of
+
+    return shard_federation(args.federation, shard_of(dev, args.shards), args.shards)
 
 
 def agent_toml(args: argparse.Namespace, dev: str, classes: list[str], shape: list[int]) -> str:
@@ -181,15 +236,17 @@ def agent_toml(args: argparse.Namespace, dev: str, classes: list[str], shape: li
            if args.tls else "tls = false\n")
     data = args.data.replace("{device}", dev)
     source = f'npz = "{data}"' if data.endswith(".npz") else f'image_folder = "{data}"   # one sub-folder per class'
+    fed = device_federation(args, dev)
+    note = "" if args.shards == 1 else f"   # shard {fed.split('.s')[-1].split('of')[0]} of {args.shards} (fedcoe shard-of)"
     return f"""# fedcoe agent --config agent.toml   (written by `fedcoe init` for device {dev})
 # Relative paths are relative to this file's folder. Holds the broker password: keep it 0600.
 
 [device]
 id = "{dev}"
-federation = "{args.federation}"
-tier = "medium"                # local expert width: small (Pi Zero) | medium | large (Jetson)
+federation = "{fed}"{note}
+tier = "{DeviceSettings.tier}"                # local expert width: small (Pi Zero) | medium | large (Jetson)
 state_dir = "state"            # the private level lives here and never leaves the device
-bundle = "final"               # int8 ONNX bundle for `fedcoe predict` after the last round
+bundle = "{DeviceSettings.bundle}"               # int8 ONNX bundle for `fedcoe predict` after the last round
 
 [broker]
 host = "{args.host}"
@@ -207,36 +264,76 @@ classes = {toml_list(classes)}
 """
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def mosquitto_conf(args: argparse.Namespace, root: Path) -> str:
+    """The broker of deploy/mosquitto/mosquitto.conf for this federation: passwords, ACL,
+    client id bound to the username, the same limits, persistence in ``broker/data/``.
+    A loopback ``--host`` binds the listener to loopback only."""
     b = root / "broker"
+    bind = f" {args.host}" if args.host in LOOPBACK and not args.tls else ""
     if args.tls:
         listener = (f"listener {args.port}\ncafile {b / 'ca.crt'}\ncertfile {b / 'server.crt'}\n"
                     f"keyfile {b / 'server.key'}\ntls_version tlsv1.2\n")
     else:
-        listener = f"listener {args.port}\n"
+        listener = f"listener {args.port}{bind}\n"
     return f"""# mosquitto -c mosquitto.conf   (written by `fedcoe init`; see deploy/mosquitto/README.md)
 per_listener_settings false
 {listener}allow_anonymous false
 password_file {b / 'passwd'}
 acl_file {b / 'acl'}
+# the client id IS the username: one login, one session (nobody takes over another's)
 use_username_as_clientid true
 max_packet_size 2000000
 # the coordinator needs devices x (window + 4) queued messages (docs/daemons.md, "Scale")
 max_queued_messages 100000
-persistence false
+# sessions, queued messages and retained presence survive a broker restart
+persistence true
+persistence_location {b / 'data'}/
+autosave_interval 60
+connection_messages true
 """
 
 
-ACL = """# Mosquitto ACL (written by `fedcoe init`): each device only its own topics.
-user coordinator
-topic readwrite fl/v1/#
-
+DEVICE_ACL = """
+# Every other user is a device; %u is its username (= its id and MQTT client id).
 pattern write fl/v1/+/up/%u/#
 pattern write fl/v1/+/presence/%u
 pattern read fl/v1/+/dn/%u/#
 pattern read fl/v1/+/bc/#
 pattern read fl/v1/+/coord/status
 """
+
+
+def acl_text(args: argparse.Namespace) -> str:
+    """Each client only its own topics (deploy/mosquitto/acl). A single coordinator owns its
+    federation's tree; when sharded, the leader only its side of ``fl/v1/FED/agg`` and
+    shard i its devices' tree ``fl/v1/FED.s<i>of<S>`` plus its own side of the leader's
+    channel (fedcoe_edge.sharding.LeaderTopics)."""
+    from fedcoe_edge.sharding import LeaderTopics, shard_federation, shard_name
+
+    fed, who = args.federation, aggregators(args)
+    lines = ["# Mosquitto ACL (written by `fedcoe init`): every client only its own topics."]
+    if args.shards == 1:
+        lines += [f"user {who['coordinator']}", f"topic readwrite fl/v1/{fed}/#"]
+    else:
+        lt = LeaderTopics(fed)
+        lines += ["# the leader: selection and aggregation; it talks to the shards only",
+                  f"user {who['leader']}",
+                  f"topic read {lt.prefix}/up/#",
+                  f"topic write {lt.prefix}/dn/#",
+                  f"topic write {lt.leader_status()}"]
+        for i in range(args.shards):
+            name = shard_name(i)
+            lines += ["", f"# shard {i}: the coordinator of its devices' federation id, and the "
+                          "leader's channel to it",
+                      f"user {who[name]}",
+                      f"topic readwrite fl/v1/{shard_federation(fed, i, args.shards)}/#",
+                      f"topic read {lt.prefix}/dn/{name}/#",
+                      f"topic read {lt.leader_status()}",
+                      f"topic write {lt.prefix}/up/{name}/#"]
+    return "\n".join(lines) + "\n" + DEVICE_ACL
 
 
 def run_init(args: argparse.Namespace) -> int:
@@ -254,23 +351,32 @@ def run_init(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
     if args.rounds < 1 or not args.deadline > 0:
         raise ConfigError("--rounds must be >= 1 and --deadline > 0")
+    from fedcoe_edge.sharding import MAX_SHARDS
+
+    if not 1 <= args.shards <= MAX_SHARDS:
+        raise ConfigError(f"--shards must be in 1..{MAX_SHARDS}, got {args.shards}")
+    who = aggregators(args)
+    taken = sorted(set(ids) & set(who.values()))
+    if taken:
+        raise ConfigError(f"--names: {', '.join(taken)} is an aggregator's MQTT identity")
     final = out.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes it 0700; the secrets inside are 0600 on their own
     try:
         secret = secrets.token_bytes(32)
-        passwords = {c: secrets.token_urlsafe(18) for c in ["coordinator", *ids]}
+        passwords = {c: secrets.token_urlsafe(18) for c in [*who.values(), *ids]}
         write_private(tmp / "coordinator" / FED_SECRET, secret.hex() + "\n")
-        write_private(tmp / "coordinator" / "coordinator.toml",
-                      coordinator_toml(args, ids, classes, shape).replace("{password}", passwords["coordinator"]))
+        for stem, user in who.items():
+            text = coordinator_toml(args, ids, classes, shape, stem, user)
+            write_private(tmp / "coordinator" / f"{stem}.toml", text.replace("{password}", passwords[user]))
         for dev in ids:
             d = tmp / "devices" / dev
             write_private(d / DEVICE_KEY, device_key(secret, dev).hex() + "\n")
             write_private(d / "agent.toml", agent_toml(args, dev, classes, shape).replace("{password}", passwords[dev]))
-        (tmp / "broker").mkdir()
+        (tmp / "broker" / "data").mkdir(parents=True)
         (tmp / "broker" / "mosquitto.conf").write_text(mosquitto_conf(args, final))
-        (tmp / "broker" / "acl").write_text(ACL)
+        (tmp / "broker" / "acl").write_text(acl_text(args))
         write_private(tmp / "broker" / "passwd", "".join(f"{u}:{pw}\n" for u, pw in passwords.items()))
         hashed = hash_passwords(tmp / "broker" / "passwd")
         if out.exists():
@@ -296,8 +402,11 @@ def hash_passwords(path: Path) -> bool:
 def next_steps(args: argparse.Namespace, root: Path, ids: list[str], classes: list[str],
                hashed: bool) -> str:
     dev0 = ids[0]
+    cdir = root / "coordinator"
+    configs = ("coordinator.toml" if args.shards == 1
+               else f"leader.toml, shard-0..{args.shards - 1}.toml (one broker login each)")
     lines = [f"federation {args.federation!r} written to {root}:",
-             f"  coordinator/  coordinator.toml, {FED_SECRET} (mode 600: stays on the coordinator)",
+             f"  coordinator/  {configs}, {FED_SECRET} (mode 600: stays on the coordinator hosts)",
              f"  devices/<id>/ agent.toml + {DEVICE_KEY} (that device's key only) for {', '.join(ids)}",
              "  broker/       mosquitto.conf, acl, passwd",
              "",
@@ -307,9 +416,15 @@ def next_steps(args: argparse.Namespace, root: Path, ids: list[str], classes: li
     if args.tls:
         lines.append("  put ca.crt/server.crt/server.key in broker/ and ca.crt next to every config "
                      "(deploy/mosquitto/README.md shows the openssl steps)")
-    lines += [f"  1. broker:      mosquitto -c {root / 'broker' / 'mosquitto.conf'}",
-              f"  2. coordinator: fedcoe coordinator --config {root / 'coordinator' / 'coordinator.toml'}",
-              f"  3. each device: copy devices/<id>/ to it (e.g. scp -r {root / 'devices' / dev0} "
+    lines.append(f"  1. broker:      mosquitto -c {root / 'broker' / 'mosquitto.conf'}")
+    if args.shards == 1:
+        lines.append(f"  2. coordinator: fedcoe coordinator --config {cdir / 'coordinator.toml'}")
+    else:
+        lines.append(f"  2. leader:      fedcoe coordinator --config {cdir / 'leader.toml'} --role leader")
+        for i in range(args.shards):
+            lines.append(f"     shard {i}:     fedcoe coordinator --config {cdir / f'shard-{i}.toml'} "
+                         f"--role shard --shard-index {i}")
+    lines += [f"  3. each device: copy devices/<id>/ to it (e.g. scp -r {root / 'devices' / dev0} "
               f"{dev0}:fedcoe), put its data at {args.data.replace('{device}', '<id>')} "
               f"(relative to agent.toml), then",
               "                  fedcoe agent --config agent.toml",

@@ -22,6 +22,7 @@ from fedcoe_edge.errors import WireError
 from fedcoe_edge.transport.base import Transport
 from fedcoe_edge.wire import (
     DEFAULT_CHUNK_SIZE,
+    REPORT_EVERY,
     Reassembler,
     TransferManifest,
     TransferWindow,
@@ -164,6 +165,7 @@ class BlobSender:
 
 @dataclass
 class _RecvState:
+    every: int  # report every this many new chunks: the receiver's, or the sender's window
     since_report: int = 0
     highest: int = -1
     dup_reported: bool = False
@@ -172,8 +174,11 @@ class _RecvState:
 class BlobReceiver:
     """Receives announced transfers; ``report(type, body)`` sends a ctl message back.
 
-    Reports go out every ``ack_every`` new chunks, at once on a gap (a NACK) or on the
-    first duplicate after progress (the sender is retransmitting, so it lacks news).
+    Reports go out every ``ack_every`` new chunks, or every ``report_every`` of the
+    transfer's manifest when that is smaller (a sender's window below ``ack_every``: it
+    hears from the receiver once per window instead of only after its timer fired), at
+    once on a gap (a NACK) or on the first duplicate after progress (the sender is
+    retransmitting, so it lacks news).
     When the hash checks out, :meth:`on_chunk` returns the payload; the final
     ``xfer_done`` goes out when the caller calls :meth:`ack` — after it has persisted
     what it received (docs/design.md section 8: persist, then acknowledge) — or at once with
@@ -186,7 +191,7 @@ class BlobReceiver:
         report: ReportFn,
         *,
         reassembler: Reassembler | None = None,
-        ack_every: int = 4,
+        ack_every: int = REPORT_EVERY,
         remember: int = 256,
         auto_ack: bool = False,
     ) -> None:
@@ -208,7 +213,7 @@ class BlobReceiver:
                 self._resend_done(manifest.transfer_id)
                 return
             self.reassembler.expect(manifest)
-            self._state.setdefault(manifest.transfer_id, _RecvState())
+            self._state.setdefault(manifest.transfer_id, self._new_state(manifest))
 
     def on_chunk(self, payload: bytes) -> tuple[TransferManifest, bytes] | None:
         """Handle one blob message; returns ``(manifest, data)`` when a transfer completes.
@@ -223,7 +228,9 @@ class BlobReceiver:
                 self._resend_done(xid)
                 return None
             is_new = self.reassembler.add(chunk)
-            st = self._state.setdefault(xid, _RecvState())
+            st = self._state.get(xid)
+            if st is None:
+                st = self._state[xid] = self._new_state(self.reassembler.manifest(xid))
             if self.reassembler.is_complete(xid):
                 manifest = self.reassembler.manifest(xid)
                 try:
@@ -244,7 +251,7 @@ class BlobReceiver:
             gap = is_new and chunk.seq > st.highest + 1
             st.highest = max(st.highest, chunk.seq)
             st.since_report += 1
-            due = st.since_report >= self._ack_every or gap
+            due = st.since_report >= st.every or gap
             if is_new:
                 st.dup_reported = False
             elif not st.dup_reported:
@@ -253,6 +260,9 @@ class BlobReceiver:
                 st.since_report = 0
                 self._report(XFER_PROGRESS, self.reassembler.progress(xid))
         return None
+
+    def _new_state(self, manifest: TransferManifest) -> _RecvState:
+        return _RecvState(every=max(1, min(self._ack_every, manifest.report_every)))
 
     def ack(self, transfer_id: str) -> None:
         """Send the final ACK for a completed transfer (idempotent). Call it once what
@@ -279,6 +289,12 @@ class BlobReceiver:
         """Whether ``transfer_id`` was announced and is still being reassembled."""
         with self._lock:
             return transfer_id in self.reassembler
+
+    def received(self, transfer_id: str) -> int:
+        """New chunks of an open transfer received so far (0 when it is not open): a
+        caller that bounds idle transfers counts progress by it, never by duplicates."""
+        with self._lock:
+            return self.reassembler.received(transfer_id)
 
     def nudge(self, transfer_id: str) -> None:
         """Send a progress report now (e.g. from a timer when chunks stop arriving)."""

@@ -1,8 +1,10 @@
 """Signed control messages: a versioned JSON envelope, HMAC-SHA256 per device, replay window.
 
-Part of :mod:`fedcoe_edge.wire` (docs/protocol.md): every control message is one
-:class:`Envelope`, signed over its canonical JSON with the sender's key, refused when
-expired, too large, malformed or already seen (:class:`ReplayCache`).
+Part of :mod:`fedcoe_edge.wire` (docs/protocol.md, section 3): every control message is one
+:class:`Envelope`, sent as its canonical JSON and signed over those bytes with the sender's
+key. A receiver checks the HMAC on the raw bytes before it parses anything, then parses
+with limits (:func:`parse_json`), and refuses what is expired, too large, malformed or
+already seen (:class:`ReplayCache`).
 """
 
 from __future__ import annotations
@@ -11,13 +13,17 @@ import hashlib
 import heapq
 import hmac as _hmac
 import json
+import math
+import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
+
 from fedcoe_edge.errors import WireError
-from fedcoe_edge.wire.common import HEX64_RE, ID_RE, TYPE_RE, is_int, new_msg_id, wall_ms
+from fedcoe_edge.wire.common import ID_RE, TYPE_RE, is_int, new_msg_id, wall_ms
 
 PROTOCOL_VERSION = 1
 MAX_ENVELOPE_BYTES = 1024 * 1024
@@ -159,6 +165,67 @@ def encode_envelope(env: Envelope, key: bytes) -> bytes:
     return data
 
 
+class UnauthenticatedError(WireError):
+    """A message whose sender is unknown or whose HMAC does not verify: nothing in it was
+    parsed, so its reason names only the sender it claims (docs/protocol.md, section 3)."""
+
+
+# JSON limits applied to authenticated bytes only (docs/protocol.md, "Bounds"): nesting,
+# integer magnitude (SQLite's 64-bit INTEGER; a larger one raised OverflowError on save)
+# and finiteness (a float literal such as 1e999 parses to inf).
+MAX_JSON_DEPTH = 32
+MAX_JSON_INT = 2**63 - 1
+
+_HMAC_MARK = b',"hmac":"'
+_SENDER_MARK = b',"sender":"'
+_TAIL = b',"v":' + str(PROTOCOL_VERSION).encode() + b"}"
+_HMAC_LEN = 64
+_STRING_RE = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
+_DEPTH_TABLE = bytes(2 if c in b"[{" else 0 if c in b"]}" else 1 for c in range(256))
+
+
+def _split_signed(data: bytes, where: str) -> tuple[bytes, bytes]:
+    """``(signed bytes, hmac hex)`` of canonical envelope bytes, without parsing them.
+
+    The canonical form sorts keys, so the top-level ``hmac`` member is the last one of its
+    spelling: only constrained fields (ids, integers, the type) follow it, and none of
+    them can hold a quote. The signed bytes are the envelope without that member, which is
+    exactly what :func:`encode_envelope` signed."""
+    i = data.rfind(_HMAC_MARK)
+    j = i + len(_HMAC_MARK) + _HMAC_LEN
+    if i < 0 or data[j : j + 1] != b'"':
+        raise UnauthenticatedError(f"{where}: no HMAC member (not a canonical signed envelope)")
+    return data[:i] + data[j + 1 :], data[i + len(_HMAC_MARK) : j]
+
+
+def _claimed_sender(data: bytes) -> str:
+    """The ``sender`` the bytes claim (read without parsing, like the HMAC); only used to
+    look up the key that must verify them."""
+    i = data.rfind(_SENDER_MARK)
+    if i < 0:
+        raise UnauthenticatedError("envelope: no sender member")
+    i += len(_SENDER_MARK)
+    j = data.find(b'"', i, i + 130)
+    raw = data[i:j] if j > 0 else b""
+    try:
+        sender = raw.decode("ascii")
+    except UnicodeDecodeError:
+        sender = ""
+    if not ID_RE.match(sender):
+        raise UnauthenticatedError(f"envelope: sender {raw[:80]!r} is not a valid id")
+    return sender
+
+
+def json_depth(data: bytes) -> int:
+    """Deepest nesting of arrays/objects in JSON bytes, counted in C (regex + numpy), so a
+    40,000-deep document costs a scan, not a recursion of the parser."""
+    bare = _STRING_RE.sub(b"", data).translate(_DEPTH_TABLE)
+    if not bare:
+        return 0
+    steps = np.frombuffer(bare, dtype=np.uint8).astype(np.int32) - 1
+    return int(np.cumsum(steps).max(initial=0))
+
+
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     d: dict[str, Any] = {}
     for k, v in pairs:
@@ -170,6 +237,41 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise ValueError(f"number {text[:40]} is not finite")
+    return x
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > 20:  # the digits of 2**63 and a sign; int() is never asked for more
+        raise ValueError(f"integer of {len(text)} digits exceeds +-{MAX_JSON_INT}")
+    x = int(text)
+    if abs(x) > MAX_JSON_INT:
+        raise ValueError(f"integer {text} exceeds +-{MAX_JSON_INT}")
+    return x
+
+
+def parse_json(data: bytes, where: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Strict JSON for peer input: UTF-8, no duplicate keys, nesting at most ``max_depth``
+    (the document itself is level 1: an envelope's body is level 2),
+    finite floats, integers within +-MAX_JSON_INT. Every failure is one WireError line."""
+    depth = json_depth(data)
+    if depth > max_depth:
+        raise WireError(f"{where}: JSON nested {depth} deep (at most {max_depth})")
+    try:
+        return json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=_no_duplicate_keys,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            parse_int=_bounded_int,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise WireError(f"{where}: not valid JSON ({str(exc)[:200]})") from None
 
 
 class ReplayCache:
@@ -266,44 +368,49 @@ def decode_envelope(
     now_ms: int | None = None,
     replay_cache: ReplayCache | None = None,
     max_skew_ms: int = DEFAULT_MAX_SKEW_MS,
+    expect_sender: str | None = None,
 ) -> Envelope:
-    """Parse, authenticate and freshness-check a received envelope.
+    """Authenticate, then parse and freshness-check a received envelope.
 
-    Order matters: schema, then HMAC (with the sender's key from ``key_lookup``), then
-    ttl and clock skew, and only then the replay cache, so forged or stale messages can
-    never fill the cache. Any failure raises :class:`WireError` with a one-line reason.
+    Order matters (docs/protocol.md, section 3): size, then the HMAC over the raw bytes
+    (with the key of ``expect_sender``, or of the sender the bytes claim), and only then
+    JSON with limits, the canonical form, the schema, ttl and clock skew, and last the
+    replay cache. So a message nobody with a key signed costs a bounded scan and one
+    HMAC, never a parse, and forged or stale messages can never fill the cache. Failures
+    before the HMAC verifies raise :class:`UnauthenticatedError`; every failure is a
+    :class:`WireError` with a one-line reason.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise WireError(f"envelope: expected bytes, got {type(data).__name__}")
+    data = bytes(data)
     if len(data) > MAX_ENVELOPE_BYTES:
-        raise WireError(f"envelope: {len(data)} bytes exceeds the {MAX_ENVELOPE_BYTES}-byte limit")
-    try:
-        d = json.loads(
-            bytes(data).decode("utf-8"),
-            object_pairs_hook=_no_duplicate_keys,
-            parse_constant=_reject_constant,
+        raise UnauthenticatedError(
+            f"envelope: {len(data)} bytes exceeds the {MAX_ENVELOPE_BYTES}-byte limit"
         )
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise WireError(f"envelope: not valid JSON ({exc})") from None
-    if not isinstance(d, dict):
-        raise WireError(f"envelope: expected a JSON object, got {type(d).__name__}")
-    sender = d.get("sender")
-    where = f"envelope from {sender!r:.80}" if isinstance(sender, str) else "envelope"
-    if "v" in d and is_int(d["v"]) and d["v"] != PROTOCOL_VERSION:
-        raise WireError(
-            f"{where}: unsupported protocol version {d['v']} (expected {PROTOCOL_VERSION})"
-        )
-    _check_fields(d, where)
-    where = f"envelope from {d['sender']!r} type={d['type']!r} round={d['round']}"
-    key = key_lookup(d["sender"])
+    sender = expect_sender if expect_sender is not None else _claimed_sender(data)
+    where = f"envelope from {sender!r}"
+    signed, mac = _split_signed(data, where)
+    key = key_lookup(sender)
     if key is None:
-        raise WireError(f"{where}: unknown sender (no HMAC key)")
+        raise UnauthenticatedError(f"{where}: unknown sender (no HMAC key)")
     _check_key(key, where)
-    if not HEX64_RE.match(d["hmac"]):
-        raise WireError(f"{where}: bad HMAC (not 64 lowercase hex digits)")
-    expected = _hmac.new(bytes(key), _signing_bytes(d), hashlib.sha256).hexdigest()
-    if not _hmac.compare_digest(expected, d["hmac"]):
-        raise WireError(f"{where}: bad HMAC")
+    expected = _hmac.new(bytes(key), signed, hashlib.sha256).hexdigest().encode("ascii")
+    if not _hmac.compare_digest(expected, mac):
+        if not data.endswith(_TAIL) and data.rfind(b',"v":') > 0:
+            raise UnauthenticatedError(
+                f"{where}: bad HMAC (or a protocol version other than {PROTOCOL_VERSION})"
+            )
+        raise UnauthenticatedError(f"{where}: bad HMAC")
+    # authenticated: whoever holds the key sent exactly these bytes; still checked in full
+    d = parse_json(data, f"{where}: envelope")
+    if not isinstance(d, dict):
+        raise WireError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    _check_fields(d, where)
+    if d["sender"] != sender or d["hmac"].encode("ascii") != mac:
+        raise WireError(f"{where}: signed as {d['sender']!r:.80}")
+    if canonical_json(d) != data:
+        raise WireError(f"{where}: not in canonical form (sorted keys, no spaces)")
+    where = f"envelope from {sender!r} type={d['type']!r} round={d['round']}"
     env = Envelope(**d)
     now = now_ms if now_ms is not None else wall_ms()
     if now > env.expires_ms:

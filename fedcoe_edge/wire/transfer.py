@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import struct
 import threading
-from collections.abc import Iterable, Mapping
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -32,6 +34,20 @@ broker's own packet limit may lower it further, see ``transport.blob.fit_chunk_s
 MAX_NACK = 256
 """Most gaps one progress report lists; the report's ``highest`` is lowered to match, so
 the sender never mistakes an unlisted gap for an acknowledged chunk."""
+REPORT_EVERY = 4
+"""A receiver reports progress every this many new chunks (and at once on a gap). A
+sender whose window is smaller declares it in its manifest (``report_every``), so the
+receiver reports at least once per window: otherwise a window of 1 or 2 chunks is only
+ever acknowledged after the sender's retransmission timer fired (docs/protocol.md,
+"Transfers", item 4)."""
+DEFAULT_WINDOW = 16
+"""Chunks a daemon keeps unacknowledged in one transfer (config ``window``), the device's
+and the coordinator's alike."""
+MAX_WINDOW = 256
+"""Largest configurable window: one progress report lists at most :data:`MAX_NACK` gaps,
+so every loss in a window is NACKed in one report; and a coordinator's window stays far
+below a device's broker queue (Mosquitto keeps 1,000 QoS 1 messages per client by default
+and drops the rest silently)."""
 # the least margin of a measured retransmission timeout over the smoothed round trip
 # (RFC 6298's G): coordinator and agents poll for due chunks every 50-100 ms and receivers
 # report progress in batches, so round trips read to within a few ticks
@@ -55,6 +71,10 @@ class TransferManifest:
     chunk_count: int
     sha256: str
     encoding: str = "safetensors"
+    # the receiver reports at least every this many new chunks: a sender with a window
+    # below REPORT_EVERY declares its window here; absent on the wire when REPORT_EVERY,
+    # so manifests of the usual windows are unchanged (and old receivers read them)
+    report_every: int = REPORT_EVERY
 
     @classmethod
     def for_payload(
@@ -66,10 +86,14 @@ class TransferManifest:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         transfer_id: str | None = None,
         encoding: str = "safetensors",
+        window: int = DEFAULT_WINDOW,
     ) -> TransferManifest:
-        """Describe ``data``: size, chunking and sha256 for the end-to-end check."""
+        """Describe ``data``: size, chunking and sha256 for the end-to-end check; ``window``
+        is the sender's, so the receiver reports at least once per window."""
         if chunk_size < 1:
             raise WireError(f"transfer: chunk_size must be positive, got {chunk_size}")
+        if not is_int(window) or window < 1:
+            raise WireError(f"transfer: window must be a positive integer, got {window!r}")
         m = cls(
             transfer_id=transfer_id if transfer_id is not None else new_msg_id(),
             expert_ids=tuple(int(e) for e in expert_ids),
@@ -79,6 +103,7 @@ class TransferManifest:
             chunk_count=max(1, -(-len(data) // chunk_size)),
             sha256=hashlib.sha256(data).hexdigest(),
             encoding=encoding,
+            report_every=min(REPORT_EVERY, window),
         )
         m.check()
         return m
@@ -117,11 +142,16 @@ class TransferManifest:
             self.encoding.replace("+", ".")
         ):
             raise WireError(f"{w}: bad encoding {self.encoding!r:.40}")
+        if not is_int(self.report_every) or not 1 <= self.report_every <= REPORT_EVERY:
+            raise WireError(f"{w}: report_every must be an integer in 1..{REPORT_EVERY}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form for an envelope body."""
+        """JSON-ready form for an envelope body (``report_every`` only when it is not the
+        default, so a manifest of a window >= REPORT_EVERY reads as it always did)."""
         d = asdict(self)
         d["expert_ids"] = list(self.expert_ids)
+        if self.report_every == REPORT_EVERY:
+            del d["report_every"]
         return d
 
     @classmethod
@@ -130,7 +160,7 @@ class TransferManifest:
         if not isinstance(d, dict):
             raise WireError("transfer manifest: expected a JSON object")
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in d and n != "encoding"]
+        missing = [n for n in names if n not in d and n not in ("encoding", "report_every")]
         if missing:
             raise WireError(f"transfer manifest: missing field(s) {', '.join(missing)}")
         extra = sorted(k for k in d if k not in names)
@@ -207,6 +237,15 @@ def check_chunk_size(chunk_size: int, where: str) -> None:
     later, chunk by chunk."""
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise ConfigError(f"{where} chunk_size must be in 1 KiB..16 MiB, got {chunk_size}")
+
+
+def check_window(window: int, where: str) -> None:
+    """The one range check of a configured transfer window (coordinator and agent configs
+    alike): 1..``MAX_WINDOW``. Every window in that range completes a transfer at the
+    receiver's pace, because the manifest makes the receiver report at least once per
+    window (``report_every``)."""
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= MAX_WINDOW:
+        raise ConfigError(f"{where} window must be an integer in 1..{MAX_WINDOW}, got {window!r}")
 
 
 def split_chunks(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[bytes]:
@@ -310,6 +349,12 @@ class Reassembler:
         with self._lock:
             return self._get(transfer_id).manifest
 
+    def received(self, transfer_id: str) -> int:
+        """New chunks of an open transfer so far (0 for an unknown one); O(1)."""
+        with self._lock:
+            t = self._open.get(transfer_id)
+            return 0 if t is None else t.received
+
     def is_complete(self, transfer_id: str) -> bool:
         """All chunks present (the hash is checked by :meth:`finish`)."""
         with self._lock:
@@ -409,10 +454,14 @@ class TransferWindow:
     so a receiver that answers slowly because it is busy is not flooded with copies.
     Silence after a timeout is a busy or absent receiver, not loss: each further timeout
     without progress doubles the wait (up to ``max_retransmit_s``) and resends one probe
-    chunk instead of a window. Any report brings back the full window on the next timeout;
-    the doubling stays until a report yields a clean round-trip sample (else a receiver
-    slower than ``retransmit_s`` would get every window twice, forever). The waits are
-    stretched by a
+    chunk instead of a window. Any report brings back the full window on the next timeout,
+    and a report that acknowledges anything new ends the doubling: with a clean sample the
+    wait is the measured timeout again; when the newest chunk it acknowledges was sent twice
+    (no sample, Karn) the wait keeps only the doublings that chunk's delay since its first
+    send shows are needed, so a receiver slower than ``retransmit_s`` is not sent every
+    window twice, while a stalled transfer never carries its longest wait into later
+    windows. The window must not be below the manifest's ``report_every``, so the
+    receiver reports at least once per window. The waits are stretched by a
     per-transfer factor in [1, 1.25) taken from the transfer id, so a fleet whose uploads
     all stalled at once does not retransmit in lockstep (docs/design.md, "Transfers").
     Without this, a coordinator that falls a few seconds behind at thousands of devices
@@ -439,13 +488,20 @@ class TransferWindow:
     _timeouts: int = field(init=False, default=0)  # consecutive timeouts without progress
     _backoff: int = field(init=False, default=0)  # doublings of the timeout in force
     _jitter: float = field(init=False, default=1.0)
-    _sent_at: list[float] = field(init=False, default_factory=list)  # first send; -1: resent
+    _sent_at: list[float] = field(init=False, default_factory=list)  # first send of each chunk
+    _resent: bytearray = field(init=False)  # sent again since its first send: no RTT sample
     _srtt: float | None = field(init=False, default=None)  # smoothed round-trip time
     _rttvar: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         if self.window < 1:
             raise WireError(f"transfer {self.manifest.transfer_id!r}: window must be >= 1")
+        if self.window < self.manifest.report_every:
+            raise WireError(
+                f"transfer {self.manifest.transfer_id!r}: window {self.window} is below the "
+                f"manifest's report_every {self.manifest.report_every}: the receiver would not "
+                f"report once per window (build it with TransferManifest.for_payload(window=...))"
+            )
         if not 0 < self.retransmit_s <= self.max_retransmit_s:
             raise WireError(
                 f"transfer {self.manifest.transfer_id!r}: need 0 < retransmit_s <= "
@@ -462,6 +518,7 @@ class TransferWindow:
         self.acked = bytearray(self.manifest.chunk_count)
         self.sent = bytearray(self.manifest.chunk_count)
         self._sent_at = [-1.0] * self.manifest.chunk_count
+        self._resent = bytearray(self.manifest.chunk_count)
 
     @property
     def in_flight(self) -> int:
@@ -487,6 +544,18 @@ class TransferWindow:
         consecutive timeout, capped at ``max_retransmit_s``, times this transfer's jitter."""
         base = min(self.max_retransmit_s, self.rto_s * 2 ** min(self._backoff, 30))
         return base * self._jitter
+
+    def _doublings_for(self, delay: float) -> int:
+        """The fewest doublings in force (at most the current ones) whose wait, give or take
+        the clock granularity, covers ``delay``: what a receiver that answered only after a
+        resend showed it needs, without a round-trip sample to say more."""
+        b = 0
+        while b < self._backoff and (
+            min(self.max_retransmit_s, self.rto_s * 2**b) * self._jitter + RTO_GRANULARITY_S
+            < delay
+        ):
+            b += 1
+        return b
 
     def _rtt_sample(self, rtt: float) -> None:
         if self._srtt is None:
@@ -551,7 +620,10 @@ class TransferWindow:
                 out.append(seq)
                 budget -= 1
         for s in out:
-            self._sent_at[s] = -1.0 if self.sent[s] else now  # Karn: no sample from a resend
+            if self.sent[s]:
+                self._resent[s] = 1  # Karn: a report cannot say which copy it answers
+            else:
+                self._sent_at[s], self._resent[s] = now, 0
             self.sent[s] = 1
         return out
 
@@ -587,11 +659,15 @@ class TransferWindow:
             self.on_nack_all(now)
         if self.done:
             return
-        if highest >= 0 and not self.acked[highest] and highest not in miss:
-            t0 = self._sent_at[highest]
-            if t0 >= 0.0 and now >= t0:
+        fresh = highest >= 0 and not self.acked[highest] and highest not in miss
+        newest = highest if fresh else (nxt - 1 if nxt > 0 and not self.acked[nxt - 1] else -1)
+        if newest >= 0:  # progress: the doubling ends (see the class docstring)
+            t0 = self._sent_at[newest]
+            if fresh and not self._resent[newest] and 0.0 <= t0 <= now:
                 self._rtt_sample(now - t0)  # one sample per report, from its newest chunk
                 self._backoff = 0
+            else:
+                self._backoff = self._doublings_for(now - t0 if 0.0 <= t0 <= now else 0.0)
         if nxt > 0:
             self.acked[:nxt] = b"\x01" * nxt
         if highest >= nxt:
@@ -621,3 +697,119 @@ class TransferWindow:
         self.done = True
         self.acked = bytearray(b"\x01" * self.manifest.chunk_count)
         return True
+
+
+@dataclass
+class _Hold:
+    owner: str
+    nbytes: int
+    progress_at: float  # admission, then the last new chunk
+
+
+@dataclass
+class Admission:
+    """What :meth:`ReassemblyBudget.admit` decided: ``admitted``, and the transfers it
+    evicted to make room (the caller drops them and counts a refusal for each)."""
+
+    admitted: bool
+    evicted: list[Any]
+
+
+class ReassemblyBudget:
+    """Memory for the open incoming transfers of many senders (a coordinator's uploads),
+    shared so that no sender, nor many of them together, can hold it hostage.
+
+    * **Shares.** With ``owners`` senders entitled (a round's selected devices) each is
+      guaranteed ``total_bytes // owners``. What a sender holds beyond its share is borrowed
+      from the shares of others: with one open transfer per sender (as the coordinator
+      keeps) a transfer announced within its sender's share always gets in, by evicting
+      borrowers (oldest progress first), however full the budget is.
+    * **Stalled transfers make room.** A transfer with no new chunk for ``stall_s`` is
+      evicted, oldest progress first, when an announce does not fit otherwise.
+    * **Idle timeout.** A transfer with no new chunk for ``idle_s`` is dropped outright
+      (:meth:`expire`, called on the caller's timer).
+
+    Only an announce that still does not fit is deferred (the sender re-announces). Keys are
+    the caller's (e.g. ``(device, transfer id)``). Holds are kept in order of progress, so
+    the stalled ones are a prefix: :meth:`expire` and a deferred announce beyond its share
+    look at that prefix only; an announce within its share may scan further, and then gets
+    in. Not thread-safe: the caller holds its lock. docs/protocol.md, "Bounds".
+    """
+
+    def __init__(self, total_bytes: int, *, idle_s: float, stall_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if total_bytes < 1 or not 0 < stall_s <= idle_s:
+            raise ConfigError(f"reassembly budget: need total_bytes >= 1 and 0 < stall_s <= "
+                              f"idle_s, got {total_bytes}, {stall_s}, {idle_s}")
+        self.total_bytes = total_bytes
+        self.idle_s, self.stall_s = idle_s, stall_s
+        self.owners = 1
+        self.used = 0
+        self._clock = clock
+        self._holds: OrderedDict[Any, _Hold] = OrderedDict()  # oldest progress first
+
+    @property
+    def share(self) -> int:
+        """Bytes each entitled sender is guaranteed."""
+        return self.total_bytes // max(1, self.owners)
+
+    def __len__(self) -> int:
+        return len(self._holds)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._holds
+
+    def admit(self, key: Any, owner: str, nbytes: int) -> Admission:
+        """Reserve ``nbytes`` for transfer ``key`` of ``owner`` if it fits, or fits once
+        borrowers (for an announce within its share) and stalled transfers are evicted,
+        oldest progress first; else nothing changes (``admitted`` False)."""
+        if key in self._holds:
+            return Admission(True, [])
+        if nbytes > self.total_bytes:
+            return Admission(False, [])
+        now = self._clock()
+        need = self.used + nbytes - self.total_bytes
+        evict: list[Any] = []
+        if need > 0:
+            within = nbytes <= self.share
+            freed = 0
+            for k, h in self._holds.items():  # oldest progress first
+                stalled = now - h.progress_at >= self.stall_s
+                if not (stalled or within):
+                    break  # the stalled ones are a prefix; borrowers count only for `within`
+                if stalled or h.nbytes > self.share:
+                    evict.append(k)
+                    freed += h.nbytes
+                    if freed >= need:
+                        break
+            if freed < need:
+                return Admission(False, [])
+            for k in evict:
+                self.release(k)
+        self._holds[key] = _Hold(owner, nbytes, now)
+        self.used += nbytes
+        return Admission(True, evict)
+
+    def progress(self, key: Any) -> None:
+        """A new chunk of ``key`` arrived: it is not idle (unknown keys are ignored)."""
+        h = self._holds.get(key)
+        if h is not None:
+            h.progress_at = self._clock()
+            self._holds.move_to_end(key)
+
+    def release(self, key: Any) -> None:
+        """``key`` finished or was dropped: its bytes are free (unknown keys are ignored)."""
+        h = self._holds.pop(key, None)
+        if h is not None:
+            self.used -= h.nbytes
+
+    def expire(self) -> list[Any]:
+        """Release and return the transfers with no new chunk for ``idle_s``."""
+        now, out = self._clock(), []
+        while self._holds:
+            k, h = next(iter(self._holds.items()))
+            if now - h.progress_at < self.idle_s:
+                break
+            self.release(k)
+            out.append(k)
+        return out
