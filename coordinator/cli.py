@@ -93,6 +93,7 @@ def run_shard_of(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from coordinator.config import Role, load_config
+    from coordinator.statelock import StateLock
     from fedcoe_edge.protocol import install_stop_handlers
 
     cfg = load_config(args.config)
@@ -114,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
         install_stop_handlers(leader.stop)
         log.info("leader of %d shard(s) for federation %s on %s:%d, state in %s", f.shards, f.id,
                  cfg.broker.host, cfg.broker.port, leader.state_dir)
-        return leader.run()
+        with StateLock(leader.state_dir, "leader"):
+            return leader.run()
     if role is Role.SHARD:
         from coordinator.shard import ShardAggregator
 
@@ -124,11 +126,15 @@ def run(args: argparse.Namespace) -> int:
         log.info("shard %d of %d for federation %s (devices: %s) on %s:%d, state in %s",
                  args.shard_index, f.shards, f.id, shard.fed.id, cfg.broker.host, cfg.broker.port,
                  shard.state_dir)
-        return shard.run()
+        with StateLock(shard.state_dir, f"shard {args.shard_index}"):
+            return shard.run()
     from coordinator.daemon import Coordinator
 
-    coord = Coordinator(cfg)
-    install_stop_handlers(coord.stop)
-    log.info("coordinator %s for federation %s on %s:%d, state in %s", f.coordinator_id,
-             f.id, cfg.broker.host, cfg.broker.port, cfg.state_dir)
-    return coord.run()
+    # one coordinator per state folder, taken before the database is opened: a second one
+    # exits here, code 2, naming the holder (docs/daemons.md, "One coordinator per state folder")
+    with StateLock(cfg.state_dir):
+        coord = Coordinator(cfg)
+        install_stop_handlers(coord.stop)
+        log.info("coordinator %s for federation %s on %s:%d, state in %s", f.coordinator_id,
+                 f.id, cfg.broker.host, cfg.broker.port, cfg.state_dir)
+        return coord.run()

@@ -265,6 +265,8 @@ class Coordinator:
         self.transport: Transport | None = None
         self.messenger: P.Messenger | None = None
         self.finished = False
+        self._closed_summaries: list[dict[str, Any]] = []  # this run's rounds, for its last line
+        self._started_at = time.monotonic()
 
     # ------------------------------------------------------------------ keys and sending
     def key_for(self, device: str) -> bytes | None:
@@ -394,6 +396,8 @@ class Coordinator:
                     self._wake.wait(0.5)
                     self._wake.clear()
         finally:
+            with contextlib.suppress(Exception):  # a summary never hides why the run ended
+                self._log_run_summary()
             self.close()
         return 0
 
@@ -564,11 +568,30 @@ class Coordinator:
             # ACCEPT), older ones go: the set is bounded by two rounds of devices
             self._accepted_xfers = {k: r for k, r in self._accepted_xfers.items() if r >= rnd}
             self._partial = None
+        summary = self.store.round_summary(rnd)
         atomic_write_text(self.state_dir / "rounds" / str(rnd) / "round.json",
-                          json.dumps(self.store.round_summary(rnd), indent=1) + "\n")
+                          json.dumps(summary, indent=1) + "\n")
         log.info("round %d closed: %s; version %d -> %d%s", rnd, note, before, self.strategy.version,
                  f"; global acc {acc:.4f}" if acc is not None else "")
+        self._log_round_summary(summary)
         self._broadcast("closed")
+
+    def _log_round_summary(self, summary: dict[str, Any]) -> None:
+        """One summary line per closed round, with its fields for JSON logs
+        (docs/daemons.md, "Logs"); kept for the end-of-run line."""
+        from coordinator.status import round_line
+
+        self._closed_summaries.append(summary)
+        msg, fields = round_line(summary)
+        log.info("%s", msg, extra=fields)
+
+    def _log_run_summary(self) -> None:
+        """The end-of-run line: what this process closed, however the run ends."""
+        from coordinator.status import run_line
+
+        msg, fields = run_line(self._closed_summaries, time.monotonic() - self._started_at,
+                               self.strategy.version)
+        log.info("%s", msg, extra=fields)
 
     def _before_aggregate(self) -> None:
         """Called at a round's close once every accepted update is durable, without the

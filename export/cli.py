@@ -3,6 +3,9 @@
 ``export`` turns one client's FedCoE model (arXiv 2605.21264: shared global experts plus its
 private local level) into a device bundle (docs/design.md, section 7), calibrating int8 on that
 client's own training split, and reports accuracy, parity and sizes on its held-out split.
+``export --cold`` builds a cold device's starter bundle from the global model alone (the
+coordinator's checkpoint has no private level: a cold device never trains one), every
+global expert in it (docs/daemons.md, "A cold device's starter bundle").
 The split is rebuilt from the ``simulation`` section of ``model.json`` with
 :func:`fedcoe_edge.data.make_federation`, so it is the split the simulation evaluated.
 """
@@ -31,7 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="DIR/checkpoints (with one folder per algorithm) or a folder holding model.json")
     p.add_argument("--algorithm", default=ALGORITHM_DEFAULT,
                    help="algorithm folder under --checkpoint-dir (default: fedcoe)")
-    p.add_argument("--client", required=True, help="client id whose private level is exported")
+    p.add_argument("--client", default=None,
+                   help="client id whose private level is exported (required unless --cold)")
+    p.add_argument("--cold", action="store_true",
+                   help="a cold device's starter bundle from the global model alone (e.g. the "
+                        "coordinator's STATE/checkpoint): no private level needed, every global "
+                        "expert; fp32 unless --calibration-data (or --quant-mode dynamic) is given")
     p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
     p.add_argument("--quantize", choices=("int8", "fp32"), default="int8",
                    help="weights of the deployed parts")
@@ -202,14 +210,21 @@ def run_export(args: argparse.Namespace) -> int:
     quiet_libraries(getattr(args, "verbose", False))
     if args.calibration_samples < 1:
         raise ConfigError(f"--calibration-samples must be >= 1, got {args.calibration_samples}")
+    if args.client is None and not args.cold:
+        raise ConfigError("give --client ID (a training client's bundle) or --cold (a cold "
+                          "device's starter bundle from the global model)")
     folder = resolve_checkpoint(args.checkpoint_dir, args.algorithm)
     cfg, global_state, _, meta = load_checkpoint(folder)
-    client = str(args.client)
+    client = str(args.client) if args.client is not None else "cold"
     local_file = folder / f"client_{client}.safetensors"
-    if cfg.num_local_experts > 0 and not local_file.is_file():
-        raise DataError(f"checkpoint {folder} has no private state for client {client!r} "
-                        f"(clients with state: {', '.join(meta.get('clients', [])) or 'none'})")
-    _, _, local_state, _ = load_checkpoint(folder, client if local_file.is_file() else None)
+    if args.cold:
+        local_state = None  # the model's initial local level: a cold device never uses it
+    else:
+        if cfg.num_local_experts > 0 and not local_file.is_file():
+            raise DataError(f"checkpoint {folder} has no private state for client {client!r} "
+                            f"(clients with state: {', '.join(meta.get('clients', [])) or 'none'}); "
+                            "for a cold device's starter bundle use --cold")
+        _, _, local_state, _ = load_checkpoint(folder, client if local_file.is_file() else None)
     model = build_model(cfg, int(meta.get("seed", 0)))
     try:
         load_arrays(model, global_state)
@@ -218,7 +233,8 @@ def run_export(args: argparse.Namespace) -> int:
     except (KeyError, RuntimeError) as exc:
         raise DataError(f"checkpoint {folder} does not fit its model.json: {exc}") from None
     model.eval()
-    held = held_experts(args.experts, meta, client, cfg.num_global_experts)
+    held = held_experts("all" if args.cold and args.experts == "held" else args.experts, meta,
+                        client, cfg.num_global_experts)
     keys = signing_keys(args.sign_key_file, args.sign_vendor_key)
     federation = args.federation if args.federation is not None else meta.get("federation")
     version = args.bundle_version if args.bundle_version is not None else int(meta.get("version") or 0)
@@ -226,19 +242,23 @@ def run_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"--bundle-version must be >= 0, got {version}")
 
     extra: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    mode = QuantMode.FP32 if args.quantize == "fp32" else {
+        "auto": QuantMode.AUTO, "static": QuantMode.STATIC, "dynamic": QuantMode.DYNAMIC}[args.quant_mode]
     if args.calibration_data is not None:
         x_cal_all = load_npy(args.calibration_data, "--calibration-data")
         x_test = y_test = None
+    elif args.cold:
+        x_cal_all, mode = cold_inputs(cfg.input_shape, args.calibration_samples, mode)
+        x_test = y_test = None
     else:
         x_cal_all, _, x_test, y_test, extra["global_test"] = client_split(meta, client)
-    mode = QuantMode.FP32 if args.quantize == "fp32" else {
-        "auto": QuantMode.AUTO, "static": QuantMode.STATIC, "dynamic": QuantMode.DYNAMIC}[args.quant_mode]
     opts = QuantizeOptions(mode=mode, calibration_samples=args.calibration_samples)
     calib = calibration_sample(x_cal_all, opts.calibration_samples, opts.seed)
     manifest = build_bundle(model, args.out, calibration=calib, held=held, options=opts,
                             include_fp32=not args.no_fp32 or mode is QuantMode.FP32,
                             include_fused=not args.no_fused,
                             meta={"client_id": client, "algorithm": meta.get("algorithm"),
+                                  **({"role": "cold"} if args.cold else {}),
                                   "global_version": meta.get("version"),
                                   "checkpoint": str(folder),
                                   **({"classes": list(meta["classes"])} if meta.get("classes") else {})},
@@ -246,15 +266,34 @@ def run_export(args: argparse.Namespace) -> int:
     tar_path = write_tar(args.out) if args.tar else None
     report = export_report(model, args.out, manifest, held,
                            x_test if x_test is not None else calib, y_test, extra)
-    report.update({"client": client, "algorithm": meta.get("algorithm"),
+    report.update({"client": client, "algorithm": meta.get("algorithm"), "cold": bool(args.cold),
                    "tar": str(tar_path) if tar_path else None,
-                   "eval_data": "client test split" if y_test is not None else "calibration data"})
+                   "eval_data": ("client test split" if y_test is not None else
+                                 "random inputs" if args.cold and args.calibration_data is None
+                                 else "calibration data")})
     if args.report is not None:
         from fedcoe_edge.io import atomic_write_text
 
         atomic_write_text(args.report, json.dumps(report, indent=2) + "\n")
     print(format_report(report))
     return 0
+
+
+def cold_inputs(input_shape: tuple[int, ...], n: int, mode: Any) -> tuple[np.ndarray, Any]:
+    """Inputs for a cold starter bundle exported without ``--calibration-data``: the
+    coordinator holds no device data, so uniform [0, 1) samples (the scaled inputs' range,
+    seeded) only serve the parity report. int8 needs representative inputs (static) or no
+    convolutions (dynamic), so ``auto`` writes fp32 here: the cold device replaces the gate
+    and experts with fp32 graphs of what it downloads anyway, and only the trunk stays the
+    bundle's. Static int8 on noise would mis-scale activations, so it is refused."""
+    from export.quantize import QuantMode
+
+    if mode is QuantMode.STATIC:
+        raise ConfigError("--cold --quant-mode static needs --calibration-data FILE.npy "
+                          "(inputs like the device's); without it use --quant-mode dynamic "
+                          "(models without convolutions) or fp32")
+    x = np.random.default_rng(0).random((n, *input_shape), dtype=np.float32)
+    return x, (QuantMode.FP32 if mode is QuantMode.AUTO else mode)
 
 
 def parity_metrics(model: Any, sessions: dict[str, Any], held: list[int], x: np.ndarray,

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedcoe_edge.errors import FedCoEError
+from fedcoe_edge.logsetup import FORMATS, configure
 
 # Modules that add subcommands, in the order `fedcoe --help` lists them; each lives in the
 # package of the layer it drives. A package missing from an install drops its commands.
@@ -29,6 +30,7 @@ COMMAND_MODULES = (
     "benchmarks.demo",
     "export.cli",
     "coordinator.cli",
+    "coordinator.status",
     "device_agent.cli",
     "benchmarks.cli",
 )
@@ -85,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "export int8 ONNX bundles, run the MQTT coordinator and device agents, benchmark.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument("--log-format", choices=FORMATS, default="text",
+                        help="log lines as text (ISO 8601 date first) or one JSON object per "
+                             "line (docs/daemons.md, Logs); also accepted after the command")
     parser.add_argument("--version", action="version", version=f"fedcoe {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -97,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
         module.register(sub)
     for p in sub.choices.values():  # one help style for every subcommand, wherever registered
         p.formatter_class = HelpFormatter
+        # `fedcoe coordinator --log-format json` reads as naturally as the global form;
+        # SUPPRESS keeps the global value when the subcommand does not repeat it
+        p.add_argument("--log-format", choices=FORMATS, default=argparse.SUPPRESS,
+                       help="log lines as text or JSON (same as before the command)")
     return parser
 
 
@@ -128,9 +137,9 @@ class QuietThirdParty(logging.Filter):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse(parser, argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if not args.verbose:
+    # the one place logging is configured (docs/daemons.md, "Logs"); commands only log
+    configure(logging.DEBUG if args.verbose else logging.INFO, args.log_format)
+    if not args.verbose:  # also on handlers an embedding program installed before us
         for handler in logging.getLogger().handlers:
             handler.addFilter(QuietThirdParty())
     if not getattr(args, "func", None):

@@ -184,9 +184,10 @@ TransportFactory = Callable[[str, Will | None, Will | None], Transport]
 """``factory(client_id, will, birth) -> Transport`` (unconnected)."""
 
 
-def mqtt_factory(settings: BrokerSettings) -> TransportFactory:
+def mqtt_factory(settings: BrokerSettings, keep_trying: bool = True) -> TransportFactory:
     """Factory of paho-based transports for ``settings`` (imported lazily: paho is optional
-    for the simulator)."""
+    for the simulator). ``keep_trying``: the daemons' default, a broker not reachable at
+    start is retried forever with backoff (docs/daemons.md, "Reconnects")."""
 
     def make(client_id: str, will: Will | None, birth: Will | None) -> Transport:
         from fedcoe_edge.transport.mqtt import MqttTransport
@@ -195,6 +196,7 @@ def mqtt_factory(settings: BrokerSettings) -> TransportFactory:
         kwargs: dict[str, Any] = {
             "host": settings.host, "port": settings.port, "will": will, "birth": birth,
             "keepalive_s": settings.keepalive_s, "session_expiry_s": settings.session_expiry_s,
+            "keep_trying": keep_trying,
         }
         if settings.username:
             kwargs["username"] = settings.username

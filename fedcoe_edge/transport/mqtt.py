@@ -7,8 +7,12 @@ FedCoE (arXiv 2605.21264) devices and the coordinator exchange expert subsets ov
   for a device that drops off for a while;
 * the will is set before connect; an optional birth message is published on every
   connect (presence: "online" on connect, last-will "offline");
-* ``reconnect_delay_set`` with paho's own loop thread doing the reconnects, and every
-  subscription is renewed in ``on_connect`` (a broker without persistence forgets them);
+* paho's own loop thread does the reconnects, forever, with a capped exponential delay
+  and jitter (:class:`_BackoffClient`: a fleet that lost its broker does not come back in
+  lock step), and every subscription is renewed in ``on_connect`` (a broker without
+  persistence forgets them); with ``keep_trying`` (the daemons) a broker that is not
+  reachable at start is retried the same way instead of being an error (docs/daemons.md,
+  "Reconnects");
 * MaximumPacketSize is read from CONNACK and oversize publishes are refused locally
   (an oversize QoS 1 publish makes paho reconnect and resend forever);
 * paho callbacks never block: they enqueue onto a worker thread that runs handlers.
@@ -17,8 +21,10 @@ FedCoE (arXiv 2605.21264) devices and the coordinator exchange expert subsets ov
 from __future__ import annotations
 
 import logging
+import random
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +50,44 @@ from fedcoe_edge.transport.base import (
 __all__ = ["MqttTransport", "TlsSettings"]
 
 log = logging.getLogger("fedcoe_edge.transport.mqtt")
+
+
+def jittered(delay: float, rng: random.Random | None = None) -> float:
+    """A wait drawn from [delay/2, delay] ("equal jitter"): never under half the backoff
+    step, so a broker coming back is not hammered, and spread, so devices that lost it
+    together do not reconnect together."""
+    return (rng or random).uniform(delay / 2, delay)
+
+
+class _BackoffClient(mqtt.Client):
+    """paho's client whose wait between connection attempts (paho doubles it from the
+    minimum to the cap, and resets it on every CONNACK) is jittered and logged.
+
+    Overrides paho 2.x's ``_reconnect_wait``, which its network loop calls before every
+    retry, first connection included when started with ``loop_start``; the loop body is
+    paho's own, so a ``disconnect()`` or ``loop_stop()`` still ends the wait within a second.
+    """
+
+    on_backoff: Callable[[float], None] | None = None
+
+    def _reconnect_wait(self) -> None:
+        with self._reconnect_delay_mutex:
+            if self._reconnect_delay is None:
+                self._reconnect_delay = self._reconnect_min_delay
+            else:
+                self._reconnect_delay = min(self._reconnect_delay * 2, self._reconnect_max_delay)
+            step = float(self._reconnect_delay)
+        wait = jittered(step)
+        if self.on_backoff is not None:
+            self.on_backoff(wait)
+        until = time.monotonic() + wait
+        done = (mqtt._ConnectionState.MQTT_CS_DISCONNECTING,
+                mqtt._ConnectionState.MQTT_CS_DISCONNECTED)
+        while self._state not in done and not self._thread_terminate:
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(left, 1.0))
 
 
 @dataclass(frozen=True)
@@ -74,7 +118,11 @@ class MqttTransport(Transport):
         reconnect_min_s: int = 1,
         reconnect_max_s: int = 30,
         max_inflight: int = 20,
+        keep_trying: bool = False,
     ) -> None:
+        """``keep_trying``: a broker that does not answer :meth:`connect` in time is not an
+        error; the connection is retried in the background, forever, until :meth:`close`
+        (a broker that answers and refuses us is still a :class:`ConfigError`)."""
         if not client_id or len(client_id) > 128:
             raise ConfigError(
                 f"mqtt transport: client id must be 1..128 characters, got {client_id!r}"
@@ -101,8 +149,10 @@ class MqttTransport(Transport):
         self._acked_cv = threading.Condition()
         self._closed = False
         self.reconnects = 0
+        self.keep_trying = keep_trying
+        self._failed_tries = 0  # retries since the last CONNACK
 
-        c = mqtt.Client(
+        c = _BackoffClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv5,
@@ -126,6 +176,8 @@ class MqttTransport(Transport):
         c.on_message = self._on_message
         c.on_subscribe = self._on_subscribe
         c.on_publish = self._on_publish
+        c.on_connect_fail = self._on_connect_fail
+        c.on_backoff = self._on_backoff
         self._client = c
 
     # --- Transport API ---
@@ -142,7 +194,9 @@ class MqttTransport(Transport):
         """Start the network thread and wait for the first CONNACK.
 
         Later disconnects are repaired by paho in the background; this raises
-        :class:`ConfigError` only if the broker is unreachable or refuses us now.
+        :class:`ConfigError` if the broker refuses us now, or, without ``keep_trying``, if
+        it is unreachable. With ``keep_trying`` an unreachable broker is logged and left
+        to the background retries: connection listeners hear of the session once it is up.
         """
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self._session_expiry
@@ -151,6 +205,11 @@ class MqttTransport(Transport):
         )
         self._client.loop_start()
         if not self._first_connack.wait(timeout):
+            if self.keep_trying:
+                log.warning("%s: no answer from broker %s:%d within %g s; still trying in the "
+                            "background (backoff up to %d s)", self.client_id, self.host,
+                            self.port, timeout, self._client._reconnect_max_delay)
+                return
             self._shutdown()
             raise ConfigError(
                 f"mqtt: no answer from broker {self.host}:{self.port} within {timeout:g} s "
@@ -287,6 +346,7 @@ class MqttTransport(Transport):
             return
         if self._first_connack.is_set():
             self.reconnects += 1
+        self._failed_tries = 0
         mps = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
         self._max_packet = int(mps) if mps else MQTT_MAX_PACKET_SIZE
         with self._lock:
@@ -312,6 +372,20 @@ class MqttTransport(Transport):
         )  # fmt: skip
         if not renewing:  # otherwise listeners hear of it once the SUBACK is in
             self._dispatcher.put_connection(True)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        """A TCP or TLS connect that failed (no broker there, a network down): retried."""
+        log.debug("%s: connecting to %s:%d failed", self.client_id, self.host, self.port)
+
+    def _on_backoff(self, wait_s: float) -> None:
+        """Before each retry. Attempts 1, 2, 4, 8... since the last CONNACK are logged at
+        INFO, the others at DEBUG: an operator sees the daemon is still trying, and a device
+        waiting a day for its broker writes a few dozen lines, not thousands."""
+        self._failed_tries += 1
+        n = self._failed_tries
+        level = logging.INFO if n & (n - 1) == 0 else logging.DEBUG
+        log.log(level, "%s: broker %s:%d not reachable (attempt %d); next try in %.1f s",
+                self.client_id, self.host, self.port, n, wait_s)
 
     def _on_disconnect(
         self,
