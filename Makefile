@@ -39,15 +39,17 @@ demo: setup
 	  --out runs/demo-export/bundle_client0 --quantize int8 --calibration-samples 128 \
 	  --report runs/demo-export/export_report.json
 
-# One pytest-xdist worker per core; a module whose tests share a module-scoped fixture stays on
+# One pytest-xdist worker per core; a file whose tests share a module-scoped fixture stays on
 # one worker (tests/conftest.py). `make test` skips the tests marked `slow` (minutes each);
-# `make test-all` runs every test, those included (README, "Tests").
+# `make test-all` runs `make test`, then every `slow` test one at a time: they measure
+# daemons under sustained load, which a test beside them on the other core would distort
+# (README, "Tests"). CI runs `make test-all`.
 PYTEST_PAR := -n auto --dist loadgroup
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_PAR)
 
-test-all: setup
-	$(BIN)/python -m pytest -q $(PYTEST_PAR) -m 'not bench or slow'
+test-all: test
+	$(BIN)/python -m pytest -q -s -m slow
 
 # The slow part of the hostile suite (real broker + daemon processes under attack, a
 # coordinator killed mid-upload, 1,000 slowloris identities against the reassembly budget);

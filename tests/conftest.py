@@ -134,12 +134,14 @@ def digits_npz() -> Callable[..., None]:
         np.savez(path, x_train=xs[:cut], y_train=ys[:cut], x_test=xs[cut:], y_test=ys[cut:])
 
     return write
+
+
 # --- suite layout: slow tests, parallel workers (test-suite engineer) ----------------
 # `make test` runs the suite on one pytest-xdist worker per core (`-n auto --dist loadgroup`);
-# `make test-all` adds the tests marked `slow` (README, "Tests"). Each test already gets its
-# own broker (a free loopback port) and its own tmp_path, so tests may run side by side;
-# what cannot be split is a module's module-scoped fixture: built once per worker that runs
-# one of its tests, so such a module is kept on one worker (below).
+# `make test-all` then runs the tests marked `slow`, one at a time (README, "Tests"). Each
+# test already gets its own broker (a free loopback port) and its own tmp_path, so tests may
+# run side by side; what cannot be split is a module-scoped fixture, built once per worker
+# that runs one of its tests, so such a file is kept on one worker (below).
 
 
 import functools  # noqa: E402
@@ -161,7 +163,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """
     if _runs_slow(config):
         return
-    skip = pytest.mark.skip(reason="slow: run `make test-all` (pytest -m 'not bench or slow')")
+    skip = pytest.mark.skip(reason="slow: run `make test-all` (pytest -m slow)")
     for item in items:
         if item.get_closest_marker("slow") is not None:
             item.add_marker(skip)
