@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test test-all test-hostile test-runtime-profile bench bench-camera bench-fleet bench-fleet-shards lint clean mosquitto datasets tune accuracy accuracy-long
+.PHONY: setup demo test test-all test-hostile test-runtime-profile bench bench-camera bench-fleet bench-fleet-shards lint clean mosquitto datasets tune accuracy accuracy-long bench-robustness
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -105,6 +105,12 @@ accuracy-long: setup
 	  --settings fmnist-dir0.1,fmnist-dir0.5,fmnist-shards2 \
 	  --algorithms fedcoe,fedavg,fedprox,local,fedavg-ft,ditto,fedrep,mixture \
 	  --out benchmarks/results/long60 --cache benchmarks/results/long60/accuracy_cache.jsonl
+
+# Poisoned updates (scaled, sign-flipped, noise, label flip, lying num_samples) from 1 and 2
+# of 10 devices against each defence, FedCoE and FedAvg (docs/benchmarks.md, "Robustness");
+# about 35 min on one core, resumed from its cache; the report covers what finished.
+bench-robustness: setup
+	$(BIN)/python -m benchmarks.robustness --budget-min 35
 
 # ruff over everything; mypy over the packages and examples ([tool.mypy] files in pyproject.toml)
 lint: setup

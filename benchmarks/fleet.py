@@ -289,24 +289,23 @@ class SimDevice:
                           {"kind": "personal", "correct": 70, "total": 100})
 
     def _trained(self, ctx: dict[str, Any], upload: bytes) -> None:
-        from fedcoe_edge.transport.blob import BlobSender, fit_chunk_size
-        from fedcoe_edge.wire import TransferManifest
+        from fedcoe_edge.transport.blob import open_blob
 
         rnd = int(ctx["round"])
         digest = hashlib.sha256(f"{self.dev}\0{rnd}\0".encode() + upload).hexdigest()
         xid = f"r{rnd}-{digest[:32]}"
-        topic = self.topics.up_blob(self.dev, xid)
-        size = fit_chunk_size(self.client, topic, xid, self.fleet.spec.chunk_size)
-        m = TransferManifest.for_payload(upload, expert_ids=ctx["expert_ids"],
-                                         base_version=self.version, chunk_size=size,
-                                         transfer_id=xid, encoding=self.P.ENCODING_DELTA)
+        sender = open_blob(self.client, lambda x: self.topics.up_blob(self.dev, x), upload,
+                           chunk_size=self.fleet.spec.chunk_size, window=DEFAULT_WINDOW,
+                           transfer_id=xid, expert_ids=ctx["expert_ids"],
+                           base_version=self.version, encoding=self.P.ENCODING_DELTA)
+        m = sender.manifest
         k = self.fleet.num_experts
         rng = random.Random(f"{self.dev}/{rnd}")
         aff = [rng.random() + 0.05 for _ in range(k)]
         total = sum(aff)
         body = {"manifest": m.to_dict(), "num_samples": self.num_samples,
                 "affinity": [a / total for a in aff], "metrics": {"train_loss": 1.0}}
-        self.upload = _Upload(rnd, body, BlobSender(self.client, topic, m, upload, window=DEFAULT_WINDOW))
+        self.upload = _Upload(rnd, body, sender)
         self.upload.next_announce = time.monotonic() + REANNOUNCE_S
         self.fleet.active.add(self)
         self._send(self.P.RESULT, body, rnd)

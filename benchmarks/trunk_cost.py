@@ -4,7 +4,7 @@ One local SGD step of FedCoE's client objective (``fedcoe_loss``, the parameters
 ``client_update`` trains: the local level plus everything the coordinator sent) on the
 camera model of :mod:`benchmarks.fedcoe` (MobileNetV3-Small trunk, K=8 + M=2 MLP heads,
 224x224 RGB), with ``trunk_mode = "federated"`` (today: the trunk is sent, trained and
-uploaded) and ``"frozen"`` (docs/design.md, "Trunk") with its feature cache off and on,
+uploaded) and ``"frozen"`` (docs/design.md, "Trunk modes") with its feature cache off and on,
 beside one step of a full MobileNetV3-Small fine-tune measured in the same run. The cached
 row is the step once the batch's features are cached; its one-time fill per sample is
 (cold step - warm step) / batch, a cold step being one right after the cache was emptied.
@@ -34,7 +34,7 @@ from typing import Any
 VARIANTS = ("full_v3_small", "fedcoe_federated", "fedcoe_frozen", "fedcoe_frozen_cached")
 # trunk_mode and model.trunk_cache_mb (MiB) of each FedCoE variant: the plain frozen row runs
 # the trunk every step (cache off; every step here reuses one batch, so it would hit), the
-# cached row is timed once its cache is warm (docs/design.md, "Trunk")
+# cached row is timed once its cache is warm (docs/design.md, "Trunk modes")
 FEDCOE_VARIANTS = {"fedcoe_federated": ("federated", None), "fedcoe_frozen": ("frozen", 0),
                    "fedcoe_frozen_cached": ("frozen", None)}
 BATCHES = (8, 16)
@@ -278,8 +278,8 @@ def cache_sentence(summary: list[dict[str, Any]]) -> list[str]:
              f"frozen step), after a one-time fill of {r['fill_ms_per_sample'][1]:.1f} ms per "
              f"sample ({r['fill_ms_per_sample'][0]:.1f}-{r['fill_ms_per_sample'][2]:.1f})"
              for r in cached if r["batch"] in plain and "fill_ms_per_sample" in r]
-    return ["", "Features cached (`model.trunk_cache_mb`, default 256 MiB, docs/design.md "
-            "\"Trunk\"): a frozen trunk's features are computed once per sample and reused by every "
+    return ["", "Features cached (`model.trunk_cache_mb`, default 256 MiB, docs/design.md, "
+            "\"Trunk modes\"): a frozen trunk's features are computed once per sample and reused by every "
             "later epoch and round while they fit in the budget (576 fp32 features + ~0.7 KB of "
             "bookkeeping per sample: about 89k samples in 256 MiB). Once warm, a step costs "
             + "; ".join(parts) + ": the trunk forward under no_grad plus a sha256 key of the "

@@ -7,6 +7,12 @@ in-process simulator (docs/design.md, section 2): ``select_clients`` -> ``config
 tasks out, updates in -> ``aggregate_round(results, failures)``. Failures (deadline passed,
 update rejected) are data handed to the strategy, never exceptions or hangs.
 
+The rounds themselves (open, accept, close, checkpoint, resume) are
+:class:`~coordinator.engine.RoundEngine`, which holds no MQTT (docs/design.md, "The daemons");
+this class is the handlers around it: each message parsed into its typed body
+(fedcoe_edge/messages.py) and bounded per device, then an engine call; plus the transfers,
+the pump loop and the persister thread.
+
 Receive path for an update (docs/design.md, section 8): signed ``result`` envelope with a transfer
 manifest -> chunks reassembled and sha256-checked -> int8 delta decompressed against the
 exact parameters this device was sent -> ``validate_update`` (keys, shapes, dtypes, finite,
@@ -21,9 +27,7 @@ strategy state, written atomically). A restarted coordinator resumes the round i
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
-import json
 import logging
 import queue
 import threading
@@ -34,13 +38,17 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.config import CoordinatorConfig, FederationSettings
+from coordinator.config import CoordinatorConfig
+from coordinator.engine import (
+    Accepted,
+    EvalReport,
+    RoundEngine,
+    write_checkpoint,
+)
 from coordinator.limits import RateLimiter, RefusalLog
 from coordinator.store import Store
 from fedcoe_edge import protocol as P
-from fedcoe_edge.checkpoint import load_arrays_file, save_arrays
-from fedcoe_edge.errors import ConfigError, DataError, FedCoEError, ValidationError, WireError
-from fedcoe_edge.io import atomic_write_text
+from fedcoe_edge.errors import ConfigError, FedCoEError, ValidationError, WireError
 from fedcoe_edge.messages import (
     Decline,
     Eval,
@@ -62,7 +70,7 @@ from fedcoe_edge.transport.blob import (
     XFER_PROGRESS,
     BlobReceiver,
     BlobSender,
-    fit_chunk_size,
+    open_blob,
 )
 from fedcoe_edge.wire import (
     ReassemblyBudget,
@@ -70,11 +78,7 @@ from fedcoe_edge.wire import (
     TransferManifest,
     UnauthenticatedError,
     decode_envelope,
-    decode_tensors,
-    decompress_delta,
     encode_tensors,
-    new_msg_id,
-    validate_update,
 )
 
 log = logging.getLogger("fedcoe.coordinator")
@@ -145,54 +149,10 @@ class _Upload:
     received: int = 0  # new chunks so far (progress for the reassembly budget)
 
 
-@dataclass
-class _Accepted:
-    """A checked update waiting for the persister (not ACKed until it is durable)."""
-
-    device: str
-    round: int
-    result: ClientResult
-    nbytes: int
-    xfer: str
-    encoding: str
-
-
-@dataclass
-class _Eval:
-    """An evaluation report waiting for the persister; ``eval_ack`` follows its commit."""
-
-    device: str
-    round: int
-    kind: str
-    correct: int
-    total: int
-
-
-def _task_file(expert_ids: list[int]) -> str:
-    """File of a round's task parameters for one expert set (shared by its devices)."""
-    return "task_e" + "-".join(str(int(i)) for i in expert_ids) + ".safetensors"
-
-
-def write_checkpoint(folder: Path, s: Strategy, fed: FederationSettings, rnd: int,
-                     **extra: Any) -> None:
-    """Global state under a versioned name, then model.json pointing at it (the atomic
-    switch), then ``global.safetensors`` for ``load_checkpoint`` readers; older versioned
-    files go. The coordinator's and the sharded leader's layout (``extra``: the leader's
-    shard count), so ``fedcoe`` tools that read one read the other."""
-    name = f"global-v{s.version}-r{rnd}.safetensors"
-    save_arrays(folder / name, s.global_state)
-    digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
-    doc = {"model": s.network_cfg.to_dict(), "algorithm": fed.algorithm, "seed": fed.seed,
-           "version": s.version, "round": rnd, "global_file": name, "global_sha256": digest,
-           "classes": list(fed.classes),
-           "rng": s.rng.bit_generator.state,
-           **s.checkpoint_extra(),
-           "clients": [], **extra}
-    atomic_write_text(folder / "model.json", json.dumps(doc, indent=1) + "\n")
-    save_arrays(folder / "global.safetensors", s.global_state)
-    for old in folder.glob("global-v*.safetensors"):
-        if old.name != name:
-            old.unlink(missing_ok=True)
+# the engine's records, under the names this module used before the engine held them
+_Accepted = Accepted
+_Eval = EvalReport
+__all__ = ["Coordinator", "write_checkpoint"]
 
 
 class Coordinator:
@@ -205,20 +165,15 @@ class Coordinator:
         self.me = self.fed.coordinator_id
         self.state_dir = cfg.state_dir
         # the model first: a config whose model cannot be built leaves no state folder behind
-        self.strategy: Strategy = make_strategy(self.fed.algorithm, cfg.model, cfg.train, self.fed.seed)
+        strategy: Strategy = make_strategy(self.fed.algorithm, cfg.model, cfg.train, self.fed.seed)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(self.state_dir / "coordinator.sqlite")
+        # the rounds themselves (no MQTT): this class parses messages, moves bytes, calls it
+        self.engine = RoundEngine(cfg, strategy, Store(self.state_dir / "coordinator.sqlite"))
         self.bc_key = P.broadcast_key(cfg.secret, self.fed.id)
         self._factory = factory if factory is not None else P.mqtt_factory(cfg.broker)
-        self._lock = threading.RLock()
+        self._lock = self.engine.lock  # one lock: handlers and engine see one round state
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self.round = 0  # the open round, or the last closed one
-        self.round_open = False
-        self.deadline = 0.0
-        self.tasks: dict[str, ClientTask] = {}
-        self.results: dict[str, ClientResult] = {}
-        self.failed: dict[str, str] = {}
         self.online: dict[str, str] = {}  # device -> role, for devices that said hello
         self._senders: dict[str, _Outgoing] = {}
         self._receivers: dict[str, BlobReceiver] = {}
@@ -229,13 +184,7 @@ class Coordinator:
                                         idle_s=UPLOAD_IDLE_S, stall_s=UPLOAD_STALL_S)
         self._task_xfer: dict[str, str] = {}  # device -> this round's task transfer
         self._accepted_xfers: dict[tuple[str, str], int] = {}  # -> round; pruned at close
-        self._settled: set[str] = set()  # this round's devices with a result or a failure
-        self._persisting: set[str] = set()  # updates checked, waiting to be durable
-        self._closing = False  # set while a round closes: no update is queued any more
-        self.streaming = cfg.federation.aggregation == "stream"
-        self._partial: Partial | None = None
-        self._snapshot: tuple[int, Path | None] = (0, None)  # newest durable partial
-        self._persist_q: queue.Queue[_Accepted | _Eval | None] = queue.Queue()
+        self._persist_q: queue.Queue[Accepted | EvalReport | None] = queue.Queue()
         self._evals_logged: set[tuple[str, int, str]] = set()  # one log line per evaluation
         # (device, purpose, round, version, experts) -> the download answering that FETCH
         self._fetch_out: dict[tuple[str, str, int, int, tuple[int, ...]], str] = {}
@@ -260,13 +209,66 @@ class Coordinator:
         self._eval_limit = RateLimiter(EVAL_RATE, EVAL_BURST)
         self._decline_limit = RateLimiter(DECLINE_RATE, DECLINE_BURST)
         self._pruned_at = time.monotonic()
-        self._eval_x: np.ndarray | None = None
-        self._eval_y: np.ndarray | None = None
         self.transport: Transport | None = None
         self.messenger: P.Messenger | None = None
         self.finished = False
         self._closed_summaries: list[dict[str, Any]] = []  # this run's rounds, for its last line
         self._started_at = time.monotonic()
+
+    # ------------------------------------------------------------------ the engine's state
+    # Read (and, for a shard aggregator or a test, set) through the daemon as before; the
+    # engine owns them.
+    @property
+    def strategy(self) -> Strategy:
+        return self.engine.strategy
+
+    @property
+    def store(self) -> Store:
+        return self.engine.store
+
+    @property
+    def round(self) -> int:
+        return self.engine.round
+
+    @round.setter
+    def round(self, value: int) -> None:
+        self.engine.round = value
+
+    @property
+    def round_open(self) -> bool:
+        return self.engine.round_open
+
+    @round_open.setter
+    def round_open(self, value: bool) -> None:
+        self.engine.round_open = value
+
+    @property
+    def deadline(self) -> float:
+        return self.engine.deadline
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        self.engine.deadline = value
+
+    @property
+    def tasks(self) -> dict[str, ClientTask]:
+        return self.engine.tasks
+
+    @property
+    def results(self) -> dict[str, ClientResult]:
+        return self.engine.results
+
+    @property
+    def failed(self) -> dict[str, str]:
+        return self.engine.failed
+
+    @property
+    def streaming(self) -> bool:
+        return self.engine.streaming
+
+    @property
+    def _partial(self) -> Partial | None:
+        return self.engine.partial
 
     # ------------------------------------------------------------------ keys and sending
     def key_for(self, device: str) -> bytes | None:
@@ -313,8 +315,8 @@ class Coordinator:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Resume from the state folder, connect, subscribe, announce."""
-        self._load_eval()
-        self._resume()
+        self.engine.load_eval()
+        self.engine.resume()
         will = Will(self.topics.coord_status(), P.presence_payload("offline"), 1, True)
         birth = Will(self.topics.coord_status(), P.presence_payload("online"), 1, True)
         self.transport = self._factory(self.me, will, birth)
@@ -413,29 +415,7 @@ class Coordinator:
     def _open_round(self) -> None:
         with self._lock:
             rnd = self.round + 1
-            tasks = self._plan_round(rnd)
-            # what FedAvg-style full exchange would move in ONE direction this round
-            full = serialized_nbytes(self.strategy.global_state) * len(tasks)
-            folder = self.state_dir / "rounds" / str(rnd)
-            # devices holding the same experts get the same parameters: one dict, one file
-            # and one encoding per distinct expert set, whatever the fleet's size
-            shared: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
-            for t in tasks:
-                key = tuple(t.expert_ids)
-                if key not in shared:
-                    shared[key] = t.params
-                    save_arrays(folder / _task_file(t.expert_ids), t.params)
-                t.params = shared[key]
-            self.round, self.round_open = rnd, True
-            self.deadline = time.monotonic() + self.fed.deadline_s
-            self.tasks = {t.client_id: t for t in tasks}
-            self.results, self.failed = {}, {}
-            self._settled, self._persisting = set(), set()
-            self._partial = self.strategy.new_partial(rnd) if self.streaming else None
-            self._snapshot = (0, None)
-            self.store.open_round(rnd, sorted(self.tasks),
-                                  {t.client_id: list(t.expert_ids) for t in tasks},
-                                  time.time() + self.fed.deadline_s, self.strategy.version, full)
+            tasks = self.engine.open_round(rnd, self._plan_round(rnd))
         shown = ",".join(sorted(self.tasks)[:20]) + (",..." if len(tasks) > 20 else "")
         log.info("round %d open: %d device(s) selected %s, deadline %.0fs", rnd, len(tasks),
                  shown, self.fed.deadline_s)
@@ -449,8 +429,7 @@ class Coordinator:
     def _plan_round(self, rnd: int) -> list[ClientTask]:
         """This round's tasks: the strategy selects and configures. A shard aggregator
         (coordinator/shard.py) takes them from its leader instead."""
-        ids = self.strategy.select_clients(rnd, self.available())
-        return self.strategy.configure_round(rnd, ids)
+        return self.engine.plan(rnd, self.available())
 
     def _send_task(self, task: ClientTask) -> None:
         xfer = self._send_params(task.client_id, task.params, task.expert_ids, "train", task.round)
@@ -507,13 +486,11 @@ class Coordinator:
         bounded like every download (the shared chunk backlog, the pump's 10-minute limit)
         and counted in the traffic."""
         assert self.transport is not None
-        xid = new_msg_id()
-        topic = self.topics.dn_blob(device, xid)
-        size = fit_chunk_size(self.transport, topic, xid, self.fed.chunk_size)
-        manifest = dataclasses.replace(base, transfer_id=xid, chunk_size=size,
-                                       chunk_count=max(1, -(-len(data) // size)))
-        sender = BlobSender(self.transport, topic, manifest, data, window=self.fed.window,
-                            verify=False, budget=self._out_budget)
+        sender = open_blob(self.transport, lambda xid: self.topics.dn_blob(device, xid), data,
+                           chunk_size=self.fed.chunk_size, window=self.fed.window, base=base,
+                           verify=False, budget=self._out_budget)
+        manifest = sender.manifest
+        xid = manifest.transfer_id
         with self._lock:
             self._senders[xid] = _Outgoing(device, rnd, purpose, sender, created=time.monotonic())
         self.store.later("add_traffic", rnd, device, "down", purpose, len(data))
@@ -521,9 +498,7 @@ class Coordinator:
 
     def _wait_round(self) -> None:
         while not self._stop.is_set():
-            with self._lock:
-                pending = len(self.tasks) - len(self._settled)
-            if pending <= 0:
+            if self.engine.pending() <= 0:
                 return
             left = self.deadline - time.monotonic()
             if left <= 0:
@@ -533,29 +508,14 @@ class Coordinator:
 
     def _close_round(self) -> None:
         with self._lock:
-            self._closing = True  # no more updates are queued for persistence ...
+            self.engine.closing = True  # no more updates are queued for persistence ...
         self._persist_q.join()  # ... and the queued ones are durable and ACKed
         self.store.flush_later()
-        before = self.strategy.version
         self._before_aggregate()
         with self._lock:
-            self._closing = False
-            rnd = self.round
-            results = [self.results[d] for d in sorted(self.results)]
-            failures = []
-            for d in sorted(self.tasks):
-                if d in self.results:
-                    continue
-                reason = self.failed.get(d, "deadline passed with no accepted update")
-                failures.append(Failure(d, rnd, reason))
-                log.warning("failure device=%s round=%d reason=%s", d, rnd, reason)
-                self.store.later("add_event", rnd, d, "failure", reason)
-            self.store.flush_later()
-            applied, note = self._aggregate(rnd, results, failures)
-            self._checkpoint(rnd)
-            acc = self._evaluate()  # committed with the close: never a closed round without it
-            self.store.close_round(rnd, self.strategy.version, applied, note, global_acc=acc)
-            self.round_open = False
+            self.engine.closing = False
+            closed = self.engine.close_round(self._aggregate, self._checkpoint)
+            rnd = closed.round
             for xid, out in list(self._senders.items()):
                 if out.round <= rnd and out.purpose == "train":
                     del self._senders[xid]
@@ -567,13 +527,10 @@ class Coordinator:
             # accepted transfers of this round stay (a late re-announce is answered with
             # ACCEPT), older ones go: the set is bounded by two rounds of devices
             self._accepted_xfers = {k: r for k, r in self._accepted_xfers.items() if r >= rnd}
-            self._partial = None
-        summary = self.store.round_summary(rnd)
-        atomic_write_text(self.state_dir / "rounds" / str(rnd) / "round.json",
-                          json.dumps(summary, indent=1) + "\n")
-        log.info("round %d closed: %s; version %d -> %d%s", rnd, note, before, self.strategy.version,
-                 f"; global acc {acc:.4f}" if acc is not None else "")
-        self._log_round_summary(summary)
+        acc = closed.accuracy
+        log.info("round %d closed: %s; version %d -> %d%s", rnd, closed.note, closed.version_before,
+                 closed.version_after, f"; global acc {acc:.4f}" if acc is not None else "")
+        self._log_round_summary(closed.summary)
         self._broadcast("closed")
 
     def _log_round_summary(self, summary: dict[str, Any]) -> None:
@@ -600,124 +557,12 @@ class Coordinator:
 
     def _aggregate(self, rnd: int, results: list[ClientResult], failures: list[Failure]
                    ) -> tuple[bool, str]:
-        """Apply the round (lock held): ``(applied, note for the round log)``."""
-        applied = len(results) >= self.fed.quorum
-        partial = self._partial
-        if applied:
-            try:
-                if partial is not None:
-                    self.strategy.finalize(rnd, partial, failures)
-                else:
-                    self.strategy.aggregate_round(rnd, results, failures)
-                note = f"aggregated {len(results)} update(s), {len(failures)} failure(s)"
-            except (KeyError, ValueError) as exc:  # a strategy/contract mismatch: keep going
-                log.error("round %d: %s failed to aggregate (%s); global state kept", rnd,
-                          self.fed.algorithm, exc)
-                applied, note = False, f"aggregation failed: {exc}"[:300]
-        elif partial is not None:
-            self.strategy.finalize(rnd, self.strategy.new_partial(rnd), failures)
-            note = f"quorum not met ({len(results)} < {self.fed.quorum}); global state kept"
-        else:
-            self.strategy.aggregate_round(rnd, [], failures)
-            note = f"quorum not met ({len(results)} < {self.fed.quorum}); global state kept"
-        return applied, note
+        """Apply the round (lock held): the engine's rule; a shard aggregator's round is
+        applied by its leader instead (coordinator/shard.py)."""
+        return self.engine.aggregate(rnd, results, failures)
 
-    # ------------------------------------------------------------------ persistence
     def _checkpoint(self, rnd: int) -> None:
-        write_checkpoint(self.state_dir / "checkpoint", self.strategy, self.fed, rnd)
-
-    def _resume(self) -> None:
-        """Restore strategy state and the open round (if any) from the state folder."""
-        s = self.strategy
-        meta_path = self.state_dir / "checkpoint" / "model.json"
-        ck_round = 0
-        if meta_path.is_file():
-            try:
-                meta = json.loads(meta_path.read_text())
-                path = meta_path.parent / meta["global_file"]
-                if hashlib.sha256(path.read_bytes()).hexdigest() != meta["global_sha256"]:
-                    raise DataError(f"{path}: sha256 does not match model.json")
-                if meta["algorithm"] != self.fed.algorithm:
-                    raise ConfigError(f"state folder {self.state_dir} holds a {meta['algorithm']!r} run, "
-                                      f"config says {self.fed.algorithm!r}")
-                s.global_state = load_arrays_file(path)
-                s.version, ck_round = int(meta["version"]), int(meta["round"])
-                s.rng.bit_generator.state = meta["rng"]
-                s.restore_extra(meta)
-            except (KeyError, TypeError, ValueError, OSError) as exc:
-                raise DataError(f"corrupt coordinator checkpoint {meta_path}: {exc}") from None
-            log.info("resumed checkpoint: round %d, version %d", ck_round, s.version)
-        else:
-            s.initialize()
-        last = self.store.last_round()
-        if last is None:
-            self.round = ck_round
-            return
-        rnd = int(last["round"])
-        if last["state"] == "closed" or ck_round >= rnd:
-            if last["state"] != "closed":  # crashed between checkpoint and the round log
-                self.store.close_round(rnd, s.version, True, "closed after restart",
-                                       global_acc=self._evaluate() if ck_round == rnd else None)
-            self.round = max(rnd, ck_round)
-            return
-        # The round was open: reload its tasks and accepted updates; a fresh deadline.
-        folder = self.state_dir / "rounds" / str(rnd)
-        experts = json.loads(last["experts"])
-        shared: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
-        self.tasks = {}
-        for d in json.loads(last["selected"]):
-            ids = list(experts[d])
-            own = folder / f"task_{d}.safetensors"  # the layout before tasks were shared
-            if own.is_file():
-                params = load_arrays_file(own)
-            else:
-                if tuple(ids) not in shared:
-                    shared[tuple(ids)] = load_arrays_file(folder / _task_file(ids))
-                params = shared[tuple(ids)]
-            self.tasks[d] = ClientTask(d, rnd, params, ids, {"version": s.version})
-        self.results = {}
-        rows = self.store.updates(rnd)
-        snapshots = sorted({Path(u["path"]) for u in rows if Path(u["path"]).name.startswith("acc-")})
-        self._partial = s.new_partial(rnd) if self.streaming else None
-        if snapshots:
-            if self._partial is None:
-                raise DataError(f"round {rnd} in {self.state_dir} was aggregated as a stream; "
-                                "set [federation] aggregation = \"stream\" to resume it")
-            from safetensors import safe_open
-
-            with safe_open(str(snapshots[-1]), framework="numpy") as f:
-                meta = f.metadata() or {}
-            self._partial = Partial.from_arrays(load_arrays_file(snapshots[-1]), meta)
-            self._snapshot = (int(snapshots[-1].stem.split("-")[1]), snapshots[-1])
-        for u in rows:
-            result = ClientResult(u["device"], rnd, int(u["num_samples"]), {},
-                                  json.loads(u["affinity"]), json.loads(u["metrics"]))
-            if not Path(u["path"]).name.startswith("acc-"):
-                result.params = load_arrays_file(Path(u["path"]))
-                if self._partial is not None:
-                    s.fold(self._partial, result)
-                    result.params = {}
-            self.results[u["device"]] = result
-        self._settled = set(self.results)
-        self.round, self.round_open = rnd, True
-        self.deadline = time.monotonic() + self.fed.deadline_s
-
-    def _load_eval(self) -> None:
-        e = self.cfg.eval
-        if not e.dataset:
-            return
-        from fedcoe_edge.data import make_federation
-
-        fed = make_federation(e.dataset, e.partition, e.num_clients, e.new_clients, e.seed, e.alpha,
-                              e.min_samples)
-        self._eval_x, self._eval_y = fed.x_global_test, fed.y_global_test
-
-    def _evaluate(self) -> float | None:
-        if self._eval_x is None or self._eval_y is None:
-            return None
-        from fedcoe_edge.training import accuracy
-
-        return accuracy(self.strategy.predict_global(self._eval_x), self._eval_y)
+        self.engine.checkpoint(rnd)
 
     # ------------------------------------------------------------------ handlers
     def _on_presence(self, msg: Message) -> None:
@@ -875,7 +720,7 @@ class Coordinator:
             if dev in self.results:
                 self.reject(dev, rnd, f"duplicate update for round {rnd} (one already accepted)", xfer=xid)
                 return
-            if dev in self._persisting:
+            if dev in self.engine.persisting:
                 return  # its update is being written; the ACCEPT follows
             if dev in self.failed:
                 self.reject(dev, rnd, f"update after this round's failure ({self.failed[dev][:80]})", xfer=xid)
@@ -1029,36 +874,26 @@ class Coordinator:
             if up is None:
                 return False
             rnd = up.round
-            if not self.round_open or rnd != self.round or self._closing:
-                self.reject(dev, rnd, f"update for closed round {rnd} (current round {self.round})",
-                            xfer=xid)
+            task, why = self.engine.claim(dev, rnd)
+            if task is None:
+                self.reject(dev, rnd, why or "update refused", xfer=xid)
                 return False
-            if dev in self.results or dev in self._persisting:
-                self.reject(dev, rnd, f"duplicate update for round {rnd} (one already accepted)",
-                            xfer=xid)
-                return False
-            task = self.tasks[dev]
-            self._persisting.add(dev)
         try:  # the expensive part runs without the lock: other handlers and the pump go on
-            result = self._check_update(dev, rnd, task, up.body, manifest, data)
+            result = self.engine.check_update(dev, rnd, task, up.body, manifest, data)
         except (FedCoEError, ArithmeticError, ValueError, KeyError, TypeError) as exc:
             reason = str(exc)
-            with self._lock:
-                self._persisting.discard(dev)
-                if not (self.round_open and rnd == self.round):
-                    return False
-                self.failed[dev] = f"update rejected: {reason}"
-                self._settled.add(dev)
+            if not self.engine.fail(dev, rnd, f"update rejected: {reason}"):
+                return False
             self.reject(dev, rnd, reason, xfer=xid)
             self._wake.set()
             return False
         with self._lock:
-            if self._closing or not (self.round_open and rnd == self.round):
-                self._persisting.discard(dev)
+            if self.engine.closing or not self.engine.is_current(rnd):
+                self.engine.release(dev)
                 self.reject(dev, rnd, f"update for closed round {rnd} (current round {self.round})",
                             xfer=xid)
                 return False
-            self._persist_q.put(_Accepted(dev, rnd, result, len(data), xid, manifest.encoding))
+            self._persist_q.put(Accepted(dev, rnd, result, len(data), xid, manifest.encoding))
         return True
 
     # ------------------------------------------------------------------ persistence thread
@@ -1097,7 +932,7 @@ class Coordinator:
                 self.store.flush_later()
                 return
 
-    def _persist_each(self, batch: list[_Accepted | _Eval]) -> None:
+    def _persist_each(self, batch: list[Accepted | EvalReport]) -> None:
         """Persist a batch; if it fails, each member alone, so one member that cannot be
         written (a value the checks let through, a file that fails) never costs the others
         their update: only what fails on its own is dropped (and its device re-sends)."""
@@ -1114,10 +949,10 @@ class Coordinator:
             except Exception as exc:
                 self._persist_failed([item], exc, alone=True)
 
-    def _persist_failed(self, items: list[_Accepted | _Eval], exc: Exception, alone: bool) -> None:
+    def _persist_failed(self, items: list[Accepted | EvalReport], exc: Exception, alone: bool) -> None:
         """Undo what a failed write left behind: the partial sums go back to the last
         durable snapshot, the uploads are forgotten (the devices re-announce them)."""
-        accepted = [a for a in items if isinstance(a, _Accepted)]
+        accepted = [a for a in items if isinstance(a, Accepted)]
         if alone:
             what = (f"update of {accepted[0].device} round {accepted[0].round}" if accepted
                     else f"{len(items)} evaluation(s)")
@@ -1126,9 +961,9 @@ class Coordinator:
         else:
             log.warning("persisting a batch of %d failed (%s: %s); each is retried alone",
                         len(items), type(exc).__name__, str(exc)[:200])
-        if self._partial is not None and accepted:
+        if accepted:
             try:
-                self._partial = self._durable_partial(accepted[0].round)
+                self.engine.rollback(accepted[0].round)
             except (FedCoEError, OSError, ValueError, KeyError):
                 log.exception("round %d: the last durable partial sums could not be "
                               "reloaded; updates re-sent now may count twice",
@@ -1137,7 +972,7 @@ class Coordinator:
             return  # retried one by one next: the members are still this coordinator's
         with self._lock:
             for a in accepted:
-                self._persisting.discard(a.device)
+                self.engine.release(a.device)
                 self._drop_upload(a.device, a.xfer)
         for a in accepted:  # its chunks are now unknown: the device re-announces
             self._receiver(a.device).forget(a.xfer)
@@ -1151,56 +986,15 @@ class Coordinator:
         except Exception as exc:  # sqlite3.Error (a busy or full disk): next time
             log.warning("pruning event rows failed: %s", exc)
 
-    def _persist(self, items: list[_Accepted | _Eval]) -> None:
-        """One batch: update files (batch mode) or one partial-sum snapshot (stream mode),
-        then one SQLite transaction (with the batch's evaluations), then the results count,
-        then the ACKs."""
-        evals = [e for e in items if isinstance(e, _Eval)]
-        batch = [a for a in items if isinstance(a, _Accepted)]
+    def _persist(self, items: list[Accepted | EvalReport]) -> None:
+        """One batch made durable and counted by the engine (:meth:`RoundEngine.record`),
+        then the ACKs: an update is acknowledged only once it is durable."""
+        evals = [e for e in items if isinstance(e, EvalReport)]
+        batch = [a for a in items if isinstance(a, Accepted)]
+        self.engine.record(items, counted=self._count_accepted)
         if not batch:
-            with self.store.batch():
-                for e in evals:
-                    self.store.add_eval(e.round, e.device, e.kind, e.correct, e.total)
-                self.store.flush_later()
             self._ack_evals(evals)
             return
-        rnd = batch[0].round
-        folder = self.state_dir / "rounds" / str(rnd)
-        paths: dict[str, Path] = {}
-        seq, path = 0, folder
-        if self._partial is not None:
-            for a in batch:
-                self.strategy.fold(self._partial, a.result)
-            seq = self._snapshot[0] + 1
-            path = folder / f"acc-{seq:06d}.safetensors"
-            arrays, meta = self._partial.to_arrays()
-            save_arrays(path, arrays, meta)
-            paths = {a.device: path for a in batch}
-        else:
-            for a in batch:
-                paths[a.device] = folder / f"update_{a.device}.safetensors"
-                save_arrays(paths[a.device], a.result.params)
-        with self.store.batch():
-            for e in evals:
-                self.store.add_eval(e.round, e.device, e.kind, e.correct, e.total)
-            for a in batch:
-                r = a.result
-                self.store.add_update(rnd, a.device, r.num_samples, r.affinity, r.metrics, a.nbytes,
-                                      str(paths[a.device]))
-                self.store.add_traffic(rnd, a.device, "up", "train", a.nbytes)
-            self.store.flush_later()
-        if self._partial is not None:
-            old, self._snapshot = self._snapshot[1], (seq, path)
-            if old is not None:
-                old.unlink(missing_ok=True)  # the new snapshot holds everything the old one did
-        with self._lock:
-            for a in batch:
-                if self._partial is not None:
-                    a.result.params = {}  # summed: the weights themselves are not kept
-                self.results[a.device] = a.result
-                self._persisting.discard(a.device)
-                self._settled.add(a.device)
-                self._accepted_xfers[(a.device, a.xfer)] = a.round
         for a in batch:
             log.info("accepted device=%s round=%d bytes=%d (%s)", a.device, a.round, a.nbytes,
                      a.encoding)
@@ -1211,19 +1005,13 @@ class Coordinator:
         self._ack_evals(evals)
         self._wake.set()
 
-    def _durable_partial(self, rnd: int) -> Partial | None:
-        """The partial sums as last made durable (a failed batch must not stay summed: its
-        devices re-send, and would count twice)."""
-        path = self._snapshot[1]
-        if path is None:
-            return self.strategy.new_partial(rnd)
-        from safetensors import safe_open
+    def _count_accepted(self, batch: list[Accepted]) -> None:
+        """With the results (engine lock held): a late re-announce of one of these
+        transfers is answered with ACCEPT from now on."""
+        for a in batch:
+            self._accepted_xfers[(a.device, a.xfer)] = a.round
 
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-        return Partial.from_arrays(load_arrays_file(path), meta)
-
-    def _ack_evals(self, evals: list[_Eval]) -> None:
+    def _ack_evals(self, evals: list[EvalReport]) -> None:
         for e in evals:
             with contextlib.suppress(FedCoEError):
                 self._send(e.device, P.EVAL_ACK, {"kind": e.kind}, e.round)
@@ -1240,31 +1028,6 @@ class Coordinator:
             quiet = now - max(self._last_request, start) >= LINGER_QUIET_S
             if (not busy and quiet) or now - start >= LINGER_MAX_S:
                 return
-
-    def _check_update(self, dev: str, rnd: int, task: ClientTask, body: Result,
-                      manifest: TransferManifest, data: bytes) -> ClientResult:
-        payload = decode_tensors(data)
-        if manifest.encoding == P.ENCODING_DELTA:
-            params = decompress_delta(payload, task.params)
-        else:
-            params = payload
-        ref = {k: (tuple(v.shape), v.dtype) for k, v in task.params.items()}
-        validate_update(params, ref)
-        # the norm bound applies to the change a device made, not to the weights themselves
-        delta = {k: (v - task.params[k]).astype(v.dtype, copy=False) for k, v in params.items()
-                 if np.issubdtype(v.dtype, np.floating)}
-        try:
-            validate_update(delta, {k: ref[k] for k in delta}, self.fed.norm_bound)
-        except ValidationError as exc:
-            raise ValidationError(str(exc).replace("update:", "update delta:", 1)) from None
-        # num_samples, affinity and metrics were typed, finite and in range (Result.from_wire)
-        n = body.num_samples
-        aff = None if body.affinity is None else list(body.affinity)
-        if aff is not None:
-            k = self.cfg.model.num_global_experts
-            if len(aff) != k:
-                raise ValidationError(f"affinity must be {k} finite non-negative numbers")
-        return ClientResult(dev, rnd, n, params, aff, body.metrics_dict())
 
     def _on_fetch(self, dev: str, rnd: int, body: Fetch) -> None:
         """Send a device the gate plus the experts it asks for (cold start) or, with
@@ -1287,23 +1050,32 @@ class Coordinator:
             # a re-sent FETCH (its answer was slow, not lost) gets the download already
             # running for it announced again, not a second download of the same bytes
             same = (dev, purpose, label, version, tuple(ids))
-            xid = self._fetch_out.get(same)
-            out = self._senders.get(xid) if xid is not None else None
-            if out is not None and not out.sender.done and out.announce is not None:
-                again = out.announce
-            else:
-                again = None
-        if again is not None and xid is not None:
-            self._announce(xid, *again)
+        if self._reannounce_fetch(same):
             return
         manifest = self._send_params(dev, params, list(ids), purpose, label)
-        with self._lock:
-            if len(self._fetch_out) >= FETCH_OUT_MAX:
-                self._fetch_out.clear()  # a bound; at worst one more duplicate download
-            self._fetch_out[same] = manifest.transfer_id
+        self._remember_fetch(same, manifest.transfer_id)
         self._announce(manifest.transfer_id, P.MODEL, {
             "manifest": manifest.to_dict(), "expert_ids": list(ids), "version": version,
             "purpose": purpose}, label)
+
+    def _reannounce_fetch(self, same: tuple[str, str, int, int, tuple[int, ...]]) -> bool:
+        """A re-sent FETCH (its answer was slow, not lost) gets the download already running
+        for it announced again, not a second download of the same bytes: True when so."""
+        with self._lock:
+            xid = self._fetch_out.get(same)
+            out = self._senders.get(xid) if xid is not None else None
+            again = out.announce if out is not None and not out.sender.done else None
+        if again is None or xid is None:
+            return False
+        self._announce(xid, *again)
+        return True
+
+    def _remember_fetch(self, same: tuple[str, str, int, int, tuple[int, ...]], xid: str) -> None:
+        """The download ``xid`` answers the FETCH ``same`` (see :meth:`_reannounce_fetch`)."""
+        with self._lock:
+            if len(self._fetch_out) >= FETCH_OUT_MAX:
+                self._fetch_out.clear()  # a bound; at worst one more duplicate download
+            self._fetch_out[same] = xid
 
     def _trunk_payload(self) -> tuple[bytes, TransferManifest]:
         """The federation's pretrained trunk file as it is on disk, read once and checked
@@ -1336,20 +1108,12 @@ class Coordinator:
         download instead of starting a second."""
         data, base = self._trunk_payload()
         same = (dev, "trunk", 0, 0, ())
-        with self._lock:
-            xid = self._fetch_out.get(same)
-            out = self._senders.get(xid) if xid is not None else None
-            again = out.announce if out is not None and not out.sender.done else None
-        if again is not None and xid is not None:
-            self._announce(xid, *again)
+        if self._reannounce_fetch(same):
             return
         self._count_trunk_fetch(dev)
         manifest = self._send_bytes(dev, data, base, "trunk", self.round)
         xid = manifest.transfer_id
-        with self._lock:
-            if len(self._fetch_out) >= FETCH_OUT_MAX:
-                self._fetch_out.clear()
-            self._fetch_out[same] = xid
+        self._remember_fetch(same, xid)
         log.info("trunk download to %s: %d bytes (sha256 %s...)", dev, len(data), base.sha256[:12])
         self._announce(xid, P.MODEL, {"manifest": manifest.to_dict(), "expert_ids": [],
                                       "version": self.strategy.version, "purpose": "trunk"},
@@ -1377,10 +1141,9 @@ class Coordinator:
         with self._lock:
             self.online.pop(dev, None)
             owes = (self.round_open and dev in self.tasks and dev not in self.results
-                    and dev not in self._persisting)
+                    and dev not in self.engine.persisting)
             if owes:
-                self.failed[dev] = reason
-                self._settled.add(dev)
+                self.engine.fail(dev, self.round, reason)
         # one row and line per device and reason per interval (grouped like refusals)
         self.declines.refuse(self.round, dev, reason, per_interval=1)
         self._wake.set()
@@ -1401,7 +1164,7 @@ class Coordinator:
         # stored in the persister's next batch, then answered with the eval_ack the device
         # waits for (it re-sends an unanswered eval); storing is idempotent, so a re-sent
         # eval only repeats this answer
-        self._persist_q.put(_Eval(dev, rnd, kind, correct, total))
+        self._persist_q.put(EvalReport(dev, rnd, kind, correct, total))
         seen = (dev, rnd, kind)
         if seen in self._evals_logged:
             return  # a re-send (its ack was late): answered again, not logged again

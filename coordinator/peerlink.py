@@ -25,9 +25,9 @@ from fedcoe_edge.transport.blob import (
     XFER_PROGRESS,
     BlobReceiver,
     BlobSender,
-    fit_chunk_size,
+    open_blob,
 )
-from fedcoe_edge.wire import TransferManifest, new_msg_id
+from fedcoe_edge.wire import TransferManifest
 
 log = logging.getLogger("fedcoe.peerlink")
 
@@ -69,13 +69,10 @@ class PeerLink:
     def send_blob(self, peer: str, type: str, body: dict[str, Any], data: bytes, rnd: int) -> str:
         """Start a chunked transfer of ``data``; its manifest travels in ``body["manifest"]``
         of a ``type`` envelope, repeated until the peer reports progress."""
-        xid = new_msg_id()
-        topic = self._blob_topic(peer, xid)
-        size = fit_chunk_size(self.transport, topic, xid, self.chunk_size)
-        manifest = TransferManifest.for_payload(data, expert_ids=[], base_version=0,
-                                                chunk_size=size, transfer_id=xid,
-                                                window=self.window)
-        sender = BlobSender(self.transport, topic, manifest, data, window=self.window)
+        sender = open_blob(self.transport, lambda xid: self._blob_topic(peer, xid), data,
+                           chunk_size=self.chunk_size, window=self.window)
+        manifest = sender.manifest
+        xid = manifest.transfer_id
         announce = (type, {**body, "manifest": manifest.to_dict()}, rnd)
         now = time.monotonic()
         with self._lock:

@@ -56,13 +56,14 @@ from fedcoe_edge.messages import (
 )
 from fedcoe_edge.protocol import RETRY_ATTEMPTS, reason_class, retry_delay
 from fedcoe_edge.strategies import ClientData, ClientResult, ClientTask, Strategy, make_strategy
+from fedcoe_edge.strategies.bundle_rules import BUNDLE_COLD_RULES, bundle_cold_rule
 from fedcoe_edge.transport import Message, Topics, Transport, Will
 from fedcoe_edge.transport.blob import (
     XFER_DONE,
     XFER_PROGRESS,
     BlobReceiver,
     BlobSender,
-    fit_chunk_size,
+    open_blob,
 )
 from fedcoe_edge.wire import (
     Envelope,
@@ -747,14 +748,12 @@ class DeviceAgent:
         # recognised as a retransmission, and no two devices can share an id
         digest = hashlib.sha256(f"{self.dev}\0{rnd}\0".encode() + data).hexdigest()
         xid = f"r{rnd}-{digest[:32]}"
-        topic = self.topics.up_blob(self.dev, xid)
-        size = fit_chunk_size(self.transport, topic, xid, self.cfg.device.chunk_size)
         experts = sorted({int(n.split(".")[2]) for n in params if n.startswith("global.experts.")})
-        manifest = TransferManifest.for_payload(data, expert_ids=experts,
-                                                base_version=int(self.welcome.get("version", 0)),
-                                                chunk_size=size, transfer_id=xid, encoding=encoding,
-                                                window=self.cfg.device.window)
-        sender = BlobSender(self.transport, topic, manifest, data, window=self.cfg.device.window)
+        sender = open_blob(self.transport, lambda x: self.topics.up_blob(self.dev, x), data,
+                           chunk_size=self.cfg.device.chunk_size, window=self.cfg.device.window,
+                           transfer_id=xid, expert_ids=experts,
+                           base_version=int(self.welcome.get("version", 0)), encoding=encoding)
+        manifest = sender.manifest
         started, again = threading.Event(), threading.Event()
         with self._lock:
             self.uploads[xid] = (sender, started)
@@ -879,9 +878,10 @@ class DeviceAgent:
         if self.cfg.device.role != "cold":
             self.decline(NO_TORCH)
             return
-        if b.get("algorithm") != "fedcoe":
-            self.decline(f"this device runs its bundle without torch, which serves the fedcoe "
-                         f"algorithm only; the federation runs {b.get('algorithm')!r}")
+        if bundle_cold_rule(str(b.get("algorithm"))) is None:
+            self.decline(f"this device runs its bundle without torch, which serves the "
+                         f"{', '.join(sorted(BUNDLE_COLD_RULES))} algorithm only; the "
+                         f"federation runs {b.get('algorithm')!r}")
             return
         self.welcome = b
         self.bc_key = bytes.fromhex(b["bc_key"])
@@ -940,13 +940,15 @@ class DeviceAgent:
         version = ctx.get("version")
         swapped = self._swap_into_bundle(params, int(version) if version is not None else None)
         if purpose == "gate":
-            from fedcoe_edge.aggregate import covering_experts
-
+            rule = bundle_cold_rule(str(self.welcome.get("algorithm")))
+            if rule is None:  # the welcome was checked; a gate never comes before it
+                raise DataError("gate received for an algorithm no bundle serves")
             x = np.concatenate([self.data.x_train, self.data.x_test])
             prior = self.session.routing_prior(x)
-            # the same choice as FedCoE.experts_for_prior, from the welcome's train config
+            # the strategy's own rule (the one its torch side applies), with the welcome's
+            # train config
             train = TrainConfig.from_dict(self.welcome.get("train") or {})
-            chosen = covering_experts(prior, train.cold_start_mass, self.session.cfg.top_k)
+            chosen = rule(prior, self.session.cfg, train)
             log.info("%s: routing prior %s -> experts %s (bundle)", self.dev,
                      np.round(prior, 3).tolist(), chosen)
             self._request(fetch_key("cold", 0), {"expert_ids": chosen, "purpose": "cold"}, 0)

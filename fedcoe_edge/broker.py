@@ -9,6 +9,7 @@ configuration on a network (see ``deploy/mosquitto/`` for the TLS + ACL template
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -20,7 +21,7 @@ from types import TracebackType
 
 from fedcoe_edge.errors import ConfigError
 
-__all__ = ["MosquittoBroker", "find_mosquitto"]
+__all__ = ["MosquittoBroker", "find_mosquitto", "port_in_use"]
 
 _CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
 
@@ -41,6 +42,28 @@ def find_mosquitto(binary: str | None = None) -> str:
         "mosquitto broker not found (looked in PATH and /usr/sbin): "
         "install it with `apt-get install mosquitto`"
     )
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why a listener cannot bind ``host:port`` here ("address already in use"), or None
+    when it can, or when ``host`` is not this machine's (the broker then runs elsewhere).
+    Binds as Mosquitto does (SO_REUSEADDR), so closed connections in TIME_WAIT do not count;
+    ``host`` "" means every interface."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return None
+            return exc.strerror or str(exc)
+    return None
 
 
 def _free_port(host: str) -> int:
@@ -86,6 +109,7 @@ class MosquittoBroker:
         self._dir = Path(workdir) if workdir is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
         self._config_text = config_text
+        self._from_file = ""  # the config file from_config_file runs (its port is checked)
         if config_text is not None and port is None:
             raise ConfigError("MosquittoBroker: config_text needs the port its listener uses")
 
@@ -122,6 +146,13 @@ class MosquittoBroker:
         if self.running:
             return
         binary = find_mosquitto(self._binary)
+        if self._from_file:
+            busy = port_in_use(self.host, self.port)
+            if busy is not None:  # else a broker already there would answer _wait_ready
+                raise ConfigError(
+                    f"cannot start mosquitto from {self._from_file}: {self.host}:{self.port} is "
+                    f"already in use ({busy}), e.g. by the system's mosquitto service; give "
+                    f"`fedcoe init --port N` a free port, or stop that service")
         attempts = 1 if self._port is not None else 3
         for attempt in range(attempts):
             if self._port is None:
@@ -180,9 +211,12 @@ class MosquittoBroker:
         ``workdir/mosquitto.log`` (connections included, so session takeovers show) and,
         when run as root, ``user root`` (Mosquitto would otherwise switch to the
         ``mosquitto`` user, who cannot read the 0600 password file). Its listener must be
-        ``port``; call :meth:`start` (or use it as a context manager)."""
+        ``port``; call :meth:`start` (or use it as a context manager), which refuses in one
+        line, naming the fix, when something already listens on that port (a broker there
+        would otherwise answer the readiness check in place of this one)."""
         text = Path(path).read_text()
         broker = cls(port=port, workdir=workdir, binary=binary, config_text="")
+        broker._from_file = str(path)
         log = broker._workdir() / "mosquitto.log"
         extra = [f"log_dest file {log}", "log_type error", "log_type warning", "log_type notice",
                  "log_type information", "connection_messages true", "log_timestamp true"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +32,15 @@ MAX_TRUNK_CACHE_MB = 1 << 20  # 1 TiB: anything above is a typo
 _TRUNK_DEFAULTS: dict[str, Any] = {"trunk_mode": "federated", "trunk_weights": "",
                                    "trunk_sha256": "", "trunk_cache_mb": DEFAULT_TRUNK_CACHE_MB}
 Tier = Literal["small", "medium", "large"]
+# Server-side defences against poisoned updates (fedcoe_edge/robust.py; docs/design.md,
+# "Robust aggregation"). Left out of TrainConfig.to_dict() at their defaults, like the trunk
+# options: a device of an older release reads the train section a coordinator sends it.
+AGGREGATION_RULES = ("mean", "trimmed_mean", "median")
+UPDATE_CLIPS = ("median", "quantile", "fixed", "none")
+_ROBUST_DEFAULTS: dict[str, Any] = {"aggregation_rule": "mean", "trim_ratio": 0.2,
+                                    "update_clip": "median", "clip_multiplier": 1.0,
+                                    "clip_quantile": 0.5, "clip_lr": 0.2, "clip_init": 0.5,
+                                    "samples_cap": 2.0, "samples_growth": 2.0}
 
 # Width multiplier of the private (local) experts per device tier: a Pi Zero gets "small",
 # a Jetson "large". Global experts keep one size so they can be aggregated.
@@ -53,14 +63,14 @@ class ModelConfig:
     shared_expert: bool = True  # always-on global expert under the routed ones
     gate_hidden: int = 0  # 0: linear gates; >0: one hidden layer of this width
     local_residual: bool = True  # local experts add logits to the global path's (zero-initialised)
-    # docs/design.md, "Trunk": "federated" trains and exchanges the trunk (default);
+    # docs/design.md, "Trunk modes": "federated" trains and exchanges the trunk (default);
     # "frozen" neither trains nor exchanges it; "local-finetune" trains it on each device
     # and keeps it there (private, like the local level)
     trunk_mode: TrunkMode = "federated"
     trunk_weights: str = ""  # pretrained trunk: a local safetensors file, loaded at build time
     trunk_sha256: str = ""  # that file's sha256 (required with trunk_weights)
     # RAM budget (MiB) of a frozen trunk's per-sample feature cache; 0 disables; no effect on
-    # results (docs/design.md, "Trunk"); ignored unless trunk_mode = "frozen"
+    # results (docs/design.md, "Trunk modes"); ignored unless trunk_mode = "frozen"
     trunk_cache_mb: int = DEFAULT_TRUNK_CACHE_MB
 
     def __post_init__(self) -> None:
@@ -183,6 +193,24 @@ class TrainConfig:
     finetune_epochs: int = 5  # used by fine-tuning baselines (FedAvg-FT)
     prox_mu: float = 0.01  # FedProx / Ditto proximal weight
     extra: dict[str, Any] = field(default_factory=dict)  # strategy-specific knobs
+    # --- robust aggregation (server side; docs/design.md, "Robust aggregation") ---
+    # mean: the strategy's own weighted mean; trimmed_mean / median: coordinate-wise over the
+    # (clipped) updates, opt-in, memory O(updates x model) while a round is open
+    aggregation_rule: str = "mean"
+    trim_ratio: float = 0.2  # trimmed_mean: share cut from each end per coordinate, [0, 0.5)
+    # clip each update's change (params - global) to a bound set from earlier rounds only:
+    # median (bound = clip_multiplier x last round's median change norm) | quantile (Andrew
+    # et al. 2021: track the clip_quantile quantile, step clip_lr) | fixed (always the
+    # first-round bound) | none
+    update_clip: str = "median"
+    clip_multiplier: float = 1.0  # median rule: (0, 100]
+    clip_quantile: float = 0.5  # quantile rule: target share of updates under the bound, (0, 1)
+    clip_lr: float = 0.2  # quantile rule: geometric step per round, (0, 5]
+    clip_init: float = 0.5  # first round: bound = clip_init x norm of the global weights sent, (0, 100]
+    # a device's num_samples weighs at most samples_cap x the median of accepted counts
+    # (0 = off; first round: equal weights) and at most samples_growth x its own last one (0 = off)
+    samples_cap: float = 2.0
+    samples_growth: float = 2.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -207,9 +235,34 @@ class TrainConfig:
             raise ConfigError("train.balance_rate and train.clip_grad_norm must be >= 0")
         if not 0 < self.fraction_fit <= 1:
             raise ConfigError(f"train.fraction_fit must be in (0, 1], got {self.fraction_fit}")
+        self.validate_robust()
+
+    def validate_robust(self) -> None:
+        """Ranges of the robust-aggregation fields (docs/design.md, "Robust aggregation")."""
+        if self.aggregation_rule not in AGGREGATION_RULES:
+            raise ConfigError(f"train.aggregation_rule must be one of {'|'.join(AGGREGATION_RULES)}, "
+                              f"got {self.aggregation_rule!r}")
+        if self.update_clip not in UPDATE_CLIPS:
+            raise ConfigError(f"train.update_clip must be one of {'|'.join(UPDATE_CLIPS)}, "
+                              f"got {self.update_clip!r}")
+        ranges = {"trim_ratio": (0.0, 0.5, True, False), "clip_multiplier": (0.0, 100.0, False, True),
+                  "clip_quantile": (0.0, 1.0, False, False), "clip_lr": (0.0, 5.0, False, True),
+                  "clip_init": (0.0, 100.0, False, True), "samples_cap": (0.0, 1e6, True, True),
+                  "samples_growth": (0.0, 1e6, True, True)}
+        for name, (lo, hi, lo_in, hi_in) in ranges.items():
+            v = getattr(self, name)
+            ok = (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                  and (lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi))
+            if not ok:
+                raise ConfigError(f"train.{name} must be in {'[' if lo_in else '('}{lo:g}, "
+                                  f"{hi:g}{']' if hi_in else ')'}, got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for key, default in _ROBUST_DEFAULTS.items():
+            if d[key] == default:
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

@@ -17,10 +17,13 @@ History:
 2. one aggregation rule per strategy: ``aggregate_round`` folds float64 running sums in
    client-id order and divides once, instead of normalising the weights first (FedCoE's
    batch results move by float rounding; FedAvg's are bit-identical on the pinned run).
+3. robust aggregation by default (docs/design.md, "Robust aggregation"): every update's
+   change clipped to an adaptive bound, the weight of ``num_samples`` capped (equal weights
+   in the first round).
 """
 
 from __future__ import annotations
 
-NUMERICS_VERSION = 2
+NUMERICS_VERSION = 3
 
 __all__ = ["NUMERICS_VERSION"]

@@ -26,12 +26,20 @@ from fedcoe_edge.data.federation import check_data_fraction
 from fedcoe_edge.errors import ConfigError
 from fedcoe_edge.health import chance_warning, loss_warning, update_warning
 from fedcoe_edge.strategies import STRATEGIES, Strategy, make_strategy
-from fedcoe_edge.strategies.base import Arrays, ClientResult
+from fedcoe_edge.strategies.base import Arrays, ClientData, ClientResult, ClientTask
 from fedcoe_edge.training import accuracy
 
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("global_acc", "personalized_acc", "cold_start_acc")
+
+# A malicious client, injected at the result level (benchmarks/robustness.py): called with
+# the strategy, the task, the honest result, the client's private state from before the
+# round and its data; returns the result the server receives (the honest one to pass), or
+# None to send nothing that round (a device that never reports). The client keeps its
+# honest private state, so its own model is not what is attacked.
+Attack = Callable[[Strategy, ClientTask, ClientResult, "Arrays | None", ClientData],
+                  "ClientResult | None"]
 
 
 @dataclass
@@ -171,9 +179,11 @@ def warn_health(rnd: int, results: Sequence[ClientResult], point: dict[str, floa
 
 
 def run_one(algorithm: str, fed: Federation, cfg: SimulationConfig, seed: int,
-            on_round: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
+            on_round: Callable[[int, dict[str, float]], None] | None = None,
+            attack: Attack | None = None) -> RunResult:
     """Train one algorithm on one federation; evaluate at the end (last round, not best) on
-    the ``cfg.split`` splits."""
+    the ``cfg.split`` splits. ``attack`` replaces results before the server sees them; the
+    server defends as ``cfg.train`` says (docs/design.md, "Robust aggregation")."""
     strategy = make_strategy(algorithm, cfg.model, cfg.train, seed)
     strategy.initialize()
     view = eval_view(fed, cfg.split)
@@ -187,12 +197,18 @@ def run_one(algorithm: str, fed: Federation, cfg: SimulationConfig, seed: int,
         results: list[ClientResult] = []
         for task in strategy.configure_round(rnd, selected):
             bytes_down += serialized_nbytes(task.params)
+            before = local_states[task.client_id]
             result, local_states[task.client_id] = strategy.client_update(
-                task, local_states[task.client_id], fed.clients[task.client_id])
+                task, before, fed.clients[task.client_id])
+            if attack is not None:
+                sent = attack(strategy, task, result, before, fed.clients[task.client_id])
+                if sent is None:
+                    continue
+                result = sent
             bytes_up += serialized_nbytes(result.params)
             exchanges += 1
             results.append(result)
-        strategy.aggregate_round(rnd, results, [])
+        strategy.aggregate_round(rnd, results, [])  # defended inside (Strategy.fold)
         point: dict[str, float] = {"round": float(rnd)}
         if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
             point["global_acc"] = accuracy(strategy.predict_global(view.x_global_test), view.y_global_test)

@@ -1,7 +1,7 @@
 """Trunk handling: pretrained weights from a local file, frozen or privately fine-tuned.
 
 On the camera-size model the MobileNetV3-Small trunk is most of what a device would train
-and send each round (docs/design.md, "Trunk"). ``ModelConfig.trunk_mode`` decides:
+and send each round (docs/design.md, "Trunk modes"). ``ModelConfig.trunk_mode`` decides:
 
 * ``federated`` (default): trained on every device and averaged like the gate, as always;
 * ``frozen``: never trained, never exchanged; it stays in eval mode (BatchNorm statistics

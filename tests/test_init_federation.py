@@ -81,7 +81,7 @@ def test_init_refuses_a_used_folder_and_bad_options_in_one_line(
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "x").write_text("keep")
     cases = [
-        (["init", str(tmp_path / "used")], "is not an empty folder"),
+        (["init", str(tmp_path / "used")], "is not an empty folder; pick a new one, or give --force"),
         (["init", str(tmp_path / "a"), "--classes", "cat,cat"], "names cat more than once"),
         (["init", str(tmp_path / "b"), "--image-shape", "2,8,8"], "C 1 or 3"),
         (["init", str(tmp_path / "c"), "--names", "coordinator"], "coordinator's id"),
@@ -229,12 +229,16 @@ def test_init_shards_writes_one_identity_per_aggregator(tmp_path: Path,
     entries = {block.splitlines()[0].removeprefix("user "): block.splitlines()[1:]
                for block in ("\n" + acl).split("\nuser ")[1:]}
     lt = "fl/v1/fleet1/agg"
+    # what every client reads, granted per user (a pattern without %u/%c makes Mosquitto warn)
+    reads = ["topic read fl/v1/+/bc/#", "topic read fl/v1/+/coord/status"]
+    for dev in names:
+        assert [ln for ln in entries[dev] if ln.startswith("topic")] == reads
     assert [ln for ln in entries[users["leader"]] if ln.startswith("topic")] == [
-        f"topic read {lt}/up/#", f"topic write {lt}/dn/#", f"topic write {lt}/leader/status"]
+        f"topic read {lt}/up/#", f"topic write {lt}/dn/#", f"topic write {lt}/leader/status", *reads]
     for i in (0, 1):
         assert [ln for ln in entries[users[f"shard-{i}"]] if ln.startswith("topic")] == [
             f"topic readwrite fl/v1/fleet1.s{i}of2/#", f"topic read {lt}/dn/shard-{i}/#",
-            f"topic read {lt}/leader/status", f"topic write {lt}/up/shard-{i}/#"]
+            f"topic read {lt}/leader/status", f"topic write {lt}/up/shard-{i}/#", *reads]
     for dev in names:
         agent = tomllib.loads((out / "devices" / dev / "agent.toml").read_text())
         assert agent["device"]["federation"] == shard_federation("fleet1", shard_of(dev, 2), 2)
@@ -252,4 +256,198 @@ def test_init_shards_writes_one_identity_per_aggregator(tmp_path: Path,
                  "coordinator.leader.fleet1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "--shards must be in 1..1024" in err[0] and "MQTT identity" in err[1], err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def init_files(tmp_path: Path, *argv: str) -> tuple[Path, int]:
+    """``fedcoe init`` on a free loopback port; the folder and the port."""
+    from fedcoe_edge.broker import _free_port
+
+    port = _free_port("127.0.0.1")
+    out = tmp_path / "fed"
+    assert main(["init", str(out), "--port", str(port), *argv]) == 0
+    return out, port
+
+
+def test_init_broker_starts_without_acl_warnings_and_confines_devices(
+        tmp_path: Path, init_broker_tools: None) -> None:
+    """Mosquitto started on init's files logs no ACL warning (a ``pattern`` without %u/%c
+    draws one per line at every start), and the ACL still gives each device, cold ones
+    included, the broadcasts, the coordinator's status and only its OWN up/downlink."""
+    import re
+    import threading
+
+    from fedcoe_edge.broker import MosquittoBroker
+    from fedcoe_edge.transport.mqtt import MqttTransport
+
+    out, port = init_files(tmp_path, "--names", "dev1,dev2", "--cold", "1")
+    login = {d: tomllib.loads((out / "devices" / d / "agent.toml").read_text())["broker"]["password"]
+             for d in ("dev1", "dev2", "cold1")}
+    login["coordinator"] = tomllib.loads((out / "coordinator" / "coordinator.toml").read_text())[
+        "broker"]["password"]
+    broker = MosquittoBroker.from_config_file(out / "broker" / "mosquitto.conf", port,
+                                              workdir=tmp_path / "mq")
+    got: dict[str, list[str]] = {"dev1": [], "cold1": [], "coordinator": []}
+    cv = threading.Condition()
+
+    def into(box: str) -> Any:
+        def handler(msg: Any) -> None:
+            with cv:
+                got[box].append(msg.topic)
+                cv.notify_all()
+        return handler
+
+    clients: list[MqttTransport] = []
+    with broker:
+        try:
+            for user in ("coordinator", "dev1", "cold1"):
+                t = MqttTransport(user, "127.0.0.1", port, username=user, password=login[user])
+                t.connect(timeout=10)
+                clients.append(t)
+            coord, dev1, cold1 = clients
+            for f in ("fl/v1/fleet1/bc/#", "fl/v1/fleet1/coord/status", "fl/v1/fleet1/dn/dev1/#",
+                      "fl/v1/fleet1/dn/dev2/#"):
+                dev1.subscribe(f, into("dev1"))
+            cold1.subscribe("fl/v1/fleet1/bc/#", into("cold1"))
+            coord.subscribe("fl/v1/fleet1/up/#", into("coordinator"))
+            dev1.publish("fl/v1/fleet1/up/dev2/ctl", b"as dev2", qos=1)  # denied
+            for topic in ("fl/v1/fleet1/dn/dev2/ctl", "fl/v1/fleet1/coord/status",
+                          "fl/v1/fleet1/dn/dev1/ctl", "fl/v1/fleet1/bc/ctl"):
+                coord.publish(topic, b"x", qos=1)
+            dev1.publish("fl/v1/fleet1/up/dev1/ctl", b"as itself", qos=1)
+            with cv:
+                assert cv.wait_for(lambda: len(got["dev1"]) >= 3 and got["cold1"]
+                                   and got["coordinator"], timeout=10), got
+            time.sleep(1.0)  # anything denied would have arrived by now
+        finally:
+            for c in clients:
+                c.close()
+    assert sorted(got["dev1"]) == ["fl/v1/fleet1/bc/ctl", "fl/v1/fleet1/coord/status",
+                                   "fl/v1/fleet1/dn/dev1/ctl"], got
+    assert got["cold1"] == ["fl/v1/fleet1/bc/ctl"] and got["coordinator"] == ["fl/v1/fleet1/up/dev1/ctl"]
+    log = (tmp_path / "mq" / "mosquitto.log").read_text()
+    assert "running" in log
+    warned = [ln for ln in log.splitlines() if re.search(r"warning|acl|pattern", ln, re.IGNORECASE)]
+    assert warned == [], warned
+
+
+def test_init_force_overwrites_its_own_files_and_leaves_others(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --force a used folder is refused in one line naming --force; with it, every
+    file init writes is replaced (atomically, by rename: no temporary file is left) and any
+    other file stays as it was. A folder where init writes a file refuses before replacing."""
+    used = tmp_path / "used"
+    (used / "coordinator").mkdir(parents=True)
+    (used / "coordinator" / "coordinator.toml").write_text("old = 1\n")
+    (used / "notes.txt").write_text("keep")
+    (used / "devices" / "dev9").mkdir(parents=True)
+    (used / "devices" / "dev9" / "agent.toml").write_text("mine")
+    assert main(["init", str(used), "--names", "dev1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--force" in err and len(err.splitlines()) == 1, err
+    assert (used / "coordinator" / "coordinator.toml").read_text() == "old = 1\n"
+
+    (used / "broker" / "acl").mkdir(parents=True)  # a folder where init writes a file
+    assert main(["init", str(used), "--names", "dev1", "--force"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a folder where init writes a file" in err and len(err.splitlines()) == 1, err
+    assert (used / "coordinator" / "coordinator.toml").read_text() == "old = 1\n"  # nothing replaced
+    (used / "broker" / "acl").rmdir()
+
+    assert main(["init", str(used), "--names", "dev1", "--force"]) == 0
+    coord = tomllib.loads((used / "coordinator" / "coordinator.toml").read_text())
+    assert coord["federation"]["allowed_devices"] == ["dev1"]
+    secret = bytes.fromhex((used / "coordinator" / "federation.secret").read_text().strip())
+    assert bytes.fromhex((used / "devices" / "dev1" / "device.key").read_text()) == device_key(secret, "dev1")
+    assert mode(used / "devices" / "dev1" / "device.key") == 0o600
+    assert mode(used / "coordinator" / "coordinator.toml") == 0o600
+    assert (used / "notes.txt").read_text() == "keep"
+    assert (used / "devices" / "dev9" / "agent.toml").read_text() == "mine"
+    assert "user dev1" in (used / "broker" / "acl").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["used"]  # no temporary folder left
+
+
+def test_init_warns_about_a_busy_broker_port_and_the_broker_refuses_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A port something already listens on (e.g. the system's mosquitto on 1883): init
+    still writes the federation but warns in one line naming ``--port N``; a broker started
+    from those files refuses in one line instead of taking the other broker for itself."""
+    import socket
+
+    from fedcoe_edge.broker import MosquittoBroker, find_mosquitto
+    from fedcoe_edge.errors import ConfigError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = tmp_path / "fed"
+        assert main(["init", str(out), "--port", str(port)]) == 0
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("warning:"), err
+        assert f"127.0.0.1:{port} is already in use" in err and "--port N" in err
+        assert "mosquitto" in err
+        try:
+            find_mosquitto()
+        except ConfigError:
+            pass  # no broker to start here: the init half still ran
+        else:
+            broker = MosquittoBroker.from_config_file(out / "broker" / "mosquitto.conf", port,
+                                                      workdir=tmp_path / "mq")
+            with pytest.raises(ConfigError, match=f"{port} is already in use.*--port N"):
+                broker.start()
+            assert not broker.running
+            broker.close()
+    # a free port: no warning at all
+    assert main(["init", str(tmp_path / "free"), "--port", str(port)]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_init_coordinator_config_carries_a_commented_eval_section(tmp_path: Path) -> None:
+    """``[eval]`` is in the generated coordinator config, commented, saying what it does and
+    that the accuracy column stays empty without it; uncommented, it loads as written."""
+    from coordinator.config import load_config
+
+    out = tmp_path / "fed"
+    assert main(["init", str(out), "--names", "dev1"]) == 0
+    path = out / "coordinator" / "coordinator.toml"
+    text = path.read_text()
+    assert "# [eval]" in text and "[eval]\n" not in text.replace("# [eval]\n", "")
+    assert "accuracy" in text and "stays\n# empty" in text
+    assert load_config(path).eval.dataset == ""  # commented: no evaluation
+    on = "\n".join(ln[2:] if ln.startswith(("# [eval]", "# dataset", "# partition")) else ln
+                   for ln in text.splitlines())
+    path.write_text(on)
+    cfg = load_config(path)
+    assert cfg.eval.dataset == "digits" and cfg.eval.partition == "dirichlet"
+
+
+def test_init_cold_writes_cold_device_templates(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """``--cold 2``: cold1 and cold2 get an agent.toml with ``role = "cold"``, their own
+    derived key, a broker password and an ACL entry like every device; the coordinator
+    allows them but does not wait for them before round 1."""
+    from coordinator.config import load_config as load_coordinator
+    from device_agent.config import load_config as load_agent
+
+    out = tmp_path / "fed"
+    assert main(["init", str(out), "--names", "dev1,dev2", "--cold", "2"]) == 0
+    assert "cold1, cold2" in capsys.readouterr().out
+    secret = bytes.fromhex((out / "coordinator" / "federation.secret").read_text().strip())
+    plain = (out / "broker" / "passwd").read_text()
+    acl = (out / "broker" / "acl").read_text()
+    for dev, role in (("dev1", "train"), ("cold1", "cold"), ("cold2", "cold")):
+        cfg = load_agent(out / "devices" / dev / "agent.toml")
+        assert cfg.device.role == role and cfg.device.id == dev and cfg.broker.username == dev
+        assert cfg.key == device_key(secret, dev)
+        assert mode(out / "devices" / dev / "agent.toml") == 0o600
+        assert f"\nuser {dev}\n" in acl
+        assert plain.count(f"{dev}:") == 1
+    coord = load_coordinator(out / "coordinator" / "coordinator.toml")
+    assert coord.federation.allowed_devices == ["dev1", "dev2", "cold1", "cold2"]
+    assert coord.federation.min_devices == 2
+    assert main(["init", str(tmp_path / "x"), "--names", "cold1", "--cold", "1"]) == 2
+    assert main(["init", str(tmp_path / "y"), "--cold", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "cold1 is a --cold device's id" in err[0] and "--cold must be" in err[1], err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -37,6 +37,12 @@ PINNED: dict[int, dict[str, list[float]]] = {
         "fedavg": [3.253314614374844, -0.11499339021609606, -0.17735350568693084, -0.14540890724954353,
                    -0.0027139244556946265, 0.013385076891138417, 0.023384199152488048,
                    0.09002756049776237, -0.15432631702712607]},
+    3: {"fedcoe": [5.497912251584574, -0.14620230569011083, 0.017810404441473738, 0.14109786480959546,
+                   -0.06418536998658575, -0.08804870434443633, 0.149729973747012, -0.03707207307780982,
+                   -0.08688706828508647],
+        "fedavg": [3.24989612585015, -0.11290318222329776, -0.1761479211539164, -0.1426971436794534,
+                   -0.0031946101484515294, 0.011493798384916468, 0.024979319069127214,
+                   0.08893166092801187, -0.1564130703738055]},
 }
 # (version, platform) -> algorithm -> sha256 of the final global state's bytes: float
 # rounding is platform-dependent (SIMD width, BLAS kernels), so the exact check runs only
@@ -48,6 +54,9 @@ EXACT: dict[tuple[int, str], dict[str, str]] = {
     # version 2 moved FedCoE by float rounding only (the projections agree to 1e-10)
     (2, _PINNED_ON): {"fedcoe": "93ba2b6ebd909d5527ed4df822bb9e338eedeba1adfebc2a2b172db1ce6a681d",
                       "fedavg": "0a49cde3fa0b74742ecd2e2bdc2e49485a006e5ed5ed6338c6c7fca2fdc0e9b0"},
+    # version 3: the default defences (clip, samples cap) act on both
+    (3, _PINNED_ON): {"fedcoe": "4e6a623362ac980714cc2ad48a2ccaae9adf816fd0a1d236f60605dd1e7c216b",
+                      "fedavg": "af463208cf897305307585df0cec7e7e9469d8752d8f44d4f84c84466eca92ad"},
 }
 
 

@@ -142,7 +142,7 @@ def test_predict_refuses_another_federations_bundle(
 def test_unauthenticated_bundle_warns_once_on_stderr(bundles: dict[str, Path], tmp_path: Path,
                                                      x_file: Path, key_file: Path, cli: str) -> None:
     """Without a key nothing proves who wrote the manifest: say so, once, and still predict.
-    Covers the issue's case: a re-hashed manifest with top_k changed runs silently."""
+    The case it covers: a re-hashed manifest with top_k changed runs silently."""
     tampered = tmp_path / "tampered"
     put_in_place(bundles["v10"], tampered)
     doc = json.loads((tampered / "manifest.json").read_text())

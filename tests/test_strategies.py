@@ -100,7 +100,7 @@ def test_device_payload_dense_strategy_sends_everything() -> None:
     assert ids == [0, 1, 2, 3]
     assert set(params) == set(s.global_state)
     assert s.choose_cold_experts(params, np.zeros((2, 64), np.float32)) == [0, 1, 2, 3]
-    assert s.checkpoint_extra() == {}
+    assert s.checkpoint_extra() == {"robust": {"bound": None, "norm_history": [], "samples": {}}}
 
 
 def test_device_payload_fedcoe_sends_the_experts_asked_for() -> None:
@@ -151,7 +151,8 @@ def test_aggregation_is_one_rule_that_a_subclass_cannot_bypass() -> None:
             self.global_state = {k: ((old[k] + new[k]) / 2).astype(old[k].dtype) for k in new}
             return self.global_state
 
-    a, b = Halved(MODEL, TRAIN), Halved(MODEL, TRAIN)
+    bare = dataclasses.replace(TRAIN, update_clip="none", samples_cap=0.0)  # +1 everywhere: unclipped
+    a, b = Halved(MODEL, bare), Halved(MODEL, bare)
     init = dict(a.initialize())
     b.initialize()
     moved = {k: v + 1.0 for k, v in init.items()}

@@ -542,3 +542,46 @@ def test_both_configs_refuse_a_window_outside_the_range_that_works(window: objec
         CoordinatorConfig(federation=FederationSettings(window=ok), secret=b"s" * 32).validate()
         AgentConfig(device=DeviceSettings(id="d1", window=ok), key=b"k" * 32,
                     data=DataSettings(dataset="digits")).validate()
+
+
+def test_open_blob_is_the_send_recipe() -> None:
+    """``open_blob``, which every sender calls: the id names the topic, the chunk size is
+    fitted to what the broker takes there, the manifest is hashed here or re-chunked from a
+    prepared ``base`` (one payload for many receivers: same sha256, this id and chunking),
+    and the chunks reassemble to the payload."""
+    from fedcoe_edge.transport.blob import open_blob
+
+    broker = MemoryBroker(threaded=False, max_packet_size=40_000)
+    coord, dev = broker.client("coord"), broker.client("dev1")
+    coord.connect()
+    dev.connect()
+    topics = Topics("fed")
+    data = _model_bytes(2)
+    fresh = open_blob(coord, lambda x: topics.dn_blob("dev1", x), data, chunk_size=1 << 20,
+                      window=4, expert_ids=[1], base_version=7)
+    m = fresh.manifest
+    assert m.chunk_size == fit_chunk_size(coord, topics.dn_blob("dev1", m.transfer_id),
+                                          m.transfer_id) < 40_000
+    assert (m.expert_ids, m.base_version, m.total_bytes) == ((1,), 7, len(data))
+    assert m.chunk_count == -(-len(data) // m.chunk_size)
+    base = TransferManifest.for_payload(data, expert_ids=[1], base_version=7, chunk_size=1 << 20)
+    again = open_blob(coord, lambda x: topics.dn_blob("dev1", x), data, chunk_size=1 << 20,
+                      window=4, base=base, transfer_id="x-given", verify=False)
+    a = again.manifest
+    size = fit_chunk_size(coord, topics.dn_blob("dev1", "x-given"), "x-given")
+    assert (a.transfer_id, a.sha256, a.chunk_size, a.chunk_count) == (
+        "x-given", base.sha256, size, -(-len(data) // size))
+    received: list[bytes] = []
+    def report(kind: str, body: dict) -> None:
+        (again.on_done if kind == XFER_DONE else again.on_progress)(body)
+
+    receiver = BlobReceiver(report, auto_ack=True)
+    dev.subscribe(topics.dn_blob_filter("dev1"),
+                  lambda msg: _keep(receiver.on_chunk(msg.payload), received))
+    receiver.expect(a)
+    for _ in range(200):
+        if again.done:
+            break
+        again.pump()
+        broker.pump()
+    assert again.done and received == [data]

@@ -26,7 +26,20 @@ federation and an unconfigured daemon agree.
 The class list (``--classes``) goes into the coordinator's ``[federation] classes``, which
 every welcome carries, so label i names the same class on every device whatever folders it
 holds. The whole tree is written into a temporary sibling folder and renamed into place:
-an error leaves nothing half-written.
+an error leaves nothing half-written. ``--force`` reuses a non-empty folder: every file
+``init`` writes replaces its old version with one ``os.replace`` (a reader sees the old
+file or the new one, never a partial one), and any other file there is left alone.
+
+``--cold N`` adds N cold-device templates (``cold1..coldN``, ``role = "cold"``): a device
+that joins late and only takes the cold-start path (docs/design.md, section 4.4), with its
+own key, broker password and ACL entry like every training device; it is allowed by the
+coordinator but not counted in ``min_devices``.
+
+The broker files are written so that Mosquitto starts without a warning: its ACL
+``pattern`` lines must each name ``%u`` or ``%c``, so the topics every device may read
+(broadcasts, the coordinator's status) are granted per user instead. ``init`` also tries to
+bind the broker's host:port and warns in one line when something (typically the system's
+own ``mosquitto`` service on 1883) already listens there.
 
 ``keygen`` makes a new federation secret or derives one device's key (for a device added
 later, or after rotating the secret).
@@ -39,7 +52,9 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from coordinator.config import FederationSettings, Role, mqtt_identity
@@ -60,8 +75,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "that device's own derived key, never the secret) and DIR/broker (Mosquitto "
                     "config, ACL, passwords), then print the commands that start each part. "
                     "Secrets are written with mode 600.")
-    p.add_argument("dir", type=Path, help="folder to create (must not exist or be empty)")
+    p.add_argument("dir", type=Path, help="folder to create (must not exist or be empty, "
+                                           "unless --force)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty DIR: overwrite (atomically) the files init writes, "
+                        "leave every other file alone; a new federation secret, so every device "
+                        "needs its new folder")
     p.add_argument("--devices", type=int, default=3, help="number of training devices")
+    p.add_argument("--cold", type=int, default=0, metavar="N",
+                   help="also write N cold-device templates cold1..coldN (role = \"cold\": a late "
+                        "device on the cold-start path), each with its key, password and ACL entry")
     p.add_argument("--names", default="",
                    help="comma-separated device ids; replaces --devices (default: dev1..devN)")
     p.add_argument("--federation", default="fleet1", help="federation id (topic prefix fl/v1/ID)")
@@ -120,6 +143,8 @@ def parse_ids(args: argparse.Namespace) -> list[str]:
            else [f"dev{i}" for i in range(1, args.devices + 1)])
     if not ids:
         raise ConfigError(f"--devices must be >= 1, got {args.devices}")
+    if args.cold < 0:
+        raise ConfigError(f"--cold must be >= 0, got {args.cold}")
     if len(set(ids)) != len(ids):
         raise ConfigError(f"--names has duplicates: {args.names}")
     for d in ids:
@@ -130,6 +155,15 @@ def parse_ids(args: argparse.Namespace) -> list[str]:
         if d == "coordinator":
             raise ConfigError("--names: 'coordinator' is the coordinator's id")
     return ids
+
+
+def cold_ids(args: argparse.Namespace, ids: list[str]) -> list[str]:
+    """``cold1..coldN`` for ``--cold N``; a clash with a training device's id is refused."""
+    cold = [f"cold{i}" for i in range(1, args.cold + 1)]
+    clash = sorted(set(cold) & set(ids))
+    if clash:
+        raise ConfigError(f"--names: {', '.join(clash)} is a --cold device's id; rename it")
+    return cold
 
 
 def parse_shape(text: str) -> list[int]:
@@ -160,10 +194,23 @@ def aggregators(args: argparse.Namespace) -> dict[str, str]:
     return out
 
 
+EVAL_COMMENT = """
+# Optional: score the global model after every round on a shipped dataset's held-out
+# test set (docs/design.md, section 5). Without [eval] the coordinator holds no test data
+# of its own, so the accuracy column of its round lines and of `fedcoe status` stays
+# empty (devices still report their own accuracy). Uncomment with a dataset whose images
+# match [model]:
+# [eval]
+# dataset = "digits"        # shipped: digits (1,8,8, 10 classes); empty: no evaluation
+# partition = "dirichlet"   # how the dataset is split, as in `fedcoe simulate`
+"""
+
+
 def coordinator_toml(args: argparse.Namespace, ids: list[str], classes: list[str],
-                     shape: list[int], stem: str, username: str) -> str:
+                     shape: list[int], stem: str, username: str, cold: Sequence[str] = ()) -> str:
     """One coordinator process's config; a leader's and its shards' differ only in the
-    ``[broker]`` login. Unset knobs are the dataclass defaults the daemon would use."""
+    ``[broker]`` login. Unset knobs are the dataclass defaults the daemon would use. Cold
+    devices are allowed but not counted in ``min_devices`` (they join late)."""
     tls = ('tls = true\nca_file = "ca.crt"             # the CA that signed the broker certificate\n'
            if args.tls else "tls = false\n")
     num_classes = len(classes) if classes else ModelConfig.num_classes
@@ -192,7 +239,7 @@ min_devices = {len(ids)}               # devices online before round 1
 quorum = {max(1, len(ids) // 2)}                    # accepted updates needed to apply a round
 deadline_s = {args.deadline}
 state_dir = "state"
-{shards}allowed_devices = {toml_list(ids)}
+{shards}allowed_devices = {toml_list([*ids, *cold])}{"   # cold devices too" if cold else ""}
 # label i is classes[i] on every device (sent in every welcome); empty: labels as stored
 classes = {toml_list(classes)}
 
@@ -219,7 +266,7 @@ local_epochs = {t.local_epochs}
 batch_size = {t.batch_size}
 lr = {t.lr}
 experts_per_client = {t.experts_per_client}
-"""
+{EVAL_COMMENT}"""
 
 
 def device_federation(args: argparse.Namespace, dev: str) -> str:
@@ -231,7 +278,9 @@ def device_federation(args: argparse.Namespace, dev: str) -> str:
     return shard_federation(args.federation, shard_of(dev, args.shards), args.shards)
 
 
-def agent_toml(args: argparse.Namespace, dev: str, classes: list[str], shape: list[int]) -> str:
+def agent_toml(args: argparse.Namespace, dev: str, classes: list[str], shape: list[int],
+               role: str = "train") -> str:
+    """A device's config; ``role = "cold"`` for a cold device (its data is its test set)."""
     tls = ('tls = true\nca_file = "ca.crt"             # copy the broker CA here\n'
            if args.tls else "tls = false\n")
     data = args.data.replace("{device}", dev)
@@ -244,6 +293,7 @@ def agent_toml(args: argparse.Namespace, dev: str, classes: list[str], shape: li
 [device]
 id = "{dev}"
 federation = "{fed}"{note}
+role = "{role}"{ROLE_NOTE[role]}
 tier = "{DeviceSettings.tier}"                # local expert width: small (Pi Zero) | medium | large (Jetson)
 state_dir = "state"            # the private level lives here and never leaves the device
 bundle = "{DeviceSettings.bundle}"               # int8 ONNX bundle for `fedcoe predict` after the last round
@@ -263,6 +313,10 @@ image_shape = {toml_list(shape)}    # must match the coordinator's [model] input
 classes = {toml_list(classes)}
 """
 
+
+ROLE_NOTE = {"train": "                # train: joins every round",
+             "cold": "                 # cold: joins late, takes the cold-start path only "
+                     "(docs/design.md, section 4.4)"}
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -297,16 +351,25 @@ connection_messages true
 
 
 DEVICE_ACL = """
-# Every other user is a device; %u is its username (= its id and MQTT client id).
+# Every device; %u is its username (= its id and MQTT client id). Pattern lines apply to
+# every user, and Mosquitto warns about a pattern without %u/%c, hence the per-user reads.
 pattern write fl/v1/+/up/%u/#
 pattern write fl/v1/+/presence/%u
 pattern read fl/v1/+/dn/%u/#
-pattern read fl/v1/+/bc/#
-pattern read fl/v1/+/coord/status
 """
 
+# What every client may read whatever its name: granted in each user entry (a `topic` line
+# before any `user` line would apply to anonymous clients only).
+SHARED_READS = ["topic read fl/v1/+/bc/#", "topic read fl/v1/+/coord/status"]
 
-def acl_text(args: argparse.Namespace) -> str:
+
+def device_acl_entry(dev: str) -> list[str]:
+    """A device's own ACL entry: the broadcasts and the coordinator's status; its own
+    uplink, presence and downlink come from the ``%u`` patterns of :data:`DEVICE_ACL`."""
+    return [f"user {dev}", *SHARED_READS]
+
+
+def acl_text(args: argparse.Namespace, devices: Sequence[str] = ()) -> str:
     """Each client only its own topics (deploy/mosquitto/acl). A single coordinator owns its
     federation's tree; when sharded, the leader only its side of ``fl/v1/FED/agg`` and
     shard i its devices' tree ``fl/v1/FED.s<i>of<S>`` plus its own side of the leader's
@@ -316,14 +379,14 @@ def acl_text(args: argparse.Namespace) -> str:
     fed, who = args.federation, aggregators(args)
     lines = ["# Mosquitto ACL (written by `fedcoe init`): every client only its own topics."]
     if args.shards == 1:
-        lines += [f"user {who['coordinator']}", f"topic readwrite fl/v1/{fed}/#"]
+        lines += [f"user {who['coordinator']}", f"topic readwrite fl/v1/{fed}/#", *SHARED_READS]
     else:
         lt = LeaderTopics(fed)
         lines += ["# the leader: selection and aggregation; it talks to the shards only",
                   f"user {who['leader']}",
                   f"topic read {lt.prefix}/up/#",
                   f"topic write {lt.prefix}/dn/#",
-                  f"topic write {lt.leader_status()}"]
+                  f"topic write {lt.leader_status()}", *SHARED_READS]
         for i in range(args.shards):
             name = shard_name(i)
             lines += ["", f"# shard {i}: the coordinator of its devices' federation id, and the "
@@ -332,17 +395,40 @@ def acl_text(args: argparse.Namespace) -> str:
                       f"topic readwrite fl/v1/{shard_federation(fed, i, args.shards)}/#",
                       f"topic read {lt.prefix}/dn/{name}/#",
                       f"topic read {lt.leader_status()}",
-                      f"topic write {lt.prefix}/up/{name}/#"]
+                      f"topic write {lt.prefix}/up/{name}/#", *SHARED_READS]
+    lines += ["", "# every device: what all of them read (their own topics: the patterns below)"]
+    for dev in devices:
+        lines += device_acl_entry(dev)
     return "\n".join(lines) + "\n" + DEVICE_ACL
+
+
+def port_warning(args: argparse.Namespace) -> str | None:
+    """One line when the broker's host:port cannot be bound here (something listens on it),
+    naming the fix; None when it is free or the host is not this machine's. Only a warning:
+    the port may be meant for a broker already running."""
+    from fedcoe_edge.broker import port_in_use
+
+    bind = args.host if args.host in LOOPBACK and not args.tls else ""
+    why = port_in_use(bind or args.host, args.port)
+    if why is None:
+        return None
+    return (f"warning: {args.host}:{args.port} is already in use ({why}), e.g. by the system's "
+            f"own mosquitto service: give init --port N a free port, or stop that service "
+            f"(sudo systemctl disable --now mosquitto) before starting this federation's broker")
 
 
 def run_init(args: argparse.Namespace) -> int:
     from fedcoe_edge.protocol import check_classes, device_key
 
     out: Path = args.dir
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} exists and is not an empty folder; pick a new one")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a folder; pick a new one")
+    reuse = out.exists() and any(out.iterdir())
+    if reuse and not args.force:
+        raise ConfigError(f"{out} exists and is not an empty folder; pick a new one, or give "
+                          "--force to overwrite the files init writes there (others stay)")
     ids = parse_ids(args)
+    cold = cold_ids(args, ids)
     shape = parse_shape(args.image_shape)
     classes = [t.strip() for t in args.classes.split(",") if t.strip()]
     if classes:
@@ -356,7 +442,7 @@ def run_init(args: argparse.Namespace) -> int:
     if not 1 <= args.shards <= MAX_SHARDS:
         raise ConfigError(f"--shards must be in 1..{MAX_SHARDS}, got {args.shards}")
     who = aggregators(args)
-    taken = sorted(set(ids) & set(who.values()))
+    taken = sorted(set(ids + cold) & set(who.values()))
     if taken:
         raise ConfigError(f"--names: {', '.join(taken)} is an aggregator's MQTT identity")
     final = out.resolve()
@@ -365,28 +451,56 @@ def run_init(args: argparse.Namespace) -> int:
     tmp.chmod(0o755)  # mkdtemp makes it 0700; the secrets inside are 0600 on their own
     try:
         secret = secrets.token_bytes(32)
-        passwords = {c: secrets.token_urlsafe(18) for c in [*who.values(), *ids]}
+        passwords = {c: secrets.token_urlsafe(18) for c in [*who.values(), *ids, *cold]}
         write_private(tmp / "coordinator" / FED_SECRET, secret.hex() + "\n")
         for stem, user in who.items():
-            text = coordinator_toml(args, ids, classes, shape, stem, user)
+            text = coordinator_toml(args, ids, classes, shape, stem, user, cold)
             write_private(tmp / "coordinator" / f"{stem}.toml", text.replace("{password}", passwords[user]))
-        for dev in ids:
+        for dev in [*ids, *cold]:
             d = tmp / "devices" / dev
+            role = "cold" if dev in cold else "train"
             write_private(d / DEVICE_KEY, device_key(secret, dev).hex() + "\n")
-            write_private(d / "agent.toml", agent_toml(args, dev, classes, shape).replace("{password}", passwords[dev]))
+            write_private(d / "agent.toml", agent_toml(args, dev, classes, shape, role)
+                          .replace("{password}", passwords[dev]))
         (tmp / "broker" / "data").mkdir(parents=True)
         (tmp / "broker" / "mosquitto.conf").write_text(mosquitto_conf(args, final))
-        (tmp / "broker" / "acl").write_text(acl_text(args))
+        (tmp / "broker" / "acl").write_text(acl_text(args, [*ids, *cold]))
         write_private(tmp / "broker" / "passwd", "".join(f"{u}:{pw}\n" for u, pw in passwords.items()))
         hashed = hash_passwords(tmp / "broker" / "passwd")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(final)
+        if reuse:
+            replace_files(tmp, final)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            if out.exists():
+                out.rmdir()
+            tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(next_steps(args, final, ids, classes, hashed))
+    print(next_steps(args, final, ids, classes, hashed, cold))
+    warning = port_warning(args)
+    if warning is not None:
+        print(warning, file=sys.stderr)
     return 0
+
+
+def replace_files(src: Path, dst: Path) -> None:
+    """``--force``: move every file of the tree ``src`` onto the same path under ``dst``
+    with ``os.replace`` (atomic on one file system: ``src`` is a sibling of ``dst``), making
+    the folders it needs; files under ``dst`` that ``src`` does not hold are left alone."""
+    paths = sorted(src.rglob("*"))
+    for path in paths:  # every clash first, so a refusal replaces nothing
+        target = dst / path.relative_to(src)
+        if path.is_dir() and target.exists() and not target.is_dir():
+            raise ConfigError(f"--force: {target} is a file where init writes a folder")
+        if not path.is_dir() and target.is_dir():
+            raise ConfigError(f"--force: {target} is a folder where init writes a file")
+    for path in paths:
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            os.replace(path, target)
 
 
 def hash_passwords(path: Path) -> bool:
@@ -400,7 +514,7 @@ def hash_passwords(path: Path) -> bool:
 
 
 def next_steps(args: argparse.Namespace, root: Path, ids: list[str], classes: list[str],
-               hashed: bool) -> str:
+               hashed: bool, cold: Sequence[str] = ()) -> str:
     dev0 = ids[0]
     cdir = root / "coordinator"
     configs = ("coordinator.toml" if args.shards == 1
@@ -408,6 +522,8 @@ def next_steps(args: argparse.Namespace, root: Path, ids: list[str], classes: li
     lines = [f"federation {args.federation!r} written to {root}:",
              f"  coordinator/  {configs}, {FED_SECRET} (mode 600: stays on the coordinator hosts)",
              f"  devices/<id>/ agent.toml + {DEVICE_KEY} (that device's key only) for {', '.join(ids)}",
+             *([f"  devices/<id>/ cold-device templates (role = \"cold\") for {', '.join(cold)}"]
+               if cold else []),
              "  broker/       mosquitto.conf, acl, passwd",
              "",
              "next:"]

@@ -26,6 +26,19 @@ import numpy as np
 
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.data.client import ClientData  # re-exported: the strategy contract names it
+from fedcoe_edge.robust import (
+    ROWS,
+    DefenceState,
+    add_rows,
+    close_round,
+    defend,
+    has_rows,
+    keeps_updates,
+    notes_of,
+    record,
+    results_of,
+    robust_substitute,
+)
 from fedcoe_edge.streaming import Partial
 
 Arrays = dict[str, np.ndarray]
@@ -75,6 +88,8 @@ class Strategy(ABC):
         self.rng = np.random.default_rng(seed)
         self.global_state: Arrays = {}
         self.version = 0  # bumps on every aggregation; devices report the base they trained on
+        # clip bound and sample history from earlier rounds (docs/design.md, "Robust aggregation")
+        self.defence = DefenceState()
 
     @property
     def network_cfg(self) -> ModelConfig:
@@ -133,12 +148,53 @@ class Strategy(ABC):
 
     @final
     def fold(self, partial: Partial, result: ClientResult) -> None:
-        """Count ``result``'s client into ``partial`` and :meth:`accumulate` it: what every
-        aggregation path calls (a client counted twice is a ValueError)."""
+        """Defend ``result`` (clip its change, cap its sample weight: docs/design.md, "Robust
+        aggregation"; from the state before the round only, so any order and any sharding
+        defend it alike), count its client into ``partial`` and :meth:`accumulate` it: what
+        every aggregation path calls (a client counted twice is a ValueError). A partial
+        that keeps updates (a median / trimmed-mean rule) stores the defended update
+        instead; :meth:`close_defence` folds the robust values at the close."""
+        result, note = defend(self.defence, self.train_cfg, result, self.global_state)
         partial.admit(result.client_id, result.num_samples)
-        self.accumulate(partial, result)
+        if has_rows(partial):
+            record(partial, note, result)
+        if not keeps_updates(partial):
+            self.accumulate(partial, result)
         if partial.extra_rows:
             partial.check_rows()
+
+    # --- the defence's share of a strategy's rule ---------------------------------------
+    def defended_keys(self) -> list[str]:
+        """The tensors a median / trimmed-mean partial keeps a row of per client: every
+        floating global tensor (a strategy whose devices send fewer overrides it)."""
+        return [n for n, v in self.global_state.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
+
+    def with_defence(self, partial: Partial) -> Partial:
+        """``partial`` (a fresh one of :meth:`new_partial`) with the defence's rows: every
+        built-in strategy's ``new_partial`` returns ``self.with_defence(Partial(...))``. A
+        strategy that does not is still clipped and capped in :meth:`fold`, but its bound
+        keeps the first-round rule and the robust rules do not apply to it."""
+        return add_rows(partial, self.train_cfg, self.global_state, self.defended_keys(),
+                        self.model_cfg.num_global_experts)
+
+    def close_defence(self, partial: Partial) -> Partial:
+        """The first step of every built-in ``finalize``: the next round's defence state from
+        the round's notes, and, when the partial kept the updates, a partial of the robust
+        rule (each tensor's median / trimmed mean over its senders, folded as ordinary
+        results) for the strategy's own rule to finalize."""
+        if not has_rows(partial):
+            return partial
+        self.defence = close_round(self.defence, self.train_cfg, notes_of(partial))
+        if not keeps_updates(partial):
+            return partial
+        robust = robust_substitute(results_of(partial, ClientResult), self.train_cfg.aggregation_rule,
+                                   self.train_cfg.trim_ratio)
+        plain = self.new_partial(partial.round)
+        plain.extra_rows = {k: v for k, v in plain.extra_rows.items() if not k.startswith(ROWS)}
+        for r in sorted(robust, key=lambda r: r.client_id):
+            plain.admit(r.client_id, r.num_samples)
+            self.accumulate(plain, r)
+        return plain
 
     @final
     def aggregate_round(self, rnd: int, results: Sequence[ClientResult],
@@ -213,10 +269,12 @@ class Strategy(ABC):
 
     def checkpoint_extra(self) -> dict[str, Any]:
         """Server state beyond the arrays, rng and version that a coordinator checkpoint
-        must keep (JSON-ready). Default: none."""
-        return {}
+        must keep (JSON-ready): the defence's clip bound, norm history and sample counts (a
+        subclass adds its own to ``super().checkpoint_extra()``)."""
+        return {"robust": self.defence.to_json()}
 
     def restore_extra(self, doc: Mapping[str, Any]) -> None:
         """Take back what :meth:`checkpoint_extra` wrote (``doc`` is the whole checkpoint
-        document; a key it lacks means a checkpoint from before that state existed)."""
-        del doc  # nothing beyond the arrays by default
+        document; a key it lacks means a checkpoint from before that state existed). A
+        subclass that overrides it calls ``super().restore_extra(doc)``."""
+        self.defence = DefenceState.from_json(doc.get("robust"))

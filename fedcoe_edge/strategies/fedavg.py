@@ -103,7 +103,7 @@ class FedAvg(Strategy):
 
     # --- aggregation (docs/design.md, "Streaming aggregation") -------------------------
     def new_partial(self, rnd: int) -> Partial:
-        return Partial(rnd)
+        return self.with_defence(Partial(rnd))
 
     def accumulate(self, partial: Partial, result: ClientResult) -> None:
         """Every global tensor, weighted by the client's sample count n_i."""
@@ -111,6 +111,7 @@ class FedAvg(Strategy):
 
     def finalize(self, rnd: int, partial: Partial, failures: Sequence[Failure]) -> Arrays:
         """``sum_i n_i w_i / sum_i n_i`` per tensor (FedAvg); no client: the state stays."""
+        partial = self.close_defence(partial)
         if partial.clients:
             self.global_state = partial.dense.mean(self.global_state)
             self.version += 1

@@ -30,7 +30,6 @@ import torch
 from fedcoe_edge.aggregate import (
     assign_experts,
     balance_bias_step,
-    covering_experts,
     ema,
     expert_capacity,
 )
@@ -45,6 +44,7 @@ from fedcoe_edge.strategies.base import (
     Failure,
     Strategy,
 )
+from fedcoe_edge.strategies.bundle_rules import cover_prior
 from fedcoe_edge.streaming import ExpertSums, Partial
 from fedcoe_edge.training import build_model, load_arrays, predict_probs, run_epochs, to_arrays
 from fedcoe_edge.trunk import TRUNK_PREFIX, exchanged, kept_locally, prepare_trunk
@@ -71,7 +71,7 @@ class FedCoE(Strategy):
                  *, affinity_weighting: bool = True, partial_exchange: bool = True) -> None:
         super().__init__(model_cfg, train_cfg, seed)
         self.model: DualLevelMoE = build_model(model_cfg, seed)
-        prepare_trunk(self.model, model_cfg)  # pretrained / frozen trunk (docs/design.md, "Trunk")
+        prepare_trunk(self.model, model_cfg)  # pretrained / frozen trunk (docs/design.md, "Trunk modes")
         self.affinity_weighting = affinity_weighting  # False: plain n_i mean of experts (ablation)
         self.partial_exchange = partial_exchange  # False: every client gets all K (m = K)
         self.affinity: dict[str, np.ndarray] = {}  # R, one EMA row per client
@@ -154,7 +154,11 @@ class FedCoE(Strategy):
     # --- aggregation (docs/design.md, "Streaming aggregation") -------------------------
     def new_partial(self, rnd: int) -> Partial:
         k = self.model_cfg.num_global_experts
-        return Partial(rnd, experts=ExpertSums(k), share=np.zeros(k, dtype=np.float64))
+        return self.with_defence(Partial(rnd, experts=ExpertSums(k), share=np.zeros(k, dtype=np.float64)))
+
+    def defended_keys(self) -> list[str]:
+        """What devices send: a frozen or locally fine-tuned trunk never travels."""
+        return [n for n in super().defended_keys() if exchanged(self.model_cfg, n)]
 
     def accumulate(self, partial: Partial, result: ClientResult) -> None:
         """Experts by ``n_i r_ik`` over the clients that sent them (``n_i`` when every
@@ -181,6 +185,7 @@ class FedCoE(Strategy):
         """Means of the sums (experts nobody sent keep their value), the affinity EMA per
         reporting client, then the gate-bias step toward uniform use over all K (a client
         holding m < K experts cannot see the others' load). No client: the state stays."""
+        partial = self.close_defence(partial)
         if not partial.clients:
             return self.global_state
         assert partial.experts is not None and partial.share is not None, "not a FedCoE partial"
@@ -285,7 +290,7 @@ class FedCoE(Strategy):
         ``train.cold_start_mass`` of it, never fewer than top_k (docs/design.md, "Cold start").
         A device whose data spreads over more kinds than m experts cover gets them all; one
         whose data is narrow downloads little."""
-        return covering_experts(prior, self.train_cfg.cold_start_mass, self.model_cfg.top_k)
+        return cover_prior(prior, self.model_cfg, self.train_cfg)  # a bundle device's rule too
 
     def predict_cold(self, x: np.ndarray) -> np.ndarray:
         ids = self.cold_start_experts(x)
@@ -326,10 +331,12 @@ class FedCoE(Strategy):
 
     def checkpoint_extra(self) -> dict[str, Any]:
         """The EMA affinity matrix: expert assignment and aggregation weights depend on it."""
-        return {"affinity": {c: [float(v) for v in np.asarray(r)]
+        return {**super().checkpoint_extra(),
+                "affinity": {c: [float(v) for v in np.asarray(r)]
                              for c, r in sorted(self.affinity.items())}}
 
     def restore_extra(self, doc: Mapping[str, Any]) -> None:
+        super().restore_extra(doc)
         self.affinity = {c: np.asarray(r, dtype=np.float64)
                          for c, r in dict(doc.get("affinity", {})).items()}
 

@@ -11,10 +11,11 @@ envelopes on the ctl topics (docs/protocol.md, "Transfers").
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from fedcoe_edge.wire import (
     TransferWindow,
     chunk_overhead,
     decode_chunk,
+    new_msg_id,
 )
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "BlobSender",
     "BlobReceiver",
     "fit_chunk_size",
+    "open_blob",
 ]
 
 XFER_PROGRESS = "xfer_progress"
@@ -57,6 +60,41 @@ def fit_chunk_size(
             f"no room for chunks"
         )
     return min(preferred, room)
+
+
+def open_blob(
+    transport: Transport,
+    topic_for: Callable[[str], str],
+    data: bytes,
+    *,
+    chunk_size: int,
+    window: int,
+    transfer_id: str | None = None,
+    base: TransferManifest | None = None,
+    expert_ids: Iterable[int] = (),
+    base_version: int = 0,
+    encoding: str = "safetensors",
+    verify: bool = True,
+    budget: Callable[[], int] | None = None,
+) -> BlobSender:
+    """The one recipe of every chunked send (docs/protocol.md, "Transfers"): a transfer id
+    (``transfer_id``, else a new one), its topic (``topic_for(id)``), the largest chunk size
+    <= ``chunk_size`` whose framed publish the broker takes on that topic, the manifest, and
+    the sender. The manifest is hashed here, or, for one payload sent to many receivers,
+    ``base`` (hashed once) re-chunked under this id. The caller announces
+    ``sender.manifest`` in its own signed envelope and feeds the sender the reports."""
+    xid = transfer_id if transfer_id is not None else new_msg_id()
+    topic = topic_for(xid)
+    size = fit_chunk_size(transport, topic, xid, chunk_size)
+    if base is None:
+        manifest = TransferManifest.for_payload(data, expert_ids=expert_ids,
+                                                base_version=base_version, chunk_size=size,
+                                                transfer_id=xid, encoding=encoding, window=window)
+    else:
+        manifest = dataclasses.replace(base, transfer_id=xid, chunk_size=size,
+                                       chunk_count=max(1, -(-len(data) // size)))
+    return BlobSender(transport, topic, manifest, data, window=window, verify=verify,
+                      budget=budget)
 
 
 class BlobSender:
