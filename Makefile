@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test test-hostile test-runtime-profile bench bench-camera bench-fleet bench-fleet-shards lint clean mosquitto datasets tune accuracy accuracy-long bench-robustness
+.PHONY: setup demo test test-all test-hostile test-runtime-profile bench bench-camera bench-fleet bench-fleet-shards lint clean mosquitto datasets tune accuracy accuracy-long bench-robustness
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,8 +39,17 @@ demo: setup
 	  --out runs/demo-export/bundle_client0 --quantize int8 --calibration-samples 128 \
 	  --report runs/demo-export/export_report.json
 
+# One pytest-xdist worker per core; a file whose tests share a module-scoped fixture stays on
+# one worker (tests/conftest.py). `make test` skips the tests marked `slow` (minutes each);
+# `make test-all` runs `make test`, then every `slow` test one at a time: they measure
+# daemons under sustained load, which a test beside them on the other core would distort
+# (README, "Tests"). CI runs `make test-all`.
+PYTEST_PAR := -n auto --dist loadgroup
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_PAR)
+
+test-all: test
+	$(BIN)/python -m pytest -q -s -m slow
 
 # The slow part of the hostile suite (real broker + daemon processes under attack, a
 # coordinator killed mid-upload, 1,000 slowloris identities against the reassembly budget);

@@ -134,3 +134,72 @@ def digits_npz() -> Callable[..., None]:
         np.savez(path, x_train=xs[:cut], y_train=ys[:cut], x_test=xs[cut:], y_test=ys[cut:])
 
     return write
+
+
+# --- suite layout: slow tests, parallel workers (test-suite engineer) ----------------
+# `make test` runs the suite on one pytest-xdist worker per core (`-n auto --dist loadgroup`);
+# `make test-all` then runs the tests marked `slow`, one at a time (README, "Tests"). Each
+# test already gets its own broker (a free loopback port) and its own tmp_path, so tests may
+# run side by side; what cannot be split is a module-scoped fixture, built once per worker
+# that runs one of its tests, so such a file is kept on one worker (below).
+
+
+import functools  # noqa: E402
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def _runs_slow(config: pytest.Config) -> bool:
+    """True when the ``-m`` expression names ``slow`` (``make test-all``, ``make test-hostile``)."""
+    return "slow" in (config.getoption("markexpr") or "")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``slow`` tests unless the ``-m`` expression asks for them.
+
+    ``slow`` marks suites that take minutes of wall time (e.g. sustained attacks, a fresh
+    venv from the package index): they are skipped naming the target that runs them, not
+    deselected, so ``-ra`` lists what `make test` left to `make test-all`.
+    """
+    if _runs_slow(config):
+        return
+    skip = pytest.mark.skip(reason="slow: run `make test-all` (pytest -m slow)")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)
+
+
+_SHARED_SCOPE = re.compile(r"""scope\s*=\s*["'](module|class|package)["']""")
+
+
+@functools.cache
+def _shares_module_fixture(path: Path) -> bool:
+    """True when the test file defines a module-, class- or package-scoped fixture."""
+    try:
+        return bool(_SHARED_SCOPE.search(path.read_text(errors="replace")))
+    except OSError:
+        return False
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup``: one test at a time to whichever worker is free, except that a
+    file defining a module-scoped fixture (a trained model, an exported bundle) goes whole to
+    one worker, so the fixture is built once, not once per worker.
+
+    The grouping is by file, decided here in the controller (which collects nothing), because
+    xdist's own ``xdist_group`` marks do not reach the node ids under pytest 9 (xdist 3.8
+    still writes ``item._nodeid``). Session fixtures are built once per worker either way.
+    """
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    root = config.rootpath
+
+    class FileFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if _shares_module_fixture(root / path) else nodeid
+
+    return FileFixtureScheduling(config, log)
