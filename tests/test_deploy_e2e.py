@@ -317,8 +317,9 @@ def test_camera_federation_frozen_pretrained_trunk_fetched_by_devices(
     device fetches it too and starts from the final experts."""
     dep = Deployment(tmp_path)
     dep.env["FEDCOE_DEVICE_BUNDLE"] = "off"  # a V3-Small int8 export per device: not this test's
-    train, cold = ["cam1", "cam2"], "cam3"
-    fed, port = dep.init("--names", ",".join([*train, cold]), "--image-shape", f"3,{CAMERA_SIZE},{CAMERA_SIZE}",
+    train, cold = ["cam1", "cam2"], "cold1"  # `fedcoe init --cold 1` names its cold device cold1
+    fed, port = dep.init("--names", ",".join(train), "--cold", "1",
+                         "--image-shape", f"3,{CAMERA_SIZE},{CAMERA_SIZE}",
                          "--rounds", "3", "--data", "local.npz")
     cfg = fed / "coordinator" / "coordinator.toml"
     done = subprocess.run([*FEDCOE, "pretrain-trunk", "--dataset", "digits", "--size", str(CAMERA_SIZE),
@@ -330,8 +331,6 @@ def test_camera_federation_frozen_pretrained_trunk_fetched_by_devices(
     pasted = dict(re.findall(r'^(trunk_weights|trunk_sha256) = "(.*)"$', done.stdout, re.MULTILINE))
     assert set(pasted) == {"trunk_weights", "trunk_sha256"}, done.stdout
     set_keys(cfg, "model", trunk="mobilenet_v3_small", trunk_mode="frozen", expert_kind="mlp", **pasted)
-    set_keys(cfg, "federation", min_devices=len(train))  # the cold device never trains
-    set_keys(fed / "devices" / cold / "agent.toml", "device", role="cold")
     for i, dev in enumerate([*train, cold]):
         camera_npz(fed / "devices" / dev / "local.npz", i, 3)
     trunk_bytes = (fed / "coordinator" / "trunk.safetensors").stat().st_size
