@@ -149,9 +149,6 @@ class _Upload:
     received: int = 0  # new chunks so far (progress for the reassembly budget)
 
 
-# the engine's records, under the names this module used before the engine held them
-_Accepted = Accepted
-_Eval = EvalReport
 __all__ = ["Coordinator", "write_checkpoint"]
 
 
@@ -671,7 +668,7 @@ class Coordinator:
         with self._lock:
             first = dev not in self.online
             self.online[dev] = role
-            resend = self.round_open and dev in self.tasks and dev not in self.results and dev not in self.failed
+            resend = self.engine.owes(dev)
         if first:
             log.info("device %s registered: role=%s tier=%s samples=%s", dev, role, caps["tier"],
                      caps["num_samples"])
@@ -859,10 +856,7 @@ class Coordinator:
         """Chunks of an upload this coordinator does not know (it restarted, or the
         announce was lost) from a device that still owes this round's update: tell it, so
         it re-announces at once instead of waiting for its upload timeout."""
-        with self._lock:
-            owes = (self.round_open and dev in self.tasks and dev not in self.results
-                    and dev not in self.failed)
-        if owes and self._notice_limit.allow(f"{dev}/{xid}"):
+        if self.engine.owes(dev) and self._notice_limit.allow(f"{dev}/{xid}"):
             self._send(dev, P.XFER_UNKNOWN, {"xfer": xid}, self.round)
 
     def _finish_upload(self, dev: str, manifest: TransferManifest, data: bytes) -> bool:
@@ -1152,7 +1146,7 @@ class Coordinator:
         self._last_request = time.monotonic()
         kind, correct, total = body.kind, body.correct, body.total
         with self._lock:
-            closed = self.round - 1 if self.round_open else self.round  # newest closed round
+            closed = self.engine.newest_closed()
             newest = closed if kind == "personal" else self.round
         # a personal accuracy follows a closed round; a cold start is labelled with the round
         # current when it fetched (0 before the first); neither from far in the past

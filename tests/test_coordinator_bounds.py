@@ -431,14 +431,14 @@ def test_one_bad_member_does_not_fail_its_batch(tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     """Two updates reach the persister together; one carries a value SQLite cannot store.
     The other is still accepted (persisted and counted); only the bad one is dropped."""
-    from coordinator.daemon import _Accepted
+    from coordinator.engine import Accepted
     from fedcoe_edge.strategies import ClientResult
 
     with _after_one_round(tmp_path) as (_, c):
         params = {k: v for k, v in list(c.strategy.global_state.items())[:2]}
-        good = _Accepted("good", 1, ClientResult("good", 1, 10, dict(params), None, {}), 10, "xg",
+        good = Accepted("good", 1, ClientResult("good", 1, 10, dict(params), None, {}), 10, "xg",
                          P.ENCODING_PLAIN)
-        bad = _Accepted("bad", 1, ClientResult("bad", 1, 10**400, dict(params), None, {}), 10,
+        bad = Accepted("bad", 1, ClientResult("bad", 1, 10**400, dict(params), None, {}), 10,
                         "xb", P.ENCODING_PLAIN)
         with caplog.at_level(logging.INFO, logger="fedcoe"):
             c._persist_q.put(bad)
