@@ -12,6 +12,7 @@ import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -364,25 +365,36 @@ def test_an_update_is_durable_before_its_accept(tmp_path: Path, aggregation: str
 
 def test_caches_are_pruned_and_a_full_reassembly_budget_defers(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Accepted transfer ids of older rounds are forgotten at each close; with a reassembly
-    budget that holds one upload at a time and three devices uploading at once, two are
-    deferred (their devices re-announce), not refused: every update is accepted and nothing
-    is rejected."""
+    """Accepted transfer ids of older rounds are forgotten at each close; an upload announced
+    while the reassembly budget is full is deferred (its device re-announces), not refused:
+    once the budget has room every update is accepted and nothing is rejected.
+
+    The budget is filled deterministically by a real hold of another sender (not by racing
+    three devices, which depends on thread scheduling), and that hold is released right
+    after the first deferral, as a finished upload would release it."""
     import logging
 
+    from fedcoe_edge.wire.transfer import Admission
+
     caplog.set_level(logging.DEBUG, logger="fedcoe.coordinator")
-    together = threading.Barrier(3)
-
-    def at_once(agent: DeviceAgent, rnd: int) -> bool:
-        if rnd == 1:
-            together.wait(timeout=60)  # all three announce their uploads together
-        return True
-
     _, factory = memory_factory()
-    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=2,
-                             hooks={str(i): AgentHooks(before_upload=at_once) for i in range(3)}, **small())
+    fed = EmbeddedFederation(tmp_path, factory, devices=3, rounds=2, **small())
     c = fed.start_coordinator()
-    c._budget.total_bytes = 20_000  # one upload (9-14 KB here) at a time
+    budget = c._budget
+    budget.total_bytes = 20_000  # one upload (9-14 KB here) at a time
+    ghost = ("elsewhere", "xfer")
+    assert budget.admit(ghost, "elsewhere", 15_000).admitted  # fresh, so never evicted
+    deferred: list[Any] = []
+    real_admit = budget.admit
+
+    def admit(key: Any, owner: str, nbytes: int) -> Admission:
+        got = real_admit(key, owner, nbytes)
+        if not got.admitted and not deferred:
+            deferred.append(key)
+            budget.release(ghost)  # the other upload finishes: the next announce gets in
+        return got
+
+    budget.admit = admit  # type: ignore[method-assign]
     for i in range(3):
         fed.add_agent(str(i), str(i))
     try:
@@ -392,11 +404,12 @@ def test_caches_are_pruned_and_a_full_reassembly_budget_defers(
         xfers = dict(c._accepted_xfers)
     finally:
         fed.stop()
+    assert len(deferred) == 1
     assert any("deferred: reassembly budget" in r.getMessage() for r in caplog.records)
     assert [r["accepted"] for r in rows] == [3, 3]
     assert [r["rejected"] for r in rows] == [0, 0] and refused == []
     assert sorted(xfers.values()) == [2, 2, 2]  # round 1's ids are gone
-    assert c._task_xfer == {} and c._budget.used == 0 and c._uploads == {}
+    assert c._task_xfer == {} and budget.used == 0 and c._uploads == {}
 
 
 def test_a_batch_that_fails_to_persist_is_not_acknowledged_and_counts_once(
