@@ -54,7 +54,7 @@ _RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple((cls, re.compile(rx)) fo
 REASONS: tuple[str, ...] = (*dict.fromkeys(cls for cls, _ in _RULES), "other")
 KINDS: tuple[str, ...] = ("rejected", "failure", "decline")
 DIRECTIONS: tuple[str, ...] = ("up", "down")
-PURPOSES: tuple[str, ...] = ("train", "refresh", "cold", "trunk")
+PURPOSES: tuple[str, ...] = ("train", "refresh", "gate", "cold", "trunk")
 ROLES: tuple[str, ...] = ("train", "cold")
 _COUNT = re.compile(r"^\d+ x ")
 

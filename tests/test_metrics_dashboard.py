@@ -344,6 +344,26 @@ def test_config_keys_ranges_and_env(tmp_path: Path) -> None:
             load_config(path)
 
 
+def test_the_init_template_and_the_deploy_config_parse(tmp_path: Path) -> None:
+    """The commented [metrics]/[dashboard] block `fedcoe init` writes, uncommented, is a
+    valid config with the documented ports; deploy/coordinator.toml keeps both off."""
+    from coordinator.config import config_from_doc
+    from fedcoe_edge.commands.init import HTTP_COMMENT
+    from fedcoe_edge.protocol import load_toml
+
+    lines = HTTP_COMMENT.splitlines()
+    start = next(i for i, line in enumerate(lines) if line == "# [metrics]")
+    path = tmp_path / "c.toml"
+    path.write_text(f'[security]\nsecret = "{DEMO_SECRET.hex()}"\n'
+                    + "\n".join(line.removeprefix("# ") for line in lines[start:]) + "\n")
+    cfg = config_from_doc(load_toml(path), str(path), tmp_path)
+    assert (cfg.metrics.port, cfg.dashboard.port, cfg.dashboard.host) == (9464, 8080, "127.0.0.1")
+    deploy = Path(__file__).resolve().parents[1] / "deploy" / "coordinator.toml"
+    cfg = load_config(deploy, {"FEDCOE_SECURITY_SECRET_FILE": "",
+                               "FEDCOE_SECURITY_SECRET": DEMO_SECRET.hex()})
+    assert cfg.metrics.port == cfg.dashboard.port == 0
+
+
 def test_reason_classes_are_a_fixed_set() -> None:
     cases = {
         "deadline passed with no accepted update": "deadline",
