@@ -41,7 +41,8 @@ log = logging.getLogger("fedcoe.coordinator.http")
 
 MAX_CLIENTS = 16  # connections served at once, per server
 SOCKET_TIMEOUT_S = 10.0  # a connection idle this long is closed
-STATUS_MAX_AGE_S = 1.0  # the status document is rebuilt at most this often
+STATUS_MAX_AGE_S = 1.0  # the status document is rebuilt at most this often ...
+STATUS_COST_SHARE = 0.1  # ... and building it takes at most this share of the time
 REFUSALS_SHOWN = 50  # newest refusal/failure/decline rows on the dashboard
 ASSETS: dict[str, str] = {  # URL path -> (file in coordinator/dashboard_assets)
     "/": "index.html",
@@ -147,21 +148,26 @@ class _Server(ThreadingHTTPServer):
 
 
 class _StatusCache:
-    """``read_status`` of the state folder, rebuilt at most once per STATUS_MAX_AGE_S:
-    concurrent requests share one build."""
+    """``read_status`` of the state folder, rebuilt at most once per STATUS_MAX_AGE_S and
+    at most STATUS_COST_SHARE of the time: a build reads the whole round log (seconds for
+    a large fleet's history), and it runs in the coordinator's own process, so the reuse
+    interval grows with the last build's cost. Concurrent requests share one build."""
 
     def __init__(self, state_dir: Path, rounds: int | None, federation: str | None) -> None:
         self.state_dir, self.rounds, self.federation = state_dir, rounds, federation
         self._lock = threading.Lock()
         self._doc: bytes | None = None
         self._at = float("-inf")
+        self.max_age_s = STATUS_MAX_AGE_S
 
     def __call__(self) -> Response:
         with self._lock:
             now = time.monotonic()
-            if self._doc is None or now - self._at >= STATUS_MAX_AGE_S:
+            if self._doc is None or now - self._at >= self.max_age_s:
                 doc = read_status(self.state_dir, rounds=self.rounds, federation=self.federation)
                 self._doc, self._at = _json(doc)[2], now
+                cost = time.monotonic() - now
+                self.max_age_s = max(STATUS_MAX_AGE_S, cost / STATUS_COST_SHARE)
             return 200, "application/json", self._doc
 
 

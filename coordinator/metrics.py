@@ -61,7 +61,9 @@ _COUNT = re.compile(r"^\d+ x ")
 # Round durations: a test federation closes rounds in seconds, a deployment's deadline is
 # minutes (deploy/coordinator.toml: 300 s).
 DURATION_BUCKETS: tuple[float, ...] = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-TAIL_ROWS = 50_000  # rows of an append-only table read per scrape at most
+# rows of an append-only table read per scrape at most: 0.5-0.8 s on the project's 2-core
+# test machine, a few ms once caught up (docs/daemons.md, "Metrics and dashboard")
+TAIL_ROWS = 200_000
 
 __all__ = ["REASONS", "StoreCollector", "reason_class", "registry_for"]
 
