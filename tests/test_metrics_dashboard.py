@@ -364,6 +364,28 @@ def test_the_init_template_and_the_deploy_config_parse(tmp_path: Path) -> None:
     assert cfg.metrics.port == cfg.dashboard.port == 0
 
 
+def test_the_wheel_ships_the_dashboard_assets(tmp_path: Path) -> None:
+    """The page, script and stylesheet are package data: a wheel built from a copy of the
+    sources holds them beside coordinator/dashboard.py, byte for byte."""
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    skip = shutil.ignore_patterns("__pycache__", "results", "*.pyc")
+    for pkg in ("fedcoe_edge", "device_agent", "coordinator", "export", "benchmarks"):
+        shutil.copytree(root / pkg, src / pkg, ignore=skip)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path / "dist"), str(src)], check=True, timeout=300,
+                   capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        for name in set(ASSETS.values()):
+            assert z.read(f"coordinator/dashboard_assets/{name}") == asset(name)
+
+
 def test_reason_classes_are_a_fixed_set() -> None:
     cases = {
         "deadline passed with no accepted update": "deadline",
