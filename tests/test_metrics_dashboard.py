@@ -268,6 +268,19 @@ def test_a_scrape_reads_only_what_is_new(tmp_path: Path) -> None:
         assert m[("fedcoe_updates_accepted_total", ())] == 1
         assert m[("fedcoe_bytes_total", (("direction", "up"), ("purpose", "train")))] == 500
         assert m[("fedcoe_global_accuracy", ())] == 0.5
+        assert m[("fedcoe_round_duration_seconds_bucket", (("le", "1"),))] == 1
+    finally:
+        web.stop()
+    # a restarted coordinator's endpoint continues the counters (they are the store's),
+    # even though retention dropped refusal rows it never saw
+    port = free_port()
+    web = HttpEndpoints(_config(tmp_path, metrics=MetricsSettings(port=port)), state)
+    web.start()
+    try:
+        again = scrape(f"http://127.0.0.1:{port}/metrics")
+        assert {k: v for k, v in again.items() if k[0] != "fedcoe_refusals_total"} == {
+            k: v for k, v in m.items() if k[0] != "fedcoe_refusals_total"}
+        assert again[key] == 1  # the one row retention kept: documented, never a decrease mid-run
     finally:
         web.stop()
 
