@@ -4,8 +4,9 @@
 The figures are the store's, not a second set of counters kept beside it: a collector
 reads ``coordinator.sqlite`` read-only (as ``fedcoe status`` does, :mod:`coordinator.status`)
 at each scrape, so ``/metrics``, ``fedcoe status`` and the dashboard cannot disagree, the
-counters survive a restart of the coordinator (they count the state folder's whole life,
-never going back), and the daemon needs no hook in its message handlers.
+counters survive a restart of the coordinator (they count the state folder's whole life;
+refusals only as far as the event retention keeps their rows), and the daemon needs no hook
+in its message handlers.
 
 Every scrape does bounded work, whatever the history: the append-only tables (traffic,
 refusal and failure events) are read past the last row id already counted, at most
