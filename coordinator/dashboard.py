@@ -128,6 +128,8 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, addr: tuple[str, int], routes: dict[str, Route]) -> None:
         self.routes = routes
         self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        if ":" in addr[0]:  # an IPv6 host ("::1", "::")
+            self.address_family = socket.AF_INET6
         super().__init__(addr, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -265,6 +267,7 @@ class HttpEndpoints:
     def url(self, key: str) -> str:
         host, port = self.servers[key].server_address[:2]
         host = host.decode() if isinstance(host, bytes) else host
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}/" + ("metrics" if key == "metrics" else "")
 
     def start(self) -> None:
@@ -273,7 +276,12 @@ class HttpEndpoints:
                                  name=f"http-{key}", daemon=True)
             t.start()
             self._threads.append(t)
-            log.info("%s on %s", key, self.url(key))
+            host = str(srv.server_address[0])
+            if host in ("127.0.0.1", "::1", "localhost") or host.startswith("127."):
+                log.info("%s on %s", key, self.url(key))
+            else:
+                log.warning("%s on %s: reachable from other machines, with no login "
+                            "(docs/daemons.md, \"Metrics and dashboard\")", key, self.url(key))
 
     def stop(self) -> None:
         for srv in self.servers.values():

@@ -315,6 +315,30 @@ def test_connections_past_the_bound_are_closed_not_queued(tmp_path: Path) -> Non
         web.stop()
 
 
+def test_ipv6_loopback_and_a_warning_off_loopback(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    state = _store(tmp_path)
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    port, other = free_port(), free_port()
+    try:
+        web = HttpEndpoints(_config(tmp_path, dashboard=DashboardSettings(host="::1", port=port),
+                                    metrics=MetricsSettings(host="0.0.0.0", port=other)), state)
+    except ConfigError as exc:
+        pytest.skip(f"cannot bind ::1 here: {exc}")
+    with caplog.at_level("INFO", logger="fedcoe.coordinator.http"):
+        web.start()
+    try:
+        assert web.url("dashboard") == f"http://[::1]:{port}/"
+        assert get(f"http://[::1]:{port}/api/status")[0] == 200
+        assert get(f"http://127.0.0.1:{other}/metrics")[0] == 200
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warned) == 1 and "metrics on http://0.0.0.0:" in warned[0]
+        assert "no login" in warned[0]
+    finally:
+        web.stop()
+
+
 @pytest.mark.parametrize("key", ["metrics", "dashboard"])
 def test_a_busy_port_is_one_line_and_exit_2_before_the_broker(
         tmp_path: Path, key: str, capsys: pytest.CaptureFixture[str]) -> None:
