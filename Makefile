@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test test-all test-hostile test-runtime-profile bench bench-camera bench-fleet bench-fleet-shards lint clean mosquitto datasets tune accuracy accuracy-long bench-robustness
+.PHONY: setup demo test test-all test-hostile test-runtime-profile bench bench-camera bench-fleet bench-fleet-shards lint clean mosquitto chromium datasets tune accuracy accuracy-long bench-robustness
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,14 @@ $(STAMP): $(BIN)/python pyproject.toml
 mosquitto:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto)
+
+# Headless Chromium for the slow dashboard test (tests/test_metrics_dashboard.py). Not part
+# of `setup`: only `make test-all` uses it, and where it cannot be installed (no root) that
+# one test skips and says so instead of failing the run.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) || \
+	  echo "chromium not installed: the dashboard's browser test will skip"
 
 # Fashion-MNIST (MIT) for `--dataset fmnist`: Debian ships it, so nothing is downloaded at run time.
 FMNIST_FILE := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
@@ -48,7 +56,7 @@ PYTEST_PAR := -n auto --dist loadgroup
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_PAR)
 
-test-all: test
+test-all: test chromium
 	$(BIN)/python -m pytest -q -s -m slow
 
 # The slow part of the hostile suite (real broker + daemon processes under attack, a

@@ -3,8 +3,10 @@
 Sections: ``[federation]`` (ids, algorithm, rounds, selection, deadline, quorum, state
 folder), ``[broker]`` (MQTT), ``[security]`` (federation secret from which per-device HMAC
 keys derive), ``[model]`` and ``[train]`` (the FedCoE network and client objective of
-arXiv 2605.21264, design sections 3-4) and an optional ``[eval]`` naming a shipped
-dataset whose held-out global test set the coordinator scores after every round.
+arXiv 2605.21264, design sections 3-4), an optional ``[eval]`` naming a shipped
+dataset whose held-out global test set the coordinator scores after every round, and
+``[metrics]`` / ``[dashboard]``: the Prometheus endpoint and the read-only web dashboard,
+both off by default (docs/daemons.md, "Metrics and dashboard").
 """
 
 from __future__ import annotations
@@ -99,6 +101,37 @@ class EvalSettings:
 
 
 @dataclass
+class MetricsSettings:
+    """The Prometheus endpoint (``GET /metrics``): off unless ``port`` is set; loopback
+    unless ``host`` says otherwise, since the figures name the federation's devices' traffic
+    and failures (docs/daemons.md, "Metrics and dashboard")."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: off
+
+
+@dataclass
+class DashboardSettings:
+    """The read-only web dashboard (rounds, curves, devices, refusals): off unless ``port``
+    is set; loopback unless ``host`` says otherwise (it has no login)."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: off
+
+
+def check_http(metrics: MetricsSettings, dashboard: DashboardSettings, source: str) -> None:
+    """The range checks of both HTTP endpoints (one place: ``validate`` calls it)."""
+    for name, s in (("metrics", metrics), ("dashboard", dashboard)):
+        if isinstance(s.port, bool) or not 0 <= s.port <= 65535:
+            raise ConfigError(f"{source}: [{name}] port must be in 0..65535 (0: off), got {s.port}")
+        if not s.host.strip():
+            raise ConfigError(f"{source}: [{name}] host must not be empty")
+    if metrics.port and metrics.port == dashboard.port and metrics.host == dashboard.host:
+        raise ConfigError(f"{source}: [metrics] and [dashboard] both ask for {metrics.host}:"
+                          f"{metrics.port}; give them different ports")
+
+
+@dataclass
 class CoordinatorConfig:
     federation: FederationSettings = field(default_factory=FederationSettings)
     broker: BrokerSettings = field(default_factory=BrokerSettings)
@@ -106,6 +139,8 @@ class CoordinatorConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    dashboard: DashboardSettings = field(default_factory=DashboardSettings)
     source: str = "<defaults>"
 
     @property
@@ -152,6 +187,7 @@ class CoordinatorConfig:
             raise ConfigError(f"{w} shards = {f.shards} needs aggregation = \"stream\" (shards send "
                               "partial sums to the leader), got {f.aggregation!r}")
         self.broker.validate(f"{self.source}: [broker]")
+        check_http(self.metrics, self.dashboard, self.source)
         if f.shards == 1:  # a sharded config's identity depends on the role: check_role checks it
             check_username(self.broker.username, f.coordinator_id, f"{self.source}: [broker]")
         if len(self.secret) < 16:
@@ -212,7 +248,8 @@ def mqtt_identity(fed: FederationSettings, role: Role, index: int | None = None,
 
 SECTIONS: dict[str, type] = {"federation": FederationSettings, "broker": BrokerSettings,
                              "security": SecuritySettings, "eval": EvalSettings,
-                             "model": ModelConfig, "train": TrainConfig}
+                             "model": ModelConfig, "train": TrainConfig,
+                             "metrics": MetricsSettings, "dashboard": DashboardSettings}
 
 
 def env_defaults() -> dict[str, dict[str, Any]]:
@@ -246,6 +283,8 @@ def config_from_doc(doc: dict[str, Any], source: str, base: Path,
         federation=fed, broker=broker,
         secret=read_secret(sec.secret, sec.secret_file, f"{source}: [security] secret", base),
         model=model, train=train, eval=build_section(EvalSettings, doc, "eval", source),
+        metrics=build_section(MetricsSettings, doc, "metrics", source),
+        dashboard=build_section(DashboardSettings, doc, "dashboard", source),
         source=source)
     cfg.validate()
     return cfg

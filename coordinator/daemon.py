@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.config import CoordinatorConfig
+from coordinator.dashboard import HttpEndpoints
 from coordinator.engine import (
     Accepted,
     EvalReport,
@@ -208,6 +209,7 @@ class Coordinator:
         self._pruned_at = time.monotonic()
         self.transport: Transport | None = None
         self.messenger: P.Messenger | None = None
+        self.http: HttpEndpoints | None = None  # /metrics and the dashboard (start())
         self.finished = False
         self._closed_summaries: list[dict[str, Any]] = []  # this run's rounds, for its last line
         self._started_at = time.monotonic()
@@ -311,7 +313,11 @@ class Coordinator:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Resume from the state folder, connect, subscribe, announce."""
+        """Serve /metrics and the dashboard if configured (a busy port is a ConfigError
+        here, before the broker is joined), resume from the state folder, connect,
+        subscribe, announce."""
+        self.http = HttpEndpoints(self.cfg, self.state_dir)
+        self.http.start()
         self.engine.load_eval()
         self.engine.resume()
         will = Will(self.topics.coord_status(), P.presence_payload("offline"), 1, True)
@@ -356,6 +362,8 @@ class Coordinator:
             self.transport.close()
             self.transport = None
         self.refusals.flush(force=True)
+        if self.http is not None:
+            self.http.stop()
         self.store.close()
 
     def run(self) -> int:

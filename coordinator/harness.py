@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.config import CoordinatorConfig, EvalSettings, FederationSettings
+from coordinator.config import (
+    CoordinatorConfig,
+    DashboardSettings,
+    EvalSettings,
+    FederationSettings,
+    MetricsSettings,
+)
 from coordinator.daemon import Coordinator
 from coordinator.leader import Leader
 from coordinator.shard import ShardAggregator
@@ -66,6 +72,8 @@ class EmbeddedFederation:
     # that compares with the simulator bit for bit passes aggregation="batch"
     aggregation: str = FederationSettings.aggregation
     device_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> [device] fields
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)  # off by default
+    dashboard: DashboardSettings = field(default_factory=DashboardSettings)  # off by default
     coordinator: Coordinator | None = None
     agents: dict[str, DeviceAgent] = field(default_factory=dict)
     threads: list[threading.Thread] = field(default_factory=list)
@@ -79,7 +87,8 @@ class EmbeddedFederation:
         return CoordinatorConfig(federation=fed, secret=DEMO_SECRET, model=self.model, train=self.train,
                                  eval=EvalSettings(dataset="digits", num_clients=self.devices,
                                                    new_clients=EvalSettings.new_clients,
-                                                   alpha=self.alpha, seed=self.seed))
+                                                   alpha=self.alpha, seed=self.seed),
+                                 metrics=self.metrics, dashboard=self.dashboard)
 
     def agent_config(self, dev: str, client: str, role: str = "train") -> AgentConfig:
         d = DeviceSettings(id=dev, federation=self.federation, role=role,

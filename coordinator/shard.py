@@ -69,6 +69,9 @@ def shard_config(cfg: CoordinatorConfig, index: int, shards: int) -> Coordinator
     out.federation.id = shard_federation(cfg.federation.id, index, shards)
     out.federation.state_dir = str(Path(cfg.federation.state_dir) / shard_name(index))
     out.federation.wait_log_s = 1e9  # waiting for devices is the leader's to log
+    # the HTTP endpoints serve a single coordinator (docs/daemons.md, "Metrics and
+    # dashboard"): S shards on one config would all ask for the same ports
+    out.metrics.port = out.dashboard.port = 0
     return out
 
 

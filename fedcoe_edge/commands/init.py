@@ -206,6 +206,19 @@ EVAL_COMMENT = """
 """
 
 
+HTTP_COMMENT = """
+# Optional: Prometheus metrics and a read-only web dashboard served by the coordinator
+# (docs/daemons.md, "Metrics and dashboard"). Both are off (port 0) and, when on, bound
+# to this machine only unless host says otherwise; neither has a login.
+# [metrics]
+# port = 9464               # GET http://127.0.0.1:9464/metrics
+# host = "127.0.0.1"
+# [dashboard]
+# port = 8080               # open http://127.0.0.1:8080/ (rounds, curves, devices, refusals)
+# host = "127.0.0.1"
+"""
+
+
 def coordinator_toml(args: argparse.Namespace, ids: list[str], classes: list[str],
                      shape: list[int], stem: str, username: str, cold: Sequence[str] = ()) -> str:
     """One coordinator process's config; a leader's and its shards' differ only in the
@@ -266,7 +279,7 @@ local_epochs = {t.local_epochs}
 batch_size = {t.batch_size}
 lr = {t.lr}
 experts_per_client = {t.experts_per_client}
-{EVAL_COMMENT}"""
+{EVAL_COMMENT}{HTTP_COMMENT}"""
 
 
 def device_federation(args: argparse.Namespace, dev: str) -> str:
