@@ -3,10 +3,9 @@
 module and data file of every package, import from itself alone, and declare extras that keep
 torch off a runtime device. Also the Makefile's apt-get helper for a non-root user.
 
-The build runs ``python -m build`` as ``make wheel`` does (sdist first, then the wheel from the
-sdist, so a file the sdist drops is missing from the wheel too), but without build isolation:
-the same setuptools backend and configuration, taken from this venv instead of the package
-index, so the test runs offline.
+The build is the ``built_dist`` fixture (tests/conftest.py): ``python -m build`` as ``make
+wheel`` runs it, the wheel made from the sdist, so a file the sdist drops is missing from the
+wheel too.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 # what `packages.find` includes (pyproject.toml); results/ is the repository's reports
@@ -34,42 +32,13 @@ NOT_INSTALLED = ("benchmarks/results/",)
 RUNTIME_PACKAGES = ("fedcoe_edge", "coordinator", "device_agent", "export")
 
 
-def tracked_files() -> list[str]:
-    """The checkout's files as git knows them: untracked scratch never reaches a build."""
-    if shutil.which("git") is None or not (ROOT / ".git").exists():
-        pytest.skip("needs a git checkout (the wheel is built from its tracked files)")
-    out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
-    return [f for f in out.stdout.decode().split("\0") if f and (ROOT / f).is_file()]
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str]]:
-    """(wheel, sdist, tracked files): ``python -m build`` on a copy of the tracked files, so the
-    checkout gets no build/ or egg-info and a file not committed cannot hide a missing one."""
-    pytest.importorskip("build", reason="`build` is in the dev extra: run `make setup`")
-    tmp = tmp_path_factory.mktemp("wheel")
-    src, dist = tmp / "src", tmp / "dist"
-    files = tracked_files()
-    for rel in files:
-        (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, src / rel)
-    res = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist),
-                          str(src)], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    wheel = dist / f"fedcoe_edge-{version}-py3-none-any.whl"
-    sdist = dist / f"fedcoe_edge-{version}.tar.gz"
-    assert wheel.is_file() and sdist.is_file(), sorted(p.name for p in dist.iterdir())
-    return wheel, sdist, files
-
-
 def package_files(files: list[str]) -> set[str]:
     return {f for f in files if f.startswith(tuple(p + "/" for p in PACKAGES))
             and not f.startswith(NOT_INSTALLED) and "__pycache__" not in f}
 
 
-def test_the_wheel_holds_every_module_and_data_file(built: tuple[Path, Path, list[str]]) -> None:
-    wheel, _, files = built
+def test_the_wheel_holds_every_module_and_data_file(built_dist: tuple[Path, Path, list[str]]) -> None:
+    wheel, _, files = built_dist
     names = set(zipfile.ZipFile(wheel).namelist())
     payload = {n for n in names if ".dist-info/" not in n}
     want = package_files(files)
@@ -81,10 +50,10 @@ def test_the_wheel_holds_every_module_and_data_file(built: tuple[Path, Path, lis
     assert not any(n.startswith(NOT_INSTALLED) for n in names)
 
 
-def test_the_sdist_is_a_source_release(built: tuple[Path, Path, list[str]]) -> None:
+def test_the_sdist_is_a_source_release(built_dist: tuple[Path, Path, list[str]]) -> None:
     """Beside the packages, the sdist carries what a device's operator installs by hand:
     the systemd units, the Mosquitto and config templates, the docs and the examples."""
-    _, sdist, files = built
+    _, sdist, files = built_dist
     with tarfile.open(sdist) as tar:
         top = tar.getnames()[0].split("/")[0]
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
@@ -94,8 +63,8 @@ def test_the_sdist_is_a_source_release(built: tuple[Path, Path, list[str]]) -> N
     assert top.startswith("fedcoe_edge-") and "Makefile" in names and "pyproject.toml" in names
 
 
-def test_wheel_metadata_keeps_torch_off_a_runtime_device(built: tuple[Path, Path, list[str]]) -> None:
-    wheel, _, _ = built
+def test_wheel_metadata_keeps_torch_off_a_runtime_device(built_dist: tuple[Path, Path, list[str]]) -> None:
+    wheel, _, _ = built_dist
     z = zipfile.ZipFile(wheel)
     info = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
     meta = email.parser.Parser().parsestr(z.read(info).decode())
@@ -133,13 +102,13 @@ print(json.dumps({"outside": outside, "commands": sorted(_subparsers(build_parse
 """
 
 
-def test_every_module_imports_from_the_wheel_alone(built: tuple[Path, Path, list[str]],
+def test_every_module_imports_from_the_wheel_alone(built_dist: tuple[Path, Path, list[str]],
                                                    tmp_path: Path) -> None:
     """Unpacked, the wheel's modules import from its own files: a module that needs one the
     wheel lacks would be found in this checkout instead, and is named here."""
     import json
 
-    wheel, _, _ = built
+    wheel, _, _ = built_dist
     root = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(root)
     modules = sorted(n[:-3].replace("/", ".").removesuffix(".__init__")
