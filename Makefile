@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test test-all test-hostile test-runtime-profile bench bench-camera bench-fleet bench-fleet-shards lint clean mosquitto chromium datasets tune accuracy accuracy-long bench-robustness
+.PHONY: setup wheel demo test test-all test-hostile test-runtime-profile bench bench-camera bench-fleet bench-fleet-shards lint clean mosquitto chromium datasets tune accuracy accuracy-long bench-robustness arm-sysroot bench-cross-arch
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,25 +18,33 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Debian packages: apt-get as root, through sudo for another user (a Pi's `pi`); with
+# neither, deploy/apt-install.sh prints the command to run and exits 2.
 mosquitto:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto)
+	  sh deploy/apt-install.sh mosquitto
 
 # Headless Chromium for the slow dashboard test (tests/test_metrics_dashboard.py). Not part
 # of `setup`: only `make test-all` uses it, and where it cannot be installed (no root) that
 # one test skips and says so instead of failing the run.
 chromium:
 	@command -v chromium >/dev/null 2>&1 || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) || \
+	  sh deploy/apt-install.sh chromium || \
 	  echo "chromium not installed: the dashboard's browser test will skip"
 
 # Fashion-MNIST (MIT) for `--dataset fmnist`: Debian ships it, so nothing is downloaded at run time.
 FMNIST_FILE := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 datasets:
-	@test -f $(FMNIST_FILE) || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist)
+	@test -f $(FMNIST_FILE) || sh deploy/apt-install.sh dataset-fashion-mnist
 
 setup: $(STAMP) mosquitto datasets
+
+# The wheel (and sdist) a Raspberry Pi or Jetson installs: `make wheel`, then copy
+# dist/fedcoe_edge-VERSION-py3-none-any.whl to the device (docs/deploy.md, "Getting the
+# package onto a device"). The wheel is built from the sdist, so both carry every file.
+wheel: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
 
 demo: setup
 	$(BIN)/fedcoe demo --out runs/demo --json runs/demo/demo.json
@@ -126,4 +134,4 @@ lint: setup
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache dist build

@@ -7,7 +7,7 @@ leaves the device (it lives in ``STATE/local.safetensors``). A device joining la
 the cold-start path: gate first, routing prior on its own unlabeled data, then only its
 top experts, and it predicts at once without a gradient step.
 
-Install profiles (docs/daemons.md): with torch (``fedcoe-edge[train]``) the agent trains and
+Install profiles (docs/daemons.md): with torch (the wheel's ``[train]``) the agent trains and
 predicts with the torch model; without it (the runtime profile) a cold device runs its
 signed bundle through :class:`~fedcoe_edge.runtime.MoESession` and swaps the gate and the
 experts it downloads into that bundle (``engine = "onnx"``); asked to train, it declines.
@@ -111,7 +111,8 @@ def torch_installed() -> bool:
 
 
 NO_TORCH = ("this device has the runtime install profile (no torch) and cannot train; run it "
-            "as a cold device ([device] role = \"cold\") or install fedcoe-edge[train]")
+            "as a cold device ([device] role = \"cold\") or install torch and the wheel with [train] "
+            "(docs/deploy.md, \"Which install a device needs\")")
 
 RequestKey = tuple[str, str, int]  # (type, purpose or kind, round; 0 for gate/cold fetches)
 

@@ -153,9 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in TRAIN_PROFILE_MODULES:
             raise
-        print(f"fedcoe {args.command}: error: needs the train install profile "
-              f"(pip install 'fedcoe-edge[train]'); this install has no {exc.name}",
-              file=sys.stderr)
+        # the package is installed from its wheel, not by name from an index (docs/deploy.md)
+        print(f"fedcoe {args.command}: error: needs the train install profile (pip install "
+              f"torch==2.13.0, then the wheel with [train]: docs/deploy.md, \"Which install a "
+              f"device needs\"); this install has no {exc.name}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fedcoe {args.command}: interrupted", file=sys.stderr)

@@ -136,6 +136,44 @@ def digits_npz() -> Callable[..., None]:
     return write
 
 
+# --- the wheel a device installs (tests/test_wheel.py, test_runtime_profile.py) ---
+@pytest.fixture(scope="session")
+def built_dist(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``(wheel, sdist, tracked files)``: ``python -m build`` as ``make wheel`` runs it (the
+    sdist, then the wheel from the sdist) on a copy of the checkout's tracked files, so the
+    checkout gets no build/ or egg-info and an uncommitted file cannot hide a missing one.
+    Without build isolation: the same setuptools backend and configuration, from this venv
+    instead of the package index, so it runs offline."""
+    import importlib.util
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import tomllib
+
+    if importlib.util.find_spec("build") is None:  # a dev dependency: missing is a setup fault
+        pytest.fail("`build` is not installed: it is in the dev extra, run `make setup`")
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("needs a git checkout (the wheel is built from its tracked files)")
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True)
+    files = [f for f in out.stdout.decode().split("\0") if f and (root / f).is_file()]
+    tmp = tmp_path_factory.mktemp("wheel")
+    src, dist = tmp / "src", tmp / "dist"
+    for rel in files:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, src / rel)
+    res = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist),
+                          str(src)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    version = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    wheel = dist / f"fedcoe_edge-{version}-py3-none-any.whl"
+    sdist = dist / f"fedcoe_edge-{version}.tar.gz"
+    assert wheel.is_file() and sdist.is_file(), sorted(p.name for p in dist.iterdir())
+    return wheel, sdist, files
+
+
 # --- suite layout: slow tests, parallel workers (test-suite engineer) ----------------
 # `make test` runs the suite on one pytest-xdist worker per core (`-n auto --dist loadgroup`);
 # `make test-all` then runs the tests marked `slow`, one at a time (README, "Tests"). Each

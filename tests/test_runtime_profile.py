@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import shlex
 import subprocess
 import sys
 import venv
@@ -213,8 +213,10 @@ sys.exit(main(["predict", "--bundle", sys.argv[1], "--input", sys.argv[2], "--js
 
 
 @pytest.mark.slow
-def test_runtime_profile_venv(digits_moe, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    """``pip install .`` (the runtime profile) in a fresh venv: torch is absent and
+def test_runtime_profile_venv(digits_moe, built_dist, tmp_path: Path,
+                              request: pytest.FixtureRequest) -> None:
+    """The wheel ``make wheel`` builds, installed into a fresh venv with docs/deploy.md's own
+    ``pip install './WHEEL[runtime]'`` line (the runtime profile): torch is absent and
     ``fedcoe predict`` classifies with a signed bundle exactly as this install does.
 
     Runs only under ``-m slow`` (``make test-runtime-profile``): it needs the package index
@@ -230,17 +232,23 @@ def test_runtime_profile_venv(digits_moe, tmp_path: Path, request: pytest.Fixtur
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
-    src = tmp_path / "src"  # a clean copy: no .venv or build outputs of this checkout
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "runs", "*.egg-info", "build", "__pycache__", ".pytest_cache",
-        "results"))
+    wheel = built_dist[0]
+    deploy = (REPO / "docs" / "deploy.md").read_text()
+    line = next(s for s in deploy.splitlines() if "pip install './fedcoe_edge-" in s
+                and "[runtime]'" in s and not s.lstrip().startswith("#"))
+    spec = shlex.split(line.split("pip install", 1)[1])
+    assert spec == [f"./{wheel.name}[runtime]"], line  # the file `make wheel` writes
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    res = subprocess.run([str(py), "-m", "pip", "install", "--quiet", str(src)],
-                         capture_output=True, text=True, timeout=900, env=env)
+    env.pop("PYTHONPATH", None)  # the venv's own install, never this checkout
+    res = subprocess.run([str(py), "-m", "pip", "install", "--quiet", *spec],
+                         capture_output=True, text=True, timeout=900, env=env, cwd=wheel.parent)
     assert res.returncode == 0, res.stderr[-3000:]
+    res = subprocess.run([str(py), "-c", "import PIL, fedcoe_edge; print(fedcoe_edge.__file__)"],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert res.returncode == 0 and str(env_dir) in res.stdout, res.stderr  # [runtime]: Pillow
     res = subprocess.run([str(py), "-c", RUNTIME_CHECK, str(bundle), str(tmp_path / "x.npy"),
                           str(tmp_path / "k.hex")], capture_output=True, text=True, timeout=300,
-                         cwd=tmp_path)
+                         cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout)["classes"]
     assert got == MoESession(bundle).predict(x_test[:8]).argmax(1).tolist()
@@ -249,6 +257,6 @@ def test_runtime_profile_venv(digits_moe, tmp_path: Path, request: pytest.Fixtur
     agent_toml.write_text('[device]\nid = "d1"\nrole = "train"\nengine = "onnx"\n'
                           '[security]\nkey = "' + "ab" * 16 + '"\n[data]\nnpz = "x.npz"\n')
     res = subprocess.run([str(env_dir / "bin" / "fedcoe"), "agent", "--config", str(agent_toml)],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert 'engine = "onnx" only predicts' in res.stderr

@@ -175,7 +175,7 @@ def load_image_folder(root: str | Path, size: tuple[int, int] = (32, 32), graysc
         from PIL import Image, UnidentifiedImageError
     except ImportError:
         raise DataError(f"image folder {root}: reading images needs Pillow "
-                        "(pip install 'fedcoe-edge[runtime]')") from None
+                        "(pip install pillow; the wheel's [runtime] extra carries it, docs/deploy.md)") from None
 
     root = Path(root)
     if not root.is_dir():
