@@ -89,6 +89,16 @@ bench: setup
 bench-camera: setup
 	$(BIN)/python -m benchmarks.camera_accuracy
 
+# The same bundle on x86 and ARM: int8 and fp32 top-1 agreement between this host and
+# Cortex-A72 / A76 under user-mode qemu (docs/bundle.md, "Same answers on every CPU"). Needs
+# root; `arm-sysroot` unpacks Debian's arm64 python and the aarch64 wheels into
+# /opt/fedcoe-arm64 and registers no binfmt handler. Run `make bench-camera` first.
+arm-sysroot: setup
+	PY=$(BIN)/python benchmarks/arm_sysroot.sh
+
+bench-cross-arch: arm-sysroot
+	$(BIN)/python -m benchmarks.cross_arch
+
 # Simulated devices on the real protocol against one real coordinator and a Mosquitto with
 # the deploy template's limits (docs/benchmarks.md, "Fleet"); minutes on two cores.
 FLEET_SIZES ?= 100 500 1000 2000 5000

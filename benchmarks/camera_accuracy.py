@@ -352,7 +352,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
     from benchmarks.harness import cpu_model
     from export.bundle import build_bundle, bundle_sizes, calibration_sample
-    from export.quantize import QuantizeOptions, QuantMode
+    from export.quantize import Activations, QuantizeOptions, QuantMode
     from fedcoe_edge.config import TrainConfig
     from fedcoe_edge.simulation import client_model
 
@@ -393,6 +393,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     calib = calibration_sample(fed.clients[client].x_train, args.calibration_samples, args.seed)
     manifest = build_bundle(model, bundle, calibration=calib,
                             options=QuantizeOptions(mode=QuantMode.STATIC,
+                                                    activations=Activations(args.activations),
                                                     calibration_samples=args.calibration_samples),
                             include_fused=False, meta={"benchmark": "camera_accuracy"})
     timing["export_s"] = time.perf_counter() - t0
@@ -412,6 +413,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                    "alpha": args.alpha, "rounds": args.rounds, "local_epochs": args.local_epochs,
                    "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
                    "client": client, "calibration_samples": int(len(calib)),
+                   "activations": args.activations,
                    "test_samples": args.test_samples, "threads": args.threads,
                    "num_global_experts": cfg.num_global_experts,
                    "num_local_experts": cfg.num_local_experts, "top_k": cfg.top_k,
@@ -465,6 +467,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-samples", type=int, default=128)
     p.add_argument("--test-samples", type=int, default=0,
                    help="stratified subset of the official test split (0 = all 10,000)")
+    p.add_argument("--activations", choices=("u8", "s8"), default="u8",
+                   help="static int8 activation type of the bundle (export.quantize.Activations)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder")

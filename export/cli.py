@@ -47,6 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="int8 scheme: auto picks static or dynamic per part (default)")
     p.add_argument("--calibration-samples", type=int, default=128,
                    help="samples of the client's training split used to calibrate int8")
+    p.add_argument("--activations", choices=("u8", "s8"), default="u8",
+                   help="static int8 activation type: u8 (default, fast on x86) or s8 (the "
+                        "same answers on x86 and ARM, slower on x86; docs/bundle.md)")
     p.add_argument("--calibration-data", type=Path, default=None,
                    help=".npy of inputs to calibrate on when model.json has no simulation config")
     p.add_argument("--experts", default="held",
@@ -202,7 +205,7 @@ def run_export(args: argparse.Namespace) -> int:
     import torch
 
     from export.bundle import build_bundle, calibration_sample, write_tar
-    from export.quantize import QuantizeOptions, QuantMode
+    from export.quantize import Activations, QuantizeOptions, QuantMode
     from fedcoe_edge.checkpoint import load_checkpoint
     from fedcoe_edge.training import build_model, load_arrays
 
@@ -252,7 +255,8 @@ def run_export(args: argparse.Namespace) -> int:
         x_test = y_test = None
     else:
         x_cal_all, _, x_test, y_test, extra["global_test"] = client_split(meta, client)
-    opts = QuantizeOptions(mode=mode, calibration_samples=args.calibration_samples)
+    opts = QuantizeOptions(mode=mode, calibration_samples=args.calibration_samples,
+                           activations=Activations(args.activations))
     calib = calibration_sample(x_cal_all, opts.calibration_samples, opts.seed)
     manifest = build_bundle(model, args.out, calibration=calib, held=held, options=opts,
                             include_fp32=not args.no_fp32 or mode is QuantMode.FP32,

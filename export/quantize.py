@@ -88,6 +88,20 @@ class QuantMode(str, enum.Enum):
     AUTO = "auto"  # per part: the better of static and dynamic (static only for conv parts)
 
 
+class Activations(str, enum.Enum):
+    """Static int8 activation type; the values are what the manifest records.
+
+    ``U8`` (default): uint8 activations, int8 weights, the fast path of onnxruntime's x86
+    kernels. ``S8``: int8 (symmetric) activations. Measured on the trained camera bundle
+    (docs/bundle.md, "Same answers on every CPU"): with ``S8`` the int8 predictions of this
+    x86 host and of emulated Cortex-A72 / A76 agree on every test image, with ``U8`` on
+    98.4-99.4%; ``S8`` runs the trunk ~6x slower on x86 (no u8-free fast path there), so it
+    is for fleets that must give bit-for-bit the same answers on mixed CPUs."""
+
+    U8 = "u8"
+    S8 = "s8"
+
+
 @dataclass(frozen=True)
 class GraphFixes:
     """The static int8 graph fixes of :mod:`export.graph_rewrites`, one flag each.
@@ -124,6 +138,7 @@ class QuantizeOptions:
     calibration_batch: int = 32  # samples per calibration batch
     calibrate_method: str = "minmax"  # minmax | entropy | percentile
     seed: int = 0  # which calibration samples are drawn
+    activations: Activations = Activations.U8  # static int8 activation type (Activations)
     # static int8 graph fixes (export.graph_rewrites): GlobalAveragePool, integer HardSigmoid,
     # fp32 RGB stem; without them a MobileNetV3 trunk runs slower in int8 than in fp32
     # (GraphFixes: some of them, for the benchmarks' step-by-step rows)
@@ -145,6 +160,11 @@ class QuantizeOptions:
         except ValueError:
             raise ConfigError(f"quantize mode must be one of {[m.value for m in QuantMode]}, "
                               f"got {self.mode!r}") from None
+        try:
+            object.__setattr__(self, "activations", Activations(self.activations))
+        except ValueError:
+            raise ConfigError(f"quantize activations must be one of "
+                              f"{[a.value for a in Activations]}, got {self.activations!r}") from None
         if self.calibration_samples < 1 or self.calibration_batch < 1:
             raise ConfigError("calibration_samples and calibration_batch must be >= 1, got "
                               f"{self.calibration_samples} and {self.calibration_batch}")
@@ -158,7 +178,7 @@ class QuantizeOptions:
                 "calibration_samples": self.calibration_samples,
                 "calibration_batch": self.calibration_batch,
                 "calibrate_method": self.calibrate_method, "seed": self.seed,
-                "graph_fixes": self._fixes_record()}
+                "activations": self.activations.value, "graph_fixes": self._fixes_record()}
 
     def _fixes_record(self) -> bool | dict[str, bool]:
         """All or none as one bool (what every manifest so far records), else each flag."""
@@ -230,7 +250,8 @@ def preprocess(src: Path, dst: Path) -> Path:
 
 def quantize_static_file(src: Path, dst: Path, calibration: CalibrationDataReader,
                          opts: QuantizeOptions) -> Path:
-    """Static QDQ int8: per-channel int8 weights, uint8 activations, calibrated on what
+    """Static QDQ int8: per-channel int8 weights, uint8 (or ``opts.activations``) activations,
+    calibrated on what
     ``calibration`` feeds (an :class:`ArrayCalibrationReader`).
 
     ``src`` should have been through :func:`preprocess`. ``opts.fixes`` says which rewrites
@@ -251,7 +272,9 @@ def quantize_static_file(src: Path, dst: Path, calibration: CalibrationDataReade
         with quiet_quantizer():
             quantize_static(str(source), str(dst), calibration,
                             quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            activation_type=(QuantType.QInt8 if opts.activations is Activations.S8
+                                             else QuantType.QUInt8),
+                            weight_type=QuantType.QInt8,
                             calibrate_method=_METHODS[opts.calibrate_method],
                             nodes_to_exclude=exclude, reduce_range=opts.reduce_range)
     if fixes.fold_hardsigmoid:

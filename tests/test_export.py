@@ -14,6 +14,7 @@ import torch
 from export.bundle import build_bundle
 from export.onnx_export import export_graph
 from export.quantize import (
+    Activations,
     ArrayCalibrationReader,
     GraphFixes,
     QuantizeOptions,
@@ -171,7 +172,33 @@ def test_static_and_dynamic_modes_write_what_they_say(digits_moe, tmp_path):
         assert (q.argmax(1) == f.argmax(1)).mean() >= 0.9
 
 
+def test_s8_activations_quantize_activations_as_int8(digits_moe, tmp_path):
+    """``activations=s8``: every activation QuantizeLinear gets an int8 zero point (the
+    default's are uint8), the manifest options record it, and the part still agrees with
+    fp32 (docs/bundle.md, "Same answers on every CPU")."""
+    model, x_train = digits_moe[0], digits_moe[1]
+    src = export_graph(model.global_part.experts[0], [torch.from_numpy(x_train[:2])],
+                       tmp_path / "e.onnx", ["feats"], ["logits"])
+    dtypes = {}
+    for act in (Activations.U8, Activations.S8):
+        opts = QuantizeOptions(mode=QuantMode.STATIC, activations=act)
+        assert opts.to_dict()["activations"] == act.value
+        dst = tmp_path / f"{act.value}.onnx"
+        quantize_part(src, dst, "feats", x_train[:64], opts)
+        proto = onnx.load(str(dst))
+        inits = {i.name: i for i in proto.graph.initializer}
+        dtypes[act] = {onnx.numpy_helper.to_array(inits[n.input[2]]).dtype.name
+                       for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+        (q,) = run_ort(dst, {"feats": x_train[:50]})
+        (f,) = run_ort(src, {"feats": x_train[:50]})
+        assert (q.argmax(1) == f.argmax(1)).mean() >= 0.9
+    assert dtypes == {Activations.U8: {"uint8"}, Activations.S8: {"int8"}}
+    assert QuantizeOptions(activations="s8").activations is Activations.S8  # type: ignore[arg-type]
+
+
 def test_options_are_validated() -> None:
+    with pytest.raises(ConfigError, match="activations"):
+        QuantizeOptions(activations="u4")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="quantize mode"):
         QuantizeOptions(mode="int4")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="calibrate_method"):
