@@ -248,8 +248,11 @@ def _points(v: float) -> str:
     return f"{v + 0.0:+.2f}" if round(v, 2) else "0.00"  # no "-0.00"
 
 
-def markdown(doc: dict[str, Any], heading: str = "#") -> str:
-    """The table and how it was made, as Markdown (``heading``: the level of its title)."""
+def markdown(doc: dict[str, Any], heading: str = "#", cross: dict[str, Any] | None = None
+             ) -> str:
+    """The table and how it was made, as Markdown (``heading``: the level of its title);
+    ``cross``: a ``cross_arch.json`` of the same results folder, whose x86 vs aarch64
+    agreement is added (docs/bundle.md, "Same answers on every CPU")."""
     c, r, g = doc["config"], doc["result"], doc["goal"]
     top1, agree = r["top1"], r["agreement"]
     names = {"torch_fp32": "torch fp32 (`DualLevelMoE`)",
@@ -310,6 +313,10 @@ def markdown(doc: dict[str, Any], heading: str = "#") -> str:
         f"{doc['timing']['federation_s'] / 60:.1f}, export {doc['timing']['export_s'] / 60:.1f}, "
         f"scoring {doc['timing']['evaluate_s'] / 60:.1f}). Command: `{doc['command']}`.",
     ]
+    if cross is not None:
+        from benchmarks.cross_arch import agreement_lines
+
+        lines += ["", *agreement_lines(cross)]
     return "\n".join(lines) + "\n"
 
 
@@ -333,14 +340,18 @@ def section_from(results: Path) -> str | None:
 
 def write_reports(doc: dict[str, Any], out: Path) -> None:
     """``camera_accuracy.json`` / ``.md`` and the section in ``latency.md`` (if present)."""
+    from benchmarks.cross_arch import JSON_NAME as CROSS_JSON
     from fedcoe_edge.io import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
+    cross_path = out / CROSS_JSON
+    cross = json.loads(cross_path.read_text()) if cross_path.is_file() else None
     atomic_write_text(out / JSON_NAME, json.dumps(doc, indent=2) + "\n")
-    atomic_write_text(out / MD_NAME, markdown(doc))
+    atomic_write_text(out / MD_NAME, markdown(doc, cross=cross))
     latency = out / "latency.md"
     if latency.is_file():
-        atomic_write_text(latency, embed_section(latency.read_text(), markdown(doc, heading="##")))
+        atomic_write_text(latency, embed_section(latency.read_text(),
+                                                 markdown(doc, heading="##", cross=cross)))
 
 
 # ---------------------------------------------------------------------------------- main

@@ -203,6 +203,29 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def agreement_lines(doc: dict[str, Any]) -> list[str]:
+    """The short form for the camera report: int8 and fp32 top-1 agreement of the native host
+    with each emulated CPU, and int8 vs fp32, with the command that measured them."""
+    res, goal = doc["result"], doc["goal"]
+    native = res["native"]
+    pct = "{:.2%}".format
+    lines = [f"x86 vs aarch64 (`{Path(doc['bundle']).name}`, {doc['samples']:,} test images, "
+             f"{doc['manifest']['quantization'].get('activations', 'u8')} activations; "
+             "ARM under user-mode qemu, one thread):", "",
+             "| hosts | precision | global top-1 | personal top-1 | top-2 experts |",
+             "|---|---|---|---|---|"]
+    for pair, by in res["across_hosts"].items():
+        if not pair.startswith(native + "_vs_"):
+            continue
+        for prec, a in by.items():
+            lines.append(f"| {pair.replace('_vs_', ' vs ')} | "
+                         f"{'int8' if prec == 'deployed' else prec} | {pct(a['global'])} | "
+                         f"{pct(a['personal'])} | {pct(a['experts'])} |")
+    lines += ["", f"int8 vs fp32 global top-1, lowest over hosts: {pct(goal['int8_fp32_lowest'])}. "
+              f"Full report: `cross_arch.md`; command: `{doc['command']}`."]
+    return lines
+
+
 GOAL_ACROSS, GOAL_INT8_FP32 = 0.995, 0.99
 
 
@@ -301,6 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     atomic_write_text(args.out / JSON_NAME, json.dumps(doc, indent=2) + "\n")
     text = markdown(doc)
     atomic_write_text(args.out / MD_NAME, text)
+    from benchmarks import camera_accuracy
+
+    if (args.out / camera_accuracy.JSON_NAME).is_file():  # the camera report cites this run
+        camera_accuracy.main(["--markdown-only", "--out", str(args.out)])
     print(text, flush=True)
     return 0
 

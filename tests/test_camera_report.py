@@ -129,3 +129,44 @@ def test_trunk_cost_report_cites_the_camera_run() -> None:
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     committed = (results / "trunk_cost.md").read_text().rstrip("\n").splitlines()[-1]
     assert committed == closing_text(json.loads((results / "camera_accuracy.json").read_text()))
+
+
+def _cross_doc(int8_agree: float) -> dict[str, Any]:
+    """A ``cross_arch.json`` shaped as ``benchmarks.cross_arch.run`` writes it."""
+    from benchmarks.cross_arch import goal as cross_goal
+
+    pair = {"deployed": {"global": int8_agree, "personal": 1.0, "experts": 0.98,
+                         "max_feature_diff": 0.1},
+            "fp32": {"global": 1.0, "personal": 1.0, "experts": 1.0, "max_feature_diff": 1e-6}}
+    res = {"native": "x86_64 host",
+           "across_hosts": {"x86_64 host_vs_cortex-a72": pair,
+                            "cortex-a72_vs_cortex-a76": pair},
+           "int8_vs_fp32": {"x86_64 host": {"global": 0.989, "personal": 0.99, "experts": 0.96,
+                                            "max_feature_diff": 0.5}}}
+    return {"bundle": "runs/x/bundle_client0", "samples": 1000,
+            "manifest": {"quantization": {"activations": "s8"}}, "result": res,
+            "goal": cross_goal(res), "command": "python -m benchmarks.cross_arch --bundle B"}
+
+
+def test_camera_report_carries_the_cross_arch_agreement(tmp_path: Path) -> None:
+    """With a ``cross_arch.json`` beside it, the camera report states the x86 vs aarch64
+    agreement of int8 and fp32 and the command; without one it says nothing of it."""
+    (tmp_path / "camera_accuracy.json").write_text(json.dumps(make_doc(0.845)))
+    assert main(["--markdown-only", "--out", str(tmp_path)]) == 0
+    assert "aarch64" not in (tmp_path / "camera_accuracy.md").read_text()
+    (tmp_path / "cross_arch.json").write_text(json.dumps(_cross_doc(0.993)))
+    assert main(["--markdown-only", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "camera_accuracy.md").read_text()
+    assert "| x86_64 host vs cortex-a72 | int8 | 99.30% |" in text
+    assert "| x86_64 host vs cortex-a72 | fp32 | 100.00% |" in text
+    assert "cortex-a72 vs cortex-a76" not in text  # only pairs with the native host
+    assert "s8 activations" in text and "lowest over hosts: 98.90%" in text
+    assert "`python -m benchmarks.cross_arch --bundle B`" in text
+
+
+def test_committed_camera_report_matches_its_json() -> None:
+    """``camera_accuracy.md`` is what its JSON and the committed cross-arch run render to."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    cross = json.loads((results / "cross_arch.json").read_text())
+    doc = json.loads((results / "camera_accuracy.json").read_text())
+    assert (results / "camera_accuracy.md").read_text() == markdown(doc, cross=cross)
