@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 from fedcoe_edge.errors import WireError
-from fedcoe_edge.wire import MAX_JSON_INT, TransferManifest
+from fedcoe_edge.wire import MAX_JSON_INT, MAX_NACK, TransferManifest
 from fedcoe_edge.wire.common import ID_RE
 
 MAX_SAMPLES = 10**9  # a device's claimed training samples (num_samples, eval totals)
@@ -340,7 +340,8 @@ class XferProgress(Body):
         xfer = _str(b, cls, "xfer", max_len=128, pattern=ID_RE)
         nxt = _int(b, cls, "next", 0, MAX_JSON_INT)
         highest = _int(b, cls, "highest", -1, MAX_JSON_INT)
-        missing = _ints(b, cls, "missing", 0, MAX_JSON_INT, max_len=1024, required=False) or ()
+        missing = _ints(b, cls, "missing", 0, MAX_JSON_INT, max_len=MAX_NACK,
+                       required=False) or ()
         assert xfer is not None and nxt is not None and highest is not None
         return cls(xfer, nxt, highest, missing,
                    _int(b, cls, "received", 0, MAX_JSON_INT, required=False),

@@ -96,6 +96,9 @@ BAD: list[tuple[type[M.Body], dict[str, Any], str]] = [
     (M.XferProgress, {"xfer": "a/b", "next": 0, "highest": 0}, r"xfer_progress\.xfer"),
     (M.XferProgress, {"xfer": "x", "next": 0, "highest": 0, "missing": list(range(2000))},
      r"xfer_progress\.missing"),
+    # a receiver lists at most MAX_NACK gaps (Reassembler.progress): one more is refused
+    (M.XferProgress, {"xfer": "x", "next": 0, "highest": 600, "missing": list(range(257))},
+     r"xfer_progress\.missing"),
     (M.Welcome, {**VALID[M.Welcome], "bc_key": "zz"}, r"welcome\.bc_key"),
     (M.Welcome, {**VALID[M.Welcome], "model": []}, r"welcome\.model: must be an object"),
     (M.Task, {**VALID[M.Task], "deadline_s": 1e12}, r"task\.deadline_s"),
@@ -163,3 +166,12 @@ def test_protocol_doc_lists_every_message() -> None:
         assert row is not None, f"docs/protocol.md lists no `{cls.TYPE}` ({cls.__name__})"
         for f in fields(cls):  # type: ignore[arg-type]
             assert re.search(rf"`{f.name}`", row), f"{cls.TYPE}: field {f.name} not in its row"
+
+
+def test_a_progress_report_of_max_nack_gaps_is_taken() -> None:
+    """The parser takes every report the receiver can write: ``MAX_NACK`` gaps exactly."""
+    from fedcoe_edge.wire import MAX_NACK
+
+    body = M.XferProgress.from_wire({"xfer": "x", "next": 0, "highest": 600,
+                                     "missing": list(range(MAX_NACK))})
+    assert len(body.missing) == MAX_NACK
