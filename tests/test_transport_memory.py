@@ -585,3 +585,12 @@ def test_open_blob_is_the_send_recipe() -> None:
         again.pump()
         broker.pump()
     assert again.done and received == [data]
+    # a base re-chunked for a window below the report interval declares it, as a fresh
+    # manifest does; a payload that is not the base's is refused before anything is sent
+    small = open_blob(coord, lambda x: topics.dn_blob("dev1", x), data, chunk_size=1 << 20,
+                      window=2, base=base, transfer_id="x-small", verify=False)
+    assert small.manifest.report_every == 2 == TransferManifest.for_payload(
+        data, expert_ids=[1], base_version=7, window=2).report_every
+    with pytest.raises(WireError, match="bytes to send under a manifest of"):
+        open_blob(coord, lambda x: topics.dn_blob("dev1", x), data + b"x", chunk_size=1 << 20,
+                  window=4, base=base, transfer_id="x-other", verify=False)

@@ -91,8 +91,13 @@ def open_blob(
                                                 base_version=base_version, chunk_size=size,
                                                 transfer_id=xid, encoding=encoding, window=window)
     else:
+        if len(data) != base.total_bytes:
+            raise WireError(f"open_blob: {len(data)} bytes to send under a manifest of "
+                            f"{base.total_bytes} bytes")
         manifest = dataclasses.replace(base, transfer_id=xid, chunk_size=size,
-                                       chunk_count=max(1, -(-len(data) // size)))
+                                       chunk_count=max(1, -(-len(data) // size)),
+                                       report_every=min(REPORT_EVERY, window))
+        manifest.check()  # what for_payload checks on the other path
     return BlobSender(transport, topic, manifest, data, window=window, verify=verify,
                       budget=budget)
 
