@@ -85,7 +85,7 @@ bench: setup
 
 # The trained camera bundle's accuracy: V3-Small trunk pretrained on a public Fashion-MNIST
 # slice, frozen in a FedCoE federation at 64x64, then torch fp32 / ONNX fp32 / ONNX int8 top-1
-# on the official test split (docs/benchmarks.md, "Trained camera bundle"); ~17 min, 1 thread.
+# on the official test split (docs/benchmarks.md, "Trained camera bundle"); ~3 min unloaded, 1 thread.
 bench-camera: setup
 	$(BIN)/python -m benchmarks.camera_accuracy
 
@@ -98,6 +98,7 @@ arm-sysroot: setup
 
 bench-cross-arch: arm-sysroot
 	$(BIN)/python -m benchmarks.cross_arch
+	$(BIN)/python -m benchmarks.activations_cost
 
 # Simulated devices on the real protocol against one real coordinator and a Mosquitto with
 # the deploy template's limits (docs/benchmarks.md, "Fleet"); minutes on two cores.

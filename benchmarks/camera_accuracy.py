@@ -335,17 +335,23 @@ def section_from(results: Path) -> str | None:
     path = results / JSON_NAME
     if not path.is_file():
         return None
-    return markdown(json.loads(path.read_text()), heading="##")
+    return markdown(json.loads(path.read_text()), heading="##", cross=_cross(results))
+
+
+def _cross(results: Path) -> dict[str, Any] | None:
+    """The ``cross_arch.json`` beside the camera report, if one was run."""
+    from benchmarks.cross_arch import JSON_NAME as CROSS_JSON
+
+    path = results / CROSS_JSON
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def write_reports(doc: dict[str, Any], out: Path) -> None:
     """``camera_accuracy.json`` / ``.md`` and the section in ``latency.md`` (if present)."""
-    from benchmarks.cross_arch import JSON_NAME as CROSS_JSON
     from fedcoe_edge.io import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
-    cross_path = out / CROSS_JSON
-    cross = json.loads(cross_path.read_text()) if cross_path.is_file() else None
+    cross = _cross(out)
     atomic_write_text(out / JSON_NAME, json.dumps(doc, indent=2) + "\n")
     atomic_write_text(out / MD_NAME, markdown(doc, cross=cross))
     latency = out / "latency.md"

@@ -6,7 +6,8 @@ JSON whose ``extra_info`` holds the rows of :func:`benchmarks.harness.make_row`)
 "fedcoe"``) is shown as a ratio to MobileNetV3-Small and MobileNetV2 *measured in the same
 run*: on shared or thermally throttled edge boards only same-run ratios are comparable.
 The latency goal is checked on the way: FedCoE top-2 int8 at 224, 1 thread, batch 1
-within 1.15x the latency of MobileNetV3-Small's best precision and 1.25x its peak memory.
+within 1.0x the latency of MobileNetV3-Small's best precision and 1.1x its peak memory: the
+experts must cost no more than the classifier they replace.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ __all__ = [
 RESULTS = Path(__file__).resolve().parent / "results"
 SMALL = "mobilenet_v3_small"
 V2 = "mobilenet_v2"
-LATENCY_GOAL = 1.15
-MEMORY_GOAL = 1.25
+LATENCY_GOAL = 1.0
+MEMORY_GOAL = 1.1
 
 
 def load_rows(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:

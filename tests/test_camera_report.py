@@ -162,6 +162,9 @@ def test_camera_report_carries_the_cross_arch_agreement(tmp_path: Path) -> None:
     assert "cortex-a72 vs cortex-a76" not in text  # only pairs with the native host
     assert "s8 activations" in text and "lowest over hosts: 98.90%" in text
     assert "`python -m benchmarks.cross_arch --bundle B`" in text
+    from benchmarks.camera_accuracy import section_from  # what the latency report embeds
+
+    assert "| x86_64 host vs cortex-a72 | int8 | 99.30% |" in (section_from(tmp_path) or "")
 
 
 def test_committed_camera_report_matches_its_json() -> None:
