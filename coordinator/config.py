@@ -142,6 +142,10 @@ class CoordinatorConfig:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     dashboard: DashboardSettings = field(default_factory=DashboardSettings)
     source: str = "<defaults>"
+    # the file this config was read from (absolute; empty when built in code): a running
+    # coordinator re-reads its allowed_devices from it (docs/daemons.md, "Adding and removing
+    # devices")
+    path: str = ""
 
     @property
     def state_dir(self) -> Path:
@@ -293,4 +297,6 @@ def config_from_doc(doc: dict[str, Any], source: str, base: Path,
 def load_config(path: Path, env: dict[str, str] | None = None) -> CoordinatorConfig:
     """Read ``coordinator.toml``; relative paths inside are relative to the file's folder."""
     path = Path(path)
-    return config_from_doc(load_toml(path), str(path), path.resolve().parent, env)
+    cfg = config_from_doc(load_toml(path), str(path), path.resolve().parent, env)
+    cfg.path = str(path.resolve())
+    return cfg

@@ -360,6 +360,8 @@ persistence true
 persistence_location {b / 'data'}/
 autosave_interval 60
 connection_messages true
+# `fedcoe devices add|remove` sends SIGHUP to this pid: Mosquitto re-reads passwd and acl
+pid_file {b / 'mosquitto.pid'}
 """
 
 
