@@ -34,6 +34,10 @@ from fedcoe_edge.sharding import LEADER_ID, MAX_SHARDS, shard_federation
 from fedcoe_edge.transport.topics import check_id
 from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, check_chunk_size, check_window
 
+# How often a running coordinator looks at its config file's allowed_devices (`fedcoe
+# devices add|remove` rewrites it; docs/daemons.md, "Adding and removing devices").
+DEVICES_RELOAD_S = 1.0
+
 # Strategies whose clients return tensors they were not sent: the daemons' contract is
 # "return exactly what you were given" (partial exchange, int8 deltas against it).
 SIMULATION_ONLY: dict[str, str] = {

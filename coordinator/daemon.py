@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.config import CoordinatorConfig
+from coordinator.config import DEVICES_RELOAD_S, CoordinatorConfig
 from coordinator.dashboard import HttpEndpoints
 from coordinator.engine import (
     Accepted,
@@ -123,9 +123,6 @@ UPLOAD_STALL_S = 30.0
 PERSIST_BATCH_S = 0.02  # gather a batch for at most this long after its first update
 PERSIST_BATCH_MAX = 256
 REPLAY_PER_SENDER = 2048  # replay window per device (an honest one sends far fewer in a ttl)
-# how often the pump looks at the config file's allowed_devices (`fedcoe devices add|remove`
-# rewrites it; docs/daemons.md, "Adding and removing devices")
-DEVICES_RELOAD_S = 1.0
 LINGER_QUIET_S = 8.0  # exit_when_done: leave once no fetch/eval came for this long (past the
 # agents' first re-send of an unanswered request, 5 s) ...
 LINGER_MAX_S = 120.0  # ... and no refresh download is running, or after this long anyway
@@ -850,6 +847,17 @@ class Coordinator:
                 self.reject(dev, rnd, f"upload of {manifest.total_bytes} bytes exceeds {limit}", xfer=xid)
                 return
             rcv = self._receiver(dev)
+            open_up = self._uploads.get((dev, xid))
+            if open_up is not None and open_up.manifest != manifest:
+                # The same update (same bytes, so the same id) announced again with another
+                # manifest: after a restart a device re-sends it under the version of the
+                # newer welcome while its earlier announce is still open here. The newest
+                # announce wins and the transfer starts over from it (docs/protocol.md,
+                # "Bounds"), instead of every re-announce being refused until the deadline.
+                log.info("upload %s of %s announced again with another manifest; restarting it",
+                         xid, dev)
+                rcv.discard(xid)
+                self._drop_upload(dev, xid)
             if (dev, xid) not in self._uploads:
                 # one open upload per device: a new announce replaces the previous one
                 previous = self._upload_of.get(dev)

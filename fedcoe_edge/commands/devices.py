@@ -14,11 +14,14 @@ provisioned exactly like the first ones:
 Then the broker is told to re-read its password file and ACL (SIGHUP to the pid in the
 ``pid_file`` its ``mosquitto.conf`` names) and the RUNNING coordinator notices the changed
 ``allowed_devices`` by itself: it looks at its config file's modification time every
-second (``coordinator.daemon.DEVICES_RELOAD_S``). A watched file was chosen over a signed
+second (``coordinator.config.DEVICES_RELOAD_S``). A watched file was chosen over a signed
 control message because it needs no second channel, no key on the operator's side beyond
 the folder it already holds, and a coordinator that was stopped reads the same list when
-it starts. ``remove`` reverses each step (the device's folder moves to ``removed/``); the
-coordinator then refuses the device from its next message on and tells it why.
+it starts. ``remove`` reverses each step (the device's folder moves to ``removed/``) in the
+other order: the coordinator's list first, then, ``REMOVE_GRACE_S`` later, the broker's
+files and the SIGHUP, since Mosquitto disconnects a client whose login a reload removed;
+in between the running coordinator refuses the device and tells it why while it is still
+connected.
 
 Every file is written to a temporary file beside it and renamed over the old one, and all
 of them are prepared before the first rename: an error (a device added twice, an unknown
@@ -43,6 +46,7 @@ from typing import Any
 
 import tomllib
 
+from coordinator.config import DEVICES_RELOAD_S
 from fedcoe_edge.errors import ConfigError
 from fedcoe_edge.io import atomic_write_text
 
@@ -50,6 +54,10 @@ __all__ = ["Federation", "add_device", "list_devices", "register", "remove_devic
 
 ALLOWED_LINE = re.compile(r"^(allowed_devices\s*=\s*)\[[^\]\n]*\](.*)$", re.MULTILINE)
 PID_LINE = re.compile(r"^\s*pid_file\s+(\S.*?)\s*$", re.MULTILINE)
+# `remove` with a broker to reload: between the coordinator's allowed_devices and the
+# broker's files, time for the running coordinator to notice (it looks every
+# DEVICES_RELOAD_S) and tell the device why, before Mosquitto disconnects it
+REMOVE_GRACE_S = 3 * DEVICES_RELOAD_S
 # where init's ACL starts the `%u` patterns every device shares (init.DEVICE_ACL)
 PATTERNS_MARK = "# Every device;"
 
@@ -237,9 +245,11 @@ def add_device(fed: Federation, name: str, cold: bool = False, data: str = "data
     commit(fed, passwd_text, acl_text, toml_text, pid)
 
 
-def remove_device(fed: Federation, name: str, reload: bool = True) -> Path:
-    """Revoke ``name``: out of allowed_devices, the broker's password file and ACL; its
-    folder moves to ``removed/NAME-<UTC time>`` (returned). ConfigError when unknown."""
+def remove_device(fed: Federation, name: str, reload: bool = True,
+                  grace_s: float = REMOVE_GRACE_S) -> Path:
+    """Revoke ``name``: out of allowed_devices, then (``grace_s`` later, when the broker is
+    reloaded) out of the broker's password file and ACL; its folder moves to
+    ``removed/NAME-<UTC time>`` (returned). ConfigError when unknown."""
     from fedcoe_edge.commands.init import toml_list
 
     if name not in fed.allowed:
@@ -251,7 +261,13 @@ def remove_device(fed: Federation, name: str, reload: bool = True) -> Path:
     acl_text = acl_without(fed.acl.read_text(encoding="utf-8"), name)
     passwd_text = "".join(ln + "\n" for ln in fed.passwd.read_text(encoding="utf-8").splitlines()
                           if ln.split(":", 1)[0] != name)
-    commit(fed, passwd_text, acl_text, toml_text, pid)
+    # the coordinator first: Mosquitto disconnects a client whose login a reload removed,
+    # so the running coordinator is given the time to tell the device why before that
+    atomic_write_text(fed.coordinator_toml, toml_text,
+                      mode=fed.coordinator_toml.stat().st_mode & 0o777)
+    if pid is not None:
+        time.sleep(grace_s)
+    commit(fed, passwd_text, acl_text, None, pid)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     moved = fed.root / "removed" / f"{name}-{stamp}"
     folder = fed.devices_dir / name
@@ -409,14 +425,16 @@ def broker_pid(fed: Federation) -> int:
     return pid
 
 
-def commit(fed: Federation, passwd_text: str, acl_text: str, toml_text: str,
+def commit(fed: Federation, passwd_text: str, acl_text: str, toml_text: str | None,
            pid: int | None) -> None:
-    """Rename the prepared files into place (broker files first, so the device can log in by
-    the time the coordinator allows it; each rename is atomic), then SIGHUP the broker."""
+    """Rename the prepared files into place (broker files first, so an added device can log
+    in by the time the coordinator allows it; each rename is atomic), then SIGHUP the
+    broker."""
     atomic_write_text(fed.passwd, passwd_text, mode=fed.passwd.stat().st_mode & 0o777)
     atomic_write_text(fed.acl, acl_text, mode=fed.acl.stat().st_mode & 0o777)
-    atomic_write_text(fed.coordinator_toml, toml_text,
-                      mode=fed.coordinator_toml.stat().st_mode & 0o777)
+    if toml_text is not None:
+        atomic_write_text(fed.coordinator_toml, toml_text,
+                          mode=fed.coordinator_toml.stat().st_mode & 0o777)
     if pid is not None:
         try:
             os.kill(pid, signal.SIGHUP)
