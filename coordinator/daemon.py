@@ -359,7 +359,8 @@ class Coordinator:
         failure, its open upload dropped, and told why."""
         reason = self._not_allowed_reason(dev)
         with self._lock:
-            self.online.pop(dev, None)
+            if self.online.pop(dev, None) is not None:
+                self.store.later("set_online", dev, False)  # its offline presence is not news then
             if self.engine.owes(dev):
                 self.engine.fail(dev, self.round, "device removed from the federation")
             xid = self._upload_of.get(dev)
