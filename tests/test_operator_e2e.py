@@ -9,6 +9,10 @@ coordinator and agents as the documented commands start them, and while it runs:
   prints the reason and exits 3;
 * ``fedcoe status --json --config`` shows all of it, and ``/metrics`` and the dashboard's
   ``/api/status`` agree with the coordinator's store;
+* ``kill -9`` of the coordinator in round 3, as the first update of it is uploaded (the
+  others still training), and a restart with the same command: round 3 resumes and
+  accepts every update of it (a kill at the first chunk of an upload, seen by a spy
+  client, is tests/test_hostile.py's kill -9 test);
 * a second ``fedcoe coordinator`` on the same folder exits 2, naming the first.
 
 Round 2 is held open while dev4 joins by stopping dev3's agent (SIGSTOP) until dev4 is
@@ -21,6 +25,7 @@ bundle after the last round (``FEDCOE_DEVICE_BUNDLE=off``, as the sharded deploy
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -104,7 +109,20 @@ def test_operator_adds_and_removes_devices_of_a_live_federation(
                "allowed_devices" in dep.log("dev2")
         dep.procs["dev3"].send_signal(signal.SIGCONT)
         stopped.clear()
-        dep.wait(lambda: "all 3 rounds done" in dep.log("coordinator"), "3 rounds", 300)
+        # kill -9 the coordinator once round 3's first update is trained (its upload follows
+        # at once), start it again with the same command: round 3 resumes, every update of it
+        # is accepted, and the restarted coordinator reads the list `devices` left
+        dep.wait(lambda: "round 3 open" in dep.log("coordinator"), "round 3 open", 120)
+        dep.wait(lambda: any("round 3 trained" in dep.log(d) for d in ("dev1", "dev3", "dev4")),
+                 "a round-3 update trained", 120)
+        killed = dep.procs.pop("coordinator")
+        killed.send_signal(signal.SIGKILL)
+        assert killed.wait(timeout=30) == -signal.SIGKILL
+        dep.spawn("coordinator-restarted", "coordinator", "--config", str(cfg))
+        dep.wait(lambda: "all 3 rounds done" in dep.log("coordinator-restarted"), "3 rounds", 300)
+        resumed = re.search(r"resuming round 3: (\d) of 3 updates already accepted",
+                            dep.log("coordinator-restarted"))
+        assert resumed is not None and int(resumed.group(1)) < 3  # the kill landed mid-round
 
         # fedcoe status --json (the documented command) shows all of it
         out = run(dep, "status", "--json", "--config", str(cfg))
