@@ -854,7 +854,8 @@ class Coordinator:
                 # manifest: after a restart a device re-sends it under the version of the
                 # newer welcome while its earlier announce is still open here. The newest
                 # announce wins and the transfer starts over from it (docs/protocol.md,
-                # "Bounds"), instead of every re-announce being refused until the deadline.
+                # "6. Idempotency"), instead of every re-announce being refused until the
+                # deadline.
                 log.info("upload %s of %s announced again with another manifest; restarting it",
                          xid, dev)
                 rcv.discard(xid)

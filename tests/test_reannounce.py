@@ -1,5 +1,5 @@
-"""An upload announced again with another manifest (docs/daemons.md, "Adding and removing
-devices" neighbours "Reconnects"; docs/protocol.md, "Bounds"): after a coordinator restart
+"""An upload announced again with another manifest (docs/protocol.md, "6. Idempotency";
+docs/daemons.md, "Reconnects"): after a coordinator restart
 a device re-sends the same update (same bytes, so the same transfer id) under the version
 of the newer welcome while its earlier announce is still open. The coordinator restarts
 that transfer from the newest manifest and accepts the update in the same round, instead
