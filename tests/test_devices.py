@@ -199,7 +199,7 @@ def allow(path: Path, names: list[str]) -> None:
 
 def test_running_coordinator_admits_an_added_device_and_refuses_a_removed_one(
         tmp_path: Path) -> None:
-    """Round 2 is held open (device 0's upload waits); meanwhile the config file gains
+    """Round 2 is held open (both devices' uploads wait); meanwhile the config file gains
     device 2 and loses device 1: a device not allowed yet is refused and its agent exits 3,
     the same id once added registers with no coordinator restart and is selected in round
     3, and device 1 is dropped from round 2 (settled, not awaited) and told why."""
@@ -213,7 +213,7 @@ def test_running_coordinator_admits_an_added_device_and_refuses_a_removed_one(
     gate = threading.Event()
     hold = AgentHooks(before_upload=lambda agent, rnd: rnd != 2 or gate.wait(60) or True)
     fed = WatchedFederation(tmp_path, factory, devices=2, rounds=3, quorum=1, deadline_s=120.0,
-                            hooks={"0": hold}, **small())
+                            hooks={"0": hold, "1": hold}, **small())
     fed.config_file = toml
     fed.start()
     try:
