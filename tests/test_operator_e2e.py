@@ -107,6 +107,11 @@ def test_operator_adds_and_removes_devices_of_a_live_federation(
         assert dev2.wait(timeout=60) == 3, dep.log("dev2")[-2000:]
         assert "refused by the coordinator: device 'dev2' is not in the federation's " \
                "allowed_devices" in dep.log("dev2")
+        listed = run(dep, "devices", "list", "--json", "--dir", str(fed))
+        assert listed.returncode == 0, listed.stderr
+        assert [(d["name"], d["allowed"], d["broker_login"]) for d in
+                json.loads(listed.stdout)["devices"]] == [
+            ("dev1", True, True), ("dev3", True, True), ("dev4", True, True)]
         dep.procs["dev3"].send_signal(signal.SIGCONT)
         stopped.clear()
         # kill -9 the coordinator once round 3's first update is trained (its upload follows
