@@ -16,15 +16,17 @@ from typing import Any
 import pytest
 import tomllib
 
-from coordinator.config import CoordinatorConfig, load_config
+from coordinator.config import CoordinatorConfig, FederationSettings, load_config
 from coordinator.harness import DEMO_SECRET, EmbeddedFederation, small
 from device_agent.daemon import EXIT_NOT_ALLOWED, AgentHooks, DeviceAgent
+from fedcoe_edge import protocol as P
 from fedcoe_edge.broker import MosquittoBroker, _free_port
 from fedcoe_edge.cli import main
 from fedcoe_edge.errors import ConfigError
 from fedcoe_edge.protocol import device_key, read_secret
-from fedcoe_edge.transport import MemoryBroker, Transport, Will
+from fedcoe_edge.transport import MemoryBroker, Topics, Transport, Will
 from fedcoe_edge.transport.mqtt import MqttTransport
+from fedcoe_edge.wire import Envelope, encode_envelope
 
 
 def init(tmp_path: Path, *argv: str) -> Path:
@@ -197,6 +199,28 @@ def allow(path: Path, names: list[str]) -> None:
                             f'[security]\nsecret = "{DEMO_SECRET.hex()}"\n')
 
 
+def beat(t: Transport, dev: str, key: bytes, times: int = 3) -> None:
+    """``times`` heartbeats claiming to come from ``dev``, signed with ``key``."""
+    topics = Topics(FederationSettings.id)
+    for _ in range(times):
+        env = Envelope.new(P.HEARTBEAT, federation=FederationSettings.id, sender=dev,
+                           recipient=P.COORDINATOR_ID, body={"rounds_done": 0}, ttl_s=120)
+        t.publish(topics.up_hb(dev), encode_envelope(env, key), qos=0)
+
+
+def heard_on(broker: MemoryBroker, dev: str, send: Any) -> list[str]:
+    """The envelope types the coordinator sends to ``dev`` within 3 s after ``send(t)``."""
+    got: list[str] = []
+    t = broker.client(f"spy-{dev}")
+    t.subscribe(Topics(FederationSettings.id).dn_ctl(dev),
+                lambda m: got.append(json.loads(m.payload)["type"]))
+    t.connect()
+    send(t)
+    time.sleep(3)  # a reply comes within milliseconds on the in-memory broker
+    t.close()
+    return got
+
+
 def test_running_coordinator_admits_an_added_device_and_refuses_a_removed_one(
         tmp_path: Path) -> None:
     """Round 2 is held open (both devices' uploads wait); meanwhile the config file gains
@@ -236,12 +260,17 @@ def test_running_coordinator_admits_an_added_device_and_refuses_a_removed_one(
         assert "1" not in coord.available()
         gate.set()
         fed.wait(lambda: coord.finished, 120, "the last round")
+        # a heartbeat (QoS 0 telemetry) of a device that is not allowed is answered too, once
+        # per interval, and only when signed with that device's own key
+        told = heard_on(broker, "9", lambda t: beat(t, "9", device_key(DEMO_SECRET, "9")))
+        forged = heard_on(broker, "8", lambda t: beat(t, "8", device_key(DEMO_SECRET, "9")))
         rows = [coord.store.round_summary(r) for r in (1, 2, 3)]
         accepted = {r: sorted(u["device"] for u in coord.store.updates(r)) for r in (1, 2, 3)}
         failures = coord.store.events(2, "failure")
     finally:
         gate.set()
         fed.stop()
+    assert told == [P.REFUSED] and forged == []
     assert newcomer.not_allowed is None
     assert all(r["applied"] for r in rows)
     assert accepted == {1: ["0", "1"], 2: ["0"], 3: ["0", "2"]}
