@@ -34,6 +34,10 @@ from fedcoe_edge.sharding import LEADER_ID, MAX_SHARDS, shard_federation
 from fedcoe_edge.transport.topics import check_id
 from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, check_chunk_size, check_window
 
+# How often a running coordinator looks at its config file's allowed_devices (`fedcoe
+# devices add|remove` rewrites it; docs/daemons.md, "Adding and removing devices").
+DEVICES_RELOAD_S = 1.0
+
 # Strategies whose clients return tensors they were not sent: the daemons' contract is
 # "return exactly what you were given" (partial exchange, int8 deltas against it).
 SIMULATION_ONLY: dict[str, str] = {
@@ -142,6 +146,10 @@ class CoordinatorConfig:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     dashboard: DashboardSettings = field(default_factory=DashboardSettings)
     source: str = "<defaults>"
+    # the file this config was read from (absolute; empty when built in code): a running
+    # coordinator re-reads its allowed_devices from it (docs/daemons.md, "Adding and removing
+    # devices")
+    path: str = ""
 
     @property
     def state_dir(self) -> Path:
@@ -293,4 +301,6 @@ def config_from_doc(doc: dict[str, Any], source: str, base: Path,
 def load_config(path: Path, env: dict[str, str] | None = None) -> CoordinatorConfig:
     """Read ``coordinator.toml``; relative paths inside are relative to the file's folder."""
     path = Path(path)
-    return config_from_doc(load_toml(path), str(path), path.resolve().parent, env)
+    cfg = config_from_doc(load_toml(path), str(path), path.resolve().parent, env)
+    cfg.path = str(path.resolve())
+    return cfg

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.config import CoordinatorConfig
+from coordinator.config import DEVICES_RELOAD_S, CoordinatorConfig
 from coordinator.dashboard import HttpEndpoints
 from coordinator.engine import (
     Accepted,
@@ -207,6 +207,9 @@ class Coordinator:
         self._eval_limit = RateLimiter(EVAL_RATE, EVAL_BURST)
         self._decline_limit = RateLimiter(DECLINE_RATE, DECLINE_BURST)
         self._pruned_at = time.monotonic()
+        self._devices_seen_at = time.monotonic()
+        self._config_stamp = self._config_file_stamp()
+        self._reload_lock = threading.Lock()  # the pump and the handler both re-read it
         self.transport: Transport | None = None
         self.messenger: P.Messenger | None = None
         self.http: HttpEndpoints | None = None  # /metrics and the dashboard (start())
@@ -272,11 +275,102 @@ class Coordinator:
     # ------------------------------------------------------------------ keys and sending
     def key_for(self, device: str) -> bytes | None:
         """HMAC key of a device; None when the device is not allowed (message is refused)."""
-        if device == self.me:
-            return None
-        if self.fed.allowed_devices and device not in self.fed.allowed_devices:
+        if not self.allowed(device):
             return None
         return P.device_key(self.cfg.secret, device)
+
+    def allowed(self, device: str) -> bool:
+        """Whether ``device`` may take part: in ``allowed_devices`` (empty: any device with
+        a valid key). The list is re-read live (:meth:`_reload_devices`)."""
+        allowed = self.fed.allowed_devices
+        return device != self.me and (not allowed or device in allowed)
+
+    def _tell_refused(self, device: str, payload: bytes | None, reason: str) -> bool:
+        """A message from a device that is not allowed: when it is signed with that
+        device's own key (derived from the federation secret: a device this federation
+        provisioned, then removed or not yet added) it gets a ``refused`` reply with the
+        reason, at most one per device per refusal interval; anything else is an
+        unauthenticated message. True when the sender was authenticated. ``payload`` None:
+        the device is known to be genuine (it was online when it was removed)."""
+        assert self.messenger is not None
+        key = P.device_key(self.cfg.secret, device)
+        if payload is not None:
+            try:
+                self.messenger.open(payload, expect_sender=device, key_override=key)
+            except WireError as exc:
+                self._refuse_wire(device, "envelope", exc)
+                return False
+        if self.refusals.refuse(self.round, device, reason, cls="not allowed", per_interval=1):
+            with contextlib.suppress(FedCoEError):
+                self.messenger.send(self.topics.dn_ctl(device), P.REFUSED, device,
+                                    {"reason": reason[:500]}, key, round=self.round)
+        return True
+
+    def _not_allowed_reason(self, device: str) -> str:
+        return (f"device {device!r} is not in the federation's allowed_devices (never added, "
+                f"or removed with `fedcoe devices remove`); ask the operator to add it")
+
+    def _config_file_stamp(self) -> tuple[int, int] | None:
+        """(mtime_ns, size) of the config file, None when there is none (built in code)."""
+        if not self.cfg.path:
+            return None
+        try:
+            st = Path(self.cfg.path).stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def _reload_devices(self) -> None:
+        """Re-read ``allowed_devices`` when the config file changed (``fedcoe devices
+        add|remove`` rewrites it atomically): an added device is welcome from its first
+        hello, a removed one is dropped from the open round (so the round does not wait for
+        it) and refused from its next message on. A file that no longer parses is one
+        warning line; the list in force stays (docs/daemons.md, "Adding and removing
+        devices")."""
+        with self._reload_lock:
+            self._reload_devices_locked()
+
+    def _reload_devices_locked(self) -> None:
+        stamp = self._config_file_stamp()
+        if stamp is None or stamp == self._config_stamp:
+            return
+        self._config_stamp = stamp
+        from coordinator.config import load_config
+
+        try:
+            new = list(load_config(Path(self.cfg.path)).federation.allowed_devices)
+        except FedCoEError as exc:
+            log.warning("allowed_devices not reloaded, the old list stays: %s", exc)
+            return
+        old = list(self.fed.allowed_devices)
+        if new == old:
+            return
+        self.fed.allowed_devices = new
+        added = sorted(set(new) - set(old))
+        gone = sorted(d for d in self.online if not self.allowed(d))
+        log.info("allowed_devices reloaded from %s: %d device(s)%s%s", self.cfg.path, len(new),
+                 f", added {','.join(added)}" if added else "",
+                 f", removed {','.join(gone)}" if gone else "")
+        for dev in gone:
+            self._drop_device(dev)
+
+    def _drop_device(self, dev: str) -> None:
+        """A removed device: out of the online set, its open-round task settled as a
+        failure, its open upload dropped, and told why."""
+        reason = self._not_allowed_reason(dev)
+        with self._lock:
+            if self.online.pop(dev, None) is not None:
+                self.store.later("set_online", dev, False)  # its offline presence is not news then
+            if self.engine.owes(dev):
+                self.engine.fail(dev, self.round, "device removed from the federation")
+            xid = self._upload_of.get(dev)
+            if xid is not None:
+                self._drop_upload(dev, xid)
+                rcv = self._receivers.get(dev)
+                if rcv is not None:
+                    rcv.discard(xid)
+        self._tell_refused(dev, None, reason)
+        self._wake.set()
 
     def _send(self, device: str, type: str, body: dict[str, Any], rnd: int | None = None) -> None:
         key = self.key_for(device)
@@ -598,6 +692,17 @@ class Coordinator:
             self.refusals.refuse(self.round, dev, "rate limit: heartbeats more often than "
                                  f"{HB_BURST} per {HB_BURST / HB_RATE:g}s", per_interval=1)
             return
+        if dev != self.me and not self.allowed(dev) and self.messenger is not None:
+            # verified with its own key and its own replay window, like any heartbeat
+            try:
+                env = decode_envelope(msg.payload, lambda _s: P.device_key(self.cfg.secret, dev),
+                                      replay_cache=self._hb_replay, expect_sender=dev)
+            except WireError as exc:
+                self._refuse_wire(dev, "heartbeat", exc)
+                return
+            if env.federation == self.fed.id:
+                self._tell_refused(dev, None, self._not_allowed_reason(dev))
+            return
         try:
             # a replay window of its own: heartbeats (ttl 120 s) never compete with control
             # messages (ttl 600 s) for room, however many devices beat
@@ -622,6 +727,11 @@ class Coordinator:
         if not self._ctl_limit.allow(dev):
             self.reject(dev, self.round, f"rate limit: more than {CTL_RATE:g} control messages/s",
                         notify=False, per_interval=1)
+            return
+        if dev != self.me and not self.allowed(dev):
+            self._reload_devices()  # added a moment ago, before the pump's next look?
+        if dev != self.me and not self.allowed(dev):
+            self._tell_refused(dev, msg.payload, self._not_allowed_reason(dev))
             return
         try:
             env = self.messenger.open(msg.payload, expect_sender=dev)
@@ -738,6 +848,18 @@ class Coordinator:
                 self.reject(dev, rnd, f"upload of {manifest.total_bytes} bytes exceeds {limit}", xfer=xid)
                 return
             rcv = self._receiver(dev)
+            open_up = self._uploads.get((dev, xid))
+            if open_up is not None and open_up.manifest != manifest:
+                # The same update (same bytes, so the same id) announced again with another
+                # manifest: after a restart a device re-sends it under the version of the
+                # newer welcome while its earlier announce is still open here. The newest
+                # announce wins and the transfer starts over from it (docs/protocol.md,
+                # "6. Idempotency"), instead of every re-announce being refused until the
+                # deadline.
+                log.info("upload %s of %s announced again with another manifest; restarting it",
+                         xid, dev)
+                rcv.discard(xid)
+                self._drop_upload(dev, xid)
             if (dev, xid) not in self._uploads:
                 # one open upload per device: a new announce replaces the previous one
                 previous = self._upload_of.get(dev)
@@ -1224,6 +1346,12 @@ class Coordinator:
                         self._senders.pop(xid, None)
             tick = 0.05 if room <= 0 else 0.25  # chunks held back: look again sooner
             self._expire_uploads()
+            if now - self._devices_seen_at >= DEVICES_RELOAD_S:
+                self._devices_seen_at = now
+                try:
+                    self._reload_devices()
+                except Exception:  # never let a config re-read end the pump
+                    log.exception("reloading allowed_devices failed")
             self.refusals.flush()
             self.declines.flush()
             if now - self._pruned_at >= PRUNE_EVERY_S:

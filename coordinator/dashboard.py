@@ -155,8 +155,10 @@ class _StatusCache:
     a large fleet's history), and it runs in the coordinator's own process, so the reuse
     interval grows with the last build's cost. Concurrent requests share one build."""
 
-    def __init__(self, state_dir: Path, rounds: int | None, federation: str | None) -> None:
+    def __init__(self, state_dir: Path, rounds: int | None, federation: str | None,
+                 allowed: Callable[[], list[str]] | None = None) -> None:
         self.state_dir, self.rounds, self.federation = state_dir, rounds, federation
+        self.allowed = allowed  # the live allowed_devices (re-read by the coordinator)
         self._lock = threading.Lock()
         self._doc: bytes | None = None
         self._at = float("-inf")
@@ -166,7 +168,8 @@ class _StatusCache:
         with self._lock:
             now = time.monotonic()
             if self._doc is None or now - self._at >= self.max_age_s:
-                doc = read_status(self.state_dir, rounds=self.rounds, federation=self.federation)
+                doc = read_status(self.state_dir, rounds=self.rounds, federation=self.federation,
+                                  allowed=None if self.allowed is None else list(self.allowed()))
                 self._doc, self._at = _json(doc)[2], now
                 cost = time.monotonic() - now
                 self.max_age_s = max(STATUS_MAX_AGE_S, cost / STATUS_COST_SHARE)
@@ -193,8 +196,8 @@ def recent_refusals(state_dir: Path, limit: int = REFUSALS_SHOWN) -> dict[str, A
                           "time": iso(r["ts"])} for r in rows]}
 
 
-def dashboard_routes(state_dir: Path, rounds: int | None, federation: str | None
-                     ) -> dict[str, Route]:
+def dashboard_routes(state_dir: Path, rounds: int | None, federation: str | None,
+                     allowed: Callable[[], list[str]] | None = None) -> dict[str, Route]:
     """Path -> answer of the dashboard server."""
     def static(name: str) -> Route:
         data = asset(name)  # read once: the files ship with the package and do not change
@@ -202,7 +205,7 @@ def dashboard_routes(state_dir: Path, rounds: int | None, federation: str | None
         return lambda: (200, ctype, data)
 
     routes: dict[str, Route] = {path: static(name) for path, name in ASSETS.items()}
-    routes["/api/status"] = _StatusCache(state_dir, rounds, federation)
+    routes["/api/status"] = _StatusCache(state_dir, rounds, federation, allowed)
     routes["/api/refusals"] = lambda: _json(recent_refusals(state_dir))
     return routes
 
@@ -259,7 +262,8 @@ class HttpEndpoints:
             if cfg.dashboard.port:
                 self.servers["dashboard"] = _bind(
                     "dashboard", cfg.dashboard.host, cfg.dashboard.port,
-                    dashboard_routes(state, fed.rounds, fed.id))
+                    dashboard_routes(state, fed.rounds, fed.id,
+                                     lambda: fed.allowed_devices))
         except FedCoEError:
             self.stop()
             raise

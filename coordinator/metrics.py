@@ -46,7 +46,8 @@ _RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple((cls, re.compile(rx)) fo
     ("after_failure", r"^update after this round's failure"),
     ("too_large", r"^upload of \d+ bytes exceeds"),
     ("upload_dropped", r"^upload dropped:"),
-    ("not_allowed", r"^chunk from a device that is not allowed"),
+    ("not_allowed", r"^chunk from a device that is not allowed|^device '[^']*' is not in the "
+                    r"federation's allowed_devices|^device removed from the federation"),
     ("bad_chunk", r"^blob:"),
     ("invalid_update", r"^update rejected:|^update( delta)?:|^(de)?compress_delta|"
                        r"^decode_tensor|^affinity must be"),

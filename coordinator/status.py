@@ -53,14 +53,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     rounds: int | None = None
     federation: str | None = None
+    allowed: list[str] | None = None
     if args.config is not None:
         from coordinator.config import load_config
 
         cfg = load_config(args.config)
         state_dir, rounds, federation = cfg.state_dir, cfg.federation.rounds, cfg.federation.id
+        allowed = list(cfg.federation.allowed_devices)
     else:
         state_dir = args.state_dir
-    doc = read_status(state_dir, rounds=rounds, federation=federation)
+    doc = read_status(state_dir, rounds=rounds, federation=federation, allowed=allowed)
     if args.json:
         print(json.dumps(doc, indent=1))
     else:
@@ -184,8 +186,12 @@ def device_rows(db: sqlite3.Connection) -> list[dict[str, Any]]:
 
 
 def read_status(state_dir: Path, rounds: int | None = None,
-                federation: str | None = None) -> dict[str, Any]:
-    """The status document of ``state_dir`` (see the module docstring; schema 1)."""
+                federation: str | None = None,
+                allowed: list[str] | None = None) -> dict[str, Any]:
+    """The status document of ``state_dir`` (see the module docstring; schema 1).
+    ``allowed``: the config's ``allowed_devices`` (None: not known, e.g. ``--state-dir``;
+    empty: any device with a key), which marks each device ``allowed`` true or false, so a
+    device removed with ``fedcoe devices remove`` shows as such."""
     state_dir = Path(state_dir)
     path = state_dir / DB_NAME
     if not path.is_file():
@@ -200,6 +206,8 @@ def read_status(state_dir: Path, rounds: int | None = None,
             db.close()
     except sqlite3.DatabaseError as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
+    for d in devices:
+        d["allowed"] = None if allowed is None else (not allowed or d["id"] in allowed)
     coord = coordinator_running(state_dir)
     last = rows[-1] if rows else None
     current = last["round"] if last else 0
@@ -219,6 +227,7 @@ def read_status(state_dir: Path, rounds: int | None = None,
         "deadline_in_s": deadline_in,
         "devices": devices,
         "devices_online": sum(1 for d in devices if d["online"]),
+        "allowed_devices": None if allowed is None else list(allowed),
         "round_log": rows,
         "accuracy": [{"round": r["round"], "global": r["global_acc"],
                       "personalized": r["personalized_acc"]} for r in rows],

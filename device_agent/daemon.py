@@ -46,6 +46,7 @@ from fedcoe_edge.messages import (
     Accept,
     EvalAck,
     Model,
+    Refused,
     Reject,
     Status,
     Task,
@@ -82,6 +83,9 @@ log = logging.getLogger("fedcoe.agent")
 TORCH_LOCK = threading.Lock()
 REANNOUNCE_S = 5.0  # repeat an upload's result envelope until the coordinator answers
 STATUS_HELLO_S = 30.0  # a repeated "coordinator online" says hello again at most this often
+# exit code when the coordinator refuses this device (not, or no longer, in its
+# allowed_devices): the systemd unit's RestartPreventExitStatus names it, like 2
+EXIT_NOT_ALLOWED = 3
 DEADLINE_GRACE_S = 2.0  # an upload is waited for this long past the round deadline
 # FETCH and EVAL are re-sent until answered (fedcoe_edge.protocol.retry_delay): a QoS 1
 # message can be lost in a broker or coordinator restart, and neither has a manifest the
@@ -147,6 +151,7 @@ class DeviceAgent:
         self._local = LocalData(data) if data is not None else None  # as loaded, before relabelling
         self.classes: list[str] | None = None  # class names of the labels, once welcomed
         self.refused: str | None = None  # why this device declined the federation's task
+        self.not_allowed: str | None = None  # why the coordinator refuses this device (exit 3)
         self._jobs: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._stop = threading.Event()
         self._lock = threading.RLock()
@@ -350,13 +355,29 @@ class DeviceAgent:
 
     def run(self) -> int:
         """Block until stopped; 2 when the device declined the federation's task (a data or
-        label mismatch no restart fixes: the systemd unit does not restart on exit 2)."""
+        label mismatch no restart fixes), :data:`EXIT_NOT_ALLOWED` when the coordinator
+        refused this device (not or no longer in its allowed_devices): the systemd unit
+        restarts on neither (docs/daemons.md, "Adding and removing devices")."""
         self.start()
         try:
             self._stop.wait()
         finally:
             self.close()
+        if self.not_allowed:
+            return EXIT_NOT_ALLOWED
         return 2 if self.refused else 0
+
+    def _on_refused(self, reason: str) -> None:
+        """The coordinator says this device is not allowed in the federation: nothing it
+        sends will count, and retrying cannot change that (only the operator's
+        ``fedcoe devices add`` can), so print the reason and stop."""
+        if self.not_allowed is not None:
+            return
+        self.not_allowed = reason or "no reason given"
+        log.error("%s: refused by the coordinator: %s; stopping with exit code %d "
+                  "(docs/daemons.md, \"Adding and removing devices\")", self.dev,
+                  self.not_allowed, EXIT_NOT_ALLOWED)
+        self.stop()
 
     def decline(self, reason: str) -> None:
         """Tell the coordinator this device cannot train its task, log one line, and stop:
@@ -459,6 +480,8 @@ class DeviceAgent:
                     up[1].set()
             elif env.type == P.EVAL_ACK:
                 self._answered((P.EVAL, EvalAck.from_wire(b).kind, env.round))
+            elif env.type == P.REFUSED:
+                self._on_refused(Refused.from_wire(b).reason)
             elif env.type == P.REJECT:
                 rej = Reject.from_wire(b)
                 b = rej.to_wire()

@@ -24,6 +24,7 @@ from fedcoe_edge.logsetup import FORMATS, configure
 # package of the layer it drives. A package missing from an install drops its commands.
 COMMAND_MODULES = (
     "fedcoe_edge.commands.init",
+    "fedcoe_edge.commands.devices",
     "fedcoe_edge.commands.simulate",
     "fedcoe_edge.commands.heterogeneity",
     "fedcoe_edge.commands.pretrain",

@@ -492,6 +492,21 @@ class XferUnknown(Body):
 
 
 @dataclass(frozen=True)
+class Refused(Body):
+    """This device is not (or no longer) allowed in the federation, and why: nothing it
+    sends will be accepted, so the agent stops with its own exit code instead of retrying
+    (docs/daemons.md, "Adding and removing devices"). Signed with the device's own key,
+    so only the coordinator holding the federation secret can send it."""
+
+    TYPE: ClassVar[str] = "refused"
+    reason: str
+
+    @classmethod
+    def _parse(cls, b: dict[str, Any]) -> Refused:
+        return cls(_str(b, cls, "reason", max_len=2 * MAX_REASON) or "")
+
+
+@dataclass(frozen=True)
 class Status(Body):
     """The coordinator's broadcast on ``bc/ctl``: round state and version."""
 
@@ -622,7 +637,8 @@ class ShardModel(Body):
 DEVICE_TO_COORDINATOR: tuple[type[Body], ...] = (Hello, Result, Fetch, Eval, Decline, Heartbeat,
                                                  XferProgress, XferDone)
 COORDINATOR_TO_DEVICE: tuple[type[Body], ...] = (Welcome, Task, Model, Accept, Reject, EvalAck,
-                                                 XferUnknown, Status, XferProgress, XferDone)
+                                                 XferUnknown, Refused, Status, XferProgress,
+                                                 XferDone)
 SHARD_LEADER: tuple[type[Body], ...] = (ShardHello, PartialAnnounce, ShardOpen, ShardTask,
                                         ShardModel)
 ALL: tuple[type[Body], ...] = tuple(dict.fromkeys(

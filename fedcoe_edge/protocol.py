@@ -53,6 +53,7 @@ EVAL_ACK = "eval_ack"  # coordinator -> device: that eval (kind, round) is store
 # answer the device re-sends it (bounded backoff), since a broker restart can lose QoS 1
 STATUS = "status"  # broadcast: round open / closed / finished
 HEARTBEAT = "hb"  # device -> coordinator on up/<id>/hb: telemetry (memory, load)
+REFUSED = "refused"  # coordinator -> device: not (or no longer) allowed here, with the reason
 XFER_UNKNOWN = "xfer_unknown"  # coordinator -> device: chunks for an upload it does not know
 # (it restarted, or the announce was lost): the device re-announces the upload at once
 DECLINE = "decline"  # device -> coordinator: this device cannot train the federation's task

@@ -39,6 +39,7 @@ VALID: dict[type[M.Body], dict[str, Any]] = {
     M.Reject: {"reason": "update delta: L2 norm too large", "xfer": None},
     M.EvalAck: {"kind": "cold"},
     M.XferUnknown: {"xfer": "x1"},
+    M.Refused: {"reason": "device 'dev2' is not in allowed_devices (removed)"},
     M.Status: {"state": "open", "round": 2, "version": 1, "rounds": 5},
     M.ShardHello: {"online": ["d1", "d2"], "shards": 2, "version": 4, "round": 1,
                    "session": "abc"},

@@ -160,8 +160,10 @@ def test_api_status_is_the_status_document(federation: dict[str, Any]) -> None:
     status, headers, body = get(federation["dashboard"] + "/api/status")
     assert status == 200 and headers["Content-Type"] == "application/json"
     api = json.loads(body)
+    # the coordinator's config allows any device with a key (an empty allowed_devices)
     assert steady(api) == steady(read_status(federation["state"], rounds=ROUNDS,
-                                             federation="test"))
+                                             federation="test", allowed=[]))
+    assert api["allowed_devices"] == [] and all(d["allowed"] for d in api["devices"])
     assert all(d["last_seen"] for d in api["devices"])
     # and what `fedcoe status --json --config` prints for the same federation
     cfg = federation["root"] / "coordinator.toml"
@@ -439,6 +441,9 @@ def test_reason_classes_are_a_fixed_set() -> None:
         "upload of 99999999 bytes exceeds 1000": "too_large",
         "upload dropped: no new chunk for 120s": "upload_dropped",
         "chunk from a device that is not allowed": "not_allowed",
+        "device 'pi-b' is not in the federation's allowed_devices (never added, or removed "
+        "with `fedcoe devices remove`); ask the operator to add it": "not_allowed",
+        "device removed from the federation": "not_allowed",
         "blob: chunk for unknown transfer 'abc'": "bad_chunk",
         "update rejected: update: tensor 'w' has 3 non-finite value(s)": "invalid_update",
         "update delta: norm 1e9 exceeds bound 1e4": "invalid_update",

@@ -360,6 +360,8 @@ persistence true
 persistence_location {b / 'data'}/
 autosave_interval 60
 connection_messages true
+# `fedcoe devices add|remove` sends SIGHUP to this pid: Mosquitto re-reads passwd and acl
+pid_file {b / 'mosquitto.pid'}
 """
 
 
@@ -559,6 +561,10 @@ def next_steps(args: argparse.Namespace, root: Path, ids: list[str], classes: li
               "                  fedcoe agent --config agent.toml",
               f"  4. after round {args.rounds}: fedcoe predict --bundle state/bundle --input x.npy "
               "(on a device)"]
+    if args.shards == 1:
+        lines.append(f"  later: fedcoe devices add NAME --dir {root} (--cold for a cold device), "
+                     f"fedcoe devices remove NAME --dir {root}: no restart (docs/daemons.md, "
+                     "\"Adding and removing devices\")")
     if classes:
         lines.append(f"classes (label order): {', '.join(classes)}; a device with another class "
                      "folder declines with one line")
