@@ -33,6 +33,7 @@ class LoopbackGrid(Grid):
             for n in range(1, num_nodes + 1)}
         self.replies: dict[str, Message] = {}
         self.bytes_down = self.bytes_up = 0
+        self.delivered: list[Message] = []  # every message a node received, as it received it
 
     def set_run(self, run: Any) -> None:
         pass
@@ -63,6 +64,7 @@ class LoopbackGrid(Grid):
                 ids.append(msg.metadata.message_id)
                 continue
             received = message_from_proto(type(message_to_proto(msg)).FromString(wire))
+            self.delivered.append(received)
             try:
                 reply = self.app(received, self.contexts[node])
             except Exception as exc:  # what a SuperNode turns an exception into
