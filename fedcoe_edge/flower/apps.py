@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 LOCAL = "fedcoe.local"  # the node's private state, in its Flower context (never sent)
 RESULTS_FILE = "flower_results.json"
+STATE_FILE = "global_state.safetensors"
 
 
 def federation_of(run: FlowerRun) -> Federation:
@@ -112,7 +113,9 @@ def run_server(grid: Grid, context: Context, on_round: OnRound | None = None) ->
 def write_results(out: Path, run: FlowerRun, flower: FlowerStrategy, result: Result,
                   digests: Mapping[int, str]) -> None:
     """flower_results.json (atomically): the config, and per round the clients heard, the
-    failures, the mean training loss, the server's global accuracy and the state's digest."""
+    failures, the mean training loss, the server's global accuracy and the state's digest;
+    global_state.safetensors: the last global state, as ``fedcoe simulate`` checkpoints it."""
+    from fedcoe_edge.checkpoint import save_arrays
     from fedcoe_edge.io import atomic_write_text
 
     evals = result.evaluate_metrics_serverapp
@@ -121,6 +124,7 @@ def write_results(out: Path, run: FlowerRun, flower: FlowerStrategy, result: Res
     doc = {"engine": "flower", "algorithm": run.algorithm, "seed": run.seed,
            "config": run.sim.to_dict(), "rounds": rounds}
     out.mkdir(parents=True, exist_ok=True)
+    save_arrays(out / STATE_FILE, flower.strategy.global_state)
     atomic_write_text(out / RESULTS_FILE, json.dumps(doc, indent=2) + "\n")
     log.info("wrote %s", out / RESULTS_FILE)
 
