@@ -8,6 +8,8 @@ The fast tests run the real ServerApp main and ClientApp through :class:`Loopbac
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -184,3 +186,48 @@ def test_extras_keep_flower_off_the_base_runtime_and_train_installs() -> None:
     for profile in (project["dependencies"], extras["runtime"], extras["train"]):
         assert not names(profile) & {"flwr", "ray"}
     assert any(r.startswith(f"flwr[simulation]{FLWR_RANGE}") for r in extras["flower"])
+
+
+def run_check(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m fedcoe_edge.flower check`` as docs/engines.md prints it, in the example."""
+    return subprocess.run([sys.executable, "-m", "fedcoe_edge.flower", "check", *args], cwd=EXAMPLE,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_check_passes_the_example_as_it_ships() -> None:
+    proc = run_check()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("ok: fedcoe on flwr 1.42") and "4 clients" in proc.stdout
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ("clients=x", "--run-config 'clients=x': The provided configuration string is in an invalid format"),
+    ("algorithm='fedcoee'", "unknown algorithm(s) fedcoee"),
+    ("clinets=4", "unknown run config key 'clinets'"),
+])
+def test_check_bad_run_config_is_one_line_exit_2(overrides: str, message: str) -> None:
+    proc = run_check(".", "--run-config", overrides)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {message}") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_check_refuses_a_strategy_flower_cannot_carry(unsendable: str, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedcoe_edge.flower.__main__ import main
+
+    monkeypatch.chdir(EXAMPLE)
+    assert main(["check", "--run-config", f"algorithm='{unsendable}'"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: strategy 'unsendable': task config 'schedule' holds dict") and err.count("\n") == 1
+
+
+def test_check_refuses_flower_outside_the_tested_range(capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    from fedcoe_edge.flower.__main__ import main
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.44.0" if name == "flwr" else real(name))
+    assert main(["check", str(EXAMPLE)]) == 2
+    assert capsys.readouterr().err == f"error: flwr 1.44.0 is outside the tested range flwr{FLWR_RANGE}: pip install 'fedcoe-edge[flower]'\n"
