@@ -1,26 +1,34 @@
 """FedCoE on Flower (docs/engines.md, "Flower"): the Flower strategy drives a registered fedcoe
 strategy over Flower messages and gives the simulator's per-round global state.
 
-The fast tests run the real ServerApp main and ClientApp through :class:`LoopbackGrid`
-(tests/flower_loopback.py: Flower's protobuf encoding both ways, no Ray); the slow ones run
-``flwr run`` of examples/flower_app on the Simulation Engine and the Deployment Engine.
+The fast tests run the real ServerApp main and ClientApp through :class:`LoopbackGrid`:
+a Flower Grid that delivers each message to the ClientApp in this process through Flower's own
+protobuf encoding both ways (what a SuperLink carries), so a run is checked against the
+simulator in seconds, without starting Ray. tests/test_flower_engines.py runs ``flwr run`` of
+examples/flower_app on the Simulation Engine and the Deployment Engine (slow).
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
-from collections.abc import Iterator
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import tomllib
 
 pytest.importorskip("flwr")
 
-from flwr.app import Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.app import Context, Error, Message, MessageType, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.common.serde import message_from_proto, message_to_proto  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 import fedcoe_edge.simulation as simulation  # noqa: E402
 from fedcoe_edge.errors import ConfigError  # noqa: E402
@@ -29,7 +37,6 @@ from fedcoe_edge.flower.apps import federation_of, state_digest  # noqa: E402
 from fedcoe_edge.flower.records import PARAMS, TASK  # noqa: E402
 from fedcoe_edge.strategies import FedAvg, register_strategy, unregister_strategy  # noqa: E402
 from fedcoe_edge.strategies.base import Arrays, ClientTask, Strategy  # noqa: E402
-from tests.flower_loopback import LoopbackGrid  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "flower_app"
@@ -37,6 +44,72 @@ EXAMPLE = ROOT / "examples" / "flower_app"
 KNOBS: dict[str, Any] = {"clients": 4, "new-clients": 0, "num-server-rounds": 3, "seed": 0,
                          "model.expert_hidden": 16, "model.num_global_experts": 4, "model.top_k": 2,
                          "train.local_epochs": 1, "train.experts_per_client": 2}
+
+
+class LoopbackGrid(Grid):
+    """Nodes ``1..n`` with ``partition-id`` ``0..n-1``; ``drop(node, msg)`` may return True
+    to lose a message on the way (a node that never answers)."""
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: Mapping[str, Any],
+                 drop: Callable[[int, Message], bool] | None = None) -> None:
+        self.app = client_app
+        # who this process is, as a ServerApp process learns it from its SuperLink
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        self.drop = drop
+        self.contexts = {
+            n: Context(run_id=1, node_id=n, node_config={"partition-id": n - 1, "num-partitions": num_nodes},
+                       state=RecordDict(), run_config=dict(run_config))
+            for n in range(1, num_nodes + 1)}
+        self.replies: dict[str, Message] = {}
+        self.bytes_down = self.bytes_up = 0
+        self.delivered: list[Message] = []  # every message a node received, as it received it
+
+    def set_run(self, run: Any) -> None:
+        pass
+
+    @property
+    def run(self) -> Any:
+        raise NotImplementedError
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def get_nodes(self) -> Iterable[Any]:
+        return []
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            msg.metadata.__dict__["_created_at"] = time.time()
+            wire = message_to_proto(msg).SerializeToString()
+            self.bytes_down += len(wire)
+            node = msg.metadata.dst_node_id
+            if self.drop is not None and self.drop(node, msg):
+                ids.append(msg.metadata.message_id)
+                continue
+            received = message_from_proto(type(message_to_proto(msg)).FromString(wire))
+            self.delivered.append(received)
+            try:
+                reply = self.app(received, self.contexts[node])
+            except Exception as exc:  # what a SuperNode turns an exception into
+                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=received)
+            back = message_to_proto(reply).SerializeToString()
+            self.bytes_up += len(back)
+            self.replies[msg.metadata.message_id] = message_from_proto(type(message_to_proto(reply)).FromString(back))
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.replies.pop(i) for i in message_ids if i in self.replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
 
 
 def flower_states(run_config: dict[str, Any], grid: LoopbackGrid | None = None) -> tuple[list[Arrays], Any]:

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tomllib
 
 pytest.importorskip("flwr")
 
@@ -65,7 +65,7 @@ def flwr_env(home: Path) -> dict[str, str]:
 def started(cmds: list[tuple[list[str], dict[str, str]]], logs: Path) -> Iterator[None]:
     """Start each (command, environment), its output to ``logs``/NAME.log; stop them all, by
     pid, on exit."""
-    procs = []
+    procs: list[subprocess.Popen[bytes]] = []
     try:
         for cmd, env in cmds:
             out = (logs / f"{Path(cmd[0]).name}-{len(procs)}.log").open("w")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from fedcoe_edge.errors import ConfigError, FedCoEError
 

@@ -23,7 +23,13 @@ from fedcoe_edge.data import Federation, make_federation
 from fedcoe_edge.errors import ConfigError
 from fedcoe_edge.flower import require_flwr
 from fedcoe_edge.flower.config import FlowerRun, flower_run
-from fedcoe_edge.flower.records import arrays_of, arrays_record, result_content, task_content, task_of
+from fedcoe_edge.flower.records import (
+    arrays_of,
+    arrays_record,
+    result_content,
+    task_content,
+    task_of,
+)
 from fedcoe_edge.flower.strategy import WHO, FlowerStrategy, OnRound
 from fedcoe_edge.simulation import eval_view, fit_model_to_data
 from fedcoe_edge.strategies import Strategy, make_strategy
