@@ -273,15 +273,23 @@ def test_check_passes_the_example_as_it_ships() -> None:
     assert proc.stdout.startswith("ok: fedcoe on flwr 1.42") and "4 clients" in proc.stdout
 
 
+def test_check_bad_run_config_is_one_line_exit_2() -> None:
+    proc = run_check(".", "--run-config", "clients=x")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: --run-config 'clients=x': The provided configuration string "
+                                  "is in an invalid format") and len(proc.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
-    ("clients=x", "--run-config 'clients=x': The provided configuration string is in an invalid format"),
     ("algorithm='fedcoee'", "unknown algorithm(s) fedcoee"),
     ("clinets=4", "unknown run config key 'clinets'"),
 ])
-def test_check_bad_run_config_is_one_line_exit_2(overrides: str, message: str) -> None:
-    proc = run_check(".", "--run-config", overrides)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith(f"error: {message}") and len(proc.stderr.strip().splitlines()) == 1
+def test_check_names_the_bad_key(overrides: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedcoe_edge.flower.__main__ import main
+
+    assert main(["check", str(EXAMPLE), "--run-config", overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
 
 
 def test_check_refuses_a_strategy_flower_cannot_carry(unsendable: str, capsys: pytest.CaptureFixture[str],
