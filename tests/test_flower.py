@@ -235,11 +235,31 @@ def test_bad_run_config_is_one_line(key: str, value: Any, message: str) -> None:
     assert "\n" not in str(err.value)
 
 
-def test_a_node_outside_the_federation_refuses_to_join() -> None:
-    grid = LoopbackGrid(client_app(), 4, KNOBS)
+def test_a_node_outside_the_federation_is_left_out_and_named() -> None:
+    """Node 4 says partition-id 7 (of 4): it is left out, and when client 3 has no node by
+    node-timeout the run stops before round 1, naming both."""
+    cfg = {**KNOBS, "node-timeout": 0.5}
+    grid = LoopbackGrid(client_app(), 4, cfg)
     grid.contexts[4].node_config["partition-id"] = 7
-    with pytest.raises(ConfigError, match=r"SuperNode 4 refused to join: .*partition-id 7 is not a client"):
-        flower_states(KNOBS, grid)
+    with pytest.raises(ConfigError, match=r"no SuperNode answered for client\(s\) 3 within node-timeout "
+                                          r"0.5 s \(3 of 4 connected; left out: SuperNode 4: refused to "
+                                          r"join: .*partition-id 7 is not a client") as err:
+        flower_states(cfg, grid)
+    assert "\n" not in str(err.value)
+    assert not [m for m in grid.delivered if m.metadata.message_type == MessageType.TRAIN]
+
+
+def test_a_node_claiming_a_taken_client_is_left_out() -> None:
+    """Nodes 1..5, node 5 also says partition-id 0: the run goes on with nodes 1..4."""
+    cfg = {**KNOBS, "num-server-rounds": 1}
+    grid = LoopbackGrid(client_app(), 5, cfg)
+    for n in range(1, 6):
+        grid.contexts[n].node_config["num-partitions"] = 4
+    grid.contexts[5].node_config["partition-id"] = 0
+    states, _ = flower_states(cfg, grid)
+    assert len(states) == 1
+    trained = {m.metadata.dst_node_id for m in grid.delivered if m.metadata.message_type == MessageType.TRAIN}
+    assert trained == {1, 2, 3, 4}
 
 
 def test_state_digest_names_every_byte() -> None:

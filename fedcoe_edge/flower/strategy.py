@@ -52,13 +52,17 @@ class FlowerStrategy(FlwrStrategy):
         self.node_timeout = node_timeout
         self.on_round = on_round
         self.node_of: dict[str, int] = {}
+        self.left_out: dict[int, str] = {}  # node -> why it is not a client (one line each)
         self.sent: dict[str, ClientTask] = {}
         self.history: list[dict[str, float]] = []
 
     # --- which node is which client ------------------------------------------------------
     def discover(self, grid: Grid) -> None:
-        """Ask every new node for its client id until each expected client has a node;
-        ConfigError (one line) on a duplicate, an unknown id, or when ``node_timeout`` passes."""
+        """Ask every new node for its client id until each expected client has a node. A node
+        that errs, names no client of this run or one another node already holds is left out
+        (logged; a hostile or misconfigured node cannot stop the run); when ``node_timeout``
+        passes with a client still missing, ConfigError in one line names the missing clients
+        and the nodes left out."""
         deadline = time.monotonic() + self.node_timeout
         asked: set[int] = set()
         while len(self.node_of) < len(self.clients):
@@ -70,22 +74,35 @@ class FlowerStrategy(FlwrStrategy):
             if len(self.node_of) < len(self.clients):
                 if time.monotonic() > deadline:
                     missing = sorted(set(self.clients) - set(self.node_of))
+                    left = "; ".join(f"SuperNode {n}: {why}" for n, why in list(self.left_out.items())[:4])
                     raise ConfigError(f"no SuperNode answered for client(s) {', '.join(missing[:8])} "
                                       f"within node-timeout {self.node_timeout:g} s "
-                                      f"({len(self.node_of)} of {len(self.clients)} connected)")
+                                      f"({len(self.node_of)} of {len(self.clients)} connected"
+                                      f"{'; left out: ' + left if left else ''})")
                 time.sleep(0.2)
 
     def _register(self, reply: Message) -> None:
         node = reply.metadata.src_node_id
+        why = self._refusal(reply)
+        if why is not None:
+            log.warning("SuperNode %d left out: %s", node, why)
+            self.left_out[node] = why
+            return
+        self.node_of[str(reply.content.config_records[WHO]["client-id"])] = node
+
+    def _refusal(self, reply: Message) -> str | None:
+        """Why a query reply does not make its node a client of this run, or None."""
         if reply.has_error():
-            raise ConfigError(f"SuperNode {node} refused to join: {reply.error.reason}")
-        cid = str(reply.content.config_records[WHO]["client-id"])
+            return f"refused to join: {(reply.error.reason or '')[:200]}"
+        try:
+            cid = str(reply.content.config_records[WHO]["client-id"])
+        except KeyError:
+            return "its reply names no client"
         if cid not in self.clients:
-            raise ConfigError(f"SuperNode {node} says it is client {cid!r:.40}, not one of the "
-                              f"{len(self.clients)} clients of this run")
-        if cid in self.node_of and self.node_of[cid] != node:
-            raise ConfigError(f"SuperNodes {self.node_of[cid]} and {node} both say they are client {cid!r}")
-        self.node_of[cid] = node
+            return f"says it is client {cid!r:.40}, not one of the {len(self.clients)} clients of this run"
+        if cid in self.node_of and self.node_of[cid] != reply.metadata.src_node_id:
+            return f"says it is client {cid!r}, which SuperNode {self.node_of[cid]} already is"
+        return None
 
     # --- training: the simulator's round, over messages ---------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
