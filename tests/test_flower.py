@@ -228,6 +228,7 @@ def test_flower_outside_the_tested_range_is_one_line() -> None:
     ("algorithm", "fedavgg", "unknown algorithm"),
     ("train.lrr", 0.1, "unknown train option"),
     ("round-timeout", 0, "round-timeout and node-timeout must be > 0"),
+    ("out-dir", str(ROOT / "pyproject.toml"), "out-dir .*pyproject.toml exists and is not a folder"),
 ])
 def test_bad_run_config_is_one_line(key: str, value: Any, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as err:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fedcoe_edge.config import ModelConfig, TrainConfig
@@ -59,6 +60,8 @@ class FlowerRun:
         if not self.round_timeout > 0 or not self.node_timeout > 0:
             raise ConfigError(f"round-timeout and node-timeout must be > 0, got "
                               f"{self.round_timeout}, {self.node_timeout}")
+        if self.out_dir and Path(self.out_dir).exists() and not Path(self.out_dir).is_dir():
+            raise ConfigError(f"out-dir {self.out_dir} exists and is not a folder")
 
 
 def _typed(key: str, value: Any, types: tuple[type, ...]) -> Any:
