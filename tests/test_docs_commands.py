@@ -14,7 +14,7 @@ from fedcoe_edge.cli import _subparsers, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", "docs/deploy.md", "docs/bundle.md", "docs/daemons.md", "deploy/mosquitto/README.md",
-        "docs/quickstart.md", "docs/api.md", "docs/design.md", "docs/protocol.md", "docs/benchmarks.md"]
+        "docs/quickstart.md", "docs/api.md", "docs/design.md", "docs/protocol.md", "docs/benchmarks.md", "docs/engines.md"]
 
 
 def fedcoe_commands(text: str, spans: bool = False) -> list[list[str]]:
