@@ -796,7 +796,12 @@ def test_depth_scan_runs_only_when_the_brackets_could_exceed_the_limit(
 
     calls: list[bytes] = []
     exact = envelope_mod.json_depth
-    monkeypatch.setattr(envelope_mod, "json_depth", lambda d: calls.append(d) or exact(d))
+
+    def counted(d: bytes) -> int:
+        calls.append(d)
+        return exact(d)
+
+    monkeypatch.setattr(envelope_mod, "json_depth", counted)
     shallow = b'{"a":[1,[2]],"b":{"c":"x"}}'
     assert envelope_mod.parse_json(shallow, "t") == {"a": [1, [2]], "b": {"c": "x"}}
     assert calls == []
