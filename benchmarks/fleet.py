@@ -1098,6 +1098,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jitter-s", type=float, default=0.5, help="plus up to this much, uniform")
     p.add_argument("--procs", type=int, default=1, help="generator processes")
     p.add_argument("--timeout-s", type=float, default=900.0, help="per fleet size")
+    p.add_argument("--deadline-s", type=float, default=0.0,
+                   help="the coordinator's round deadline (default 0: 60 s + 60 ms per device); "
+                        "longer on a machine busy with other work, so that every round "
+                        "completes and runs compare like for like")
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--md", type=Path, default=None)
     p.add_argument("--png", type=Path, default=None)
@@ -1125,6 +1129,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile and fleet_profile.py_spy() is None:
         print("fleet: --profile needs py-spy (pip install py-spy)", file=sys.stderr)
         return 2
+    if args.deadline_s < 0:
+        print("fleet: --deadline-s must be >= 0", file=sys.stderr)
+        return 2
     if any(n < 1 for n in args.devices) or args.rounds < 1 or args.procs < 1:
         print("fleet: --devices, --rounds and --procs must be >= 1", file=sys.stderr)
         return 2
@@ -1141,7 +1148,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = FleetSpec(devices=n, rounds=args.rounds, model=args.model, train_s=args.train_s,
                          jitter_s=args.jitter_s, procs=args.procs, timeout_s=args.timeout_s,
                          broker_options=list(args.broker_option), shards=shards,
-                         profile=bool(args.profile),
+                         profile=bool(args.profile), deadline_s=args.deadline_s,
                          workdir=str(args.workdir / name) if args.workdir else "")
         log.info("fleet: %d devices, %d rounds, model %s, %s", n, args.rounds, args.model,
                  f"leader + {shards} shard(s)" if shards else "one coordinator")

@@ -95,16 +95,23 @@ def summarise(text: str, top: int = 10) -> dict[str, Any]:
 
 def record(profile_json: Path, label: str, command: str, runs: list[dict[str, Any]],
            cpu_per_round: dict[int, float]) -> None:
-    """Keep this run's figures under ``label`` in ``profile_json`` (other labels stay):
-    per fleet size the coordinator's CPU-s per round (the benchmark's own accounting) and
-    the profile summary."""
+    """Keep this run's figures under ``label`` in ``profile_json``: per fleet size the
+    command, the coordinator's CPU-s per round (the benchmark's own accounting), what the
+    rounds accepted and the profile summary. Other labels, and other sizes of this label
+    (a run of one size at a time, labels interleaved, pairs before and after closer in
+    time on a machine whose load changes), stay."""
     doc: dict[str, Any] = json.loads(profile_json.read_text()) if profile_json.is_file() else {}
-    doc[label] = {"command": command, "sizes": [
-        {"devices": r["devices"], "rounds": f"{r.get('rounds_completed', 0)}/{r['rounds']}",
-         "coord_cpu_s_per_round": cpu_per_round.get(r["devices"]),
-         "round_s": [x["wall_s"] for x in r.get("round_rows", [])],
-         "loadavg_1m_start": r.get("loadavg_1m_start"),
-         "profile": r.get("coordinator_profile")} for r in runs]}
+    new = [{"devices": r["devices"], "command": command,
+            "rounds": f"{r.get('rounds_completed', 0)}/{r['rounds']}",
+            "coord_cpu_s_per_round": cpu_per_round.get(r["devices"]),
+            "round_s": [x["wall_s"] for x in r.get("round_rows", [])],
+            "accepted": [x["accepted"] for x in r.get("round_rows", [])],
+            "failed": [x["failed"] for x in r.get("round_rows", [])],
+            "loadavg_1m_start": r.get("loadavg_1m_start"),
+            "profile": r.get("coordinator_profile")} for r in runs]
+    kept = [s for s in doc.get(label, {}).get("sizes", [])
+            if s["devices"] not in {n["devices"] for n in new}]
+    doc[label] = {"sizes": sorted(kept + new, key=lambda s: s["devices"])}
     profile_json.parent.mkdir(parents=True, exist_ok=True)
     tmp = profile_json.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
@@ -131,16 +138,21 @@ def markdown(doc: dict[str, Any]) -> list[str]:
              "rounds). The machine was shared with other work, so compare the columns of "
              "one table, not with the table above.", ""]
     for k in labels:
-        lines.append(f"* {k}: `{doc[k]['command']}`")
+        for cmd in dict.fromkeys(s["command"] for s in doc[k]["sizes"]):
+            lines.append(f"* {k}: `{cmd}`")
     lines += ["", "| devices | " + " | ".join(f"{k}: coord CPU-s/round" for k in labels)
-              + " | change |", "|---" * (len(labels) + 2) + "|"]
+              + " | change | " + " | ".join(f"{k}: rounds, accepted, round s, load" for k in labels)
+              + " |", "|---" * (2 * len(labels) + 2) + "|"]
     for n in sizes:
-        vals = [next((s["coord_cpu_s_per_round"] for s in doc[k]["sizes"]
-                      if s["devices"] == n), None) for k in labels]
+        got = [next((s for s in doc[k]["sizes"] if s["devices"] == n), None) for k in labels]
+        vals = [g["coord_cpu_s_per_round"] if g else None for g in got]
         cells = [f"{v:.2f}" if v is not None else "n/a" for v in vals]
         change = (f"{100 * (vals[-1] / vals[0] - 1):+.0f}%"
                   if len(vals) >= 2 and vals[0] and vals[-1] is not None else "")
-        lines.append(f"| {n} | " + " | ".join(cells) + f" | {change} |")
+        runs = [f"{g['rounds']}, {'+'.join(str(a) for a in g.get('accepted', []))}, "
+                f"{' / '.join(f'{t:.0f}' for t in g['round_s'] if t is not None)}, "
+                f"{g['loadavg_1m_start']:.1f}" if g else "n/a" for g in got]
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {change} | " + " | ".join(runs) + " |")
     for kind, what in (("self", "own time (the function at the top of the stack)"),
                        ("inclusive", "inclusive time (the function and what it calls)")):
         lines += ["", f"Top {TOP} by {what}, share of the working samples (waiting "

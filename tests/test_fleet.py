@@ -118,12 +118,14 @@ def test_profile_summary_and_report_section(tmp_path: Path) -> None:
     assert p["inclusive"][0] == ["Coordinator._on_ctl (coordinator/daemon.py)", 1.0]
     assert all("paho" not in f and "threading" not in f for f, _ in p["inclusive"])
     doc = tmp_path / "profile.json"
-    run = {"devices": 10, "rounds": 1, "rounds_completed": 1, "round_rows": [{"wall_s": 2.0}],
-           "coordinator_profile": p}
+    run = {"devices": 10, "rounds": 1, "rounds_completed": 1, "loadavg_1m_start": 0.5,
+           "round_rows": [{"wall_s": 2.0, "accepted": 10, "failed": 0}], "coordinator_profile": p}
     fleet_profile.record(doc, "before", "cmd a", [run], {10: 4.0})
+    fleet_profile.record(doc, "before", "cmd a2", [{**run, "devices": 20}], {20: 9.0})
     fleet_profile.record(doc, "after", "cmd b", [run], {10: 3.0})
     kept = json.loads(doc.read_text())
-    assert kept["before"]["sizes"][0]["coord_cpu_s_per_round"] == 4.0
+    # a size run on its own keeps the label's other sizes
+    assert [s["coord_cpu_s_per_round"] for s in kept["before"]["sizes"]] == [4.0, 9.0]
     row = {"round": 1, "selected": 10, "accepted": 10, "failed": 0, "rejected": 0,
            "wall_s": 1.0, "last_task_s": 0.1, "coord_cpu_s": 0.5, "broker_cpu_s": 0.1,
            "generator_cpu_s": 0.1, "bytes_up": 1, "bytes_down": 2}
@@ -132,7 +134,7 @@ def test_profile_summary_and_report_section(tmp_path: Path) -> None:
     write_markdown(runs, tmp_path / "f.md", "cmd", kept)
     text = (tmp_path / "f.md").read_text()
     assert "## Coordinator CPU profile" in text
-    assert "| 10 | 4.00 | 3.00 | -25% |" in text
+    assert "| 10 | 4.00 | 3.00 | -25% | 1/1, 10, 2, 0.5 | 1/1, 10, 2, 0.5 |" in text
     assert "75.0% `decode_envelope (fedcoe_edge/wire/envelope.py)`" in text
 
 
