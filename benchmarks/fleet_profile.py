@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -95,13 +96,13 @@ def summarise(text: str, top: int = 10) -> dict[str, Any]:
 
 def record(profile_json: Path, label: str, command: str, runs: list[dict[str, Any]],
            cpu_per_round: dict[int, float]) -> None:
-    """Keep this run's figures under ``label`` in ``profile_json``: per fleet size the
+    """Add this run's figures under ``label`` to ``profile_json``: per fleet size the
     command, the coordinator's CPU-s per round (the benchmark's own accounting), what the
-    rounds accepted and the profile summary. Other labels, and other sizes of this label
-    (a run of one size at a time, labels interleaved, pairs before and after closer in
-    time on a machine whose load changes), stay."""
+    rounds accepted, the load and the profile summary. Everything already kept stays: a
+    second run of a label and size is a repeat (on a machine whose load changes, pairs
+    before/after run one size at a time, interleaved, and repeated)."""
     doc: dict[str, Any] = json.loads(profile_json.read_text()) if profile_json.is_file() else {}
-    new = [{"devices": r["devices"], "command": command,
+    new = [{"devices": r["devices"], "command": command, "at": time.time(),
             "rounds": f"{r.get('rounds_completed', 0)}/{r['rounds']}",
             "coord_cpu_s_per_round": cpu_per_round.get(r["devices"]),
             "round_s": [x["wall_s"] for x in r.get("round_rows", [])],
@@ -109,9 +110,7 @@ def record(profile_json: Path, label: str, command: str, runs: list[dict[str, An
             "failed": [x["failed"] for x in r.get("round_rows", [])],
             "loadavg_1m_start": r.get("loadavg_1m_start"),
             "profile": r.get("coordinator_profile")} for r in runs]
-    kept = [s for s in doc.get(label, {}).get("sizes", [])
-            if s["devices"] not in {n["devices"] for n in new}]
-    doc[label] = {"sizes": sorted(kept + new, key=lambda s: s["devices"])}
+    doc.setdefault(label, {"sizes": []})["sizes"] += new
     profile_json.parent.mkdir(parents=True, exist_ok=True)
     tmp = profile_json.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
@@ -124,39 +123,54 @@ def _entries(p: dict[str, Any] | None, kind: str) -> str:
     return "<br>".join(f"{100 * s:.1f}% `{f}`" for f, s in p[kind][:TOP])
 
 
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
 def markdown(doc: dict[str, Any]) -> list[str]:
-    """The "Coordinator CPU profile" section of fleet.md from ``fleet_profile.json``:
-    CPU-s per round before and after at each size, then the top entries per label."""
+    """The "Coordinator CPU profile" section of fleet.md from ``fleet_profile.json``: every
+    run in the order it ran, the mean CPU-s per round per label and size with the change,
+    then the top entries of each label's first run at each size."""
     labels = [k for k in ("before", "after") if k in doc] + sorted(
         k for k in doc if k not in ("before", "after", "notes"))
-    sizes = sorted({s["devices"] for k in labels for s in doc[k]["sizes"]})
+    runs = sorted(((k, s) for k in labels for s in doc[k]["sizes"]), key=lambda x: x[1].get("at", 0))
+    sizes = sorted({s["devices"] for _, s in runs})
     lines = ["## Coordinator CPU profile", "",
-             "py-spy samples of the coordinator process (" + f"{RATE_HZ} Hz, non-blocking) "
-             "during the rounds, at the same fleet sizes and arguments before and after a "
-             "change, run back to back on the same machine; CPU-s per round is the "
-             "benchmark's own accounting (psutil, coordinator process, mean over the "
-             "rounds). The machine was shared with other work, so compare the columns of "
-             "one table, not with the table above.", ""]
+             f"py-spy samples of the coordinator process ({RATE_HZ} Hz, non-blocking) from "
+             "the moment it is online until it exits, at the same fleet sizes and arguments "
+             "before and after a change, one size at a time, before and after back to back "
+             "on the same machine; CPU-s per round is the benchmark's own accounting "
+             "(psutil, coordinator process, mean over the rounds). The machine was shared "
+             "with other work (the load column), so compare rows of these tables, not the "
+             "table above.", ""]
     for k in labels:
         for cmd in dict.fromkeys(s["command"] for s in doc[k]["sizes"]):
             lines.append(f"* {k}: `{cmd}`")
-    lines += ["", "| devices | " + " | ".join(f"{k}: coord CPU-s/round" for k in labels)
-              + " | change | " + " | ".join(f"{k}: rounds, accepted, round s, load" for k in labels)
-              + " |", "|---" * (2 * len(labels) + 2) + "|"]
+    lines += ["", "| devices | run | coord CPU-s/round | rounds | accepted per round | "
+              "round s | 1-min load at start | py-spy samples |", "|---" * 8 + "|"]
+    for k, s in runs:
+        cpu = s["coord_cpu_s_per_round"]
+        p = s.get("profile")
+        lines.append(
+            f"| {s['devices']} | {k} | {f'{cpu:.2f}' if cpu is not None else 'n/a'} | "
+            f"{s['rounds']} | {' + '.join(str(a) for a in s.get('accepted', []))} | "
+            f"{' / '.join(f'{t:.0f}' for t in s['round_s'] if t is not None)} | "
+            f"{s['loadavg_1m_start']:.1f} | {p['samples'] if p else 'n/a'} |")
+    lines += ["", "| devices | " + " | ".join(f"{k}: mean coord CPU-s/round" for k in labels)
+              + " | change |", "|---" * (len(labels) + 2) + "|"]
     for n in sizes:
-        got = [next((s for s in doc[k]["sizes"] if s["devices"] == n), None) for k in labels]
-        vals = [g["coord_cpu_s_per_round"] if g else None for g in got]
-        cells = [f"{v:.2f}" if v is not None else "n/a" for v in vals]
-        change = (f"{100 * (vals[-1] / vals[0] - 1):+.0f}%"
-                  if len(vals) >= 2 and vals[0] and vals[-1] is not None else "")
-        runs = [f"{g['rounds']}, {'+'.join(str(a) for a in g.get('accepted', []))}, "
-                f"{' / '.join(f'{t:.0f}' for t in g['round_s'] if t is not None)}, "
-                f"{g['loadavg_1m_start']:.1f}" if g else "n/a" for g in got]
-        lines.append(f"| {n} | " + " | ".join(cells) + f" | {change} | " + " | ".join(runs) + " |")
+        means = [_mean([s["coord_cpu_s_per_round"] for s in doc[k]["sizes"]
+                        if s["devices"] == n and s["coord_cpu_s_per_round"] is not None])
+                 for k in labels]
+        cells = [f"{m:.2f} ({sum(1 for s in doc[k]['sizes'] if s['devices'] == n)} run(s))"
+                 if m is not None else "n/a" for m, k in zip(means, labels, strict=True)]
+        change = (f"{100 * (means[-1] / means[0] - 1):+.0f}%"
+                  if len(means) >= 2 and means[0] and means[-1] is not None else "")
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {change} |")
     for kind, what in (("self", "own time (the function at the top of the stack)"),
                        ("inclusive", "inclusive time (the function and what it calls)")):
         lines += ["", f"Top {TOP} by {what}, share of the working samples (waiting "
-                  "share of all samples in brackets):", "",
+                  "share of all samples in brackets), first run of each:", "",
                   "| devices | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
         for n in sizes:
             cells = []

@@ -126,6 +126,8 @@ def test_profile_summary_and_report_section(tmp_path: Path) -> None:
     kept = json.loads(doc.read_text())
     # a size run on its own keeps the label's other sizes
     assert [s["coord_cpu_s_per_round"] for s in kept["before"]["sizes"]] == [4.0, 9.0]
+    fleet_profile.record(doc, "after", "cmd b", [run], {10: 2.0})  # a repeat
+    kept = json.loads(doc.read_text())
     row = {"round": 1, "selected": 10, "accepted": 10, "failed": 0, "rejected": 0,
            "wall_s": 1.0, "last_task_s": 0.1, "coord_cpu_s": 0.5, "broker_cpu_s": 0.1,
            "generator_cpu_s": 0.1, "bytes_up": 1, "bytes_down": 2}
@@ -134,7 +136,8 @@ def test_profile_summary_and_report_section(tmp_path: Path) -> None:
     write_markdown(runs, tmp_path / "f.md", "cmd", kept)
     text = (tmp_path / "f.md").read_text()
     assert "## Coordinator CPU profile" in text
-    assert "| 10 | 4.00 | 3.00 | -25% | 1/1, 10, 2, 0.5 | 1/1, 10, 2, 0.5 |" in text
+    assert "| 10 | after | 2.00 | 1/1 | 10 | 2 | 0.5 | 10 |" in text  # each run
+    assert "| 10 | 4.00 (1 run(s)) | 2.50 (2 run(s)) | -38% |" in text  # means and change
     assert "75.0% `decode_envelope (fedcoe_edge/wire/envelope.py)`" in text
 
 
