@@ -132,7 +132,7 @@ def markdown(doc: dict[str, Any]) -> list[str]:
     run in the order it ran, the mean CPU-s per round per label and size with the change,
     then the top entries of each label's first run at each size."""
     labels = [k for k in ("before", "after") if k in doc] + sorted(
-        k for k in doc if k not in ("before", "after", "notes"))
+        k for k in doc if k not in ("before", "after", "notes", "micro"))
     runs = sorted(((k, s) for k in labels for s in doc[k]["sizes"]), key=lambda x: x[1].get("at", 0))
     sizes = sorted({s["devices"] for _, s in runs})
     lines = ["## Coordinator CPU profile", "",
@@ -179,6 +179,99 @@ def markdown(doc: dict[str, Any]) -> list[str]:
                 wait = f" (waiting {100 * p['waiting_share']:.0f}%)" if p else ""
                 cells.append(_entries(p, kind) + wait)
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += _micro_lines(doc.get("micro", {}))
     if doc.get("notes"):
         lines += ["", *doc["notes"]]
     return lines
+
+
+def _micro_lines(micro: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The fixed items alone (``python -m benchmarks.fleet_profile --micro``): CPU-s of one
+    round's worth of each, per label and size."""
+    if not micro:
+        return []
+    labels = [k for k in ("before", "after") if k in micro] + sorted(
+        k for k in micro if k not in ("before", "after"))
+    lines = ["", "The per-update items the profile named, alone: process CPU-s for one round's "
+             "worth at each size on synthetic inputs (`python -m benchmarks.fleet_profile "
+             "--micro LABEL 1000 2000` at each commit): the defence of every update against a "
+             "history of every device, `Partial.admit` of every device, `parse_json` of ten "
+             "envelopes per device.", "",
+             "| devices | item | " + " | ".join(labels) + " |", "|---" * (len(labels) + 2) + "|"]
+    sizes = sorted({r["devices"] for k in labels for r in micro[k]})
+    for n in sizes:
+        for item in ("defend_s", "admit_s", "parse_json_s"):
+            cells = [next((f"{r[item]:.3f}" for r in micro[k] if r["devices"] == n), "n/a")
+                     for k in labels]
+            lines.append(f"| {n} | {item[:-2]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# --- the fixed items alone: CPU of one round's worth of each, on the code imported ---------
+def micro(devices: int) -> dict[str, Any]:
+    """Process CPU seconds of one round's worth of the per-update work the profile named,
+    on synthetic inputs of a fleet of ``devices`` (the same at any commit, so a run at the
+    commit before a change and one at the change compare the code alone, free of the
+    fleet run's scheduling noise): the defence for every update against a history of
+    every device, ``Partial.admit`` for every device, ``parse_json`` of ten envelopes per
+    device."""
+    import numpy as np
+
+    from fedcoe_edge.config import TrainConfig
+    from fedcoe_edge.robust import DefenceState, defend
+    from fedcoe_edge.strategies.base import ClientResult
+    from fedcoe_edge.streaming import Partial
+    from fedcoe_edge.wire.envelope import parse_json
+
+    rng = np.random.default_rng(0)
+    base = {f"t{i}": rng.normal(size=(64,)).astype(np.float32) for i in range(20)}
+    ids = [f"dev{i:05d}" for i in range(devices)]
+    state = DefenceState(bound=10.0, samples={d: float(50 + i % 7) for i, d in enumerate(ids)})
+    results = [ClientResult(d, 2, 60, {k: v + 0.01 for k, v in base.items()}, None, {}) for d in ids]
+    env = json.dumps({"body": {"manifest": {"chunk_count": 3, "expert_ids": [1, 4]},
+                               "num_samples": 60, "affinity": [0.1] * 8}, "federation": "fleet",
+                      "hmac": "00" * 32, "round": 2}, sort_keys=True, separators=(",", ":")).encode()
+    out: dict[str, Any] = {"devices": devices}
+    t = time.process_time()
+    for r in results:
+        defend(state, TrainConfig(), r, base)
+    out["defend_s"] = time.process_time() - t
+    t = time.process_time()
+    p = Partial(1)
+    for d in ids:
+        p.admit(d, 1)
+    out["admit_s"] = time.process_time() - t
+    t = time.process_time()
+    for _ in range(10 * devices):
+        parse_json(env, "envelope")
+    out["parse_json_s"] = time.process_time() - t
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.fleet_profile --micro LABEL N [N ...]``: :func:`micro` at each
+    N, kept under ``micro`` / LABEL in ``--profile-json`` (fleet.md renders it)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.fleet_profile")
+    ap.add_argument("--micro", nargs="+", required=True, metavar="LABEL N")
+    ap.add_argument("--profile-json", type=Path,
+                    default=Path(__file__).resolve().parent / "results" / "fleet_profile.json")
+    args = ap.parse_args(argv)
+    label, sizes = args.micro[0], args.micro[1:]
+    if not sizes or not all(s.isdigit() and int(s) > 0 for s in sizes):
+        print("fleet_profile: --micro LABEL N [N ...] with fleet sizes N >= 1", file=sys.stderr)
+        return 2
+    rows = [micro(int(n)) for n in sizes]
+    for r in rows:
+        print(json.dumps(r))
+    doc: dict[str, Any] = json.loads(args.profile_json.read_text()) if args.profile_json.is_file() else {}
+    doc.setdefault("micro", {})[label] = rows
+    tmp = args.profile_json.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(args.profile_json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

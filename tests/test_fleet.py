@@ -159,3 +159,19 @@ def test_markdown_only_renders_the_kept_runs(tmp_path: Path, capsys: pytest.Capt
     kept.write_text("{}")
     assert main(args) == 2
     assert "no fleet runs to render" in capsys.readouterr().err
+
+
+def test_micro_measures_the_fixed_items_and_the_report_shows_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m benchmarks.fleet_profile --micro LABEL N`` keeps CPU-s per item under its
+    label and fleet.md's profile section shows them; a size that is not a number is exit 2."""
+    from benchmarks import fleet_profile
+
+    doc = tmp_path / "profile.json"
+    assert fleet_profile.main(["--micro", "after", "5", "--profile-json", str(doc)]) == 0
+    got = json.loads(doc.read_text())["micro"]["after"][0]
+    assert got["devices"] == 5 and all(got[k] >= 0 for k in ("defend_s", "admit_s", "parse_json_s"))
+    text = "\n".join(fleet_profile.markdown(json.loads(doc.read_text())))
+    assert "| 5 | defend | " in text and "| 5 | parse_json | " in text
+    assert fleet_profile.main(["--micro", "after", "x", "--profile-json", str(doc)]) == 2
+    assert "fleet sizes N >= 1" in capsys.readouterr().err
