@@ -123,6 +123,13 @@ def _entries(p: dict[str, Any] | None, kind: str) -> str:
     return "<br>".join(f"{100 * s:.1f}% `{f}`" for f, s in p[kind][:TOP])
 
 
+def _bare(command: str) -> str:
+    """``command`` without its ``--json PATH`` and ``--workdir PATH`` (a run's own files)."""
+    words = command.split()
+    return " ".join(w for i, w in enumerate(words)
+                    if w not in ("--json", "--workdir") and (i == 0 or words[i - 1] not in ("--json", "--workdir")))
+
+
 def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
@@ -143,8 +150,8 @@ def markdown(doc: dict[str, Any]) -> list[str]:
              "(psutil, coordinator process, mean over the rounds). The machine was shared "
              "with other work (the load column), so compare rows of these tables, not the "
              "table above.", ""]
-    for k in labels:
-        for cmd in dict.fromkeys(s["command"] for s in doc[k]["sizes"]):
+    for k in labels:  # one line per distinct command, less the per-run --json / --workdir
+        for cmd in dict.fromkeys(_bare(s["command"]) for s in doc[k]["sizes"]):
             lines.append(f"* {k}: `{cmd}`")
     lines += ["", "| devices | run | coord CPU-s/round | rounds | accepted per round | "
               "round s | 1-min load at start | py-spy samples |", "|---" * 8 + "|"]
