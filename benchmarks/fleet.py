@@ -33,6 +33,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 import numpy as np
 
+from benchmarks import fleet_profile
 from device_agent.daemon import REANNOUNCE_S, RETRY_ATTEMPTS, PendingRequest, retry_delay
 from fedcoe_edge.protocol import DEFAULT_WINDOW
 from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE
@@ -55,6 +57,7 @@ from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_COORDINATOR = ROOT / "deploy" / "coordinator.toml"
 DEPLOY_MOSQUITTO = ROOT / "deploy" / "mosquitto" / "mosquitto.conf"
+PROFILE_JSON = ROOT / "benchmarks" / "results" / "fleet_profile.json"
 FEDERATION = "fleet"
 SECRET = bytes(range(100, 132))
 BROKER_LIMITS = ("max_packet_size", "max_queued_messages", "max_inflight_messages",
@@ -112,6 +115,8 @@ class FleetSpec:
     shards: int = 0
     # how to start `fedcoe` (e.g. under a profiler); default: this interpreter
     fedcoe_cmd: list[str] = field(default_factory=lambda: [sys.executable, "-m", "fedcoe_edge.cli"])
+    # sample the coordinator with py-spy into the work folder (benchmarks/fleet_profile.py)
+    profile: bool = False
 
 
 # ----------------------------------------------------------------------------- devices
@@ -597,6 +602,7 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
                               "workdir": str(work) if not own else None,
                               "loadavg_1m_start": os.getloadavg()[0]}
     coord = None
+    spy: subprocess.Popen[bytes] | None = None
     shard_procs: list[subprocess.Popen[bytes]] = []
     workers: list[tuple[Any, Any]] = []
     try:
@@ -631,7 +637,7 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
         stats: list[dict[str, Any]] = []
 
         async def sample() -> None:
-            nonlocal hwm
+            nonlocal hwm, spy
             stop = asyncio.Event()
             online = asyncio.Event()
             mon = asyncio.create_task(_sys_monitor(broker.port, sys_vals, stop, online, spec.shards))
@@ -644,6 +650,8 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
                                    + " | ".join(coord_log.read_text(errors="replace").splitlines()[-3:]))
             # the idle coordinator (imports, model, strategy), before any device connects
             samples.append(snap(0.0))
+            if spec.profile:
+                spy = fleet_profile.attach(coord.pid, work / "coordinator.pyspy.txt")
             for k in range(spec.procs):
                 rx, tx = ctx.Pipe(duplex=False)
                 p = ctx.Process(target=_worker, args=(spec, broker.port, ids[k::spec.procs],
@@ -683,6 +691,8 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
                 child.terminate()
                 child.wait(timeout=30)
         result["coordinator_exit"] = coord.returncode
+        if spy is not None:
+            result["coordinator_profile"] = _profile_of(spy, work / "coordinator.pyspy.txt")
         result["shards"] = spec.shards
         result["shard_exits"] = [p.returncode for p in shard_procs]
         result["wall_s"] = time.time() - started
@@ -696,7 +706,7 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
         for p, _ in workers:
             if p.is_alive():
                 p.terminate()
-        for proc in [coord, *shard_procs]:
+        for proc in [coord, *shard_procs, spy]:
             if proc is not None and proc.poll() is None:
                 proc.terminate()
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -704,6 +714,20 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
         broker.close()
         if own:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _profile_of(spy: subprocess.Popen[bytes], raw: Path) -> dict[str, Any] | None:
+    """The py-spy summary once the coordinator has exited (py-spy then writes its file)."""
+    try:
+        spy.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        spy.send_signal(signal.SIGINT)  # py-spy writes what it has on an interrupt
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            spy.wait(timeout=30)
+    if not raw.is_file():
+        log.warning("py-spy wrote no samples (%s)", raw)
+        return None
+    return fleet_profile.summarise(raw.read_text(errors="replace"))
 
 
 def _round_rows(state: Path, shards: int) -> tuple[list[dict[str, Any]], dict[int, tuple[float, float]], int]:
@@ -919,7 +943,28 @@ def _sharded_lines(runs: list[dict[str, Any]], single: list[dict[str, Any]]) -> 
     return lines
 
 
-def write_markdown(runs: list[dict[str, Any]], path: Path, command: str) -> None:
+def _profile_doc(path: Path) -> dict[str, Any] | None:
+    """The --profile figures kept in ``path``, or None when there are none."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _markdown_only(json_path: Path, md: Path | None, profile_json: Path) -> int:
+    """Render ``md`` again from the runs kept in ``json_path`` (and the profile figures)."""
+    if md is None:
+        print("fleet: --markdown-only needs --md", file=sys.stderr)
+        return 2
+    try:
+        doc = json.loads(json_path.read_text())
+        runs, command = doc["runs"], doc["command"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"fleet: --json {json_path}: no fleet runs to render ({exc})", file=sys.stderr)
+        return 2
+    write_markdown(runs, md, command, _profile_doc(profile_json))
+    return 0
+
+
+def write_markdown(runs: list[dict[str, Any]], path: Path, command: str,
+                   profile: dict[str, Any] | None = None) -> None:
     sharded = [r for r in runs if r.get("shards")]
     runs = [r for r in runs if not r.get("shards")]
     sums = [run_summary(r) for r in runs if "round_rows" in r]
@@ -991,6 +1036,8 @@ def write_markdown(runs: list[dict[str, Any]], path: Path, command: str) -> None
               ""]
     if sharded:
         lines += _sharded_lines(sharded, runs) + [""]
+    if profile:
+        lines += fleet_profile.markdown(profile) + [""]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -1042,7 +1089,8 @@ def write_plot(runs: list[dict[str, Any]], path: Path) -> None:
 # ----------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.fleet", description=__doc__.split("\n\n")[0])
-    p.add_argument("--devices", type=int, nargs="+", required=True, help="fleet sizes to run, in order")
+    p.add_argument("--devices", type=int, nargs="+", default=None,
+                   help="fleet sizes to run, in order (required unless --markdown-only)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--model", default="deploy", choices=["deploy", "camera", "smoke"],
                    help="model config whose update sizes the devices send (default: deploy template)")
@@ -1050,6 +1098,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jitter-s", type=float, default=0.5, help="plus up to this much, uniform")
     p.add_argument("--procs", type=int, default=1, help="generator processes")
     p.add_argument("--timeout-s", type=float, default=900.0, help="per fleet size")
+    p.add_argument("--deadline-s", type=float, default=0.0,
+                   help="the coordinator's round deadline (default 0: 60 s + 60 ms per device); "
+                        "longer on a machine busy with other work, so that every round "
+                        "completes and runs compare like for like")
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--md", type=Path, default=None)
     p.add_argument("--png", type=Path, default=None)
@@ -1060,7 +1112,26 @@ def main(argv: list[str] | None = None) -> int:
                         "e.g. --shards 0 2 for the single coordinator beside 2 shards")
     p.add_argument("--broker-option", action="append", default=[], metavar="LINE",
                    help="extra mosquitto.conf line after the template's limits (repeatable)")
+    p.add_argument("--profile", metavar="LABEL", default="",
+                   help="sample the coordinator with py-spy and keep its CPU-s/round and top "
+                        "entries under LABEL (e.g. before, after) in --profile-json")
+    p.add_argument("--profile-json", type=Path, default=PROFILE_JSON,
+                   help="where --profile keeps its figures, and what fleet.md's \"Coordinator "
+                        "CPU profile\" section is rendered from")
+    p.add_argument("--markdown-only", action="store_true",
+                   help="run nothing: render --md from the runs in --json (and --profile-json)")
     args = p.parse_args(argv)
+    if args.markdown_only:
+        return _markdown_only(args.json, args.md, args.profile_json)
+    if not args.devices:
+        print("fleet: --devices is required (unless --markdown-only)", file=sys.stderr)
+        return 2
+    if args.profile and fleet_profile.py_spy() is None:
+        print("fleet: --profile needs py-spy (pip install py-spy)", file=sys.stderr)
+        return 2
+    if args.deadline_s < 0:
+        print("fleet: --deadline-s must be >= 0", file=sys.stderr)
+        return 2
     if any(n < 1 for n in args.devices) or args.rounds < 1 or args.procs < 1:
         print("fleet: --devices, --rounds and --procs must be >= 1", file=sys.stderr)
         return 2
@@ -1077,6 +1148,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = FleetSpec(devices=n, rounds=args.rounds, model=args.model, train_s=args.train_s,
                          jitter_s=args.jitter_s, procs=args.procs, timeout_s=args.timeout_s,
                          broker_options=list(args.broker_option), shards=shards,
+                         profile=bool(args.profile), deadline_s=args.deadline_s,
                          workdir=str(args.workdir / name) if args.workdir else "")
         log.info("fleet: %d devices, %d rounds, model %s, %s", n, args.rounds, args.model,
                  f"leader + {shards} shard(s)" if shards else "one coordinator")
@@ -1100,8 +1172,12 @@ def main(argv: list[str] | None = None) -> int:
                          shards, sh["leader_cpu_s"], [round(c, 2) for c in sh["shard_cpu_s"]])
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": command, "runs": runs}, indent=1, default=str) + "\n")
+        if args.profile:
+            fleet_profile.record(args.profile_json, args.profile, command, runs,
+                                 {r["devices"]: run_summary(r)["coord_cpu_s"] for r in runs
+                                  if "round_rows" in r})
         if args.md:
-            write_markdown(runs, args.md, command)
+            write_markdown(runs, args.md, command, _profile_doc(args.profile_json))
         if args.png:
             write_plot(runs, args.png)
     return 0

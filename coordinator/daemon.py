@@ -105,6 +105,8 @@ DECLINE_RATE, DECLINE_BURST = 1 / 60, 2  # declines: an agent sends one and stop
 EVAL_ROUNDS_BACK = 10
 EVENT_RETENTION = 10_000  # newest event rows kept per kind (refusals, failures, declines)
 PRUNE_EVERY_S = 60.0  # how often the pump prunes event rows and old trunk-fetch rows
+SENDER_MAX_AGE_S = 600.0  # a download nobody finished in this long is forgotten
+SENDER_SWEEP_S = 5.0  # how often the pump looks for those (and for dropped downloads)
 # trunk downloads per device (each a few MB): an honest device needs one per install, one
 # more if its copy was damaged; past this, a device re-fetching in a loop is refused
 TRUNK_FETCH_MAX, TRUNK_FETCH_WINDOW_S = 3, 24 * 3600.0
@@ -174,6 +176,11 @@ class Coordinator:
         self._wake = threading.Event()
         self.online: dict[str, str] = {}  # device -> role, for devices that said hello
         self._senders: dict[str, _Outgoing] = {}
+        # the downloads the pump loop still drives: a transfer leaves once it started and
+        # the device confirmed it (nothing more to send or announce), so a pass costs the
+        # transfers in flight, not every one the round made (see _pump_loop)
+        self._pumping: dict[str, _Outgoing] = {}
+        self._swept_at = 0.0  # the pump's last sweep for downloads past SENDER_MAX_AGE_S
         self._receivers: dict[str, BlobReceiver] = {}
         self._uploads: dict[tuple[str, str], _Upload] = {}  # (device, transfer id)
         self._upload_of: dict[str, str] = {}  # device -> its one open upload
@@ -591,7 +598,8 @@ class Coordinator:
         manifest = sender.manifest
         xid = manifest.transfer_id
         with self._lock:
-            self._senders[xid] = _Outgoing(device, rnd, purpose, sender, created=time.monotonic())
+            out = _Outgoing(device, rnd, purpose, sender, created=time.monotonic())
+            self._senders[xid] = self._pumping[xid] = out
         self.store.later("add_traffic", rnd, device, "down", purpose, len(data))
         return manifest
 
@@ -1313,6 +1321,23 @@ class Coordinator:
             with self._lock:
                 self._senders.pop(xid, None)
 
+    def _sweep_senders(self, finished: list[tuple[str, _Outgoing]], now: float) -> None:
+        """The pump's bookkeeping: ``finished`` downloads (started and confirmed, or dropped
+        from ``_senders``) leave ``_pumping``; every SENDER_SWEEP_S, downloads past SENDER_MAX_AGE_S are forgotten
+        and ``_pumping`` loses the ones no longer in ``_senders`` (dropped when a round
+        closed or a device confirmed)."""
+        with self._lock:
+            for xid, out in finished:
+                if self._pumping.get(xid) is out:
+                    del self._pumping[xid]
+            if now - self._swept_at < SENDER_SWEEP_S:
+                return
+            self._swept_at = now
+            for xid in [x for x, o in self._senders.items() if now - o.created > SENDER_MAX_AGE_S]:
+                del self._senders[xid]
+            for xid in [x for x, o in self._pumping.items() if self._senders.get(x) is not o]:
+                del self._pumping[xid]
+
     def _out_budget(self) -> int:
         """How many download chunks may be handed to the MQTT client now (``OUT_BACKLOG``)."""
         t = self.transport
@@ -1321,29 +1346,39 @@ class Coordinator:
     def _pump_loop(self) -> None:
         """Drive retransmits of downloads and the chunks the backlog bound held back (in
         turn, starting one further each pass, so no device waits behind the same ones);
-        forget transfers nobody finished in 10 minutes."""
+        forget transfers nobody finished in 10 minutes. A pass visits only the downloads
+        in ``_pumping``: one that started and was confirmed leaves it (its sender is done
+        for good, and only a device's report, handled elsewhere, touches it again), and one
+        dropped from ``_senders`` leaves it too. Visiting every download of the round 4-20
+        times a second made the pump's own CPU grow with the fleet while the work did not
+        (docs/benchmarks.md, "Coordinator CPU profile")."""
         turn, tick = 0, 0.25
         while not self._stop.wait(tick):
             with self._lock:
-                outs = list(self._senders.items())
+                outs = list(self._pumping.items())
             now = time.monotonic()
             if outs:
                 turn = (turn + 1) % len(outs)
                 outs = outs[turn:] + outs[:turn]
             room = self._out_budget()
+            finished: list[tuple[str, _Outgoing]] = []
+            senders = self._senders
             for xid, out in outs:
                 try:
-                    if out.started and not out.sender.done:
+                    if senders.get(xid) is not out:  # dropped since the snapshot: never again
+                        finished.append((xid, out))
+                    elif out.started and not out.sender.done:
                         if room > 0:
                             room -= out.sender.pump()
-                    elif (not out.started and out.announce is not None
+                    elif out.started:
+                        finished.append((xid, out))
+                    elif (out.announce is not None
                           and now - out.announced_at > retry_delay(out.announces)):
                         self._announce(xid, *out.announce)
                 except FedCoEError as exc:
                     log.warning("download %s to %s: %s", xid, out.device, exc)
-                if now - out.created > 600:
-                    with self._lock:
-                        self._senders.pop(xid, None)
+            if finished or now - self._swept_at >= SENDER_SWEEP_S:
+                self._sweep_senders(finished, now)
             tick = 0.05 if room <= 0 else 0.25  # chunks held back: look again sooner
             self._expire_uploads()
             if now - self._devices_seen_at >= DEVICES_RELOAD_S:

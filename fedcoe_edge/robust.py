@@ -187,6 +187,22 @@ class DefenceState:
     bound: float | None = None  # None: no round closed yet (the first-round rule applies)
     norm_history: list[float] = field(default_factory=list)  # median pre-clip norm per round
     samples: dict[str, float] = field(default_factory=dict)  # device -> last accepted weight
+    # samples_cap of ``samples`` per multiple: the history is fixed while a round runs (the
+    # next round gets a new state), so its median is taken once a round, not per update
+    _caps: dict[tuple[float, int], float | None] = field(default_factory=dict, init=False,
+                                                         repr=False, compare=False)
+
+    def samples_cap(self, multiple: float) -> float | None:
+        """:func:`samples_cap` of this state's history, computed once per state (and again
+        should ``samples`` gain or lose devices): every update of a round is capped by the
+        same value, and a median over the fleet per update cost O(fleet) each
+        (docs/benchmarks.md, "Coordinator CPU profile")."""
+        key = (float(multiple), len(self.samples))
+        if key not in self._caps:
+            if len(self._caps) >= 8:
+                self._caps.clear()
+            self._caps[key] = samples_cap(self.samples.values(), multiple)
+        return self._caps[key]
 
     def to_json(self) -> dict[str, Any]:
         return {"bound": self.bound, "norm_history": [float(x) for x in self.norm_history],
@@ -227,7 +243,7 @@ def defend(state: DefenceState, cfg: TrainConfig, result: ClientResult,
         params, norm = clip_update(result.params, base, bound)
     n = kept = _as_float(result.num_samples)
     if cfg.samples_cap > 0:
-        cap = samples_cap(state.samples.values(), cfg.samples_cap)
+        cap = state.samples_cap(cfg.samples_cap)
         n = capped_samples(n, cap, state.samples.get(result.client_id), cfg.samples_growth)
         # the history keeps the report itself until a cap exists: the first round's equal
         # weights say nothing about the fleet's sizes, and its median is robust to a liar

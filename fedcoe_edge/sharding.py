@@ -183,7 +183,8 @@ def check_partial(p: Partial, *, rnd: int, allowed: Iterable[str], template: Par
     if p.round != rnd:
         raise ValidationError(f"partial is for round {p.round}, the open round is {rnd}")
     allowed_set = set(allowed)
-    if len(set(p.clients)) != len(p.clients):
+    members = set(p.clients)
+    if len(members) != len(p.clients):
         raise ValidationError("partial lists a client twice")
     stray = [c for c in p.clients if c not in allowed_set]
     if stray:
@@ -220,7 +221,7 @@ def check_partial(p: Partial, *, rnd: int, allowed: Iterable[str], template: Par
         raise ValidationError("partial routing share must be finite, >= 0, one per expert")
     width = template.share.shape[0] if template.share is not None else None
     for cid, row in p.affinity.items():
-        if cid not in p.clients:
+        if cid not in members:
             raise ValidationError(f"partial has an affinity row for {cid!r:.40}, not one of its clients")
         if (not isinstance(row, list) or (width is not None and len(row) != width)
                 or not all(_finite_nonneg(v) for v in row)):

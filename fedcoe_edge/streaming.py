@@ -216,13 +216,24 @@ class Partial:
     clients: list[str] = field(default_factory=list)
     extra_sums: Arrays = field(default_factory=dict)
     extra_rows: Arrays = field(default_factory=dict)
+    # ``clients`` as a set, for admit's duplicate check in O(1): a list scan per result made
+    # a round of N results cost O(N^2) (docs/benchmarks.md, "Coordinator CPU profile")
+    _members: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
+
+    def _known(self) -> set[str]:
+        """The set of ``clients``, rebuilt when the list was changed behind its back (a
+        caller that assigns or appends to ``clients`` directly)."""
+        if len(self._members) != len(self.clients):
+            self._members = set(self.clients)
+        return self._members
 
     def admit(self, client_id: str, num_samples: int) -> None:
         """Count one client in (before its numbers are folded); ValueError on a second
         result from the same client, which would count twice."""
-        if client_id in self.clients:
+        if client_id in self._known():
             raise ValueError(f"client {client_id!r:.40} is already in the partial of round {self.round}")
         self.clients.append(client_id)
+        self._members.add(client_id)
         self.samples += num_samples
 
     def check_rows(self) -> None:
@@ -238,7 +249,7 @@ class Partial:
         state must have the same names (both partials come from the same ``new_partial``)."""
         if other.round != self.round:
             raise ValueError(f"partial of round {other.round} merged into round {self.round}")
-        overlap = set(self.clients) & set(other.clients)
+        overlap = self._known() & set(other.clients)
         if overlap:
             raise ValueError(f"partials overlap on client(s) {sorted(overlap)[:5]}")
         for what, mine, theirs in (("sums", self.extra_sums, other.extra_sums),

@@ -500,3 +500,22 @@ def test_a_resent_fetch_reuses_the_download_it_already_started(tmp_path: Path) -
         other = downloads() - before
     assert len(first) == 1 and again == first
     assert len(other) == 2
+
+
+def test_the_pump_drives_only_downloads_in_flight(tmp_path: Path) -> None:
+    """The pump loop's pass visits ``_pumping``, not every download of the round: after a
+    round every confirmed download has left it, one still waiting for its device stays
+    (and its announce is repeated), and one dropped from ``_senders`` (as a closing round
+    drops its task downloads) leaves it and is never announced again."""
+    with _after_one_round(tmp_path) as (fed, c):
+        c._on_fetch("ghost", 1, Fetch("cold", (0, 1)))  # never answers: stays announced
+        with c._lock:
+            ghost = next(x for x, o in c._senders.items() if o.device == "ghost")
+            out = c._senders[ghost]
+        fed.wait(lambda: set(c._pumping) == {ghost}, 30, "only the ghost's download in the pump")
+        fed.wait(lambda: out.announces >= 2, 30, "the ghost's announce repeated")
+        with c._lock:
+            del c._senders[ghost]
+            announces = out.announces
+        fed.wait(lambda: not c._pumping, 30, "a dropped download leaves the pump's set")
+        assert out.announces == announces

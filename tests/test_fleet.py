@@ -96,3 +96,82 @@ def test_report_files(tmp_path: Path) -> None:
     assert "| 100 | 1/1 |" in text and "log-log slope" in text
     assert (tmp_path / "f.png").stat().st_size > 1000
     json.dumps(runs)
+
+
+def test_profile_summary_and_report_section(tmp_path: Path) -> None:
+    """py-spy's collapsed stacks become own / inclusive shares over the working samples
+    (waits set apart), kept per label, and fleet.md renders them as its own section."""
+    from benchmarks import fleet_profile
+    from benchmarks.fleet import write_markdown
+
+    raw = "\n".join([
+        "Thread._bootstrap (threading.py:1002);Coordinator._on_ctl (coordinator/daemon.py:640);"
+        "decode_envelope (fedcoe_edge/wire/envelope.py:405) 6",
+        "Thread._bootstrap (threading.py:1002);Coordinator._on_ctl (coordinator/daemon.py:650);"
+        "Client.publish (paho/mqtt/client.py:9) 2",
+        "Thread._bootstrap (threading.py:1002);Coordinator._pump_loop (coordinator/daemon.py:1) ;"
+        "Event.wait (threading.py:600);Condition.wait (threading.py:320) 2",
+        "garbage line", ""])
+    p = fleet_profile.summarise(raw)
+    assert p["samples"] == 10 and p["waiting_share"] == 0.2
+    assert p["self"][0] == ["decode_envelope (fedcoe_edge/wire/envelope.py)", 0.75]
+    assert p["inclusive"][0] == ["Coordinator._on_ctl (coordinator/daemon.py)", 1.0]
+    assert all("paho" not in f and "threading" not in f for f, _ in p["inclusive"])
+    doc = tmp_path / "profile.json"
+    run = {"devices": 10, "rounds": 1, "rounds_completed": 1, "loadavg_1m_start": 0.5,
+           "round_rows": [{"wall_s": 2.0, "accepted": 10, "failed": 0}], "coordinator_profile": p}
+    fleet_profile.record(doc, "before", "cmd a", [run], {10: 4.0})
+    fleet_profile.record(doc, "before", "cmd a2", [{**run, "devices": 20}], {20: 9.0})
+    fleet_profile.record(doc, "after", "cmd b", [run], {10: 3.0})
+    kept = json.loads(doc.read_text())
+    # a size run on its own keeps the label's other sizes
+    assert [s["coord_cpu_s_per_round"] for s in kept["before"]["sizes"]] == [4.0, 9.0]
+    fleet_profile.record(doc, "after", "cmd b", [run], {10: 2.0})  # a repeat
+    kept = json.loads(doc.read_text())
+    row = {"round": 1, "selected": 10, "accepted": 10, "failed": 0, "rejected": 0,
+           "wall_s": 1.0, "last_task_s": 0.1, "coord_cpu_s": 0.5, "broker_cpu_s": 0.1,
+           "generator_cpu_s": 0.1, "bytes_up": 1, "bytes_down": 2}
+    runs = [{"devices": 10, "rounds": 1, "model": "deploy", "rounds_completed": 1,
+             "round_rows": [row], "coordinator_peak_rss_mb": 100.0, "final_models": 10}]
+    write_markdown(runs, tmp_path / "f.md", "cmd", kept)
+    text = (tmp_path / "f.md").read_text()
+    assert "## Coordinator CPU profile" in text
+    assert "| 10 | after | 2.00 | 1/1 | 10 | 2 | 0.5 | 10 |" in text  # each run
+    assert "| 10 | 4.00 (1 run(s)) | 2.50 (2 run(s)) | -38% |" in text  # means and change
+    assert "75.0% `decode_envelope (fedcoe_edge/wire/envelope.py)`" in text
+
+
+def test_markdown_only_renders_the_kept_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--markdown-only re-renders fleet.md from fleet.json without running anything; a file
+    without runs is one line and exit 2."""
+    row = {"round": 1, "selected": 5, "accepted": 5, "failed": 0, "rejected": 0,
+           "wall_s": 1.0, "last_task_s": 0.1, "coord_cpu_s": 0.5, "broker_cpu_s": 0.1,
+           "generator_cpu_s": 0.1, "bytes_up": 1, "bytes_down": 2}
+    kept = tmp_path / "fleet.json"
+    kept.write_text(json.dumps({"command": "python -m benchmarks.fleet --devices 5", "runs": [
+        {"devices": 5, "rounds": 1, "model": "deploy", "rounds_completed": 1,
+         "round_rows": [row], "coordinator_peak_rss_mb": 100.0, "final_models": 5}]}))
+    md = tmp_path / "fleet.md"
+    args = ["--markdown-only", "--json", str(kept), "--md", str(md),
+            "--profile-json", str(tmp_path / "none.json")]
+    assert main(args) == 0
+    assert "| 5 | 1/1 |" in md.read_text() and "Coordinator CPU profile" not in md.read_text()
+    kept.write_text("{}")
+    assert main(args) == 2
+    assert "no fleet runs to render" in capsys.readouterr().err
+
+
+def test_micro_measures_the_fixed_items_and_the_report_shows_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m benchmarks.fleet_profile --micro LABEL N`` keeps CPU-s per item under its
+    label and fleet.md's profile section shows them; a size that is not a number is exit 2."""
+    from benchmarks import fleet_profile
+
+    doc = tmp_path / "profile.json"
+    assert fleet_profile.main(["--micro", "after", "5", "--profile-json", str(doc)]) == 0
+    got = json.loads(doc.read_text())["micro"]["after"][0]
+    assert got["devices"] == 5 and all(got[k] >= 0 for k in ("defend_s", "admit_s", "parse_json_s"))
+    text = "\n".join(fleet_profile.markdown(json.loads(doc.read_text())))
+    assert "| 5 | defend | " in text and "| 5 | parse_json | " in text
+    assert fleet_profile.main(["--micro", "after", "x", "--profile-json", str(doc)]) == 2
+    assert "fleet sizes N >= 1" in capsys.readouterr().err

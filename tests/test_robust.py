@@ -400,3 +400,15 @@ def test_simulator_attack_hook_replaces_what_the_server_receives() -> None:
     w = weights_norm(sent, list(sent))
     assert moved["none"] > 100 and moved["none"] > 100 * moved["default"], moved
     assert moved["default"] <= 0.5 * w, (moved, w)  # 2 honest changes plus one clipped to 0.5 w, /3
+
+
+def test_defence_state_takes_the_samples_cap_once_per_history() -> None:
+    """Every update of a round is capped by the same median of the history: the state
+    computes it once (not per update) and again when the history gains a device."""
+    st = DefenceState(bound=1.0, samples={"a": 10.0, "b": 20.0, "c": 30.0})
+    assert st.samples_cap(2.0) == samples_cap(st.samples.values(), 2.0) == pytest.approx(40.0)
+    st.samples["z"] = 1e9  # a caller that grows the history in place gets the new median
+    assert st.samples_cap(2.0) == samples_cap(st.samples.values(), 2.0) == pytest.approx(50.0)
+    assert st.samples_cap(3.0) == pytest.approx(75.0)
+    assert DefenceState().samples_cap(2.0) is None
+    assert st == DefenceState(bound=1.0, samples=dict(st.samples))  # the memo is not state

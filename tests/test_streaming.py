@@ -251,3 +251,24 @@ def test_every_strategy_streams_and_a_partial_one_is_refused() -> None:
         register_strategy("fedavg", FedAvg)
     with pytest.raises(RegistryError, match="not a subclass"):
         register_strategy("x", dict)  # type: ignore[arg-type]
+
+
+def test_partial_admit_refuses_a_second_result_after_merges_and_direct_edits() -> None:
+    """admit's duplicate check (a set beside ``clients``) sees clients that came in by
+    merge, by from_arrays and by a caller appending to ``clients`` itself."""
+    p = Partial(1)
+    for c in ("a", "b"):
+        p.admit(c, 1)
+    other = Partial(1)
+    other.admit("c", 2)
+    p.merge(other)
+    p.clients.append("d")
+    for c in ("a", "c", "d"):
+        with pytest.raises(ValueError, match="already in the partial"):
+            p.admit(c, 1)
+    p.admit("e", 1)
+    back = Partial.from_arrays(*p.to_arrays())
+    with pytest.raises(ValueError, match="already in the partial"):
+        back.admit("e", 1)
+    back.admit("f", 1)
+    assert back.clients == ["a", "b", "c", "d", "e", "f"] and p.samples == 5

@@ -785,3 +785,28 @@ def test_window_due_honours_a_limit_and_wants_says_when_to_call() -> None:
     assert w.wants(0.6)
     assert w.due(0.6, limit=1) == [2]  # the resend goes first
     assert w.due(0.6) == [4, 5, 6]  # in flight now: 2 only
+
+
+def test_depth_scan_runs_only_when_the_brackets_could_exceed_the_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The nesting can be no deeper than the count of ``[``/``{`` bytes: a document with at
+    most the limit of them is parsed without the exact scan; one with more still gets it
+    (and a deep one is refused), brackets inside strings included in the count."""
+    import fedcoe_edge.wire.envelope as envelope_mod
+
+    calls: list[bytes] = []
+    exact = envelope_mod.json_depth
+
+    def counted(d: bytes) -> int:
+        calls.append(d)
+        return exact(d)
+
+    monkeypatch.setattr(envelope_mod, "json_depth", counted)
+    shallow = b'{"a":[1,[2]],"b":{"c":"x"}}'
+    assert envelope_mod.parse_json(shallow, "t") == {"a": [1, [2]], "b": {"c": "x"}}
+    assert calls == []
+    quoted = b'{"s":"' + b"[" * 40 + b'"}'
+    assert envelope_mod.parse_json(quoted, "t") == {"s": "[" * 40}
+    assert calls == [quoted]
+    with pytest.raises(WireError, match="nested 33 deep"):
+        envelope_mod.parse_json(b'{"x":' + b"[" * 32 + b"]" * 32 + b"}", "t")
