@@ -217,13 +217,12 @@ def test_a_thousand_dripping_identities_do_not_starve_six_honest_devices(
     c = fed.start_coordinator()
     figures: dict[str, Any] = {"broker": broker}
     evicted: list[str] = []  # devices whose upload was dropped to make room (refusal rows
-    if hasattr(c, "_evict_upload"):  # are pruned to the newest 10,000: count them here)
-        drop = c._evict_upload
+    drop = c._evict_upload  # are pruned to the newest 10,000: count them here)
 
-        def counted(dev: str, xid: str, why: str) -> None:
-            evicted.append(dev)
-            drop(dev, xid, why)
-        c._evict_upload = counted  # type: ignore[method-assign]
+    def counted(dev: str, xid: str, why: str) -> None:
+        evicted.append(dev)
+        drop(dev, xid, why)
+    c._evict_upload = counted  # type: ignore[method-assign]
     try:
         fed.wait(lambda: c.transport is not None and c.transport.connected, WAIT, "coordinator up")
         loris.hello()
@@ -233,10 +232,9 @@ def test_a_thousand_dripping_identities_do_not_starve_six_honest_devices(
             fed.wait(lambda r=rnd: c.round_open and c.round == r and  # type: ignore[misc]
                      len(c.tasks) == honest + attackers, WAIT, f"round {rnd} open")
             limit = _upload_limit(c, loris.ids[0])
-            if rnd == 1:  # half of the slowloris's uploads fill it (old and new code read these)
+            if rnd == 1:  # half of the slowloris's uploads fill it
                 c.fed.reassembly_budget_mb = attackers * limit / 2 / 2**20
-                if hasattr(c, "_budget"):
-                    c._budget.total_bytes = attackers * limit // 2
+                c._budget.total_bytes = attackers * limit // 2
             loris.attack(rnd, limit)
             fed.wait(lambda r=rnd: c.round > r or not c.round_open,  # type: ignore[misc]
                      WAIT, f"round {rnd} closed")
