@@ -19,11 +19,11 @@ ERROR or traceback in any log:
   and image folders with a class list, three rounds, then ``fedcoe predict`` on the int8
   bundle each device rebuilt.
 
-The camera and sharded federations are ``slow`` (seven or eight daemon processes, each
-importing torch, minutes of wall time on two cores): ``make test-all`` runs them. ``make
-test`` keeps the quickstart federation here, a leader and two shard processes over
-Mosquitto (tests/test_shards_e2e.py) and the trunk fetch over the wire
-(tests/test_trunk_fetch.py).
+The camera and sharded federations are ``slow`` (a pretrained trunk and four daemons on
+MobileNetV3-Small; seven daemon processes): minutes of wall time on two cores, so ``make
+test-all`` runs them. ``make test`` keeps the quickstart federation here, a leader and two
+shard processes over Mosquitto (tests/test_shards_e2e.py) and the trunk fetch over the
+wire (tests/test_trunk_fetch.py).
 """
 
 from __future__ import annotations
