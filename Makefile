@@ -46,14 +46,10 @@ wheel: $(STAMP)
 	rm -rf dist
 	$(BIN)/python -m build --outdir dist .
 
+# The whole deployment on one machine (benchmarks/demo.py): broker, coordinator, 6 agents, 10
+# rounds, a cold device, each device's int8 bundle, and one bundle scored without torch.
 demo: setup
 	$(BIN)/fedcoe demo --out runs/demo --json runs/demo/demo.json
-	@echo "--- export: a simulated FedCoE client as an int8 ONNX bundle, beside its torch model ---"
-	$(BIN)/fedcoe simulate --dataset digits --partition dirichlet --alpha 0.5 --clients 10 --new-clients 2 \
-	  --rounds 15 --algorithms fedcoe --seeds 0 --no-progress --out runs/demo-export
-	$(BIN)/fedcoe export --checkpoint-dir runs/demo-export/checkpoints --client 0 \
-	  --out runs/demo-export/bundle_client0 --quantize int8 --calibration-samples 128 \
-	  --report runs/demo-export/export_report.json
 
 # One pytest-xdist worker per core; a file whose tests share a module-scoped fixture stays on
 # one worker (tests/conftest.py). `make test` skips the tests marked `slow` (minutes each);

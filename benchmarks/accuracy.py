@@ -61,6 +61,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 DEFAULT_TUNED = DEFAULT_OUT / "tuned.json"
 DEFAULT_FRACTION = 0.1  # 6,000 Fashion-MNIST training images: the grid fits a 2-core machine
 QUICK_FRACTION = 0.02
+QUICK_GLOBAL_TEST = 1000  # --quick scores the global model on a stratified slice of this size
 # the goals of the report (docs/benchmarks.md, "Accuracy")
 MIN_SHARE = 0.10  # an expert "carries" routing mass from this share on
 MIN_CARRYING_EXPERTS = 3
@@ -158,6 +159,10 @@ class Grid:
     tuned: dict[str, dict[str, dict[str, Any]]] | None = None
     ablation_seeds: list[int] | None = None  # None: the same seeds as the main grid
     ablation_settings: tuple[str, ...] = ABLATION_SETTINGS
+    # None: the whole global test set; a number: a stratified slice of that many images
+    # (``--quick``: evaluating a 2-round smoke run on all 10,000 Fashion-MNIST test images
+    # was most of its time; docs/benchmarks.md, "Accuracy: FedCoE against seven baselines")
+    global_test_samples: int | None = None
 
     def knobs(self, setting: str, algorithm: str) -> dict[str, Any]:
         """The tuned knobs of ``algorithm`` for the setting's dataset ({} when untuned)."""
@@ -196,6 +201,8 @@ class Grid:
             "model": self.model.to_dict(),
             "train": train,
         }
+        if self.global_test_samples is not None:  # absent otherwise: existing keys hold
+            doc["global_test_samples"] = self.global_test_samples
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
     def ablation_seed_list(self) -> list[int]:
@@ -227,6 +234,7 @@ class Grid:
             "min_samples": self.min_samples,
             "eval_every": self.eval_every,
             "data_fraction": self.data_fraction,
+            "global_test_samples": self.global_test_samples,
             "split": self.split,
             "model": self.model.to_dict(),
             "train": self.train.to_dict(),
@@ -298,6 +306,7 @@ def run_job(grid: Grid, setting_name: str, algorithm: str, seed: int) -> dict[st
         data_fraction=fraction,
         data_dir=grid.data_dir,
     )
+    fed = limit_global_test(fed, grid.global_test_samples, seed)
     model = fit_model_to_data(grid.model, fed)
     cfg = SimulationConfig(
         dataset=s.dataset,
@@ -328,6 +337,21 @@ def run_job(grid: Grid, setting_name: str, algorithm: str, seed: int) -> dict[st
         "diagnostics": jsonable(result.diagnostics),
         "macs": {"fedcoe": int(active_macs(model)), "baseline": int(active_macs(plain_config(model)))},
     }
+
+
+def limit_global_test(fed: Any, samples: int | None, seed: int) -> Any:
+    """``fed`` with a stratified slice of ``samples`` global test images (every class kept
+    in proportion), or unchanged when ``samples`` is None or the set is no larger."""
+    import dataclasses
+
+    from fedcoe_edge.data.federation import stratified_subset
+
+    n = len(fed.y_global_test)
+    if samples is None or n <= samples:
+        return fed
+    keep = stratified_subset(fed.y_global_test, samples / n, np.random.default_rng([seed, 7]))
+    return dataclasses.replace(fed, x_global_test=fed.x_global_test[keep],
+                               y_global_test=fed.y_global_test[keep])
 
 
 def jsonable(value: Any) -> Any:
@@ -503,6 +527,7 @@ def build_document(
                 "seeds": grid.seeds,
                 "min_samples": grid.min_samples,
                 "data_fraction": grid.fraction_for(s_name),
+                "global_test_samples": grid.global_test_samples,
                 "split": grid.split,
                 "model": grid.model.to_dict(),
                 "train": grid.train.to_dict(),
@@ -986,7 +1011,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help=f"smoke test: 2 rounds, 6+1 clients, seed 0, {QUICK_FRACTION:g} of Fashion-MNIST, "
-        "untuned",
+        f"{QUICK_GLOBAL_TEST} global test images, untuned",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -1015,6 +1040,7 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
     if args.quick:
         grid.rounds, grid.clients, grid.new_clients, grid.seeds = 2, 6, 1, [0]
         grid.eval_every, grid.data_fraction, grid.ablation_seeds = 1, QUICK_FRACTION, None
+        grid.global_test_samples = QUICK_GLOBAL_TEST
     bad = [s for s in grid.settings if s not in SETTINGS]
     if bad:
         raise ConfigError(f"unknown setting(s) {', '.join(bad)}; known: {', '.join(SETTINGS)}")

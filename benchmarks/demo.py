@@ -263,7 +263,10 @@ def _run_federation(demo: Demo, t0: float) -> dict[str, Any]:
     while not [e for e in store.evals("cold") if e["device"] == cold_dev]:
         demo.tick()
     failed = _wait_for_bundles(demo, store) if args.bundle != "off" else []
+    check = (bundle_check(demo, store, "dev0")
+             if args.bundle != "off" and "dev0" not in failed else None)
     summary = summarize(store, args, rows, cold_dev, time.monotonic() - t0)
+    summary["bundle_check"] = check
     summary["bundles"] = sorted(p.parent.parent.name for p in
                                 (demo.out / "devices").glob("*/bundle/manifest.json"))
     summary["bundles_failed"] = failed
@@ -323,6 +326,39 @@ def _wait_for_bundles(demo: Demo, store: Any) -> list[str]:
     if failed:
         print(f"bundle rebuild failed on {', '.join(failed)} (see their logs)", flush=True)
     return failed
+
+
+def bundle_check(demo: Demo, store: Any, dev: str) -> dict[str, Any]:
+    """What a device runs after the federation: ``dev``'s own signed int8 bundle, opened as
+    ``fedcoe predict`` opens it (onnxruntime + numpy, signature checked with the device's
+    key), scored on the device's test split beside the accuracy its torch model reported
+    for the last round, and its size beside the fp32 weights it holds. This is the export
+    step of the demo: the bundle is the one the device rebuilt, not a second model."""
+    from device_agent.config import DataSettings
+    from device_agent.data import load_demo
+    from fedcoe_edge.bundle_sig import BundleKeys
+    from fedcoe_edge.runtime import MoESession
+
+    a, state = demo.args, demo.out / "devices" / dev
+    data = load_demo(DataSettings(dataset="digits", client=dev.removeprefix("dev"),
+                                  partition=EvalSettings.partition, num_clients=a.devices,
+                                  new_clients=EvalSettings.new_clients, alpha=a.alpha, seed=a.seed))
+    key = bytes.fromhex((demo.out / "keys" / f"{dev}.key").read_text().strip())
+    session = MoESession(state / "bundle", keys=BundleKeys(hmac_key=key))
+    int8_acc = float((session.predict(data.x_test).argmax(1) == data.y_test).mean())
+    torch_eval = [e for e in store.evals("personal") if e["device"] == dev and e["round"] == a.rounds]
+    torch_acc = torch_eval[-1]["correct"] / torch_eval[-1]["total"] if torch_eval else None
+    bundle_bytes = sum(f.stat().st_size for f in (state / "bundle").iterdir() if f.is_file())
+    fp32_bytes = sum((state / f).stat().st_size for f in ("global.safetensors", "local.safetensors")
+                     if (state / f).is_file())
+    print(f"\n{dev}'s int8 bundle ({state / 'bundle'}, signed {session.verified_by}, experts "
+          f"{session.held_experts}): {bundle_bytes / 1024:.1f} KB of ONNX files vs "
+          f"{fp32_bytes / 1024:.1f} KB of fp32 weights it trained with; top-1 on its "
+          f"{len(data.y_test)} test images {int8_acc:.4f} int8 (onnxruntime, no torch) vs "
+          f"{_fmt(torch_acc)} for its torch model after round {a.rounds}", flush=True)
+    return {"device": dev, "int8_acc": int8_acc, "torch_acc": torch_acc,
+            "test_samples": len(data.y_test), "bundle_bytes": bundle_bytes,
+            "fp32_weights_bytes": fp32_bytes, "verified_by": session.verified_by}
 
 
 def bundle_status(store: Any) -> dict[str, dict[str, Any]]:

@@ -91,12 +91,28 @@ def digits_moe():
 
 @pytest.fixture(scope="session")
 def digits_bundle(digits_moe, tmp_path_factory):
-    """An int8 (auto) bundle of ``digits_moe`` holding all K experts, with fp32 copies and fused graph."""
+    """An int8 (auto) bundle of ``digits_moe`` holding all K experts, with fp32 copies and fused graph.
+
+    Exported once per test run, not once per xdist worker: the first worker to get here
+    builds it under a file lock in the folder the workers' temporary folders share, and
+    each worker gets its own copy (its own parent folder, as before). ``digits_moe`` is
+    seeded and single-threaded, so every worker trains the model the bundle came from."""
+    import fcntl
+    import os
+    import shutil
+
     from export.bundle import build_bundle, calibration_sample
 
     model, x_train = digits_moe[0], digits_moe[1]
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    built = shared / "digits_bundle_shared"
+    with open(shared / "digits_bundle.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (built / "manifest.json").is_file():
+            build_bundle(model, built, calibration=calibration_sample(x_train, 128))
     out = tmp_path_factory.mktemp("bundle") / "digits"
-    build_bundle(model, out, calibration=calibration_sample(x_train, 128))
+    shutil.copytree(built, out)
     return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import tune
@@ -22,6 +23,7 @@ def test_quick_grid_report_and_resume(tmp_path: Path, capsys: pytest.CaptureFixt
     assert set(doc["settings"]) == {"fmnist-dir0.1", "digits-dir0.1"}
     block = doc["settings"]["fmnist-dir0.1"]
     assert block["rounds"] == 2 and block["config"]["data_fraction"] == 0.02
+    assert block["config"]["global_test_samples"] == 1000
     assert set(block["algorithms"]) == {"fedcoe", "local", "fedavg", "fedcoe-full"}
     # ablations run at fmnist-dir0.1 only
     assert "fedcoe-full" not in doc["settings"]["digits-dir0.1"]["algorithms"]
@@ -51,10 +53,34 @@ def test_quick_grid_report_and_resume(tmp_path: Path, capsys: pytest.CaptureFixt
     capsys.readouterr()
     assert main([*TINY, "--out", str(out)]) == 0
     assert "7 cached" in capsys.readouterr().err and len(cache.read_text().splitlines()) == 7
-    cache.write_text("\n".join(lines[:6]) + "\n{\"key\": \"torn")
+    # the run left out is the cheapest one (digits, no shared model), so the resume re-runs
+    # seconds of training, not a Fashion-MNIST run evaluated on its 10,000 test images
+    cheap = next(i for i, line in enumerate(lines)
+                 if json.loads(line)["key"].startswith("digits-dir0.1|local|"))
+    kept = lines[:cheap] + lines[cheap + 1:]
+    cache.write_text("\n".join(kept) + "\n{\"key\": \"torn")
     assert main([*TINY, "--out", str(out)]) == 0
     assert "6 cached" in capsys.readouterr().err
     assert len(load_cache(cache)) == 7  # the re-run record did not glue onto the torn line
+
+
+def test_quick_global_test_is_a_stratified_slice() -> None:
+    """``--quick`` scores on a slice of the global test set that keeps every class in
+    proportion; the full grid (None) and a set no larger than the slice are left whole."""
+    from benchmarks.accuracy import limit_global_test
+    from fedcoe_edge.data import make_federation
+
+    fed = make_federation("digits", "dirichlet", 3, 1, 0, 0.5, 20)
+    n = len(fed.y_global_test)
+    assert limit_global_test(fed, None, 0) is fed and limit_global_test(fed, n, 0) is fed
+    cut = limit_global_test(fed, n // 3, 0)
+    assert abs(len(cut.y_global_test) - n // 3) <= 10  # one rounding per class
+    want = np.bincount(fed.y_global_test, minlength=10) / n
+    got = np.bincount(cut.y_global_test, minlength=10) / len(cut.y_global_test)
+    assert np.abs(got - want).max() < 0.02 and (got > 0).all()
+    rows = {r.tobytes() for r in fed.x_global_test}
+    assert all(r.tobytes() in rows for r in cut.x_global_test)  # a subset, not new images
+    assert cut.clients is fed.clients  # the clients' data untouched
 
 
 def test_bad_arguments_and_missing_tuning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -84,3 +85,44 @@ def test_demo_refuses_a_folder_it_did_not_create(tmp_path: Path) -> None:
     proc = subprocess.run(demo_cmd(tmp_path), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "is not empty and not a previous demo folder" in proc.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_bundle_check_scores_the_devices_own_signed_bundle(tmp_path: Path, digits_bundle: Path) -> None:
+    """The demo's last step: a device's bundle, opened with that device's key, scored on the
+    device's own test split (the split the agent trains on), beside the accuracy its torch
+    model reported; a bundle the key does not verify is refused, never scored."""
+    import argparse
+    import shutil
+
+    from benchmarks.demo import Demo, bundle_check
+    from device_agent.config import DataSettings
+    from device_agent.data import load_demo
+    from fedcoe_edge.bundle_sig import BundleKeys, sign_manifest
+    from fedcoe_edge.errors import BundleError
+    from fedcoe_edge.runtime import MoESession
+
+    key = bytes(range(32))
+    state = tmp_path / "devices" / "dev1"
+    shutil.copytree(digits_bundle, state / "bundle")
+    manifest = state / "bundle" / "manifest.json"
+    manifest.write_text(json.dumps(sign_manifest(json.loads(manifest.read_text()),
+                                                 BundleKeys(hmac_key=key))))
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "dev1.key").write_text(key.hex() + "\n")
+    (state / "local.safetensors").write_bytes(b"x" * 1000)
+    args = argparse.Namespace(out=tmp_path, rounds=3, devices=3, alpha=0.5, seed=0, timeout=1.0)
+
+    class Store:  # the coordinator's evals table: dev1's torch model scored 7/10 in round 3
+        def evals(self, kind: str) -> list[dict[str, Any]]:
+            return [{"device": "dev1", "round": 3, "correct": 7, "total": 10}] if kind == "personal" else []
+
+    got = bundle_check(Demo(args), Store(), "dev1")
+    data = load_demo(DataSettings(dataset="digits", client="1", num_clients=3))
+    want = float((MoESession(digits_bundle).predict(data.x_test).argmax(1) == data.y_test).mean())
+    assert got["int8_acc"] == want and got["test_samples"] == len(data.y_test) > 0
+    assert got["torch_acc"] == 0.7 and got["verified_by"] == "hmac-sha256"
+    assert got["fp32_weights_bytes"] == 1000
+    assert got["bundle_bytes"] == sum(f.stat().st_size for f in (state / "bundle").iterdir() if f.is_file())
+    (tmp_path / "keys" / "dev1.key").write_text(bytes(range(1, 33)).hex() + "\n")
+    with pytest.raises(BundleError, match="signature does not verify"):
+        bundle_check(Demo(args), Store(), "dev1")

@@ -18,6 +18,12 @@ ERROR or traceback in any log:
 * the quickstart federation (docs/quickstart.md, step 4): the quickstart's own trunk module
   and image folders with a class list, three rounds, then ``fedcoe predict`` on the int8
   bundle each device rebuilt.
+
+The camera and sharded federations are ``slow`` (a pretrained trunk and four daemons on
+MobileNetV3-Small; seven daemon processes): minutes of wall time on two cores, so ``make
+test-all`` runs them. ``make test`` keeps the quickstart federation here, a leader and two
+shard processes over Mosquitto (tests/test_shards_e2e.py) and the trunk fetch over the
+wire (tests/test_trunk_fetch.py).
 """
 
 from __future__ import annotations
@@ -178,6 +184,7 @@ def bundled(fed: Path, devices: list[str]) -> Callable[[], bool]:
 
 
 # --- (b) the sharded federation -------------------------------------------------------------
+@pytest.mark.slow
 def test_sharded_federation_each_aggregator_logs_in_as_itself(tmp_path: Path, init_broker_tools: None,
                                                               digits_npz: Any) -> None:
     """``fedcoe init --shards 2`` then the leader and two shards as docs/daemons.md starts
@@ -307,6 +314,7 @@ def camera_npz(path: Path, part: int, parts: int, per_device: int = 90) -> None:
     np.savez(path, x_train=cam[:cut], y_train=lab[:cut], x_test=cam[cut:], y_test=lab[cut:])
 
 
+@pytest.mark.slow
 def test_camera_federation_frozen_pretrained_trunk_fetched_by_devices(
         tmp_path: Path, init_broker_tools: None) -> None:
     """docs/daemons.md, "Pretrained trunk", as written: ``fedcoe pretrain-trunk`` (one epoch
