@@ -8,11 +8,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10 (JetPack 6, Ubuntu 22.04): the same parser, as tomli
-    import tomli as tomllib  # type: ignore[no-redef]
-
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.errors import ConfigError
 
@@ -39,12 +34,9 @@ def load_toml_sections(path: Path | None) -> dict[str, Any]:
     """Read an optional TOML config with [model] and [train] sections."""
     if path is None:
         return {}
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        doc = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    from fedcoe_edge.protocol import load_toml
+
+    doc = load_toml(path)
     unknown = sorted(set(doc) - {"model", "train"})
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)} (expected [model], [train])")

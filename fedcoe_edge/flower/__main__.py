@@ -14,8 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from fedcoe_edge.errors import ConfigError, FedCoEError
 
 
@@ -25,13 +23,12 @@ def app_run_config(app: Path, overrides: list[str]) -> dict[str, Any]:
     from click import ClickException
     from flwr.common.config import flatten_dict, parse_config_args
 
+    from fedcoe_edge.protocol import load_toml
+
     path = app / "pyproject.toml"
     if not path.is_file():
         raise ConfigError(f"{path}: no such file (APP is a Flower app folder)")
-    try:
-        doc = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    doc = load_toml(path)
     config = dict(flatten_dict(doc.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})))
     try:
         config.update(parse_config_args(overrides))
