@@ -77,7 +77,9 @@ def _input_name(path: Path) -> str:
 def time_round_robin(models: dict[str, Path], x: np.ndarray, blocks: int, calls: int
                      ) -> dict[str, list[float]]:
     """Per block and model, the median ms of ``calls`` single-image calls (after warm-up),
-    the models taken in turn and the order rotated each block."""
+    the models taken in turn, each block in :func:`benchmarks.compare.repeat_order`'s order
+    (rotated and alternated per block, as the latency report's round-robin), and every other
+    call in reverse."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -89,10 +91,12 @@ def time_round_robin(models: dict[str, Path], x: np.ndarray, blocks: int, calls:
     for k, s in sessions.items():  # warm-up
         for i in range(10):
             s.run(None, {names[k]: x[i % len(x)][None]})
+    from benchmarks.compare import repeat_order
+
     medians: dict[str, list[float]] = {k: [] for k in models}
     order = list(models)
     for b in range(blocks):
-        rot = order[b % len(order):] + order[:b % len(order)]
+        rot = [order[j] for j in repeat_order(len(order), b)]
         per: dict[str, list[float]] = {k: [] for k in models}
         for i in range(calls):
             for k in rot if i % 2 == 0 else reversed(rot):

@@ -95,7 +95,7 @@ class Activations(str, enum.Enum):
     kernels. ``S8``: int8 (symmetric) activations. Measured on the trained camera bundle
     (docs/bundle.md, "Same answers on every CPU"): with ``S8`` the int8 top-1 answers of an
     x86 host and of emulated Cortex-A72 / A76 agreed on all 1,000 test images, with ``U8`` on
-    99.3%; ``S8`` runs the trunk 13x slower on x86 (onnxruntime's fast x86 int8 kernels take
+    99.3%; ``S8`` runs the trunk ~3.7x slower on x86 (onnxruntime's fast x86 int8 kernels take
     uint8 activations), so it is for fleets that need the same answers on mixed CPUs more
     than x86 speed."""
 
