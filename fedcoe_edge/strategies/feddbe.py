@@ -201,7 +201,7 @@ class FedDBE(FedAvg):
             run_epochs(model, trainable, data.x_train, data.y_train, self.train_cfg,
                        self.train_cfg.local_epochs, rng, self.dbe_loss(gmean))
         finally:
-            self.bias = None
+            self.bias, self.features = None, None  # drop the last batch's graph
         new = to_arrays(model.global_state())
         return (ClientResult(task.client_id, task.round, data.num_train, new),
                 {PRBM_KEY: bias.detach().numpy().copy()})
