@@ -336,7 +336,8 @@ class RayExecutor:
     def __init__(self, data: Mapping[str, Any], norm_bound: float = NORM_BOUND) -> None:
         self.data = dict(data)
         self.norm_bound = norm_bound
-        self.digests: dict[tuple[str, int], str] = {}
+        # by client and data object; the object is held so that its id cannot be reused
+        self.digests: dict[tuple[str, int], tuple[ClientData, str]] = {}
         self.refused = 0  # answers dropped by the check, over the executor's life
         self._remote: Any = None
 
@@ -362,8 +363,8 @@ class RayExecutor:
         for task, local, data in jobs:
             key = (task.client_id, id(data))
             if key not in self.digests:
-                self.digests[key] = data_digest(data)
-            meta, params = encode_task(task, self.digests[key], algorithm)
+                self.digests[key] = (data, data_digest(data))
+            meta, params = encode_task(task, self.digests[key][1], algorithm)
             calls.append((meta, params, None if local is None else encode_tensors(local)))
         answers = self.run_tasks(spec, calls)
         out: list[tuple[ClientResult | None, Arrays | None]] = []

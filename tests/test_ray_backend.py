@@ -264,7 +264,7 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("algorithm", ["fedcoe", "fedavg"])
+@pytest.mark.parametrize("algorithm", ["fedcoe", "fedavg", "local"])  # local: no tensors travel
 @pytest.mark.usefixtures("one_thread")
 def test_the_encoded_path_gives_the_simulators_states(algorithm: str) -> None:
     here, run_here = states_of(algorithm, None)
