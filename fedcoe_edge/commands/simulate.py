@@ -68,7 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(or use the dataset's official test split), "
                     "partition the rest non-IID over clients, train each algorithm for the given "
                     "rounds and seeds, and report global, personalized and cold-start accuracy "
-                    "with bytes per client per round.",
+                    "with bytes per client per round. --backend ray trains each round's clients "
+                    "as tasks on a Ray cluster instead, with the same numbers.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--dataset", default="digits",
