@@ -374,6 +374,12 @@ class RayExecutor:
                 meta, params, local_bytes = answer
                 result = check_result(task, meta, params, k, self.norm_bound)
                 local = None if local_bytes is None else decode_tensors(local_bytes)
+                if before is not None and local is not None:  # the private state keeps its form
+                    try:
+                        validate_update(local, {n: (v.shape, v.dtype) for n, v in before.items()})
+                    except ValidationError as exc:
+                        raise ValidationError(f"Ray result for client {task.client_id!r}: private "
+                                              f"state {str(exc).removeprefix('update: ')}") from None
             except (FedCoEError, TypeError, ValueError) as exc:
                 self.refused += 1
                 log.warning("round %d: %s", task.round, exc if isinstance(exc, FedCoEError)

@@ -304,6 +304,28 @@ def test_a_refused_answer_is_left_out_and_the_round_goes_on(caplog: pytest.LogCa
 
 
 @pytest.mark.usefixtures("one_thread")
+def test_a_private_state_of_another_form_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    """From round 2 a client's private state must keep the names, shapes and dtypes it had."""
+    class Reshaping(LoopbackExecutor):
+        def run_tasks(self, spec: str, calls: Sequence[tuple[str, bytes, bytes | None]]) -> list[Any]:
+            answers = super().run_tasks(spec, calls)
+            if calls[0][2] is not None:  # round 2: the first client had a state to send
+                meta, params, _ = answers[0]
+                answers[0] = (meta, params, encode_tensors({"x": np.zeros(1, np.float32)}))
+            return answers
+
+    made: list[Reshaping] = []
+
+    def executor(cfg: Any) -> Reshaping:
+        made.append(Reshaping(ray_backend.data_settings(cfg)))
+        return made[0]
+
+    states_of("local", executor)
+    assert made[0].refused == 1
+    assert "private state tensor" in caplog.text and "missing" in caplog.text
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_a_worker_with_other_data_refuses_to_train() -> None:
     task = ClientTask("0", 1, {}, [], {})
     spec = ray_backend.RunSpec("local", 0, {"dataset": "digits", "partition": "dirichlet", "clients": 2,
