@@ -403,12 +403,26 @@ def run_pool(
     jobs: int,
     desc: str,
     progress: bool = True,
+    ray_address: str | None = None,
 ) -> None:
     """Run ``work(*args_of(job))`` for every job on ``jobs`` worker processes with a progress
     bar, handing each finished record to ``on_done`` in the parent (the only cache writer).
-    A run that raises stops the pool after the runs already finished are recorded."""
+    A run that raises stops the pool after the runs already finished are recorded. With
+    ``ray_address`` the jobs are Ray tasks of one CPU each on that cluster instead, each
+    returning its record as JSON (docs/engines.md, "Ray")."""
     from tqdm import tqdm
 
+    if ray_address is not None:
+        from fedcoe_edge import ray_backend
+
+        ray_backend.connect(ray_address)
+        bar = tqdm(total=len(todo), desc=desc, unit="run", disable=not progress, file=sys.stderr)
+        try:
+            ray_backend.run_jobs(todo, work, args_of, on_done, progress=lambda: bar.update(1))
+        finally:
+            bar.close()
+            ray_backend.shutdown()
+        return
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         futures = {pool.submit(work, *args_of(j)): j for j in todo}
         bar = tqdm(total=len(todo), desc=desc, unit="run", disable=not progress, file=sys.stderr)
@@ -1004,6 +1018,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--untuned", action="store_true",
                    help="run every algorithm at the shared defaults instead of tuned.json")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
+    p.add_argument("--ray-address", default=None,
+                   help="HOST:PORT of a Ray head: run the grid's jobs as Ray tasks of one CPU "
+                        "each on that cluster instead of --jobs local processes, with the same "
+                        "cache (docs/engines.md, \"Ray\")")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder")
     p.add_argument(
         "--cache",
@@ -1055,6 +1073,11 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
         )
     if grid.rounds < 1 or not grid.seeds or args.jobs < 1 or grid.eval_every < 1:
         raise ConfigError("--rounds, --jobs and --eval-every must be >= 1 and --seeds non-empty")
+    if args.ray_address is not None and not args.report_only:
+        from fedcoe_edge.ray_backend import check_reachable, require_ray
+
+        require_ray()  # before any run: a bad Ray or address is one line, nothing started
+        check_reachable(args.ray_address)
     from fedcoe_edge.data.federation import check_data_fraction
 
     check_data_fraction(grid.data_fraction, "--data-fraction")
@@ -1101,7 +1124,8 @@ def run_grid(grid: Grid, args: argparse.Namespace) -> int:
 
     print(
         f"accuracy grid: {len(jobs)} runs, {len(jobs) - len(todo)} cached in {cache}, "
-        f"{len(todo)} to go, {args.jobs} worker(s)",
+        f"{len(todo)} to go, "
+        + (f"Ray at {args.ray_address}" if args.ray_address else f"{args.jobs} worker(s)"),
         file=sys.stderr,
         flush=True,
     )
@@ -1128,7 +1152,7 @@ def run_grid(grid: Grid, args: argparse.Namespace) -> int:
                 write_report(grid, done, out, meta())
 
         run_pool(todo, run_job, lambda j: (grid, *j), on_done, args.jobs, "accuracy grid",
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, ray_address=args.ray_address)
     write_report(grid, done, out, meta())
     m = meta()
     print(

@@ -41,6 +41,21 @@ METRIC_KEYS = ("global_acc", "personalized_acc", "cold_start_acc")
 Attack = Callable[[Strategy, ClientTask, ClientResult, "Arrays | None", ClientData],
                   "ClientResult | None"]
 
+# One round's client training (docs/engines.md, "Ray"): called with the algorithm's name, the
+# server's strategy and the round's (task, private state, data) in task order; returns, in the
+# same order, (the result the server gets, or None for one refused on its way back, and the
+# client's private state after the round). In this process by default; a Ray cluster with
+# fedcoe_edge.ray_backend.RayExecutor.
+ClientJob = tuple[ClientTask, "Arrays | None", ClientData]
+ClientExecutor = Callable[[str, Strategy, Sequence[ClientJob]],
+                          "list[tuple[ClientResult | None, Arrays | None]]"]
+
+
+def run_clients_here(algorithm: str, strategy: Strategy,
+                     jobs: Sequence[ClientJob]) -> list[tuple[ClientResult | None, Arrays | None]]:
+    """The default :data:`ClientExecutor`: each client's ``client_update`` in this process."""
+    return [strategy.client_update(task, local, data) for task, local, data in jobs]
+
 
 @dataclass
 class SimulationConfig:
@@ -180,10 +195,11 @@ def warn_health(rnd: int, results: Sequence[ClientResult], point: dict[str, floa
 
 def run_one(algorithm: str, fed: Federation, cfg: SimulationConfig, seed: int,
             on_round: Callable[[int, dict[str, float]], None] | None = None,
-            attack: Attack | None = None) -> RunResult:
+            attack: Attack | None = None, executor: ClientExecutor | None = None) -> RunResult:
     """Train one algorithm on one federation; evaluate at the end (last round, not best) on
     the ``cfg.split`` splits. ``attack`` replaces results before the server sees them; the
-    server defends as ``cfg.train`` says (docs/design.md, "Robust aggregation")."""
+    server defends as ``cfg.train`` says (docs/design.md, "Robust aggregation"). ``executor``
+    runs each round's clients (default: :func:`run_clients_here`)."""
     strategy = make_strategy(algorithm, cfg.model, cfg.train, seed)
     strategy.initialize()
     view = eval_view(fed, cfg.split)
@@ -195,11 +211,14 @@ def run_one(algorithm: str, fed: Federation, cfg: SimulationConfig, seed: int,
     for rnd in range(1, cfg.rounds + 1):
         selected = strategy.select_clients(rnd, list(fed.clients))
         results: list[ClientResult] = []
-        for task in strategy.configure_round(rnd, selected):
+        jobs = [(t, local_states[t.client_id], fed.clients[t.client_id])
+                for t in strategy.configure_round(rnd, selected)]
+        trained = (executor or run_clients_here)(algorithm, strategy, jobs)
+        for (task, before, _), (got, local_states[task.client_id]) in zip(jobs, trained, strict=True):
             bytes_down += serialized_nbytes(task.params)
-            before = local_states[task.client_id]
-            result, local_states[task.client_id] = strategy.client_update(
-                task, before, fed.clients[task.client_id])
+            if got is None:  # refused on its way back (the executor logged why)
+                continue
+            result = got
             if attack is not None:
                 sent = attack(strategy, task, result, before, fed.clients[task.client_id])
                 if sent is None:
@@ -281,8 +300,10 @@ def fit_model_to_data(model: ModelConfig, fed: Federation) -> ModelConfig:
                                expert_kind=kind)
 
 
-def simulate(cfg: SimulationConfig, progress: bool = True) -> tuple[dict[str, Any], dict[str, list[RunResult]]]:
-    """Run every algorithm on every seed. Returns the results.json document and the raw runs."""
+def simulate(cfg: SimulationConfig, progress: bool = True, executor: ClientExecutor | None = None,
+             ) -> tuple[dict[str, Any], dict[str, list[RunResult]]]:
+    """Run every algorithm on every seed (clients by ``executor``, see :func:`run_one`).
+    Returns the results.json document and the raw runs."""
     from tqdm.auto import tqdm
 
     cfg.validate()
@@ -302,7 +323,7 @@ def simulate(cfg: SimulationConfig, progress: bool = True) -> tuple[dict[str, An
                     if "global_acc" in point:
                         bar.set_postfix(global_acc=f"{point['global_acc']:.3f}")
                     bar.update(1)
-                run = run_one(algorithm, fed, cfg, seed, on_round=tick)
+                run = run_one(algorithm, fed, cfg, seed, on_round=tick, executor=executor)
                 runs[algorithm].append(run)
                 log.info("%s seed %d: %s", algorithm, seed,
                          ", ".join(f"{k}={v:.4f}" for k, v in run.metrics.items()))
