@@ -31,20 +31,19 @@ from fedcoe_edge.protocol import (
     section_defaults,
 )
 from fedcoe_edge.sharding import LEADER_ID, MAX_SHARDS, shard_federation
+from fedcoe_edge.strategies import SIMULATION_ONLY
 from fedcoe_edge.transport.topics import check_id
-from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW, check_chunk_size, check_window
+from fedcoe_edge.wire import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_NORM_BOUND,
+    DEFAULT_WINDOW,
+    check_chunk_size,
+    check_window,
+)
 
 # How often a running coordinator looks at its config file's allowed_devices (`fedcoe
 # devices add|remove` rewrites it; docs/daemons.md, "Adding and removing devices").
 DEVICES_RELOAD_S = 1.0
-
-# Strategies whose clients return tensors they were not sent: the daemons' contract is
-# "return exactly what you were given" (partial exchange, int8 deltas against it).
-SIMULATION_ONLY: dict[str, str] = {
-    "fedrep": "its clients upload their private head for the server's evaluation",
-    "feddbe": "its clients report their first-round feature means as D result metrics, "
-              "more than the wire's 64 (docs/design.md, \"Personalized baselines\")",
-}
 
 
 @dataclass
@@ -63,7 +62,7 @@ class FederationSettings:
     state_dir: str = "state/coordinator"
     chunk_size: int = DEFAULT_CHUNK_SIZE
     window: int = DEFAULT_WINDOW
-    norm_bound: float = 1e4  # L2 bound on an update's change (new - sent), whole payload
+    norm_bound: float = DEFAULT_NORM_BOUND  # L2 bound on an update's change (new - sent), whole payload
     reassembly_budget_mb: float = 256.0  # all devices' open uploads together (one each)
     # "stream": running per-expert sums as updates are accepted (memory O(model)); "batch":
     # every update kept until the round closes (bit-identical to `fedcoe simulate`)

@@ -42,7 +42,7 @@ from fedcoe_edge.messages import Result
 from fedcoe_edge.simulation import serialized_nbytes
 from fedcoe_edge.strategies import ClientResult, ClientTask, Failure, Strategy
 from fedcoe_edge.streaming import Partial
-from fedcoe_edge.wire import TransferManifest, decode_tensors, decompress_delta, validate_update
+from fedcoe_edge.wire import TransferManifest, decode_tensors, decompress_delta, validate_change
 
 log = logging.getLogger("fedcoe.coordinator")
 
@@ -229,15 +229,7 @@ class RoundEngine:
             params = decompress_delta(payload, task.params)
         else:
             params = payload
-        ref = {k: (tuple(v.shape), v.dtype) for k, v in task.params.items()}
-        validate_update(params, ref)
-        # the norm bound applies to the change a device made, not to the weights themselves
-        delta = {k: (v - task.params[k]).astype(v.dtype, copy=False) for k, v in params.items()
-                 if np.issubdtype(v.dtype, np.floating)}
-        try:
-            validate_update(delta, {k: ref[k] for k in delta}, self.fed.norm_bound)
-        except ValidationError as exc:
-            raise ValidationError(str(exc).replace("update:", "update delta:", 1)) from None
+        validate_change(params, task.params, self.fed.norm_bound)
         # num_samples, affinity and metrics were typed, finite and in range (Result.from_wire)
         n = body.num_samples
         aff = None if body.affinity is None else list(body.affinity)

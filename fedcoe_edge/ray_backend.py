@@ -40,8 +40,17 @@ import numpy as np
 
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.errors import ConfigError, FedCoEError, ValidationError, WireError
+from fedcoe_edge.messages import MAX_METRICS, MAX_NAME, MAX_SAMPLES
+from fedcoe_edge.strategies import SIMULATION_ONLY
 from fedcoe_edge.strategies.base import Arrays, ClientData, ClientResult, ClientTask, Strategy
-from fedcoe_edge.wire import decode_tensors, encode_tensors, parse_json, validate_update
+from fedcoe_edge.wire import (
+    DEFAULT_NORM_BOUND,
+    decode_tensors,
+    encode_tensors,
+    parse_json,
+    validate_change,
+    validate_update,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +62,6 @@ RAY_RANGE = f">={RAY_MIN[0]}.{RAY_MIN[1]},<{RAY_BELOW[0]}.{RAY_BELOW[1]}"
 
 BACKENDS = ("inprocess", "ray")
 
-# The coordinator's bound on the L2 norm of an upload's change (coordinator/config.py,
-# FederationSettings.norm_bound; tests/test_ray_backend.py keeps the two equal): the library
-# cannot import the coordinator, which sits above it.
-NORM_BOUND = 1e4
-# Bounds on a result's scalars, as the coordinator's Result message has them (fedcoe_edge.messages)
-MAX_SAMPLES = 10**9
-MAX_EXPERTS = 4096
-MAX_METRICS = 64
-MAX_NAME = 64
-# Strategies whose clients return tensors they were not sent, which the upload check refuses
-# (coordinator/config.py, SIMULATION_ONLY; a test keeps the two in step)
-RETURNS_UNSENT: dict[str, str] = {
-    "fedrep": "its clients upload their private head for the server's evaluation",
-}
 CONNECT_TIMEOUT_S = 3.0  # a head that does not accept a TCP connection in this long is not there
 
 
@@ -96,9 +91,9 @@ def check_backend(backend: str, address: str | None, algorithms: Sequence[str] =
         raise ConfigError(f"--ray-address {address!r:.80} needs --backend ray (got --backend {backend})")
     if backend == "ray":
         for name in algorithms:
-            if name in RETURNS_UNSENT:
+            if name in SIMULATION_ONLY:
                 raise ConfigError(f"algorithm {name!r} cannot run on --backend ray: "
-                                  f"{RETURNS_UNSENT[name]}, which the upload check refuses")
+                                  f"{SIMULATION_ONLY[name]}, which the upload check refuses")
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -228,7 +223,7 @@ def encode_result(result: ClientResult) -> tuple[str, bytes]:
 
 
 def check_result(task: ClientTask, meta_json: str, data: bytes, num_experts: int,
-                 norm_bound: float = NORM_BOUND) -> ClientResult:
+                 norm_bound: float = DEFAULT_NORM_BOUND) -> ClientResult:
     """Decode and check a worker's answer to ``task`` as the coordinator checks an upload
     (coordinator/engine.py, ``check_update``; docs/design.md, section 8): strict JSON, the
     client and round asked, safetensors bytes with exactly the tensors sent (names, shapes,
@@ -243,14 +238,7 @@ def check_result(task: ClientTask, meta_json: str, data: bytes, num_experts: int
         raise ValidationError(f"{where}: says client {meta.get('client_id')!r:.40} round "
                               f"{meta.get('round')!r:.20}")
     params = decode_tensors(data)
-    ref = {k: (tuple(v.shape), v.dtype) for k, v in task.params.items()}
-    validate_update(params, ref)
-    delta = {k: (v - task.params[k]).astype(v.dtype, copy=False) for k, v in params.items()
-             if np.issubdtype(v.dtype, np.floating)}
-    try:
-        validate_update(delta, {k: ref[k] for k in delta}, norm_bound)
-    except ValidationError as exc:
-        raise ValidationError(str(exc).replace("update:", "update delta:", 1)) from None
+    validate_change(params, task.params, norm_bound)
     n = meta.get("num_samples")
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES:
         raise ValidationError(f"{where}: num_samples {n!r:.20} is not a count in 1..{MAX_SAMPLES}")
@@ -333,7 +321,7 @@ class RayExecutor:
     ``data`` is the federation's settings (:func:`data_settings`): every worker rebuilds the
     federation from them, so the dataset must be readable at the same place on every node."""
 
-    def __init__(self, data: Mapping[str, Any], norm_bound: float = NORM_BOUND) -> None:
+    def __init__(self, data: Mapping[str, Any], norm_bound: float = DEFAULT_NORM_BOUND) -> None:
         self.data = dict(data)
         self.norm_bound = norm_bound
         # by client and data object; the object is held so that its id cannot be reused

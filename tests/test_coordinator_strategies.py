@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.config import SIMULATION_ONLY
+from fedcoe_edge.strategies import SIMULATION_ONLY
 from coordinator.harness import EmbeddedFederation, small
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.data import make_federation

@@ -25,9 +25,9 @@ from fedcoe_edge import ray_backend
 from fedcoe_edge.cli import main
 from fedcoe_edge.errors import ConfigError, ValidationError, WireError
 from fedcoe_edge.ray_backend import (
-    NORM_BOUND,
+    DEFAULT_NORM_BOUND,
     RAY_RANGE,
-    RETURNS_UNSENT,
+    SIMULATION_ONLY,
     RayExecutor,
     check_backend,
     check_result,
@@ -112,14 +112,13 @@ def test_bytes_that_are_not_safetensors_are_refused() -> None:
 
 
 def test_the_bounds_are_the_coordinators() -> None:
-    from coordinator.config import SIMULATION_ONLY, FederationSettings
-    from fedcoe_edge import messages
+    """The Ray answer check and the coordinator's upload check read one bound, one table of
+    simulation-only strategies and one message schema: a change to either reaches both."""
+    from coordinator.config import FederationSettings
+    from fedcoe_edge.strategies import SIMULATION_ONLY as LIBRARY_TABLE
 
-    assert FederationSettings().norm_bound == NORM_BOUND
-    assert set(RETURNS_UNSENT) == set(SIMULATION_ONLY)
-    assert (ray_backend.MAX_SAMPLES, ray_backend.MAX_EXPERTS, ray_backend.MAX_METRICS,
-            ray_backend.MAX_NAME) == (messages.MAX_SAMPLES, messages.MAX_EXPERTS,
-                                      messages.MAX_METRICS, messages.MAX_NAME)
+    assert FederationSettings().norm_bound == DEFAULT_NORM_BOUND
+    assert SIMULATION_ONLY is LIBRARY_TABLE and {"fedrep", "feddbe"} <= set(SIMULATION_ONLY)
 
 
 # --- bad input: one line, exit 2, nothing started ------------------------------------------------

@@ -120,6 +120,17 @@ def _BUILTIN_NAMES() -> set[str]:  # noqa: N802 - reads as the constant it stand
                                  *__getattr__("ABLATIONS"))}
 
 
+# Strategies whose answers the upload check refuses, so they run in `fedcoe simulate`'s
+# in-process backend only: the daemons' (and Ray's) contract is "return exactly the tensors you
+# were given, with at most the wire's 64 metrics" (docs/design.md, "Personalized baselines").
+# The coordinator's config and the Ray backend both read this one table.
+SIMULATION_ONLY: dict[str, str] = {
+    "fedrep": "its clients upload their private head for the server's evaluation",
+    "feddbe": "its clients report their first-round feature means as D result metrics, "
+              "more than the wire's 64 (docs/design.md, \"Personalized baselines\")",
+}
+
+
 def shares_model(name: str) -> bool:
     """False for algorithms with no shared model (Local): their global/cold-start is chance."""
     return bool(getattr(__getattr__("STRATEGIES")[name], "shares_model", True))
@@ -127,5 +138,5 @@ def shares_model(name: str) -> bool:
 
 __all__ = ["ABLATIONS", "BASELINES", "STRATEGIES", "ClientData", "ClientResult", "ClientTask",
            "Ditto", "Failure", "FedALA", "FedAvg", "FedAvgFT", "FedAvgPrior", "FedCoE", "FedDBE",
-           "FedProx", "FedRep", "Local", "Mixture", "Partial", "Strategy", "make_strategy", "register_strategy", "shares_model",
+           "FedProx", "FedRep", "Local", "Mixture", "Partial", "SIMULATION_ONLY", "Strategy", "make_strategy", "register_strategy", "shares_model",
            "unregister_strategy"]

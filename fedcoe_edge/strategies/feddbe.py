@@ -24,7 +24,7 @@ carries z̄_g (``dbe.global_mean``, counted in the bytes down) and clients train
 MR; the upload is extractor + head. A first round that aggregates nothing (no result, or the
 median / trimmed-mean rules, which rebuild results from their tensors only) leaves z̄_g unset
 and the next round collects instead. The daemons' wire carries at most 64 metrics, so FedDBE
-is simulation-only (``coordinator.config.SIMULATION_ONLY``), as FedRep is.
+is simulation-only (``fedcoe_edge.strategies.SIMULATION_ONLY``, which the coordinator and the Ray backend read), as FedRep is.
 
 Personal prediction uses the client's b_i. Global and cold-start prediction use no bias
 (b = 0): the server never sees any b_i (averaging them would cost an upload the method

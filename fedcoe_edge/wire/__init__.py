@@ -67,9 +67,10 @@ from fedcoe_edge.wire.transfer import (
     encode_chunk,
     split_chunks,
 )
-from fedcoe_edge.wire.validate import validate_update
+from fedcoe_edge.wire.validate import DEFAULT_NORM_BOUND, validate_change, validate_update
 
 __all__ = [
+    "DEFAULT_NORM_BOUND",
     "PROTOCOL_VERSION",
     "DEFAULT_CHUNK_SIZE",
     "MIN_CHUNK_SIZE",
@@ -111,5 +112,6 @@ __all__ = [
     "ReassemblyBudget",
     "Admission",
     "TransferWindow",
+    "validate_change",
     "validate_update",
 ]

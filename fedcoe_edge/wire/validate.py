@@ -13,6 +13,11 @@ import numpy as np
 
 from fedcoe_edge.errors import ValidationError
 
+# The default bound on the L2 norm of an update's change (new - sent, all float tensors): the
+# coordinator's ``federation.norm_bound`` (coordinator/config.py, which range-checks it) and the
+# Ray backend's answer check start from this one value.
+DEFAULT_NORM_BOUND = 1e4
+
 
 def validate_update(
     params: Mapping[str, np.ndarray],
@@ -70,3 +75,19 @@ def validate_update(
                 f"update: L2 norm {total:.4g} exceeds bound {norm_bound:.4g} "
                 f"(largest tensor {largest[0]!r}, norm {math.sqrt(largest[1]):.4g})"
             )
+
+
+def validate_change(params: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray],
+                    norm_bound: float) -> None:
+    """The check every answer to a task passes (the coordinator's upload check, the Ray
+    backend's): exactly the tensors ``sent`` with their shapes and dtypes, finite values, and
+    the L2 norm of the change a client made (``params - sent`` over the float tensors) within
+    ``norm_bound``: the bound is on what a device changed, not on the weights themselves."""
+    ref = {k: (tuple(v.shape), v.dtype) for k, v in sent.items()}
+    validate_update(params, ref)
+    delta = {k: (v - sent[k]).astype(v.dtype, copy=False) for k, v in params.items()
+             if np.issubdtype(v.dtype, np.floating)}
+    try:
+        validate_update(delta, {k: ref[k] for k in delta}, norm_bound)
+    except ValidationError as exc:
+        raise ValidationError(str(exc).replace("update:", "update delta:", 1)) from None
