@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from fedcoe_edge.strategies import SIMULATION_ONLY
 from coordinator.harness import EmbeddedFederation, small
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.data import make_federation
 from fedcoe_edge.simulation import SimulationConfig, run_one
-from fedcoe_edge.strategies import STRATEGIES
+from fedcoe_edge.strategies import SIMULATION_ONLY, STRATEGIES
 from fedcoe_edge.transport import MemoryBroker
 
 DEPLOYABLE = sorted(a for a in STRATEGIES if a not in SIMULATION_ONLY)
