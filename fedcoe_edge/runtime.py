@@ -31,6 +31,7 @@ the numpy maths :mod:`fedcoe_edge.moe_numpy`; their names are re-exported here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -88,6 +89,58 @@ class RuntimeOutput:
     routing: np.ndarray  # (B, K) top-k renormalised weights actually used
     local_gate_probs: np.ndarray | None  # (B, 1+M) or None
     experts_run: list[int]  # global experts executed for this batch (sparse top-k)
+
+
+def _softmax_(z: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, in place on a float32 array we own; returns ``z``.
+
+    Four numpy calls: at batch 1 the call count, not the 1,000 exps, is the cost. After the
+    row max is subtracted the sum is >= 1, so the division is safe; -inf logits become 0.
+    """
+    z -= z.max(-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(-1, keepdims=True)
+    return z
+
+
+def _topk_routing32(logits: np.ndarray, probs: np.ndarray, k: int) -> np.ndarray:
+    """:func:`fedcoe_edge.moe_numpy.topk_routing` in float32 with fewer temporaries: each
+    row's top-k of ``probs`` renormalised, ties to the lower index (a stable sort, as ONNX
+    TopK). The order is taken on the gate's ``logits`` (softmax keeps it): two float32
+    logits one ulp apart stay apart there, where their float32 probabilities could tie."""
+    if k >= probs.shape[-1]:
+        return probs.copy()
+    order = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    top = np.take_along_axis(probs, order, -1)
+    top /= np.maximum(top.sum(-1, keepdims=True), np.float32(1e-12))
+    weights = np.zeros_like(probs)
+    np.put_along_axis(weights, order, top, -1)
+    return weights
+
+
+def _route_one(logits: list[float], bias: np.ndarray | None,
+               k: int) -> tuple[np.ndarray, np.ndarray, dict[int, np.float32]]:
+    """Batch 1: gate probabilities (1, K), routing (1, K) and {expert: weight > 0}, in plain
+    Python over K floats (two numpy calls in all, to hand back the arrays): the same numbers
+    as :func:`_softmax_` and :func:`_topk_routing32`, ties to the lower index."""
+    if bias is not None:
+        row = bias if bias.ndim == 1 else bias[0]
+        logits = [a + b for a, b in zip(logits, row.tolist(), strict=True)]
+    top = max(logits)
+    exps = [math.exp(v - top) for v in logits]  # exp(-inf) = 0: an expert not allowed
+    total = sum(exps)
+    probs = [e / total for e in exps]
+    n = len(probs)
+    # sorted() is stable: equal logits keep the lower index first, as ONNX TopK
+    chosen = range(n) if k >= n else sorted(range(n), key=lambda i: -logits[i])[:k]
+    kept = sum(probs[i] for i in chosen)
+    kept = max(kept, 1e-12)
+    weights = {i: probs[i] / kept for i in chosen if probs[i] > 0}
+    routing = [0.0] * n
+    for i, w in weights.items():
+        routing[i] = w
+    return (np.array([probs], np.float32), np.array([routing], np.float32),
+            {i: np.float32(w) for i, w in weights.items()})
 
 
 class MoESession:
@@ -286,6 +339,12 @@ class MoESession:
 
     # --- inference -----------------------------------------------------------------------
     def _check_input(self, x: Any) -> np.ndarray:
+        # the common case (a float32 array of the right shape) is three comparisons: the
+        # error text is only built when one fails (formatting it cost ~2 us per call)
+        if (isinstance(x, np.ndarray) and x.dtype == np.float32
+                and x.shape[1:] == self.input_shape and x.ndim == 1 + len(self.input_shape)
+                and x.shape[0] >= 1):
+            return x if x.flags.c_contiguous else np.ascontiguousarray(x)
         first = "trunk" if "trunk" in self._sessions else "global_gate"
         want = "(batch, " + ", ".join(str(d) for d in self.input_shape) + ")"
         if not isinstance(x, np.ndarray):
@@ -294,15 +353,18 @@ class MoESession:
         if x.dtype != np.float32:
             raise ValidationError(f"MoESession input for part '{first}': expected dtype float32, "
                                   f"got {x.dtype}")
-        if x.ndim != 1 + len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape or x.shape[0] < 1:
-            raise ValidationError(f"MoESession input for part '{first}': expected shape {want}, "
-                                  f"got {tuple(x.shape)} (float32, scaled as in training)")
-        return np.ascontiguousarray(x)
+        raise ValidationError(f"MoESession input for part '{first}': expected shape {want}, "
+                              f"got {tuple(x.shape)} (float32, scaled as in training)")
 
     def _held_array(self, held_ids: Sequence[int]) -> np.ndarray:
         held = np.zeros(self.cfg.num_global_experts, dtype=bool)
         held[list(held_ids)] = True
         held.setflags(write=False)
+        # the gate bias of the default mask, made once: None when every expert is held
+        bias = None if held.all() else np.where(held, np.float32(0), np.float32(-np.inf))
+        if bias is not None:
+            bias.setflags(write=False)
+        self._held_bias = bias
         return held
 
     def _mask(self, expert_mask: Any) -> np.ndarray:
@@ -342,17 +404,18 @@ class MoESession:
         return arr
 
     def _run_part(self, name: str, feats: np.ndarray) -> np.ndarray:
+        """One part's logits, float32 as onnxruntime returns them (a fresh, writable array)."""
         if name in self._merged:
             return self._run_heads(feats)[name]
-        out = self._sessions[name].run(None, {self._input_names[name]: feats})[0]
-        return np.asarray(out, dtype=np.float64)
+        out: np.ndarray = self._sessions[name].run(None, {self._input_names[name]: feats})[0]
+        return out
 
     def _run_heads(self, feats: np.ndarray) -> dict[str, np.ndarray]:
         """Every always-on part's logits: one call of the merged graph, or one per part."""
         if not self._merged:
             return {}
         outs = self._sessions["heads"].run(None, {self._input_names["heads"]: feats})
-        return {n: np.asarray(o, dtype=np.float64) for n, o in zip(self._merged, outs, strict=True)}
+        return dict(zip(self._merged, outs, strict=True))
 
     def features(self, x: np.ndarray) -> np.ndarray:
         """Trunk output (the input itself for an identity trunk), float32."""
@@ -362,10 +425,21 @@ class MoESession:
         out = self._sessions["trunk"].run(None, {self._input_names["trunk"]: x})[0]
         return np.ascontiguousarray(out, np.float32)
 
+    def _gate_bias(self, mask: np.ndarray, prior: np.ndarray | None) -> np.ndarray | None:
+        """What is added to the gate's logits: log prior, and -inf for experts not allowed
+        (None: nothing to add, every expert allowed and no prior)."""
+        if prior is None:
+            if mask is self._held_mask:
+                return self._held_bias
+            return np.where(mask, np.float32(0), np.float32(-np.inf))
+        log_p = np.log(np.maximum(prior, 1e-8)).astype(np.float32)
+        return np.where(mask, log_p, np.float32(-np.inf))
+
     def gate_logits(self, feats: np.ndarray, prior: Any = None,
                     _heads: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """The global gate's logits (float64), the log prior added when one is given."""
         logits = (_heads["global_gate"] if _heads is not None and "global_gate" in _heads
-                  else self._run_part("global_gate", feats))
+                  else self._run_part("global_gate", feats)).astype(np.float64)
         p = self._prior(prior)
         if p is not None:
             logits = logits + np.log(np.maximum(p, 1e-8))
@@ -377,7 +451,15 @@ class MoESession:
 
     def run(self, x: np.ndarray, *, prior: Any = None, expert_mask: Any = None,
             use_local: bool = True) -> RuntimeOutput:
-        """One forward pass over a batch (B >= 1), mirroring ``DualLevelMoE.forward``."""
+        """One forward pass over a batch (B >= 1), mirroring ``DualLevelMoE.forward``.
+
+        The maths around the sessions is float32, on the arrays onnxruntime returns, in as
+        few numpy calls as the formulas allow (docs/bundle.md, "Runtime cost"): right after
+        the trunk each distinct numpy call costs 5 to 30 us at batch 1 (its code and data
+        are out of the caches), whatever the size of its array, so the count of calls, not
+        their arithmetic, is what this glue costs. At batch 1 the gate's softmax and top-k
+        over K values are plain Python.
+        """
         with self._lock:
             feats = self.features(x)
             mask = self._mask(expert_mask)
@@ -389,39 +471,56 @@ class MoESession:
             def part(name: str) -> np.ndarray:
                 return heads[name] if name in heads else self._run_part(name, feats)
 
-            logits = np.where(mask, self.gate_logits(feats, prior, heads), -np.inf)
-            gate_probs = softmax(logits)
-            routing = topk_routing(gate_probs, self.cfg.top_k)
+            logits = part("global_gate")  # (B, K)
+            bias = self._gate_bias(mask, p)
+            if logits.shape[0] == 1:
+                gate_probs, routing, weights = _route_one(logits[0].tolist(), bias,
+                                                          self.cfg.top_k)
+            else:
+                if bias is not None:
+                    logits += bias
+                gate_probs = _softmax_(logits.copy())
+                routing = _topk_routing32(logits, gate_probs, self.cfg.top_k)
+                weights = None
             z = (part("expert_shared") if self.cfg.shared_expert
-                 else np.zeros((feats.shape[0], self.num_classes)))
-            experts_run = []
-            # only experts some row routes to (masked and non-held ones have weight 0)
-            routed = routing > 0
-            for k in np.flatnonzero(routed.any(0)).tolist():
-                experts_run.append(k)
-                if routed[:, k].all():  # every row (always at batch 1): no gather/scatter
-                    z += routing[:, k : k + 1] * self._run_part(f"expert_g{k}", feats)
-                    continue
-                rows = np.flatnonzero(routed[:, k])
-                sub = np.ascontiguousarray(feats[rows])
-                z[rows] += routing[rows, k : k + 1] * self._run_part(f"expert_g{k}", sub)
-            # p = h_0 p_G + sum_j h_j softmax(L_j), in probability space (float64): the same
-            # mixture torch forms with logsumexp, in half the numpy calls (what run() returns
-            # is probabilities anyway)
-            global_p = softmax(z)
-            local_h = None
-            probs = global_p
-            if use_local and self.cfg.num_local_experts > 0:
-                h = softmax(part("local_gate"))  # (B, 1+M)
-                local_z = np.stack([part(f"expert_l{j}") for j in range(self.cfg.num_local_experts)], 1)
-                if self.cfg.local_residual:  # residual local experts: softmax(z_G + L_j)
-                    local_z = local_z + z[:, None, :]
-                local = softmax(local_z)
-                probs = h[:, :1] * global_p + (h[:, 1:, None] * local).sum(1)
-                local_h = h.astype(np.float32)
-        return RuntimeOutput(probs.astype(np.float32), global_p.astype(np.float32),
-                             gate_probs.astype(np.float32), routing.astype(np.float32), local_h,
-                             experts_run)
+                 else np.zeros((feats.shape[0], self.num_classes), np.float32))
+            if weights is not None:  # batch 1: the routed experts and their weights, known
+                experts_run = sorted(weights)
+                for k in experts_run:
+                    out = self._run_part(f"expert_g{k}", feats)
+                    out *= weights[k]
+                    z += out
+            else:
+                experts_run = []
+                # only experts some row routes to (masked and non-held ones have weight 0)
+                routed = routing > 0
+                for k in np.flatnonzero(routed.any(0)).tolist():
+                    experts_run.append(k)
+                    if routed[:, k].all():  # every row: no gather/scatter
+                        out = self._run_part(f"expert_g{k}", feats)
+                        out *= routing[:, k : k + 1]
+                        z += out
+                        continue
+                    rows = np.flatnonzero(routed[:, k])
+                    sub = np.ascontiguousarray(feats[rows])
+                    z[rows] += routing[rows, k : k + 1] * self._run_part(f"expert_g{k}", sub)
+            # p = h_0 p_G + sum_j h_j softmax(L_j), in probability space: the same mixture
+            # torch forms with logsumexp, in half the numpy calls (what run() returns is
+            # probabilities anyway). The 1+M distributions are softmaxed as one (B, 1+M, C)
+            # stack and mixed with one matmul.
+            m = self.cfg.num_local_experts
+            if not (use_local and m > 0):
+                global_p = _softmax_(z)
+                return RuntimeOutput(global_p.copy(), global_p, gate_probs, routing, None,
+                                     experts_run)
+            h = _softmax_(part("local_gate"))  # (B, 1+M)
+            stack = np.stack([z, *(part(f"expert_l{j}") for j in range(m))], 1)
+            if self.cfg.local_residual:  # residual local experts: softmax(z_G + L_j)
+                stack[:, 1:] += z[:, None]
+            _softmax_(stack)
+            probs = np.matmul(h[:, None], stack)[:, 0]
+            global_p = np.ascontiguousarray(stack[:, 0])
+        return RuntimeOutput(probs, global_p, gate_probs, routing, h, experts_run)
 
     def predict(self, x: np.ndarray, **kw: Any) -> np.ndarray:
         """Class probabilities (B, C); keyword arguments as :meth:`run`."""

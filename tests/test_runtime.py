@@ -275,6 +275,11 @@ def test_topk_ties_go_to_the_lower_index_like_onnx_topk(tmp_path: Path) -> None:
     out = sess.run(x)
     assert out.experts_run == [0, 1]
     assert np.allclose(out.routing, [[0.5, 0.5, 0.0, 0.0]] * 5)
+    # batch 1 routes in plain Python: the same tie rule, the same numbers as the batch
+    one = sess.run(x[:1])
+    assert one.experts_run == [0, 1] and one.routing.tolist() == [[0.5, 0.5, 0.0, 0.0]]
+    assert sess.run(x[:1], expert_mask=[1, 3]).experts_run == [1, 3]
+    assert np.abs(one.probs - out.probs[:1]).max() < 1e-6
     fused, _ = sess.run_fused(x)  # the ONNX TopK in the dense graph agrees
     assert np.abs(out.probs - fused).max() < 1e-6
     assert topk_routing(np.array([[0.2, 0.3, 0.3, 0.2]]), 1).tolist() == [[0.0, 1.0, 0.0, 0.0]]
@@ -360,3 +365,61 @@ def test_bad_swaps_leave_the_old_expert(bundle: Path, digits_moe, tmp_path: Path
         assert (bundle / "manifest.json").read_bytes() == manifest_before
         assert sorted(p.name for p in bundle.iterdir()) == files_before
     assert read_bundle(bundle).manifest["parts"]["expert_g0"]["file"] == "expert_g0.onnx"
+
+
+def _old_glue(sess: MoESession, x: np.ndarray, prior=None, expert_mask=None,
+              use_local: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """The float64 formula ``MoESession.run`` used before its float32 glue, on the same
+    sessions' outputs: (probs, global probs, routing, experts run)."""
+    from fedcoe_edge.moe_numpy import softmax
+
+    feats = sess.features(x)
+    heads = {n: o.astype(np.float64) for n, o in sess._run_heads(feats).items()}
+
+    def part(name: str, f: np.ndarray = feats) -> np.ndarray:
+        return heads[name] if name in heads else sess._run_part(name, f).astype(np.float64)
+
+    logits = part("global_gate")
+    if prior is not None:
+        logits = logits + np.log(np.maximum(np.asarray(prior, np.float64), 1e-8))
+    gate = softmax(np.where(sess._mask(expert_mask), logits, -np.inf))
+    routing = topk_routing(gate, sess.cfg.top_k)
+    z = part("expert_shared")
+    run = [int(k) for k in np.flatnonzero((routing > 0).any(0))]
+    for k in run:
+        rows = np.flatnonzero(routing[:, k] > 0)
+        z[rows] += routing[rows, k : k + 1] * part(f"expert_g{k}", np.ascontiguousarray(feats[rows]))
+    global_p = softmax(z)
+    if not use_local or sess.cfg.num_local_experts == 0:
+        return global_p, global_p, routing, run
+    h = softmax(part("local_gate"))
+    local_z = np.stack([part(f"expert_l{j}") for j in range(sess.cfg.num_local_experts)], 1)
+    if sess.cfg.local_residual:
+        local_z = local_z + z[:, None, :]
+    probs = h[:, :1] * global_p + (h[:, 1:, None] * softmax(local_z)).sum(1)
+    return probs, global_p, routing, run
+
+
+@pytest.mark.parametrize("precision", ["deployed", "fp32"])
+def test_float32_glue_gives_the_float64_formula(digits_bundle: Path, digits_moe, precision: str) -> None:
+    """run()'s float32 glue (plain Python gate at batch 1, numpy for a batch) gives the
+    probabilities, routing, experts and top-1 of the float64 formula it replaced."""
+    x = digits_moe[3][:12]
+    sess = MoESession(digits_bundle, precision=precision)
+    k_total = sess.num_global_experts
+    prior = np.linspace(0.05, 1.0, k_total)
+    for kw in ({}, {"use_local": False}, {"expert_mask": [1, 2]}, {"expert_mask": [3]},
+               {"prior": prior}, {"prior": prior, "expert_mask": [0, 2, 3]}):
+        for xb in [x[i : i + 1] for i in range(4)] + [x]:  # batch 1 and batch 12 paths
+            got = sess.run(xb, **kw)
+            probs, global_p, routing, run = _old_glue(sess, xb, **kw)
+            assert got.probs.dtype == np.float32 and got.routing.dtype == np.float32
+            assert np.abs(got.probs - probs).max() < 1e-5, kw
+            assert np.abs(got.global_probs - global_p).max() < 1e-5, kw
+            assert np.abs(got.routing - routing).max() < 1e-5, kw
+            assert got.experts_run == run, kw
+            assert np.array_equal(got.probs.argmax(1), probs.argmax(1)), kw
+    # a batch-row prior (B, K) goes through the batch path only
+    rows = np.random.default_rng(2).uniform(0.1, 1.0, (len(x), k_total))
+    assert np.abs(sess.run(x, prior=rows).probs - _old_glue(sess, x, prior=rows)[0]).max() < 1e-5
+
