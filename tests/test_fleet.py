@@ -175,3 +175,67 @@ def test_micro_measures_the_fixed_items_and_the_report_shows_them(
     assert "| 5 | defend | " in text and "| 5 | parse_json | " in text
     assert fleet_profile.main(["--micro", "after", "x", "--profile-json", str(doc)]) == 2
     assert "fleet sizes N >= 1" in capsys.readouterr().err
+
+
+def test_realistic_defaults_twenty_devices_three_rounds(tmp_path: Path, make_mosquitto: object) -> None:
+    """The generator's defaults behave like the device agent: the deploy template's broker
+    (passwords, ACL, client id = username, persistence), the agent's keepalive and session,
+    heartbeats, each device its own update bytes, three rounds. Only the heartbeat interval
+    is shortened (the agent's 30 s would not come round in a test this short)."""
+    import shutil
+
+    from benchmarks.fleet import AGENT_KEEPALIVE_S
+
+    if shutil.which("mosquitto_passwd") is None:
+        pytest.skip("needs mosquitto_passwd (the deploy broker's password file)")
+    spec = FleetSpec(devices=20, rounds=3, train_s=0.2, jitter_s=0.3, timeout_s=90,
+                     heartbeat_s=1.0, workdir=str(tmp_path / "fleet"))
+    assert spec.broker == "deploy" and spec.distinct_updates and spec.agent_session
+    assert spec.keepalive_s == AGENT_KEEPALIVE_S
+    run = run_fleet(spec)
+    assert run["rounds_completed"] == 3, run.get("coordinator_log_tail")
+    rows = run["round_rows"]
+    assert [r["accepted"] for r in rows] == [20, 20, 20]
+    assert all(r["failed"] == 0 and r["rejected"] == 0 for r in rows)
+    assert run["device_rejects_total"] == 0, run["reject_examples"]
+    assert run["broker_drops_total"] == 0 and run["connect_failed_count"] == 0
+    assert run["final_models"] == 20 and run["coordinator_exit"] == 0
+    assert run["heartbeats_seen"] == 20 and run["heartbeats_sent"] >= 20
+    assert run["updates_sent"] == 60 and run["distinct_updates_sent"] == 60
+    assert run["update_build_cpu_s_total"] > 0
+    assert run_summary(run)["ok"]
+    # the broker ran the deploy template's rules, generated into the run's folder
+    conf = (tmp_path / "fleet" / "broker" / "fedcoe.conf").read_text()
+    for line in ("allow_anonymous false", "use_username_as_clientid true", "persistence true"):
+        assert line in conf
+    acl = (tmp_path / "fleet" / "broker" / "acl").read_text()
+    assert "user dev00019" in acl and "pattern write fl/v1/+/up/%u/#" in acl
+
+
+def test_deploy_broker_refuses_anonymous_and_wrong_passwords(tmp_path: Path, make_mosquitto: object) -> None:
+    """The generated broker really asks for logins: no username, or a wrong password, is
+    refused; a device's own password is accepted."""
+    import asyncio
+    import shutil
+
+    from benchmarks.fleet import _free_port, deploy_broker_files, password_of
+    from benchmarks.mqtt_async import AsyncMqttClient, ConnectError
+    from fedcoe_edge.broker import MosquittoBroker
+
+    if shutil.which("mosquitto_passwd") is None:
+        pytest.skip("needs mosquitto_passwd")
+    port = _free_port()
+    conf = deploy_broker_files(tmp_path / "b", port, ["dev00000"], 0)
+    with MosquittoBroker.from_config_file(conf, port, workdir=tmp_path / "b"):
+        async def login(user: str, pw: str) -> bool:
+            c = AsyncMqttClient(user or "anon", "127.0.0.1", port, username=user, password=pw)
+            try:
+                await c.connect_async(10.0)
+            except (ConnectError, OSError, asyncio.TimeoutError):
+                return False
+            c.close()
+            return True
+
+        assert asyncio.run(login("dev00000", password_of("dev00000")))
+        assert not asyncio.run(login("", ""))
+        assert not asyncio.run(login("dev00000", "wrong"))
