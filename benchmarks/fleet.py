@@ -1189,6 +1189,24 @@ def _markdown_only(json_path: Path, md: Path | None, profile_json: Path) -> int:
     return 0
 
 
+def _generator_line(run: dict[str, Any]) -> str:
+    """How the run's devices behaved (docs/benchmarks.md, "Fleet: one coordinator, thousands
+    of devices"); runs kept from before these options were the first generator's."""
+    if "broker" not in run:
+        return ("the first generator (open broker, no heartbeats, keepalive 300 s, "
+                "identical update bytes across devices)")
+    hb = run.get("heartbeat_s", 0)
+    build = run.get("update_build_cpu_s_total")
+    return (f"broker `{run['broker']}`, heartbeats "
+            + (f"every {hb:g} s" if hb else "off")
+            + f", keepalive {run.get('keepalive_s')} s, "
+            + ("agent sessions" if run.get("agent_session") else "clean sessions") + ", "
+            + ("each device its own update bytes" if run.get("distinct_updates")
+               else "shared update bytes")
+            + (f" (building them: {build:.1f} CPU-s of the generator's, whole run)"
+               if build is not None else ""))
+
+
 def write_markdown(runs: list[dict[str, Any]], path: Path, command: str,
                    profile: dict[str, Any] | None = None) -> None:
     sharded = [r for r in runs if r.get("shards")]
@@ -1203,7 +1221,7 @@ def write_markdown(runs: list[dict[str, Any]], path: Path, command: str,
              f"`{runs[0]['model'] if runs else '?'}`. CPU and RSS are sampled every 0.2 s; "
              "per-round figures are means over the rounds; peak RSS is the coordinator's "
              "VmHWM over the whole run. Machine: "
-             f"{os.cpu_count()} CPU cores.", "",
+             f"{os.cpu_count()} CPU cores. Devices: {_generator_line(runs[0] if runs else {})}.", "",
              "| devices | rounds | round s (mean / max) | last task s | coord CPU-s/round | "
              "coord peak RSS MB | broker peak RSS MB | broker CPU-s/round | generator CPU-s/round | "
              "MB moved/round | accepted | failed | rejected | broker drops | final models | ok |",
