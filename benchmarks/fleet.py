@@ -2,15 +2,19 @@
 
 ``python -m benchmarks.fleet --devices 100 500 --rounds 2 --json PATH [--md PATH --png PATH]``
 
-For every N: a private Mosquitto on a free loopback port with the limits of the deploy
-template (``deploy/mosquitto/mosquitto.conf``: packet size, queue, inflight), the real
-coordinator process (``fedcoe coordinator --exit-when-done``), and N devices that speak the
-real protocol (docs/design.md, section 8; docs/protocol.md) with the project's own code:
-signed envelopes with per-device keys, chunked transfers with the blob window, int8-delta
-uploads of the size the chosen model config gives, the final refresh fetch and the eval
-report, each device on its own MQTT connection. Training is a configurable sleep; the
-update is the task's weights plus a little noise (one of a few variants per task), so the
-coordinator decompresses, validates and aggregates real payloads.
+For every N: a private Mosquitto on a free loopback port, by default the deploy template's
+broker (``deploy/mosquitto/mosquitto.conf`` generated into the run's folder: per-client
+passwords, the ACL ``fedcoe init`` writes, ``use_username_as_clientid``, persistence and
+the limits), the real coordinator process (``fedcoe coordinator --exit-when-done``), and N
+devices that speak the real protocol (docs/design.md, section 8; docs/protocol.md) with the
+project's own code and the device agent's habits: signed envelopes with per-device keys,
+the agent's keepalive, session and heartbeats (their values imported from the agent's
+config), chunked transfers with the blob window, int8-delta uploads of the size the chosen
+model config gives, the final refresh fetch and the eval report, requests retried on the
+agent's schedule, each device on its own MQTT connection. Training is a configurable sleep;
+each device's update is the task's weights plus noise seeded by the device and round, so
+the coordinator decompresses, validates and aggregates distinct real payloads. Each of
+these has a flag that restores the first generator's shortcut (``--lenient``: all of them).
 
 The devices run on an asyncio MQTT client (``benchmarks.mqtt_async``), many per process,
 so the generator stays light; its own CPU is reported beside the coordinator's and the
