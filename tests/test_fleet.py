@@ -239,3 +239,22 @@ def test_deploy_broker_refuses_anonymous_and_wrong_passwords(tmp_path: Path, mak
         assert asyncio.run(login("dev00000", password_of("dev00000")))
         assert not asyncio.run(login("", ""))
         assert not asyncio.run(login("dev00000", "wrong"))
+
+
+def test_keepalive_follows_paho_rule() -> None:
+    """A PINGREQ is due when nothing went out, or nothing came in, for a keepalive; the
+    agent's keepalive is the default of the generator's devices."""
+    from benchmarks.fleet import AGENT_KEEPALIVE_S
+    from benchmarks.mqtt_async import AsyncMqttClient
+    from fedcoe_edge.protocol import BrokerSettings
+
+    assert BrokerSettings().keepalive_s == AGENT_KEEPALIVE_S
+    c = AsyncMqttClient("dev00000", "127.0.0.1", 1, keepalive_s=30)
+    assert not c.keepalive_due(100.0)  # not connected
+    c._connected = True
+    c.last_send = c.last_recv = 100.0
+    assert not c.keepalive_due(129.0)
+    c.last_send = 125.0  # a heartbeat went out, nothing came back
+    assert c.keepalive_due(130.0)
+    c.last_recv = 125.0
+    assert not c.keepalive_due(130.0) and c.keepalive_due(155.0)
