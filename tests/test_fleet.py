@@ -258,3 +258,24 @@ def test_keepalive_follows_paho_rule() -> None:
     assert c.keepalive_due(130.0)
     c.last_recv = 125.0
     assert not c.keepalive_due(130.0) and c.keepalive_due(155.0)
+
+
+def test_acl_comes_from_the_deploy_template() -> None:
+    """The ACL is deploy/mosquitto/acl's rules: its patterns, its coordinator entry (or its
+    sharded example renamed for this federation and each shard), its device entry per id."""
+    from benchmarks.fleet import DEPLOY_ACL, acl_from_template, aggregator_logins
+
+    ids = ["dev00000", "dev00001"]
+    template = DEPLOY_ACL.read_text()
+    for shards in (0, 3):
+        text = acl_from_template(ids, shards)
+        users = {line.split()[1] for line in text.splitlines() if line.startswith("user ")}
+        assert users == set(aggregator_logins(shards).values()) | set(ids)
+        for line in template.splitlines():
+            if line.startswith("pattern "):
+                assert line in text
+        assert "fleet1" not in text  # the template's example federation, renamed
+    text = acl_from_template(ids, 3)
+    assert "topic readwrite fl/v1/fleet.s2of3/#" in text
+    assert "topic write fl/v1/fleet/agg/up/shard-2/#" in text
+    assert "topic readwrite fl/v1/#" in acl_from_template(ids, 0)
