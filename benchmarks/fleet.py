@@ -2,15 +2,19 @@
 
 ``python -m benchmarks.fleet --devices 100 500 --rounds 2 --json PATH [--md PATH --png PATH]``
 
-For every N: a private Mosquitto on a free loopback port with the limits of the deploy
-template (``deploy/mosquitto/mosquitto.conf``: packet size, queue, inflight), the real
-coordinator process (``fedcoe coordinator --exit-when-done``), and N devices that speak the
-real protocol (docs/design.md, section 8; docs/protocol.md) with the project's own code:
-signed envelopes with per-device keys, chunked transfers with the blob window, int8-delta
-uploads of the size the chosen model config gives, the final refresh fetch and the eval
-report, each device on its own MQTT connection. Training is a configurable sleep; the
-update is the task's weights plus a little noise (one of a few variants per task), so the
-coordinator decompresses, validates and aggregates real payloads.
+For every N: a private Mosquitto on a free loopback port, by default the deploy template's
+broker (``deploy/mosquitto/mosquitto.conf`` generated into the run's folder: per-client
+passwords, the template's ACL with an entry per device, ``use_username_as_clientid``, persistence and
+the limits), the real coordinator process (``fedcoe coordinator --exit-when-done``), and N
+devices that speak the real protocol (docs/design.md, section 8; docs/protocol.md) with the
+project's own code and the device agent's habits: signed envelopes with per-device keys,
+the agent's keepalive, session and heartbeats (their values imported from the agent's
+config), chunked transfers with the blob window, int8-delta uploads of the size the chosen
+model config gives, the final refresh fetch and the eval report, requests retried on the
+agent's schedule, each device on its own MQTT connection. Training is a configurable sleep;
+each device's update is the task's weights plus noise seeded by the device and round, so
+the coordinator decompresses, validates and aggregates distinct real payloads. Each of
+these has a flag that restores the first generator's shortcut (``--lenient``: all of them).
 
 The devices run on an asyncio MQTT client (``benchmarks.mqtt_async``), many per process,
 so the generator stays light; its own CPU is reported beside the coordinator's and the
@@ -38,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,21 +55,31 @@ except ModuleNotFoundError:  # Python 3.10
 import numpy as np
 
 from benchmarks import fleet_profile
+from device_agent.config import DeviceSettings
 from device_agent.daemon import REANNOUNCE_S, RETRY_ATTEMPTS, PendingRequest, retry_delay
-from fedcoe_edge.protocol import DEFAULT_WINDOW
+from fedcoe_edge.protocol import DEFAULT_WINDOW, BrokerSettings
 from fedcoe_edge.wire import DEFAULT_CHUNK_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_COORDINATOR = ROOT / "deploy" / "coordinator.toml"
 DEPLOY_MOSQUITTO = ROOT / "deploy" / "mosquitto" / "mosquitto.conf"
+DEPLOY_ACL = ROOT / "deploy" / "mosquitto" / "acl"
 PROFILE_JSON = ROOT / "benchmarks" / "results" / "fleet_profile.json"
 FEDERATION = "fleet"
 SECRET = bytes(range(100, 132))
 BROKER_LIMITS = ("max_packet_size", "max_queued_messages", "max_inflight_messages",
                  "max_queued_bytes")
 TICK_S = 0.25
-PING_S = 60.0
-VARIANTS = 4  # distinct fake updates per task payload
+VARIANTS = 4  # --shared-updates: distinct fake updates per task payload
+# The device agent's own defaults, never copies (device_agent/config.py, BrokerSettings):
+AGENT_HEARTBEAT_S = DeviceSettings.heartbeat_s
+AGENT_KEEPALIVE_S = BrokerSettings.keepalive_s
+AGENT_SESSION_EXPIRY_S = BrokerSettings.session_expiry_s
+LENIENT_KEEPALIVE_S = 300  # the first generator's keepalive (--lenient only)
+MONITOR = "fleet-monitor"  # the generator's $SYS reader: a broker user of its own
+# The deploy template's TLS listener lines: the private broker listens on loopback only
+TLS_KEYS = ("protocol", "cafile", "certfile", "keyfile", "tls_version", "require_certificate",
+            "use_identity_as_username", "capath", "ciphers")
 
 log = logging.getLogger("fedcoe.fleet")
 
@@ -95,6 +110,139 @@ def broker_limits(path: Path = DEPLOY_MOSQUITTO) -> list[str]:
     return out
 
 
+def aggregator_logins(shards: int) -> dict[str, str]:
+    """Config stem -> MQTT identity (= broker username) of each coordinator process
+    (``coordinator.config.mqtt_identity``): ``coordinator``, or ``leader`` and ``shard-<i>``."""
+    from coordinator.config import FederationSettings, Role, mqtt_identity
+
+    fed = FederationSettings(id=FEDERATION, shards=max(1, shards))
+    if not shards:
+        return {"coordinator": mqtt_identity(fed, Role.SINGLE)}
+    out = {"leader": mqtt_identity(fed, Role.LEADER, shards=shards)}
+    for i in range(shards):
+        out[f"shard-{i}"] = mqtt_identity(fed, Role.SHARD, i, shards=shards)
+    return out
+
+
+def _acl_blocks(text: str) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
+    """The template ACL's ``user`` blocks (its rules), its commented-out example blocks (the
+    sharded layout) and its ``pattern`` lines."""
+    active: dict[str, list[str]] = {}
+    example: dict[str, list[str]] = {}
+    patterns: list[str] = []
+    cur: list[str] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        commented = line.startswith("#")
+        words = line.lstrip("#").split()
+        if not words or words[0] not in ("user", "topic", "pattern"):
+            cur = None  # a blank line or prose ends a block
+            continue
+        if words[0] == "pattern" and not commented:
+            patterns.append(" ".join(words))
+        elif words[0] == "user" and len(words) == 2:
+            cur = (example if commented else active).setdefault(words[1], [])
+        elif words[0] == "topic" and cur is not None:
+            cur.append(" ".join(words))
+    return active, example, patterns
+
+
+def acl_from_template(ids: list[str], shards: int, template: Path = DEPLOY_ACL) -> str:
+    """This fleet's ACL from ``deploy/mosquitto/acl``: the template's ``coordinator`` entry
+    (or, sharded, its commented example entries for the leader and a shard, renamed for
+    this federation and each shard), its ``pattern`` lines, and its per-device entry once
+    for every device id."""
+    import re
+
+    from fedcoe_edge.sharding import shard_federation, shard_name
+
+    active, example, patterns = _acl_blocks(template.read_text())
+    logins = aggregator_logins(shards)
+    coord = logins.get("coordinator", "")
+    device_user = next(u for u in active if u != "coordinator")  # the template's dev0
+    out = [f"# generated by benchmarks.fleet from {template.relative_to(ROOT)}"]
+    if not shards:
+        out += [f"user {coord}", *active["coordinator"]]
+    else:
+        leader = next(u for u in example if ".leader." in u)
+        shard = next(u for u in example if re.fullmatch(r"[\w-]+\.[\w-]+\.s0of\d+", u))
+        _, ex_fed, ex_part = shard.split(".")
+        ex_shards = int(ex_part.split("of")[1])
+        out += [f"user {logins['leader']}",
+                *(t.replace(ex_fed, FEDERATION) for t in example[leader])]
+        for i in range(shards):
+            rename = [(shard_federation(ex_fed, 0, ex_shards), shard_federation(FEDERATION, i, shards)),
+                      ("/" + shard_name(0) + "/", "/" + shard_name(i) + "/"), (ex_fed, FEDERATION)]
+            rules = []
+            for t in example[shard]:
+                for a, b in rename:
+                    t = t.replace(a, b)
+                rules.append(t)
+            out += ["", f"user {logins[f'shard-{i}']}", *rules]
+    out += ["", *patterns, ""]
+    for dev in ids:
+        out += [f"user {dev}", *(t.replace(device_user, dev) for t in active[device_user])]
+    return "\n".join(out) + "\n"
+
+
+def deploy_broker_files(folder: Path, port: int, ids: list[str], shards: int,
+                        template: Path = DEPLOY_MOSQUITTO) -> Path:
+    """The deploy template's broker for this run, written into ``folder``: every line of
+    ``deploy/mosquitto/mosquitto.conf`` kept (``allow_anonymous false``,
+    ``use_username_as_clientid``, the limits, ``persistent_client_expiration``,
+    ``persistence`` with its ``autosave_interval``) except what names the host: one loopback
+    listener on ``port`` instead of the TLS listeners, and the password file, ACL and
+    persistence folder in ``folder``. The ACL is ``deploy/mosquitto/acl``'s rules with an
+    entry per device (:func:`acl_from_template`), the passwords one per client, hashed with
+    ``mosquitto_passwd -U`` as ``fedcoe init`` does. Returns the config file. Plus a user
+    for the generator's ``$SYS`` reader."""
+    tool = shutil.which("mosquitto_passwd")
+    if tool is None:
+        raise RuntimeError("fleet: --broker deploy needs mosquitto_passwd (the mosquitto "
+                           "package) to hash the per-device passwords; or give --broker open")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "data").mkdir(exist_ok=True)
+    passwd, acl_file = folder / "passwd", folder / "acl"
+    paths = {"password_file": str(passwd), "acl_file": str(acl_file),
+             "persistence_location": f"{folder / 'data'}/"}
+    out, listened = [f"# generated by benchmarks.fleet from {template.relative_to(ROOT)}"], False
+    for line in template.read_text().splitlines():
+        words = line.split("#", 1)[0].split()
+        if not words:
+            out.append(line)
+        elif words[0] == "listener":
+            if not listened:
+                out.append(f"listener {port} 127.0.0.1")
+                listened = True
+        elif words[0] in TLS_KEYS or words[0] == "log_dest":
+            out.append(f"# (fleet: loopback run) {line}")
+        elif words[0] in paths:
+            out.append(f"{words[0]} {paths[words[0]]}")
+        else:
+            out.append(line)
+    users = [*aggregator_logins(shards).values(), *ids, MONITOR]
+    acl = acl_from_template(ids, shards) + (
+        f"\n# the fleet generator's $SYS reader\nuser {MONITOR}\ntopic read $SYS/#\n"
+        "topic read fl/v1/+/coord/status\n")
+    acl_file.write_text(acl)
+    passwd.write_text("".join(f"{u}:{password_of(u)}\n" for u in users))
+    passwd.chmod(0o600)
+    done = subprocess.run([tool, "-U", str(passwd)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"fleet: mosquitto_passwd -U {passwd} failed: {done.stderr.strip()}")
+    conf = folder / "fedcoe.conf"
+    conf.write_text("\n".join(out) + "\n")
+    return conf
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @dataclass
 class FleetSpec:
     devices: int
@@ -117,6 +265,23 @@ class FleetSpec:
     fedcoe_cmd: list[str] = field(default_factory=lambda: [sys.executable, "-m", "fedcoe_edge.cli"])
     # sample the coordinator with py-spy into the work folder (benchmarks/fleet_profile.py)
     profile: bool = False
+    # "deploy": the deploy template's broker (passwords, ACL, client id = username,
+    # persistence and its limits), generated into the work folder; "open": anonymous, no
+    # ACL, no persistence (the first generator's, for comparison)
+    broker: str = "deploy"
+    heartbeat_s: float = AGENT_HEARTBEAT_S  # each device's telemetry interval; 0: none
+    keepalive_s: int = AGENT_KEEPALIVE_S
+    # the agent's MQTT session: clean_start false and a session expiry (else clean sessions)
+    agent_session: bool = True
+    # each device its own update bytes (own seeded noise); False: one of VARIANTS shared
+    # updates per task payload, built once
+    distinct_updates: bool = True
+
+
+def password_of(dev: str) -> str:
+    """A client's broker password: derived from the run's secret, so the generator's worker
+    processes need no list of them (the broker holds only the hashes)."""
+    return hashlib.sha256(b"fleet-broker\0" + SECRET + dev.encode()).hexdigest()[:24]
 
 
 # ----------------------------------------------------------------------------- devices
@@ -161,6 +326,10 @@ class SimDevice:
         self.eval_acked = False
         self.gave_up: list[str] = []
         self.refresh_asked = False
+        self.update_sha: dict[int, str] = {}
+        self.heartbeats = 0
+        self.task_chunks = 0
+        self.update_chunks = 0
 
     def reconnectable(self) -> Any:
         """A fresh client with this device's will, birth and subscriptions (and messenger)."""
@@ -169,10 +338,15 @@ class SimDevice:
 
         P, t, dev = self.P, self.fleet.topics_for(self.dev), self.dev
         self.topics = t
+        spec = self.fleet.spec
+        auth = spec.broker == "deploy"
         client = AsyncMqttClient(
-            dev, "127.0.0.1", self.fleet.port, keepalive_s=300,
+            dev, "127.0.0.1", self.fleet.port, keepalive_s=spec.keepalive_s,
             will=Will(t.presence(dev), P.presence_payload("offline"), 1, True),
-            birth=Will(t.presence(dev), P.presence_payload("online"), 1, True))
+            birth=Will(t.presence(dev), P.presence_payload("online"), 1, True),
+            session_expiry_s=AGENT_SESSION_EXPIRY_S if spec.agent_session else 0,
+            clean_start=not spec.agent_session,
+            username=dev if auth else "", password=password_of(dev) if auth else "")
         client.subscribe(f"{t.prefix}/dn/{dev}/#", self._on_dn)
         client.subscribe(t.bc_ctl(), self._on_broadcast)
         client.subscribe(t.coord_status(), self._on_coord_status)
@@ -197,6 +371,22 @@ class SimDevice:
         self.hello_at = time.monotonic()
         self._send(self.P.HELLO, {"role": "train", "tier": "medium", "memory_mb": 1024.0,
                                   "num_samples": self.num_samples, "runtime": "fleet-sim"})
+
+    def beat(self) -> None:
+        """One heartbeat as the agent sends it (device_agent/daemon.py, ``DeviceAgent._beat``):
+        signed telemetry on ``up/<id>/hb`` at QoS 0, skipped while disconnected, then the
+        next one ``heartbeat_s`` later until the device closes."""
+        from fedcoe_edge.wire import Envelope, encode_envelope
+
+        if self.client.connected:
+            body = {"rss_mb": 200.0, "load": 0.5, "rounds_done": len(self.accepted_at)}
+            env = Envelope.new(self.P.HEARTBEAT, federation=self.topics.federation,
+                               sender=self.dev, recipient=self.fleet.coordinator, body=body,
+                               ttl_s=120)  # the agent's heartbeat ttl
+            self.client.publish(self.topics.up_hb(self.dev), encode_envelope(env, self.key), qos=0)
+            self.heartbeats += 1
+        if not self.fleet.closing:
+            asyncio.get_running_loop().call_later(self.fleet.spec.heartbeat_s, self.beat)
 
     def _request(self, type: str, sub: str, rnd: int, body: dict[str, Any]) -> None:
         key = (type, sub, rnd)
@@ -234,6 +424,7 @@ class SimDevice:
             manifest = TransferManifest.from_dict(b["manifest"])
             if env.type == P.TASK:
                 self.task_at.setdefault(env.round, time.time())
+                self.task_chunks = max(self.task_chunks, manifest.chunk_count)
                 self.version = int(b.get("version", self.version))
             else:
                 req = self.requests.get((P.FETCH, "refresh", env.round))
@@ -283,20 +474,29 @@ class SimDevice:
             return
         if ctx["kind"] == self.P.TASK:
             delay = self.fleet.spec.train_s + random.random() * self.fleet.spec.jitter_s
-            # the update now (shared bytes, built once per payload), so the task's own bytes
-            # are not held through the training delay by thousands of devices
-            upload = self.fleet.update_for(manifest.sha256, data, self.variant)
-            asyncio.get_running_loop().call_later(delay, self._trained, ctx, upload)
+            rnd = int(ctx["round"])
+            if self.fleet.spec.distinct_updates:
+                # the task decoded once per payload and shared (read-only), so the task's
+                # own bytes are not held through the training delay by thousands of
+                # devices; this device's update is built when its training ends
+                base = self.fleet.base_for(manifest.sha256, data)
+                make = lambda: self.fleet.own_update(self.dev, rnd, base)  # noqa: E731
+            else:  # --shared-updates: identical bytes across devices, built once
+                upload = self.fleet.update_for(manifest.sha256, data, self.variant)
+                make = lambda: upload  # noqa: E731
+            asyncio.get_running_loop().call_later(delay, self._trained, ctx, make)
         else:
             self.requests.pop((self.P.FETCH, "refresh", ctx["round"]), None)
             self.final_model = True
             self._request(self.P.EVAL, "personal", ctx["round"],
                           {"kind": "personal", "correct": 70, "total": 100})
 
-    def _trained(self, ctx: dict[str, Any], upload: bytes) -> None:
+    def _trained(self, ctx: dict[str, Any], make: Callable[[], bytes]) -> None:
         from fedcoe_edge.transport.blob import open_blob
 
         rnd = int(ctx["round"])
+        upload = make()
+        self.update_sha[rnd] = hashlib.sha256(upload).hexdigest()[:16]
         digest = hashlib.sha256(f"{self.dev}\0{rnd}\0".encode() + upload).hexdigest()
         xid = f"r{rnd}-{digest[:32]}"
         sender = open_blob(self.client, lambda x: self.topics.up_blob(self.dev, x), upload,
@@ -304,6 +504,7 @@ class SimDevice:
                            transfer_id=xid, expert_ids=ctx["expert_ids"],
                            base_version=self.version, encoding=self.P.ENCODING_DELTA)
         m = sender.manifest
+        self.update_chunks = max(self.update_chunks, m.chunk_count)
         k = self.fleet.num_experts
         rng = random.Random(f"{self.dev}/{rnd}")
         aff = [rng.random() + 0.05 for _ in range(k)]
@@ -378,7 +579,9 @@ class SimDevice:
                 "eval_acked": self.eval_acked, "gave_up": self.gave_up,
                 "resends": 0 if self.upload is None else self.upload.sender.resends,
                 "bytes_in": self.client.bytes_in, "bytes_out": self.client.bytes_out,
-                "closed": self.client.closed_reason}
+                "closed": self.client.closed_reason, "update_sha": self.update_sha,
+                "heartbeats": self.heartbeats, "pings": self.client.pings,
+                "task_chunks": self.task_chunks, "update_chunks": self.update_chunks}
 
 
 class DeviceFleet:
@@ -396,6 +599,9 @@ class DeviceFleet:
         self.devices: list[SimDevice] = []
         self.active: set[SimDevice] = set()
         self._updates: dict[tuple[str, int], bytes] = {}
+        self._bases: dict[str, dict[str, np.ndarray]] = {}
+        self.build_cpu_s = 0.0  # CPU this process spent building updates (process_time)
+        self.closing = False
 
     def topics_for(self, dev: str) -> Any:
         """The topics of the coordinator that serves ``dev``: its shard's when sharded."""
@@ -405,12 +611,43 @@ class DeviceFleet:
 
         return self._shard_topics[shard_of(dev, len(self._shard_topics))]
 
+    def base_for(self, task_sha: str, data: bytes) -> dict[str, np.ndarray]:
+        """A task payload's tensors, decoded once per payload and shared by the devices
+        that got it (they only read it)."""
+        got = self._bases.get(task_sha)
+        if got is None:
+            from fedcoe_edge.wire import decode_tensors
+
+            t0 = time.process_time()
+            got = decode_tensors(data)
+            self.build_cpu_s += time.process_time() - t0
+            if len(self._bases) > 64:
+                self._bases.clear()  # devices keep their own reference
+            self._bases[task_sha] = got
+        return got
+
+    def own_update(self, dev: str, rnd: int, base: dict[str, np.ndarray]) -> bytes:
+        """This device's int8-delta upload: the task's weights plus noise seeded by the device
+        and round, so no two devices send the same bytes (the coordinator's decompression,
+        validation and aggregation see distinct payloads, as from real devices)."""
+        from fedcoe_edge.wire import compress_delta, compressed_delta_metadata, encode_tensors
+
+        t0 = time.process_time()
+        seed = int.from_bytes(hashlib.sha256(f"{dev}/{rnd}".encode()).digest()[:8], "big")
+        rng = np.random.default_rng(seed)
+        new = {k: (v + rng.normal(0.0, 1e-3, v.shape).astype(v.dtype)
+                   if np.issubdtype(v.dtype, np.floating) else v) for k, v in base.items()}
+        out = encode_tensors(compress_delta(new, base), compressed_delta_metadata())
+        self.build_cpu_s += time.process_time() - t0
+        return out
+
     def update_for(self, task_sha: str, data: bytes, variant: int) -> bytes:
-        """An int8-delta upload for a task payload: its weights plus seeded noise, built
-        once per (payload, variant) so the generator's CPU stays small."""
+        """``--shared-updates``: an int8-delta upload for a task payload, its weights plus
+        seeded noise, built once per (payload, variant): identical bytes across devices."""
         key = (task_sha, variant)
         got = self._updates.get(key)
         if got is None:
+            t0 = time.process_time()
             from fedcoe_edge.wire import (
                 compress_delta,
                 compressed_delta_metadata,
@@ -423,6 +660,7 @@ class DeviceFleet:
             new = {k: (v + rng.normal(0.0, 1e-3, v.shape).astype(v.dtype)
                        if np.issubdtype(v.dtype, np.floating) else v) for k, v in base.items()}
             got = encode_tensors(compress_delta(new, base), compressed_delta_metadata())
+            self.build_cpu_s += time.process_time() - t0
             if len(self._updates) > 64:
                 self._updates.clear()
             self._updates[key] = got
@@ -446,29 +684,35 @@ class DeviceFleet:
                 await asyncio.sleep(1.0 + attempt)
             dev.hello()
             self.active.add(dev)
+            hb = self.spec.heartbeat_s
+            if hb > 0:  # each device its own phase, as devices that did not start together
+                loop.call_later(hb * random.Random(f"hb/{dev.dev}").uniform(0.05, 1.0), dev.beat)
 
+        loop = asyncio.get_running_loop()
         self.devices = [SimDevice(self, d) for d in self.ids]
         t0 = time.monotonic()
         await asyncio.gather(*(start(d) for d in self.devices))
         connected_s = time.monotonic() - t0
-        last_ping = time.monotonic()
+        last_keepalive = loop.time()
         while time.monotonic() < stop_at and not stop_event.is_set():
             await asyncio.sleep(TICK_S)
             now = time.monotonic()
             for dev in list(self.active):
                 if not dev.tick(now):
                     self.active.discard(dev)
-            if now - last_ping > PING_S:
-                last_ping = now
+            if loop.time() - last_keepalive >= 1.0:  # PINGREQ by paho's rule, per device
+                last_keepalive = lt = loop.time()
                 for dev in self.devices:
-                    if now - dev.client.last_send > PING_S:
+                    if dev.client.keepalive_due(lt):
                         dev.client.ping()
             if all(d.finished for d in self.devices):
                 break
+        self.closing = True
         await asyncio.sleep(0.5)  # let the last acks leave
         for d in self.devices:
             d.client.close()
         return {"connected_s": connected_s, "connect_failed": connect_failed,
+                "build_cpu_s": self.build_cpu_s,
                 "devices": {d.dev: d.stats() for d in self.devices}}
 
 
@@ -492,7 +736,7 @@ def federation_ids(shards: int) -> list[str]:
     return [shard_federation(FEDERATION, i, shards) for i in range(shards)]
 
 
-def _coordinator_toml(spec: FleetSpec, port: int, state: Path) -> str:
+def _coordinator_toml(spec: FleetSpec, port: int, state: Path, user: str = "") -> str:
     model, train = model_preset(spec.model)
     deadline = spec.deadline_s or 60.0 + 0.06 * spec.devices
 
@@ -504,7 +748,9 @@ def _coordinator_toml(spec: FleetSpec, port: int, state: Path) -> str:
            "state_dir": str(state), "exit_when_done": True, "chunk_size": spec.chunk_size,
            "window": 16, **({"shards": spec.shards} if spec.shards else {})}
     return "\n".join([table("federation", fed),
-                      table("broker", {"host": "127.0.0.1", "port": port}),
+                      table("broker", {"host": "127.0.0.1", "port": port,
+                                       **({"username": user, "password": password_of(user)}
+                                          if user else {})}),
                       table("security", {"secret": SECRET.hex()}),
                       table("model", model), table("train", train)])
 
@@ -547,13 +793,14 @@ def _hwm(pid: int) -> int:
 
 
 async def _sys_monitor(port: int, into: list[tuple[float, str, float]], stop: asyncio.Event,
-                       coord_online: Any, shards: int = 0) -> None:
+                       coord_online: Any, shards: int = 0, auth: bool = False) -> None:
     """Broker counters from $SYS (published every second with sys_interval 1), and the
     coordinator's retained status (devices start once it is online)."""
     from benchmarks.mqtt_async import AsyncMqttClient
     from fedcoe_edge.transport import Topics
 
-    c = AsyncMqttClient("fleet-monitor", "127.0.0.1", port)
+    c = AsyncMqttClient(MONITOR, "127.0.0.1", port, username=MONITOR if auth else "",
+                        password=password_of(MONITOR) if auth else "")
 
     def on(msg: Any) -> None:
         with contextlib.suppress(ValueError):
@@ -591,14 +838,28 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
     work = Path(spec.workdir) if spec.workdir else Path(tempfile.mkdtemp(prefix="fedcoe-fleet-"))
     work.mkdir(parents=True, exist_ok=True)
     limits = broker_limits()
-    broker = MosquittoBroker(workdir=work / "broker",
-                             extra_config=[*limits, "sys_interval 1", "max_connections -1",
-                                           *spec.broker_options])
+    ids = [f"dev{i:05d}" for i in range(spec.devices)]
+    auth = spec.broker == "deploy"
+    logins = aggregator_logins(spec.shards) if auth else {}
+    if auth:
+        port = _free_port()
+        conf = deploy_broker_files(work / "broker", port, ids, spec.shards)
+        with conf.open("a") as f:  # the generator's needs: $SYS every second, no cap
+            f.write("\n".join(["# added by benchmarks.fleet", "sys_interval 1",
+                               "max_connections -1", *spec.broker_options]) + "\n")
+        broker = MosquittoBroker.from_config_file(conf, port, workdir=work / "broker")
+    else:
+        broker = MosquittoBroker(workdir=work / "broker",
+                                 extra_config=[*limits, "sys_interval 1", "max_connections -1",
+                                               *spec.broker_options])
     broker.start()
     coord_log = work / "coordinator.log"
     result: dict[str, Any] = {"devices": spec.devices, "rounds": spec.rounds, "model": spec.model,
                               "train_s": spec.train_s, "jitter_s": spec.jitter_s,
                               "procs": spec.procs, "broker_limits": limits + spec.broker_options,
+                              "broker": spec.broker, "heartbeat_s": spec.heartbeat_s,
+                              "keepalive_s": spec.keepalive_s, "agent_session": spec.agent_session,
+                              "distinct_updates": spec.distinct_updates,
                               "workdir": str(work) if not own else None,
                               "loadavg_1m_start": os.getloadavg()[0]}
     coord = None
@@ -606,17 +867,23 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
     shard_procs: list[subprocess.Popen[bytes]] = []
     workers: list[tuple[Any, Any]] = []
     try:
-        cfg = work / "coordinator.toml"
-        cfg.write_text(_coordinator_toml(spec, broker.port, work / "state"))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        base_cmd = [*spec.fedcoe_cmd, "coordinator", "--config", str(cfg), *spec.coordinator_args]
+
+        def cmd(stem: str) -> list[str]:
+            """Each aggregator its own config when the broker asks for logins (one each)."""
+            cfg = work / f"{stem}.toml"
+            cfg.write_text(_coordinator_toml(spec, broker.port, work / "state", logins.get(stem, "")))
+            return [*spec.fedcoe_cmd, "coordinator", "--config", str(cfg), *spec.coordinator_args]
+
         with coord_log.open("wb") as logf:  # the leader's log when sharded
-            coord = subprocess.Popen([*base_cmd, *(["--role", "leader"] if spec.shards else [])],
-                                     stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            coord = subprocess.Popen(
+                [*cmd("leader" if spec.shards else "coordinator"),
+                 *(["--role", "leader"] if spec.shards else [])],
+                stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         for i in range(spec.shards):
             with (work / f"shard-{i}.log").open("wb") as logf:
                 shard_procs.append(subprocess.Popen(
-                    [*base_cmd, "--role", "shard", "--shard-index", str(i)],
+                    [*cmd(f"shard-{i}"), "--role", "shard", "--shard-index", str(i)],
                     stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=ROOT))
         cp = psutil.Process(coord.pid)
         sps = [psutil.Process(p.pid) for p in shard_procs]
@@ -627,7 +894,6 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
         bp = psutil.Process(broker._proc.pid)  # type: ignore[union-attr]
         ctx = mp.get_context("spawn")
         stop_event = ctx.Event()
-        ids = [f"dev{i:05d}" for i in range(spec.devices)]
         started = time.time()
         stop_at = time.monotonic() + spec.timeout_s
         wps: list[Any] = []
@@ -640,7 +906,8 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
             nonlocal hwm, spy
             stop = asyncio.Event()
             online = asyncio.Event()
-            mon = asyncio.create_task(_sys_monitor(broker.port, sys_vals, stop, online, spec.shards))
+            mon = asyncio.create_task(_sys_monitor(broker.port, sys_vals, stop, online,
+                                                   spec.shards, auth))
             # the devices start once the coordinator is up: rounds are measured, not its start
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(online.wait(), 120)
@@ -700,6 +967,8 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
         rows, opened, evals = _round_rows(work / "state", spec.shards)
         result.update(_summarise(spec, rows, opened, samples, sys_vals, stats))
         result["evals_stored"] = evals
+        result["heartbeats_seen"] = _heartbeats_seen(work / "state", spec.shards)
+        result["broker_log_tail"] = broker.log_tail(5).splitlines()
         result["coordinator_log_tail"] = coord_log.read_text(errors="replace").splitlines()[-5:]
         return result
     finally:
@@ -728,6 +997,22 @@ def _profile_of(spy: subprocess.Popen[bytes], raw: Path) -> dict[str, Any] | Non
         log.warning("py-spy wrote no samples (%s)", raw)
         return None
     return fleet_profile.summarise(raw.read_text(errors="replace"))
+
+
+def _heartbeats_seen(state: Path, shards: int) -> int:
+    """Devices whose heartbeat the coordinator (each shard) stored as telemetry."""
+    from coordinator.store import Store
+
+    paths = ([state / f"shard-{i}" / "coordinator.sqlite" for i in range(shards)] if shards
+             else [state / "coordinator.sqlite"])
+    seen = 0
+    for path in paths:
+        store = Store(path, readonly=True)
+        try:
+            seen += sum(1 for d in store.devices() if d.get("telemetry"))
+        finally:
+            store.close()
+    return seen
 
 
 def _round_rows(state: Path, shards: int) -> tuple[list[dict[str, Any]], dict[int, tuple[float, float]], int]:
@@ -796,6 +1081,7 @@ def _summarise(spec: FleetSpec, rows: list[dict[str, Any]], opened: dict[int, tu
         devices.update(s["devices"])
         connect_failed += s["connect_failed"]
     drops_topic = "$SYS/broker/publish/messages/dropped"
+    shas = [h for d in devices.values() for h in d.get("update_sha", {}).values()]
     out_rows = []
     for r in rows:
         rnd = r["round"]
@@ -836,6 +1122,13 @@ def _summarise(spec: FleetSpec, rows: list[dict[str, Any]], opened: dict[int, tu
         "requests_given_up": sum(len(d["gave_up"]) for d in devices.values()),
         "refused_msgs": sum(d["refused_msgs"] for d in devices.values()),
         "upload_resends": sum(d["resends"] for d in devices.values()),
+        "updates_sent": len(shas), "distinct_updates_sent": len(set(shas)),
+        "heartbeats_sent": sum(d.get("heartbeats", 0) for d in devices.values()),
+        "keepalive_pings": sum(d.get("pings", 0) for d in devices.values()),
+        "task_chunks_max": max((d.get("task_chunks", 0) for d in devices.values()), default=0),
+        "update_chunks_max": max((d.get("update_chunks", 0) for d in devices.values()), default=0),
+        # the generator's CPU spent decoding tasks and building updates (inside gen CPU)
+        "update_build_cpu_s_total": sum(s.get("build_cpu_s", 0.0) for s in stats),
         "broker_drops_total": total_drops,
         "broker_bytes_received": max((v for _, tp, v in sys_vals if tp == "$SYS/broker/bytes/received"), default=math.nan),
         "broker_bytes_sent": max((v for _, tp, v in sys_vals if tp == "$SYS/broker/bytes/sent"), default=math.nan),
@@ -963,6 +1256,24 @@ def _markdown_only(json_path: Path, md: Path | None, profile_json: Path) -> int:
     return 0
 
 
+def _generator_line(run: dict[str, Any]) -> str:
+    """How the run's devices behaved (docs/benchmarks.md, "Fleet: one coordinator, thousands
+    of devices"); runs kept from before these options were the first generator's."""
+    if "broker" not in run:
+        return ("the first generator (open broker, no heartbeats, keepalive 300 s, "
+                "identical update bytes across devices)")
+    hb = run.get("heartbeat_s", 0)
+    build = run.get("update_build_cpu_s_total")
+    return (f"broker `{run['broker']}`, heartbeats "
+            + (f"every {hb:g} s" if hb else "off")
+            + f", keepalive {run.get('keepalive_s')} s, "
+            + ("agent sessions" if run.get("agent_session") else "clean sessions") + ", "
+            + ("each device its own update bytes" if run.get("distinct_updates")
+               else "shared update bytes")
+            + (f" (building them: {build:.1f} CPU-s of the generator's, whole run)"
+               if build is not None else ""))
+
+
 def write_markdown(runs: list[dict[str, Any]], path: Path, command: str,
                    profile: dict[str, Any] | None = None) -> None:
     sharded = [r for r in runs if r.get("shards")]
@@ -977,7 +1288,7 @@ def write_markdown(runs: list[dict[str, Any]], path: Path, command: str,
              f"`{runs[0]['model'] if runs else '?'}`. CPU and RSS are sampled every 0.2 s; "
              "per-round figures are means over the rounds; peak RSS is the coordinator's "
              "VmHWM over the whole run. Machine: "
-             f"{os.cpu_count()} CPU cores.", "",
+             f"{os.cpu_count()} CPU cores. Devices: {_generator_line(runs[0] if runs else {})}.", "",
              "| devices | rounds | round s (mean / max) | last task s | coord CPU-s/round | "
              "coord peak RSS MB | broker peak RSS MB | broker CPU-s/round | generator CPU-s/round | "
              "MB moved/round | accepted | failed | rejected | broker drops | final models | ok |",
@@ -1091,7 +1402,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.fleet", description=__doc__.split("\n\n")[0])
     p.add_argument("--devices", type=int, nargs="+", default=None,
                    help="fleet sizes to run, in order (required unless --markdown-only)")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--model", default="deploy", choices=["deploy", "camera", "smoke"],
                    help="model config whose update sizes the devices send (default: deploy template)")
     p.add_argument("--train-s", type=float, default=1.0, help="fake training time per round")
@@ -1118,6 +1429,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-json", type=Path, default=PROFILE_JSON,
                    help="where --profile keeps its figures, and what fleet.md's \"Coordinator "
                         "CPU profile\" section is rendered from")
+    p.add_argument("--broker", choices=["deploy", "open"], default="deploy",
+                   help="deploy (default): the deploy template's broker (per-client passwords, "
+                        "ACL, use_username_as_clientid, persistence); open: anonymous, no ACL, "
+                        "no persistence")
+    p.add_argument("--heartbeat-s", type=float, default=AGENT_HEARTBEAT_S,
+                   help="each device's heartbeat interval (default: the agent's, "
+                        f"{AGENT_HEARTBEAT_S:g} s); 0: none")
+    p.add_argument("--keepalive-s", type=int, default=AGENT_KEEPALIVE_S,
+                   help=f"MQTT keepalive of each device (default: the agent's, {AGENT_KEEPALIVE_S} s)")
+    p.add_argument("--clean-sessions", action="store_true",
+                   help="clean MQTT sessions instead of the agent's (clean_start false, session "
+                        f"expiry {AGENT_SESSION_EXPIRY_S} s)")
+    p.add_argument("--shared-updates", action="store_true",
+                   help=f"identical update bytes across devices ({VARIANTS} variants per task, "
+                        "built once) instead of each device its own")
+    p.add_argument("--lenient", action="store_true",
+                   help="the first generator, for comparison: --broker open --heartbeat-s 0 "
+                        f"--keepalive-s {LENIENT_KEEPALIVE_S} --clean-sessions --shared-updates")
     p.add_argument("--markdown-only", action="store_true",
                    help="run nothing: render --md from the runs in --json (and --profile-json)")
     args = p.parse_args(argv)
@@ -1131,6 +1460,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.deadline_s < 0:
         print("fleet: --deadline-s must be >= 0", file=sys.stderr)
+        return 2
+    if args.lenient:
+        args.broker, args.heartbeat_s, args.keepalive_s = "open", 0.0, LENIENT_KEEPALIVE_S
+        args.clean_sessions = args.shared_updates = True
+    if args.heartbeat_s < 0 or not 0 < args.keepalive_s < 65536:
+        print("fleet: --heartbeat-s must be >= 0 and --keepalive-s in 1..65535", file=sys.stderr)
         return 2
     if any(n < 1 for n in args.devices) or args.rounds < 1 or args.procs < 1:
         print("fleet: --devices, --rounds and --procs must be >= 1", file=sys.stderr)
@@ -1149,6 +1484,9 @@ def main(argv: list[str] | None = None) -> int:
                          jitter_s=args.jitter_s, procs=args.procs, timeout_s=args.timeout_s,
                          broker_options=list(args.broker_option), shards=shards,
                          profile=bool(args.profile), deadline_s=args.deadline_s,
+                         broker=args.broker, heartbeat_s=args.heartbeat_s,
+                         keepalive_s=args.keepalive_s, agent_session=not args.clean_sessions,
+                         distinct_updates=not args.shared_updates,
                          workdir=str(args.workdir / name) if args.workdir else "")
         log.info("fleet: %d devices, %d rounds, model %s, %s", n, args.rounds, args.model,
                  f"leader + {shards} shard(s)" if shards else "one coordinator")

@@ -3,8 +3,8 @@
 The fleet load generator (``benchmarks.fleet``) simulates thousands of devices; paho
 spends a network thread per client, which would make the generator, not the coordinator,
 what gets measured. This client covers exactly what a FedCoE device uses (docs/design.md,
-section 8): CONNECT with a will and a session expiry, SUBSCRIBE, PUBLISH at QoS 0/1 with
-an optional message expiry, PUBACK both ways, PINGREQ, DISCONNECT. It honours the broker's
+section 8): CONNECT with a will, a session expiry and a username / password, SUBSCRIBE, PUBLISH at QoS 0/1 with
+an optional message expiry, PUBACK both ways, PINGREQ at the keepalive (paho's rule), DISCONNECT. It honours the broker's
 Receive Maximum (QoS 1 publishes beyond it wait locally, as paho's inflight window does)
 and its Maximum Packet Size (read from CONNACK, refused locally).
 
@@ -125,8 +125,10 @@ class AsyncMqttClient(asyncio.Protocol, Transport):
 
     def __init__(self, client_id: str, host: str, port: int, *, will: Will | None = None,
                  birth: Will | None = None, keepalive_s: int = 300,
-                 session_expiry_s: int = 0, clean_start: bool = True) -> None:
+                 session_expiry_s: int = 0, clean_start: bool = True,
+                 username: str = "", password: str = "") -> None:
         self.client_id = client_id
+        self.username, self.password = username, password
         self.host, self.port = host, port
         self.will, self.birth = will, birth
         self.keepalive_s = keepalive_s
@@ -148,6 +150,8 @@ class AsyncMqttClient(asyncio.Protocol, Transport):
         self.bytes_in = 0
         self.closed_reason: str | None = None
         self.last_send = 0.0
+        self.last_recv = 0.0
+        self.pings = 0
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -168,6 +172,7 @@ class AsyncMqttClient(asyncio.Protocol, Transport):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        self.last_recv = asyncio.get_running_loop().time()
         buf = self._buf
         buf += data
         pos = 0
@@ -249,6 +254,12 @@ class AsyncMqttClient(asyncio.Protocol, Transport):
         if self.will is not None:
             flags |= 0x04 | (self.will.qos << 3) | (0x20 if self.will.retain else 0)
             payload += _varint(0) + _str(self.will.topic) + _bin(self.will.payload)
+        if self.username:
+            flags |= 0x80
+            payload += _str(self.username)
+        if self.password:
+            flags |= 0x40
+            payload += _bin(self.password.encode("utf-8"))
         props = b"\x11" + struct.pack(">I", self.session_expiry_s)
         body = _str("MQTT") + bytes([5, flags]) + struct.pack(">H", self.keepalive_s)
         body += _varint(len(props)) + props + payload
@@ -275,7 +286,17 @@ class AsyncMqttClient(asyncio.Protocol, Transport):
         await asyncio.wait_for(fut, timeout)
 
     def ping(self) -> None:
+        self.pings += 1
         self._write(_packet(PINGREQ, 0, b""))
+        self.last_recv = self.last_send  # as paho: one PINGREQ per keepalive, not per tick
+
+    def keepalive_due(self, now: float) -> bool:
+        """paho's rule: a PINGREQ when nothing went out, or nothing came in, for a whole
+        keepalive interval (``now`` on the event loop's clock)."""
+        if not self._connected or not self.keepalive_s:
+            return False
+        k = self.keepalive_s
+        return now - self.last_send >= k or now - self.last_recv >= k
 
     # --- Transport API ---
     def connect(self, timeout: float = 10.0) -> None:

@@ -175,3 +175,107 @@ def test_micro_measures_the_fixed_items_and_the_report_shows_them(
     assert "| 5 | defend | " in text and "| 5 | parse_json | " in text
     assert fleet_profile.main(["--micro", "after", "x", "--profile-json", str(doc)]) == 2
     assert "fleet sizes N >= 1" in capsys.readouterr().err
+
+
+def test_realistic_defaults_twenty_devices_three_rounds(tmp_path: Path, make_mosquitto: object) -> None:
+    """The generator's defaults behave like the device agent: the deploy template's broker
+    (passwords, ACL, client id = username, persistence), the agent's keepalive and session,
+    heartbeats, each device its own update bytes, three rounds. Only the heartbeat interval
+    is shortened (the agent's 30 s would not come round in a test this short)."""
+    import shutil
+
+    from benchmarks.fleet import AGENT_KEEPALIVE_S
+
+    if shutil.which("mosquitto_passwd") is None:
+        pytest.skip("needs mosquitto_passwd (the deploy broker's password file)")
+    spec = FleetSpec(devices=20, rounds=3, train_s=0.2, jitter_s=0.3, timeout_s=90,
+                     heartbeat_s=1.0, workdir=str(tmp_path / "fleet"))
+    assert spec.broker == "deploy" and spec.distinct_updates and spec.agent_session
+    assert spec.keepalive_s == AGENT_KEEPALIVE_S
+    run = run_fleet(spec)
+    assert run["rounds_completed"] == 3, run.get("coordinator_log_tail")
+    rows = run["round_rows"]
+    assert [r["accepted"] for r in rows] == [20, 20, 20]
+    assert all(r["failed"] == 0 and r["rejected"] == 0 for r in rows)
+    assert run["device_rejects_total"] == 0, run["reject_examples"]
+    assert run["broker_drops_total"] == 0 and run["connect_failed_count"] == 0
+    assert run["final_models"] == 20 and run["coordinator_exit"] == 0
+    assert run["heartbeats_seen"] == 20 and run["heartbeats_sent"] >= 20
+    assert run["updates_sent"] == 60 and run["distinct_updates_sent"] == 60
+    assert run["update_build_cpu_s_total"] > 0
+    assert run_summary(run)["ok"]
+    # the broker ran the deploy template's rules, generated into the run's folder
+    conf = (tmp_path / "fleet" / "broker" / "fedcoe.conf").read_text()
+    for line in ("allow_anonymous false", "use_username_as_clientid true", "persistence true"):
+        assert line in conf
+    acl = (tmp_path / "fleet" / "broker" / "acl").read_text()
+    assert "user dev00019" in acl and "pattern write fl/v1/+/up/%u/#" in acl
+
+
+def test_deploy_broker_refuses_anonymous_and_wrong_passwords(tmp_path: Path, make_mosquitto: object) -> None:
+    """The generated broker really asks for logins: no username, or a wrong password, is
+    refused; a device's own password is accepted."""
+    import asyncio
+    import shutil
+
+    from benchmarks.fleet import _free_port, deploy_broker_files, password_of
+    from benchmarks.mqtt_async import AsyncMqttClient, ConnectError
+    from fedcoe_edge.broker import MosquittoBroker
+
+    if shutil.which("mosquitto_passwd") is None:
+        pytest.skip("needs mosquitto_passwd")
+    port = _free_port()
+    conf = deploy_broker_files(tmp_path / "b", port, ["dev00000"], 0)
+    with MosquittoBroker.from_config_file(conf, port, workdir=tmp_path / "b"):
+        async def login(user: str, pw: str) -> bool:
+            c = AsyncMqttClient(user or "anon", "127.0.0.1", port, username=user, password=pw)
+            try:
+                await c.connect_async(10.0)
+            except (ConnectError, OSError, asyncio.TimeoutError):
+                return False
+            c.close()
+            return True
+
+        assert asyncio.run(login("dev00000", password_of("dev00000")))
+        assert not asyncio.run(login("", ""))
+        assert not asyncio.run(login("dev00000", "wrong"))
+
+
+def test_keepalive_follows_paho_rule() -> None:
+    """A PINGREQ is due when nothing went out, or nothing came in, for a keepalive; the
+    agent's keepalive is the default of the generator's devices."""
+    from benchmarks.fleet import AGENT_KEEPALIVE_S
+    from benchmarks.mqtt_async import AsyncMqttClient
+    from fedcoe_edge.protocol import BrokerSettings
+
+    assert BrokerSettings().keepalive_s == AGENT_KEEPALIVE_S
+    c = AsyncMqttClient("dev00000", "127.0.0.1", 1, keepalive_s=30)
+    assert not c.keepalive_due(100.0)  # not connected
+    c._connected = True
+    c.last_send = c.last_recv = 100.0
+    assert not c.keepalive_due(129.0)
+    c.last_send = 125.0  # a heartbeat went out, nothing came back
+    assert c.keepalive_due(130.0)
+    c.last_recv = 125.0
+    assert not c.keepalive_due(130.0) and c.keepalive_due(155.0)
+
+
+def test_acl_comes_from_the_deploy_template() -> None:
+    """The ACL is deploy/mosquitto/acl's rules: its patterns, its coordinator entry (or its
+    sharded example renamed for this federation and each shard), its device entry per id."""
+    from benchmarks.fleet import DEPLOY_ACL, acl_from_template, aggregator_logins
+
+    ids = ["dev00000", "dev00001"]
+    template = DEPLOY_ACL.read_text()
+    for shards in (0, 3):
+        text = acl_from_template(ids, shards)
+        users = {line.split()[1] for line in text.splitlines() if line.startswith("user ")}
+        assert users == set(aggregator_logins(shards).values()) | set(ids)
+        for line in template.splitlines():
+            if line.startswith("pattern "):
+                assert line in text
+        assert "fleet1" not in text  # the template's example federation, renamed
+    text = acl_from_template(ids, 3)
+    assert "topic readwrite fl/v1/fleet.s2of3/#" in text
+    assert "topic write fl/v1/fleet/agg/up/shard-2/#" in text
+    assert "topic readwrite fl/v1/#" in acl_from_template(ids, 0)
