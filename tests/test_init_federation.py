@@ -451,3 +451,29 @@ def test_init_cold_writes_cold_device_templates(tmp_path: Path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "cold1 is a --cold device's id" in err[0] and "--cold must be" in err[1], err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_the_acl_templates_sharded_example_is_what_init_writes() -> None:
+    """deploy/mosquitto/acl shows, commented out, the aggregator entries of federation fleet1
+    with 2 shards; they must grant exactly what `fedcoe init --shards 2` grants, or an operator
+    copying the example gets aggregators that cannot read the broadcasts."""
+    import argparse
+
+    from fedcoe_edge.commands.init import acl_text
+
+    def grants(text: str) -> list[tuple[str, ...]]:
+        out: list[tuple[str, ...]] = []
+        user = ""
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("user "):
+                user = line.split()[1]
+            elif line.startswith("topic ") and user.startswith("coordinator."):
+                out.append((user, *line.split()[1:]))
+        return sorted(out)
+
+    template = (Path(__file__).resolve().parents[1] / "deploy" / "mosquitto" / "acl").read_text()
+    example = "\n".join(line[2:] if line.startswith("# user ") or line.startswith("# topic ")
+                        else line for line in template.splitlines())
+    written = acl_text(argparse.Namespace(federation="fleet1", shards=2))
+    assert grants(example) == grants(written) and len(grants(written)) == 17
