@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedcoe_edge.onnx_heads import _bytes, _int, _node, _str, _tensor, _value_info
+from fedcoe_edge.onnx_heads import _bytes, _int, _node, _str, _tensor, _value_info, _varint
 
-__all__ = ["FUSE_MODES", "FuseError", "FusedPart", "compose_moe_graph"]
+__all__ = ["FUSE_MODES", "Buf", "FuseError", "FusedPart", "compose_moe_graph"]
 
 FUSE_MODES = ("dense", "if")
 MIN_OPSET = 18  # the glue uses opset-18 forms (ReduceMax/ReduceSum axes as inputs)
@@ -51,7 +51,15 @@ class FuseError(ValueError):
 # --- protobuf wire format: reading ------------------------------------------------------
 
 
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+Buf = bytes | memoryview  # a piece of a serialized message (memoryview: no copy)
+
+
+def _wrap(num: int, pieces: Sequence[Buf]) -> list[Buf]:
+    """Length-delimited field ``num`` around ``pieces``, without joining them."""
+    return [_varint(num << 3 | 2) + _varint(sum(len(p) for p in pieces)), *pieces]
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
     shift = result = 0
     while True:
         if pos >= len(buf):
@@ -64,15 +72,17 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: bytes) -> list[tuple[int, int, int | bytes, bytes]]:
-    """(field number, wire type, value, the field's raw bytes) for each field of a message."""
-    out: list[tuple[int, int, int | bytes, bytes]] = []
+def _fields(data: Buf) -> list[tuple[int, int, int | memoryview, memoryview]]:
+    """(field number, wire type, value, the field's raw bytes) for each field of a message;
+    values and raw bytes are views into ``data`` (a weight tensor is never copied here)."""
+    buf = memoryview(data)
+    out: list[tuple[int, int, int | memoryview, memoryview]] = []
     pos = 0
     while pos < len(buf):
         start = pos
         key, pos = _read_varint(buf, pos)
         num, wire = key >> 3, key & 7
-        value: int | bytes
+        value: int | memoryview
         if wire == 0:
             value, pos = _read_varint(buf, pos)
         elif wire == 1:
@@ -90,9 +100,9 @@ def _fields(buf: bytes) -> list[tuple[int, int, int | bytes, bytes]]:
     return out
 
 
-def _text(v: int | bytes) -> str:
-    assert isinstance(v, bytes)
-    return v.decode()
+def _text(v: int | memoryview) -> str:
+    assert isinstance(v, memoryview)
+    return bytes(v).decode()
 
 
 # --- one part, renamed ------------------------------------------------------------------
@@ -104,7 +114,7 @@ class FusedPart:
     ``outputs`` maps each of its output names to the name it gets in the fused graph."""
 
     name: str
-    model: bytes
+    model: Buf
     feed: str
     outputs: Mapping[str, str]
     prefix: str = ""
@@ -113,20 +123,20 @@ class FusedPart:
 @dataclass
 class _Parsed:
     nodes: list[bytes] = field(default_factory=list)
-    inits: list[bytes] = field(default_factory=list)
+    inits: list[list[Buf]] = field(default_factory=list)
     value_infos: list[bytes] = field(default_factory=list)
     opsets: dict[str, int] = field(default_factory=dict)
     ir_version: int = 0
 
 
-def _rename_node(raw: bytes, rename: Mapping[str, str], part: str) -> bytes:
+def _rename_node(raw: memoryview, rename: Mapping[str, str], part: str) -> bytes:
     out = b""
     for num, _wire, value, field_raw in _fields(raw):
         if num in (1, 2, 3):  # input, output, name
             name = _text(value)
             out += _str(num, rename.get(name, name) if num != 3 else f"{part}/{name}")
         elif num == 5:  # attribute: a subgraph would need its names renamed too
-            for anum, _w, _v, _r in _fields(value if isinstance(value, bytes) else b""):
+            for anum, _w, _v, _r in _fields(value if isinstance(value, memoryview) else b""):
                 if anum in (6, 11):
                     raise FuseError(f"part '{part}' has a node with a subgraph")
             out += field_raw
@@ -135,31 +145,31 @@ def _rename_node(raw: bytes, rename: Mapping[str, str], part: str) -> bytes:
     return out
 
 
-def _rename_named(raw: bytes, name_field: int, rename: Mapping[str, str], part: str,
-                  tensor: bool = False) -> bytes:
-    out = b""
+def _rename_named(raw: memoryview, name_field: int, rename: Mapping[str, str], part: str,
+                  tensor: bool = False) -> list[Buf]:
+    out: list[Buf] = []
     for num, _wire, value, field_raw in _fields(raw):
         if num == name_field:
             name = _text(value)
-            out += _str(num, rename.get(name, name))
+            out.append(_str(num, rename.get(name, name)))
         else:
             if tensor and num == 14 and value == 1:
                 raise FuseError(f"part '{part}' keeps tensor data outside the file")
-            out += field_raw
+            out.append(field_raw)
     return out
 
 
 def _parse_part(part: FusedPart, into: _Parsed) -> None:
-    graph = b""
+    graph: Buf = b""
     for num, _wire, value, _raw in _fields(part.model):
         if num == 1:
             assert isinstance(value, int)
             into.ir_version = max(into.ir_version, value)
         elif num == 7:
-            assert isinstance(value, bytes)
+            assert isinstance(value, memoryview)
             graph = value
         elif num == 8:
-            assert isinstance(value, bytes)
+            assert isinstance(value, memoryview)
             domain, version = "", 1
             for onum, _w, ov, _r in _fields(value):
                 if onum == 1:
@@ -183,7 +193,7 @@ def _parse_part(part: FusedPart, into: _Parsed) -> None:
     inputs: list[str] = []
     init_names: set[str] = set()
     for num, _wire, value, _raw in fields:
-        assert isinstance(value, bytes)
+        assert isinstance(value, memoryview)
         if num == 1:
             for nnum, _w, nv, _r in _fields(value):
                 if nnum in (1, 2):
@@ -206,7 +216,7 @@ def _parse_part(part: FusedPart, into: _Parsed) -> None:
     for old, new in part.outputs.items():
         rename[old] = new
     for num, _wire, value, _raw in fields:
-        assert isinstance(value, bytes)
+        assert isinstance(value, memoryview)
         if num == 1:
             into.nodes.append(_rename_node(value, rename, part.name))
         elif num == 5:
@@ -214,15 +224,16 @@ def _parse_part(part: FusedPart, into: _Parsed) -> None:
         elif num == 13:
             name = next((_text(v) for n, _w, v, _r in _fields(value) if n == 1), "")
             if name not in (real_inputs[0], *part.outputs):
-                into.value_infos.append(_rename_named(value, 1, rename, part.name))
+                into.value_infos.append(b"".join(_rename_named(value, 1, rename, part.name)))
 
 
 # --- the glue ---------------------------------------------------------------------------
 
 
-def _i64(name: str, values: Sequence[int]) -> bytes:
+def _i64(name: str, values: Sequence[int], scalar: bool = False) -> bytes:
     a = np.asarray(values, dtype="<i8")
-    return _int(1, len(a)) + _int(2, _INT64) + _str(8, name) + _bytes(9, a.tobytes())
+    dims = b"" if scalar else _int(1, len(a))
+    return dims + _int(2, _INT64) + _str(8, name) + _bytes(9, a.tobytes())
 
 
 def _float_info(name: str) -> bytes:
@@ -236,7 +247,7 @@ def _graph_attr(name: str, graph: bytes) -> bytes:
 
 class _Glue:
     def __init__(self) -> None:
-        self.nodes: list[bytes] = []
+        self.nodes: list[bytes | list[Buf]] = []  # an If node: pieces (its weights, unjoined)
         self.inits: list[bytes] = []
         self._consts: dict[str, str] = {}
 
@@ -245,11 +256,12 @@ class _Glue:
         self.nodes.append(_node(op, inputs, [out], f"moe/{out}", **attrs))
         return out
 
-    def ints(self, values: Sequence[int]) -> str:
-        key = "i64:" + ",".join(str(v) for v in values)
+    def ints(self, values: Sequence[int], scalar: bool = False) -> str:
+        """An int64 initializer: a 1-D tensor, or with ``scalar`` a rank-0 one (one value)."""
+        key = f"i64{'s' if scalar else ''}:" + ",".join(str(v) for v in values)
         if key not in self._consts:
             name = f"moe/const_{len(self._consts)}"
-            self.inits.append(_i64(name, values))
+            self.inits.append(_i64(name, values, scalar))
             self._consts[key] = name
         return self._consts[key]
 
@@ -266,8 +278,10 @@ def compose_moe_graph(*, trunk: FusedPart | None, heads: Sequence[FusedPart],
                       experts: Mapping[int, FusedPart], num_global: int, top_k: int,
                       num_local: int, num_classes: int, shared_expert: bool,
                       local_residual: bool, input_shape: Sequence[int],
-                      mode: str = "dense") -> bytes:
-    """The fused model's bytes: inputs ``x`` (batch, *input_shape) and ``gate_bias``
+                      mode: str = "dense") -> list[Buf]:
+    """The fused model, as the pieces of its serialized bytes in order (``b"".join`` them,
+    or write them one by one: the weights are views into the parts' bytes, not copies,
+    so composing adds no second copy of the bundle to the process's peak memory). Inputs ``x`` (batch, *input_shape) and ``gate_bias``
     (1 or batch, K); outputs ``probs``, ``global_probs`` (batch, C), ``gate_probs``,
     ``routing`` (batch, K) and, with local experts, ``local_gate_probs`` (batch, 1+M).
 
@@ -298,31 +312,37 @@ def compose_moe_graph(*, trunk: FusedPart | None, heads: Sequence[FusedPart],
         zeros = g.op("Mul", [gate_probs, g.floats(0.0)], "moe/zeros")
         routing = g.op("ScatterElements", [zeros, "moe/top_i", weights], "routing", axis=1)
     terms = ["expert_shared" if shared_expert else g.floats(0.0)]
+    if mode == "if":  # expert k runs when some row routes to it: (K,) bools, one pass
+        used = g.op("ReduceMax", [routing, g.ints([0])], "moe/used_w", keepdims=0)
+        used = g.op("Greater", [used, g.floats(0.0, ())], "moe/used")
     for k, part in sorted(experts.items()):
-        w = g.op("Gather", [routing, g.ints([k])], f"moe/w{k}", axis=1)  # (B, 1)
         if mode == "dense":
             _parse_part(part, parsed)
+            w = g.op("Gather", [routing, g.ints([k])], f"moe/w{k}", axis=1)  # (B, 1)
             terms.append(g.op("Mul", [f"expert_g{k}", w], f"moe/term{k}"))
             continue
         branch = _Parsed(opsets=parsed.opsets)
         _parse_part(part, branch)
         parsed.ir_version = max(parsed.ir_version, branch.ir_version)
         out = f"moe/term{k}"
-        then_nodes = [*branch.nodes, _node("Mul", [f"expert_g{k}", w], [f"{out}_then"],
-                                           f"moe/{out}_mul")]
-        then_graph = (b"".join(_bytes(1, n) for n in then_nodes) + _str(2, f"then_g{k}")
-                      + b"".join(_bytes(5, t) for t in branch.inits)
-                      + _bytes(12, _float_info(f"{out}_then"))
-                      + b"".join(_bytes(13, v) for v in branch.value_infos))
+        then_nodes = [*branch.nodes,
+                      _node("Gather", [routing, g.ints([k])], [f"moe/w{k}"], f"moe/w{k}", axis=1),
+                      _node("Mul", [f"expert_g{k}", f"moe/w{k}"], [f"{out}_then"],
+                            f"moe/{out}_mul")]
+        then_graph: list[Buf] = [b"".join(_bytes(1, n) for n in then_nodes),
+                                 _str(2, f"then_g{k}")]
+        for t in branch.inits:
+            then_graph += _wrap(5, t)
+        then_graph += [_bytes(12, _float_info(f"{out}_then")),
+                       *(_bytes(13, v) for v in branch.value_infos)]
         zero = _tensor("value", np.zeros((1, 1), np.float32))
         else_graph = (_bytes(1, _node("Constant", [], [f"{out}_else"], f"moe/{out}_zero")
                              + _bytes(5, _str(1, "value") + _bytes(5, zero) + _int(20, 4)))
                       + _str(2, f"else_g{k}") + _bytes(12, _float_info(f"{out}_else")))
-        peak = g.op("ReduceMax", [w], f"moe/w{k}_max", keepdims=0)
-        cond = g.op("Greater", [peak, g.floats(0.0, ())], f"moe/run{k}")
-        g.nodes.append(_node("If", [cond], [out], f"moe/if{k}")
-                       + _bytes(5, _graph_attr("then_branch", then_graph))
-                       + _bytes(5, _graph_attr("else_branch", else_graph)))
+        cond = g.op("Gather", [used, g.ints([k], scalar=True)], f"moe/run{k}", axis=0)
+        then_attr = [_str(1, "then_branch"), *_wrap(6, then_graph), _int(20, _ATTR_GRAPH)]
+        g.nodes.append([_node("If", [cond], [out], f"moe/if{k}"), *_wrap(5, then_attr),
+                        _bytes(5, _graph_attr("else_branch", else_graph))])
         terms.append(out)
     z = g.op("Sum", terms, "moe/z")
     outputs: list[tuple[str, list[int | str]]] = [
@@ -330,30 +350,33 @@ def compose_moe_graph(*, trunk: FusedPart | None, heads: Sequence[FusedPart],
         ("gate_probs", ["batch", k_total]), ("routing", ["batch", k_total])]
     if num_local > 0:
         h = g.op("Softmax", ["local_gate"], "local_gate_probs", axis=-1)
-        rows = [g.op("Unsqueeze", [z, g.ints([1])], "moe/z_row")]
+        rows = [z]
         for j in range(num_local):
             lj = f"expert_l{j}"
-            if local_residual:
-                lj = g.op("Add", [z, lj], f"moe/zl{j}")
-            rows.append(g.op("Unsqueeze", [lj, g.ints([1])], f"moe/l{j}_row"))
-        stack = g.op("Concat", rows, "moe/stack", axis=1)  # (B, 1+M, C)
-        stack = g.op("Softmax", [stack], "moe/stack_p", axis=-1)
+            rows.append(g.op("Add", [z, lj], f"moe/zl{j}") if local_residual else lj)
+        flat = g.op("Concat", rows, "moe/flat", axis=1)  # (B, (1+M) C)
+        stack = g.op("Reshape", [flat, g.ints([0, 1 + num_local, num_classes])], "moe/stack")
+        stack = g.op("Softmax", [stack], "moe/stack_p", axis=-1)  # (B, 1+M, C)
         h_row = g.op("Unsqueeze", [h, g.ints([1])], "moe/h_row")  # (B, 1, 1+M)
         mixed = g.op("MatMul", [h_row, stack], "moe/mixed")
-        g.op("Squeeze", [mixed, g.ints([1])], "probs")
-        first = g.op("Gather", [stack, g.ints([0])], "moe/first", axis=1)
-        g.op("Squeeze", [first, g.ints([1])], "global_probs")
+        g.op("Reshape", [mixed, g.ints([0, num_classes])], "probs")
+        g.op("Gather", [stack, g.ints([0], scalar=True)], "global_probs", axis=1)
         outputs.append(("local_gate_probs", ["batch", 1 + num_local]))
     else:
         g.op("Softmax", [z], "global_probs", axis=-1)
         g.op("Identity", ["global_probs"], "probs")
-    graph = b"".join(_bytes(1, n) for n in parsed.nodes + g.nodes) + _str(2, "fedcoe_moe")
-    graph += b"".join(_bytes(5, t) for t in parsed.inits + g.inits)
-    graph += _bytes(11, _value_info("x", ["batch", *input_shape]))
-    graph += _bytes(11, _value_info("gate_bias", ["bias_rows", k_total]))
-    graph += b"".join(_bytes(12, _value_info(n, dims)) for n, dims in outputs)
-    graph += b"".join(_bytes(13, v) for v in parsed.value_infos)
+    graph: list[Buf] = []
+    for node in [*parsed.nodes, *g.nodes]:
+        graph += _wrap(1, node if isinstance(node, list) else [node])
+    graph.append(_str(2, "fedcoe_moe"))
+    inits: list[list[Buf]] = [*parsed.inits, *[[t] for t in g.inits]]
+    for tensor in inits:
+        graph += _wrap(5, tensor)
+    graph += [_bytes(11, _value_info("x", ["batch", *input_shape])),
+              _bytes(11, _value_info("gate_bias", ["bias_rows", k_total])),
+              *(_bytes(12, _value_info(n, dims)) for n, dims in outputs),
+              *(_bytes(13, v) for v in parsed.value_infos)]
     opsets = b"".join(_bytes(8, _str(1, d) + _int(2, v)) for d, v in sorted(parsed.opsets.items()))
-    return (_int(1, max(parsed.ir_version, 8)) + _str(2, "fedcoe-edge fused")
-            + _bytes(7, graph) + opsets)
+    return [_int(1, max(parsed.ir_version, 8)) + _str(2, "fedcoe-edge fused"),
+            *_wrap(7, graph), opsets]
 

@@ -61,7 +61,7 @@ from fedcoe_edge.bundle_format import (
 from fedcoe_edge.bundle_io import BundleContents, ReleaseCheck, pack_tar, read_bundle
 from fedcoe_edge.bundle_sig import BundleKeys, is_signed, sign_manifest, unauthenticated_warning
 from fedcoe_edge.errors import BundleError, ConfigError, ValidationError
-from fedcoe_edge.fused import FUSE_MODES, FusedPart, FuseError, compose_moe_graph
+from fedcoe_edge.fused import FUSE_MODES, Buf, FusedPart, FuseError, compose_moe_graph
 from fedcoe_edge.moe_numpy import log_softmax, softmax, topk_routing
 
 __all__ = [
@@ -75,7 +75,7 @@ __all__ = [
 PRECISIONS = ("deployed", "fp32")
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 # which fused graph ``fused=True`` builds (docs/bundle.md, "Runtime cost")
-DEFAULT_FUSE_MODE = "dense"
+DEFAULT_FUSE_MODE = "if"
 
 
 def _nothing(manifest: Mapping[str, Any]) -> set[str]:
@@ -160,6 +160,9 @@ class MoESession:
     :class:`~fedcoe_edge.bundle_format.RollbackError` otherwise), checked right after the
     signature: a signature proves who wrote a bundle, not that it is still the current one.
     ``verified_by`` is the algorithm that authenticated the manifest, None when nothing did.
+    ``fused``: ``True``, ``"if"`` or ``"dense"`` joins the verified parts into one graph that
+    also routes and mixes, so :meth:`run` is one onnxruntime call (faster, more memory:
+    docs/bundle.md, "Runtime cost"); the per-part sessions are then made only on first need.
     """
 
     def __init__(self, bundle: str | os.PathLike[str], *, providers: Sequence[str] | None = None,
@@ -311,7 +314,7 @@ class MoESession:
         except FuseError as exc:
             raise BundleError(f"bundle: its parts cannot be fused into one graph: {exc}") from None
         del trunk, heads, experts
-        sess = self._make_session(graph, "moe")
+        sess = self._session_from_pieces(graph, "moe")
         names = [o.name for o in sess.get_outputs()]
         want = ["probs", "global_probs", "gate_probs", "routing",
                 *(["local_gate_probs"] if cfg.num_local_experts > 0 else [])]
@@ -395,6 +398,26 @@ class MoESession:
             return self._make_session(self._read_verified(entry, f"part '{name}'"), name)
         finally:
             os.close(fd)
+
+    def _session_from_pieces(self, pieces: list[Buf], name: str) -> ort.InferenceSession:
+        """A session on a graph given as pieces of its bytes. Where the OS has anonymous
+        files named by descriptor (Linux ``memfd_create``, ``/proc/self/fd``), the pieces
+        are written to one and onnxruntime loads it by name: a Python ``bytes`` would be
+        one more copy of the whole graph, and onnxruntime's loader makes two more of it
+        (see :meth:`_load_verified`). The file is this process's own, never on disk."""
+        memfd = getattr(os, "memfd_create", None)
+        if memfd is not None and os.path.isdir("/proc/self/fd"):
+            fd = memfd(f"fedcoe-{name}", getattr(os, "MFD_CLOEXEC", 0))
+            try:
+                for piece in pieces:
+                    view = memoryview(piece)
+                    while view:
+                        view = view[os.write(fd, view):]
+                pieces.clear()
+                return self._make_session(f"/proc/self/fd/{fd}", name)
+            finally:
+                os.close(fd)
+        return self._make_session(b"".join(pieces), name)
 
     def _make_session(self, data: bytes | str, name: str) -> ort.InferenceSession:
         try:
