@@ -369,7 +369,8 @@ def compose_moe_graph(*, trunk: FusedPart | None, heads: Sequence[FusedPart],
     for node in [*parsed.nodes, *g.nodes]:
         graph += _wrap(1, node if isinstance(node, list) else [node])
     graph.append(_str(2, "fedcoe_moe"))
-    inits: list[list[Buf]] = [*parsed.inits, *[[t] for t in g.inits]]
+    inits: list[list[Buf]] = list(parsed.inits)
+    inits += [[t] for t in g.inits]
     for tensor in inits:
         graph += _wrap(5, tensor)
     graph += [_bytes(11, _value_info("x", ["batch", *input_shape])),
