@@ -335,10 +335,10 @@ def compose_moe_graph(*, trunk: FusedPart | None, heads: Sequence[FusedPart],
             then_graph += _wrap(5, t)
         then_graph += [_bytes(12, _float_info(f"{out}_then")),
                        *(_bytes(13, v) for v in branch.value_infos)]
-        zero = _tensor("value", np.zeros((1, 1), np.float32))
-        else_graph = (_bytes(1, _node("Constant", [], [f"{out}_else"], f"moe/{out}_zero")
-                             + _bytes(5, _str(1, "value") + _bytes(5, zero) + _int(20, 4)))
-                      + _str(2, f"else_g{k}") + _bytes(12, _float_info(f"{out}_else")))
+        # no node to run when not routed: the branch's output is its own zero initializer
+        else_graph = (_str(2, f"else_g{k}")
+                      + _bytes(5, _tensor(f"{out}_else", np.zeros((1, 1), np.float32)))
+                      + _bytes(12, _float_info(f"{out}_else")))
         cond = g.op("Gather", [used, g.ints([k], scalar=True)], f"moe/run{k}", axis=0)
         then_attr = [_str(1, "then_branch"), *_wrap(6, then_graph), _int(20, _ATTR_GRAPH)]
         g.nodes.append([_node("If", [cond], [out], f"moe/if{k}"), *_wrap(5, then_attr),
