@@ -281,8 +281,9 @@ def compose_moe_graph(*, trunk: FusedPart | None, heads: Sequence[FusedPart],
                       mode: str = "dense") -> list[Buf]:
     """The fused model, as the pieces of its serialized bytes in order (``b"".join`` them,
     or write them one by one: the weights are views into the parts' bytes, not copies,
-    so composing adds no second copy of the bundle to the process's peak memory). Inputs ``x`` (batch, *input_shape) and ``gate_bias``
-    (1 or batch, K); outputs ``probs``, ``global_probs`` (batch, C), ``gate_probs``,
+    so composing adds no second copy of the bundle to the process's peak memory).
+
+    Inputs ``x`` (batch, *input_shape) and ``gate_bias`` (1 or batch, K); outputs ``probs``, ``global_probs`` (batch, C), ``gate_probs``,
     ``routing`` (batch, K) and, with local experts, ``local_gate_probs`` (batch, 1+M).
 
     ``heads`` must produce the tensors ``global_gate``, ``expert_shared`` (when
