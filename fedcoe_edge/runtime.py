@@ -61,6 +61,7 @@ from fedcoe_edge.bundle_format import (
 from fedcoe_edge.bundle_io import BundleContents, ReleaseCheck, pack_tar, read_bundle
 from fedcoe_edge.bundle_sig import BundleKeys, is_signed, sign_manifest, unauthenticated_warning
 from fedcoe_edge.errors import BundleError, ConfigError, ValidationError
+from fedcoe_edge.fused import FUSE_MODES, Buf, FusedPart, FuseError, compose_moe_graph
 from fedcoe_edge.moe_numpy import log_softmax, softmax, topk_routing
 
 __all__ = [
@@ -73,6 +74,8 @@ __all__ = [
 
 PRECISIONS = ("deployed", "fp32")
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+# which fused graph ``fused=True`` builds (docs/bundle.md, "Runtime cost")
+DEFAULT_FUSE_MODE = "if"
 
 
 def _nothing(manifest: Mapping[str, Any]) -> set[str]:
@@ -157,11 +160,15 @@ class MoESession:
     :class:`~fedcoe_edge.bundle_format.RollbackError` otherwise), checked right after the
     signature: a signature proves who wrote a bundle, not that it is still the current one.
     ``verified_by`` is the algorithm that authenticated the manifest, None when nothing did.
+    ``fused``: ``True``, ``"if"`` or ``"dense"`` joins the verified parts into one graph that
+    also routes and mixes, so :meth:`run` is one onnxruntime call (faster, more memory:
+    docs/bundle.md, "Runtime cost"); the per-part sessions are then made only on first need.
     """
 
     def __init__(self, bundle: str | os.PathLike[str], *, providers: Sequence[str] | None = None,
                  threads: int = 1, precision: str = "deployed",
-                 keys: BundleKeys | None = None, release: ReleaseCheck | None = None) -> None:
+                 keys: BundleKeys | None = None, release: ReleaseCheck | None = None,
+                 fused: bool | str = False) -> None:
         if precision not in PRECISIONS:
             raise ConfigError(f"MoESession: precision must be one of {PRECISIONS}, got {precision!r}")
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
@@ -195,13 +202,33 @@ class MoESession:
         chosen = {n: self._variant_entry(n) for n in names if n not in self._merged}
         if heads_entry is not None:
             chosen["heads"] = heads_entry
-        fused = m.get("fused")
-        self._fused_bytes = (contents.files[fused["file"]]
-                             if fused is not None and self.root is None else None)
-        # onnxruntime keeps its own copy of each graph: each part's bytes are released as
-        # soon as its session exists, so the bundle is never held twice in RAM (peak RSS)
+        dense = m.get("fused")  # the exported dense fp32 graph (run_fused), not fused=
+        self._fused_bytes = (contents.files[dense["file"]]
+                             if dense is not None and self.root is None else None)
+        self._bundle_path = Path(bundle)
+        self._release = release
+        self._chosen = chosen
+        self._held_mask = self._held_array(m["held_experts"])
+        self._fused: ort.InferenceSession | None = None
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self._input_names: dict[str, str] = {}
+        # one session for the whole forward pass (docs/bundle.md, "Runtime cost"): the
+        # per-part sessions are then made only if a method other than run() needs them
+        self._moe: ort.InferenceSession | None = None
+        self._zero_bias = np.zeros((1, self.cfg.num_global_experts), np.float32)
+        self.fused_mode: str | None = self._fuse_mode(fused)
+        if self.fused_mode is not None:
+            self._moe = self._fused_session(contents.files, chosen, self.fused_mode)
+            del contents
+            return
         files = contents.files
         del contents
+        self._load_parts(files)
+
+    def _load_parts(self, files: dict[str, bytes]) -> None:
+        """One session per chosen part, each file's bytes released once its session exists
+        (onnxruntime keeps its own copy: the bundle is never held twice in RAM)."""
+        chosen, m = self._chosen, self.manifest
         uses: dict[str, int] = {}
         for e in chosen.values():
             uses[e["file"]] = uses.get(e["file"], 0) + 1
@@ -219,8 +246,81 @@ class MoESession:
             self._check_interface(n, sess, m["heads"] if n == "heads" else m["parts"][n])
         self._sessions = sessions
         self._input_names = {n: sess.get_inputs()[0].name for n, sess in sessions.items()}
-        self._held_mask = self._held_array(m["held_experts"])
-        self._fused: ort.InferenceSession | None = None
+
+    def _parts(self) -> dict[str, ort.InferenceSession]:
+        """The per-part sessions, made on first need by a fused session (a folder's files
+        are re-verified as read; a .tar is read and verified again, signature first)."""
+        if not self._sessions:
+            files: dict[str, bytes] = {}
+            if self._from_tar:
+                files = read_bundle(self._bundle_path, keep=self._needed_files, keys=self.keys,
+                                    release=self._release).files
+            self._load_parts(files)
+        return self._sessions
+
+    @staticmethod
+    def _fuse_mode(fused: bool | str) -> str | None:
+        if fused is False:
+            return None
+        if fused is True:
+            return DEFAULT_FUSE_MODE
+        if fused not in FUSE_MODES:
+            raise ConfigError(f"MoESession: fused must be a bool or one of {FUSE_MODES}, "
+                              f"got {fused!r}")
+        return str(fused)
+
+    def _fused_session(self, files: Mapping[str, bytes], chosen: Mapping[str, Mapping[str, Any]],
+                       mode: str) -> ort.InferenceSession:
+        """One session on the verified parts joined with the routing and the mixture
+        (:func:`fedcoe_edge.fused.compose_moe_graph`). The bytes joined are the bytes whose
+        sha256 the (signed) manifest lists: a .tar's kept bytes, a folder's re-read and
+        re-checked here; each is dropped once joined."""
+        m, cfg = self.manifest, self.cfg
+
+        def data(name: str) -> bytes:
+            e = chosen[name]
+            if self._from_tar:
+                return files[e["file"]]
+            return self._read_verified(e, f"part '{name}'")
+
+        def out_name(name: str) -> str:
+            return str(m["parts"][name]["outputs"][0]["name"])
+
+        trunk = None
+        feed = "x"
+        if "trunk" in chosen:
+            trunk = FusedPart("trunk", data("trunk"), "x", {out_name("trunk"): "feats"}, "trunk/")
+            feed = "feats"
+        heads: list[FusedPart] = []
+        if "heads" in chosen:
+            outs = [o["name"] for o in m["heads"]["outputs"]]
+            heads.append(FusedPart("heads", data("heads"), feed,
+                                   dict(zip(outs, self._merged, strict=True)), "heads/"))
+        always = ["global_gate", *(["expert_shared"] if cfg.shared_expert else []),
+                  "local_gate" if cfg.num_local_experts > 0 else "",
+                  *(f"expert_l{j}" for j in range(cfg.num_local_experts))]
+        for n in always:
+            if n and n in chosen:
+                heads.append(FusedPart(n, data(n), feed, {out_name(n): n}, f"{n}/"))
+        experts = {k: FusedPart(f"expert_g{k}", data(f"expert_g{k}"), feed,
+                                {out_name(f"expert_g{k}"): f"expert_g{k}"}, f"expert_g{k}/")
+                   for k in m["held_experts"]}
+        try:
+            graph = compose_moe_graph(
+                trunk=trunk, heads=heads, experts=experts, num_global=cfg.num_global_experts,
+                top_k=cfg.top_k, num_local=cfg.num_local_experts, num_classes=self.num_classes,
+                shared_expert=cfg.shared_expert, local_residual=cfg.local_residual,
+                input_shape=self.input_shape, mode=mode)
+        except FuseError as exc:
+            raise BundleError(f"bundle: its parts cannot be fused into one graph: {exc}") from None
+        del trunk, heads, experts
+        sess = self._session_from_pieces(graph, "moe")
+        names = [o.name for o in sess.get_outputs()]
+        want = ["probs", "global_probs", "gate_probs", "routing",
+                *(["local_gate_probs"] if cfg.num_local_experts > 0 else [])]
+        if names != want:
+            raise BundleError(f"bundle: the fused graph's outputs {names} are not {want}")
+        return sess
 
     # --- construction helpers ------------------------------------------------------------
     def _needed_files(self, manifest: Mapping[str, Any]) -> set[str]:
@@ -262,11 +362,11 @@ class MoESession:
         # only the trunk (and the dense graph) has work to split: a head is one small GEMM
         # pair, and every extra intra-op pool spins between calls. Measured with threads=2
         # on 2 cores: ten sessions each with its own spinning pool ran 10x slower than one.
-        so.intra_op_num_threads = self.threads if name in ("trunk", "fused") else 1
+        so.intra_op_num_threads = self.threads if name in ("trunk", "fused", "moe") else 1
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
-        if name not in ("trunk", "fused"):
+        if name not in ("trunk", "fused", "moe"):
             # a head's tensors are a few KB: a per-session arena only reserves memory
             # (measured: ~0.15 MB of peak RSS per head session, no latency change)
             so.enable_cpu_mem_arena = False
@@ -298,6 +398,26 @@ class MoESession:
             return self._make_session(self._read_verified(entry, f"part '{name}'"), name)
         finally:
             os.close(fd)
+
+    def _session_from_pieces(self, pieces: list[Buf], name: str) -> ort.InferenceSession:
+        """A session on a graph given as pieces of its bytes. Where the OS has anonymous
+        files named by descriptor (Linux ``memfd_create``, ``/proc/self/fd``), the pieces
+        are written to one and onnxruntime loads it by name: a Python ``bytes`` would be
+        one more copy of the whole graph, and onnxruntime's loader makes two more of it
+        (see :meth:`_load_verified`). The file is this process's own, never on disk."""
+        memfd = getattr(os, "memfd_create", None)
+        if memfd is not None and os.path.isdir("/proc/self/fd"):
+            fd = memfd(f"fedcoe-{name}", getattr(os, "MFD_CLOEXEC", 0))
+            try:
+                for piece in pieces:
+                    view = memoryview(piece)
+                    while view:
+                        view = view[os.write(fd, view):]
+                pieces.clear()
+                return self._make_session(f"/proc/self/fd/{fd}", name)
+            finally:
+                os.close(fd)
+        return self._make_session(b"".join(pieces), name)
 
     def _make_session(self, data: bytes | str, name: str) -> ort.InferenceSession:
         try:
@@ -345,7 +465,7 @@ class MoESession:
                 and x.shape[1:] == self.input_shape and x.ndim == 1 + len(self.input_shape)
                 and x.shape[0] >= 1):
             return x if x.flags.c_contiguous else np.ascontiguousarray(x)
-        first = "trunk" if "trunk" in self._sessions else "global_gate"
+        first = "trunk" if "trunk" in self.manifest["parts"] else "global_gate"
         want = "(batch, " + ", ".join(str(d) for d in self.input_shape) + ")"
         if not isinstance(x, np.ndarray):
             raise ValidationError(f"MoESession input for part '{first}': expected a numpy array "
@@ -407,22 +527,23 @@ class MoESession:
         """One part's logits, float32 as onnxruntime returns them (a fresh, writable array)."""
         if name in self._merged:
             return self._run_heads(feats)[name]
-        out: np.ndarray = self._sessions[name].run(None, {self._input_names[name]: feats})[0]
+        out: np.ndarray = self._parts()[name].run(None, {self._input_names[name]: feats})[0]
         return out
 
     def _run_heads(self, feats: np.ndarray) -> dict[str, np.ndarray]:
         """Every always-on part's logits: one call of the merged graph, or one per part."""
         if not self._merged:
             return {}
-        outs = self._sessions["heads"].run(None, {self._input_names["heads"]: feats})
+        outs = self._parts()["heads"].run(None, {self._input_names["heads"]: feats})
         return dict(zip(self._merged, outs, strict=True))
 
     def features(self, x: np.ndarray) -> np.ndarray:
         """Trunk output (the input itself for an identity trunk), float32."""
         x = self._check_input(x)
-        if "trunk" not in self._sessions:
+        sessions = self._parts()
+        if "trunk" not in sessions:
             return x
-        out = self._sessions["trunk"].run(None, {self._input_names["trunk"]: x})[0]
+        out = sessions["trunk"].run(None, {self._input_names["trunk"]: x})[0]
         return np.ascontiguousarray(out, np.float32)
 
     def _gate_bias(self, mask: np.ndarray, prior: np.ndarray | None) -> np.ndarray | None:
@@ -458,8 +579,11 @@ class MoESession:
         the trunk each distinct numpy call costs 5 to 30 us at batch 1 (its code and data
         are out of the caches), whatever the size of its array, so the count of calls, not
         their arithmetic, is what this glue costs. At batch 1 the gate's softmax and top-k
-        over K values are plain Python.
+        over K values are plain Python. A fused session (``fused=``) makes the whole pass
+        one onnxruntime call instead (:meth:`_run_moe`).
         """
+        if self._moe is not None:
+            return self._run_moe(x, prior, expert_mask, use_local)
         with self._lock:
             feats = self.features(x)
             mask = self._mask(expert_mask)
@@ -521,6 +645,32 @@ class MoESession:
             probs = np.matmul(h[:, None], stack)[:, 0]
             global_p = np.ascontiguousarray(stack[:, 0])
         return RuntimeOutput(probs, global_p, gate_probs, routing, h, experts_run)
+
+    def _run_moe(self, x: Any, prior: Any, expert_mask: Any, use_local: bool) -> RuntimeOutput:
+        """:meth:`run` as one call of the fused graph: the same checks, the same outputs
+        (docs/bundle.md, "Runtime cost")."""
+        with self._lock:
+            x = self._check_input(x)
+            mask = self._mask(expert_mask)
+            p = self._prior(prior)
+            if p is not None and p.ndim == 2 and p.shape[0] != x.shape[0]:
+                raise ValidationError(f"prior: {p.shape[0]} rows for a batch of {x.shape[0]}")
+            bias = self._gate_bias(mask, p)
+            if bias is None:
+                bias = self._zero_bias
+            elif bias.ndim == 1:
+                bias = bias[None]
+            assert self._moe is not None
+            outs = self._moe.run(None, {"x": x, "gate_bias": bias})
+        probs, global_p, gate_probs, routing = outs[:4]
+        if x.shape[0] == 1:
+            experts_run = [k for k, w in enumerate(routing[0].tolist()) if w > 0]
+        else:
+            experts_run = np.flatnonzero((routing > 0).any(0)).tolist()
+        if not (use_local and self.cfg.num_local_experts > 0):
+            return RuntimeOutput(global_p.copy(), global_p, gate_probs, routing, None,
+                                 experts_run)
+        return RuntimeOutput(probs, global_p, gate_probs, routing, outs[4], experts_run)
 
     def predict(self, x: np.ndarray, **kw: Any) -> np.ndarray:
         """Class probabilities (B, C); keyword arguments as :meth:`run`."""
@@ -612,6 +762,7 @@ class MoESession:
                                     or version < self.version):
             raise RollbackError(f"swap_part: part '{name}' of version {version!r} is older than "
                                 f"the bundle's version {self.version}: refused as a rollback")
+        self._parts()  # a fused session's part sessions, needed from now on
         resign = (self.keys is not None and self.keys.hmac_key is not None
                   and (is_signed(self.manifest) or self.keys.must_verify))
         if is_signed(self.manifest) and not resign:
@@ -687,6 +838,9 @@ class MoESession:
             self._held_mask = self._held_array(new_manifest["held_experts"])
             self._fused = None
             self._fused_bytes = None
+            # the fused graph holds the old part: from now on run() calls the parts
+            self._moe = None
+            self.fused_mode = None
         return digest
 
     def _part_session(self, name: str) -> ort.InferenceSession:
