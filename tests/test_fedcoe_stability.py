@@ -25,8 +25,9 @@ def fed():
 
 def round_results(s: FedCoE, fed, rnd: int) -> list[ClientResult]:
     out = []
-    for t in s.configure_round(rnd, ["0"]):  # one client is enough for the arithmetic
-        r, _ = s.client_update(t, None, fed.clients[t.client_id])
+    for t in s.configure_round(rnd, ["0"]):  # one client, 64 samples: enough for the arithmetic
+        d = fed.clients[t.client_id]
+        r, _ = s.client_update(t, None, dataclasses.replace(d, x_train=d.x_train[:64], y_train=d.y_train[:64]))
         out.append(r)
     return out
 
