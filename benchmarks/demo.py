@@ -276,13 +276,16 @@ def _run_federation(demo: Demo, t0: float) -> dict[str, Any]:
 
 def _follow_rounds(demo: Demo, store: Any) -> list[dict[str, Any]]:
     """Print one table row per round as it closes (and its devices have evaluated)."""
-    head = ("| round | devices | accepted | failed | rejected | global acc | personal acc "
-            "| up KB | down KB | refresh KB | full-exchange KB | s |")
+    head = ("| round | devices | accepted | failed | rejected | global acc | global acc, devices' "
+            "splits | personal acc | up KB | down KB | refresh KB | full-exchange KB | s |")
+    print("global acc: the global model on the class-balanced held-out set; global acc, devices' "
+          "splits: the same model on the devices' own test splits, the images personal acc is "
+          "scored on (compare these two)")
     print("up/down KB: this round's training uploads / task downloads; refresh KB: the aggregated "
           "gate and held experts each device fetches after a round to score its personal model; "
           "full-exchange KB: what sending every device the whole global model both ways would cost")
     print(head)
-    print("|" + "---|" * 12)
+    print("|" + "---|" * 13)
     rows: list[dict[str, Any]] = []
     for rnd in range(1, demo.args.rounds + 1):
         while True:
@@ -299,10 +302,20 @@ def _follow_rounds(demo: Demo, store: Any) -> list[dict[str, Any]]:
         s = store.round_summary(rnd)
         rows.append(s)
         print(f"| {rnd} | {s['selected']} | {s['accepted']} | {s['failed']} | {s['rejected']} "
-              f"| {_fmt(s['global_acc'])} | {_fmt(s['personalized_acc'])} | {s['bytes_up'] / 1024:.1f} "
+              f"| {_fmt(s['global_acc'])} | {_fmt(_global_on_devices(store, rnd))} "
+              f"| {_fmt(s['personalized_acc'])} | {s['bytes_up'] / 1024:.1f} "
               f"| {s['bytes_down'] / 1024:.1f} | {s['bytes_refresh'] / 1024:.1f} "
               f"| {s['bytes_full'] / 1024:.1f} | {_fmt(s['wall_s'], '.1f')} |", flush=True)
     return rows
+
+
+def _global_on_devices(store: Any, rnd: int) -> float | None:
+    """The coordinator's accuracy of the round's global model on the devices' own test splits
+    (its ``global_devices`` eval row), or None without one."""
+    from coordinator.engine import GLOBAL_DEVICES_EVAL
+
+    row = [e for e in store.evals(GLOBAL_DEVICES_EVAL) if e["round"] == rnd]
+    return row[0]["correct"] / row[0]["total"] if row and row[0]["total"] else None
 
 
 def _wait_for_bundles(demo: Demo, store: Any) -> list[str]:
@@ -388,6 +401,8 @@ def summarize(store: Any, args: argparse.Namespace, rows: list[dict[str, Any]], 
     return {
         "rounds_completed": sum(1 for r in rows if r["state"] == "closed"),
         "final_global_acc": rows[-1]["global_acc"],
+        # the same global model on the images the personal accuracy is scored on
+        "final_global_acc_device_splits": _global_on_devices(store, last),
         "final_personalized_acc": (sum(e["correct"] for e in pers) / sum(e["total"] for e in pers)) if pers else None,
         "cold_start_acc": (cold[-1]["correct"] / cold[-1]["total"]) if cold else None,
         "bytes_up_total": up,
@@ -410,11 +425,15 @@ def summarize(store: Any, args: argparse.Namespace, rows: list[dict[str, Any]], 
 
 def print_summary(s: dict[str, Any]) -> None:
     print("\n| metric | value |\n|---|---|")
-    for key in ("rounds_completed", "final_global_acc", "final_personalized_acc", "cold_start_acc",
+    for key in ("rounds_completed", "final_global_acc", "final_global_acc_device_splits",
+                "final_personalized_acc", "cold_start_acc",
                 "bytes_up_total", "bytes_down_total", "bytes_full_exchange_equivalent", "upload_ratio",
                 "download_train_ratio", "rejected_total", "failed_total", "wall_s"):
         v = s[key]
         print(f"| {key} | {v:.4f} |" if isinstance(v, float) else f"| {key} | {v} |")
+    print("final_global_acc is read on the class-balanced held-out set; "
+          "final_global_acc_device_splits and final_personalized_acc on the devices' own test "
+          "splits (the same images): personalization is their difference")
     print("upload_ratio = bytes uploaded / full-exchange equivalent; download_train_ratio = task "
           "downloads (gate + assigned experts) / full-exchange equivalent: below 1 is what partial "
           "expert exchange saves")

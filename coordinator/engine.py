@@ -47,6 +47,8 @@ from fedcoe_edge.wire import TransferManifest, decode_tensors, decompress_delta,
 log = logging.getLogger("fedcoe.coordinator")
 
 NO_UPDATE = "deadline passed with no accepted update"
+# eval kind of the coordinator's own row: the global model on the devices' test splits
+GLOBAL_DEVICES_EVAL = "global_devices"
 
 # (round, results, failures) -> (applied, note for the round log): how a round is applied
 Aggregator = Callable[[int, list[ClientResult], list[Failure]], tuple[bool, str]]
@@ -147,6 +149,9 @@ class RoundEngine:
         self.snapshot: tuple[int, Path | None] = (0, None)  # newest durable partial
         self.eval_x: np.ndarray | None = None
         self.eval_y: np.ndarray | None = None
+        # the training clients' own test splits, pooled: the inputs devices score their
+        # personal models on, so global and personal accuracy can be read on the same images
+        self.eval_clients: tuple[np.ndarray, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ opening
     def plan(self, rnd: int, available: Sequence[str]) -> list[ClientTask]:
@@ -391,6 +396,7 @@ class RoundEngine:
             applied, note = (aggregate or self.aggregate)(rnd, results, failures)
             (checkpoint or self.checkpoint)(rnd)
             acc = self.evaluate()
+            self.evaluate_device_splits(rnd)
             self.store.close_round(rnd, self.strategy.version, applied, note, global_acc=acc)
             self.round_open = False
             self.partial = None
@@ -488,6 +494,9 @@ class RoundEngine:
         fed = make_federation(e.dataset, e.partition, e.num_clients, e.new_clients, e.seed, e.alpha,
                               e.min_samples)
         self.eval_x, self.eval_y = fed.x_global_test, fed.y_global_test
+        if fed.clients:
+            self.eval_clients = (np.concatenate([d.x_test for d in fed.clients.values()]),
+                                 np.concatenate([d.y_test for d in fed.clients.values()]))
 
     def evaluate(self) -> float | None:
         """The global model's accuracy on the held-out set, or None without one."""
@@ -496,3 +505,15 @@ class RoundEngine:
         from fedcoe_edge.training import accuracy
 
         return accuracy(self.strategy.predict_global(self.eval_x), self.eval_y)
+
+    def evaluate_device_splits(self, rnd: int) -> None:
+        """The global model on the devices' own test splits (pooled), stored as the eval row
+        ``(rnd, "coordinator", "global_devices")``. The held-out set above is class-balanced
+        while the devices' splits carry their label skew, so only this figure and the
+        devices' personal accuracy are read on the same images (docs/design.md, "Local
+        level: what the demo's accuracies compare")."""
+        if self.eval_clients is None:
+            return
+        x, y = self.eval_clients
+        correct = int((self.strategy.predict_global(x).argmax(1) == y).sum())
+        self.store.add_eval(rnd, P.COORDINATOR_ID, GLOBAL_DEVICES_EVAL, correct, int(len(y)))

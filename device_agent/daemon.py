@@ -881,11 +881,25 @@ class DeviceAgent:
         unlabeled data (FedCoE: those carrying most of its routing prior)."""
         s = self.strategy
         assert s is not None
-        x = np.concatenate([self.data.x_train, self.data.x_test])
+        x = self.prior_inputs()
         with TORCH_LOCK:
             ids = s.choose_cold_experts(gate_params, x)
         log.info("%s: cold start asks for experts %s", self.dev, ids)
         self._request(fetch_key("cold", 0), {"expert_ids": ids, "purpose": "cold"}, 0)
+
+    def prior_inputs(self) -> np.ndarray:
+        """What a cold device routes to choose its experts: its unlabelled pool, its training
+        inputs and any test input without a label, never a labelled test input (those score
+        it: choosing from them would grade the choice on what it was fitted to). A device
+        with nothing else falls back to its test inputs and says so, since its cold accuracy
+        is then optimistic (docs/design.md, "Cold start")."""
+        d = self.data
+        parts = [p for p in (d.x_pool, d.x_train, d.x_test[d.y_test < 0]) if len(p)]
+        if parts:
+            return np.concatenate(parts).astype(np.float32, copy=False)
+        log.warning("%s: no unlabelled pool or training inputs: cold start chooses its experts "
+                    "from the test inputs it is scored on, so its cold accuracy is optimistic", self.dev)
+        return d.x_test
 
     def _predict(self, params: dict[str, np.ndarray], ids: list[int],
                  local: dict[str, np.ndarray] | None, use_local: bool) -> np.ndarray:
@@ -967,8 +981,7 @@ class DeviceAgent:
             rule = bundle_cold_rule(str(self.welcome.get("algorithm")))
             if rule is None:  # the welcome was checked; a gate never comes before it
                 raise DataError("gate received for an algorithm no bundle serves")
-            x = np.concatenate([self.data.x_train, self.data.x_test])
-            prior = self.session.routing_prior(x)
+            prior = self.session.routing_prior(self.prior_inputs())
             # the strategy's own rule (the one its torch side applies), with the welcome's
             # train config
             train = TrainConfig.from_dict(self.welcome.get("train") or {})
@@ -1022,7 +1035,7 @@ class DeviceAgent:
         model = getattr(s, "model", None)
         if model is None:
             return
-        x = self.data.x_train if len(self.data.x_train) else self.data.x_test
+        x = self.data.x_train if len(self.data.x_train) else self.prior_inputs()  # never scored inputs
         calib = x[np.random.default_rng(0).permutation(len(x))[:64]]
         t0 = time.perf_counter()
         try:

@@ -98,7 +98,8 @@ def relabel(local: LocalData, classes: Sequence[str], where: str) -> ClientData:
     table = np.array([list(classes).index(c) if c in classes else -1 for c in local.classes], np.int64)
     d = local.data
     return ClientData(d.x_train, table[d.y_train], d.x_test,
-                      np.where(d.y_test >= 0, table[np.maximum(d.y_test, 0)], d.y_test))
+                      np.where(d.y_test >= 0, table[np.maximum(d.y_test, 0)], d.y_test),
+                      x_pool=d.x_pool)
 
 
 def check_labels(data: ClientData, num_classes: int, where: str) -> None:

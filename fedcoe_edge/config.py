@@ -41,6 +41,9 @@ _ROBUST_DEFAULTS: dict[str, Any] = {"aggregation_rule": "mean", "trim_ratio": 0.
                                     "update_clip": "median", "clip_multiplier": 1.0,
                                     "clip_quantile": 0.5, "clip_lr": 0.2, "clip_init": 0.5,
                                     "samples_cap": 2.0, "samples_growth": 2.0}
+# Server-side smoothing of FedCoE's global state (docs/design.md, "Server stabilization"),
+# left out of TrainConfig.to_dict() at these defaults (plain mean) for the same reason.
+_SERVER_DEFAULTS: dict[str, Any] = {"server_lr": 1.0, "server_momentum": 0.0}
 
 # Width multiplier of the private (local) experts per device tier: a Pi Zero gets "small",
 # a Jetson "large". Global experts keep one size so they can be aggregated.
@@ -211,6 +214,13 @@ class TrainConfig:
     # (0 = off; first round: equal weights) and at most samples_growth x its own last one (0 = off)
     samples_cap: float = 2.0
     samples_growth: float = 2.0
+    # --- server stabilization (FedCoE; docs/design.md, "Server stabilization") ---
+    # v = server_momentum * v + (aggregate - global); global += server_lr * v, over the gate,
+    # shared expert, exchanged trunk and the experts sent that round. 1.0 / 0.0: the plain
+    # mean (FedAvg); server_lr < 1 with momentum 0 is an EMA of the aggregates (FedAvgM with
+    # momentum > 0, Hsu et al. 2019)
+    server_lr: float = 1.0  # (0, 1]
+    server_momentum: float = 0.0  # [0, 1)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -235,6 +245,11 @@ class TrainConfig:
             raise ConfigError("train.balance_rate and train.clip_grad_norm must be >= 0")
         if not 0 < self.fraction_fit <= 1:
             raise ConfigError(f"train.fraction_fit must be in (0, 1], got {self.fraction_fit}")
+        for name, ok, span in (("server_lr", lambda v: 0 < v <= 1, "(0, 1]"),
+                               ("server_momentum", lambda v: 0 <= v < 1, "[0, 1)")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not ok(v):
+                raise ConfigError(f"train.{name} must be in {span}, got {v!r}")
         self.validate_robust()
 
     def validate_robust(self) -> None:
@@ -259,7 +274,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for key, default in _ROBUST_DEFAULTS.items():
+        for key, default in {**_ROBUST_DEFAULTS, **_SERVER_DEFAULTS}.items():
             if d[key] == default:
                 del d[key]
         return d

@@ -141,15 +141,18 @@ def client_model(run: RunResult, client_id: str) -> Any:
 def eval_view(fed: Federation, split: str) -> Federation:
     """The federation as the evaluator sees it: with ``split="val"`` every client's test split is
     its validation split, the global set is the pooled validation splits and cold start runs on
-    the training clients' validation data (new clients stay unread). Tuning reads only this
+    the training clients' validation data, choosing from their training inputs as its pool
+    (new clients stay unread). Tuning reads only this
     view, so test splits are read once, for the report. docs/design.md, "Evaluation"."""
     if split == "test":
         return fed
     clients = {cid: dataclasses.replace(d, x_test=d.x_val, y_test=d.y_val) for cid, d in fed.clients.items()}
     x_val = np.concatenate([d.x_val for d in fed.clients.values()])
     y_val = np.concatenate([d.y_val for d in fed.clients.values()])
+    # the pool of a validation cold client is its training inputs, unlabelled: disjoint from
+    # the validation split it is scored on, as a new client's pool is from its test split
     cold = {f"val{cid}": dataclasses.replace(d, x_train=d.x_train[:0], y_train=d.y_train[:0],
-                                             x_test=d.x_val, y_test=d.y_val)
+                                             x_test=d.x_val, y_test=d.y_val, x_pool=d.x_train)
             for cid, d in fed.clients.items()}
     return dataclasses.replace(fed, clients=clients, new_clients=cold, x_global_test=x_val,
                                y_global_test=y_val)
@@ -171,9 +174,13 @@ def personalized_accuracy(strategy: Strategy, fed: Federation,
 
 
 def cold_start_accuracy(strategy: Strategy, fed: Federation) -> float:
+    """Accuracy of every new client's cold model on its test split, pooled. Whatever the
+    strategy chooses (FedCoE: which experts to download) it chooses from the client's
+    unlabelled pool, disjoint from the test split it is scored on (docs/design.md, "Cold
+    start")."""
     correct, total = 0, 0
     for data in fed.new_clients.values():
-        probs = strategy.predict_cold(data.x_test)
+        probs = strategy.predict_cold(data.x_test, x_unlabeled=data.x_pool)
         correct += int((probs.argmax(1) == data.y_test).sum())
         total += len(data.y_test)
     return correct / total if total else float("nan")

@@ -188,11 +188,11 @@ def cold_start(tmp_path: Path, bundle: str) -> dict[str, Any]:
             fed.wait(lambda: (tmp_path / "new0" / "bundle" / "manifest.json").is_file()
                      or cold.bundle_error is not None, 120, "bundle")
             assert cold.bundle_error is None, f"bundle rebuild failed: {cold.bundle_error}"
-        x = cold.data.x_test
+        x, pool = cold.data.x_test, cold.data.x_pool  # experts from the pool, scored on x
         return {"agent": cold, "eval": c.store.evals("cold")[0], "traffic": c.store.traffic(),
-                "want_acc": accuracy(c.strategy.predict_cold(x), cold.data.y_test),
-                "want_ids": c.strategy.cold_start_experts(x),  # type: ignore[attr-defined]
-                "torch_classes": c.strategy.predict_cold(x[:20]).argmax(1), "x": x}
+                "want_acc": accuracy(c.strategy.predict_cold(x, x_unlabeled=pool), cold.data.y_test),
+                "want_ids": c.strategy.cold_start_experts(pool),  # type: ignore[attr-defined]
+                "torch_classes": c.strategy.predict_cold(x[:20], x_unlabeled=pool).argmax(1), "x": x}
     finally:
         fed.stop()
 

@@ -87,7 +87,9 @@ def test_natural_federation_is_one_user_per_client():
     held = sum(len(d.y_train) + len(d.y_val) + len(d.y_test) for d in fed.clients.values())
     assert held + len(fed.y_global_test) == total_train_users
     new = fed.new_clients["new1"]
-    assert len(new.y_train) == 0 and np.array_equal(new.y_test, users[7][1])
+    # a new user is an unlabelled pool (30%) and a test split, together the whole user
+    assert len(new.y_train) == 0 and len(new.x_pool) + len(new.y_test) == len(users[7][1])
+    assert len(new.x_pool) == round(0.3 * len(users[7][1]))
     with pytest.raises(ConfigError, match="natural"):
         make_federation("digits", "natural", num_clients=4)
 

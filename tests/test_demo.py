@@ -19,7 +19,8 @@ from fedcoe_edge.errors import ConfigError
 
 pytestmark = pytest.mark.integration
 
-KEYS = ("rounds_completed", "final_global_acc", "final_personalized_acc", "cold_start_acc",
+KEYS = ("rounds_completed", "final_global_acc", "final_global_acc_device_splits",
+        "final_personalized_acc", "cold_start_acc",
         "bytes_up_total", "bytes_down_total", "bytes_full_exchange_equivalent")
 
 

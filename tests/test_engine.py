@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from coordinator.config import CoordinatorConfig, EvalSettings, FederationSettings
-from coordinator.engine import RoundEngine, task_file
+from coordinator.engine import GLOBAL_DEVICES_EVAL, RoundEngine, task_file
 from coordinator.store import Store
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.data import make_federation
@@ -116,6 +116,16 @@ def test_two_rounds_by_plain_calls(tmp_path: Path, data_of: dict, aggregation: s
     closed = e.close_round()
     assert (closed.round, closed.applied, closed.version_before, closed.version_after) == (1, True, 0, 1)
     assert closed.accuracy is not None and 0.0 <= closed.accuracy <= 1.0
+    # the same global model on the devices' own test splits: what personal acc is read on
+    row = e.store.evals(GLOBAL_DEVICES_EVAL)
+    ev = cfg.eval
+    seen = make_federation(ev.dataset, ev.partition, ev.num_clients, ev.new_clients, ev.seed,
+                           ev.alpha, ev.min_samples).clients
+    x_dev = np.concatenate([d.x_test for d in seen.values()])
+    y_dev = np.concatenate([d.y_test for d in seen.values()])
+    want = int((e.strategy.predict_global(x_dev).argmax(1) == y_dev).sum())
+    assert [(r["round"], r["device"], r["correct"], r["total"]) for r in row] == [
+        (1, "coordinator", want, len(y_dev))]
     assert closed.note == "aggregated 2 update(s), 1 failure(s)"
     last = e.store.last_round()
     assert last is not None and (last["round"], last["state"]) == (1, "closed")

@@ -131,12 +131,13 @@ def test_inference_agent_cold_starts_through_its_bundle(tmp_path: Path) -> None:
         x, y = cold.data.x_test, cold.data.y_test
         row = c.store.evals("cold")[0]
         assert cold.engine == "onnx" and cold.strategy is None  # no torch model was built
-        assert cold.held_ids == c.strategy.cold_start_experts(x)  # type: ignore[attr-defined]
-        want = accuracy(c.strategy.predict_cold(x), y)
+        pool = cold.data.x_pool  # the experts come from the unlabelled pool, never from x
+        assert len(pool) and cold.held_ids == c.strategy.cold_start_experts(pool)  # type: ignore[attr-defined]
+        want = accuracy(c.strategy.predict_cold(x, x_unlabeled=pool), y)
         assert abs(row["correct"] / row["total"] - want) <= 1 / row["total"]
         # the updated bundle verifies with the device key and predicts like torch
         sess = MoESession(cfg.device.bundle_path, keys=BundleKeys(hmac_key=key))
-        torch_p = c.strategy.predict_cold(x)
+        torch_p = c.strategy.predict_cold(x, x_unlabeled=pool)
         onnx_p = sess.predict(x, expert_mask=cold.held_ids, use_local=False)
         assert (onnx_p.argmax(1) == torch_p.argmax(1)).mean() >= 0.99
         assert np.abs(onnx_p - torch_p).max() < 1e-4

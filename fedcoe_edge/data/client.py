@@ -36,10 +36,16 @@ class ClientData:
     y_test: np.ndarray
     x_val: np.ndarray = field(default_factory=_empty_x)
     y_val: np.ndarray = field(default_factory=_empty_y)
+    # unlabelled inputs a new (cold-start) device may look at before it predicts, disjoint
+    # from its test split: cold start picks its experts from these, never from the inputs it
+    # is scored on (docs/design.md, "Cold start")
+    x_pool: np.ndarray = field(default_factory=_empty_x)
 
     def __post_init__(self) -> None:
         if len(self.x_val) == 0 and self.x_val.shape[1:] != self.x_train.shape[1:]:
             self.x_val = np.zeros((0, *self.x_train.shape[1:]), dtype=self.x_train.dtype)
+        if len(self.x_pool) == 0 and self.x_pool.shape[1:] != self.x_train.shape[1:]:
+            self.x_pool = np.zeros((0, *self.x_train.shape[1:]), dtype=self.x_train.dtype)
 
     @property
     def num_train(self) -> int:

@@ -8,7 +8,9 @@ FL-bench conventions):
 3. the pool is partitioned over training clients and new (cold-start) clients;
 4. each training client splits 60/15/25 into train/validation/test (``val_fraction``,
    ``client_test_fraction``), with at least one validation and one test sample, so choices
-   tuned on a client never touch the numbers it reports; a new client's data is all test.
+   tuned on a client never touch the numbers it reports; a new (cold-start) client's data
+   splits into an unlabelled pool (``cold_pool_fraction``, 30%) and a test split: cold start
+   chooses its experts from the pool and is scored on the test split only.
 
 Per-user datasets (FedProx's Synthetic) take the ``natural`` partition: each user is a
 client, the global test set is ``test_fraction`` of every training user's samples. Feature-
@@ -34,7 +36,7 @@ class Federation:
     """Everything a simulation needs: clients' splits, new clients, the global test set."""
 
     clients: dict[str, ClientData]  # training clients, id -> data
-    new_clients: dict[str, ClientData]  # cold-start clients: all their data is x_test/y_test
+    new_clients: dict[str, ClientData]  # cold-start clients: x_pool (unlabelled) + x_test/y_test
     x_global_test: np.ndarray
     y_global_test: np.ndarray
     input_shape: tuple[int, ...]
@@ -104,6 +106,31 @@ def split_train_val_test(idx: np.ndarray, rng: np.random.Generator, client: str,
             np.sort(order[n_train + n_val:]))
 
 
+COLD_POOL_FRACTION = 0.3  # share of a new client's data that is its unlabelled pool
+
+
+def check_pool_fraction(fraction: float) -> None:
+    """ConfigError (one line) unless a new client's pool share leaves it a test split."""
+    if not 0 < fraction < 1:
+        raise ConfigError(f"cold-start pool fraction must be in (0, 1), got {fraction}")
+
+
+def split_new_client(x: np.ndarray, y: np.ndarray, idx: np.ndarray, rng: np.random.Generator,
+                     client: str, pool_fraction: float = COLD_POOL_FRACTION) -> ClientData:
+    """A new (cold-start) client: ``pool_fraction`` of ``idx`` is its unlabelled pool (the
+    inputs cold start may route to choose its experts), the rest its test split (the inputs
+    it is scored on), disjoint, at least one each. No training or validation data: it
+    joins after training. A client too small for that is a DataError naming it."""
+    n = len(idx)
+    n_pool = max(1, int(round(pool_fraction * n)))
+    if n - n_pool < 1:
+        raise DataError(f"new client {client} has {n} samples, too few for an unlabelled pool "
+                        f"and a test split with at least 1 each; raise the minimum samples per client")
+    order = rng.permutation(idx)
+    pool, test = np.sort(order[:n_pool]), np.sort(order[n_pool:])
+    return ClientData(x[:0], y[:0], x[test], y[test], x_pool=x[pool])
+
+
 def split_client(x: np.ndarray, y: np.ndarray, idx: np.ndarray, rng: np.random.Generator,
                  client: str, val_fraction: float, test_fraction: float) -> ClientData:
     tr, va, te = split_train_val_test(idx, rng, client, val_fraction, test_fraction)
@@ -113,8 +140,8 @@ def split_client(x: np.ndarray, y: np.ndarray, idx: np.ndarray, rng: np.random.G
 def make_user_federation(users: list[tuple[np.ndarray, np.ndarray]], num_clients: int,
                          num_new_clients: int, seed: int, min_samples: int = 20,
                          test_fraction: float = 0.15, meta: dict[str, object] | None = None,
-                         *, val_fraction: float = 0.15, client_test_fraction: float = 0.25
-                         ) -> Federation:
+                         *, val_fraction: float = 0.15, client_test_fraction: float = 0.25,
+                         cold_pool_fraction: float = COLD_POOL_FRACTION) -> Federation:
     """Whole users as clients: the first ``num_clients`` train, the rest are new clients.
 
     The global test set is ``test_fraction`` of each training user's samples (the pooled
@@ -122,6 +149,7 @@ def make_user_federation(users: list[tuple[np.ndarray, np.ndarray]], num_clients
     and ``client_test_fraction``. A user below ``min_samples`` is a DataError naming it.
     """
     check_fractions(val_fraction, client_test_fraction)
+    check_pool_fraction(cold_pool_fraction)
     if len(users) != num_clients + num_new_clients:
         raise DataError(f"need {num_clients + num_new_clients} users, got {len(users)}")
     small = [(i, len(u[1])) for i, u in enumerate(users) if len(u[1]) < min_samples]
@@ -138,14 +166,17 @@ def make_user_federation(users: list[tuple[np.ndarray, np.ndarray]], num_clients
         clients[str(i)] = split_client(ux, uy, order[cut:], rng, str(i), val_fraction,
                                        client_test_fraction)
     new_clients: dict[str, ClientData] = {}
+    pool_rng = np.random.default_rng([seed, 4])  # its own stream: training clients unchanged
     for j, (ux, uy) in enumerate(users[num_clients:]):
-        new_clients[f"new{j}"] = ClientData(ux[:0], uy[:0], ux, uy)
+        new_clients[f"new{j}"] = split_new_client(ux, uy, np.arange(len(uy)), pool_rng, f"new{j}",
+                                                  cold_pool_fraction)
     x_test, y_test = np.concatenate(test_x), np.concatenate(test_y)
     num_classes = int(max(int(u[1].max()) for u in users if len(u[1])) + 1)
     info: dict[str, object] = {"partition": "natural", "seed": seed, "min_samples": min_samples,
                                "global_test_size": int(len(y_test)), "global_test": "per-user share",
                                "val_fraction": val_fraction,
                                "client_test_fraction": client_test_fraction,
+                               "cold_pool_fraction": cold_pool_fraction,
                                "user_sizes": [int(len(u[1])) for u in users]}
     info.update(meta or {})
     return Federation(clients, new_clients, x_test, y_test, tuple(x_test.shape[1:]), num_classes,
@@ -159,14 +190,16 @@ def make_federation(dataset: str = "digits", partition: str = "dirichlet", num_c
                     shards_per_client: int = 2, shift_strength: float = 1.0, *,
                     data_fraction: float = 1.0, data_dir: str | None = None,
                     val_fraction: float = 0.15, client_test_fraction: float = 0.25,
-                    image_shape: tuple[int, ...] | None = None) -> Federation:
+                    image_shape: tuple[int, ...] | None = None,
+                    cold_pool_fraction: float = COLD_POOL_FRACTION) -> Federation:
     """Hold out, partition and split a dataset; pass ``x``/``y`` to use arrays you already have.
 
     ``partition="natural"`` takes a per-user dataset's users as clients (synthetic only);
     ``shards_per_client`` is the ``shards`` partitioner's c; ``shift_strength`` scales the
     cameras of ``digits-shift``. ``test_fraction`` sizes the global hold-out of a dataset
     without an official test split; ``val_fraction`` / ``client_test_fraction`` split each
-    training client. ``data_fraction`` in (0, 1] keeps a stratified share of the pool before
+    training client; ``cold_pool_fraction`` of each new client is its unlabelled pool, the
+    rest its test split. ``data_fraction`` in (0, 1] keeps a stratified share of the pool before
     partitioning (the global test set is never shrunk, so accuracies stay comparable);
     ``data_dir`` locates a dataset read from disk (``fmnist``), others ignore it.
     """
@@ -175,6 +208,7 @@ def make_federation(dataset: str = "digits", partition: str = "dirichlet", num_c
     if num_clients < 1:
         raise ConfigError(f"need at least 1 client, got {num_clients}")
     check_fractions(val_fraction, client_test_fraction, data_fraction)
+    check_pool_fraction(cold_pool_fraction)
     if partition == "natural":
         from fedcoe_edge.data.synthetic import load_synthetic_users, parse_synthetic_name
 
@@ -188,7 +222,8 @@ def make_federation(dataset: str = "digits", partition: str = "dirichlet", num_c
         return make_user_federation(users, num_clients, num_new_clients, seed, min_samples,
                                     test_fraction, meta={"dataset": dataset},
                                     val_fraction=val_fraction,
-                                    client_test_fraction=client_test_fraction)
+                                    client_test_fraction=client_test_fraction,
+                                    cold_pool_fraction=cold_pool_fraction)
     if partition not in PARTITIONERS:
         raise ConfigError(f"unknown partition {partition!r}; known: "
                           f"{', '.join(sorted([*PARTITIONERS, 'natural']))}")
@@ -219,17 +254,17 @@ def make_federation(dataset: str = "digits", partition: str = "dirichlet", num_c
         clients[str(i)] = split_client(x, y, rest[part], rng, str(i), val_fraction,
                                        client_test_fraction)
     new_clients: dict[str, ClientData] = {}
-    empty_x = np.zeros((0, *x.shape[1:]), dtype=x.dtype)
-    empty_y = np.zeros((0,), dtype=y.dtype)
+    pool_rng = np.random.default_rng([seed, 4])  # its own stream: training clients unchanged
     for j, part in enumerate(parts[num_clients:]):
-        idx = rest[part]
-        new_clients[f"new{j}"] = ClientData(empty_x, empty_y, x[idx], y[idx])
+        new_clients[f"new{j}"] = split_new_client(x, y, rest[part], pool_rng, f"new{j}",
+                                                  cold_pool_fraction)
     meta: dict[str, object] = {"dataset": dataset, "partition": partition, "alpha": alpha,
                                "seed": seed, "min_samples": min_samples,
                                "global_test_size": int(len(y_global)), "global_test": global_kind,
                                "data_fraction": data_fraction, "pool_size": int(len(rest)),
                                "val_fraction": val_fraction,
-                               "client_test_fraction": client_test_fraction}
+                               "client_test_fraction": client_test_fraction,
+                               "cold_pool_fraction": cold_pool_fraction}
     if dataset in SHIFTED_DATASETS:
         from fedcoe_edge.data.shift import apply_random_cameras, shift_clients
 

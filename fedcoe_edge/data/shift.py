@@ -70,7 +70,7 @@ def apply_random_cameras(x: np.ndarray, rng: np.random.Generator,
 
 def shift_clients(clients: dict[str, ClientData], rng: np.random.Generator,
                   strength: float = 1.0) -> dict[str, dict[str, float]]:
-    """Give every client a camera and distort its train, validation and test images in place.
+    """Give every client a camera and distort its train, validation, test and pool images in place.
 
     Returns the cameras (client id -> parameters) for the federation's metadata.
     """
@@ -81,5 +81,8 @@ def shift_clients(clients: dict[str, ClientData], rng: np.random.Generator,
         data.x_train = apply_camera(data.x_train, cam, rng)
         data.x_test = apply_camera(data.x_test, cam, rng)
         data.x_val = apply_camera(data.x_val, cam, rng)
+        # a new client's pool last: its test + pool draw as many values as its whole data
+        # did before the pool existed, so the global test set's cameras stay the same
+        data.x_pool = apply_camera(data.x_pool, cam, rng)
         cams[cid] = cam.to_dict()
     return cams

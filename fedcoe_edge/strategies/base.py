@@ -229,8 +229,10 @@ class Strategy(ABC):
     def predict_personal(self, client_id: str, local_state: Arrays | None, x: np.ndarray) -> np.ndarray:
         """Class probabilities of one client's own model, (N, C)."""
 
-    def predict_cold(self, x: np.ndarray) -> np.ndarray:
-        """A new client with no training: by default the global model."""
+    def predict_cold(self, x: np.ndarray, x_unlabeled: np.ndarray | None = None) -> np.ndarray:
+        """A new client with no training: by default the global model. ``x_unlabeled`` is
+        the device's unlabelled pool, the only inputs a strategy may look at to choose what
+        to download (never ``x``, which is scored; docs/design.md, "Cold start")."""
         return self.predict_global(x)
 
     def diagnostics(self, clients: Mapping[str, tuple[np.ndarray, np.ndarray]],

@@ -15,7 +15,8 @@ MoEs", arXiv 2605.21264; our reading is docs/design.md section 4:
   correctness, only about which experts it can use;
 * cold start: a new device computes its routing prior pi = mean g(x) on unlabeled data,
   downloads the fewest experts (at least top_k) that carry ``cold_start_mass`` of pi and
-  predicts with the global path, no gradient step.
+  predicts with the global path, no gradient step. The prior is measured on the device's
+  unlabelled pool, never on the inputs it is scored on.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class FedCoE(Strategy):
         self.affinity: dict[str, np.ndarray] = {}  # R, one EMA row per client
         self._assignment: dict[str, list[int]] = {}  # see the ``assignment`` property
         self._assigned_at: tuple[int, int] = (-1, -1)
+        self.velocity: dict[str, np.ndarray] = {}  # server momentum buffer (server_step)
         k = model_cfg.num_global_experts
         self.m = min(train_cfg.experts_per_client, k) if partial_exchange else k
 
@@ -193,6 +195,9 @@ class FedCoE(Strategy):
         new = dict(self.global_state)
         new.update(partial.experts.means(self.global_state, self.expert_keys()))
         new.update(partial.dense.mean(self.global_state))
+        sent = [k for k in range(k_total) if partial.experts.by_affinity[k].weight > 0
+                or partial.experts.by_samples[k].weight > 0]
+        new = self.server_step(new, sent)
         for cid in sorted(partial.affinity):
             self.affinity[cid] = ema(self.affinity.get(cid), np.asarray(partial.affinity[cid]),
                                      self.train_cfg.affinity_ema)
@@ -204,6 +209,31 @@ class FedCoE(Strategy):
         self.global_state = new
         self.version += 1
         return new
+
+    def server_step(self, aggregate: Arrays, sent: Sequence[int]) -> Arrays:
+        """Smooth the move from the current global state to this round's ``aggregate``:
+        ``v = server_momentum * v + (aggregate - global)``, ``global += server_lr * v``, over
+        the gate, shared expert, exchanged trunk and the experts in ``sent``. An expert no
+        client sent keeps its value and its velocity (it did not take part in the round).
+        Round-to-round swings of the global path come from which clients' skews dominate a
+        round's mean; this low-pass filter damps them (docs/design.md, "Server stabilization").
+        With the defaults (1.0, 0.0) it returns ``aggregate`` unchanged."""
+        lr, mom = self.train_cfg.server_lr, self.train_cfg.server_momentum
+        if lr == 1.0 and mom == 0.0:
+            return aggregate
+        held_out = {n for keys in (self.expert_keys()[k] for k in range(self.model_cfg.num_global_experts)
+                                   if k not in set(sent)) for n in keys}
+        out = dict(aggregate)
+        for name, value in aggregate.items():
+            old = self.global_state[name]
+            if name in held_out or not np.issubdtype(np.asarray(old).dtype, np.floating):
+                continue
+            step = np.asarray(value, dtype=np.float64) - np.asarray(old, dtype=np.float64)
+            if mom > 0:
+                step = mom * self.velocity.get(name, 0.0) + step
+                self.velocity[name] = step
+            out[name] = (np.asarray(old, dtype=np.float64) + lr * step).astype(np.asarray(old).dtype)
+        return out
 
     def affinity_matrix(self, client_ids: Sequence[str]) -> np.ndarray:
         """R as a (clients, K) array in the given order; rows of clients never seen are NaN."""
@@ -292,8 +322,12 @@ class FedCoE(Strategy):
         whose data is narrow downloads little."""
         return cover_prior(prior, self.model_cfg, self.train_cfg)  # a bundle device's rule too
 
-    def predict_cold(self, x: np.ndarray) -> np.ndarray:
-        ids = self.cold_start_experts(x)
+    def predict_cold(self, x: np.ndarray, x_unlabeled: np.ndarray | None = None) -> np.ndarray:
+        """Cold start: experts chosen from the routing prior on ``x_unlabeled`` (the device's
+        pool), then the global path over them on ``x``. Without a pool the prior comes from
+        ``x`` itself: a deployed device with nothing but the inputs it serves, which nobody
+        scores; an evaluation always passes the pool (docs/design.md, "Cold start")."""
+        ids = self.cold_start_experts(x if x_unlabeled is None or len(x_unlabeled) == 0 else x_unlabeled)
         return predict_probs(self.model, x, use_local=False, expert_mask=self.expert_mask(ids))
 
     # --- what a device holds ----------------------------------------------------------
@@ -331,14 +365,20 @@ class FedCoE(Strategy):
 
     def checkpoint_extra(self) -> dict[str, Any]:
         """The EMA affinity matrix: expert assignment and aggregation weights depend on it."""
-        return {**super().checkpoint_extra(),
-                "affinity": {c: [float(v) for v in np.asarray(r)]
-                             for c, r in sorted(self.affinity.items())}}
+        doc: dict[str, Any] = {**super().checkpoint_extra(),
+                               "affinity": {c: [float(v) for v in np.asarray(r)]
+                                            for c, r in sorted(self.affinity.items())}}
+        if self.velocity:  # server momentum on: a resumed coordinator keeps its velocity
+            doc["server_velocity"] = {n: {"shape": list(v.shape), "data": v.ravel().tolist()}
+                                      for n, v in sorted(self.velocity.items())}
+        return doc
 
     def restore_extra(self, doc: Mapping[str, Any]) -> None:
         super().restore_extra(doc)
         self.affinity = {c: np.asarray(r, dtype=np.float64)
                          for c, r in dict(doc.get("affinity", {})).items()}
+        self.velocity = {n: np.asarray(v["data"], dtype=np.float64).reshape(v["shape"])
+                         for n, v in dict(doc.get("server_velocity", {})).items()}
 
     # --- diagnostics ------------------------------------------------------------------
     @torch.no_grad()
