@@ -147,8 +147,11 @@ def test_federation_uses_official_test_split(fm_dir: Path) -> None:
     # the whole training split is partitioned, nothing of it held out
     held = [d.y_train for d in fed.clients.values()] + [d.y_val for d in fed.clients.values()]
     held += [d.y_test for d in fed.clients.values()] + [d.y_test for d in fed.new_clients.values()]
-    assert sum(len(h) for h in held) == N_TRAIN
-    assert np.array_equal(np.sort(np.concatenate(held)), np.sort(y))
+    # ... the new clients' unlabelled pools included (docs/design.md, "Cold start")
+    pools = sum(len(d.x_pool) for d in fed.new_clients.values())
+    assert pools > 0 and sum(len(h) for h in held) + pools == N_TRAIN
+    labelled = np.bincount(np.concatenate(held), minlength=10)
+    assert np.all(labelled <= np.bincount(y, minlength=10)) and labelled.sum() == N_TRAIN - pools
 
 
 def test_every_client_has_disjoint_train_val_test(fm_dir: Path) -> None:

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fedcoe_edge", "export", "device_agent", "coordinator", "benchmarks")
 APP = ("fedcoe_edge.cli", "fedcoe_edge.commands")
 RUNTIME = ("fedcoe_edge.bundle_format", "fedcoe_edge.bundle_io", "fedcoe_edge.bundle_sig",
-           "fedcoe_edge.runtime", "fedcoe_edge.moe_numpy", "fedcoe_edge.onnx_heads")
+           "fedcoe_edge.runtime", "fedcoe_edge.fused", "fedcoe_edge.moe_numpy",
+           "fedcoe_edge.onnx_heads")
 WIRE = ("fedcoe_edge.wire", "fedcoe_edge.transport", "fedcoe_edge.protocol", "fedcoe_edge.messages",
         "fedcoe_edge.broker")
 BASE = ("fedcoe_edge.errors", "fedcoe_edge.io", "fedcoe_edge.config", "fedcoe_edge.registry")
