@@ -43,6 +43,7 @@ bytes uploaded per client per round) under ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -52,7 +53,7 @@ import platform
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -447,22 +448,35 @@ class CamGrid:
                 for a in self.algorithms]
 
 
-def deterministic() -> None:
-    """One thread, deterministic kernels: same commit + seed + machine, same bits."""
+@contextlib.contextmanager
+def deterministic() -> Iterator[None]:
+    """One thread, deterministic kernels: same commit + seed + machine, same bits; the
+    process's previous settings come back afterwards (a test process runs other tests)."""
     import torch
 
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(det)
+        torch.set_num_threads(threads)
 
 
 def run_job(grid: CamGrid, setting: str, algorithm: str, seed: int, cache_dir: str
             ) -> dict[str, Any]:
     """One run on the setting's features; a JSON-ready record (metrics, curve, diagnostics,
     both head MAC counts, CPU seconds)."""
+    with deterministic():
+        return _run_job(grid, setting, algorithm, seed, cache_dir)
+
+
+def _run_job(grid: CamGrid, setting: str, algorithm: str, seed: int, cache_dir: str
+             ) -> dict[str, Any]:
     from fedcoe_edge.simulation import SimulationConfig, run_one
     from fedcoe_edge.strategies.fedavg import active_macs, plain_config
 
-    deterministic()
     s = parse_setting(setting)
     fed = build_federation(s, seed, grid.prep, grid.trunk, Path(cache_dir))
     model = model_config()
