@@ -54,6 +54,10 @@ MAIN_ALGORITHMS = (
     "mixture",
 )
 BASELINE_ALGORITHMS = MAIN_ALGORITHMS[1:]
+# Personalized-FL baselines outside the default grid (docs/design.md, "Personalized
+# baselines"): tuned by benchmarks.tune like the others, run with --algorithms; the default
+# grid and its goals stay as published until their runs exist.
+PFL_ALGORITHMS = ("fedavg_prior", "fedala", "feddbe")
 ABLATION_ALGORITHMS = ("fedcoe-noaffinity", "fedcoe-nocoord", "fedcoe-nolocal", "fedcoe-full")
 ABLATION_SETTINGS = ("fmnist-dir0.1",)  # ablations cost a full FedCoE run each: one setting
 METRICS = ("global_acc", "personalized_acc", "cold_start_acc")

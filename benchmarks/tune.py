@@ -33,6 +33,7 @@ from benchmarks.accuracy import (
     BASELINE_ALGORITHMS,
     DEFAULT_FRACTION,
     DEFAULT_OUT,
+    PFL_ALGORITHMS,
     QUICK_FRACTION,
     Grid,
     append_cache,
@@ -50,6 +51,7 @@ TUNE_SETTINGS = {"fmnist": "fmnist-dir0.1", "digits": "digits-dir0.1"}
 TUNE_SEED = 0
 LR4 = (0.01, 0.02, 0.05, 0.1)
 LR2 = (0.02, 0.05)
+KAPPA_LO, KAPPA_HI = 0.001, 0.01  # FedDBE's MR weight on our sum-of-squares scale
 
 
 def product(**axes: Sequence[Any]) -> list[dict[str, Any]]:
@@ -62,7 +64,10 @@ def product(**axes: Sequence[Any]) -> list[dict[str, Any]]:
 # FedProx train.prox_mu; Ditto its lambda, train.extra["ditto_lambda"]; FedAvg-FT
 # train.finetune_epochs; FedCoE lam (the pull of its local experts toward the consensus),
 # experts_per_client (m, its exchange width) and lr. FedAvg, Local, FedRep and the mixture
-# read no knob of their own, so their budget goes to a wider lr grid.
+# read no knob of their own, so their budget goes to a wider lr grid. The label prior its
+# smoothing, train.extra["prior_smoothing"]; FedALA how many top layers ALA blends,
+# train.extra["ala_layers"] (the paper's p = 1, and 2; s and eta stay at the paper's 0.8 and
+# 1.0); FedDBE the MR weight train.extra["dbe_kappa"] (docs/design.md, "Personalized baselines").
 SEARCH: dict[str, list[dict[str, Any]]] = {
     "fedavg": product(lr=LR4),
     "fedprox": product(lr=LR2, prox_mu=(0.01, 0.1)),
@@ -71,6 +76,9 @@ SEARCH: dict[str, list[dict[str, Any]]] = {
     "ditto": product(lr=LR2, ditto_lambda=(0.1, 1.0)),
     "fedrep": product(lr=LR4),
     "mixture": product(lr=LR4),
+    "fedavg_prior": product(lr=LR2, prior_smoothing=(0.1, 1.0)),
+    "fedala": product(lr=LR2, ala_layers=(1, 2)),
+    "feddbe": product(lr=LR2, dbe_kappa=(KAPPA_LO, KAPPA_HI)),
     "fedcoe": [
         {"lr": 0.05, "lam": 0.02, "experts_per_client": 2},
         {"lr": 0.05, "lam": 0.1, "experts_per_client": 2},
@@ -78,7 +86,7 @@ SEARCH: dict[str, list[dict[str, Any]]] = {
         {"lr": 0.1, "lam": 0.02, "experts_per_client": 2},
     ],
 }
-ALGORITHMS = (*BASELINE_ALGORITHMS, "fedcoe")  # baselines first: their cache outlives FedCoE edits
+ALGORITHMS = (*BASELINE_ALGORITHMS, *PFL_ALGORITHMS, "fedcoe")  # baselines first: their cache outlives FedCoE edits
 assert all(len(v) == BUDGET for v in SEARCH.values())
 
 
@@ -209,7 +217,8 @@ def render(doc: dict[str, Any]) -> str:
         "(personalized alone for local, which has no shared model); ties go to the first "
         "configuration. The winner (**chosen**) is what the grid runs on every setting of "
         "that dataset; FedCoE's ablations reuse FedCoE's. Ditto's lambda is "
-        "`train.extra.ditto_lambda` (the knob Ditto reads).",
+        "`train.extra.ditto_lambda` (the knob Ditto reads); likewise the label prior's "
+        "`prior_smoothing`, FedALA's `ala_layers` and FedDBE's `dbe_kappa`.",
         "",
     ]
     if meta.get("carried_over"):

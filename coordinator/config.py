@@ -42,6 +42,8 @@ DEVICES_RELOAD_S = 1.0
 # "return exactly what you were given" (partial exchange, int8 deltas against it).
 SIMULATION_ONLY: dict[str, str] = {
     "fedrep": "its clients upload their private head for the server's evaluation",
+    "feddbe": "its clients report their first-round feature means as D result metrics, "
+              "more than the wire's 64 (docs/design.md, \"Personalized baselines\")",
 }
 
 

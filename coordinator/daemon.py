@@ -450,7 +450,16 @@ class Coordinator:
         self._wake.set()
 
     def close(self) -> None:
-        """Disconnect cleanly (publishes coordinator offline) and close the database."""
+        """Disconnect cleanly (publishes coordinator offline) and close the database.
+
+        The pump thread flushes refusals and prunes the store on every pass, so it is stopped
+        and joined first: a run that ends on its own (``exit_when_done``) never called
+        :meth:`stop`, and a pump still running after the store closed failed its next pass
+        with "Cannot operate on a closed database"."""
+        self._stop.set()
+        pump = getattr(self, "_pump_thread", None)
+        if pump is not None and pump.is_alive() and pump is not threading.current_thread():
+            pump.join(timeout=30)
         thread = getattr(self, "_persist_thread", None)
         if thread is not None and thread.is_alive():
             self._persist_q.put(None)

@@ -519,3 +519,20 @@ def test_the_pump_drives_only_downloads_in_flight(tmp_path: Path) -> None:
             announces = out.announces
         fed.wait(lambda: not c._pumping, 30, "a dropped download leaves the pump's set")
         assert out.announces == announces
+
+
+def test_close_stops_the_pump_before_the_store_closes(tmp_path: Path) -> None:
+    """A run that ends on its own (``exit_when_done``) closes without :meth:`stop`; the pump,
+    which flushes refusals into the store on every pass, must be joined before the store
+    closes, or its next pass fails with "Cannot operate on a closed database"."""
+    _, factory = memory_factory()
+    fed = EmbeddedFederation(tmp_path, factory, devices=2, rounds=1, **small())
+    c = fed.start_coordinator()
+    try:
+        fed.wait(lambda: getattr(c, "_pump_thread", None) is not None, 30, "the pump started")
+        pump = c._pump_thread
+        assert pump.is_alive()
+        c.close()  # as run()'s finally does after the last round, with no stop() first
+        assert not pump.is_alive()
+    finally:
+        fed.stop()

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 # what --algorithms accepts (fedcoe_edge.strategies.STRATEGIES; listed here so that --help
 # does not import torch; a test keeps the two in step)
 ALGORITHMS = ("fedcoe", "fedavg", "fedprox", "local", "fedavg-ft", "ditto", "fedrep", "mixture",
+              "fedavg_prior", "fedala", "feddbe",
               "fedcoe-full", "fedcoe-noaffinity", "fedcoe-nocoord", "fedcoe-nolocal")
 
 

@@ -1,7 +1,8 @@
 """Federated algorithms behind one interface (see ``base.Strategy``); none imports a transport.
 
 ``STRATEGIES`` holds FedCoE, the baselines a reviewer asks for (FedAvg, FedProx, Local-only,
-FedAvg + fine-tuning, Ditto, FedRep, a global/local mixture) and FedCoE's ablations.
+FedAvg + fine-tuning, Ditto, FedRep, a global/local mixture, FedAvg + label prior, FedALA,
+FedDBE) and FedCoE's ablations.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from fedcoe_edge.streaming import Partial
 if TYPE_CHECKING:  # precise types for mypy; at run time they load lazily (below)
     from fedcoe_edge.strategies.ablations import ABLATIONS
     from fedcoe_edge.strategies.ditto import Ditto
+    from fedcoe_edge.strategies.fedala import FedALA
     from fedcoe_edge.strategies.fedavg import FedAvg
     from fedcoe_edge.strategies.fedavg_ft import FedAvgFT
     from fedcoe_edge.strategies.fedcoe import FedCoE
+    from fedcoe_edge.strategies.feddbe import FedDBE
     from fedcoe_edge.strategies.fedprox import FedProx
     from fedcoe_edge.strategies.fedrep import FedRep
+    from fedcoe_edge.strategies.labelprior import FedAvgPrior
     from fedcoe_edge.strategies.local import Local
     from fedcoe_edge.strategies.mixture import Mixture
 
@@ -33,9 +37,12 @@ if TYPE_CHECKING:  # precise types for mypy; at run time they load lazily (below
 _LAZY: dict[str, str] = {
     "ABLATIONS": "fedcoe_edge.strategies.ablations",
     "Ditto": "fedcoe_edge.strategies.ditto",
+    "FedALA": "fedcoe_edge.strategies.fedala",
     "FedAvg": "fedcoe_edge.strategies.fedavg",
     "FedAvgFT": "fedcoe_edge.strategies.fedavg_ft",
+    "FedAvgPrior": "fedcoe_edge.strategies.labelprior",
     "FedCoE": "fedcoe_edge.strategies.fedcoe",
+    "FedDBE": "fedcoe_edge.strategies.feddbe",
     "FedProx": "fedcoe_edge.strategies.fedprox",
     "FedRep": "fedcoe_edge.strategies.fedrep",
     "Local": "fedcoe_edge.strategies.local",
@@ -50,7 +57,8 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_LAZY[name]), name)
     elif name == "BASELINES":
         value = tuple(__getattr__(n) for n in ("FedAvg", "FedProx", "Local", "FedAvgFT", "Ditto",
-                                                "FedRep", "Mixture"))
+                                                "FedRep", "Mixture", "FedAvgPrior", "FedALA",
+                                                "FedDBE"))
     elif name == "STRATEGIES":
         value = {cls.name: cls for cls in (__getattr__("FedCoE"), *__getattr__("BASELINES"),
                                            *__getattr__("ABLATIONS"))}
@@ -118,6 +126,6 @@ def shares_model(name: str) -> bool:
 
 
 __all__ = ["ABLATIONS", "BASELINES", "STRATEGIES", "ClientData", "ClientResult", "ClientTask",
-           "Ditto", "Failure", "FedAvg", "FedAvgFT", "FedCoE", "FedProx", "FedRep", "Local",
-           "Mixture", "Partial", "Strategy", "make_strategy", "register_strategy", "shares_model",
+           "Ditto", "Failure", "FedALA", "FedAvg", "FedAvgFT", "FedAvgPrior", "FedCoE", "FedDBE",
+           "FedProx", "FedRep", "Local", "Mixture", "Partial", "Strategy", "make_strategy", "register_strategy", "shares_model",
            "unregister_strategy"]
