@@ -111,6 +111,12 @@ OWN_KNOBS: dict[str, list[dict[str, Any]]] = {
                   {"finetune_epochs": 2}],
     "ditto": [{"ditto_lambda": 0.1}, {"ditto_lambda": 1.0}, {"ditto_lambda": 1.0},
               {"ditto_lambda": 0.1}],
+    # the three personalized baselines: the knob and values benchmarks/tune.py searches
+    "fedavg_prior": [{"prior_smoothing": 0.1}, {"prior_smoothing": 1.0},
+                     {"prior_smoothing": 1.0}, {"prior_smoothing": 0.1}],
+    "fedala": [{"ala_layers": 1}, {"ala_layers": 2}, {"ala_layers": 2}, {"ala_layers": 1}],
+    "feddbe": [{"dbe_kappa": 0.001}, {"dbe_kappa": 0.01}, {"dbe_kappa": 0.01},
+               {"dbe_kappa": 0.001}],
     "fedcoe": [{"lam": 0.02, "experts_per_client": 2}, {"lam": 0.1, "experts_per_client": 3},
                {"lam": 0.1, "experts_per_client": 2}, {"lam": 0.02, "experts_per_client": 3}],
 }
