@@ -31,7 +31,7 @@ on cameras whose images differ. This grid measures that setting:
    scored on the test splits once, at the last round.
 
 Finished runs are appended to ``camera_grid_cache.jsonl`` (tuning runs to
-``camera_tuning_cache.jsonl``), keyed by everything they depend on, so an interrupted grid
+``camera_grid_tuning_cache.jsonl``), keyed by everything they depend on, so an interrupted grid
 resumes. Writes ``camera_grid.json``, ``camera_grid.md`` and ``camera_grid.png`` (accuracy vs
 bytes uploaded per client per round) under ``--out``.
 
@@ -591,7 +591,8 @@ def env_info() -> dict[str, Any]:
 
 
 def build_doc(grid: CamGrid, done: dict[str, dict[str, Any]], skipped: dict[str, str],
-              tuned: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+              tuned: dict[str, Any], meta: dict[str, Any],
+              tuning_scores: dict[str, Any] | None = None) -> dict[str, Any]:
     """camera_grid.json: per setting, per algorithm the mean ± std over the seeds that ran,
     stability, convergence slope, bytes; FedCoE diagnostics; goals."""
     from fedcoe_edge.strategies import shares_model
@@ -631,7 +632,8 @@ def build_doc(grid: CamGrid, done: dict[str, dict[str, Any]], skipped: dict[str,
         rows = setting_goals(grid, algos)
         block["goals"] = [dataclasses.asdict(g) for g in rows]
         settings[s_name] = block
-    return {"meta": meta, "skipped": skipped, "tuned": tuned, "settings": settings}
+    return {"meta": meta, "skipped": skipped, "tuned": tuned, "tuning_scores": tuning_scores,
+            "settings": settings}
 
 
 def setting_goals(grid: CamGrid, algos: dict[str, Any]) -> list[Goal]:
@@ -682,15 +684,56 @@ def render(doc: dict[str, Any], grid: CamGrid) -> str:
         "round, mean ± std over seeds. Each algorithm at its knobs from camera_tuned.json "
         f"(validation only, {BUDGET} configurations each over lr {list(LRS)}).", "",
     ]
+    if meta.get("notes"):
+        lines += [*(f"- {n}" for n in meta["notes"]), ""]
+    lines += _coverage_lines(doc, grid)
     if doc["skipped"]:
         lines += ["Algorithms skipped:", ""]
         lines += [f"- `{a}`: {why}" for a, why in doc["skipped"].items()]
         lines.append("")
     for s_name, block in doc["settings"].items():
         lines += _setting_lines(grid, s_name, block)
+    lines += _tuning_lines(doc)
     lines += _cameras_lines(meta)
     lines += _env_lines(meta)
     return "\n".join(lines) + "\n"
+
+
+def _coverage_lines(doc: dict[str, Any], grid: CamGrid) -> list[str]:
+    """Exactly which settings, algorithms and seeds ran, at how many rounds, and what did not."""
+    lines = ["## What ran", "",
+             f"Grid runs: {grid.rounds} rounds each; tuning runs: {doc['meta']['tune_rounds']} "
+             f"rounds at {TUNE_SETTING}, seed {TUNE_SEED}, validation splits.", "",
+             "| setting | algorithms with all seeds | seeds run per algorithm | NOT run |",
+             "|---|---|---|---|"]
+    for s_name, block in doc["settings"].items():
+        algos = block["algorithms"]
+        full = [a for a in grid.algorithms if a in algos and int(algos[a]["seeds"]) == len(grid.seeds)]
+        per = ", ".join(f"{a} {algos[a]['seed_list']}" for a in grid.algorithms if a in algos)
+        missing = [f"{a} seed {seed}" for a in grid.algorithms for seed in grid.seeds
+                   if seed not in algos.get(a, {}).get("seed_list", [])]
+        lines.append(f"| {s_name} | {len(full)}/{len(grid.algorithms)} | {per or '-'} | "
+                     f"{'; '.join(missing) if missing else 'nothing'} |")
+    return [*lines, ""]
+
+
+def _tuning_lines(doc: dict[str, Any]) -> list[str]:
+    """Every tuning configuration's validation scores; the chosen one marked."""
+    lines = ["## Tuning (validation splits only)", "",
+             f"{BUDGET} configurations per algorithm over lr {list(LRS)}, own knobs alternating "
+             f"(camera_tuned.json); score = mean of validation global and personalized accuracy "
+             "(personalized alone for local).", "",
+             "| algorithm | knobs | val global | val personalized | chosen |", "|---|---|---|---|---|"]
+    for a, rows in doc.get("tuning_scores", {}).items():
+        for r in rows:
+            knobs = ", ".join(f"{k}={v:g}" for k, v in r["knobs"].items())
+            if r.get("not_run"):
+                lines.append(f"| {a} | {knobs} | not run | not run | |")
+                continue
+            glob = "n/a" if not r["shares_model"] else f"{r['global_acc']:.3f}"
+            lines.append(f"| {a} | {knobs} | {glob} | {r['personalized_acc']:.3f} | "
+                         f"{'**chosen**' if r['chosen'] else ''} |")
+    return [*lines, ""]
 
 
 def _num(v: Any) -> str:
@@ -901,6 +944,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    f"{QUICK_NEW_CLIENTS} clients, {QUICK_ROUNDS} rounds, seed 0, "
                    f"{QUICK_TEST_SAMPLES} test images, fedcoe and fedavg, untuned")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from caches")
+    p.add_argument("--note", action="append", default=[],
+                   help="a line for the top of the report (e.g. why a setting was not run); "
+                   "repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -963,7 +1009,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         trunk = ensure_trunk(work, args.data_dir)
     out: Path = args.out
     suffix = "_quick" if args.quick else ""
-    tune_cache = out / f"camera_tuning_cache{suffix}.jsonl"
+    tune_cache = out / f"camera_grid_tuning_cache{suffix}.jsonl"
     grid_cache = out / f"camera_grid_cache{suffix}.jsonl"
     tuned_path = out / f"camera_tuned{suffix}.json"
     feat_dir = work / "features"
@@ -1023,7 +1069,7 @@ def run(args: argparse.Namespace, command: str) -> int:
                 "cpu_s": float(sum(r.get("cpu_s", 0.0) for r in recs)),
                 "invocation_wall_s": time.perf_counter() - t_start,
                 "settings": settings, "seeds": seeds, "rounds": rounds,
-                "tune_rounds": tune_rounds,
+                "tune_rounds": tune_rounds, "notes": list(args.note),
                 "trunk": {"sha256": trunk.sha256,
                           **{k: v for k, v in trunk.info.items()
                              if k in ("val_acc", "epochs", "samples", "val_samples", "cpu_s")}},
@@ -1032,7 +1078,7 @@ def run(args: argparse.Namespace, command: str) -> int:
                 "env": env_info()}
 
     def report() -> None:
-        doc = build_doc(grid, done, skipped, tdoc["tuned"], meta())
+        doc = build_doc(grid, done, skipped, tdoc["tuned"], meta(), tdoc["scores"])
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / f"camera_grid{suffix}.json", json.dumps(jsonable(doc), indent=2)
                           + "\n")
