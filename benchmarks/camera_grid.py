@@ -563,6 +563,22 @@ def tuning_doc(tune: dict[str, CamGrid], done: dict[str, dict[str, Any]],
     return {"tuned": tuned, "scores": scores}
 
 
+def label_coverage(s: CamSetting, seed: int, prep: Prep, rare: float = 0.01) -> dict[str, Any]:
+    """How much of the cold-start clients' data is of classes the training clients barely
+    hold (each < ``rare`` of all training images): a label skew this strong can hand whole
+    classes to the cold-start clients, which no algorithm can then learn."""
+    (_, y), _ = _fmnist(prep.data_dir)
+    split = split_setting(s, seed, prep)
+    train = np.bincount(np.concatenate([y[t[0]] for t in split.clients.values()]), minlength=10)
+    cold_idx = [i for i in split.new_clients.values() if len(i)]
+    cold = (np.bincount(np.concatenate([y[i] for i in cold_idx]), minlength=10) if cold_idx
+            else np.zeros(10, dtype=np.int64))
+    rare_classes = np.flatnonzero(train < rare * train.sum())
+    return {"train_per_class": train.tolist(), "cold_per_class": cold.tolist(),
+            "rare_classes": rare_classes.tolist(),
+            "cold_share_in_rare": float(cold[rare_classes].sum() / max(cold.sum(), 1))}
+
+
 def env_info() -> dict[str, Any]:
     """Library versions and the CPU flags that change float kernels (AVX2, AVX-512, VNNI)."""
     import torch
@@ -627,6 +643,9 @@ def build_doc(grid: CamGrid, done: dict[str, dict[str, Any]], skipped: dict[str,
             macs = macs or recs[0].get("macs")
         block: dict[str, Any] = {"setting": parse_setting(s_name).to_dict(), "algorithms": algos,
                                  "convergence": conv, "diagnostics": diags}
+        if algos:
+            block["labels"] = {str(seed): label_coverage(parse_setting(s_name), seed, grid.prep)
+                               for seed in grid.seeds}
         if macs:
             block["macs"] = {**macs, "ratio": macs["baseline"] / macs["fedcoe"]}
         rows = setting_goals(grid, algos)
@@ -765,7 +784,9 @@ def _verdict_lines(doc: dict[str, Any], grid: CamGrid) -> list[str]:
         text += f"; {int(f['seeds'])} seed(s)). "
         met = sum(g["status"] == "met" for g in block["goals"])
         notmet = [g["goal"] for g in block["goals"] if g["status"] == "NOT met"]
+        pending = sum(g["status"] == "pending" for g in block["goals"])
         text += f"Goals met {met}/{len(block['goals'])}"
+        text += f" ({pending} pending: a run they need is missing)" if pending else ""
         text += f"; NOT met: {'; '.join(notmet)}." if notmet else "."
         out += [text, ""]
         if not (lead_p and lead_g):
@@ -823,6 +844,14 @@ def _setting_lines(grid: CamGrid, s_name: str, block: dict[str, Any]) -> list[st
         lines += [f"Convergence: slope = change of global accuracy (personalized for local) "
                   f"from round {c0['from_round']} to {c0['to_round']}, per round, mean over "
                   "seeds.", ""]
+    if block.get("labels"):
+        parts = [f"seed {seed}: {100 * c['cold_share_in_rare']:.0f}% (classes "
+                 f"{c['rare_classes']}; cold-start images per class {c['cold_per_class']}, "
+                 f"training {c['train_per_class']})" for seed, c in block["labels"].items()]
+        lines += ["Label coverage: share of the cold-start clients' images whose class is under "
+                  "1% of the training clients' images (the partition draws over all 24 clients, "
+                  f"so strong skew can hand a class to the cold-start clients): {'; '.join(parts)}.",
+                  ""]
     lines += ["Goals:", "", *goals_table([Goal(**g) for g in block["goals"]]), ""]
     if block.get("diagnostics"):
         lines += ["FedCoE diagnostics (mean over seeds):", "",
