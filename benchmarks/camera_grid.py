@@ -922,7 +922,7 @@ def plot_pareto(doc: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("test accuracy (filled: personalized, hollow: global)")
         ax.set_title(s_name, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2, loc="lower right")
+        ax.legend(fontsize=7, ncol=2, loc="center left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
