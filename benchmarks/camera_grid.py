@@ -729,10 +729,16 @@ def _coverage_lines(doc: dict[str, Any], grid: CamGrid) -> list[str]:
         algos = block["algorithms"]
         full = [a for a in grid.algorithms if a in algos and int(algos[a]["seeds"]) == len(grid.seeds)]
         per = ", ".join(f"{a} {algos[a]['seed_list']}" for a in grid.algorithms if a in algos)
-        missing = [f"{a} seed {seed}" for a in grid.algorithms for seed in grid.seeds
-                   if seed not in algos.get(a, {}).get("seed_list", [])]
-        lines.append(f"| {s_name} | {len(full)}/{len(grid.algorithms)} | {per or '-'} | "
-                     f"{'; '.join(missing) if missing else 'nothing'} |")
+        missing = {a: [seed for seed in grid.seeds
+                       if seed not in algos.get(a, {}).get("seed_list", [])]
+                   for a in grid.algorithms}
+        missing = {a: m for a, m in missing.items() if m}
+        total = len(grid.algorithms) * len(grid.seeds)
+        if not algos:
+            gap = f"all {total} runs"
+        else:
+            gap = ", ".join(f"{a} {m}" for a, m in missing.items()) or "nothing"
+        lines.append(f"| {s_name} | {len(full)}/{len(grid.algorithms)} | {per or '-'} | {gap} |")
     return [*lines, ""]
 
 
