@@ -698,7 +698,7 @@ def render(doc: dict[str, Any], grid: CamGrid) -> str:
         f"acc {_num(meta['trunk'].get('val_acc'))}; sha256 `{meta['trunk']['sha256']}`), frozen; "
         f"features pooled ({FEATURE_DIM}-d), computed once per image. "
         f"{grid.prep.clients} training + {grid.prep.new_clients} cold-start clients, "
-        f"{grid.rounds} rounds, every client every round, {grid.local_epochs} local epochs, "
+        f"{grid.rounds} rounds, every client every round, {grid.local_epochs} local epoch(s), "
         f"batch {grid.batch_size}; seeds {grid.seeds}. Scores on the TEST splits at the LAST "
         "round, mean ± std over seeds. Each algorithm at its knobs from camera_tuned.json "
         f"(validation only, {BUDGET} configurations each over lr {list(LRS)}).", "",
