@@ -997,7 +997,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         given = list(sys.argv[1:] if argv is None else argv)
-        return run(args, " ".join(["python -m benchmarks.camera_grid", *given]))
+        shown = [("..." if i and given[i - 1] == "--note" else g) for i, g in enumerate(given)]
+        return run(args, " ".join(["python -m benchmarks.camera_grid", *shown]))
     except FedCoEError as exc:
         print(f"benchmarks.camera_grid: error: {exc}", file=sys.stderr)
         return 2
