@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup wheel demo test test-all test-hostile test-runtime-profile bench bench-camera bench-fleet bench-fleet-shards lint clean mosquitto chromium datasets tune accuracy accuracy-long bench-robustness arm-sysroot bench-cross-arch
+.PHONY: setup wheel demo test test-all test-hostile test-runtime-profile bench bench-camera bench-fleet bench-fleet-shards lint clean mosquitto chromium datasets tune accuracy accuracy-long bench-robustness arm-sysroot bench-cross-arch bench-camera-grid
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -84,6 +84,12 @@ bench: setup
 # on the official test split (docs/benchmarks.md, "Trained camera bundle"); ~3 min unloaded, 1 thread.
 bench-camera: setup
 	$(BIN)/python -m benchmarks.camera_accuracy
+
+# The deployed setting's grid: frozen pretrained V3-Small trunk, one camera per client, FedCoE
+# and every baseline on the trunk's features, tuned on validation, 3 seeds (docs/benchmarks.md,
+# "Camera grid: the deployed setting"); resumes from its caches; hours on one core per setting.
+bench-camera-grid: setup
+	$(BIN)/python -m benchmarks.camera_grid --jobs 2
 
 # The same bundle on x86 and ARM: int8 and fp32 top-1 agreement between this host and
 # Cortex-A72 / A76 under user-mode qemu (docs/bundle.md, "Same answers on every CPU"). Needs
