@@ -366,6 +366,7 @@ def build_federation(s: CamSetting, seed: int, prep: Prep, trunk: Trunk, cache_d
     once) and written atomically."""
     from fedcoe_edge.data import Federation
     from fedcoe_edge.data.client import ClientData
+    from fedcoe_edge.data.federation import split_new_client
 
     split = split_setting(s, seed, prep)
     key = feature_key(s, seed, prep, trunk)
@@ -400,8 +401,11 @@ def build_federation(s: CamSetting, seed: int, prep: Prep, trunk: Trunk, cache_d
     clients = {cid: ClientData(arrays[f"c{cid}_tr"], y[tr], arrays[f"c{cid}_te"], y[te],
                                arrays[f"c{cid}_va"], y[va])
                for cid, (tr, va, te) in split.clients.items()}
-    empty = np.zeros((0, FEATURE_DIM), dtype=np.float32)
-    new = {cid: ClientData(empty, y[:0], arrays[f"c{cid}_te"], y[idx])
+    # a new client's images: an unlabelled pool its cold start chooses from, and a disjoint
+    # test split it is scored on, cut as the library's federations cut them (docs/design.md,
+    # "Cold start"); the feature file holds both, so the cut needs no new features
+    pool_rng = np.random.default_rng([seed, 4])
+    new = {cid: split_new_client(arrays[f"c{cid}_te"], y[idx], np.arange(len(idx)), pool_rng, cid)
            for cid, idx in split.new_clients.items()}
     return Federation(clients, new, arrays["global"], yt[split.test], (FEATURE_DIM,), 10,
                       meta={"dataset": "fmnist-camera-features", "setting": s.name, "seed": seed,
@@ -437,6 +441,7 @@ class CamGrid:
         return apply_knobs(base, self.knobs.get(algorithm, {}))
 
     def key(self, setting: str, algorithm: str, seed: int) -> str:
+        from fedcoe_edge.data.federation import COLD_POOL_FRACTION
         from fedcoe_edge.numerics import NUMERICS_VERSION
 
         s = parse_setting(setting)
@@ -444,6 +449,8 @@ class CamGrid:
                "rounds": self.rounds, "split": self.split,
                "features": feature_key(s, seed, self.prep, self.trunk),
                "model": model_config().to_dict(), "train": self.train_for(algorithm).to_dict()}
+        if self.split == "test":  # scored runs: cold start chooses from a pool, not its test split
+            doc["cold_pool_fraction"] = COLD_POOL_FRACTION
         digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
         return f"{setting}|{algorithm}|{seed}|{self.split}|{digest}|numerics-v{NUMERICS_VERSION}"
 
