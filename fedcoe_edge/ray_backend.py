@@ -25,11 +25,9 @@ outside the tested range, into one ConfigError line before anything starts.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import math
-import re
 import socket
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -40,6 +38,7 @@ import numpy as np
 
 from fedcoe_edge.config import ModelConfig, TrainConfig
 from fedcoe_edge.errors import ConfigError, FedCoEError, ValidationError, WireError
+from fedcoe_edge.extras import require_extra, version_range
 from fedcoe_edge.messages import MAX_METRICS, MAX_NAME, MAX_SAMPLES
 from fedcoe_edge.strategies import SIMULATION_ONLY
 from fedcoe_edge.strategies.base import Arrays, ClientData, ClientResult, ClientTask, Strategy
@@ -58,7 +57,7 @@ log = logging.getLogger(__name__)
 # extra pins the same range). Ray's task and object APIs change between minor releases.
 RAY_MIN = (2, 55)
 RAY_BELOW = (2, 56)
-RAY_RANGE = f">={RAY_MIN[0]}.{RAY_MIN[1]},<{RAY_BELOW[0]}.{RAY_BELOW[1]}"
+RAY_RANGE = version_range(RAY_MIN, RAY_BELOW)
 
 BACKENDS = ("inprocess", "ray")
 
@@ -69,17 +68,7 @@ CONNECT_TIMEOUT_S = 3.0  # a head that does not accept a TCP connection in this 
 def require_ray(version: str | None = None) -> str:
     """The installed Ray version, or ConfigError in one line when Ray is missing or outside
     the tested range (``version`` overrides the installed one: tests, error paths)."""
-    if version is None:
-        try:
-            version = importlib.metadata.version("ray")
-        except importlib.metadata.PackageNotFoundError:
-            raise ConfigError(f"Ray is not installed: pip install 'fedcoe-edge[ray]' "
-                              f"(ray{RAY_RANGE})") from None
-    match = re.match(r"(\d+)\.(\d+)", version)
-    if match is None or not RAY_MIN <= (int(match[1]), int(match[2])) < RAY_BELOW:
-        raise ConfigError(f"ray {version} is outside the tested range ray{RAY_RANGE}: "
-                          f"pip install 'fedcoe-edge[ray]'")
-    return version
+    return require_extra("ray", "Ray", "ray", RAY_MIN, RAY_BELOW, version)
 
 
 def check_backend(backend: str, address: str | None, algorithms: Sequence[str] = ()) -> None:

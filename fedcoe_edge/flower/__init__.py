@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import re
 from typing import TYPE_CHECKING, Any
 
-from fedcoe_edge.errors import ConfigError
+from fedcoe_edge.extras import require_extra, version_range
 
 if TYPE_CHECKING:
     from fedcoe_edge.flower.apps import client_app, run_server, server_app
@@ -29,23 +28,13 @@ if TYPE_CHECKING:
 # [flower] extra pins the same range). Flower's Message API still moves between minor releases.
 FLWR_MIN = (1, 42)
 FLWR_BELOW = (1, 43)
-FLWR_RANGE = f">={FLWR_MIN[0]}.{FLWR_MIN[1]},<{FLWR_BELOW[0]}.{FLWR_BELOW[1]}"
+FLWR_RANGE = version_range(FLWR_MIN, FLWR_BELOW)
 
 
 def require_flwr(version: str | None = None) -> str:
     """The installed Flower version, or ConfigError in one line when Flower is missing or
     outside the tested range (``version`` overrides the installed one: tests, error paths)."""
-    if version is None:
-        try:
-            version = importlib.metadata.version("flwr")
-        except importlib.metadata.PackageNotFoundError:
-            raise ConfigError(f"Flower is not installed: pip install 'fedcoe-edge[flower]' "
-                              f"(flwr{FLWR_RANGE})") from None
-    match = re.match(r"(\d+)\.(\d+)", version)
-    if match is None or not FLWR_MIN <= (int(match[1]), int(match[2])) < FLWR_BELOW:
-        raise ConfigError(f"flwr {version} is outside the tested range flwr{FLWR_RANGE}: "
-                          f"pip install 'fedcoe-edge[flower]'")
-    return version
+    return require_extra("flwr", "Flower", "flower", FLWR_MIN, FLWR_BELOW, version)
 
 
 _LAZY = {
