@@ -116,6 +116,29 @@ def digits_bundle(digits_moe, tmp_path_factory):
     return out
 
 
+@pytest.fixture
+def tie_bundle(tmp_path: Path) -> tuple[Path, Any]:
+    """An fp32 bundle (4 MLP experts, top-2, no local level) whose gate is all zeros, and 5
+    inputs: every expert gets the same probability, so only the top-k tie rule routes
+    (tests/test_runtime.py and tests/test_fused_runtime.py check both runtime paths on it)."""
+    import numpy as np
+
+    from export.bundle import build_bundle
+    from export.quantize import QuantizeOptions, QuantMode
+    from fedcoe_edge.config import ModelConfig
+    from fedcoe_edge.training import build_model
+
+    cfg = ModelConfig(expert_kind="mlp", expert_hidden=8, num_global_experts=4, top_k=2,
+                      num_local_experts=0)
+    model = build_model(cfg, 1).eval()
+    with torch.no_grad():
+        for p in model.global_part.gate.parameters():
+            p.zero_()
+    x = np.random.default_rng(1).random((5, 1, 8, 8), dtype=np.float32)
+    build_bundle(model, tmp_path / "tie", calibration=x, options=QuantizeOptions(mode=QuantMode.FP32))
+    return tmp_path / "tie", x
+
+
 # --- deployments as `fedcoe init` writes them (tests/test_deploy_e2e.py, test_shards_e2e.py) ---
 @pytest.fixture
 def init_broker_tools() -> None:

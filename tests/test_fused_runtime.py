@@ -64,22 +64,15 @@ def test_fused_gives_the_per_part_answers(digits_bundle: Path, digits_moe, mode:
             _same(parts.run(x_test, prior=rows), fused.run(x_test, prior=rows))
 
 
-def test_fused_ties_go_to_the_lower_index(tmp_path: Path) -> None:
-    cfg = ModelConfig(expert_kind="mlp", expert_hidden=8, num_global_experts=4, top_k=2,
-                      num_local_experts=0)
-    model = build_model(cfg, 1).eval()
-    with torch.no_grad():
-        for p in model.global_part.gate.parameters():
-            p.zero_()
-    x = np.random.default_rng(1).random((5, 1, 8, 8), dtype=np.float32)
-    build_bundle(model, tmp_path / "tie", calibration=x, options=QuantizeOptions(mode=QuantMode.FP32))
+def test_fused_ties_go_to_the_lower_index(tie_bundle: tuple[Path, np.ndarray]) -> None:
+    bundle, x = tie_bundle
     for mode in FUSE_MODES:
-        sess = MoESession(tmp_path / "tie", fused=mode)
+        sess = MoESession(bundle, fused=mode)
         out = sess.run(x)
         assert out.experts_run == [0, 1] and out.local_gate_probs is None
         assert out.routing.tolist() == [[0.5, 0.5, 0.0, 0.0]] * 5
         assert sess.run(x[:1], expert_mask=[1, 3]).experts_run == [1, 3]
-        _same(MoESession(tmp_path / "tie").run(x), out)
+        _same(MoESession(bundle).run(x), out)
 
 
 def test_fused_held_subset_and_top_k_equal_to_k(digits_moe, tmp_path: Path) -> None:

@@ -17,7 +17,6 @@ import torch
 from export.bundle import build_bundle, write_tar
 from export.onnx_export import export_graph
 from export.quantize import QuantizeOptions, QuantMode
-from fedcoe_edge.config import ModelConfig
 from fedcoe_edge.errors import BundleError, ConfigError, ValidationError
 from fedcoe_edge.runtime import MoESession, read_bundle, sha256_hex, topk_routing
 from fedcoe_edge.training import build_model
@@ -261,17 +260,10 @@ def test_routing_prior_matches_torch(digits_bundle: Path, digits_moe) -> None:
     assert np.abs(got - ref).max() < 1e-5
 
 
-def test_topk_ties_go_to_the_lower_index_like_onnx_topk(tmp_path: Path) -> None:
+def test_topk_ties_go_to_the_lower_index_like_onnx_topk(tie_bundle: tuple[Path, np.ndarray]) -> None:
     # a zero gate gives every expert the same probability: only the tie rule decides
-    cfg = ModelConfig(expert_kind="mlp", expert_hidden=8, num_global_experts=4, top_k=2,
-                      num_local_experts=0)
-    model = build_model(cfg, 1).eval()
-    with torch.no_grad():
-        for p in model.global_part.gate.parameters():
-            p.zero_()
-    x = np.random.default_rng(1).random((5, 1, 8, 8), dtype=np.float32)
-    build_bundle(model, tmp_path / "tie", calibration=x, options=QuantizeOptions(mode=QuantMode.FP32))
-    sess = MoESession(tmp_path / "tie")
+    bundle, x = tie_bundle
+    sess = MoESession(bundle)
     out = sess.run(x)
     assert out.experts_run == [0, 1]
     assert np.allclose(out.routing, [[0.5, 0.5, 0.0, 0.0]] * 5)
