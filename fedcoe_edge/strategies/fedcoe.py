@@ -221,8 +221,8 @@ class FedCoE(Strategy):
         lr, mom = self.train_cfg.server_lr, self.train_cfg.server_momentum
         if lr == 1.0 and mom == 0.0:
             return aggregate
-        held_out = {n for keys in (self.expert_keys()[k] for k in range(self.model_cfg.num_global_experts)
-                                   if k not in set(sent)) for n in keys}
+        took_part = set(sent)
+        held_out = {n for k, keys in enumerate(self.expert_keys()) if k not in took_part for n in keys}
         out = dict(aggregate)
         for name, value in aggregate.items():
             old = self.global_state[name]
