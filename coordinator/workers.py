@@ -18,8 +18,8 @@ processes, which:
    (each row names that snapshot), only then ACKs the devices, and tells the worker the
    batch is committed (or not: the worker goes back to its last committed snapshot).
 
-An accepted update is thus durable before its ACK, as in-process (docs/daemons.md,
-"Batched persistence"). At round close the main process waits until every upload it
+An accepted update is thus durable before its ACK, as in-process (docs/daemons.md, "Scale").
+At round close the main process waits until every upload it
 handed out was answered, then merges the workers' committed snapshots into its own
 partial with ``Strategy.merge`` (the leader's merge of shard partials), and the strategy
 finalizes as before. A restarted coordinator merges the newest snapshot of each writer
