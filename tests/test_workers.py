@@ -316,3 +316,51 @@ def test_the_daemon_with_a_worker_refuses_a_bad_update_and_survives_a_worker_cra
     assert any("finite" in r for r in reasons), reasons
     for name, value in want.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.slow
+def test_a_coordinator_restarted_mid_round_merges_its_workers_snapshots(tmp_path: Path) -> None:
+    """Round 2 open with two of three updates committed by the worker: the coordinator stops
+    (its round stays open in the database), a new one on the same folder merges the newest
+    snapshot of each writer named by the update rows, the third device's update goes to the
+    new worker, and the result equals an uninterrupted in-process run."""
+    from coordinator.store import Store as _Store
+
+    want = EmbeddedFederation(tmp_path / "ref", _memory(), devices=3, rounds=3,
+                              **small()).final_state(90)
+    held = threading.Event()
+
+    def hold_round2(agent: DeviceAgent, rnd: int) -> bool:
+        if rnd == 2 and not held.is_set():
+            held.set()
+            return False  # trained, but the upload is held back until the coordinator restarts
+        return True
+
+    fed = EmbeddedFederation(tmp_path / "crash", _memory(), devices=3, rounds=3, workers=1,
+                             hooks={"1": AgentHooks(before_upload=hold_round2)}, **small())
+    fed.start()
+    try:
+        c = fed.coordinator
+        assert c is not None
+        fed.wait(lambda: c.round == 2 and len(c.results) == 2 and held.is_set(), 60, "round 2 half done")
+        c.stop()
+        for t in fed.threads:
+            t.join(timeout=10)
+        db = _Store(tmp_path / "crash" / "coordinator" / "coordinator.sqlite")
+        rows = db.updates(2)
+        db.close()
+        assert len(rows) == 2 and all(Path(u["path"]).name.startswith("acc-w0x") for u in rows)
+        fed.threads.clear()
+        fed.coordinator = None
+        coordinator = fed.start_coordinator()
+        fed.wait_rounds(90)
+        got = dict(coordinator.strategy.global_state)
+        accepted = [coordinator.store.round_summary(r)["accepted"] for r in (1, 2, 3)]
+    finally:
+        fed.stop()
+    assert accepted == [3, 3, 3]
+    writers = {p.name.rpartition("-")[0] for p in
+               (tmp_path / "crash" / "coordinator" / "rounds" / "2").glob("acc-*.safetensors")}
+    assert len(writers) == 2, writers  # the first worker's and its successor's after the restart
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
