@@ -64,7 +64,11 @@ from fedcoe_edge.streaming import Partial
 
 log = logging.getLogger("fedcoe.coordinator")
 
-BATCH_S = 0.02  # a worker gathers checked uploads for at most this long before folding them
+BATCH_S = 0.02  # a worker gathers checked uploads for at least this long before folding them
+# ... and for this many times as long as its last fold and snapshot took: a snapshot holds
+# the worker's whole partial (its clients' rows grow with the round), so a fixed window
+# would make a round's snapshot writes O(N^2); this keeps them a bounded share of its time
+BATCH_WRITE_FACTOR = 2.0
 BATCH_MAX = 256  # ... or this many (the persister's own batch bounds, coordinator/daemon.py)
 STALL_S = 60.0  # round close: a worker holding uploads with no answer for this long is killed
 # workers that die this many times in a row with no answer in between are not started again:
@@ -402,6 +406,7 @@ class _Worker:
         self.tasks: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
         self.ready: list[tuple[int, Any]] = []  # (job id, checked ClientResult)
         self.first_ready = 0.0
+        self.window = BATCH_S  # how long the next batch gathers (see BATCH_WRITE_FACTOR)
 
     def reply(self, header: dict[str, Any]) -> None:
         self.conn.send_bytes(_pack(header))
@@ -410,7 +415,7 @@ class _Worker:
         while True:
             timeout: float | None = None
             if self.ready and self.outstanding is None:
-                timeout = max(0.0, self.first_ready + BATCH_S - time.monotonic())
+                timeout = max(0.0, self.first_ready + self.window - time.monotonic())
             try:
                 has = self.conn.poll(timeout)
                 if has:
@@ -421,7 +426,7 @@ class _Worker:
                 return  # the coordinator is gone
             if self.ready and self.outstanding is None and (
                     not has or len(self.ready) >= BATCH_MAX
-                    or time.monotonic() >= self.first_ready + BATCH_S):
+                    or time.monotonic() >= self.first_ready + self.window):
                 self.flush()
 
     def handle(self, header: dict[str, Any], payload: memoryview) -> bool:
@@ -492,6 +497,7 @@ class _Worker:
         """Fold the checked uploads, write the snapshot, name it to the main process."""
         assert self.partial is not None
         batch, self.ready = self.ready, []
+        t0 = time.monotonic()
         try:
             for _, result in batch:
                 self.strategy.fold(self.partial, result)
@@ -504,6 +510,7 @@ class _Worker:
             self.reply({"op": "lost", "ids": [i for i, _ in batch],
                         "reason": f"folding or writing failed ({type(exc).__name__}: {str(exc)[:200]})"})
             return
+        self.window = max(BATCH_S, BATCH_WRITE_FACTOR * (time.monotonic() - t0))
         ids = [i for i, _ in batch]
         self.outstanding = (self.seq, path, ids)
         self.reply({"op": "batch", "seq": self.seq, "round": self.round, "path": str(path), "ids": ids})
