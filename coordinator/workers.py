@@ -44,6 +44,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import queue
 import secrets
 import signal
 import struct
@@ -141,7 +142,10 @@ class _Slot:
     tag: str
     proc: Any  # multiprocessing Process
     conn: Connection
-    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    # frames for the worker, sent by the slot's own writer thread: no caller (the handler
+    # thread, the persister, a round opening under the daemon's lock) ever blocks on a pipe
+    # that a busy, starting or hung worker does not read
+    outbox: queue.SimpleQueue[bytes | None] = field(default_factory=queue.SimpleQueue)
     jobs: dict[int, Job] = field(default_factory=dict)
     answered_at: float = 0.0  # monotonic time of its last answer (or its start)
     dead: bool = False
@@ -181,6 +185,8 @@ class WorkerPool:
         proc.start()
         theirs.close()
         slot = _Slot(index, tag, proc, mine, answered_at=time.monotonic())
+        threading.Thread(target=self._write_loop, args=(slot,), name=f"coord-worker-{index}-out",
+                         daemon=True).start()
         if self._open is not None:
             self._send(slot, self._open)
         log.info("aggregation worker %d started (pid %d)", index, proc.pid)
@@ -191,8 +197,8 @@ class WorkerPool:
             self._stopping = True
             slots = list(self._slots)
         for s in slots:
-            with contextlib.suppress(OSError, ValueError):
-                self._send(s, _pack({"op": "stop"}))
+            self._send(s, _pack({"op": "stop"}))
+            s.outbox.put(None)
         for s in slots:
             s.proc.join(timeout=10)
             if s.proc.is_alive():
@@ -221,9 +227,8 @@ class WorkerPool:
             self._open, self._round = frame, rnd
             self.committed = {}
             slots = list(self._slots)
-        for s in slots:
-            with contextlib.suppress(OSError, ValueError):  # a dead one is replaced with it
-                self._send(s, frame)
+        for s in slots:  # a dead one is replaced with this frame
+            self._send(s, frame)
 
     def reserve(self, device: str, rnd: int, xfer: str, body: Result, nbytes: int,
                 experts: list[int]) -> Job | None:
@@ -254,8 +259,7 @@ class WorkerPool:
                   "metrics": b.metrics_dict()}
         with self._lock:
             slot = self._slots[job.worker]
-        with contextlib.suppress(OSError, ValueError):  # a dead worker: the reader gives its jobs up
-            self._send(slot, _pack(header, data))
+        self._send(slot, _pack(header, data))  # a dead worker: the reader gives its jobs up
 
     def commit(self, batch: WorkerBatch, ok: bool) -> None:
         """The persister's verdict on a batch: committed (its snapshot is now the worker's
@@ -266,8 +270,7 @@ class WorkerPool:
         with self._lock:
             slot = next((s for s in self._slots if s.tag == batch.tag), None)
         if slot is not None:
-            with contextlib.suppress(OSError, ValueError):
-                self._send(slot, _pack({"op": "verdict", "seq": batch.seq, "ok": ok}))
+            self._send(slot, _pack({"op": "verdict", "seq": batch.seq, "ok": ok}))
 
     def outstanding(self) -> int:
         with self._lock:
@@ -295,8 +298,20 @@ class WorkerPool:
 
     # ------------------------------------------------------------------ the reader thread
     def _send(self, slot: _Slot, frame: bytes) -> None:
-        with slot.send_lock:
-            slot.conn.send_bytes(frame)
+        if not slot.dead:
+            slot.outbox.put(frame)
+
+    def _write_loop(self, slot: _Slot) -> None:
+        """A slot's writer: its frames in order, until told to stop or the pipe breaks (the
+        reader thread then finds the worker dead and gives its jobs up)."""
+        while True:
+            frame = slot.outbox.get()
+            if frame is None:
+                return
+            try:
+                slot.conn.send_bytes(frame)
+            except (OSError, ValueError):
+                return
 
     def _read_loop(self) -> None:
         while True:
@@ -352,6 +367,7 @@ class WorkerPool:
 
     def _died(self, slot: _Slot) -> None:
         slot.proc.join(timeout=5)
+        slot.outbox.put(None)
         with self._lock:
             slot.dead = True
             jobs = list(slot.jobs.values())
