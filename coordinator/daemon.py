@@ -48,7 +48,7 @@ from coordinator.engine import (
 )
 from coordinator.limits import RateLimiter, RefusalLog
 from coordinator.store import Store
-from coordinator.workers import Job, PoolHandler, WorkerBatch, WorkerPool
+from coordinator.workers import READY_S, Job, PoolHandler, WorkerBatch, WorkerPool
 from fedcoe_edge import protocol as P
 from fedcoe_edge.errors import ConfigError, FedCoEError, ValidationError, WireError
 from fedcoe_edge.messages import (
@@ -433,6 +433,9 @@ class Coordinator:
             self._workers = WorkerPool(self.cfg, self.fed.workers, PoolHandler(
                 self._worker_batch, self._worker_refused, self._worker_lost))
             self._workers.start()
+            if not self._workers.wait_ready():
+                log.warning("aggregation workers not ready after %.0fs; going on (uploads wait "
+                            "for them)", READY_S)
             if self.round_open:
                 self._open_workers()
         will = Will(self.topics.coord_status(), P.presence_payload("offline"), 1, True)

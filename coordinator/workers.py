@@ -75,6 +75,7 @@ STALL_S = 60.0  # round close: a worker holding uploads with no answer for this 
 # workers that die this many times in a row with no answer in between are not started again:
 # the coordinator checks and folds uploads in its own process from then on
 MAX_RESPAWNS = 3
+READY_S = 120.0  # start-up: how long the coordinator waits for its workers to be ready
 _HEAD = struct.Struct("<I")  # a frame: header length, JSON header, raw payload
 
 
@@ -149,6 +150,7 @@ class _Slot:
     jobs: dict[int, Job] = field(default_factory=dict)
     answered_at: float = 0.0  # monotonic time of its last answer (or its start)
     dead: bool = False
+    ready: bool = False  # it built its strategy and serves the pipe
 
 
 class WorkerPool:
@@ -191,6 +193,18 @@ class WorkerPool:
             self._send(slot, self._open)
         log.info("aggregation worker %d started (pid %d)", index, proc.pid)
         return slot
+
+    def wait_ready(self, timeout: float = READY_S) -> bool:
+        """Until every worker has built its strategy (imports included: seconds), so the
+        first round's uploads do not queue behind them; False after ``timeout``."""
+        end = time.monotonic() + timeout
+        with self._lock:
+            while not all(s.ready or s.dead for s in self._slots):
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(min(left, 0.2))
+            return True
 
     def close(self) -> None:
         with self._lock:
@@ -341,7 +355,11 @@ class WorkerPool:
         op = header.get("op")
         now = time.monotonic()
         self._dead_in_a_row = 0
-        if op == "batch":
+        if op == "ready":
+            with self._lock:
+                slot.ready = True
+                self._lock.notify_all()
+        elif op == "batch":
             with self._lock:
                 jobs = [slot.jobs.pop(int(i)) for i in header["ids"] if int(i) in slot.jobs]
                 slot.answered_at = now
@@ -404,7 +422,9 @@ def worker_main(conn: Connection, cfg: CoordinatorConfig, index: int, tag: str) 
     from fedcoe_edge.strategies import make_strategy
 
     strategy = make_strategy(cfg.federation.algorithm, cfg.model, cfg.train, cfg.federation.seed)
-    _Worker(conn, cfg, strategy, index, tag).serve()
+    worker = _Worker(conn, cfg, strategy, index, tag)
+    worker.reply({"op": "ready"})
+    worker.serve()
 
 
 class _Worker:
