@@ -1084,7 +1084,9 @@ class Coordinator:
                 self.store.flush_later()
                 return
             batch = [first]
-            end = time.monotonic() + window
+            # a worker's batch is one already (coordinator/workers.py): committed at once,
+            # with whatever else is queued, since its worker waits for the verdict
+            end = time.monotonic() + (0.0 if isinstance(first, WorkerBatch) else window)
             stop = False
             while len(batch) < PERSIST_BATCH_MAX:
                 try:
@@ -1101,7 +1103,8 @@ class Coordinator:
             finally:
                 for _ in batch:
                     self._persist_q.task_done()
-            window = max(PERSIST_BATCH_S, PERSIST_WRITE_FACTOR * (time.monotonic() - t0))
+            if not isinstance(first, WorkerBatch):
+                window = max(PERSIST_BATCH_S, PERSIST_WRITE_FACTOR * (time.monotonic() - t0))
             if stop:
                 self._persist_q.task_done()
                 self.store.flush_later()
