@@ -123,11 +123,7 @@ UPLOAD_IDLE_S = 120.0
 UPLOAD_STALL_S = 30.0
 # Persistence (docs/daemons.md, "Scale"): accepted updates are written by one thread in
 # batches (one sync per batch), each ACKed only once its batch is durable.
-PERSIST_BATCH_S = 0.02  # gather a batch for at least this long after its first update ...
-# ... and this many times as long as the last batch took to write: an in-process batch
-# writes the whole partial-sum snapshot, whose per-client rows grow with the round, so a
-# fixed window made a round's snapshot writes O(N^2) (docs/daemons.md, "Scale")
-PERSIST_WRITE_FACTOR = 2.0
+PERSIST_BATCH_S = 0.02  # gather a batch for at most this long after its first update
 PERSIST_BATCH_MAX = 256
 REPLAY_PER_SENDER = 2048  # replay window per device (an honest one sends far fewer in a ttl)
 LINGER_QUIET_S = 8.0  # exit_when_done: leave once no fetch/eval came for this long (past the
@@ -1072,7 +1068,6 @@ class Coordinator:
     def _persist_loop(self) -> None:
         """Write accepted updates in batches off the handler thread; each is ACKed only
         after its batch is durable (docs/design.md section 8: persist, then acknowledge)."""
-        window = PERSIST_BATCH_S
         while True:
             try:
                 first = self._persist_q.get(timeout=0.5)
@@ -1086,7 +1081,7 @@ class Coordinator:
             batch = [first]
             # a worker's batch is one already (coordinator/workers.py): committed at once,
             # with whatever else is queued, since its worker waits for the verdict
-            end = time.monotonic() + (0.0 if isinstance(first, WorkerBatch) else window)
+            end = time.monotonic() + (0.0 if isinstance(first, WorkerBatch) else PERSIST_BATCH_S)
             stop = False
             while len(batch) < PERSIST_BATCH_MAX:
                 try:
@@ -1097,14 +1092,11 @@ class Coordinator:
                     stop = True
                     break
                 batch.append(item)
-            t0 = time.monotonic()
             try:
                 self._persist_each(batch)
             finally:
                 for _ in batch:
                     self._persist_q.task_done()
-            if not isinstance(first, WorkerBatch):
-                window = max(PERSIST_BATCH_S, PERSIST_WRITE_FACTOR * (time.monotonic() - t0))
             if stop:
                 self._persist_q.task_done()
                 self.store.flush_later()
