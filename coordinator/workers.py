@@ -66,9 +66,10 @@ from fedcoe_edge.streaming import Partial
 log = logging.getLogger("fedcoe.coordinator")
 
 BATCH_S = 0.02  # a worker gathers checked uploads for at least this long before folding them
-# ... and for this many times as long as its last fold and snapshot took: a snapshot holds
+# ... and for this many times the CPU time its last fold and snapshot took: a snapshot holds
 # the worker's whole partial (its clients' rows grow with the round), so a fixed window
-# would make a round's snapshot writes O(N^2); this keeps them a bounded share of its time
+# would make a round's snapshot writes O(N^2); this keeps them a bounded share of its CPU.
+# CPU, not wall time: a slow fsync on a busy disk must not hold the next ACKs back as well
 BATCH_WRITE_FACTOR = 2.0
 BATCH_MAX = 256  # ... or this many (the persister's own batch bounds, coordinator/daemon.py)
 STALL_S = 60.0  # round close: a worker holding uploads with no answer for this long is killed
@@ -533,7 +534,7 @@ class _Worker:
         """Fold the checked uploads, write the snapshot, name it to the main process."""
         assert self.partial is not None
         batch, self.ready = self.ready, []
-        t0 = time.monotonic()
+        t0 = time.process_time()  # the worker is one thread: its CPU is this flush's
         try:
             for _, result in batch:
                 self.strategy.fold(self.partial, result)
@@ -546,7 +547,7 @@ class _Worker:
             self.reply({"op": "lost", "ids": [i for i, _ in batch],
                         "reason": f"folding or writing failed ({type(exc).__name__}: {str(exc)[:200]})"})
             return
-        self.window = max(BATCH_S, BATCH_WRITE_FACTOR * (time.monotonic() - t0))
+        self.window = max(BATCH_S, BATCH_WRITE_FACTOR * (time.process_time() - t0))
         ids = [i for i, _ in batch]
         self.outstanding = (self.seq, path, ids)
         self.reply({"op": "batch", "seq": self.seq, "round": self.round, "path": str(path), "ids": ids})
