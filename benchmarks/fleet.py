@@ -276,6 +276,9 @@ class FleetSpec:
     # each device its own update bytes (own seeded noise); False: one of VARIANTS shared
     # updates per task payload, built once
     distinct_updates: bool = True
+    # [federation] workers of the coordinator: aggregation worker processes (0: in-process;
+    # docs/daemons.md, "Scale"); their CPU and RSS are sampled as its children
+    workers: int = 0
 
 
 def password_of(dev: str) -> str:
@@ -746,7 +749,8 @@ def _coordinator_toml(spec: FleetSpec, port: int, state: Path, user: str = "") -
     fed = {"id": FEDERATION, "algorithm": "fedcoe", "seed": 0, "rounds": spec.rounds,
            "min_devices": spec.devices, "quorum": 1, "deadline_s": deadline,
            "state_dir": str(state), "exit_when_done": True, "chunk_size": spec.chunk_size,
-           "window": 16, **({"shards": spec.shards} if spec.shards else {})}
+           "window": 16, **({"shards": spec.shards} if spec.shards else {}),
+           **({"workers": spec.workers} if spec.workers else {})}
     return "\n".join([table("federation", fed),
                       table("broker", {"host": "127.0.0.1", "port": port,
                                        **({"username": user, "password": password_of(user)}
@@ -765,6 +769,17 @@ class _Sample:
     gen_cpu: float
     shard_cpu: tuple[float, ...] = ()
     shard_rss: tuple[int, ...] = ()
+    workers_cpu: float = 0.0  # the coordinator's aggregation worker processes, together
+    workers_rss: int = 0
+
+
+def _children(p: Any) -> tuple[float, int]:
+    """CPU-s and RSS of a process's live children (a coordinator's aggregation workers)."""
+    try:
+        kids = p.children(recursive=True)
+    except Exception:  # noqa: BLE001 - gone
+        return 0.0, 0
+    return sum(c for c in (_cpu(k) for k in kids) if not math.isnan(c)), sum(_rss(k) for k in kids)
 
 
 def _cpu(p: Any) -> float:
@@ -890,7 +905,8 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
 
         def snap(gen: float) -> _Sample:
             return _Sample(time.time(), _cpu(cp), _rss(cp), _cpu(bp), _rss(bp), gen,
-                           tuple(_cpu(x) for x in sps), tuple(_rss(x) for x in sps))
+                           tuple(_cpu(x) for x in sps), tuple(_rss(x) for x in sps),
+                           *_children(cp))
         bp = psutil.Process(broker._proc.pid)  # type: ignore[union-attr]
         ctx = mp.get_context("spawn")
         stop_event = ctx.Event()
@@ -1100,6 +1116,8 @@ def _summarise(spec: FleetSpec, rows: list[dict[str, Any]], opened: dict[int, tu
             "tasks_received": len(task_times),
             "coord_cpu_s": _delta(ws, "coord_cpu"),
             "coord_peak_rss_mb": max((s.coord_rss for s in ws), default=0) / 2**20,
+            "workers_cpu_s": _delta(ws, "workers_cpu"),
+            "coord_workers_peak_rss_mb": max((s.coord_rss + s.workers_rss for s in ws), default=0) / 2**20,
             "broker_cpu_s": _delta(ws, "broker_cpu"),
             "broker_peak_rss_mb": max((s.broker_rss for s in ws), default=0) / 2**20,
             "generator_cpu_s": _delta(ws, "gen_cpu"),
@@ -1160,6 +1178,9 @@ def run_summary(run: dict[str, Any]) -> dict[str, Any]:
         "round_s_max": max((r["wall_s"] or math.nan for r in rows), default=math.nan),
         "last_task_s": _mean([r["last_task_s"] for r in rows]),
         "coord_cpu_s": _mean([r["coord_cpu_s"] for r in rows]),
+        "workers_cpu_s": _mean([r.get("workers_cpu_s", 0.0) for r in rows]),
+        "coord_workers_peak_rss_mb": max((r.get("coord_workers_peak_rss_mb", 0.0) for r in rows),
+                                         default=math.nan),
         "coord_peak_rss_mb": run.get("coordinator_peak_rss_mb", math.nan),
         "coord_growth_mb": run.get("coordinator_peak_rss_mb", math.nan)
         - run.get("coordinator_idle_rss_mb", math.nan),
@@ -1429,6 +1450,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-json", type=Path, default=PROFILE_JSON,
                    help="where --profile keeps its figures, and what fleet.md's \"Coordinator "
                         "CPU profile\" section is rendered from")
+    p.add_argument("--workers", type=int, default=0,
+                   help="the coordinator's [federation] workers: aggregation worker processes "
+                        "(0: in-process)")
     p.add_argument("--broker", choices=["deploy", "open"], default="deploy",
                    help="deploy (default): the deploy template's broker (per-client passwords, "
                         "ACL, use_username_as_clientid, persistence); open: anonymous, no ACL, "
@@ -1486,7 +1510,7 @@ def main(argv: list[str] | None = None) -> int:
                          profile=bool(args.profile), deadline_s=args.deadline_s,
                          broker=args.broker, heartbeat_s=args.heartbeat_s,
                          keepalive_s=args.keepalive_s, agent_session=not args.clean_sessions,
-                         distinct_updates=not args.shared_updates,
+                         distinct_updates=not args.shared_updates, workers=args.workers,
                          workdir=str(args.workdir / name) if args.workdir else "")
         log.info("fleet: %d devices, %d rounds, model %s, %s", n, args.rounds, args.model,
                  f"leader + {shards} shard(s)" if shards else "one coordinator")
@@ -1504,6 +1528,10 @@ def main(argv: list[str] | None = None) -> int:
             log.info("fleet %d: rounds %s, round %.1fs, coord CPU %.1fs/round, peak RSS %.0f MB, "
                      "drops %s, final %s", n, s["rounds"], s["round_s"], s["coord_cpu_s"],
                      s["coord_peak_rss_mb"], s["drops"], s["final"])
+            if args.workers:
+                log.info("fleet %d: %d aggregation worker(s) CPU %.1fs/round; coordinator + "
+                         "workers peak RSS %.0f MB", n, args.workers, s["workers_cpu_s"],
+                         s["coord_workers_peak_rss_mb"])
             if shards:
                 sh = sharded_summary(run)
                 log.info("fleet %d, %d shards: leader CPU %.2fs/round, shards %s CPU-s/round", n,

@@ -44,6 +44,7 @@ from fedcoe_edge.wire import (
 # How often a running coordinator looks at its config file's allowed_devices (`fedcoe
 # devices add|remove` rewrites it; docs/daemons.md, "Adding and removing devices").
 DEVICES_RELOAD_S = 1.0
+MAX_WORKERS = 64  # [federation] workers: aggregation worker processes (docs/daemons.md, "Scale")
 
 
 @dataclass
@@ -76,6 +77,10 @@ class FederationSettings:
     # aggregation past one machine (docs/daemons.md, "Past one machine"): 1 = one coordinator;
     # S > 1 = one leader (`--role leader`) and S shard aggregators (`--role shard --shard-index i`)
     shards: int = 1
+    # aggregation worker processes (docs/daemons.md, "Scale"): 0 = uploads are checked and
+    # folded in the coordinator's own process; N >= 1 = in N worker processes
+    # (coordinator/workers.py), the main process routing messages and owning the rounds
+    workers: int = 0
 
 
 class Role(str, Enum):
@@ -195,6 +200,11 @@ class CoordinatorConfig:
         if f.shards > 1 and f.aggregation != "stream":
             raise ConfigError(f"{w} shards = {f.shards} needs aggregation = \"stream\" (shards send "
                               "partial sums to the leader), got {f.aggregation!r}")
+        if isinstance(f.workers, bool) or not 0 <= f.workers <= MAX_WORKERS:
+            raise ConfigError(f"{w} workers must be in 0..{MAX_WORKERS} (0: in-process), got {f.workers}")
+        if f.workers and f.aggregation != "stream":
+            raise ConfigError(f"{w} workers = {f.workers} needs aggregation = \"stream\" (workers "
+                              f"hold partial sums), got {f.aggregation!r}")
         self.broker.validate(f"{self.source}: [broker]")
         check_http(self.metrics, self.dashboard, self.source)
         if f.shards == 1:  # a sharded config's identity depends on the role: check_role checks it

@@ -48,6 +48,7 @@ from coordinator.engine import (
 )
 from coordinator.limits import RateLimiter, RefusalLog
 from coordinator.store import Store
+from coordinator.workers import READY_S, Job, PoolHandler, WorkerBatch, WorkerPool
 from fedcoe_edge import protocol as P
 from fedcoe_edge.errors import ConfigError, FedCoEError, ValidationError, WireError
 from fedcoe_edge.messages import (
@@ -189,7 +190,10 @@ class Coordinator:
                                         idle_s=UPLOAD_IDLE_S, stall_s=UPLOAD_STALL_S)
         self._task_xfer: dict[str, str] = {}  # device -> this round's task transfer
         self._accepted_xfers: dict[tuple[str, str], int] = {}  # -> round; pruned at close
-        self._persist_q: queue.Queue[Accepted | EvalReport | None] = queue.Queue()
+        self._persist_q: queue.Queue[Accepted | EvalReport | WorkerBatch | None] = queue.Queue()
+        # aggregation worker processes ([federation] workers; docs/daemons.md, "Scale"):
+        # None = uploads are checked and folded in this process
+        self._workers: WorkerPool | None = None
         self._evals_logged: set[tuple[str, int, str]] = set()  # one log line per evaluation
         # (device, purpose, round, version, experts) -> the download answering that FETCH
         self._fetch_out: dict[tuple[str, str, int, int, tuple[int, ...]], str] = {}
@@ -421,6 +425,15 @@ class Coordinator:
         self.http.start()
         self.engine.load_eval()
         self.engine.resume()
+        if self.fed.workers:
+            self._workers = WorkerPool(self.cfg, self.fed.workers, PoolHandler(
+                self._worker_batch, self._worker_refused, self._worker_lost))
+            self._workers.start()
+            if not self._workers.wait_ready():
+                log.warning("aggregation workers not ready after %.0fs; going on (uploads wait "
+                            "for them)", READY_S)
+            if self.round_open:
+                self._open_workers()
         will = Will(self.topics.coord_status(), P.presence_payload("offline"), 1, True)
         birth = Will(self.topics.coord_status(), P.presence_payload("online"), 1, True)
         self.transport = self._factory(self.me, will, birth)
@@ -460,6 +473,8 @@ class Coordinator:
         pump = getattr(self, "_pump_thread", None)
         if pump is not None and pump.is_alive() and pump is not threading.current_thread():
             pump.join(timeout=30)
+        if self._workers is not None:
+            self._workers.close()
         thread = getattr(self, "_persist_thread", None)
         if thread is not None and thread.is_alive():
             self._persist_q.put(None)
@@ -531,6 +546,7 @@ class Coordinator:
         with self._lock:
             rnd = self.round + 1
             tasks = self.engine.open_round(rnd, self._plan_round(rnd))
+            self._open_workers()
         shown = ",".join(sorted(self.tasks)[:20]) + (",..." if len(tasks) > 20 else "")
         log.info("round %d open: %d device(s) selected %s, deadline %.0fs", rnd, len(tasks),
                  shown, self.fed.deadline_s)
@@ -625,7 +641,11 @@ class Coordinator:
     def _close_round(self) -> None:
         with self._lock:
             self.engine.closing = True  # no more updates are queued for persistence ...
+        if self._workers is not None:  # ... every upload handed to a worker is answered ...
+            self._workers.drain(self._stop)
         self._persist_q.join()  # ... and the queued ones are durable and ACKed
+        if self._workers is not None:  # the workers' committed partial sums join the round
+            self.engine.merge_partials(self._workers.committed_paths())
         self.store.flush_later()
         self._before_aggregate()
         with self._lock:
@@ -1019,6 +1039,13 @@ class Coordinator:
             if task is None:
                 self.reject(dev, rnd, why or "update refused", xfer=xid)
                 return False
+            job = (None if self._workers is None else
+                   self._workers.reserve(dev, rnd, xid, up.body, len(data), list(task.expert_ids)))
+        if job is not None and self._workers is not None:
+            # checked and folded in a worker process; answered by _worker_batch (ACKed once
+            # durable), _worker_refused or _worker_lost (coordinator/workers.py)
+            self._workers.submit(job, data)
+            return True
         try:  # the expensive part runs without the lock: other handlers and the pump go on
             result = self.engine.check_update(dev, rnd, task, up.body, manifest, data)
         except (FedCoEError, ArithmeticError, ValueError, KeyError, TypeError) as exc:
@@ -1052,7 +1079,9 @@ class Coordinator:
                 self.store.flush_later()
                 return
             batch = [first]
-            end = time.monotonic() + PERSIST_BATCH_S
+            # a worker's batch is one already (coordinator/workers.py): committed at once,
+            # with whatever else is queued, since its worker waits for the verdict
+            end = time.monotonic() + (0.0 if isinstance(first, WorkerBatch) else PERSIST_BATCH_S)
             stop = False
             while len(batch) < PERSIST_BATCH_MAX:
                 try:
@@ -1073,10 +1102,19 @@ class Coordinator:
                 self.store.flush_later()
                 return
 
-    def _persist_each(self, batch: list[Accepted | EvalReport]) -> None:
+    def _persist_each(self, items: list[Accepted | EvalReport | WorkerBatch]) -> None:
         """Persist a batch; if it fails, each member alone, so one member that cannot be
         written (a value the checks let through, a file that fails) never costs the others
-        their update: only what fails on its own is dropped (and its device re-sends)."""
+        their update: only what fails on its own is dropped (and its device re-sends). A
+        worker's batch is one snapshot, committed or dropped as a whole."""
+        batch: list[Accepted | EvalReport] = []
+        for item in items:
+            if isinstance(item, WorkerBatch):
+                self._persist_worker(item)
+            else:
+                batch.append(item)
+        if not batch:
+            return
         try:
             self._persist(batch)
             return
@@ -1133,8 +1171,12 @@ class Coordinator:
         evals = [e for e in items if isinstance(e, EvalReport)]
         batch = [a for a in items if isinstance(a, Accepted)]
         self.engine.record(items, counted=self._count_accepted)
+        self._ack_accepted(batch)
+        self._ack_evals(evals)
+
+    def _ack_accepted(self, batch: list[Accepted]) -> None:
+        """An update's ACCEPT and its transfer's final ACK, once it is durable."""
         if not batch:
-            self._ack_evals(evals)
             return
         for a in batch:
             log.info("accepted device=%s round=%d bytes=%d (%s)", a.device, a.round, a.nbytes,
@@ -1143,8 +1185,63 @@ class Coordinator:
                 self._send(a.device, P.ACCEPT, {"xfer": a.xfer}, a.round)
             with contextlib.suppress(FedCoEError):
                 self._receiver(a.device).ack(a.xfer)
-        self._ack_evals(evals)
         self._wake.set()
+
+    # ------------------------------------------------------------------ aggregation workers
+    def _open_workers(self) -> None:
+        """The workers start the open round from the server state before it."""
+        if self._workers is not None:
+            s = self.strategy
+            self._workers.open(self.round, s.global_state, s.version, s.checkpoint_extra())
+
+    def _persist_worker(self, wb: WorkerBatch) -> None:
+        """A worker's folded batch: its rows (each naming the worker's snapshot) in one
+        SQLite transaction, then the worker is told it is committed, then the ACKs. A batch
+        that cannot be written is dropped whole: the worker goes back to its last committed
+        snapshot and the devices announce their updates again."""
+        items = [Accepted(j.device, j.round,
+                          ClientResult(j.device, j.round, j.body.num_samples, {},
+                                       None if j.body.affinity is None else list(j.body.affinity),
+                                       j.body.metrics_dict()),
+                          j.nbytes, j.xfer, j.body.manifest.encoding, snapshot=wb.path)
+                 for j in wb.jobs]
+        assert self._workers is not None
+        try:
+            self.engine.record(items, counted=self._count_accepted)
+        except Exception as exc:  # disk full, I/O error: none of the batch counts
+            log.error("persisting a worker batch of %d failed (%s: %s); none acknowledged",
+                      len(items), type(exc).__name__, str(exc)[:200])
+            self._workers.commit(wb, ok=False)
+            self._worker_lost(wb.jobs, "its batch could not be persisted")
+            return
+        self._workers.commit(wb, ok=True)
+        self._ack_accepted(items)
+
+    def _worker_batch(self, wb: WorkerBatch) -> None:
+        self._persist_q.put(wb)
+
+    def _worker_refused(self, job: Job, reason: str) -> None:
+        """A worker refused an upload (the checks of :meth:`RoundEngine.check_update`): the
+        same refusal, failure and ACK as in-process."""
+        if self.engine.fail(job.device, job.round, f"update rejected: {reason}"):
+            self.reject(job.device, job.round, reason, xfer=job.xfer)
+            self._wake.set()
+        with contextlib.suppress(FedCoEError):
+            self._receiver(job.device).ack(job.xfer)
+
+    def _worker_lost(self, jobs: list[Job], reason: str) -> None:
+        """Uploads a worker gave up (it died, or their batch was not persisted): the claims
+        are released and the transfers forgotten, so each device's next chunk or re-sent
+        announce starts its update over (docs/protocol.md, "6. Idempotency")."""
+        with self._lock:
+            for j in jobs:
+                self.engine.release(j.device)
+                self._drop_upload(j.device, j.xfer)
+        for j in jobs:
+            log.warning("update of %s round %d given up (%s); the device sends it again",
+                        j.device, j.round, reason)
+            with contextlib.suppress(FedCoEError):
+                self._receiver(j.device).forget(j.xfer)
 
     def _count_accepted(self, batch: list[Accepted]) -> None:
         """With the results (engine lock held): a late re-announce of one of these

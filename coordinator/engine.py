@@ -64,6 +64,9 @@ class Accepted:
     nbytes: int
     xfer: str
     encoding: str
+    # set when an aggregation worker already folded it: the worker's durable partial-sum
+    # snapshot holding it (coordinator/workers.py); None: the engine folds it in record()
+    snapshot: Path | None = None
 
 
 @dataclass
@@ -115,6 +118,26 @@ def write_checkpoint(folder: Path, s: Strategy, fed: FederationSettings, rnd: in
     for old in folder.glob("global-v*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
+
+
+def check_upload(cfg: CoordinatorConfig, dev: str, rnd: int, sent: dict[str, np.ndarray],
+                 encoding: str, data: bytes, num_samples: int,
+                 affinity: list[float] | None, metrics: dict[str, float]) -> ClientResult:
+    """An upload decoded and checked against the exact parameters ``sent`` to its device:
+    int8 delta decompressed, then keys, shapes, dtypes, finiteness and the norm bound
+    (``validate_change``), then the affinity's length; ValidationError names the defect.
+    The one check of both paths: the handler thread's (:meth:`RoundEngine.check_update`)
+    and an aggregation worker's (coordinator/workers.py), so nothing is folded anywhere
+    before it passed (docs/daemons.md, "Scale")."""
+    payload = decode_tensors(data)
+    params = decompress_delta(payload, sent) if encoding == P.ENCODING_DELTA else payload
+    validate_change(params, sent, cfg.federation.norm_bound)
+    # num_samples, affinity and metrics were typed, finite and in range (Result.from_wire)
+    if affinity is not None:
+        k = cfg.model.num_global_experts
+        if len(affinity) != k:
+            raise ValidationError(f"affinity must be {k} finite non-negative numbers")
+    return ClientResult(dev, rnd, num_samples, params, affinity, metrics)
 
 
 def _load_partial(path: Path) -> Partial:
@@ -229,20 +252,9 @@ class RoundEngine:
         """Decode and check an upload (docs/design.md, section 8): keys, shapes, dtypes,
         finiteness, the norm bound on the change made; ValidationError names the defect.
         Needs no lock (it reads only the task)."""
-        payload = decode_tensors(data)
-        if manifest.encoding == P.ENCODING_DELTA:
-            params = decompress_delta(payload, task.params)
-        else:
-            params = payload
-        validate_change(params, task.params, self.fed.norm_bound)
-        # num_samples, affinity and metrics were typed, finite and in range (Result.from_wire)
-        n = body.num_samples
         aff = None if body.affinity is None else list(body.affinity)
-        if aff is not None:
-            k = self.cfg.model.num_global_experts
-            if len(aff) != k:
-                raise ValidationError(f"affinity must be {k} finite non-negative numbers")
-        return ClientResult(dev, rnd, n, params, aff, body.metrics_dict())
+        return check_upload(self.cfg, dev, rnd, task.params, manifest.encoding, data,
+                            body.num_samples, aff, body.metrics_dict())
 
     def fail(self, dev: str, rnd: int, reason: str) -> bool:
         """Settle ``dev``'s task of round ``rnd`` as a failure (its update was refused, or it
@@ -277,18 +289,19 @@ class RoundEngine:
             return
         rnd = batch[0].round
         folder = self.state_dir / "rounds" / str(rnd)
-        paths: dict[str, Path] = {}
         seq, path = 0, folder
-        if self.partial is not None:
-            for a in batch:
+        mine = [a for a in batch if a.snapshot is None]
+        paths = {a.device: a.snapshot for a in batch if a.snapshot is not None}
+        if self.partial is not None and mine:
+            for a in mine:
                 self.strategy.fold(self.partial, a.result)
             seq = self.snapshot[0] + 1
             path = folder / f"acc-{seq:06d}.safetensors"
             arrays, meta = self.partial.to_arrays()
             save_arrays(path, arrays, meta)
-            paths = {a.device: path for a in batch}
-        else:
-            for a in batch:
+            paths.update({a.device: path for a in mine})
+        elif mine:
+            for a in mine:
                 paths[a.device] = folder / f"update_{a.device}.safetensors"
                 save_arrays(paths[a.device], a.result.params)
         with self.store.batch():
@@ -300,13 +313,13 @@ class RoundEngine:
                                       str(paths[a.device]))
                 self.store.add_traffic(rnd, a.device, "up", "train", a.nbytes)
             self.store.flush_later()
-        if self.partial is not None:
+        if self.partial is not None and mine:
             old, self.snapshot = self.snapshot[1], (seq, path)
             if old is not None:
                 old.unlink(missing_ok=True)  # the new snapshot holds everything the old one did
         with self.lock:
             for a in batch:
-                if self.partial is not None:
+                if self.partial is not None or a.snapshot is not None:
                     a.result.params = {}  # summed: the weights themselves are not kept
                 self.results[a.device] = a.result
                 self.persisting.discard(a.device)
@@ -468,8 +481,7 @@ class RoundEngine:
             if self.partial is None:
                 raise DataError(f"round {rnd} in {self.state_dir} was aggregated as a stream; "
                                 "set [federation] aggregation = \"stream\" to resume it")
-            self.partial = _load_partial(snapshots[-1])
-            self.snapshot = (int(snapshots[-1].stem.split("-")[1]), snapshots[-1])
+            self.partial, self.snapshot = self._resume_partial(rnd, snapshots)
         for u in rows:
             result = ClientResult(u["device"], rnd, int(u["num_samples"]), {},
                                   json.loads(u["affinity"]), json.loads(u["metrics"]))
@@ -482,6 +494,44 @@ class RoundEngine:
         self.settled = set(self.results)
         self.round, self.round_open = rnd, True
         self.deadline = time.monotonic() + self.fed.deadline_s
+
+    def _resume_partial(self, rnd: int, snapshots: Sequence[Path]) -> tuple[Partial, tuple[int, Path | None]]:
+        """The durable partial sums of an open round from the snapshots its update rows
+        name: the newest of each writer (``acc-<seq>`` the engine's own, ``acc-w<i>x<tag>-<seq>``
+        an aggregation worker's, coordinator/workers.py), merged. A snapshot whose clients
+        another already holds (the engine's own after a restart without workers) is skipped,
+        so nothing counts twice."""
+        newest: dict[str, tuple[int, Path]] = {}
+        for p in snapshots:
+            group, _, seq = p.stem.rpartition("-")
+            if seq.isdigit() and int(seq) >= newest.get(group, (-1, p))[0]:
+                newest[group] = (int(seq), p)
+        own = newest.get("acc")
+        if set(newest) == {"acc"} and own is not None:
+            return _load_partial(own[1]), own
+        loaded = sorted((_load_partial(p) for _, p in newest.values()), key=lambda q: -len(q.clients))
+        merged: list[Partial] = []
+        seen: set[str] = set()
+        for q in loaded:
+            if set(q.clients) <= seen:
+                continue
+            merged.append(q)
+            seen.update(q.clients)
+        try:
+            return self.strategy.merge(rnd, merged), (0, None)
+        except (KeyError, ValueError) as exc:
+            raise DataError(f"round {rnd} in {self.state_dir}: partial-sum snapshots do not "
+                            f"merge ({exc})") from None
+
+    def merge_partials(self, paths: Sequence[Path]) -> None:
+        """Round close with aggregation workers: their durable partial sums (each the
+        newest snapshot whose batch was committed) merged into the engine's, by the
+        strategy's merge step, the same one a leader runs over its shards' partials
+        (``Strategy.merge``; docs/daemons.md, "Scale")."""
+        with self.lock:
+            if self.partial is None or not paths:
+                return
+            self.partial = self.strategy.merge(self.round, [self.partial, *(_load_partial(p) for p in paths)])
 
     # ------------------------------------------------------------------ evaluation
     def load_eval(self) -> None:

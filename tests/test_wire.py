@@ -810,3 +810,21 @@ def test_depth_scan_runs_only_when_the_brackets_could_exceed_the_limit(
     assert calls == [quoted]
     with pytest.raises(WireError, match="nested 33 deep"):
         envelope_mod.parse_json(b'{"x":' + b"[" * 32 + b"]" * 32 + b"}", "t")
+
+
+@pytest.mark.parametrize("body", [{}, {"a": [1, 2]}, {"z": {"y": 1.5, "b": "é\u2028"}, "msg_id": "x", "k": None},
+                                  {"manifest": {"sha256": "ab" * 32, "expert_ids": [0, 3]}, "n": 10**15}])
+def test_an_encoded_envelope_is_the_canonical_json_of_its_fields_signed(body: dict[str, object]) -> None:
+    """encode_envelope dumps the body once and joins the fields' parts: the bytes equal
+    canonical_json of the whole envelope, with the HMAC over canonical_json of the rest."""
+    import dataclasses
+    import hashlib
+    import hmac as _hmac
+
+    from fedcoe_edge.wire.envelope import canonical_json
+
+    env = _env(body=body)
+    d = {f.name: getattr(env, f.name) for f in dataclasses.fields(env)}
+    d.pop("hmac")
+    d["hmac"] = _hmac.new(KEY, canonical_json(d), hashlib.sha256).hexdigest()
+    assert encode_envelope(env, KEY) == canonical_json(d)
