@@ -68,6 +68,10 @@ class FederationSettings:
     # every update kept until the round closes (bit-identical to `fedcoe simulate`)
     aggregation: str = "stream"
     exit_when_done: bool = False  # False: keep serving cold-start fetches after the last round
+    # each distinct download published once on the federation's shared topics, devices
+    # assembling it from there (docs/protocol.md, "Shared downloads"); false: one chunked
+    # transfer per device only
+    shared_downloads: bool = True
     allowed_devices: list[str] = field(default_factory=list)  # empty: any device with a valid key
     # class names in label order (len == model.num_classes), sent in every welcome: devices
     # map their image folders through it, so label i means the same class on every device.
@@ -188,6 +192,8 @@ class CoordinatorConfig:
             raise ConfigError(f"{w} norm_bound must be > 0")
         if f.aggregation not in ("stream", "batch"):
             raise ConfigError(f"{w} aggregation must be stream|batch, got {f.aggregation!r}")
+        if not isinstance(f.shared_downloads, bool):
+            raise ConfigError(f"{w} shared_downloads must be true or false")
         if not f.reassembly_budget_mb > 0:
             raise ConfigError(f"{w} reassembly_budget_mb must be > 0")
         if isinstance(f.shards, bool) or not 1 <= f.shards <= MAX_SHARDS:
