@@ -471,13 +471,14 @@ class Coordinator:
         if thread is not None and thread.is_alive():
             self._persist_q.put(None)
             thread.join(timeout=30)
-        if self.transport is not None:
+        t = self.transport
+        if t is not None:
             with contextlib.suppress(FedCoEError):
                 self._clear_shared(keep_version=None)
-                self.transport.publish(self.topics.coord_status(), P.presence_payload("offline"),
-                                       qos=1, retain=True)
+                t.publish(self.topics.coord_status(), P.presence_payload("offline"),
+                          qos=1, retain=True)
             time.sleep(0.2)
-            self.transport.close()
+            t.close()  # (a second close() meanwhile, e.g. run()'s own: closing twice is fine)
             self.transport = None
         self.refusals.flush(force=True)
         if self.http is not None:
