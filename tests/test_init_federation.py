@@ -231,8 +231,6 @@ def test_init_shards_writes_one_identity_per_aggregator(tmp_path: Path,
     lt = "fl/v1/fleet1/agg"
     # what every client reads, granted per user (a pattern without %u/%c makes Mosquitto warn)
     reads = ["topic read fl/v1/+/bc/#", "topic read fl/v1/+/coord/status"]
-    from fedcoe_edge.sharding import shard_federation, shard_of
-
     for dev in names:
         # plus the shared downloads of the device's own shard's federation id, no other
         home = shard_federation("fleet1", shard_of(dev, 2), 2)
