@@ -144,12 +144,22 @@ def _run(root: Path, factory: Any, devices: int) -> EmbeddedFederation:
 
 
 @pytest.mark.slow
-def test_devices_of_one_expert_set_share_one_published_payload(tmp_path: Path,
-                                                               make_mosquitto: Any) -> None:
+def test_devices_of_one_expert_set_share_one_published_payload(
+        tmp_path: Path, make_mosquitto: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from coordinator.config import FederationSettings
+    from coordinator.daemon import Coordinator
+
+    shares: list[tuple[str, str]] = []  # (purpose, shared id) of every download sent
+    share = Coordinator._share
+
+    def recording(self: Coordinator, data: bytes, base: TransferManifest,
+                  purpose: str) -> dict[str, Any] | None:
+        shares.append((purpose, shared_id(base.sha256)))
+        return share(self, data, base, purpose)
+
+    monkeypatch.setattr(Coordinator, "_share", recording)
     broker = make_mosquitto()
     seen: list[tuple[str, int, bool]] = []
-    from coordinator.config import FederationSettings
-
     factory = _counting(mqtt_factory(BrokerSettings(port=broker.port)),
                         FederationSettings.coordinator_id, seen)
     fed = _run(tmp_path, factory, devices=4)
@@ -165,20 +175,20 @@ def test_devices_of_one_expert_set_share_one_published_payload(tmp_path: Path,
     # every task (and every final refresh) was assembled from the shared copy ...
     assert [a.shared_downloads for a in agents] == [2, 2, 2, 2]
     assert [list(a.shared_fallbacks) for a in agents] == [[]] * 4
-    # ... the coordinator published one retained copy per distinct payload: round 1's
-    # tasks (one per expert set, before the round closed and cleared them), then the final
-    # version's refreshes; not one chunk on a device's own blob topic
-    shared = [(t.rsplit("/", 2)[1], n) for t, n, r in seen if "/shared/" in t and r]
-    first_clear = next(i for i, (_, n) in enumerate(shared) if n == 0)
-    task_copies = {sid for sid, _ in shared[:first_clear]}
-    assert len(sets) < 4  # the strategy gave at least two devices the same experts
-    assert len(task_copies) == len(sets)
-    published = {sid for sid, n in shared if n}
-    assert len(published - task_copies) <= 4  # at most one refresh payload per device
+    # ... round 1's four tasks named one copy per expert set, fewer than the devices ...
+    tasks = [sid for purpose, sid in shares if purpose == "train"]
+    assert len(tasks) == 4 and len(sets) < 4  # at least two devices got the same experts
+    assert len(set(tasks)) == len(sets)
+    # ... each copy was published once (its first chunk one retained message), whatever the
+    # number of devices sent it, and not one chunk went to a device's own blob topic
+    firsts = [t.rsplit("/", 2)[1] for t, n, r in seen if "/shared/" in t and r and n
+              and t.endswith("/0")]
+    assert sorted(firsts) == sorted({sid for _, sid in shares})
     assert not [t for t, _, _ in seen if "/blob/" in t]
-    # the version closed: its copies were cleared (empty retained), the coordinator's exit
-    # cleared the rest
-    assert {sid for sid, n in shared if not n} == published
+    # superseded and, at the coordinator's exit, the remaining copies were cleared (empty
+    # retained messages)
+    assert {t.rsplit("/", 2)[1] for t, n, r in seen if "/shared/" in t and r and not n} \
+        == set(firsts)
 
 
 @pytest.mark.slow
