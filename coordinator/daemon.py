@@ -203,9 +203,9 @@ class Coordinator:
                              tuple[bytes, TransferManifest]] = {}
         self._last_request = 0.0  # monotonic time of the last fetch or eval
         self._trunk: tuple[bytes, TransferManifest] | None = None  # the file devices fetch
-        # shared downloads published (docs/protocol.md, "Shared downloads"): id -> (ref, the
-        # version it belongs to or None for the trunk, monotonic time published)
-        self._shared: dict[str, tuple[SharedRef, int | None, float]] = {}
+        # shared downloads published (docs/protocol.md, "Shared downloads"): (id, the version
+        # it belongs to or None for the trunk) -> (ref, monotonic time published)
+        self._shared: dict[tuple[str, int | None], tuple[SharedRef, float]] = {}
         self._shared_lock = threading.Lock()  # one publisher of a payload at a time
         self._hb_replay = ReplayCache(per_sender=64)
         self.refusals = RefusalLog(self.store, log, retention=EVENT_RETENTION)
@@ -636,8 +636,8 @@ class Coordinator:
         version = None if purpose == "trunk" else base.base_version
         now = time.monotonic()
         with self._shared_lock:
-            got = self._shared.get(sid)
-            if got is not None and now - got[2] < SHARED_EXPIRY_S / 2:
+            got = self._shared.get((sid, version))
+            if got is not None and now - got[1] < SHARED_EXPIRY_S / 2:
                 return got[0].to_wire()
             try:
                 ref = publish_shared(self.transport, self.topics, data, base.sha256,
@@ -645,7 +645,7 @@ class Coordinator:
             except FedCoEError as exc:  # devices get the per-device transfer instead
                 log.warning("shared download %s not published: %s", sid, exc)
                 return None
-            self._shared[sid] = (ref, version, now)
+            self._shared[(sid, version)] = (ref, now)
         log.info("shared download %s published: %d bytes in %d retained chunk(s), version %s",
                  sid, len(data), ref.chunk_count, "trunk" if version is None else version)
         return ref.to_wire()
@@ -658,9 +658,13 @@ class Coordinator:
         if self.transport is None:
             return
         with self._shared_lock:
-            gone = [sid for sid, (_, v, _) in self._shared.items()
-                    if keep_version is None or (v is not None and v != keep_version)]
-            refs = [self._shared.pop(sid)[0] for sid in gone]
+            gone = [k for k in self._shared
+                    if keep_version is None or (k[1] is not None and k[1] != keep_version)]
+            popped = [(k[0], self._shared.pop(k)[0]) for k in gone]
+            # the same bytes may be a current payload too (a version that changed nothing of
+            # them, the trunk): their retained copy stays
+            live = {sid for sid, _ in self._shared}
+            refs = [ref for sid, ref in popped if sid not in live]
         for ref in refs:
             with contextlib.suppress(FedCoEError):
                 clear_shared(self.transport, self.topics, ref)
@@ -1446,7 +1450,7 @@ class Coordinator:
             tick = 0.05 if room <= 0 else 0.25  # chunks held back: look again sooner
             version = self.strategy.version
             with self._shared_lock:
-                stale = any(v is not None and v != version for _, v, _ in self._shared.values())
+                stale = any(v is not None and v != version for _, v in self._shared)
             if stale:  # a round closed (or a new version came): its payloads are superseded
                 self._clear_shared(keep_version=version)
             self._expire_uploads()

@@ -277,3 +277,39 @@ def test_the_acl_keeps_another_federation_s_shared_copies_from_a_device(
         dev.close()
         coord.close()
     assert got == [Topics("fa").shared_chunk(shared_id(SHA), 0)]
+
+
+def test_the_coordinator_publishes_once_and_clears_superseded_versions(tmp_path: Path) -> None:
+    """``Coordinator._share`` / ``_clear_shared`` on a memory broker: a payload sent to many
+    devices is published once; when the version moves on, the older version's copies are
+    emptied, except bytes that are also a current payload (here: the trunk file's)."""
+    from coordinator.daemon import Coordinator
+
+    broker = MemoryBroker()
+
+    def factory(cid: str, will: Any, birth: Any) -> Any:
+        return broker.client(cid, will=will, birth=birth)
+
+    fed = EmbeddedFederation(tmp_path, factory, devices=2, **small())
+    c = Coordinator(fed.coordinator_config(), factory)
+    c.transport = MemoryTransport(broker, c.me)
+    c.transport.connect()
+    topics = c.topics
+    other = PAYLOAD[::-1]
+    m_old = TransferManifest.for_payload(PAYLOAD, expert_ids=[0], base_version=3)
+    m_new = TransferManifest.for_payload(other, expert_ids=[0], base_version=4)
+    m_trunk = TransferManifest.for_payload(PAYLOAD, expert_ids=[], base_version=0)
+    published = broker.stats.published
+    refs = [c._share(PAYLOAD, m_old, "train") for _ in range(5)]  # five devices, one copy
+    assert refs[0] is not None and all(r == refs[0] for r in refs)
+    n = refs[0]["chunk_count"]
+    assert broker.stats.published - published == n
+    assert c._share(PAYLOAD, m_trunk, "trunk") == refs[0]  # same bytes: same id ...
+    assert broker.stats.published - published == 2 * n  # ... kept under its own entry
+    c._share(other, m_new, "refresh")
+    c._clear_shared(keep_version=4)  # version 3 superseded: its copy is also the trunk's
+    assert broker.retained(topics.shared_chunk(shared_id(m_old.sha256), 0)) is not None
+    c._clear_shared(keep_version=None)  # the coordinator leaves: everything goes
+    for m in (m_old, m_new):
+        assert broker.retained(topics.shared_chunk(shared_id(m.sha256), 0)) is None
+    c.store.close()
