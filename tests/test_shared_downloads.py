@@ -313,3 +313,38 @@ def test_the_coordinator_publishes_once_and_clears_superseded_versions(tmp_path:
     for m in (m_old, m_new):
         assert broker.retained(topics.shared_chunk(shared_id(m.sha256), 0)) is None
     c.store.close()
+
+
+@pytest.mark.slow
+def test_a_missing_shared_copy_times_out_to_the_per_device_transfer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The envelope names a shared copy the broker never got (expired, cleared, refused by
+    an ACL): after SHARED_IDLE_S without a chunk the agent logs why and takes its
+    per-device transfer; the round completes (memory broker, idle limit shortened)."""
+    import coordinator.daemon as daemon
+    import device_agent.daemon as agent_daemon
+
+    def nothing(transport: Any, topics: Topics, data: bytes, sha256: str, chunk_size: int,
+                **kw: Any) -> SharedRef:
+        return SharedRef(shared_id(sha256), len(data) or 1, 1)  # announced, never published
+
+    monkeypatch.setattr(daemon, "publish_shared", nothing)
+    monkeypatch.setattr(agent_daemon, "SHARED_IDLE_S", 0.5)
+    broker = MemoryBroker()
+
+    def factory(cid: str, will: Any, birth: Any) -> Any:
+        return broker.client(cid, will=will, birth=birth)
+
+    fed = _run(tmp_path, factory, devices=2)
+    try:
+        c = fed.coordinator
+        assert c is not None
+        row = c.store.round_summary(1)
+        agents = list(fed.agents.values())
+    finally:
+        fed.stop()
+    assert row["accepted"] == 2
+    assert [a.shared_downloads for a in agents] == [0, 0]
+    for a in agents:
+        assert a.shared_fallbacks and all("no new chunk for 0.5 s, 0 of 1 received" in r
+                                          for r in a.shared_fallbacks)
