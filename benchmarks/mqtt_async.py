@@ -187,7 +187,10 @@ class AsyncMqttClient(asyncio.Protocol, Transport):
             self._dispatch(buf[pos] >> 4, buf[pos] & 0x0F, memoryview(buf)[body : body + length])
             pos = body + length
         if pos:
-            del buf[:pos]
+            # a new buffer, not `del buf[:pos]`: a view of the old one that a handler's frame
+            # still holds (a traceback kept alive) made the in-place resize raise BufferError
+            # and asyncio drop the connection (seen with 5,000 devices)
+            self._buf = bytearray(buf[pos:])
 
     # --- packets in ---
     def _dispatch(self, kind: int, flags: int, body: memoryview) -> None:
