@@ -55,6 +55,7 @@ except ModuleNotFoundError:  # Python 3.10
 import numpy as np
 
 from benchmarks import fleet_profile
+from coordinator.config import FederationSettings
 from device_agent.config import DeviceSettings
 from device_agent.daemon import REANNOUNCE_S, RETRY_ATTEMPTS, PendingRequest, retry_delay
 from fedcoe_edge.protocol import DEFAULT_WINDOW, BrokerSettings
@@ -113,7 +114,7 @@ def broker_limits(path: Path = DEPLOY_MOSQUITTO) -> list[str]:
 def aggregator_logins(shards: int) -> dict[str, str]:
     """Config stem -> MQTT identity (= broker username) of each coordinator process
     (``coordinator.config.mqtt_identity``): ``coordinator``, or ``leader`` and ``shard-<i>``."""
-    from coordinator.config import FederationSettings, Role, mqtt_identity
+    from coordinator.config import Role, mqtt_identity
 
     fed = FederationSettings(id=FEDERATION, shards=max(1, shards))
     if not shards:
@@ -180,8 +181,16 @@ def acl_from_template(ids: list[str], shards: int, template: Path = DEPLOY_ACL) 
                 rules.append(t)
             out += ["", f"user {logins[f'shard-{i}']}", *rules]
     out += ["", *patterns, ""]
+    from fedcoe_edge.sharding import shard_of
+
     for dev in ids:
-        out += [f"user {dev}", *(t.replace(device_user, dev) for t in active[device_user])]
+        # the template's device entry names federation fleet1 for its shared downloads:
+        # each device reads its own federation's (its shard's) only
+        home = (FEDERATION if not shards
+                else shard_federation(FEDERATION, shard_of(dev, shards), shards))
+        out += [f"user {dev}", *(t.replace(device_user, dev).replace("fl/v1/fleet1/",
+                                                                      f"fl/v1/{home}/")
+                                 for t in active[device_user])]
     return "\n".join(out) + "\n"
 
 
@@ -279,6 +288,9 @@ class FleetSpec:
     # [federation] workers of the coordinator: aggregation worker processes (0: in-process;
     # docs/daemons.md, "Scale"); their CPU and RSS are sampled as its children
     workers: int = 0
+    # the coordinator's [federation] shared_downloads: True / False written into its config;
+    # None leaves the daemon's default (docs/protocol.md, "Shared downloads")
+    shared_downloads: bool | None = None
 
 
 def password_of(dev: str) -> str:
@@ -333,6 +345,13 @@ class SimDevice:
         self.heartbeats = 0
         self.task_chunks = 0
         self.update_chunks = 0
+        # shared downloads, as the agent assembles them (device_agent/daemon.py,
+        # DeviceAgent._shared_start): transfer id -> reassembly, shared id -> transfer ids
+        self.shared_dl: dict[str, Any] = {}
+        self.shared_sub: dict[str, set[str]] = {}
+        self.shared_failed: set[str] = set()
+        self.shared_done = 0
+        self.shared_fallbacks: list[str] = []
 
     def reconnectable(self) -> Any:
         """A fresh client with this device's will, birth and subscriptions (and messenger)."""
@@ -435,6 +454,8 @@ class SimDevice:
                     req.due = time.monotonic() + 60.0  # the download is under way
             self.pending[manifest.transfer_id] = {"kind": env.type, "round": env.round,
                                                   "expert_ids": b.get("expert_ids", [])}
+            if b.get("shared") is not None and self._shared_start(manifest, b["shared"]):
+                return
             self.receiver.expect(manifest)
             self.receiver.nudge(manifest.transfer_id)
         elif env.type in (XFER_PROGRESS, XFER_DONE):
@@ -462,6 +483,72 @@ class SimDevice:
             if env.round >= self.rounds:
                 self.eval_acked = True
 
+    # --- shared downloads (the agent's, device_agent/daemon.py) ---
+    def _shared_start(self, manifest: Any, shared: Any) -> bool:
+        """Assemble from the federation's shared copy: subscribe, reassemble, check the
+        sha256 of the signed manifest; False: the per-device transfer."""
+        from fedcoe_edge.errors import FedCoEError
+        from fedcoe_edge.messages import SharedRef
+        from fedcoe_edge.transport.shared import SharedDownload
+
+        xid = manifest.transfer_id
+        if self.receiver.completed(xid) or self.receiver.is_open(xid) or xid in self.shared_failed:
+            return False
+        if xid in self.shared_dl:
+            return True
+        try:
+            dl = SharedDownload(SharedRef.from_wire(shared), manifest)
+        except FedCoEError as exc:
+            self.shared_failed.add(xid)
+            self.shared_fallbacks.append(str(exc)[:200])
+            return False
+        self.shared_dl[xid] = dl
+        self.fleet.active.add(self)
+        users = self.shared_sub.setdefault(dl.ref.id, set())
+        if not users:
+            self.client.subscribe(self.topics.shared_filter(dl.ref.id), self._on_shared)
+        users.add(xid)
+        return True
+
+    def _shared_end(self, xid: str) -> Any:
+        dl = self.shared_dl.pop(xid, None)
+        if dl is None:
+            return None
+        users = self.shared_sub.get(dl.ref.id, set())
+        users.discard(xid)
+        if not users:
+            self.shared_sub.pop(dl.ref.id, None)
+            self.client.unsubscribe(self.topics.shared_filter(dl.ref.id))
+        return dl
+
+    def _shared_fallback(self, xid: str, reason: str) -> None:
+        dl = self._shared_end(xid)
+        if dl is None:
+            return
+        self.shared_failed.add(xid)
+        self.shared_fallbacks.append(reason[:200])
+        self.receiver.expect(dl.manifest)
+        self.receiver.nudge(xid)
+
+    def _on_shared(self, msg: Any) -> None:
+        from fedcoe_edge.errors import FedCoEError
+
+        if not msg.payload:
+            return  # a cleared copy
+        sid = msg.topic.rsplit("/", 2)[1]
+        for xid in list(self.shared_sub.get(sid, ())):
+            dl = self.shared_dl[xid]
+            try:
+                data = dl.add(msg.payload)
+            except FedCoEError as exc:
+                self._shared_fallback(xid, str(exc))
+                continue
+            if data is not None:
+                self._shared_end(xid)
+                self.shared_done += 1
+                self.receiver.adopt(dl.manifest)
+                self._downloaded(dl.manifest, data)
+
     def _on_blob(self, msg: Any) -> None:
         from fedcoe_edge.errors import FedCoEError
 
@@ -471,7 +558,9 @@ class SimDevice:
             return
         if done is None:
             return
-        manifest, data = done
+        self._downloaded(*done)
+
+    def _downloaded(self, manifest: Any, data: bytes) -> None:
         ctx = self.pending.pop(manifest.transfer_id, None)
         if ctx is None:
             return
@@ -549,6 +638,13 @@ class SimDevice:
     def tick(self, now: float) -> bool:
         """Drive re-announces, blob retransmits and request retries; False when idle."""
         busy = False
+        if self.shared_dl:
+            from fedcoe_edge.transport.shared import SHARED_IDLE_S
+
+            busy = True
+            for xid, dl in list(self.shared_dl.items()):
+                if dl.idle_s(now) > SHARED_IDLE_S:
+                    self._shared_fallback(xid, f"no new chunk for {SHARED_IDLE_S:g} s")
         up = self.upload
         if up is not None and not up.done:
             busy = True
@@ -584,7 +680,9 @@ class SimDevice:
                 "bytes_in": self.client.bytes_in, "bytes_out": self.client.bytes_out,
                 "closed": self.client.closed_reason, "update_sha": self.update_sha,
                 "heartbeats": self.heartbeats, "pings": self.client.pings,
-                "task_chunks": self.task_chunks, "update_chunks": self.update_chunks}
+                "task_chunks": self.task_chunks, "update_chunks": self.update_chunks,
+                "shared_done": self.shared_done, "shared_fallbacks": self.shared_fallbacks[:3],
+                "shared_fallback_count": len(self.shared_fallbacks)}
 
 
 class DeviceFleet:
@@ -750,7 +848,8 @@ def _coordinator_toml(spec: FleetSpec, port: int, state: Path, user: str = "") -
            "min_devices": spec.devices, "quorum": 1, "deadline_s": deadline,
            "state_dir": str(state), "exit_when_done": True, "chunk_size": spec.chunk_size,
            "window": 16, **({"shards": spec.shards} if spec.shards else {}),
-           **({"workers": spec.workers} if spec.workers else {})}
+           **({"workers": spec.workers} if spec.workers else {}),
+           **({} if spec.shared_downloads is None else {"shared_downloads": spec.shared_downloads})}
     return "\n".join([table("federation", fed),
                       table("broker", {"host": "127.0.0.1", "port": port,
                                        **({"username": user, "password": password_of(user)}
@@ -916,10 +1015,11 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
         samples: list[_Sample] = []
         sys_vals: list[tuple[float, str, float]] = []
         hwm = 0
+        broker_hwm = 0  # the broker's VmHWM: its true peak, not only the 0.2 s samples
         stats: list[dict[str, Any]] = []
 
         async def sample() -> None:
-            nonlocal hwm, spy
+            nonlocal hwm, spy, broker_hwm
             stop = asyncio.Event()
             online = asyncio.Event()
             mon = asyncio.create_task(_sys_monitor(broker.port, sys_vals, stop, online,
@@ -949,6 +1049,7 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
                 gen = sum(_cpu(w) for w in wps if w.is_running())
                 samples.append(snap(gen))
                 hwm = max(hwm, _hwm(coord.pid))
+                broker_hwm = max(broker_hwm, _hwm(bp.pid))
                 for item in list(pending):
                     if item[1].poll():
                         stats.append(item[1].recv())
@@ -980,6 +1081,9 @@ def run_fleet(spec: FleetSpec) -> dict[str, Any]:
         result["shard_exits"] = [p.returncode for p in shard_procs]
         result["wall_s"] = time.time() - started
         result["coordinator_peak_rss_mb"] = hwm / 2**20
+        result["broker_hwm_mb"] = broker_hwm / 2**20
+        result["shared_downloads_on"] = (FederationSettings.shared_downloads
+                                         if spec.shared_downloads is None else spec.shared_downloads)
         rows, opened, evals = _round_rows(work / "state", spec.shards)
         result.update(_summarise(spec, rows, opened, samples, sys_vals, stats))
         result["evals_stored"] = evals
@@ -1144,6 +1248,10 @@ def _summarise(spec: FleetSpec, rows: list[dict[str, Any]], opened: dict[int, tu
         "heartbeats_sent": sum(d.get("heartbeats", 0) for d in devices.values()),
         "keepalive_pings": sum(d.get("pings", 0) for d in devices.values()),
         "task_chunks_max": max((d.get("task_chunks", 0) for d in devices.values()), default=0),
+        "shared_downloads": sum(d.get("shared_done", 0) for d in devices.values()),
+        "shared_fallbacks": sum(d.get("shared_fallback_count", 0) for d in devices.values()),
+        "shared_fallback_reasons": sorted({r for d in devices.values()
+                                           for r in d.get("shared_fallbacks", [])})[:5],
         "update_chunks_max": max((d.get("update_chunks", 0) for d in devices.values()), default=0),
         # the generator's CPU spent decoding tasks and building updates (inside gen CPU)
         "update_build_cpu_s_total": sum(s.get("build_cpu_s", 0.0) for s in stats),
@@ -1465,6 +1573,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clean-sessions", action="store_true",
                    help="clean MQTT sessions instead of the agent's (clean_start false, session "
                         f"expiry {AGENT_SESSION_EXPIRY_S} s)")
+    p.add_argument("--downloads", choices=("shared", "per-device"), default=None,
+                   help="the coordinator's [federation] shared_downloads: shared (true) or "
+                        "per-device (false); default: the daemon's own "
+                        f"({'shared' if FederationSettings.shared_downloads else 'per-device'}; "
+                        "docs/protocol.md, \"Shared downloads\")")
     p.add_argument("--shared-updates", action="store_true",
                    help=f"identical update bytes across devices ({VARIANTS} variants per task, "
                         "built once) instead of each device its own")
@@ -1511,6 +1624,8 @@ def main(argv: list[str] | None = None) -> int:
                          broker=args.broker, heartbeat_s=args.heartbeat_s,
                          keepalive_s=args.keepalive_s, agent_session=not args.clean_sessions,
                          distinct_updates=not args.shared_updates, workers=args.workers,
+                         shared_downloads=(None if args.downloads is None
+                                           else args.downloads == "shared"),
                          workdir=str(args.workdir / name) if args.workdir else "")
         log.info("fleet: %d devices, %d rounds, model %s, %s", n, args.rounds, args.model,
                  f"leader + {shards} shard(s)" if shards else "one coordinator")

@@ -35,7 +35,7 @@ from fedcoe_edge.transport.base import (
 __all__ = ["AsyncMqttClient", "ConnectError"]
 
 CONNECT, CONNACK, PUBLISH, PUBACK = 1, 2, 3, 4
-SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 12, 13, 14
+SUBSCRIBE, SUBACK, UNSUBSCRIBE, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 10, 12, 13, 14
 
 # MQTT v5 property id -> value kind, for skipping properties we do not use
 _PROP_KIND = {
@@ -187,7 +187,10 @@ class AsyncMqttClient(asyncio.Protocol, Transport):
             self._dispatch(buf[pos] >> 4, buf[pos] & 0x0F, memoryview(buf)[body : body + length])
             pos = body + length
         if pos:
-            del buf[:pos]
+            # a new buffer, not `del buf[:pos]`: a view of the old one that a handler's frame
+            # still holds (a traceback kept alive) made the in-place resize raise BufferError
+            # and asyncio drop the connection (seen with 5,000 devices)
+            self._buf = bytearray(buf[pos:])
 
     # --- packets in ---
     def _dispatch(self, kind: int, flags: int, body: memoryview) -> None:
@@ -312,7 +315,12 @@ class AsyncMqttClient(asyncio.Protocol, Transport):
             asyncio.get_running_loop().create_task(self._subscribe_many([topic_filter], 30.0))
 
     def unsubscribe(self, topic_filter: str) -> None:
+        """Drop the handler and, when connected, tell the broker (as paho does): a shared
+        download's filter is not kept in the device's session after it is assembled."""
         self._subs = [(f, h) for f, h in self._subs if f != topic_filter]
+        if self._connected:
+            body = struct.pack(">H", self._pid()) + _varint(0) + _str(topic_filter)
+            self._write(_packet(UNSUBSCRIBE, 0x02, body))
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                 expiry_s: int | None = None) -> None:

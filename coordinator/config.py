@@ -69,6 +69,11 @@ class FederationSettings:
     # every update kept until the round closes (bit-identical to `fedcoe simulate`)
     aggregation: str = "stream"
     exit_when_done: bool = False  # False: keep serving cold-start fetches after the last round
+    # true: each distinct download published once on the federation's shared topics, devices
+    # assembling it from there (docs/protocol.md, "Shared downloads"); opt-in until it
+    # delivers every final model at 5,000 devices (docs/daemons.md, "Scale"); false: one
+    # chunked transfer per device
+    shared_downloads: bool = False
     allowed_devices: list[str] = field(default_factory=list)  # empty: any device with a valid key
     # class names in label order (len == model.num_classes), sent in every welcome: devices
     # map their image folders through it, so label i means the same class on every device.
@@ -193,6 +198,8 @@ class CoordinatorConfig:
             raise ConfigError(f"{w} norm_bound must be > 0")
         if f.aggregation not in ("stream", "batch"):
             raise ConfigError(f"{w} aggregation must be stream|batch, got {f.aggregation!r}")
+        if not isinstance(f.shared_downloads, bool):
+            raise ConfigError(f"{w} shared_downloads must be true or false")
         if not f.reassembly_budget_mb > 0:
             raise ConfigError(f"{w} reassembly_budget_mb must be > 0")
         if isinstance(f.shards, bool) or not 1 <= f.shards <= MAX_SHARDS:

@@ -59,6 +59,7 @@ from fedcoe_edge.messages import (
     Hello,
     MessageError,
     Result,
+    SharedRef,
     XferDone,
     XferProgress,
 )
@@ -74,6 +75,7 @@ from fedcoe_edge.transport.blob import (
     BlobSender,
     open_blob,
 )
+from fedcoe_edge.transport.shared import SHARED_EXPIRY_S, clear_shared, publish_shared, shared_id
 from fedcoe_edge.wire import (
     ReassemblyBudget,
     ReplayCache,
@@ -142,6 +144,7 @@ class _Outgoing:
     announce: tuple[str, dict[str, Any], int] | None = None  # (type, body, round) of the manifest
     announced_at: float = 0.0
     announces: int = 0  # sends of the manifest so far: repeats back off (retry_delay)
+    shared: dict[str, Any] | None = None  # where the same bytes are published once (SharedRef)
 
 
 @dataclass
@@ -204,6 +207,10 @@ class Coordinator:
                              tuple[bytes, TransferManifest]] = {}
         self._last_request = 0.0  # monotonic time of the last fetch or eval
         self._trunk: tuple[bytes, TransferManifest] | None = None  # the file devices fetch
+        # shared downloads published (docs/protocol.md, "Shared downloads"): (id, the version
+        # it belongs to or None for the trunk) -> (ref, monotonic time published)
+        self._shared: dict[tuple[str, int | None], tuple[SharedRef, float]] = {}
+        self._shared_lock = threading.Lock()  # one publisher of a payload at a time
         self._hb_replay = ReplayCache(per_sender=64)
         self.refusals = RefusalLog(self.store, log, retention=EVENT_RETENTION)
         # declines are grouped like refusals: a device declining in a loop costs one row
@@ -479,12 +486,14 @@ class Coordinator:
         if thread is not None and thread.is_alive():
             self._persist_q.put(None)
             thread.join(timeout=30)
-        if self.transport is not None:
+        t = self.transport
+        if t is not None:
             with contextlib.suppress(FedCoEError):
-                self.transport.publish(self.topics.coord_status(), P.presence_payload("offline"),
-                                       qos=1, retain=True)
+                self._clear_shared(keep_version=None)
+                t.publish(self.topics.coord_status(), P.presence_payload("offline"),
+                          qos=1, retain=True)
             time.sleep(0.2)
-            self.transport.close()
+            t.close()  # (a second close() meanwhile, e.g. run()'s own: closing twice is fine)
             self.transport = None
         self.refusals.flush(force=True)
         if self.http is not None:
@@ -578,6 +587,8 @@ class Coordinator:
         with self._lock:
             out = self._senders.get(xid)
             if out is not None:
+                if out.shared is not None:  # the bytes are also on the shared topics
+                    body = {**body, "shared": out.shared}
                 out.announce, out.announced_at = (type, body, rnd), time.monotonic()
                 out.announces += 1
         if out is not None:
@@ -622,11 +633,59 @@ class Coordinator:
                            verify=False, budget=self._out_budget)
         manifest = sender.manifest
         xid = manifest.transfer_id
+        shared = self._share(data, base, purpose)
         with self._lock:
-            out = _Outgoing(device, rnd, purpose, sender, created=time.monotonic())
+            out = _Outgoing(device, rnd, purpose, sender, created=time.monotonic(), shared=shared)
             self._senders[xid] = self._pumping[xid] = out
         self.store.later("add_traffic", rnd, device, "down", purpose, len(data))
         return manifest
+
+    def _share(self, data: bytes, base: TransferManifest, purpose: str) -> dict[str, Any] | None:
+        """Publish ``data`` once on the federation's shared topics (retained chunks, first
+        time a payload is sent, again when half its expiry passed) and return the reference
+        every device's envelope for it carries; None with ``shared_downloads = false``
+        (docs/protocol.md, "Shared downloads"). The per-device sender stays: its chunks flow
+        only if the device asks for them (its fallback, and what older agents use)."""
+        if not self.fed.shared_downloads or self.transport is None:
+            return None
+        sid = shared_id(base.sha256)
+        version = None if purpose == "trunk" else base.base_version
+        now = time.monotonic()
+        with self._shared_lock:
+            got = self._shared.get((sid, version))
+            if got is not None and now - got[1] < SHARED_EXPIRY_S / 2:
+                return got[0].to_wire()
+            try:
+                ref = publish_shared(self.transport, self.topics, data, base.sha256,
+                                     self.fed.chunk_size)
+            except FedCoEError as exc:  # devices get the per-device transfer instead
+                log.warning("shared download %s not published: %s", sid, exc)
+                return None
+            self._shared[(sid, version)] = (ref, now)
+        log.info("shared download %s published: %d bytes in %d retained chunk(s), version %s",
+                 sid, len(data), ref.chunk_count, "trunk" if version is None else version)
+        return ref.to_wire()
+
+    def _clear_shared(self, keep_version: int | None) -> None:
+        """Remove from the broker the shared downloads of versions other than
+        ``keep_version`` (the trunk file stays while the coordinator runs); None: all of
+        them, as the coordinator leaves. Devices still assembling one fall back to their
+        per-device transfer."""
+        if self.transport is None:
+            return
+        with self._shared_lock:
+            gone = [k for k in self._shared
+                    if keep_version is None or (k[1] is not None and k[1] != keep_version)]
+            popped = [(k[0], self._shared.pop(k)[0]) for k in gone]
+            # the same bytes may be a current payload too (a version that changed nothing of
+            # them, the trunk): their retained copy stays
+            live = {sid for sid, _ in self._shared}
+            refs = [ref for sid, ref in popped if sid not in live]
+        for ref in refs:
+            with contextlib.suppress(FedCoEError):
+                clear_shared(self.transport, self.topics, ref)
+        if refs:
+            log.info("cleared %d shared download(s) of superseded versions", len(refs))
 
     def _wait_round(self) -> None:
         while not self._stop.is_set():
@@ -1476,7 +1535,7 @@ class Coordinator:
                     elif out.started and not out.sender.done:
                         if room > 0:
                             room -= out.sender.pump()
-                    elif out.started:
+                    elif out.started or out.sender.done:  # done: e.g. over the shared copy
                         finished.append((xid, out))
                     elif (out.announce is not None
                           and now - out.announced_at > retry_delay(out.announces)):
@@ -1486,6 +1545,11 @@ class Coordinator:
             if finished or now - self._swept_at >= SENDER_SWEEP_S:
                 self._sweep_senders(finished, now)
             tick = 0.05 if room <= 0 else 0.25  # chunks held back: look again sooner
+            version = self.strategy.version
+            with self._shared_lock:
+                stale = any(v is not None and v != version for _, v in self._shared)
+            if stale:  # a round closed (or a new version came): its payloads are superseded
+                self._clear_shared(keep_version=version)
             self._expire_uploads()
             if now - self._devices_seen_at >= DEVICES_RELOAD_S:
                 self._devices_seen_at = now

@@ -72,6 +72,7 @@ class EmbeddedFederation:
     # that compares with the simulator bit for bit passes aggregation="batch"
     aggregation: str = FederationSettings.aggregation
     workers: int = FederationSettings.workers  # aggregation worker processes (0: in-process)
+    shared_downloads: bool = FederationSettings.shared_downloads  # one retained copy per payload
     device_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> [device] fields
     metrics: MetricsSettings = field(default_factory=MetricsSettings)  # off by default
     dashboard: DashboardSettings = field(default_factory=DashboardSettings)  # off by default
@@ -85,7 +86,7 @@ class EmbeddedFederation:
                                  min_devices=self.devices, quorum=self.quorum,
                                  deadline_s=self.deadline_s, state_dir=str(self.root / "coordinator"),
                                  chunk_size=self.chunk_size, aggregation=self.aggregation,
-                                 workers=self.workers)
+                                 workers=self.workers, shared_downloads=self.shared_downloads)
         return CoordinatorConfig(federation=fed, secret=DEMO_SECRET, model=self.model, train=self.train,
                                  eval=EvalSettings(dataset="digits", num_clients=self.devices,
                                                    new_clients=EvalSettings.new_clients,

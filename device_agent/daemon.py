@@ -48,6 +48,7 @@ from fedcoe_edge.messages import (
     Model,
     Refused,
     Reject,
+    SharedRef,
     Status,
     Task,
     Welcome,
@@ -66,6 +67,7 @@ from fedcoe_edge.transport.blob import (
     BlobSender,
     open_blob,
 )
+from fedcoe_edge.transport.shared import SHARED_IDLE_S, SharedDownload
 from fedcoe_edge.wire import (
     Envelope,
     TransferManifest,
@@ -96,6 +98,8 @@ FETCH_TRANSFER_S = 60.0  # once a fetch's `model` manifest arrived: time to fini
 TRUNK_FILE = "trunk.safetensors"  # the federation's pretrained trunk, fetched once (STATE/)
 # the highest bundle version this device accepted (docs/bundle.md, "Versions and rollback")
 BUNDLE_FLOOR_FILE = "bundle_version.json"
+SHARED_MAX = 4  # shared downloads assembled at once (each bounded by its signed manifest)
+SHARED_FAILED_MAX = 256  # transfers remembered as fallen back to the per-device path
 
 
 @dataclass
@@ -191,6 +195,14 @@ class DeviceAgent:
         # is joined once the trunk has been fetched; tasks that come meanwhile wait here
         self._trunk_wait: tuple[dict[str, Any], ModelConfig] | None = None
         self._waiting_tasks: list[tuple[dict[str, Any], TransferManifest, bytes]] = []
+        # shared downloads (docs/protocol.md, "Shared downloads"): transfer id -> its
+        # reassembly, shared id -> the transfer ids assembled from it, and the transfers
+        # that fell back to the per-device path (their re-announces use that path)
+        self._shared_dl: dict[str, SharedDownload] = {}
+        self._shared_sub: dict[str, set[str]] = {}
+        self._shared_failed: deque[str] = deque(maxlen=SHARED_FAILED_MAX)
+        self.shared_downloads = 0  # completed from the shared copy (tests, operators)
+        self.shared_fallbacks: deque[str] = deque(maxlen=100)  # newest reasons
         self.requests_given_up: deque[RequestKey] = deque(maxlen=100)  # newest, for operators
         engine = cfg.device.engine
         self.engine = ("torch" if torch_installed() else "onnx") if engine == "auto" else engine
@@ -245,6 +257,7 @@ class DeviceAgent:
             if t is None or not t.connected:
                 continue  # a send now would be lost too; the timers wait for the connection
             now = time.monotonic()
+            self._shared_tick(now)
             resend: list[PendingRequest] = []
             dropped: list[PendingRequest] = []
             with self._lock:
@@ -448,6 +461,8 @@ class DeviceAgent:
                     self.pending[manifest.transfer_id] = ctx
                 if isinstance(typed, Model):
                     self._postpone(fetch_key(typed.purpose, env.round), FETCH_TRANSFER_S)
+                if typed.shared is not None and self._shared_start(manifest, typed.shared):
+                    return  # assembled from the shared copy; the per-device one is the fallback
                 self.receiver.expect(manifest)
                 self.receiver.nudge(manifest.transfer_id)
             elif env.type in (XFER_PROGRESS, XFER_DONE):
@@ -519,6 +534,122 @@ class DeviceAgent:
                 ctx = self.pending.pop(manifest.transfer_id, None)
             if ctx is not None:
                 self._jobs.put(("download", (ctx, manifest, data)))
+
+    # ------------------------------------------------------------------ shared downloads
+    def _shared_start(self, manifest: TransferManifest, ref: SharedRef) -> bool:
+        """Assemble ``manifest``'s bytes from the federation's shared copy ``ref`` instead of
+        asking for the per-device transfer (docs/protocol.md, "Shared downloads"). True while
+        it is (or already was) under way; False: use the per-device transfer (a re-announce
+        of a transfer that completed or fell back, too many at once, a reference that does
+        not name the signed manifest's bytes)."""
+        xid = manifest.transfer_id
+        if self.receiver.completed(xid) or self.receiver.is_open(xid):
+            return False
+        with self._lock:
+            if xid in self._shared_dl:
+                return True  # a repeated announce while it is being assembled
+            if xid in self._shared_failed:
+                return False
+            budget = self.receiver.reassembler.max_total_bytes
+            used = sum(d.manifest.total_bytes for d in self._shared_dl.values())
+            why = None
+            if len(self._shared_dl) >= SHARED_MAX:
+                why = f"{SHARED_MAX} shared downloads already open"
+            elif used + manifest.total_bytes > budget:
+                why = f"{manifest.total_bytes} bytes would exceed the reassembly budget {budget}"
+            else:
+                try:
+                    dl = SharedDownload(ref, manifest)
+                except WireError as exc:
+                    why = str(exc)
+            if why is not None:
+                self._shared_failed.append(xid)
+            else:
+                self._shared_dl[xid] = dl
+                first = ref.id not in self._shared_sub
+                self._shared_sub.setdefault(ref.id, set()).add(xid)
+        if why is not None:
+            self._shared_note(xid, f"not taken from the shared copy: {why}")
+            return False
+        if first and self.transport is not None:
+            # the retained chunks follow the SUBACK on the bulk lane (after this handler)
+            self.transport.subscribe(self.topics.shared_filter(ref.id), self._on_shared,
+                                     bulk=True)
+        return True
+
+    def _shared_note(self, xid: str, reason: str) -> None:
+        self.shared_fallbacks.append(reason)
+        log.warning("%s: download %s %s; using the per-device transfer", self.dev, xid, reason)
+
+    def _shared_end(self, xid: str) -> SharedDownload | None:
+        """Stop assembling ``xid`` from the shared copy (unsubscribing when no other
+        transfer uses that copy)."""
+        with self._lock:
+            dl = self._shared_dl.pop(xid, None)
+            if dl is None:
+                return None
+            users = self._shared_sub.get(dl.ref.id, set())
+            users.discard(xid)
+            last = not users
+            if last:
+                self._shared_sub.pop(dl.ref.id, None)
+        if last and self.transport is not None:
+            with contextlib.suppress(FedCoEError):
+                self.transport.unsubscribe(self.topics.shared_filter(dl.ref.id))
+        return dl
+
+    def _shared_fallback(self, xid: str, reason: str) -> None:
+        """The shared copy failed ``xid`` (``reason`` logged): ask for the per-device
+        transfer of the same signed manifest, as an agent without shared downloads does."""
+        dl = self._shared_end(xid)
+        if dl is None:
+            return
+        with self._lock:
+            self._shared_failed.append(xid)
+        self._shared_note(xid, f"from shared copy {dl.ref.id} failed ({reason})")
+        with contextlib.suppress(FedCoEError):
+            self.receiver.expect(dl.manifest)
+            self.receiver.nudge(xid)
+
+    def _on_shared(self, msg: Message) -> None:
+        """A chunk of a shared copy (retained, or live while subscribed): added to every
+        transfer assembled from it; a complete, verified payload is handed on like a
+        per-device download's and confirmed with the per-device transfer's final ACK."""
+        if not msg.payload:
+            return  # the coordinator cleared a superseded copy
+        try:
+            sid = self.topics.parse(msg.topic).transfer_id or ""
+        except WireError:
+            return
+        with self._lock:
+            dls = [(x, self._shared_dl[x]) for x in self._shared_sub.get(sid, ())
+                   if x in self._shared_dl]
+        for xid, dl in dls:
+            try:
+                data = dl.add(msg.payload)
+            except WireError as exc:
+                self._shared_fallback(xid, str(exc))
+                continue
+            if data is None:
+                continue
+            self._shared_end(xid)
+            self.shared_downloads += 1
+            self.receiver.adopt(dl.manifest)  # xfer_done: the coordinator stops offering it
+            with self._lock:
+                ctx = self.pending.pop(xid, None)
+            log.info("%s: download %s: %d bytes from shared copy %s", self.dev, xid, len(data),
+                     dl.ref.id)
+            if ctx is not None:
+                self._jobs.put(("download", (ctx, dl.manifest, data)))
+
+    def _shared_tick(self, now: float) -> None:
+        """Fall back for shared downloads with no new chunk for SHARED_IDLE_S (a copy
+        cleared or expired, a broker or ACL that serves none)."""
+        with self._lock:
+            late = [(x, d) for x, d in self._shared_dl.items() if d.idle_s(now) > SHARED_IDLE_S]
+        for xid, dl in late:
+            self._shared_fallback(xid, f"no new chunk for {SHARED_IDLE_S:g} s, "
+                                       f"{dl.received} of {dl.ref.chunk_count} received")
 
     # ------------------------------------------------------------------ worker
     def _work(self) -> None:

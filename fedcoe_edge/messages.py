@@ -14,6 +14,7 @@ limits below.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping
@@ -32,6 +33,9 @@ MAX_REASON = 500  # a decline's or a reject's reason (longer ones are refused / 
 MAX_CLASSES = 10_000
 MAX_DEADLINE_S = 30 * 24 * 3600.0
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
+SHARED_ID_LEN = 32  # hex digits of a shared download's id: a prefix of its sha256
+MAX_SHARED_CHUNK = 16 * 2**20  # bytes per shared chunk (a broker's packet limit is lower)
+MAX_SHARED_CHUNKS = 65536  # chunks per shared download
 
 M = TypeVar("M", bound="Body")
 
@@ -123,6 +127,11 @@ def _obj(body: Mapping[str, Any], cls: type, name: str, required: bool = True
     if not isinstance(v, dict):
         raise MessageError(f"{_where(cls, name)}: must be an object")
     return v
+
+
+def _shared(body: Mapping[str, Any], cls: type) -> SharedRef | None:
+    v = _obj(body, cls, "shared", required=False)
+    return None if v is None else SharedRef.from_wire(v)
 
 
 def _manifest(body: Mapping[str, Any], cls: type) -> TransferManifest:
@@ -403,6 +412,40 @@ class Welcome(Body):
 
 
 @dataclass(frozen=True)
+class SharedRef(Body):
+    """Where a download's bytes are published once for every device of the federation
+    (docs/protocol.md, "Shared downloads"): ``id`` (the first 32 hex digits of the payload's
+    sha256, so the id alone names the bytes), and their chunking on the shared topics. The
+    size and the sha256 the device checks are the signed manifest's, never the chunks'."""
+
+    TYPE: ClassVar[str] = "task.shared"
+    id: str
+    chunk_size: int
+    chunk_count: int
+
+    @classmethod
+    def _parse(cls, b: dict[str, Any]) -> SharedRef:
+        sid = _str(b, cls, "id", max_len=SHARED_ID_LEN, pattern=_HEX_RE) or ""
+        if len(sid) != SHARED_ID_LEN:
+            raise MessageError(f"{_where(cls, 'id')}: must be {SHARED_ID_LEN} hex digits")
+        return cls(sid, _int(b, cls, "chunk_size", 1, MAX_SHARED_CHUNK) or 1,
+                   _int(b, cls, "chunk_count", 1, MAX_SHARED_CHUNKS) or 1)
+
+    def manifest_for(self, manifest: TransferManifest) -> TransferManifest:
+        """The manifest the shared chunks are reassembled under: the signed ``manifest``'s
+        size, hash and encoding, this id and chunking (WireError when they disagree, or
+        when this id is not the manifest's hash: a device never assembles bytes its
+        envelope did not name)."""
+        if manifest.sha256[:SHARED_ID_LEN] != self.id:
+            raise WireError(f"shared download {self.id}: not the payload of sha256 "
+                            f"{manifest.sha256[:12]}... named by the signed manifest")
+        m = dataclasses.replace(manifest, transfer_id=self.id, chunk_size=self.chunk_size,
+                                chunk_count=self.chunk_count)
+        m.check()
+        return m
+
+
+@dataclass(frozen=True)
 class Task(Body):
     """A round's task: the download's manifest, the experts in it, the time left."""
 
@@ -412,6 +455,7 @@ class Task(Body):
     version: int
     deadline_s: float
     config: dict[str, Any] = field(hash=False)  # numbers and strings only
+    shared: SharedRef | None = None  # the bytes on the shared topics, when published there
 
     @classmethod
     def _parse(cls, b: dict[str, Any]) -> Task:
@@ -421,7 +465,11 @@ class Task(Body):
                 raise MessageError(f"task.config.{k:.40}: must be a number or a string")
         return cls(_manifest(b, cls), _ints(b, cls, "expert_ids", 0, MAX_EXPERTS - 1) or (),
                    _int(b, cls, "version") or 0,
-                   _num(b, cls, "deadline_s", 0.0, MAX_DEADLINE_S) or 0.0, config)
+                   _num(b, cls, "deadline_s", 0.0, MAX_DEADLINE_S) or 0.0, config,
+                   _shared(b, cls))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {k: v for k, v in super().to_wire().items() if k != "shared" or v is not None}
 
 
 @dataclass(frozen=True)
@@ -433,12 +481,17 @@ class Model(Body):
     expert_ids: tuple[int, ...]
     version: int
     purpose: str
+    shared: SharedRef | None = None  # as in Task
 
     @classmethod
     def _parse(cls, b: dict[str, Any]) -> Model:
         return cls(_manifest(b, cls), _ints(b, cls, "expert_ids", 0, MAX_EXPERTS - 1) or (),
                    _int(b, cls, "version") or 0,
-                   _str(b, cls, "purpose", choices=("refresh", "gate", "cold", "trunk")) or "")
+                   _str(b, cls, "purpose", choices=("refresh", "gate", "cold", "trunk")) or "",
+                   _shared(b, cls))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {k: v for k, v in super().to_wire().items() if k != "shared" or v is not None}
 
 
 @dataclass(frozen=True)
@@ -642,7 +695,7 @@ COORDINATOR_TO_DEVICE: tuple[type[Body], ...] = (Welcome, Task, Model, Accept, R
 SHARD_LEADER: tuple[type[Body], ...] = (ShardHello, PartialAnnounce, ShardOpen, ShardTask,
                                         ShardModel)
 ALL: tuple[type[Body], ...] = tuple(dict.fromkeys(
-    DEVICE_TO_COORDINATOR + COORDINATOR_TO_DEVICE + (BundleStatus,) + SHARD_LEADER))
+    DEVICE_TO_COORDINATOR + COORDINATOR_TO_DEVICE + (BundleStatus, SharedRef) + SHARD_LEADER))
 BY_TYPE: dict[str, type[Body]] = {c.TYPE: c for c in ALL if "." not in c.TYPE}
 
 

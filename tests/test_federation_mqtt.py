@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from coordinator.config import FederationSettings
 from coordinator.harness import DEMO_SECRET, EmbeddedFederation, small
 from device_agent.daemon import AgentHooks, DeviceAgent
 from fedcoe_edge.errors import WireError
@@ -271,6 +272,8 @@ def test_federation_over_the_deploy_template_tls_passwords_acl(tmp_path: Path) -
     # deploy/mosquitto/README.md, step 3: the template plus one entry per device, as dev0/dev1
     template = (deploy / "acl").read_text()
     entry = template[template.index("user dev0\n"):template.index("user dev1\n")].strip()
+    # the device's own federation id in its shared-download line (the README's step 3)
+    entry = entry.replace("fl/v1/fleet1/", f"fl/v1/{FederationSettings.id}/")
     (tmp_path / "acl").write_text(template + "".join(
         f"\n{entry.replace('dev0', dev)}\n" for dev in ("0", "1")))
     plain, tls = free_port(), free_port()

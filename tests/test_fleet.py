@@ -32,6 +32,8 @@ def test_fifty_devices_two_rounds(tmp_path: Path, make_mosquitto: object) -> Non
     assert run["broker_drops_total"] == 0
     assert run["final_models"] == 50 and run["final_evals_acked"] == 50
     assert run["coordinator_exit"] == 0
+    # the daemon's default download path: one per-device transfer each, no shared copy
+    assert run["shared_downloads_on"] is False and run["shared_downloads"] == 0
     # every figure the report needs is there
     for r in rows:
         assert r["coord_cpu_s"] >= 0 and r["coord_peak_rss_mb"] > 0 and r["broker_peak_rss_mb"] > 0
@@ -45,7 +47,7 @@ def test_thirty_devices_two_rounds_two_shards(tmp_path: Path, make_mosquitto: ob
     from benchmarks.fleet import sharded_summary
 
     run = run_fleet(FleetSpec(devices=30, rounds=2, train_s=0.1, jitter_s=0.2, timeout_s=90,
-                              shards=2, workdir=str(tmp_path / "fleet")))
+                              shards=2, shared_downloads=True, workdir=str(tmp_path / "fleet")))
     assert run["rounds_completed"] == 2, run.get("coordinator_log_tail")
     rows = run["round_rows"]
     assert [r["accepted"] for r in rows] == [30, 30] and [r["selected"] for r in rows] == [30, 30]
@@ -54,6 +56,11 @@ def test_thirty_devices_two_rounds_two_shards(tmp_path: Path, make_mosquitto: ob
     assert run["device_rejects_total"] == 0, run["reject_examples"]
     assert run["final_models"] == 30 and run["final_evals_acked"] == 30
     assert run["coordinator_exit"] == 0 and run["shard_exits"] == [0, 0]
+    # shared downloads switched on: as the agent does, every task and final refresh assembled
+    # from the shard's shared copy, checked against the device's signed manifest, none fell
+    # back to a per-device transfer
+    assert run["shared_downloads"] >= 30 * 3, run["shared_fallback_reasons"]  # + re-fetches
+    assert run["shared_fallbacks"] == 0
     for r in rows:
         assert r["coord_cpu_s"] >= 0 and len(r["shard_cpu_s"]) == 2
         assert all(c > 0 for c in r["shard_cpu_s"]) and all(m > 0 for m in r["shard_peak_rss_mb"])
@@ -279,3 +286,10 @@ def test_acl_comes_from_the_deploy_template() -> None:
     assert "topic readwrite fl/v1/fleet.s2of3/#" in text
     assert "topic write fl/v1/fleet/agg/up/shard-2/#" in text
     assert "topic readwrite fl/v1/#" in acl_from_template(ids, 0)
+    # each device reads the shared downloads of its own federation id (its shard's) only
+    from fedcoe_edge.sharding import shard_federation, shard_of
+
+    assert acl_from_template(ids, 0).count("topic read fl/v1/fleet/shared/#") == 2
+    for dev in ids:
+        entry = text.split(f"user {dev}\n", 1)[1].split("\n\n", 1)[0]
+        assert f"topic read fl/v1/{shard_federation('fleet', shard_of(dev, 3), 3)}/shared/#" in entry

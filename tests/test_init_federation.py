@@ -232,7 +232,10 @@ def test_init_shards_writes_one_identity_per_aggregator(tmp_path: Path,
     # what every client reads, granted per user (a pattern without %u/%c makes Mosquitto warn)
     reads = ["topic read fl/v1/+/bc/#", "topic read fl/v1/+/coord/status"]
     for dev in names:
-        assert [ln for ln in entries[dev] if ln.startswith("topic")] == reads
+        # plus the shared downloads of the device's own shard's federation id, no other
+        home = shard_federation("fleet1", shard_of(dev, 2), 2)
+        assert [ln for ln in entries[dev] if ln.startswith("topic")] == [
+            *reads, f"topic read fl/v1/{home}/shared/#"]
     assert [ln for ln in entries[users["leader"]] if ln.startswith("topic")] == [
         f"topic read {lt}/up/#", f"topic write {lt}/dn/#", f"topic write {lt}/leader/status", *reads]
     for i in (0, 1):

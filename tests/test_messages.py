@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from fedcoe_edge import messages as M
+from fedcoe_edge.errors import WireError
 from fedcoe_edge.wire import TransferManifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,9 @@ VALID: dict[type[M.Body], dict[str, Any]] = {
                 "rounds": 5, "round_open": True, "classes": ["cat", "dog"]},
     M.Task: {"manifest": MANIFEST, "expert_ids": [0, 1], "version": 3, "deadline_s": 29.5,
              "config": {"lr": 0.01, "mode": "x"}},
-    M.Model: {"manifest": MANIFEST, "expert_ids": [], "version": 3, "purpose": "gate"},
+    M.Model: {"manifest": MANIFEST, "expert_ids": [], "version": 3, "purpose": "gate",
+              "shared": {"id": "a" * 32, "chunk_size": 1024, "chunk_count": 5}},
+    M.SharedRef: {"id": "a" * 32, "chunk_size": 2048, "chunk_count": 3},
     M.Accept: {"xfer": "x1"},
     M.Reject: {"reason": "update delta: L2 norm too large", "xfer": None},
     M.EvalAck: {"kind": "cold"},
@@ -105,6 +108,14 @@ BAD: list[tuple[type[M.Body], dict[str, Any], str]] = [
     (M.Task, {**VALID[M.Task], "deadline_s": 1e12}, r"task\.deadline_s"),
     (M.Task, {**VALID[M.Task], "config": {"x": [1]}}, r"task\.config\.x"),
     (M.Model, {**VALID[M.Model], "purpose": "x"}, r"model\.purpose"),
+    (M.Task, {**VALID[M.Task], "shared": {"id": "a" * 31, "chunk_size": 1024, "chunk_count": 5}},
+     r"task\.shared\.id: must be 32 hex digits"),
+    (M.Task, {**VALID[M.Task], "shared": {"id": "A" * 32, "chunk_size": 1024, "chunk_count": 5}},
+     r"task\.shared\.id"),
+    (M.SharedRef, {"id": "a" * 32, "chunk_size": 0, "chunk_count": 5},
+     r"task\.shared\.chunk_size: 0 outside"),
+    (M.SharedRef, {"id": "a" * 32, "chunk_size": 1024, "chunk_count": 10**6},
+     r"task\.shared\.chunk_count"),
     (M.Status, {**VALID[M.Status], "round": -1}, r"status\.round"),
     (M.ShardHello, {"online": ["a b"], "shards": 2}, r"shard_hello\.online"),
     (M.PartialAnnounce, {"manifest": MANIFEST, "meta": {"a": 1}}, r"partial\.meta"),
@@ -176,3 +187,21 @@ def test_a_progress_report_of_max_nack_gaps_is_taken() -> None:
     body = M.XferProgress.from_wire({"xfer": "x", "next": 0, "highest": 600,
                                      "missing": list(range(MAX_NACK))})
     assert len(body.missing) == MAX_NACK
+
+
+def test_a_shared_reference_names_only_its_signed_manifest_s_bytes() -> None:
+    """``SharedRef.manifest_for``: the shared chunks are reassembled under the signed
+    manifest's size and sha256 with the reference's chunking; a reference whose id is not
+    the manifest's hash prefix (another payload, a stale version) or whose chunking does not
+    add up to the signed size is refused."""
+    m = TransferManifest("x1", (0, 1), 3, 5000, 1024, 5, "a" * 64)
+    ref = M.SharedRef("a" * 32, 2048, 3)
+    shared = ref.manifest_for(m)
+    assert (shared.transfer_id, shared.total_bytes, shared.sha256) == ("a" * 32, 5000, "a" * 64)
+    assert (shared.chunk_size, shared.chunk_count) == (2048, 3)  # ceil(5000 / 2048)
+    with pytest.raises(WireError, match="not the payload of sha256 aaaa"):
+        M.SharedRef("b" * 32, 2048, 3).manifest_for(m)
+    with pytest.raises(WireError, match="chunk_count 2 does not match 5000 bytes / 2048"):
+        M.SharedRef("a" * 32, 2048, 2).manifest_for(m)
+    # absent on the wire when None: a task without it reads as it always did
+    assert "shared" not in M.Task.from_wire(VALID[M.Task]).to_wire()

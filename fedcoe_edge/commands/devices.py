@@ -225,7 +225,7 @@ def add_device(fed: Federation, name: str, cold: bool = False, data: str = "data
     shape = [int(v) for v in fed.section("model").get("input_shape", [1, 8, 8])]
     classes = [str(c) for c in fed.section("federation").get("classes", [])]
     toml_text = set_allowed(fed, [*fed.allowed, name], toml_list)
-    acl_text = acl_with(fed.acl.read_text(encoding="utf-8"), name)
+    acl_text = acl_with(fed.acl.read_text(encoding="utf-8"), name, fed.federation_id)
     passwd_text, fed.hashed = passwd_with(fed, name, password)
     key = device_key(fed.secret(), name).hex() + "\n"
     # everything is prepared; now the renames, the device's folder first (a crash after it
@@ -337,12 +337,12 @@ def set_allowed(fed: Federation, names: list[str], toml_list: Any) -> str:
     return new
 
 
-def acl_with(text: str, name: str) -> str:
-    """The ACL with ``name``'s own entry (init.device_acl_entry) before the shared ``%u``
-    patterns."""
+def acl_with(text: str, name: str, federation: str) -> str:
+    """The ACL with ``name``'s own entry (init.device_acl_entry, for ``federation``) before
+    the shared ``%u`` patterns."""
     from fedcoe_edge.commands.init import device_acl_entry
 
-    entry = "\n".join(device_acl_entry(name)) + "\n"
+    entry = "\n".join(device_acl_entry(name, federation)) + "\n"
     at = text.find(PATTERNS_MARK)
     if at < 0:
         first = re.search(r"^pattern ", text, re.MULTILINE)

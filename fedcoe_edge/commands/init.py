@@ -378,10 +378,12 @@ pattern read fl/v1/+/dn/%u/#
 SHARED_READS = ["topic read fl/v1/+/bc/#", "topic read fl/v1/+/coord/status"]
 
 
-def device_acl_entry(dev: str) -> list[str]:
-    """A device's own ACL entry: the broadcasts and the coordinator's status; its own
-    uplink, presence and downlink come from the ``%u`` patterns of :data:`DEVICE_ACL`."""
-    return [f"user {dev}", *SHARED_READS]
+def device_acl_entry(dev: str, federation: str) -> list[str]:
+    """A device's own ACL entry: the broadcasts, the coordinator's status and the shared
+    downloads of its OWN federation id (``federation``: a shard's ``FED.s<i>of<S>``), never
+    another's (docs/protocol.md, "Shared downloads"); its own uplink, presence and downlink
+    come from the ``%u`` patterns of :data:`DEVICE_ACL`."""
+    return [f"user {dev}", *SHARED_READS, f"topic read fl/v1/{federation}/shared/#"]
 
 
 def acl_text(args: argparse.Namespace, devices: Sequence[str] = ()) -> str:
@@ -389,7 +391,7 @@ def acl_text(args: argparse.Namespace, devices: Sequence[str] = ()) -> str:
     federation's tree; when sharded, the leader only its side of ``fl/v1/FED/agg`` and
     shard i its devices' tree ``fl/v1/FED.s<i>of<S>`` plus its own side of the leader's
     channel (fedcoe_edge.sharding.LeaderTopics)."""
-    from fedcoe_edge.sharding import LeaderTopics, shard_federation, shard_name
+    from fedcoe_edge.sharding import LeaderTopics, shard_federation, shard_name, shard_of
 
     fed, who = args.federation, aggregators(args)
     lines = ["# Mosquitto ACL (written by `fedcoe init`): every client only its own topics."]
@@ -413,7 +415,9 @@ def acl_text(args: argparse.Namespace, devices: Sequence[str] = ()) -> str:
                       f"topic write {lt.prefix}/up/{name}/#", *SHARED_READS]
     lines += ["", "# every device: what all of them read (their own topics: the patterns below)"]
     for dev in devices:
-        lines += device_acl_entry(dev)
+        home = (fed if args.shards == 1
+                else shard_federation(fed, shard_of(dev, args.shards), args.shards))
+        lines += device_acl_entry(dev, home)
     return "\n".join(lines) + "\n" + DEVICE_ACL
 
 

@@ -304,6 +304,24 @@ class BlobReceiver:
                 self._report(XFER_PROGRESS, self.reassembler.progress(xid))
         return None
 
+    def adopt(self, manifest: TransferManifest) -> None:
+        """Record ``manifest``'s transfer as completed with bytes that came another way (a
+        shared download whose sha256 the caller checked against this manifest,
+        fedcoe_edge/transport/shared.py): with ``auto_ack`` the final ACK goes out now, and
+        a re-announce or a late chunk of it is answered with that ACK, as for any completed
+        transfer."""
+        xid = manifest.transfer_id
+        with self._lock:
+            self.reassembler.discard(xid)
+            self._state.pop(xid, None)
+            self._completed[xid] = None
+            self._finished[xid] = manifest.sha256
+            while len(self._completed) > self._remember:
+                old, _ = self._completed.popitem(last=False)
+                self._finished.pop(old, None)
+            if self._auto_ack:
+                self.ack(xid)
+
     def _new_state(self, manifest: TransferManifest) -> _RecvState:
         return _RecvState(every=max(1, min(self._ack_every, manifest.report_every)))
 

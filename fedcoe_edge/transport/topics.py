@@ -27,7 +27,8 @@ def check_id(value: str, what: str) -> str:
 @dataclass(frozen=True)
 class TopicInfo:
     """What :meth:`Topics.parse` found: ``kind`` is one of ``dn_ctl``, ``dn_blob``,
-    ``bc_ctl``, ``up_ctl``, ``up_blob``, ``up_hb``, ``presence``, ``coord_status``."""
+    ``bc_ctl``, ``up_ctl``, ``up_blob``, ``up_hb``, ``presence``, ``coord_status``, ``shared``
+    (``transfer_id``: the shared download's id)."""
 
     kind: str
     device: str | None = None
@@ -55,6 +56,16 @@ class Topics:
     def dn_blob(self, dev: str, xfer: str) -> str:
         """Coordinator -> device: chunks of expert weights (QoS 1)."""
         return f"{self.prefix}/dn/{check_id(dev, 'device id')}/blob/{check_id(xfer, 'transfer id')}"
+
+    def shared_chunk(self, sid: str, seq: int) -> str:
+        """Coordinator -> every device of this federation: chunk ``seq`` of the shared
+        download ``sid`` (QoS 1, retained, message expiry; docs/protocol.md, "Shared
+        downloads"). Its own level, so no device id can name it."""
+        return f"{self.prefix}/shared/{check_id(sid, 'shared download id')}/{int(seq)}"
+
+    def shared_filter(self, sid: str) -> str:
+        """Every chunk of the shared download ``sid``."""
+        return f"{self.prefix}/shared/{check_id(sid, 'shared download id')}/+"
 
     def bc_ctl(self) -> str:
         """Broadcast: round announcement, new global version (QoS 1, retained, expiry)."""
@@ -115,6 +126,9 @@ class Topics:
             return TopicInfo("bc_ctl")
         if parts == ["coord", "status"]:
             return TopicInfo("coord_status")
+        if (len(parts) == 3 and parts[0] == "shared" and _ID_RE.match(parts[1])
+                and parts[2].isdigit()):
+            return TopicInfo("shared", None, parts[1])
         if len(parts) == 2 and parts[0] == "presence" and _ID_RE.match(parts[1]):
             return TopicInfo("presence", parts[1])
         if len(parts) >= 3 and parts[0] in ("dn", "up") and _ID_RE.match(parts[1]):
