@@ -51,11 +51,15 @@ wheel: $(STAMP)
 demo: setup
 	$(BIN)/fedcoe demo --out runs/demo --json runs/demo/demo.json
 
-# One pytest-xdist worker per core; a file whose tests share a module-scoped fixture stays on
-# one worker (tests/conftest.py). `make test` skips the tests marked `slow` (minutes each);
-# `make test-all` runs `make test`, then every `slow` test one at a time: they measure
-# daemons under sustained load, which a test beside them on the other core would distort
-# (README, "Tests"). CI runs `make test-all`.
+# `make test` (goal: 5 min on 2 cores): every test but the `slow` ones, one pytest-xdist
+# worker per core; a file whose tests share a module-scoped fixture stays on one worker and
+# the longest files start first (tests/conftest.py). `make test-all` (what CI runs): `make
+# test`, then every `slow` test one at a time: the multi-process deployments (quickstart,
+# camera and sharded `fedcoe init` deployments, demo, shard processes, fleet runs, examples'
+# federation, reconnect backoff, operator walk-through), the hostile suite, the Flower and
+# Ray engines, the fresh-venv runtime profile and the browser dashboard. They take tens of
+# seconds to minutes each and measure daemons under sustained load, which a test beside them
+# on the other core would distort (README, "Tests").
 PYTEST_PAR := -n auto --dist loadgroup
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_PAR)
