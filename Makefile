@@ -67,9 +67,9 @@ test: setup
 test-all: test chromium
 	$(BIN)/python -m pytest -q -s -m slow
 
-# The slow part of the hostile suite (real broker + daemon processes under attack, a
-# coordinator killed mid-upload, 1,000 slowloris identities against the reassembly budget);
-# `make test` runs only the short attack and the unit tests. `-s` prints each test's figures.
+# The slow part of the hostile suite (real broker + daemon processes under a short and a
+# sustained attack, a coordinator killed mid-upload, 1,000 slowloris identities against the
+# reassembly budget); `make test` runs only the unit tests. `-s` prints each test's figures.
 test-hostile: setup
 	$(BIN)/python -m pytest -q -s -m slow tests/test_hostile.py tests/test_slowloris.py
 
