@@ -231,11 +231,12 @@ def _runs_slow(config: pytest.Config) -> bool:
     return "slow" in (config.getoption("markexpr") or "")
 
 
-# Files whose tests took longest in `make test` (seconds of test time per file, 2 workers,
-# measured with `--durations=0`; the files above 40 s on a loaded machine), longest first. They are handed out first so that the
-# short unit tests fill the end of the run on both workers; a long test handed out last
-# would run alone on one worker while the other idles. A file not listed keeps its place
-# in collection order after these; a stale list costs wall time, never a test.
+# Files whose tests took longest in `make test` (seconds of test time per file, measured
+# with `--durations=0`: the files above 40 s on a loaded machine), longest first. They are
+# handed out first so that the short unit tests fill the end of the run on both workers; a
+# long test handed out last would run alone on one worker while the other idles. A file not
+# listed keeps its place in collection order after these; a stale list costs wall time,
+# never a test.
 LONG_FIRST = (
     "tests/test_export.py",
     "tests/test_camera_int8.py",
