@@ -51,11 +51,15 @@ wheel: $(STAMP)
 demo: setup
 	$(BIN)/fedcoe demo --out runs/demo --json runs/demo/demo.json
 
-# One pytest-xdist worker per core; a file whose tests share a module-scoped fixture stays on
-# one worker (tests/conftest.py). `make test` skips the tests marked `slow` (minutes each);
-# `make test-all` runs `make test`, then every `slow` test one at a time: they measure
-# daemons under sustained load, which a test beside them on the other core would distort
-# (README, "Tests"). CI runs `make test-all`.
+# `make test` (goal: 5 min on 2 cores): every test but the `slow` ones, one pytest-xdist
+# worker per core; a file whose tests share a module-scoped fixture stays on one worker and
+# the longest files start first (tests/conftest.py). `make test-all` (what CI runs): `make
+# test`, then every `slow` test one at a time: the multi-process deployments (quickstart,
+# camera and sharded `fedcoe init` deployments, demo, shard processes, fleet runs, examples'
+# federation, reconnect backoff, operator walk-through), the hostile suite, the Flower and
+# Ray engines, the fresh-venv runtime profile and the browser dashboard. They take tens of
+# seconds to minutes each and measure daemons under sustained load, which a test beside them
+# on the other core would distort (README, "Tests").
 PYTEST_PAR := -n auto --dist loadgroup
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_PAR)
@@ -63,9 +67,9 @@ test: setup
 test-all: test chromium
 	$(BIN)/python -m pytest -q -s -m slow
 
-# The slow part of the hostile suite (real broker + daemon processes under attack, a
-# coordinator killed mid-upload, 1,000 slowloris identities against the reassembly budget);
-# `make test` runs only the short attack and the unit tests. `-s` prints each test's figures.
+# The slow part of the hostile suite (real broker + daemon processes under a short and a
+# sustained attack, a coordinator killed mid-upload, 1,000 slowloris identities against the
+# reassembly budget); `make test` runs only the unit tests. `-s` prints each test's figures.
 test-hostile: setup
 	$(BIN)/python -m pytest -q -s -m slow tests/test_hostile.py tests/test_slowloris.py
 

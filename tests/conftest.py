@@ -231,13 +231,52 @@ def _runs_slow(config: pytest.Config) -> bool:
     return "slow" in (config.getoption("markexpr") or "")
 
 
+# Files whose tests took longest in `make test` (seconds of test time per file, measured
+# with `--durations=0`: the files above 40 s on a loaded machine), longest first. They are
+# handed out first so that the short unit tests fill the end of the run on both workers; a
+# long test handed out last would run alone on one worker while the other idles. A file not
+# listed keeps its place in collection order after these; a stale list costs wall time,
+# never a test.
+LONG_FIRST = (
+    "tests/test_export.py",
+    "tests/test_camera_int8.py",
+    "tests/test_runtime.py",
+    "tests/test_accuracy_bench.py",
+    "tests/test_coordinator.py",
+    "tests/test_examples.py",
+    "tests/test_flower.py",
+    "tests/test_registry.py",
+    "tests/test_coordinator_strategies.py",
+    "tests/test_coordinator_bounds.py",
+    "tests/test_federation_mqtt.py",
+    "tests/test_logs.py",
+    "tests/test_rollback.py",
+    "tests/test_agent.py",
+    "tests/test_ray_backend.py",
+    "tests/test_runtime_profile.py",
+    "tests/test_bundle_sig.py",
+    "tests/test_bench_smoke.py",
+    "tests/test_conformance.py",
+    "tests/test_fused_runtime.py",
+    "tests/test_reconnect.py",
+    "tests/test_export_cold.py",
+    "tests/test_docs_api.py",
+    "tests/test_cli_help.py",
+    "tests/test_transport_mqtt.py",
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip ``slow`` tests unless the ``-m`` expression asks for them.
+    """Skip ``slow`` tests unless the ``-m`` expression asks for them; put the files of
+    ``LONG_FIRST`` first (each file's tests stay together and in order, so a module-scoped
+    fixture is still built once on a serial run).
 
     ``slow`` marks suites that take minutes of wall time (e.g. sustained attacks, a fresh
     venv from the package index): they are skipped naming the target that runs them, not
     deselected, so ``-ra`` lists what `make test` left to `make test-all`.
     """
+    rank = {f: i for i, f in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
     if _runs_slow(config):
         return
     skip = pytest.mark.skip(reason="slow: run `make test-all` (pytest -m slow)")
@@ -262,7 +301,7 @@ def _shares_module_fixture(path: Path) -> bool:
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """``--dist loadgroup``: one test at a time to whichever worker is free, except that a
     file defining a module-scoped fixture (a trained model, an exported bundle) goes whole to
-    one worker, so the fixture is built once, not once per worker.
+    one worker, so the fixture is built once, not once per worker; the longest files first.
 
     The grouping is by file, decided here in the controller (which collects nothing), because
     xdist's own ``xdist_group`` marks do not reach the node ids under pytest 9 (xdist 3.8
@@ -271,6 +310,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
+
+    # hand the work out in collection order (``LONG_FIRST`` first, above), not xdist's
+    # default of the groups with the most tests first: a count says nothing about time
+    config.option.loadscopereorder = False
 
     root = config.rootpath
 

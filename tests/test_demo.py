@@ -37,6 +37,8 @@ def demo_cmd(out: Path, *extra: str) -> list[str]:
             "--bundle", "off", *extra]
 
 
+# slow: a multi-process deployment for tens of seconds; `make test-all` runs it (README, "Tests")
+@pytest.mark.slow
 def test_demo_runs_rounds_and_a_cold_device_then_stops_everything(tmp_path: Path) -> None:
     out, js = tmp_path / "demo", tmp_path / "demo.json"
     proc = subprocess.run(demo_cmd(out, "--rounds", "2", "--json", str(js)), capture_output=True,
@@ -58,6 +60,8 @@ def test_demo_runs_rounds_and_a_cold_device_then_stops_everything(tmp_path: Path
     assert all((out / "devices" / f"dev{i}" / "local.safetensors").is_file() for i in range(3))
 
 
+# slow: a multi-process deployment for tens of seconds; `make test-all` runs it (README, "Tests")
+@pytest.mark.slow
 def test_demo_stops_every_process_on_sigterm(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = subprocess.Popen(demo_cmd(out, "--rounds", "50"), stdout=subprocess.PIPE,

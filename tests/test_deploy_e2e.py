@@ -19,11 +19,12 @@ ERROR or traceback in any log:
   and image folders with a class list, three rounds, then ``fedcoe predict`` on the int8
   bundle each device rebuilt.
 
-The camera and sharded federations are ``slow`` (a pretrained trunk and four daemons on
-MobileNetV3-Small; seven daemon processes): minutes of wall time on two cores, so ``make
-test-all`` runs them. ``make test`` keeps the quickstart federation here, a leader and two
-shard processes over Mosquitto (tests/test_shards_e2e.py) and the trunk fetch over the
-wire (tests/test_trunk_fetch.py).
+All three are ``slow`` (the camera one a pretrained trunk and four daemons on
+MobileNetV3-Small, the sharded one seven daemon processes, the quickstart a broker, a
+coordinator and three agents for three rounds): tens of seconds to minutes of wall time on
+two cores each, so ``make test-all`` runs them (README, "Tests"). ``make test`` keeps the
+``fedcoe init --shards`` ACL check here and the trunk fetch over the wire
+(tests/test_trunk_fetch.py).
 """
 
 from __future__ import annotations
@@ -396,6 +397,8 @@ def write_photos(root: Path, classes: list[str], per_class: int, seed: int) -> N
             Image.fromarray(px).save(root / c / f"{i}.png")
 
 
+# slow: a multi-process deployment for tens of seconds; `make test-all` runs it (README, "Tests")
+@pytest.mark.slow
 def test_quickstart_federation_from_image_folders(tmp_path: Path, init_broker_tools: None) -> None:
     """docs/quickstart.md step 4 as written: its ``fedcoe init`` line (host and port made
     local), the trunk module of step 3 importable by every process, its ``[model]`` fields in

@@ -40,6 +40,8 @@ def test_own_image_folder_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
     assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
 
 
+# slow: a multi-process deployment for tens of seconds; `make test-all` runs it (README, "Tests")
+@pytest.mark.slow
 @pytest.mark.integration
 def test_coordinator_and_two_agents_on_own_data(tmp_path: Path, mosquitto_broker: Any) -> None:
     proc = run_example("own_data_federation.py", "--out", str(tmp_path), "--rounds", "2",

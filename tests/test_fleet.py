@@ -20,6 +20,8 @@ def test_broker_limits_come_from_the_deploy_template() -> None:
     assert "max_inflight_messages" in limits
 
 
+# slow: a multi-process deployment for tens of seconds; `make test-all` runs it (README, "Tests")
+@pytest.mark.slow
 def test_fifty_devices_two_rounds(tmp_path: Path, make_mosquitto: object) -> None:
     run = run_fleet(FleetSpec(devices=50, rounds=2, train_s=0.1, jitter_s=0.2, timeout_s=50,
                               workdir=str(tmp_path / "fleet")))
@@ -41,6 +43,8 @@ def test_fifty_devices_two_rounds(tmp_path: Path, make_mosquitto: object) -> Non
     assert run_summary(run)["ok"]
 
 
+# slow: a multi-process deployment for tens of seconds; `make test-all` runs it (README, "Tests")
+@pytest.mark.slow
 def test_thirty_devices_two_rounds_two_shards(tmp_path: Path, make_mosquitto: object) -> None:
     """A leader and two shard aggregator processes: every device served by its shard, the
     leader's CPU and each shard's reported."""
@@ -184,6 +188,8 @@ def test_micro_measures_the_fixed_items_and_the_report_shows_them(
     assert "fleet sizes N >= 1" in capsys.readouterr().err
 
 
+# slow: a multi-process deployment for tens of seconds; `make test-all` runs it (README, "Tests")
+@pytest.mark.slow
 def test_realistic_defaults_twenty_devices_three_rounds(tmp_path: Path, make_mosquitto: object) -> None:
     """The generator's defaults behave like the device agent: the deploy template's broker
     (passwords, ACL, client id = username, persistence), the agent's keepalive and session,

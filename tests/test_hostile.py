@@ -21,8 +21,10 @@ What is asserted is what honest devices get, never how fast anything ran:
   floats, 40,000-deep JSON, random bytes and forged envelopes, costs the coordinator no
   traceback and a few counted refusal rows while every honest round completes.
 
-Run ``make test-hostile`` for the slow ones (``-m slow``); ``make test`` runs the short
-attack only. Each test prints its measured figures (``-s`` shows them).
+Every attack on live daemons is ``slow`` (a broker, a coordinator and agents as processes:
+tens of seconds even for the short attack): ``make test-hostile`` runs them alone and
+``make test-all`` (CI) with the rest; ``make test`` runs the unit tests here. Each test
+prints its measured figures (``-s`` shows them).
 """
 
 from __future__ import annotations
@@ -466,8 +468,11 @@ def check_bounds(fig: dict[str, Any], honest: list[str]) -> None:
     assert all(n == 1 for n in fig["task_downloads"].values()), fig["task_downloads"]
 
 
+# slow: a live federation of processes for tens of seconds; `make test-all` and `make
+# test-hostile` run it (README, "Tests")
+@pytest.mark.slow
 def test_compromised_device_short_attack(live: Callable[..., LiveFederation]) -> None:
-    """Every attack once, briefly (the part of the suite ``make test`` runs)."""
+    """Every attack once, briefly."""
     fed = live(2, 1, with_attacker=True)
     fig = play_attack(fed, chaos_s=5.0, rate=400.0, announces=100, hellos=50)
     check_bounds(fig, fed.honest)

@@ -50,45 +50,57 @@ def test_text_lines_start_with_an_iso_date_and_json_lines_carry_the_fields() -> 
     assert datetime.fromisoformat(doc["ts"]).utcoffset() is not None
 
 
-def spawn_coordinator(root: Path, port: int, before: tuple[str, ...] = (),
-                      after: tuple[str, ...] = ()) -> str:
-    """Run ``fedcoe BEFORE coordinator --config ... AFTER`` until it logged its start, stop it with SIGTERM;
-    its whole output."""
-    state = f"state{len(list(root.glob('state*')))}"
-    cfg: dict[str, dict[str, Any]] = {"federation": {"id": "logs", "rounds": 1, "min_devices": 1, "state_dir": state},
-           "broker": {"host": "127.0.0.1", "port": port},
-           "security": {"secret": "ab" * 32}}
-    (root / "coordinator.toml").write_text(toml_text(cfg))
-    out = root / f"{state}.log"
+def spawn_coordinators(root: Path, port: int,
+                       argvs: list[tuple[tuple[str, ...], tuple[str, ...]]]) -> list[str]:
+    """Run ``fedcoe BEFORE coordinator --config ... AFTER`` for each ``(BEFORE, AFTER)``, side
+    by side (each its own federation id, config and state folder, so none takes another's
+    broker session), until each logged its start; stop each with SIGTERM; their whole outputs.
+
+    Side by side rather than one after another: each start is mostly the interpreter and
+    torch loading, which the three can overlap."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    with out.open("wb") as f:
-        p = subprocess.Popen([sys.executable, "-m", "fedcoe_edge.cli", *before, "coordinator",
-                              "--config", "coordinator.toml", *after], cwd=root, env=env,
-                             stdout=f, stderr=subprocess.STDOUT)
+    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
     try:
+        for i, (before, after) in enumerate(argvs):
+            cfg: dict[str, dict[str, Any]] = {
+                "federation": {"id": f"logs{i}", "rounds": 1, "min_devices": 1,
+                               "state_dir": f"state{i}"},
+                "broker": {"host": "127.0.0.1", "port": port},
+                "security": {"secret": "ab" * 32}}
+            (root / f"coordinator{i}.toml").write_text(toml_text(cfg))
+            out = root / f"state{i}.log"
+            with out.open("wb") as f:
+                procs.append((subprocess.Popen(
+                    [sys.executable, "-m", "fedcoe_edge.cli", *before, "coordinator",
+                     "--config", f"coordinator{i}.toml", *after], cwd=root, env=env,
+                    stdout=f, stderr=subprocess.STDOUT), out))
         end = time.monotonic() + 120
-        while "connected to" not in out.read_text() and time.monotonic() < end:
-            assert p.poll() is None, out.read_text()
-            time.sleep(0.2)
+        for p, out in procs:
+            while "connected to" not in out.read_text() and time.monotonic() < end:
+                assert p.poll() is None, out.read_text()
+                time.sleep(0.2)
     finally:
-        p.send_signal(signal.SIGTERM)
-        p.wait(timeout=60)
-    return out.read_text()
+        for p, _ in procs:
+            p.send_signal(signal.SIGTERM)
+        for p, _ in procs:
+            p.wait(timeout=60)
+    return [out.read_text() for _, out in procs]
 
 
 @pytest.mark.integration
 def test_the_coordinator_logs_iso_text_or_json_lines(tmp_path: Path, mosquitto_broker: Any) -> None:
-    text = spawn_coordinator(tmp_path, mosquitto_broker.port).splitlines()
+    # plain; --log-format after the command, as an operator would write it in a unit file;
+    # and before it, the global form
+    plain, after, before = spawn_coordinators(tmp_path, mosquitto_broker.port, [
+        ((), ()), ((), ("--log-format", "json")), (("--log-format=json",), ())])
+    text = plain.splitlines()
     assert text and all(ISO_LINE.match(ln) for ln in text), text
     assert any("run summary: 0 round(s) closed" in ln for ln in text), text
-    # --log-format after the command, as an operator would write it in a unit file
-    lines = spawn_coordinator(tmp_path, mosquitto_broker.port, after=("--log-format", "json")).splitlines()
-    docs = [json.loads(ln) for ln in lines if ln]  # every line is one JSON object
+    docs = [json.loads(ln) for ln in after.splitlines() if ln]  # every line is one JSON object
     assert docs and all({"ts", "level", "logger", "msg"} <= d.keys() for d in docs)
     run = [d for d in docs if d.get("event") == "run_summary"]
     assert len(run) == 1 and run[0]["rounds"] == 0 and run[0]["seconds"] > 0, docs
-    # and before it, the global form
-    lines = spawn_coordinator(tmp_path, mosquitto_broker.port, before=("--log-format=json",)).splitlines()
+    lines = before.splitlines()
     assert lines and all(json.loads(ln)["ts"] for ln in lines if ln)
 
 

@@ -40,6 +40,8 @@ def wait_for(cond: Any, what: str, timeout: float = 300.0) -> None:
         time.sleep(0.05)
 
 
+# slow: a multi-process deployment for tens of seconds; `make test-all` runs it (README, "Tests")
+@pytest.mark.slow
 def test_a_device_stopped_before_round_1_keeps_it_waiting(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, init_broker_tools: None) -> None:
     from coordinator.config import load_config as load_coordinator

@@ -129,6 +129,9 @@ def test_a_transport_that_keeps_trying_connects_once_the_broker_comes_up() -> No
         plain.connect(timeout=1.0)
 
 
+# slow: waits out the daemon's own 10 s first-connect wait and its 1-2-4-8-16 s backoff
+# (docs/daemons.md, "Reconnects"), tens of seconds; `make test-all` runs it (README, "Tests")
+@pytest.mark.slow
 @pytest.mark.integration
 def test_an_agent_started_before_its_broker_keeps_trying_and_joins(tmp_path: Path,
                                                                    procs: Procs) -> None:

@@ -85,6 +85,9 @@ def _forged_partial(topics: LeaderTopics, shard: str, key: bytes, rnd: int) -> b
     return encode_envelope(env, key)
 
 
+# slow: the leader waits out the round's 30 s deadline for the silent shard by design;
+# `make test-all` runs it (README, "Tests")
+@pytest.mark.slow
 def test_a_missing_shard_makes_failures_and_forged_partials_are_refused(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="fedcoe.leader")
@@ -140,6 +143,8 @@ def test_a_missing_shard_makes_failures_and_forged_partials_are_refused(
         fed.stop()
 
 
+# slow: a multi-process deployment for tens of seconds; `make test-all` runs it (README, "Tests")
+@pytest.mark.slow
 def test_leader_and_two_shard_processes_over_mosquitto(tmp_path: Path, init_broker_tools: None,
                                                         digits_npz: Any) -> None:
     """The files ``fedcoe init --shards 2`` writes, as they are: its broker (passwords, ACL,
