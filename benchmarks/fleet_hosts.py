@@ -708,7 +708,7 @@ def run_hosts(spec: HostsSpec) -> dict[str, Any]:
 def _per_shard_rounds(state: Path, shards: int) -> list[list[dict[str, Any]]]:
     from coordinator.store import Store
 
-    out = []
+    out: list[list[dict[str, Any]]] = []
     for i in range(shards):
         path = state / f"shard-{i}" / "coordinator.sqlite"
         if not path.is_file():
