@@ -388,7 +388,7 @@ class HostsSpec:
     stall_s: float = 1.5
     drop_per_min: float = 0.5
     outage_shard: int = 0
-    outage_at_s: float = 6.0
+    outage_at_s: float = 1.0  # after the leader opens round 1
     outage_s: float = 8.0
     workdir: str = ""
     model: str = "deploy"
@@ -620,11 +620,11 @@ def run_hosts(spec: HostsSpec) -> dict[str, Any]:
                     shard_addrs[i][0], sys_vals, stop, onl[i], shard_federation(FEDERATION, i, S),
                     f"broker-shard-{i}")))
             try:
-                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in onl)), 120)
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in onl)), 300)
             except asyncio.TimeoutError:
                 stop.set()
                 dead = [n for n, p in topo.procs.items() if p.poll() is not None]
-                raise RuntimeError(f"fleet_hosts: shard aggregators not online after 120 s "
+                raise RuntimeError(f"fleet_hosts: shard aggregators not online after 300 s "
                                    f"(exited: {dead or 'none'})") from None
             snap([])
             wps = []
@@ -635,15 +635,18 @@ def run_hosts(spec: HostsSpec) -> dict[str, Any]:
                 p.start()
                 workers.append((p, rx))
                 wps.append(psutil.Process(p.pid))
-            t_dev = time.monotonic()
+            r1_open: float | None = None  # when the leader logged round 1 open
             pending = list(workers)
             leader = topo.procs["leader"]
             gone_at: float | None = None
             while pending:
                 await asyncio.sleep(0.5)
                 snap([w for w in wps if w.is_running()])
-                if (spec.links == "outage" and not outage
-                        and time.monotonic() - t_dev >= spec.outage_at_s):
+                if spec.links == "outage" and not outage and r1_open is None and \
+                        "round 1 open" in (work / "leader.log").read_text(errors="replace"):
+                    r1_open = time.monotonic()
+                if (spec.links == "outage" and not outage and r1_open is not None
+                        and time.monotonic() - r1_open >= spec.outage_at_s):
                     topo.procs[f"relay-shard-{spec.outage_shard}"].send_signal(signal.SIGUSR1)
                     outage.update({"shard": spec.outage_shard, "start": time.time(),
                                    "end": time.time() + spec.outage_s})
@@ -926,7 +929,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drop-per-min", type=float, default=0.5,
                    help="wan: connection drops per connection-minute")
     p.add_argument("--outage-shard", type=int, default=0)
-    p.add_argument("--outage-at-s", type=float, default=6.0, help="after the devices start")
+    p.add_argument("--outage-at-s", type=float, default=1.0,
+                   help="outage: seconds after the leader opens round 1 (the shard's devices "
+                        "train, then its partial must cross the cut bridge)")
     p.add_argument("--outage-s", type=float, default=8.0)
     p.add_argument("--prefix", default="fch", help="namespace names PREFIX-leader, PREFIX-s0, ...")
     p.add_argument("--subnet", default="10.231.0", help="first three octets of the private /24")
