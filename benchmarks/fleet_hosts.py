@@ -881,12 +881,13 @@ def write_plot(runs: list[dict[str, Any]], path: Path) -> None:
         sums = sorted((summary(r) for r in done if r["links"] == links), key=lambda s: s["devices"])
         ns = [s["devices"] for s in sums]
         st = styles.get(links, "-")
-        axes[0].plot(ns, [s["round_s"] for s in sums], "o" + st, label=f"round ({links})")
-        for g, mk in (("leader", "o"), ("shards (max)", "s"), ("shard brokers (max)", "^"),
-                      ("generator", "v")):
-            axes[1].plot(ns, [s["cpu"][g] for s in sums], mk + st, label=f"{g} ({links})")
-        for g, mk in (("leader", "o"), ("shards (max)", "s"), ("shard brokers (max)", "^")):
-            axes[2].plot(ns, [s["rss"][g] for s in sums], mk + st, label=f"{g} ({links})")
+        axes[0].plot(ns, [s["round_s"] for s in sums], "o" + st, color="k", label=f"round ({links})")
+        for g, mk, col in (("leader", "o", "C0"), ("shards (max)", "s", "C1"),
+                           ("shard brokers (max)", "^", "C2"), ("generator", "v", "C3")):
+            axes[1].plot(ns, [s["cpu"][g] for s in sums], mk + st, color=col, label=f"{g} ({links})")
+            if g != "generator":
+                axes[2].plot(ns, [s["rss"][g] for s in sums], mk + st, color=col,
+                             label=f"{g} ({links})")
     for ax, title, unit in zip(axes, ("round time", "CPU per round", "peak RSS"),
                                ("seconds", "CPU-s per round", "MB"), strict=True):
         ax.set_title(title)
@@ -898,6 +899,28 @@ def write_plot(runs: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _render(sources: list[Path], out: Path, md: Path | None, png: Path | None) -> int:
+    """One report from the runs of several ``--json`` files, their commands kept."""
+    runs: list[dict[str, Any]] = []
+    commands: list[str] = []
+    for src in sources:
+        try:
+            doc = json.loads(src.read_text())
+            runs += list(doc["runs"])
+            commands.append(str(doc["command"]))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"fleet_hosts: --from-json {src}: no runs to gather ({exc})", file=sys.stderr)
+            return 2
+    command = "; ".join(commands)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": command, "runs": runs}, indent=1, default=str) + "\n")
+    if md:
+        write_markdown(runs, md, command)
+    if png:
+        write_plot(runs, png)
+    return 0
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -940,7 +963,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--md", type=Path, default=None)
     p.add_argument("--png", type=Path, default=None)
     p.add_argument("--workdir", type=Path, default=None, help="keep configs, logs and state here")
+    p.add_argument("--from-json", type=Path, nargs="+", default=None, metavar="PATH",
+                   help="run nothing: gather the runs of earlier --json files into --json, "
+                        "--md and --png (sizes measured by separate commands, one report)")
     a = p.parse_args(argv)
+    if a.from_json:
+        return _render(a.from_json, a.json, a.md, a.png)
     problem = root_problem()
     if problem:
         print(problem, file=sys.stderr)
