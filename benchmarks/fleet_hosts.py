@@ -861,7 +861,8 @@ def write_markdown(runs: list[dict[str, Any]], path: Path, command: str) -> None
                      f"{'during round(s) ' + ', '.join(map(str, hit)) if hit else 'between rounds'}.")
         if r.get("relays"):
             extra += " Relays: " + "; ".join(f"{k}: {v}" for k, v in sorted(r["relays"].items())) + "."
-        lines.append(f"* {r['devices']} devices, {r['links']}: {per}.{extra}")
+        walls = ", ".join(f"r{x['round']} {x['wall_s']:.1f} s" for x in r["round_rows"])
+        lines.append(f"* {r['devices']} devices, {r['links']}: round wall {walls}; {per}.{extra}")
     path.write_text("\n".join(lines) + "\n")
 
 
