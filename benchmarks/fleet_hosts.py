@@ -862,7 +862,9 @@ def write_markdown(runs: list[dict[str, Any]], path: Path, command: str) -> None
         if r.get("relays"):
             extra += " Relays: " + "; ".join(f"{k}: {v}" for k, v in sorted(r["relays"].items())) + "."
         walls = ", ".join(f"r{x['round']} {x['wall_s']:.1f} s" for x in r["round_rows"])
-        lines.append(f"* {r['devices']} devices, {r['links']}: round wall {walls}; {per}.{extra}")
+        load = r.get("loadavg_1m_start", math.nan)
+        lines.append(f"* {r['devices']} devices, {r['links']} (load average {load:.1f} at the "
+                     f"start): round wall {walls}; {per}.{extra}")
     path.write_text("\n".join(lines) + "\n")
 
 
