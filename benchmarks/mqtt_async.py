@@ -187,7 +187,10 @@ class AsyncMqttClient(asyncio.Protocol, Transport):
             self._dispatch(buf[pos] >> 4, buf[pos] & 0x0F, memoryview(buf)[body : body + length])
             pos = body + length
         if pos:
-            del buf[:pos]
+            try:
+                del buf[:pos]
+            except BufferError:  # a handler still holds a view of the buffer: leave it to it
+                self._buf = bytearray(buf[pos:])
 
     # --- packets in ---
     def _dispatch(self, kind: int, flags: int, body: memoryview) -> None:
