@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup wheel demo test test-all test-hostile test-runtime-profile bench bench-camera bench-fleet bench-fleet-shards lint clean mosquitto chromium datasets tune accuracy accuracy-long bench-robustness arm-sysroot bench-cross-arch bench-camera-grid
+.PHONY: setup wheel demo test test-all test-hostile test-runtime-profile bench bench-camera bench-fleet bench-fleet-shards bench-fleet-hosts lint clean mosquitto chromium datasets tune accuracy accuracy-long bench-robustness arm-sysroot bench-cross-arch bench-camera-grid
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -120,6 +120,14 @@ bench-fleet-shards: setup
 	$(BIN)/python -m benchmarks.fleet --devices 1000 5000 --rounds 2 --procs 2 --shards 0 3 \
 	  --timeout-s 600 --json benchmarks/results/fleet_shards.json \
 	  --md benchmarks/results/fleet_shards.md --png benchmarks/results/fleet_shards.png
+
+# Past one host: a leader host and 4 shard hosts as network namespaces, each shard's broker
+# bridged to the leader's; LAN, WAN relay and a bridge outage (root for `ip netns`;
+# docs/benchmarks.md, "Fleet past one host").
+bench-fleet-hosts: setup
+	$(BIN)/python -m benchmarks.fleet_hosts --devices 100 1000 5000 --shards 4 --rounds 2 \
+	  --links direct wan outage --json benchmarks/results/fleet_hosts.json \
+	  --md benchmarks/results/fleet_hosts.md --png benchmarks/results/fleet_hosts.png
 
 # Knobs of every algorithm on validation splits (same budget each), then the test-split grid;
 # both resume from their caches under benchmarks/results/.

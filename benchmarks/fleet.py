@@ -363,7 +363,7 @@ class SimDevice:
         spec = self.fleet.spec
         auth = spec.broker == "deploy"
         client = AsyncMqttClient(
-            dev, "127.0.0.1", self.fleet.port, keepalive_s=spec.keepalive_s,
+            dev, *self.fleet.address_for(dev), keepalive_s=spec.keepalive_s,
             will=Will(t.presence(dev), P.presence_payload("offline"), 1, True),
             birth=Will(t.presence(dev), P.presence_payload("online"), 1, True),
             session_expiry_s=AGENT_SESSION_EXPIRY_S if spec.agent_session else 0,
@@ -688,10 +688,14 @@ class SimDevice:
 class DeviceFleet:
     """Many SimDevices on one event loop."""
 
-    def __init__(self, spec: FleetSpec, port: int, ids: list[str]) -> None:
+    def __init__(self, spec: FleetSpec, port: int, ids: list[str],
+                 brokers: list[tuple[str, int]] | None = None) -> None:
         from fedcoe_edge.transport import Topics
 
         self.spec, self.port, self.ids = spec, port, ids
+        # sharded over several brokers (benchmarks/fleet_hosts.py): shard i's devices talk to
+        # brokers[i]; None: every device to 127.0.0.1:port
+        self.brokers = brokers
         self.topics = Topics(FEDERATION)
         self._shard_topics = [Topics(f) for f in federation_ids(spec.shards)]
         self.coordinator = "coordinator"
@@ -703,6 +707,14 @@ class DeviceFleet:
         self._bases: dict[str, dict[str, np.ndarray]] = {}
         self.build_cpu_s = 0.0  # CPU this process spent building updates (process_time)
         self.closing = False
+
+    def address_for(self, dev: str) -> tuple[str, int]:
+        """The broker ``dev`` connects to: its shard's when each shard has its own broker."""
+        if not self.brokers:
+            return "127.0.0.1", self.port
+        from fedcoe_edge.sharding import shard_of
+
+        return self.brokers[shard_of(dev, len(self.brokers))]
 
     def topics_for(self, dev: str) -> Any:
         """The topics of the coordinator that serves ``dev``: its shard's when sharded."""
