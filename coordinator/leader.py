@@ -45,6 +45,7 @@ from fedcoe_edge.io import atomic_write_text
 from fedcoe_edge.messages import PartialAnnounce, ShardHello, XferDone, XferProgress
 from fedcoe_edge.sharding import (
     LEADER_ID,
+    MODEL_EXTRA,
     PARTIAL,
     SHARD_HELLO,
     SHARD_MODEL,
@@ -257,12 +258,19 @@ class Leader:
             self.link.send(shard, SHARD_OPEN, body, inbox.round)
 
     def _send_model(self, shard: str, rnd: int) -> None:
-        """The global state and the strategy's server extras, as one chunked transfer."""
+        """The global state and the strategy's server extras, as one chunked transfer. The
+        extras (FedCoE's affinity matrix: one row per client, so it grows with the fleet)
+        travel inside the transfer, as its ``extra`` metadata string, not in the signed
+        envelope, whose 1 MiB limit they passed at about 10,000 devices; the transfer's bytes
+        are bound to the envelope by its manifest's sha256 (docs/daemons.md, "Past one
+        machine: leader and shard aggregators")."""
         assert self.link is not None
         with self._lock:
             s = self.strategy
-            data = encode_tensors(s.global_state)
-            body = {"version": s.version, "extra": s.checkpoint_extra()}
+            data = encode_tensors(s.global_state,
+                                  metadata={MODEL_EXTRA: json.dumps(s.checkpoint_extra(),
+                                                                    separators=(",", ":"))})
+            body = {"version": s.version, "extra": {}}
             v = self.views.setdefault(shard, _ShardView())
             v.model_sent = s.version
         xid = self.link.send_blob(shard, SHARD_MODEL, body, data, rnd)

@@ -41,6 +41,7 @@ from fedcoe_edge.sharding import (
     SHARD_MODEL,
     SHARD_OPEN,
     LeaderTopics,
+    model_extra,
     partial_to_wire,
     shard_federation,
     shard_key,
@@ -202,7 +203,7 @@ class ShardAggregator(Coordinator):
         rnd, body = meta
         try:
             arrays = decode_tensors(data)
-            self._install(rnd, body.version, arrays, dict(body.extra))
+            self._install(rnd, body.version, arrays, model_extra(data, body.extra))
         except (FedCoEError, KeyError, TypeError, ValueError) as exc:
             log.error("model from the leader refused (round %d): %s", rnd, exc)
 

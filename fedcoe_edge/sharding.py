@@ -29,12 +29,12 @@ import numpy as np
 from fedcoe_edge.errors import ValidationError, WireError
 from fedcoe_edge.streaming import Partial
 from fedcoe_edge.transport.topics import check_id
-from fedcoe_edge.wire import decode_tensors, encode_tensors
+from fedcoe_edge.wire import decode_tensor_metadata, decode_tensors, encode_tensors, parse_json
 
 __all__ = [
-    "MAX_SHARDS", "LEADER_ID", "SHARD_HELLO", "SHARD_OPEN", "SHARD_MODEL", "PARTIAL",
+    "MAX_SHARDS", "LEADER_ID", "SHARD_HELLO", "SHARD_OPEN", "SHARD_MODEL", "PARTIAL", "MODEL_EXTRA",
     "shard_of", "shard_federation", "shard_name", "shard_index", "shard_key", "LeaderTopics",
-    "partial_to_wire", "partial_from_wire", "check_partial", "PartialInbox",
+    "partial_to_wire", "partial_from_wire", "model_extra", "check_partial", "PartialInbox",
 ]
 
 MAX_SHARDS = 1024  # a bound for config checks; a broker cluster runs far fewer aggregators
@@ -44,6 +44,10 @@ SHARD_HELLO = "shard_hello"  # shard -> leader: I am up, these devices are onlin
 SHARD_OPEN = "shard_open"  # leader -> shard: round r is open, these are your devices' tasks
 SHARD_MODEL = "shard_model"  # leader -> shard: the global state of version v (blob manifest)
 PARTIAL = "partial"  # shard -> leader: round r's partial sums (blob manifest) and failures
+# metadata key of a shard_model transfer holding the strategy's server extras as JSON: they
+# grow with the fleet (one affinity row per client), so they travel in the transfer, not in
+# the 1 MiB signed envelope (docs/daemons.md, "Past one machine: leader and shard aggregators")
+MODEL_EXTRA = "extra"
 
 
 def _check_count(shards: int) -> None:
@@ -145,11 +149,31 @@ class LeaderTopics:
 
 # --- the partial on the wire ----------------------------------------------------------------
 def partial_to_wire(partial: Partial) -> tuple[bytes, dict[str, str]]:
-    """Safetensors bytes (the sums) plus the string metadata (round, clients, affinity rows)
-    that travels inside the signed envelope; the bytes are bound to it by the sha256 of the
-    signed transfer manifest."""
+    """Safetensors bytes: the sums, with the string metadata (round, clients, affinity rows)
+    as the payload's own ``__metadata__``, and what the signed envelope carries of it (nothing:
+    the rows grow with the shard's devices and passed the envelope's 1 MiB limit at about
+    10,000 devices). The bytes are bound to the envelope by the signed manifest's sha256."""
     arrays, meta = partial.to_arrays()
-    return encode_tensors(arrays), meta
+    return encode_tensors(arrays, metadata=meta), {}
+
+
+def model_extra(data: bytes, sent: Mapping[str, object]) -> dict[str, object]:
+    """The server extras of a ``shard_model`` transfer: its ``extra`` metadata (JSON of an
+    object), or ``sent`` (the envelope's) when the payload has none. ValidationError in one
+    line for anything else."""
+    try:
+        text = decode_tensor_metadata(data).get(MODEL_EXTRA)
+    except WireError as exc:
+        raise ValidationError(f"shard_model: {exc}") from None
+    if text is None:
+        return dict(sent)
+    try:
+        extra = parse_json(text.encode("utf-8"), "shard_model extra")
+    except WireError as exc:
+        raise ValidationError(str(exc)) from None
+    if not isinstance(extra, dict):
+        raise ValidationError("shard_model extra must be a JSON object")
+    return extra
 
 
 def partial_from_wire(data: bytes, meta: Mapping[str, object]) -> Partial:
@@ -158,6 +182,8 @@ def partial_from_wire(data: bytes, meta: Mapping[str, object]) -> Partial:
     if not isinstance(meta, Mapping) or not all(isinstance(v, str) for v in meta.values()):
         raise ValidationError("partial metadata must be an object of strings")
     try:
+        if not meta:  # in the payload (partial_to_wire), not in the envelope
+            meta = decode_tensor_metadata(data)
         arrays = decode_tensors(data)
         return Partial.from_arrays(arrays, {str(k): str(v) for k, v in meta.items()})
     except (WireError, KeyError, ValueError, TypeError) as exc:

@@ -299,3 +299,35 @@ def test_extra_state_crosses_the_wire_and_is_checked() -> None:
         check_partial(bad, rnd=1, allowed=("a", "b"), template=template, state={})
     with pytest.raises(KeyError, match="different extra"):
         Partial(1).merge(a)
+
+
+def test_what_grows_with_the_fleet_travels_in_the_transfer_not_the_envelope() -> None:
+    """FedCoE's affinity rows (one per client) in a shard's partial and in the leader's
+    model: at 12,000 clients they are over the signed envelope's 1 MiB, so the envelope
+    carries none of them and the transfer's own metadata all of them."""
+    import json
+
+    from fedcoe_edge.sharding import MODEL_EXTRA, model_extra
+    from fedcoe_edge.wire import MAX_ENVELOPE_BYTES, encode_tensors
+
+    s = _strategy()
+    clients = [f"dev-{i:05d}" for i in range(12_000)]
+    p = _shard_partial(s, 2, clients[:2])
+    rng = np.random.default_rng(0)  # routing shares as a gate reports them: full floats
+    rows = {c: [float(v) for v in rng.dirichlet(np.ones(4))] for c in clients}
+    p.affinity.update(rows)
+    p.clients = list(clients)
+    data, meta = partial_to_wire(p)
+    assert meta == {}  # the envelope's part
+    got = partial_from_wire(data, meta)
+    assert got.clients == clients and got.affinity == rows
+    s.affinity = {c: np.asarray(r) for c, r in rows.items()}  # type: ignore[attr-defined]
+    extra = s.checkpoint_extra()
+    assert len(json.dumps(extra)) > MAX_ENVELOPE_BYTES
+    blob = encode_tensors(s.global_state, metadata={MODEL_EXTRA: json.dumps(extra)})
+    assert model_extra(blob, {}) == json.loads(json.dumps(extra))
+    assert model_extra(encode_tensors(s.global_state), {"affinity": {}}) == {"affinity": {}}
+    with pytest.raises(ValidationError, match="object"):
+        model_extra(encode_tensors(s.global_state, metadata={MODEL_EXTRA: "[1]"}), {})
+    with pytest.raises(ValidationError, match="extra"):
+        model_extra(encode_tensors(s.global_state, metadata={MODEL_EXTRA: "{nope"}), {})
