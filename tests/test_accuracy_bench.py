@@ -16,6 +16,7 @@ TINY = ["--quick", "--settings", "fmnist-dir0.1,digits-dir0.1", "--algorithms",
         "fedcoe,local,fedavg", "--ablations", "fedcoe-full", "--no-progress", "--jobs", "2"]
 
 
+@pytest.mark.slow  # the grid CLI end to end with 2 job processes, twice (resume): 18 s (make test-all)
 def test_quick_grid_report_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "acc"
     assert main([*TINY, "--out", str(out)]) == 0

@@ -279,6 +279,7 @@ def test_quick_json_schema(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow  # pytest-benchmark in a subprocess, then the report: 22-26 s (make test-all)
 def test_benchmark_suite_and_report_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "latency.json"
     env = dict(os.environ, FEDCOE_BENCH_SMOKE="1")
