@@ -283,13 +283,7 @@ class BlobReceiver:
                     self._report(XFER_PROGRESS, self.reassembler.progress(xid))
                     raise
                 del self._state[xid]
-                self._completed[xid] = None
-                self._finished[xid] = manifest.sha256
-                while len(self._completed) > self._remember:
-                    old, _ = self._completed.popitem(last=False)
-                    self._finished.pop(old, None)
-                if self._auto_ack:
-                    self.ack(xid)
+                self._complete(xid, manifest.sha256)
                 return manifest, data
             gap = is_new and chunk.seq > st.highest + 1
             st.highest = max(st.highest, chunk.seq)
@@ -314,13 +308,19 @@ class BlobReceiver:
         with self._lock:
             self.reassembler.discard(xid)
             self._state.pop(xid, None)
-            self._completed[xid] = None
-            self._finished[xid] = manifest.sha256
-            while len(self._completed) > self._remember:
-                old, _ = self._completed.popitem(last=False)
-                self._finished.pop(old, None)
-            if self._auto_ack:
-                self.ack(xid)
+            self._complete(xid, manifest.sha256)
+
+    def _complete(self, xid: str, sha256: str) -> None:
+        """Remember ``xid`` as finished with ``sha256`` (the last ``remember`` of them, so a
+        re-announce or a late chunk is answered with the final ACK) and, with ``auto_ack``,
+        send that ACK now. Called with the lock held."""
+        self._completed[xid] = None
+        self._finished[xid] = sha256
+        while len(self._completed) > self._remember:
+            old, _ = self._completed.popitem(last=False)
+            self._finished.pop(old, None)
+        if self._auto_ack:
+            self.ack(xid)
 
     def _new_state(self, manifest: TransferManifest) -> _RecvState:
         return _RecvState(every=max(1, min(self._ack_every, manifest.report_every)))
