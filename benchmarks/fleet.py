@@ -1204,14 +1204,21 @@ def _counter(sys_vals: list[tuple[float, str, float]], topic: str, t: float) -> 
     return after[0] if after else vals[-1][1]
 
 
-def _summarise(spec: FleetSpec, rows: list[dict[str, Any]], opened: dict[int, tuple[float, float]],
-               samples: list[_Sample], sys_vals: list[tuple[float, str, float]],
-               stats: list[dict[str, Any]]) -> dict[str, Any]:
+def merge_generator_stats(stats: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+    """Every generator process's per-device figures as one map, and the devices that could
+    not connect (fleet_hosts.py reads its processes' stats the same way)."""
     devices: dict[str, Any] = {}
     connect_failed: list[str] = []
     for s in stats:
         devices.update(s["devices"])
         connect_failed += s["connect_failed"]
+    return devices, connect_failed
+
+
+def _summarise(spec: FleetSpec, rows: list[dict[str, Any]], opened: dict[int, tuple[float, float]],
+               samples: list[_Sample], sys_vals: list[tuple[float, str, float]],
+               stats: list[dict[str, Any]]) -> dict[str, Any]:
+    devices, connect_failed = merge_generator_stats(stats)
     drops_topic = "$SYS/broker/publish/messages/dropped"
     shas = [h for d in devices.values() for h in d.get("update_sha", {}).values()]
     out_rows = []

@@ -730,11 +730,7 @@ def _per_shard_rounds(state: Path, shards: int) -> list[list[dict[str, Any]]]:
 def _summarise(spec: HostsSpec, state: Path, samples: list[tuple[float, dict[str, tuple[float, int]]]],
                sys_vals: list[tuple[float, str, str, float]],
                stats: list[dict[str, Any]]) -> dict[str, Any]:
-    devices: dict[str, Any] = {}
-    connect_failed: list[str] = []
-    for s in stats:
-        devices.update(s["devices"])
-        connect_failed += s["connect_failed"]
+    devices, connect_failed = fleet.merge_generator_stats(stats)
     rows, opened, evals = fleet._round_rows(state, spec.shards)
     names = sorted(samples[0][1]) if samples else []
 
